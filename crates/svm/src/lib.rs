@@ -1,1 +1,467 @@
+//! thinvisor's AMD SVM backend (AMD64 APM vol. 2, chapter 15).
+//!
+//! It owns the VMCB and the world switch and translates #VMEXIT codes into
+//! the core's neutral [`Exit`]; every decision about what an exit means is
+//! made by the core.
 #![no_std]
+
+pub mod npt;
+pub mod vmcb;
+
+use core::arch::global_asm;
+use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
+use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, Vcpu};
+use vmcb::{attrib, event_inj, exit_code, misc1, misc2, npf_info, tlb_control, Segment, Vmcb};
+use x86_64::registers::model_specific::Msr;
+
+/// EFER MSR and its SVME bit (APM vol. 2, 3.1.7).
+const IA32_EFER: u32 = 0xC000_0080;
+const EFER_SVME: u64 = 1 << 12;
+/// VM_CR MSR; SVMDIS (bit 4) set means the firmware disabled SVM (APM 15.30.1).
+const VM_CR: u32 = 0xC001_0114;
+const VM_CR_SVMDIS: u64 = 1 << 4;
+/// Physical address of the host state-save area VMRUN uses (APM 15.30.4).
+const VM_HSAVE_PA: u32 = 0xC001_0117;
+
+/// CPUID Fn8000_0001 ECX bit 2: SVM.
+const CPUID_EXT1_ECX_SVM: u32 = 1 << 2;
+/// CPUID Fn8000_000A EDX feature bits (APM vol. 3, E.4.9).
+const SVM_FEATURE_NP: u32 = 1 << 0;
+const SVM_FEATURE_NRIPS: u32 = 1 << 3;
+const SVM_FEATURE_VMCB_CLEAN: u32 = 1 << 5;
+const SVM_FEATURE_DECODE_ASSISTS: u32 = 1 << 7;
+
+/// The guest's ASID. 0 belongs to the host; any other tags guest TLB
+/// entries so VMRUN/#VMEXIT need not flush (APM 15.16).
+const GUEST_ASID: u32 = 1;
+
+/// Instruction lengths for CPUs without NRIPS (QEMU's TCG has none).
+const VMMCALL_LEN: u64 = 3;
+const CPUID_LEN: u64 = 2;
+
+/// What the processor offers (CPUID Fn8000_000A).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvmFeatures {
+    pub revision: u8,
+    pub asids: u32,
+    pub nested_paging: bool,
+    pub nrips: bool,
+    pub vmcb_clean: bool,
+    pub decode_assists: bool,
+}
+
+/// Why SVM cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SvmError {
+    /// CPUID does not report SVM.
+    NotSupported,
+    /// VM_CR.SVMDIS: disabled by the firmware.
+    DisabledByFirmware,
+    /// No nested paging: thinvisor needs it to isolate guest memory.
+    NoNestedPaging,
+}
+
+impl core::fmt::Display for SvmError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            SvmError::NotSupported => "the processor has no AMD SVM (CPUID 8000_0001h:ECX.SVM clear)",
+            SvmError::DisabledByFirmware => "SVM is disabled by the firmware (VM_CR.SVMDIS set)",
+            SvmError::NoNestedPaging => "the processor has SVM but no nested paging",
+        })
+    }
+}
+
+/// Look for SVM. QEMU performs nested paging even where CPUID hides it,
+/// but only what CPUID reports is relied upon.
+pub fn probe() -> Result<SvmFeatures, SvmError> {
+    let ext = core::arch::x86_64::__cpuid(0x8000_0000);
+    if ext.eax < 0x8000_000A || core::arch::x86_64::__cpuid(0x8000_0001).ecx & CPUID_EXT1_ECX_SVM == 0 {
+        return Err(SvmError::NotSupported);
+    }
+    // SAFETY: VM_CR exists on every processor that reports SVM.
+    if unsafe { Msr::new(VM_CR).read() } & VM_CR_SVMDIS != 0 {
+        return Err(SvmError::DisabledByFirmware);
+    }
+    let f = core::arch::x86_64::__cpuid(0x8000_000A);
+    let features = SvmFeatures {
+        revision: f.eax as u8,
+        asids: f.ebx,
+        nested_paging: f.edx & SVM_FEATURE_NP != 0,
+        nrips: f.edx & SVM_FEATURE_NRIPS != 0,
+        vmcb_clean: f.edx & SVM_FEATURE_VMCB_CLEAN != 0,
+        decode_assists: f.edx & SVM_FEATURE_DECODE_ASSISTS != 0,
+    };
+    if !features.nested_paging {
+        return Err(SvmError::NoNestedPaging);
+    }
+    Ok(features)
+}
+
+/// Turn SVM on for this processor: EFER.SVME, then the host save area.
+///
+/// # Safety
+/// `hsave` must be a 4 KiB page that nothing else uses for as long as SVM
+/// stays enabled; [`probe`] must have succeeded.
+pub unsafe fn enable(hsave: HostPhysAddr) {
+    let mut efer = Msr::new(IA32_EFER);
+    let mut hsave_msr = Msr::new(VM_HSAVE_PA);
+    // SAFETY: the caller guarantees SVM exists; setting SVME changes no
+    // state the hypervisor relies on, and hsave is reserved for the CPU.
+    unsafe {
+        efer.write(efer.read() | EFER_SVME);
+        hsave_msr.write(hsave.as_u64());
+    }
+}
+
+/// The guest's general registers that VMRUN neither saves nor loads
+/// (RAX and RSP live in the VMCB). The world-switch stub uses these
+/// offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestRegs {
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+// The world switch. CLGI holds off NMIs and SMIs while host and guest
+// state are half swapped; VMSAVE/VMLOAD move the state VMRUN leaves alone
+// (FS, GS, TR, LDTR hidden parts, KernelGsBase, the SYSCALL and SYSENTER
+// MSRs; APM 15.5.2); the guest's general registers other than RAX/RSP are
+// loaded and stored here.
+//
+// extern "sysv64" fn(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64)
+global_asm!(
+    ".global thinvisor_svm_run",
+    "thinvisor_svm_run:",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rsi",
+    "push rdx",
+    "push rdi",
+    "clgi",
+    "mov rax, rdx",
+    "vmsave rax",
+    "mov rax, rdi",
+    "vmload rax",
+    "mov rbx, [rsi + 0]",
+    "mov rcx, [rsi + 8]",
+    "mov rdx, [rsi + 16]",
+    "mov rdi, [rsi + 32]",
+    "mov rbp, [rsi + 40]",
+    "mov r8, [rsi + 48]",
+    "mov r9, [rsi + 56]",
+    "mov r10, [rsi + 64]",
+    "mov r11, [rsi + 72]",
+    "mov r12, [rsi + 80]",
+    "mov r13, [rsi + 88]",
+    "mov r14, [rsi + 96]",
+    "mov r15, [rsi + 104]",
+    "mov rsi, [rsi + 24]",
+    "vmrun rax",
+    // #VMEXIT: RAX and RSP are the host's again, the rest is the guest's.
+    "push rsi",
+    "mov rsi, [rsp + 24]",
+    "mov [rsi + 0], rbx",
+    "mov [rsi + 8], rcx",
+    "mov [rsi + 16], rdx",
+    "mov [rsi + 32], rdi",
+    "mov [rsi + 40], rbp",
+    "mov [rsi + 48], r8",
+    "mov [rsi + 56], r9",
+    "mov [rsi + 64], r10",
+    "mov [rsi + 72], r11",
+    "mov [rsi + 80], r12",
+    "mov [rsi + 88], r13",
+    "mov [rsi + 96], r14",
+    "mov [rsi + 104], r15",
+    "pop qword ptr [rsi + 24]",
+    "mov rax, [rsp]",
+    "vmsave rax",
+    "mov rax, [rsp + 8]",
+    "vmload rax",
+    "stgi",
+    "add rsp, 24",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "ret",
+);
+
+extern "sysv64" {
+    fn thinvisor_svm_run(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64);
+}
+
+/// Where a guest starts: the multiboot v1 entry state (Multiboot
+/// Specification 0.6.96, 3.2): 32-bit protected mode, paging off, flat
+/// segments, EAX = magic, EBX = information structure.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryState {
+    pub rip: u64,
+    pub rax: u64,
+    pub rbx: u64,
+}
+
+/// One virtual processor on SVM.
+pub struct SvmVcpu<M: GuestPhysMemory> {
+    vmcb: &'static mut Vmcb,
+    vmcb_pa: HostPhysAddr,
+    host_save_pa: HostPhysAddr,
+    regs: GuestRegs,
+    memory: M,
+    nrips: bool,
+    /// Length of the instruction behind the current exit, for CPUs
+    /// without NRIPS; 0 when unknown.
+    exit_insn_len: u64,
+}
+
+impl<M: GuestPhysMemory> SvmVcpu<M> {
+    /// Set up a VMCB for a guest in the multiboot entry state.
+    ///
+    /// # Safety
+    /// `vmcb` and `host_save` are distinct zeroed 4 KiB pages used by
+    /// nothing else, `vmcb_virt` maps `vmcb`, and `ncr3` is the root of
+    /// nested page tables that map only memory the guest may use.
+    pub unsafe fn new(
+        features: &SvmFeatures,
+        vmcb_virt: &'static mut Vmcb,
+        vmcb: HostPhysAddr,
+        host_save: HostPhysAddr,
+        ncr3: HostPhysAddr,
+        memory: M,
+        entry: EntryState,
+    ) -> Self {
+        let c = &mut vmcb_virt.control;
+        // Exits the core handles; everything else, I/O and MSRs included,
+        // runs on the real hardware.
+        c.intercept_misc1 = misc1::CPUID | misc1::HLT | misc1::SHUTDOWN;
+        c.intercept_misc2 = misc2::VMRUN
+            | misc2::VMMCALL
+            | misc2::VMLOAD
+            | misc2::VMSAVE
+            | misc2::STGI
+            | misc2::CLGI
+            | misc2::SKINIT;
+        c.guest_asid = GUEST_ASID;
+        // Entries from an earlier user of this ASID must not survive.
+        c.tlb_control = tlb_control::FLUSH_ALL;
+        c.np_enable = 1;
+        c.ncr3 = ncr3.as_u64();
+        c.vmcb_clean = 0;
+
+        let s = &mut vmcb_virt.save;
+        s.cs = Segment::flat(0x08, attrib::CODE32);
+        for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
+            *seg = Segment::flat(0x10, attrib::DATA32);
+        }
+        s.gdtr = Segment::default();
+        s.idtr = Segment::default();
+        s.ldtr = Segment {
+            attrib: attrib::LDT,
+            ..Segment::default()
+        };
+        s.tr = Segment {
+            attrib: attrib::TSS_BUSY,
+            limit: 0x67,
+            ..Segment::default()
+        };
+        s.cpl = 0;
+        // PE and ET; paging off. The guest's EFER must keep SVME (VMRUN
+        // consistency check, APM 15.5.1).
+        s.cr0 = 0x11;
+        s.cr3 = 0;
+        s.cr4 = 0;
+        s.efer = EFER_SVME;
+        s.rflags = 0x2;
+        s.rip = entry.rip;
+        s.rax = entry.rax;
+        s.rsp = 0;
+        s.dr6 = 0xFFFF_0FF0;
+        s.dr7 = 0x400;
+        // Power-on PAT: write-back for index 0, as firmware leaves it.
+        s.g_pat = 0x0007_0406_0007_0406;
+
+        let regs = GuestRegs {
+            rbx: entry.rbx,
+            ..GuestRegs::default()
+        };
+        Self {
+            vmcb: vmcb_virt,
+            vmcb_pa: vmcb,
+            host_save_pa: host_save,
+            regs,
+            memory,
+            nrips: features.nrips,
+            exit_insn_len: 0,
+        }
+    }
+
+    /// The raw VMCB, for diagnostics.
+    pub fn vmcb(&self) -> &Vmcb {
+        self.vmcb
+    }
+
+    /// Turn the exit the VMCB describes into a neutral one.
+    fn decode_exit(&mut self) -> Exit {
+        let c = &self.vmcb.control;
+        self.exit_insn_len = 0;
+        match c.exit_code {
+            exit_code::VMMCALL => {
+                self.exit_insn_len = VMMCALL_LEN;
+                Exit::VmmCall
+            }
+            exit_code::CPUID => {
+                self.exit_insn_len = CPUID_LEN;
+                Exit::Cpuid
+            }
+            exit_code::HLT => Exit::Hlt,
+            exit_code::SHUTDOWN => Exit::Shutdown,
+            exit_code::NPF => Exit::NestedPageFault {
+                gpa: GuestPhysAddr::new(c.exit_info2),
+                write: c.exit_info1 & npf_info::WRITE != 0,
+                fetch: c.exit_info1 & npf_info::FETCH != 0,
+            },
+            exit_code::VMRUN
+            | exit_code::VMLOAD
+            | exit_code::VMSAVE
+            | exit_code::STGI
+            | exit_code::CLGI
+            | exit_code::SKINIT => Exit::VirtualizationInstruction,
+            exit_code::INVALID => Exit::EntryFailed { code: c.exit_code },
+            code => Exit::Unknown { code },
+        }
+    }
+}
+
+impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
+    fn gpr(&self, reg: Gpr) -> u64 {
+        let r = &self.regs;
+        match reg {
+            Gpr::Rax => self.vmcb.save.rax,
+            Gpr::Rsp => self.vmcb.save.rsp,
+            Gpr::Rbx => r.rbx,
+            Gpr::Rcx => r.rcx,
+            Gpr::Rdx => r.rdx,
+            Gpr::Rsi => r.rsi,
+            Gpr::Rdi => r.rdi,
+            Gpr::Rbp => r.rbp,
+            Gpr::R8 => r.r8,
+            Gpr::R9 => r.r9,
+            Gpr::R10 => r.r10,
+            Gpr::R11 => r.r11,
+            Gpr::R12 => r.r12,
+            Gpr::R13 => r.r13,
+            Gpr::R14 => r.r14,
+            Gpr::R15 => r.r15,
+        }
+    }
+
+    fn set_gpr(&mut self, reg: Gpr, value: u64) {
+        let r = &mut self.regs;
+        let slot = match reg {
+            Gpr::Rax => &mut self.vmcb.save.rax,
+            Gpr::Rsp => &mut self.vmcb.save.rsp,
+            Gpr::Rbx => &mut r.rbx,
+            Gpr::Rcx => &mut r.rcx,
+            Gpr::Rdx => &mut r.rdx,
+            Gpr::Rsi => &mut r.rsi,
+            Gpr::Rdi => &mut r.rdi,
+            Gpr::Rbp => &mut r.rbp,
+            Gpr::R8 => &mut r.r8,
+            Gpr::R9 => &mut r.r9,
+            Gpr::R10 => &mut r.r10,
+            Gpr::R11 => &mut r.r11,
+            Gpr::R12 => &mut r.r12,
+            Gpr::R13 => &mut r.r13,
+            Gpr::R14 => &mut r.r14,
+            Gpr::R15 => &mut r.r15,
+        };
+        *slot = value;
+    }
+
+    fn rip(&self) -> u64 {
+        self.vmcb.save.rip
+    }
+
+    fn paging(&self) -> PagingRegs {
+        let s = &self.vmcb.save;
+        PagingRegs {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        }
+    }
+
+    fn mode(&self) -> CpuMode {
+        const EFER_LMA: u64 = 1 << 10;
+        let s = &self.vmcb.save;
+        CpuMode {
+            cpl: s.cpl & 3,
+            long64: s.efer & EFER_LMA != 0 && s.cs.long(),
+        }
+    }
+
+    fn memory(&self) -> &dyn GuestPhysMemory {
+        &self.memory
+    }
+
+    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
+        &mut self.memory
+    }
+
+    fn skip_instruction(&mut self) {
+        let s = &mut self.vmcb.save;
+        s.rip = if self.nrips && self.vmcb.control.nrip != 0 {
+            self.vmcb.control.nrip
+        } else {
+            s.rip.wrapping_add(self.exit_insn_len)
+        };
+    }
+
+    fn inject(&mut self, event: Event) {
+        let Event::Exception { vector, error_code } = event;
+        let mut value = u64::from(vector) | event_inj::TYPE_EXCEPTION | event_inj::VALID;
+        if let Some(code) = error_code {
+            value |= event_inj::ERROR_CODE_VALID | (u64::from(code) << 32);
+        }
+        self.vmcb.control.event_inj = value;
+    }
+
+    fn run(&mut self) -> Exit {
+        // SAFETY: the VMCB and host save area are this vCPU's own pages
+        // (constructor contract), SVM is enabled, and the stub preserves
+        // every callee-saved register of the host.
+        unsafe {
+            thinvisor_svm_run(self.vmcb_pa.as_u64(), &mut self.regs, self.host_save_pa.as_u64());
+        }
+        let c = &mut self.vmcb.control;
+        c.tlb_control = tlb_control::DO_NOTHING;
+        // An event whose delivery the exit interrupted is delivered again
+        // on the next entry (APM 15.7.2); anything injected is consumed.
+        c.event_inj = if c.exit_int_info & event_inj::VALID != 0 {
+            c.exit_int_info
+        } else {
+            0
+        };
+        self.decode_exit()
+    }
+}

@@ -1,1 +1,45 @@
+//! The architecture-neutral core of thinvisor.
+//!
+//! A vendor backend (SVM, VMX) implements [`Vcpu`]: it enters the guest and
+//! reports each exit as a neutral [`Exit`]. Everything here, from the exit
+//! dispatch table to the VMM calls and their services, sees only that trait,
+//! so it runs as ordinary host tests against a fake vCPU.
 #![no_std]
+
+pub mod cpuid;
+pub mod exit;
+pub mod services;
+pub mod vcpu;
+pub mod vmmcall;
+
+#[cfg(test)]
+mod tests;
+
+pub use exit::{handle_exit, run_guest, Action, StopReason};
+pub use vcpu::{CpuMode, Event, Exit, Gpr, Vcpu};
+pub use vmmcall::{CallContext, Registry, VmmCallFn};
+
+use services::Services;
+
+/// The state the core keeps for one virtual machine.
+pub struct Vmm {
+    /// The VMM-call functions, by number.
+    pub registry: Registry,
+    /// State of the services behind the calls.
+    pub services: Services,
+    /// The CPUID the guest sees, derived from the real one.
+    pub cpuid: cpuid::CpuidPolicy,
+}
+
+impl Vmm {
+    /// A VMM with the standard services registered (SPEC.md section 3).
+    pub fn new(cpuid: cpuid::CpuidPolicy) -> Self {
+        let mut registry = Registry::new();
+        services::register_all(&mut registry);
+        Self {
+            registry,
+            services: Services::default(),
+            cpuid,
+        }
+    }
+}

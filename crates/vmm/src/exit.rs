@@ -1,0 +1,113 @@
+//! What the core does with each exit: one small named function per kind.
+
+use crate::vcpu::{Event, Exit, Gpr, Vcpu};
+use crate::{vmmcall, Vmm};
+use thinvisor_memory::GuestPhysAddr;
+
+/// What the backend should do after an exit has been handled.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Enter the guest again.
+    Resume,
+    /// Stop running this guest.
+    Stop(StopReason),
+}
+
+/// Why a guest stopped for good.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum StopReason {
+    /// HLT with nothing that could wake the guest (no interrupts are
+    /// delivered to an isolated guest yet).
+    Halted { rip: u64 },
+    /// Shutdown: the guest triple-faulted.
+    Shutdown { rip: u64 },
+    /// The guest touched guest-physical memory it does not have.
+    BadMemory {
+        gpa: GuestPhysAddr,
+        write: bool,
+        fetch: bool,
+        rip: u64,
+    },
+    /// The processor would not enter the guest.
+    EntryFailed { code: u64 },
+    /// An exit the VMM has no handler for.
+    Unhandled { code: u64, rip: u64 },
+}
+
+/// Run `vcpu` until its guest stops, handling every exit on the way.
+pub fn run_guest<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> StopReason {
+    loop {
+        let exit = vcpu.run();
+        if let Action::Stop(reason) = handle_exit(vmm, vcpu, exit) {
+            return reason;
+        }
+    }
+}
+
+/// The exit dispatch table. Each arm names the one function that handles
+/// that kind of exit; the compiler turns the match into a jump table.
+pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
+    match exit {
+        Exit::VmmCall => on_vmm_call(vmm, vcpu),
+        Exit::Cpuid => on_cpuid(vmm, vcpu),
+        Exit::Hlt => on_hlt(vcpu),
+        Exit::Shutdown => on_shutdown(vcpu),
+        Exit::NestedPageFault { gpa, write, fetch } => on_nested_page_fault(vcpu, gpa, write, fetch),
+        Exit::VirtualizationInstruction => on_virtualization_instruction(vcpu),
+        Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
+        Exit::Unknown { code } => Action::Stop(StopReason::Unhandled {
+            code,
+            rip: vcpu.rip(),
+        }),
+    }
+}
+
+/// VMCALL/VMMCALL: dispatch on the function number, then step over the
+/// instruction so the guest continues after it.
+fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> Action {
+    vmmcall::dispatch(vmm, vcpu);
+    vcpu.skip_instruction();
+    Action::Resume
+}
+
+/// CPUID: the real processor's answer, edited by the policy (hypervisor
+/// bit, thinvisor's leaf 0x40000000, no nested virtualization).
+fn on_cpuid<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> Action {
+    let leaf = vcpu.gpr(Gpr::Rax) as u32;
+    let subleaf = vcpu.gpr(Gpr::Rcx) as u32;
+    let r = vmm.cpuid.query(leaf, subleaf);
+    // CPUID writes the full 64-bit registers with zero-extended values.
+    vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
+    vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));
+    vcpu.set_gpr(Gpr::Rcx, u64::from(r.ecx));
+    vcpu.set_gpr(Gpr::Rdx, u64::from(r.edx));
+    vcpu.skip_instruction();
+    Action::Resume
+}
+
+/// HLT: an isolated guest gets no interrupts yet, so a halted guest can
+/// never continue; stop it rather than spin.
+fn on_hlt<V: Vcpu>(vcpu: &mut V) -> Action {
+    Action::Stop(StopReason::Halted { rip: vcpu.rip() })
+}
+
+fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {
+    Action::Stop(StopReason::Shutdown { rip: vcpu.rip() })
+}
+
+/// Every guest-physical address outside guest RAM is unbacked: there is
+/// no device model behind it, so the guest cannot make progress.
+fn on_nested_page_fault<V: Vcpu>(vcpu: &mut V, gpa: GuestPhysAddr, write: bool, fetch: bool) -> Action {
+    Action::Stop(StopReason::BadMemory {
+        gpa,
+        write,
+        fetch,
+        rip: vcpu.rip(),
+    })
+}
+
+/// The guest sees a processor without virtualization extensions.
+fn on_virtualization_instruction<V: Vcpu>(vcpu: &mut V) -> Action {
+    vcpu.inject(Event::UD);
+    Action::Resume
+}

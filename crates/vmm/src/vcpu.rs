@@ -1,0 +1,127 @@
+//! The seam between the core and a vendor backend.
+
+use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingRegs};
+
+/// A general-purpose register of the guest, numbered as in instruction
+/// encodings (Intel SDM vol. 2, table 2-2).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Gpr {
+    Rax,
+    Rcx,
+    Rdx,
+    Rbx,
+    Rsp,
+    Rbp,
+    Rsi,
+    Rdi,
+    R8,
+    R9,
+    R10,
+    R11,
+    R12,
+    R13,
+    R14,
+    R15,
+}
+
+impl Gpr {
+    /// Every register, in encoding order.
+    pub const ALL: [Gpr; 16] = [
+        Gpr::Rax,
+        Gpr::Rcx,
+        Gpr::Rdx,
+        Gpr::Rbx,
+        Gpr::Rsp,
+        Gpr::Rbp,
+        Gpr::Rsi,
+        Gpr::Rdi,
+        Gpr::R8,
+        Gpr::R9,
+        Gpr::R10,
+        Gpr::R11,
+        Gpr::R12,
+        Gpr::R13,
+        Gpr::R14,
+        Gpr::R15,
+    ];
+}
+
+/// The parts of the guest's execution mode that the core's decisions depend on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct CpuMode {
+    /// Current privilege level, 0..=3.
+    pub cpl: u8,
+    /// 64-bit mode (EFER.LMA and CS.L): only then are all 64 bits of a
+    /// register meaningful; elsewhere the ABI uses the low 32.
+    pub long64: bool,
+}
+
+/// An event to deliver to the guest on the next entry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Event {
+    /// A hardware exception, with its error code when the vector has one.
+    Exception { vector: u8, error_code: Option<u32> },
+}
+
+impl Event {
+    /// Invalid opcode, #UD (vector 6).
+    pub const UD: Event = Event::Exception {
+        vector: 6,
+        error_code: None,
+    };
+}
+
+/// Why the guest exited, in vendor-neutral terms.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Exit {
+    /// VMCALL or VMMCALL: a call into the VMM (SPEC.md section 3).
+    VmmCall,
+    /// CPUID.
+    Cpuid,
+    /// HLT.
+    Hlt,
+    /// The guest shut down (triple fault).
+    Shutdown,
+    /// A guest-physical access the nested/extended page tables do not allow.
+    NestedPageFault {
+        gpa: GuestPhysAddr,
+        write: bool,
+        fetch: bool,
+    },
+    /// The guest executed a virtualization instruction (VMRUN, VMLOAD, ...)
+    /// that it must not use: it sees #UD, as on a CPU without the feature.
+    VirtualizationInstruction,
+    /// The processor refused to enter the guest; `code` is the backend's raw
+    /// reason.
+    EntryFailed { code: u64 },
+    /// An exit the backend cannot translate; `code` is its raw exit code.
+    Unknown { code: u64 },
+}
+
+/// One virtual processor, as the core sees it.
+///
+/// Every method is cheap: backends keep the guest's registers in memory
+/// (their world-switch area or VMCB/VMCS) and answer from there.
+pub trait Vcpu {
+    /// Read a general-purpose register.
+    fn gpr(&self, reg: Gpr) -> u64;
+    /// Write a general-purpose register.
+    fn set_gpr(&mut self, reg: Gpr, value: u64);
+    /// The guest's instruction pointer.
+    fn rip(&self) -> u64;
+    /// CR0, CR3, CR4 and EFER: what guest-linear translation needs.
+    fn paging(&self) -> PagingRegs;
+    /// Privilege and operating mode.
+    fn mode(&self) -> CpuMode;
+    /// The guest's physical memory.
+    fn memory(&self) -> &dyn GuestPhysMemory;
+    /// The guest's physical memory, for writing.
+    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory;
+    /// Advance RIP past the instruction that caused the current exit.
+    fn skip_instruction(&mut self);
+    /// Deliver `event` to the guest on the next entry.
+    fn inject(&mut self, event: Event);
+    /// Enter the guest and run it until the next exit.
+    fn run(&mut self) -> Exit;
+}
