@@ -1,0 +1,615 @@
+//! Loading a guest kernel the way a multiboot v1 boot loader would
+//! (Multiboot Specification 0.6.96, section 3.1), into a block of guest RAM
+//! that starts at guest-physical address 0, and writing the multiboot
+//! information the guest receives.
+//!
+//! The image is untrusted: every address and size in it is checked against
+//! the image and the guest RAM before a byte is copied, and nothing is copied
+//! unless the whole image checks out.
+
+use core::fmt;
+use elf::abi::{EM_386, EM_X86_64, ET_EXEC, PT_LOAD};
+use elf::endian::AnyEndian;
+use elf::file::Class;
+use elf::{ElfBytes, ParseError};
+
+/// Magic number that starts a multiboot v1 header.
+pub const HEADER_MAGIC: u32 = 0x1BAD_B002;
+/// The header must lie entirely within this many bytes of the image start.
+pub const HEADER_SEARCH_LEN: usize = 8192;
+
+/// Header flag: align modules on 4 KiB boundaries (we pass no modules).
+pub const HEADER_FLAG_PAGE_ALIGN: u32 = 1 << 0;
+/// Header flag: the kernel wants memory information (always given).
+pub const HEADER_FLAG_MEMORY_INFO: u32 = 1 << 1;
+/// Header flag: the kernel would like a video mode (a preference; ignored).
+pub const HEADER_FLAG_VIDEO: u32 = 1 << 2;
+/// Header flag: load addresses come from the header (a.out kludge), not ELF.
+pub const HEADER_FLAG_AOUT_KLUDGE: u32 = 1 << 16;
+
+/// Bits 0-15 are requirements: a loader must refuse any it does not provide.
+const REQUIRED_MASK: u32 = 0xFFFF;
+const SUPPORTED_REQUIRED: u32 =
+    HEADER_FLAG_PAGE_ALIGN | HEADER_FLAG_MEMORY_INFO | HEADER_FLAG_VIDEO;
+
+/// Information structure flag: `mem_lower` / `mem_upper` valid.
+pub const INFO_FLAG_MEM: u32 = 1 << 0;
+/// Information structure flag: `cmdline` valid.
+pub const INFO_FLAG_CMDLINE: u32 = 1 << 2;
+/// Information structure flag: `mmap_length` / `mmap_addr` valid.
+pub const INFO_FLAG_MMAP: u32 = 1 << 6;
+
+/// Bytes reserved for the information structure (up to and including the
+/// VBE fields of 0.6.96, all zero except the ones we set).
+const INFO_STRUCT_LEN: u64 = 88;
+/// Bytes of one memory-map entry including its size prefix.
+const MMAP_ENTRY_LEN: u64 = 24;
+/// End of conventional memory given to the guest (the EBDA starts here).
+const LOW_RAM_END: u64 = 0x9_FC00;
+/// Start of the memory above the legacy hole.
+const HIGH_RAM_START: u64 = 0x10_0000;
+/// Guest RAM accepted by [`write_multiboot1_info`].
+const MIN_RAM: u64 = 2 << 20;
+const MAX_RAM: u64 = 4 << 30;
+
+/// Where the loaded kernel starts and how far it extends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadedKernel {
+    /// Guest-physical entry point (entered in 32-bit protected mode).
+    pub entry: u32,
+    /// One past the highest byte loaded or zeroed (bss).
+    pub load_end: u64,
+}
+
+/// Which part of the image an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment {
+    /// ELF program header number `n` (0-based).
+    ElfProgramHeader(usize),
+    /// The bytes the a.out-kludge header says to load.
+    AoutImage,
+}
+
+impl fmt::Display for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Segment::ElfProgramHeader(n) => write!(f, "ELF program header {n}"),
+            Segment::AoutImage => write!(f, "a.out-kludge load area"),
+        }
+    }
+}
+
+/// Why a guest kernel could not be loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadError {
+    /// No multiboot header magic in the first 8192 bytes.
+    NoMultibootHeader,
+    /// A header magic was found (at this offset) but its checksum is wrong.
+    BadChecksum { offset: usize },
+    /// The header requires features (these flag bits) we do not provide.
+    UnsupportedFlags(u32),
+    /// The header's a.out-kludge fields run past the end of the image.
+    HeaderTruncated,
+    /// No a.out kludge, and the image is not ELF.
+    NotElf,
+    /// ELF class byte is neither 32- nor 64-bit.
+    BadElfClass(u8),
+    /// ELF file is big-endian.
+    BigEndianElf,
+    /// ELF file is for another machine (class in bits, e_machine).
+    BadMachine { bits: u8, machine: u16 },
+    /// ELF file is not an executable (its e_type).
+    NotExecutable(u16),
+    /// ELF headers are malformed.
+    MalformedElf(&'static str),
+    /// Nothing to load.
+    NoLoadableSegments,
+    /// A segment has more bytes in the file than in memory.
+    FileLargerThanMemory {
+        segment: Segment,
+        filesz: u64,
+        memsz: u64,
+    },
+    /// The a.out-kludge addresses contradict each other.
+    BadAoutAddresses(&'static str),
+    /// A segment's file bytes lie outside the image.
+    SegmentOutsideImage {
+        segment: Segment,
+        offset: u64,
+        size: u64,
+        image_len: u64,
+    },
+    /// A segment's memory lies outside guest RAM.
+    SegmentOutsideRam {
+        segment: Segment,
+        addr: u64,
+        size: u64,
+        ram_len: u64,
+    },
+    /// The entry point is not inside a loaded segment below 4 GiB.
+    BadEntry(u64),
+    /// The information structure address is not 4 KiB aligned.
+    InfoMisaligned(u64),
+    /// The information structure would not lie inside guest RAM.
+    InfoOutsideRam { at: u64, size: u64 },
+    /// Guest RAM is below 2 MiB or above 4 GiB.
+    BadRamSize(u64),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            LoadError::NoMultibootHeader => write!(
+                f,
+                "guest kernel has no multiboot header in its first {HEADER_SEARCH_LEN} bytes"
+            ),
+            LoadError::BadChecksum { offset } => write!(
+                f,
+                "guest kernel's multiboot header at offset {offset:#x} has a wrong checksum"
+            ),
+            LoadError::UnsupportedFlags(bits) => write!(
+                f,
+                "guest kernel's multiboot header requires features this loader lacks (flag bits {bits:#x})"
+            ),
+            LoadError::HeaderTruncated => write!(
+                f,
+                "guest kernel's multiboot header is cut off by the end of the file"
+            ),
+            LoadError::NotElf => write!(
+                f,
+                "guest module is not an ELF file and has no a.out-kludge multiboot header"
+            ),
+            LoadError::BadElfClass(class) => {
+                write!(f, "guest kernel is an ELF file of unknown class {class}")
+            }
+            LoadError::BigEndianElf => write!(f, "guest kernel is a big-endian ELF file, not x86"),
+            LoadError::BadMachine { bits, machine } => write!(
+                f,
+                "guest kernel is a {bits}-bit ELF file for machine {machine}, not x86 (ELF32) or x86-64 (ELF64)"
+            ),
+            LoadError::NotExecutable(ty) => write!(
+                f,
+                "guest kernel is an ELF file of type {ty}, not an executable (link it with -C relocation-model=static)"
+            ),
+            LoadError::MalformedElf(why) => write!(f, "guest kernel is a malformed ELF file: {why}"),
+            LoadError::NoLoadableSegments => {
+                write!(f, "guest kernel has no loadable segment")
+            }
+            LoadError::FileLargerThanMemory { segment, filesz, memsz } => write!(
+                f,
+                "guest kernel's {segment} has more bytes in the file ({filesz:#x}) than in memory ({memsz:#x})"
+            ),
+            LoadError::BadAoutAddresses(why) => {
+                write!(f, "guest kernel's a.out-kludge header is inconsistent: {why}")
+            }
+            LoadError::SegmentOutsideImage { segment, offset, size, image_len } => write!(
+                f,
+                "guest kernel's {segment} (file bytes {offset:#x}+{size:#x}) lies outside the {image_len:#x}-byte file"
+            ),
+            LoadError::SegmentOutsideRam { segment, addr, size, ram_len } => write!(
+                f,
+                "guest kernel's {segment} ({addr:#x}+{size:#x}) does not fit in the guest's {ram_len:#x} bytes of RAM (raise guest_mem=)"
+            ),
+            LoadError::BadEntry(entry) => write!(
+                f,
+                "guest kernel's entry point {entry:#x} is not inside a loaded segment below 4 GiB"
+            ),
+            LoadError::InfoMisaligned(at) => {
+                write!(f, "multiboot information address {at:#x} is not 4 KiB aligned")
+            }
+            LoadError::InfoOutsideRam { at, size } => write!(
+                f,
+                "multiboot information ({at:#x}+{size:#x}) does not fit in guest RAM"
+            ),
+            LoadError::BadRamSize(len) => write!(
+                f,
+                "guest RAM of {len:#x} bytes is unusable for a multiboot guest (2 MiB to 4 GiB)"
+            ),
+        }
+    }
+}
+
+/// Loads a multiboot v1 kernel `image` into guest RAM `ram` (guest-physical
+/// address 0 is `ram[0]`). Nothing is written unless the whole image is valid.
+pub fn load_multiboot_kernel(image: &[u8], ram: &mut [u8]) -> Result<LoadedKernel, LoadError> {
+    let (offset, flags) = find_header(image)?;
+    let unknown = flags & REQUIRED_MASK & !SUPPORTED_REQUIRED;
+    if unknown != 0 {
+        return Err(LoadError::UnsupportedFlags(unknown));
+    }
+    if flags & HEADER_FLAG_AOUT_KLUDGE != 0 {
+        load_aout(image, offset, ram)
+    } else {
+        load_elf(image, ram)
+    }
+}
+
+/// Finds the first 4-byte aligned header with a valid checksum; returns its
+/// offset and flags.
+fn find_header(image: &[u8]) -> Result<(usize, u32), LoadError> {
+    let area = image.get(..HEADER_SEARCH_LEN).unwrap_or(image);
+    let mut bad_checksum = None;
+    for (index, chunk) in area.chunks_exact(4).enumerate() {
+        let offset = index * 4;
+        if le32(chunk, 0) != HEADER_MAGIC {
+            continue;
+        }
+        let Some(header) = area.get(offset..offset + 12) else {
+            break;
+        };
+        let flags = le32(header, 4);
+        let checksum = le32(header, 8);
+        if HEADER_MAGIC.wrapping_add(flags).wrapping_add(checksum) == 0 {
+            return Ok((offset, flags));
+        }
+        bad_checksum.get_or_insert(offset);
+    }
+    Err(match bad_checksum {
+        Some(offset) => LoadError::BadChecksum { offset },
+        None => LoadError::NoMultibootHeader,
+    })
+}
+
+/// Loads using the header's address fields (flag bit 16).
+fn load_aout(image: &[u8], offset: usize, ram: &mut [u8]) -> Result<LoadedKernel, LoadError> {
+    let fields = offset
+        .checked_add(32)
+        .and_then(|end| image.get(offset..end))
+        .ok_or(LoadError::HeaderTruncated)?;
+    let header_addr = u64::from(le32(fields, 12));
+    let load_addr = u64::from(le32(fields, 16));
+    let load_end_addr = u64::from(le32(fields, 20));
+    let bss_end_addr = u64::from(le32(fields, 24));
+    let entry_addr = le32(fields, 28);
+    let image_len = image.len() as u64;
+    let segment = Segment::AoutImage;
+
+    // The header's own address fixes where in the file loading starts.
+    let before_header = header_addr
+        .checked_sub(load_addr)
+        .ok_or(LoadError::BadAoutAddresses(
+            "load_addr lies above header_addr",
+        ))?;
+    let file_start =
+        (offset as u64)
+            .checked_sub(before_header)
+            .ok_or(LoadError::BadAoutAddresses(
+                "load_addr lies before the start of the file",
+            ))?;
+    let file_size = if load_end_addr == 0 {
+        image_len - file_start
+    } else {
+        load_end_addr
+            .checked_sub(load_addr)
+            .ok_or(LoadError::BadAoutAddresses(
+                "load_end_addr lies below load_addr",
+            ))?
+    };
+    let load_end = load_addr.saturating_add(file_size);
+    let mem_end = if bss_end_addr == 0 {
+        load_end
+    } else if bss_end_addr < load_end {
+        return Err(LoadError::BadAoutAddresses(
+            "bss_end_addr lies below the end of the loaded data",
+        ));
+    } else {
+        bss_end_addr
+    };
+
+    let file = range_in(image, file_start, file_size).ok_or(LoadError::SegmentOutsideImage {
+        segment,
+        offset: file_start,
+        size: file_size,
+        image_len,
+    })?;
+    let mem_size = mem_end - load_addr;
+    let ram_len = ram.len() as u64;
+    if range_in(ram, load_addr, mem_size).is_none() {
+        return Err(LoadError::SegmentOutsideRam {
+            segment,
+            addr: load_addr,
+            size: mem_size,
+            ram_len,
+        });
+    }
+    if !(load_addr..mem_end).contains(&u64::from(entry_addr)) {
+        return Err(LoadError::BadEntry(entry_addr.into()));
+    }
+
+    copy_segment(ram, load_addr, file, mem_size);
+    Ok(LoadedKernel {
+        entry: entry_addr,
+        load_end: mem_end,
+    })
+}
+
+/// One PT_LOAD segment, checked.
+#[derive(Clone, Copy)]
+struct LoadSegment {
+    paddr: u64,
+    offset: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// Loads each PT_LOAD segment of an ELF32/ELF64 image at its physical address.
+fn load_elf(image: &[u8], ram: &mut [u8]) -> Result<LoadedKernel, LoadError> {
+    if image.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Err(LoadError::NotElf);
+    }
+    let file = ElfBytes::<AnyEndian>::minimal_parse(image).map_err(elf_error)?;
+    let ehdr = &file.ehdr;
+    if ehdr.endianness == AnyEndian::Big {
+        return Err(LoadError::BigEndianElf);
+    }
+    let bits = match ehdr.class {
+        Class::ELF32 => 32,
+        Class::ELF64 => 64,
+    };
+    match (ehdr.class, ehdr.e_machine) {
+        (Class::ELF32, EM_386) | (Class::ELF64, EM_X86_64) => {}
+        (_, machine) => return Err(LoadError::BadMachine { bits, machine }),
+    }
+    if ehdr.e_type != ET_EXEC {
+        return Err(LoadError::NotExecutable(ehdr.e_type));
+    }
+    let table = file.segments().ok_or(LoadError::NoLoadableSegments)?;
+    let image_len = image.len() as u64;
+    let ram_len = ram.len() as u64;
+
+    // First pass: check everything and find the entry point and the end.
+    let mut entry = None;
+    let mut load_end = 0u64;
+    let mut loadable = 0usize;
+    for index in 0..table.len() {
+        let ph = table
+            .get(index)
+            .map_err(|_| LoadError::MalformedElf("a program header cannot be read"))?;
+        if ph.p_type != PT_LOAD {
+            continue;
+        }
+        let seg = check_segment(
+            index,
+            ph.p_paddr,
+            ph.p_offset,
+            ph.p_filesz,
+            ph.p_memsz,
+            image_len,
+            ram_len,
+        )?;
+        if seg.memsz == 0 {
+            continue;
+        }
+        loadable += 1;
+        load_end = load_end.max(seg.paddr + seg.memsz);
+        // The entry is a virtual address; translate it like GRUB does when a
+        // kernel is linked high but loaded low.
+        if entry.is_none() {
+            let e = ehdr.e_entry;
+            if let Some(off) = e.checked_sub(ph.p_vaddr).filter(|&off| off < seg.memsz) {
+                entry = Some(seg.paddr + off);
+            }
+        }
+    }
+    if loadable == 0 {
+        return Err(LoadError::NoLoadableSegments);
+    }
+    // A physical e_entry inside a segment is accepted too.
+    let entry = match entry {
+        Some(e) => e,
+        None => {
+            find_physical_entry(&table, ehdr.e_entry).ok_or(LoadError::BadEntry(ehdr.e_entry))?
+        }
+    };
+    let entry = u32::try_from(entry).map_err(|_| LoadError::BadEntry(ehdr.e_entry))?;
+
+    // Second pass: copy. Every check already passed.
+    for index in 0..table.len() {
+        let Ok(ph) = table.get(index) else { continue };
+        if ph.p_type != PT_LOAD || ph.p_memsz == 0 {
+            continue;
+        }
+        if let Ok(seg) = check_segment(
+            index,
+            ph.p_paddr,
+            ph.p_offset,
+            ph.p_filesz,
+            ph.p_memsz,
+            image_len,
+            ram_len,
+        ) {
+            if let Some(file) = range_in(image, seg.offset, seg.filesz) {
+                copy_segment(ram, seg.paddr, file, seg.memsz);
+            }
+        }
+    }
+    Ok(LoadedKernel { entry, load_end })
+}
+
+fn find_physical_entry(
+    table: &elf::segment::SegmentTable<'_, AnyEndian>,
+    entry: u64,
+) -> Option<u64> {
+    table
+        .iter()
+        .filter(|ph| ph.p_type == PT_LOAD)
+        .any(|ph| {
+            entry
+                .checked_sub(ph.p_paddr)
+                .is_some_and(|off| off < ph.p_memsz)
+        })
+        .then_some(entry)
+}
+
+/// Checks that a segment's file bytes lie in the image and its memory in RAM.
+fn check_segment(
+    index: usize,
+    paddr: u64,
+    offset: u64,
+    filesz: u64,
+    memsz: u64,
+    image_len: u64,
+    ram_len: u64,
+) -> Result<LoadSegment, LoadError> {
+    let segment = Segment::ElfProgramHeader(index);
+    if filesz > memsz {
+        return Err(LoadError::FileLargerThanMemory {
+            segment,
+            filesz,
+            memsz,
+        });
+    }
+    if offset.checked_add(filesz).is_none_or(|end| end > image_len) {
+        return Err(LoadError::SegmentOutsideImage {
+            segment,
+            offset,
+            size: filesz,
+            image_len,
+        });
+    }
+    if memsz != 0 && paddr.checked_add(memsz).is_none_or(|end| end > ram_len) {
+        return Err(LoadError::SegmentOutsideRam {
+            segment,
+            addr: paddr,
+            size: memsz,
+            ram_len,
+        });
+    }
+    Ok(LoadSegment {
+        paddr,
+        offset,
+        filesz,
+        memsz,
+    })
+}
+
+fn elf_error(e: ParseError) -> LoadError {
+    match e {
+        ParseError::BadMagic(_) => LoadError::NotElf,
+        ParseError::UnsupportedElfClass(class) => LoadError::BadElfClass(class),
+        ParseError::UnsupportedElfEndianness(_) => LoadError::MalformedElf("unknown byte order"),
+        ParseError::UnsupportedVersion(_) => LoadError::MalformedElf("unknown ELF version"),
+        ParseError::BadEntsize(_) => {
+            LoadError::MalformedElf("program or section header entries have the wrong size")
+        }
+        ParseError::BadOffset(_)
+        | ParseError::SliceReadError(_)
+        | ParseError::IntegerOverflow
+        | ParseError::TryFromSliceError(_)
+        | ParseError::TryFromIntError(_) => {
+            LoadError::MalformedElf("the file is truncated or a header table lies outside it")
+        }
+        _ => LoadError::MalformedElf("its headers cannot be parsed"),
+    }
+}
+
+/// `bytes[start..start + len]`, or `None` if any of it is out of bounds.
+fn range_in(bytes: &[u8], start: u64, len: u64) -> Option<&[u8]> {
+    let start = usize::try_from(start).ok()?;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    bytes.get(start..end)
+}
+
+/// Copies `file` to guest-physical `addr` and zeroes the rest of `mem_size`
+/// bytes. The caller has checked the range lies in `ram`.
+fn copy_segment(ram: &mut [u8], addr: u64, file: &[u8], mem_size: u64) {
+    let (Ok(start), Ok(size)) = (usize::try_from(addr), usize::try_from(mem_size)) else {
+        return;
+    };
+    let Some(dst) = start
+        .checked_add(size)
+        .and_then(|end| ram.get_mut(start..end))
+    else {
+        return;
+    };
+    let (data, bss) = dst.split_at_mut(file.len().min(size));
+    data.copy_from_slice(file.get(..data.len()).unwrap_or(&[]));
+    bss.fill(0);
+}
+
+/// Writes a multiboot v1 information structure for the guest at
+/// guest-physical `at` (4 KiB aligned, chosen by the caller past the
+/// kernel's `load_end`): memory sizes, the command line (cut at its first
+/// NUL) and a memory map of exactly the guest's RAM. Returns the address to
+/// pass in EBX (with EAX = [`crate::multiboot1::MAGIC`]).
+pub fn write_multiboot1_info(ram: &mut [u8], at: u64, cmdline: &[u8]) -> Result<u32, LoadError> {
+    let ram_len = ram.len() as u64;
+    if !(MIN_RAM..=MAX_RAM).contains(&ram_len) {
+        return Err(LoadError::BadRamSize(ram_len));
+    }
+    if !at.is_multiple_of(crate::PAGE_SIZE) {
+        return Err(LoadError::InfoMisaligned(at));
+    }
+    let cmdline = cmdline.split(|&b| b == 0).next().unwrap_or(&[]);
+    let mmap_at = at + INFO_STRUCT_LEN;
+    let mmap_len = 2 * MMAP_ENTRY_LEN;
+    let cmdline_at = mmap_at + mmap_len;
+    let size = INFO_STRUCT_LEN + mmap_len + cmdline.len() as u64 + 1;
+    let end = at.checked_add(size);
+    let in_low = end.is_some_and(|end| end <= LOW_RAM_END);
+    let in_high = at >= HIGH_RAM_START && end.is_some_and(|end| end <= ram_len);
+    let area = (in_low || in_high)
+        .then(|| ram_range_mut(ram, at, size))
+        .flatten()
+        .ok_or(LoadError::InfoOutsideRam { at, size })?;
+    area.fill(0);
+
+    let mut w = Writer { buf: area, at: 0 };
+    w.u32(0, INFO_FLAG_MEM | INFO_FLAG_CMDLINE | INFO_FLAG_MMAP);
+    w.u32(4, (LOW_RAM_END / 1024) as u32);
+    w.u32(8, ((ram_len - HIGH_RAM_START) / 1024) as u32);
+    w.u32(16, cmdline_at as u32);
+    w.u32(44, mmap_len as u32);
+    w.u32(48, mmap_at as u32);
+    for (i, (start, end)) in [(0, LOW_RAM_END), (HIGH_RAM_START, ram_len)]
+        .into_iter()
+        .enumerate()
+    {
+        w.at = (INFO_STRUCT_LEN + i as u64 * MMAP_ENTRY_LEN) as usize;
+        w.u32(0, (MMAP_ENTRY_LEN - 4) as u32);
+        w.u64(4, start);
+        w.u64(12, end - start);
+        w.u32(20, 1);
+    }
+    w.at = (cmdline_at - at) as usize;
+    w.bytes(0, cmdline);
+    // The NUL after it is already there from the fill.
+    Ok(at as u32)
+}
+
+fn ram_range_mut(ram: &mut [u8], start: u64, len: u64) -> Option<&mut [u8]> {
+    let start = usize::try_from(start).ok()?;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    ram.get_mut(start..end)
+}
+
+/// Little-endian writes into a buffer whose size the caller has checked.
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, offset: usize, bytes: &[u8]) {
+        let start = self.at + offset;
+        if let Some(dst) = self.buf.get_mut(start..start + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    fn u32(&mut self, offset: usize, value: u32) {
+        self.bytes(offset, &value.to_le_bytes());
+    }
+
+    fn u64(&mut self, offset: usize, value: u64) {
+        self.bytes(offset, &value.to_le_bytes());
+    }
+}
+
+fn le32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    if let Some(src) = bytes.get(at..at + 4) {
+        b.copy_from_slice(src);
+    }
+    u32::from_le_bytes(b)
+}
