@@ -1,4 +1,303 @@
+//! thinvisor: boot, find the guest, run it under the hardware's
+//! virtualization extension, report how it ended.
 #![no_std]
 #![no_main]
+
+mod entry;
+mod idt;
+mod mem;
+mod power;
+mod serial;
+
+use core::fmt::Write;
+use log::{error, info, warn};
+use thinvisor_abi::exit_code;
+use thinvisor_boot::alloc::FrameAllocator;
+use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
+use thinvisor_boot::{BootInfo, MemKind};
+use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
+use thinvisor_svm::npt::NestedPageTable;
+use thinvisor_svm::vmcb::Vmcb;
+use thinvisor_svm::{EntryState, SvmVcpu};
+use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
+use thinvisor_vmm::{run_guest, StopReason, Vmm};
+
+const SIZE_2M: u64 = 2 << 20;
+const PAGE: u64 = 4096;
+/// As many modules as `BootInfo` keeps.
+const MAX_MODULES: usize = 16;
+
+/// Log a boot error and stop with the boot-error status.
+macro_rules! boot_error {
+    ($($arg:tt)*) => {{
+        error!($($arg)*);
+        error!("cannot start the guest; stopping");
+        power::end_run(exit_code::BOOT_ERROR)
+    }};
+}
+
+/// Called by the entry code in long mode with the loader's EAX and EBX.
+pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
+    serial::init_logging(log::LevelFilter::Info);
+    idt::init();
+    info!("thinvisor {} starting", env!("CARGO_PKG_VERSION"));
+
+    let boot = read_boot_info(magic, u64::from(info_pa));
+    let options = match cmdline::parse(boot.cmdline(), &mut |token, why| {
+        warn!("command line: {token}: {why}")
+    }) {
+        Ok(o) => o,
+        Err(e) => boot_error!("command line: {e}"),
+    };
+    log::set_max_level(options.log_level);
+    info!("command line: \"{}\"", boot.cmdline());
+    log_memory_map(&boot);
+
+    let mut frames = frame_allocator(&boot);
+    info!(
+        "{} MiB free for the hypervisor and its guest",
+        frames.free_bytes() >> 20
+    );
+
+    let features = match thinvisor_svm::probe() {
+        Ok(f) => f,
+        Err(e) => boot_error!("{e}"),
+    };
+    info!(
+        "AMD SVM: revision {}, {} ASIDs, nested paging, NRIPS {}, VMCB clean bits {}, decode assists {}",
+        features.revision,
+        features.asids,
+        yes_no(features.nrips),
+        yes_no(features.vmcb_clean),
+        yes_no(features.decode_assists)
+    );
+
+    let Some(module) = boot.modules().get(options.guest_module) else {
+        boot_error!(
+            "no guest module: the boot loader passed {} module(s) and guest={} selects none; \
+             pass the guest kernel as a multiboot module",
+            boot.modules().len(),
+            options.guest_module
+        )
+    };
+    info!(
+        "guest module {}: {:#x}..{:#x} ({} KiB) \"{}\"",
+        options.guest_module,
+        module.start,
+        module.end,
+        module.len() >> 10,
+        module.string()
+    );
+    if !mem::is_mapped(module.start, module.len()) {
+        boot_error!(
+            "guest module at {:#x} lies above the first 4 GiB, which thinvisor cannot reach",
+            module.start
+        );
+    }
+    // SAFETY: the module lies in the direct map (checked above) and is
+    // reserved from the allocator, so nothing else writes it.
+    let image: &[u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
+
+    let ram_size = options.guest_mem;
+    let Some(ram_base) = frames.alloc(ram_size, SIZE_2M) else {
+        boot_error!(
+            "guest_mem={} MiB does not fit: {} MiB of memory is free",
+            ram_size >> 20,
+            frames.free_bytes() >> 20
+        )
+    };
+    // SAFETY: freshly allocated, inside the direct map (the allocator
+    // never hands out memory above it), referenced by nothing else.
+    let ram = unsafe { mem::phys_slice_mut(ram_base, ram_size) };
+    ram.fill(0);
+    info!(
+        "guest RAM: {} MiB at host-physical {:#x}",
+        ram_size >> 20,
+        ram_base
+    );
+
+    let kernel = match guest::load_multiboot_kernel(image, ram) {
+        Ok(k) => k,
+        Err(e) => boot_error!("guest module: {e}"),
+    };
+    let info_at = kernel.load_end.next_multiple_of(PAGE);
+    let mbi = match guest::write_multiboot1_info(ram, info_at, module.string().as_bytes()) {
+        Ok(a) => a,
+        Err(e) => boot_error!("guest module: {e}"),
+    };
+    info!(
+        "guest kernel loaded: entry {:#x}, multiboot information at {:#x}",
+        kernel.entry, mbi
+    );
+
+    let mut tables = mem::FrameTables(&mut frames);
+    let npt = NestedPageTable::new(&mut tables)
+        .and_then(|mut npt| {
+            npt.map_2m(
+                &mut tables,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(ram_base),
+                ram_size,
+            )
+            .map(|()| npt)
+        })
+        .unwrap_or_else(|e| boot_error!("cannot build nested page tables: {e:?}"));
+
+    let (Some(vmcb), Some(hsave), Some(host_save)) = (
+        mem::alloc_zeroed(&mut frames, PAGE, PAGE),
+        mem::alloc_zeroed(&mut frames, PAGE, PAGE),
+        mem::alloc_zeroed(&mut frames, PAGE, PAGE),
+    ) else {
+        boot_error!("out of memory for the VMCB")
+    };
+    // SAFETY: probe() succeeded and hsave is a page reserved for the CPU.
+    unsafe { thinvisor_svm::enable(HostPhysAddr::new(hsave)) };
+    // SAFETY: a zeroed, page-aligned page in the direct map, used only as
+    // this VMCB.
+    let vmcb_virt = unsafe { &mut *(mem::phys_to_virt(vmcb) as *mut Vmcb) };
+    let entry = EntryState {
+        rip: u64::from(kernel.entry),
+        rax: u64::from(multiboot1::MAGIC),
+        rbx: u64::from(mbi),
+    };
+    // SAFETY: vmcb and host_save are distinct fresh pages, vmcb_virt maps
+    // vmcb, and the nested tables map nothing but guest RAM.
+    let mut vcpu = unsafe {
+        SvmVcpu::new(
+            &features,
+            vmcb_virt,
+            HostPhysAddr::new(vmcb),
+            HostPhysAddr::new(host_save),
+            npt.root(),
+            SliceMemory::new(ram),
+            entry,
+        )
+    };
+    let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid));
+    for (number, name) in vmm.registry.iter() {
+        log::debug!("VMM call {number}: {name}");
+    }
+    info!("entering the guest at {:#x}", kernel.entry);
+    let reason = run_guest(&mut vmm, &mut vcpu);
+    report_stop(reason)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn read_boot_info(magic: u32, info_pa: u64) -> BootInfo {
+    let parsed = match magic {
+        multiboot1::MAGIC => multiboot1::parse(info_pa, &mem::DirectMapReader),
+        multiboot2::MAGIC => {
+            if !mem::is_mapped(info_pa, multiboot2::MAX_TOTAL_SIZE.into()) {
+                boot_error!("multiboot2 information at {info_pa:#x} lies outside the first 4 GiB");
+            }
+            // SAFETY: the loader passed this address with the multiboot2
+            // magic, and the low 4 GiB are identity-mapped.
+            unsafe { multiboot2::parse(info_pa) }
+        }
+        other => boot_error!(
+            "not started by a multiboot loader (EAX = {other:#x}); boot thinvisor with GRUB (multiboot2) or QEMU -kernel"
+        ),
+    };
+    match parsed {
+        Ok(info) => info,
+        Err(e) => boot_error!("boot information: {e}"),
+    }
+}
+
+fn log_memory_map(boot: &BootInfo) {
+    for r in boot.memory_map() {
+        log::debug!("memory {:#014x}..{:#014x} {:?}", r.start, r.end(), r.kind);
+    }
+    if boot.truncated() {
+        warn!("the boot information was larger than thinvisor keeps; some of it was dropped");
+    }
+}
+
+/// Every available byte except the hypervisor, the boot information, the
+/// modules, and anything outside the direct map.
+fn frame_allocator(boot: &BootInfo) -> FrameAllocator {
+    let mut reserved = [(0u64, 0u64); 3 + MAX_MODULES];
+    reserved[0] = mem::image_range();
+    reserved[1] = boot.info_range();
+    reserved[2] = (mem::DIRECT_MAP_SIZE, u64::MAX);
+    let mut n = 3;
+    for (slot, m) in reserved[3..].iter_mut().zip(boot.modules()) {
+        *slot = (m.start, m.end);
+        n += 1;
+    }
+    let available = boot
+        .memory_map()
+        .iter()
+        .filter(|r| r.kind == MemKind::Available)
+        .count();
+    if available == 0 {
+        boot_error!("the boot loader's memory map lists no available memory");
+    }
+    FrameAllocator::new(boot.memory_map(), &reserved[..n])
+}
+
+fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    CpuidResult {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
+}
+
+/// Say how the guest ended and end the run with the matching status.
+fn report_stop(reason: StopReason) -> ! {
+    let code = match reason {
+        StopReason::Halted { rip } => {
+            error!("guest halted at rip {rip:#x} with nothing to wake it; stopping");
+            exit_code::GUEST_HALTED
+        }
+        StopReason::Shutdown { rip } => {
+            error!("guest shutdown (triple fault) near rip {rip:#x}; stopping");
+            exit_code::GUEST_SHUTDOWN
+        }
+        StopReason::BadMemory {
+            gpa,
+            write,
+            fetch,
+            rip,
+        } => {
+            let access = if fetch {
+                "fetch"
+            } else if write {
+                "write"
+            } else {
+                "read"
+            };
+            error!(
+                "nested page fault: guest {access} at guest-physical {:#x}, outside guest RAM (rip {rip:#x}); stopping",
+                gpa.as_u64()
+            );
+            exit_code::GUEST_BAD_MEMORY
+        }
+        StopReason::EntryFailed { code } => {
+            error!("the processor refused to enter the guest (exit code {code:#x}: invalid guest state); stopping");
+            exit_code::VMM_UNHANDLED
+        }
+        StopReason::Unhandled { code, rip } => {
+            error!("unhandled exit {code:#x} at rip {rip:#x}; stopping");
+            exit_code::VMM_UNHANDLED
+        }
+    };
+    power::end_run(code)
+}
+
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    // Bypass the logger's lock: the panic may have hit while it was held.
+    let _ = writeln!(serial::Console, "thinvisor: [ERROR] panic: {info}");
+    power::end_run(exit_code::VMM_PANIC)
+}

@@ -64,7 +64,9 @@ pub enum SvmError {
 impl core::fmt::Display for SvmError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
-            SvmError::NotSupported => "the processor has no AMD SVM (CPUID 8000_0001h:ECX.SVM clear)",
+            SvmError::NotSupported => {
+                "the processor has no AMD SVM (CPUID 8000_0001h:ECX.SVM clear)"
+            }
             SvmError::DisabledByFirmware => "SVM is disabled by the firmware (VM_CR.SVMDIS set)",
             SvmError::NoNestedPaging => "the processor has SVM but no nested paging",
         })
@@ -75,7 +77,9 @@ impl core::fmt::Display for SvmError {
 /// but only what CPUID reports is relied upon.
 pub fn probe() -> Result<SvmFeatures, SvmError> {
     let ext = core::arch::x86_64::__cpuid(0x8000_0000);
-    if ext.eax < 0x8000_000A || core::arch::x86_64::__cpuid(0x8000_0001).ecx & CPUID_EXT1_ECX_SVM == 0 {
+    if ext.eax < 0x8000_000A
+        || core::arch::x86_64::__cpuid(0x8000_0001).ecx & CPUID_EXT1_ECX_SVM == 0
+    {
         return Err(SvmError::NotSupported);
     }
     // SAFETY: VM_CR exists on every processor that reports SVM.
@@ -451,7 +455,11 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         // (constructor contract), SVM is enabled, and the stub preserves
         // every callee-saved register of the host.
         unsafe {
-            thinvisor_svm_run(self.vmcb_pa.as_u64(), &mut self.regs, self.host_save_pa.as_u64());
+            thinvisor_svm_run(
+                self.vmcb_pa.as_u64(),
+                &mut self.regs,
+                self.host_save_pa.as_u64(),
+            );
         }
         let c = &mut self.vmcb.control;
         c.tlb_control = tlb_control::DO_NOTHING;

@@ -59,8 +59,14 @@ impl NestedPageTable {
         }
         let mut offset = 0;
         while offset < size {
-            let g = gpa.as_u64().checked_add(offset).ok_or(NptError::Misaligned)?;
-            let h = hpa.as_u64().checked_add(offset).ok_or(NptError::Misaligned)?;
+            let g = gpa
+                .as_u64()
+                .checked_add(offset)
+                .ok_or(NptError::Misaligned)?;
+            let h = hpa
+                .as_u64()
+                .checked_add(offset)
+                .ok_or(NptError::Misaligned)?;
             let pml4 = self.root;
             let pdpt = next_table(alloc, pml4, index(g, 39))?;
             let pd = next_table(alloc, pdpt, index(g, 30))?;
@@ -80,7 +86,11 @@ fn index(address: u64, shift: u32) -> usize {
 }
 
 /// The table that entry `i` of `table` points to, created when absent.
-fn next_table(alloc: &mut dyn TableAllocator, table: HostPhysAddr, i: usize) -> Result<HostPhysAddr, NptError> {
+fn next_table(
+    alloc: &mut dyn TableAllocator,
+    table: HostPhysAddr,
+    i: usize,
+) -> Result<HostPhysAddr, NptError> {
     let entry = alloc.table(table)[i];
     if entry & PRESENT != 0 {
         if entry & HUGE != 0 {
@@ -139,7 +149,8 @@ mod tests {
             table = HostPhysAddr::new(e & ADDR_MASK);
         }
         let e = f.table(table)[index(gpa, 21)];
-        (e & (PRESENT | USER | HUGE) == PRESENT | USER | HUGE).then(|| (e & ADDR_MASK) + (gpa & (SIZE_2M - 1)))
+        (e & (PRESENT | USER | HUGE) == PRESENT | USER | HUGE)
+            .then(|| (e & ADDR_MASK) + (gpa & (SIZE_2M - 1)))
     }
 
     #[test]
@@ -147,8 +158,13 @@ mod tests {
         let mut f = fake(16);
         let mut npt = NestedPageTable::new(&mut f).unwrap();
         let base = 0x4000_0000;
-        npt.map_2m(&mut f, GuestPhysAddr::new(0), HostPhysAddr::new(base), 64 << 20)
-            .unwrap();
+        npt.map_2m(
+            &mut f,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(base),
+            64 << 20,
+        )
+        .unwrap();
         let root = npt.root();
         for gpa in [0, 0x1234, (2 << 20) + 5, (64 << 20) - 1] {
             assert_eq!(walk(&mut f, root, gpa), Some(base + gpa));
@@ -165,10 +181,19 @@ mod tests {
         let mut npt = NestedPageTable::new(&mut f).unwrap();
         let g = GuestPhysAddr::new;
         let h = HostPhysAddr::new;
-        assert_eq!(npt.map_2m(&mut f, g(0x1000), h(0), SIZE_2M), Err(NptError::Misaligned));
-        assert_eq!(npt.map_2m(&mut f, g(0), h(0), 0x1000), Err(NptError::Misaligned));
+        assert_eq!(
+            npt.map_2m(&mut f, g(0x1000), h(0), SIZE_2M),
+            Err(NptError::Misaligned)
+        );
+        assert_eq!(
+            npt.map_2m(&mut f, g(0), h(0), 0x1000),
+            Err(NptError::Misaligned)
+        );
         npt.map_2m(&mut f, g(0), h(0), SIZE_2M).unwrap();
-        assert_eq!(npt.map_2m(&mut f, g(0), h(0), SIZE_2M), Err(NptError::Overlap));
+        assert_eq!(
+            npt.map_2m(&mut f, g(0), h(0), SIZE_2M),
+            Err(NptError::Overlap)
+        );
         assert_eq!(
             npt.map_2m(&mut f, g(1 << 30), h(0), SIZE_2M),
             Err(NptError::OutOfMemory)

@@ -113,7 +113,10 @@ mod tests {
         sig[8..12].copy_from_slice(&r.edx.to_le_bytes());
         assert_eq!(&sig, b"thinvisor\0\0\0");
         assert_eq!(r.eax, HYPERVISOR_LEAF);
-        assert_eq!(CpuidPolicy::new(all_ones).query(0x4000_0001, 0), CpuidResult::default());
+        assert_eq!(
+            CpuidPolicy::new(all_ones).query(0x4000_0001, 0),
+            CpuidResult::default()
+        );
     }
 
     #[test]

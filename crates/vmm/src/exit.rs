@@ -52,7 +52,9 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
         Exit::Cpuid => on_cpuid(vmm, vcpu),
         Exit::Hlt => on_hlt(vcpu),
         Exit::Shutdown => on_shutdown(vcpu),
-        Exit::NestedPageFault { gpa, write, fetch } => on_nested_page_fault(vcpu, gpa, write, fetch),
+        Exit::NestedPageFault { gpa, write, fetch } => {
+            on_nested_page_fault(vcpu, gpa, write, fetch)
+        }
         Exit::VirtualizationInstruction => on_virtualization_instruction(vcpu),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
         Exit::Unknown { code } => Action::Stop(StopReason::Unhandled {
@@ -97,7 +99,12 @@ fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {
 
 /// Every guest-physical address outside guest RAM is unbacked: there is
 /// no device model behind it, so the guest cannot make progress.
-fn on_nested_page_fault<V: Vcpu>(vcpu: &mut V, gpa: GuestPhysAddr, write: bool, fetch: bool) -> Action {
+fn on_nested_page_fault<V: Vcpu>(
+    vcpu: &mut V,
+    gpa: GuestPhysAddr,
+    write: bool,
+    fetch: bool,
+) -> Action {
     Action::Stop(StopReason::BadMemory {
         gpa,
         write,

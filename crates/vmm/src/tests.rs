@@ -27,7 +27,10 @@ impl FakeVcpu {
         Self {
             regs: [0; 16],
             rip: 0x1000,
-            mode: CpuMode { cpl: 0, long64: true },
+            mode: CpuMode {
+                cpl: 0,
+                long64: true,
+            },
             paging: PagingRegs::default(),
             mem: SliceMemory::new(vec![0u8; RAM].leak()),
             injected: None,
@@ -142,7 +145,10 @@ fn overlong_names_give_zero() {
 fn unreadable_name_gives_zero() {
     let mut vmm = vmm();
     let mut vcpu = FakeVcpu::new();
-    assert_eq!(call(&mut vmm, &mut vcpu, 0, RAM as u64 + 0x1000), NO_FUNCTION);
+    assert_eq!(
+        call(&mut vmm, &mut vcpu, 0, RAM as u64 + 0x1000),
+        NO_FUNCTION
+    );
     // The last bytes of RAM without a NUL: the read runs off the end.
     vcpu.put(RAM as u64 - 3, b"dbg");
     assert_eq!(call(&mut vmm, &mut vcpu, 0, RAM as u64 - 3), NO_FUNCTION);
@@ -232,7 +238,10 @@ fn cpuid_exit_writes_zero_extended_results() {
     let mut vcpu = FakeVcpu::new();
     vcpu.set_gpr(Gpr::Rax, 0xFFFF_FFFF_0000_0007);
     vcpu.set_gpr(Gpr::Rbx, u64::MAX);
-    assert_eq!(handle_exit(&mut vmm, &mut vcpu, Exit::Cpuid), Action::Resume);
+    assert_eq!(
+        handle_exit(&mut vmm, &mut vcpu, Exit::Cpuid),
+        Action::Resume
+    );
     assert_eq!(vcpu.gpr(Gpr::Rax), 7);
     assert_eq!(vcpu.gpr(Gpr::Rbx), 0x11);
     assert_eq!(vcpu.skipped, 1);
@@ -268,7 +277,10 @@ fn terminal_exits_stop_the_guest() {
             rip: 0x1000
         })
     );
-    assert_eq!(crate::run_guest(&mut vmm, &mut vcpu), StopReason::Halted { rip: 0x1000 });
+    assert_eq!(
+        crate::run_guest(&mut vmm, &mut vcpu),
+        StopReason::Halted { rip: 0x1000 }
+    );
 }
 
 #[test]

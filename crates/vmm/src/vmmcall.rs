@@ -58,7 +58,11 @@ impl Registry {
     }
 
     /// Register `function` under `name`; returns its number (>= 1).
-    pub fn register(&mut self, name: &'static str, function: VmmCallFn) -> Result<u64, RegisterError> {
+    pub fn register(
+        &mut self,
+        name: &'static str,
+        function: VmmCallFn,
+    ) -> Result<u64, RegisterError> {
         if name.is_empty() || name.len() >= NAME_MAX_BYTES || name.as_bytes().contains(&0) {
             return Err(RegisterError::BadName);
         }
@@ -82,7 +86,11 @@ impl Registry {
     /// The function with number `number`, if one is registered.
     pub fn function(&self, number: u64) -> Option<VmmCallFn> {
         let index = usize::try_from(number.checked_sub(1)?).ok()?;
-        self.entries.get(index).copied().flatten().map(|e| e.function)
+        self.entries
+            .get(index)
+            .copied()
+            .flatten()
+            .map(|e| e.function)
     }
 
     /// The name registered under `number`.
@@ -105,7 +113,11 @@ impl Registry {
 /// 64-bit mode, so a 32-bit caller's stale bits must not pick a function).
 pub fn dispatch<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) {
     let rax = vcpu.gpr(Gpr::Rax);
-    let number = if vcpu.mode().long64 { rax } else { rax & 0xFFFF_FFFF };
+    let number = if vcpu.mode().long64 {
+        rax
+    } else {
+        rax & 0xFFFF_FFFF
+    };
     if number == FN_LOOKUP {
         let result = lookup_by_name(&vmm.registry, vcpu);
         vcpu.set_gpr(Gpr::Rax, result);
@@ -129,7 +141,12 @@ fn lookup_by_name<V: Vcpu>(registry: &Registry, vcpu: &V) -> u64 {
         address &= 0xFFFF_FFFF;
     }
     let mut name = [0u8; NAME_MAX_BYTES];
-    match read_cstr(vcpu.memory(), &vcpu.paging(), GuestLinearAddr::new(address), &mut name) {
+    match read_cstr(
+        vcpu.memory(),
+        &vcpu.paging(),
+        GuestLinearAddr::new(address),
+        &mut name,
+    ) {
         Ok(len) => name.get(..len).map_or(NO_FUNCTION, |n| registry.lookup(n)),
         Err(_) => NO_FUNCTION,
     }
