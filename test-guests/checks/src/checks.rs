@@ -1,0 +1,463 @@
+//! The checks of `checks` mode. Each returns `Ok(())` or a short reason,
+//! printed as `PASS <name>` / `FAIL <name>: <why>`.
+
+use crate::boot::BootInfo;
+use crate::console::end_run;
+use crate::cpu::{self, vmm_call, Regs};
+use crate::entry;
+use crate::global;
+use crate::paging::{self, HIGH_2M, HIGH_4K, NON_CANONICAL, OUTSIDE_RAM, UNMAPPED};
+use core::fmt;
+use thinvisor_abi as abi;
+
+/// Longest reason kept; kept under clippy's 128-byte `Result` error limit.
+const WHY_MAX: usize = 120;
+
+/// A failure reason: a fixed-size, truncating text buffer (no allocator).
+pub struct Why {
+    buf: [u8; WHY_MAX],
+    len: u8,
+}
+
+impl Why {
+    fn new() -> Self {
+        Why {
+            buf: [0; WHY_MAX],
+            len: 0,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("(unprintable reason)")
+    }
+}
+
+impl fmt::Write for Why {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            let len = usize::from(self.len);
+            if len == WHY_MAX {
+                break;
+            }
+            // Only ASCII goes in, so truncation never splits a character.
+            self.buf[len] = if b.is_ascii() { b } else { b'?' };
+            self.len += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Formats a reason.
+fn why(args: fmt::Arguments<'_>) -> Why {
+    let mut w = Why::new();
+    let _ = fmt::write(&mut w, args);
+    w
+}
+
+type CheckResult = Result<(), Why>;
+
+/// One check: its reported name and its body.
+type Check = (&'static str, fn(&BootInfo) -> CheckResult);
+
+/// Returns from the check with a formatted reason.
+macro_rules! fail {
+    ($($arg:tt)*) => {
+        return Err(why(format_args!($($arg)*)))
+    };
+}
+
+/// Fails the check unless the condition holds.
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            fail!($($arg)*);
+        }
+    };
+}
+
+/// Printable form of a name for reasons: at most 24 bytes, then "...".
+struct Shown<'a>(&'a [u8]);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for &b in self.0.iter().take(24) {
+            if b.is_ascii_graphic() || b == b' ' {
+                fmt::Write::write_char(f, char::from(b))?;
+            } else {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        if self.0.len() > 24 {
+            write!(f, "...({} bytes)", self.0.len())?;
+        }
+        f.write_str("\"")
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// A VMM call with RAX and RBX set, everything else zero.
+fn call2(rax: u64, rbx: u64) -> Regs {
+    let mut r = Regs {
+        rax,
+        rbx,
+        ..Regs::default()
+    };
+    vmm_call(&mut r);
+    r
+}
+
+/// Function 0 on the NUL-terminated name at linear address `addr`.
+fn lookup_at(addr: u64) -> u64 {
+    call2(abi::FN_LOOKUP, addr).rax
+}
+
+/// Function 0 on `name`, copied with its NUL into a stack buffer.
+fn lookup(name: &[u8]) -> u64 {
+    let mut buf = [0u8; abi::NAME_MAX_BYTES + 8];
+    assert!(name.len() < buf.len());
+    buf[..name.len()].copy_from_slice(name);
+    lookup_at(buf.as_ptr() as u64)
+}
+
+/// The number of "dbgsh", which several checks need.
+fn dbgsh_number() -> Result<u64, Why> {
+    match lookup(abi::names::DBGSH.as_bytes()) {
+        0 => Err(why(format_args!("lookup of \"dbgsh\" returned 0"))),
+        n => Ok(n),
+    }
+}
+
+/// Distinct 64-bit patterns for the registers that are not arguments;
+/// their high halves are set so that 32-bit truncation shows too.
+fn patterned(rax: u64, rbx: u64) -> Regs {
+    let p = |i: u64| 0xDEC0_DE00_0000_0000 | (i << 32) | (0x0101_0101 * i);
+    Regs {
+        rax,
+        rbx,
+        rcx: p(1),
+        rdx: p(2),
+        rsi: p(3),
+        rdi: p(4),
+        rbp: p(5),
+        r8: p(6),
+        r9: p(7),
+        r10: p(8),
+        r11: p(9),
+        r12: p(10),
+        r13: p(11),
+        r14: p(12),
+        r15: p(13),
+    }
+}
+
+/// Fails unless every register but RAX came back as it went in.
+fn ensure_preserved(before: &Regs, after: &Regs, what: &str) -> CheckResult {
+    for ((name, b), (_, a)) in before.all_but_rax().into_iter().zip(after.all_but_rax()) {
+        ensure!(a == b, "{name} changed from {b:#x} to {a:#x} by {what}");
+    }
+    Ok(())
+}
+
+// ----------------------------------------------------------------- checks
+
+/// `lookup_paging_off`: the entry code's lookups with paging off.
+fn lookup_paging_off(_: &BootInfo) -> CheckResult {
+    let r = entry::paging_off_result();
+    match r.status {
+        1 => {}
+        2 => {
+            let name = match r.vector {
+                6 => "#UD",
+                13 => "#GP",
+                14 => "#PF",
+                _ => "an exception",
+            };
+            fail!(
+                "{name} (vector {}) on the VMM call in 32-bit mode with paging off",
+                r.vector
+            )
+        }
+        _ => fail!("the 32-bit entry code did not run the lookups"),
+    }
+    ensure!(
+        r.dbgsh != 0,
+        "\"dbgsh\" looked up with paging off returned 0"
+    );
+    ensure!(
+        r.nosuch == 0,
+        "\"nosuch\" looked up with paging off returned {:#x}",
+        r.nosuch
+    );
+    let n64 = dbgsh_number()?;
+    ensure!(
+        u64::from(r.dbgsh) == n64,
+        "\"dbgsh\" is {:#x} with paging off but {n64:#x} in 64-bit mode",
+        r.dbgsh
+    );
+    Ok(())
+}
+
+/// `cpuid_signature`: the hypervisor bit and vendor leaf.
+fn cpuid_signature(_: &BootInfo) -> CheckResult {
+    let [_, _, ecx, _] = cpu::cpuid(1, 0);
+    ensure!(
+        ecx & abi::CPUID_HYPERVISOR_BIT != 0,
+        "CPUID.1:ECX bit 31 (hypervisor) is clear"
+    );
+    let [eax, ebx, ecx, edx] = cpu::cpuid(0x4000_0000, 0);
+    let mut sig = [0u8; 12];
+    sig[..4].copy_from_slice(&ebx.to_le_bytes());
+    sig[4..8].copy_from_slice(&ecx.to_le_bytes());
+    sig[8..].copy_from_slice(&edx.to_le_bytes());
+    ensure!(
+        sig == abi::CPUID_SIGNATURE,
+        "leaf 0x40000000 signature is {} (EBX {ebx:#x} ECX {ecx:#x} EDX {edx:#x})",
+        Shown(&sig)
+    );
+    ensure!(
+        eax >= 0x4000_0000,
+        "leaf 0x40000000 EAX is {eax:#x}, below 0x40000000"
+    );
+    Ok(())
+}
+
+/// `lookup_known`: the two always-registered names.
+fn lookup_known(_: &BootInfo) -> CheckResult {
+    let dbgsh = lookup(abi::names::DBGSH.as_bytes());
+    let log = lookup(abi::names::LOG_SET_BUF.as_bytes());
+    ensure!(dbgsh != 0, "\"dbgsh\" returned 0");
+    ensure!(log != 0, "\"log_set_buf\" returned 0");
+    ensure!(
+        dbgsh != log,
+        "\"dbgsh\" and \"log_set_buf\" both returned {dbgsh:#x}"
+    );
+    Ok(())
+}
+
+/// `lookup_unknown`: names that are not registered, or nearly registered.
+fn lookup_unknown(_: &BootInfo) -> CheckResult {
+    let names: [&[u8]; 5] = [
+        b"nosuch",
+        abi::names::GET_VMMCALL_NUMBER.as_bytes(),
+        b"boot",
+        b"DBGSH",
+        b"dbgsh ",
+    ];
+    for name in names {
+        let n = lookup(name);
+        ensure!(n == 0, "{} returned {n:#x}", Shown(name));
+    }
+    Ok(())
+}
+
+/// `lookup_empty`: "" is no name.
+fn lookup_empty(_: &BootInfo) -> CheckResult {
+    let n = lookup(b"");
+    ensure!(n == 0, "\"\" returned {n:#x}");
+    Ok(())
+}
+
+/// `lookup_overlong`: the 256-byte limit, NUL included.
+fn lookup_overlong(_: &BootInfo) -> CheckResult {
+    let mut buf = [0u8; 320];
+
+    // 300 'a', NUL only at byte 300.
+    buf[..300].fill(b'a');
+    buf[300] = 0;
+    let n = lookup_at(buf.as_ptr() as u64);
+    ensure!(n == 0, "300 'a' without a NUL in 256 bytes returned {n:#x}");
+
+    // "dbgsh", 300 'x', NUL: a known prefix must not match.
+    buf.fill(0);
+    buf[..5].copy_from_slice(b"dbgsh");
+    buf[5..305].fill(b'x');
+    let n = lookup_at(buf.as_ptr() as u64);
+    ensure!(n == 0, "\"dbgsh\" + 300 'x' returned {n:#x}");
+
+    // 255 characters + NUL: exactly 256 bytes, readable, unknown.
+    buf.fill(0);
+    buf[..255].fill(b'q');
+    let n = lookup_at(buf.as_ptr() as u64);
+    ensure!(n == 0, "a 255-character unknown name returned {n:#x}");
+    Ok(())
+}
+
+/// `lookup_bad_pointer`: names the VMM cannot (fully) read give 0; the VMM
+/// must not fault, stop the run, or need bytes past the NUL.
+fn lookup_bad_pointer(_: &BootInfo) -> CheckResult {
+    let n = lookup_at(UNMAPPED);
+    ensure!(n == 0, "unmapped {UNMAPPED:#x} returned {n:#x}");
+    let n = lookup_at(NON_CANONICAL);
+    ensure!(n == 0, "non-canonical {NON_CANONICAL:#x} returned {n:#x}");
+    let n = lookup_at(OUTSIDE_RAM);
+    ensure!(
+        n == 0,
+        "{OUTSIDE_RAM:#x} (outside guest RAM) returned {n:#x}"
+    );
+
+    // HIGH_4K + 0x2000 is a hole: "abc" runs into it without a NUL.
+    let hole = HIGH_4K + 0x2000;
+    // SAFETY: HIGH_4K + 0x1000 .. + 0x2000 is this guest's data page 2.
+    unsafe { paging::write_linear(hole - 3, b"abc") };
+    let n = lookup_at(hole - 3);
+    ensure!(
+        n == 0,
+        "\"abc\" running into an unmapped page at {hole:#x} returned {n:#x}"
+    );
+
+    // "dbgsh\0" whose NUL is the last mapped byte.
+    let dbgsh = dbgsh_number()?;
+    // SAFETY: as above.
+    unsafe { paging::write_linear(hole - 6, b"dbgsh\0") };
+    let n = lookup_at(hole - 6);
+    ensure!(
+        n == dbgsh,
+        "\"dbgsh\" ending 1 byte before an unmapped page returned {n:#x}, not {dbgsh:#x}"
+    );
+    Ok(())
+}
+
+/// `lookup_paged_high`: names crossing page boundaries at high addresses,
+/// where linear and physical addresses differ.
+fn lookup_paged_high(boot: &BootInfo) -> CheckResult {
+    let dbgsh = dbgsh_number()?;
+
+    // 4 KiB pages: "dbg" at the end of frame 0, "sh\0" at the start of the
+    // non-adjacent frame 2.
+    let va = HIGH_4K + 0xFFD;
+    // SAFETY: HIGH_4K .. + 0x2000 is mapped to this guest's data pages.
+    unsafe { paging::write_linear(va, b"dbgsh\0") };
+    let (p0, p2) = (paging::data_page_phys(0), paging::data_page_phys(2));
+    ensure!(
+        paging::read_phys(p0 + 0xFFD) == b'd' && paging::read_phys(p2) == b's',
+        "the guest's own 4 KiB mapping at {HIGH_4K:#x} is broken"
+    );
+    let n = lookup_at(va);
+    ensure!(
+        n == dbgsh,
+        "\"dbgsh\" at {va:#x} (4 KiB pages) returned {n:#x}, not {dbgsh:#x}"
+    );
+
+    // 2 MiB pages: "db" at the end of frame A, "gsh\0" at the start of B.
+    let ram = boot.ram_or_default();
+    let needed = paging::PHYS_2M_A.max(paging::PHYS_2M_B) + 0x20_0000;
+    ensure!(
+        ram >= needed,
+        "guest RAM ({} KiB) too small for the 2 MiB-page test (needs {} KiB)",
+        ram >> 10,
+        needed >> 10
+    );
+    let va = HIGH_2M + 0x1F_FFFE;
+    // SAFETY: HIGH_2M .. + 4 MiB is mapped to frames A and B, which lie in
+    // guest RAM (checked above) above this image and are otherwise unused.
+    unsafe { paging::write_linear(va, b"dbgsh\0") };
+    ensure!(
+        paging::read_phys(paging::PHYS_2M_A + 0x1F_FFFE) == b'd'
+            && paging::read_phys(paging::PHYS_2M_B) == b'g',
+        "the guest's own 2 MiB mapping at {HIGH_2M:#x} is broken"
+    );
+    let n = lookup_at(va);
+    ensure!(
+        n == dbgsh,
+        "\"dbgsh\" at {va:#x} (2 MiB pages) returned {n:#x}, not {dbgsh:#x}"
+    );
+    Ok(())
+}
+
+/// `invalid_function`: unregistered numbers, all 64 bits of RAX counting.
+fn invalid_function(_: &BootInfo) -> CheckResult {
+    for rax in [0x7FFF_FFFF, u64::MAX] {
+        let n = call2(rax, 0).rax;
+        ensure!(n == 0, "function {rax:#x} returned RAX {n:#x}");
+    }
+    let name = b"dbgsh\0";
+    let rax = 0x1_0000_0000;
+    let n = call2(rax, name.as_ptr() as u64).rax;
+    ensure!(
+        n == 0,
+        "function {rax:#x} with RBX = \"dbgsh\" returned {n:#x} (taken as function 0?)"
+    );
+    Ok(())
+}
+
+/// `register_preservation`: a lookup and a dbgsh poll keep every register
+/// but RAX.
+fn register_preservation(_: &BootInfo) -> CheckResult {
+    let name = b"dbgsh\0";
+    let before = patterned(abi::FN_LOOKUP, name.as_ptr() as u64);
+    let mut after = before;
+    vmm_call(&mut after);
+    ensure!(
+        after.rax != 0,
+        "\"dbgsh\" looked up with patterned registers returned 0"
+    );
+    ensure_preserved(&before, &after, "a lookup")?;
+
+    let before = patterned(after.rax, abi::dbgsh::NOTHING);
+    let mut after = before;
+    vmm_call(&mut after);
+    ensure_preserved(&before, &after, "a dbgsh poll")
+}
+
+/// `dbgsh_nothing_pending`: a poll with no session returns NOTHING.
+fn dbgsh_nothing_pending(_: &BootInfo) -> CheckResult {
+    let dbgsh = dbgsh_number()?;
+    let rax = call2(dbgsh, abi::dbgsh::NOTHING).rax;
+    ensure!(
+        rax == abi::dbgsh::NOTHING,
+        "a poll returned {rax:#x}, not {:#x}",
+        abi::dbgsh::NOTHING
+    );
+    Ok(())
+}
+
+/// `log_set_buf_accepted`: unregistering returns normally and keeps the
+/// registers (RAX is unspecified).
+fn log_set_buf_accepted(_: &BootInfo) -> CheckResult {
+    let f = lookup(abi::names::LOG_SET_BUF.as_bytes());
+    ensure!(f != 0, "\"log_set_buf\" returned 0");
+    let mut before = patterned(f, 0);
+    before.rcx = 0;
+    let mut after = before;
+    vmm_call(&mut after);
+    ensure_preserved(&before, &after, "log_set_buf(0, 0)")
+}
+
+/// The checks, in report order.
+const CHECKS: [Check; 12] = [
+    ("lookup_paging_off", lookup_paging_off),
+    ("cpuid_signature", cpuid_signature),
+    ("lookup_known", lookup_known),
+    ("lookup_unknown", lookup_unknown),
+    ("lookup_empty", lookup_empty),
+    ("lookup_overlong", lookup_overlong),
+    ("lookup_bad_pointer", lookup_bad_pointer),
+    ("lookup_paged_high", lookup_paged_high),
+    ("invalid_function", invalid_function),
+    ("register_preservation", register_preservation),
+    ("dbgsh_nothing_pending", dbgsh_nothing_pending),
+    ("log_set_buf_accepted", log_set_buf_accepted),
+];
+
+/// Runs every check, prints the summary and ends the run.
+pub fn run_all(boot: &BootInfo) -> ! {
+    for (name, check) in CHECKS {
+        global::set_current_check(name);
+        match check(boot) {
+            Ok(()) => {
+                say!("PASS {name}");
+                global::record(true);
+            }
+            Err(w) => {
+                say!("FAIL {name}: {}", w.as_str());
+                global::record(false);
+            }
+        }
+    }
+    global::set_current_check("summary");
+    let (passed, failed) = global::tally();
+    say!("SUMMARY: {passed} passed, {failed} failed");
+    end_run(failed == 0)
+}

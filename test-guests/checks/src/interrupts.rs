@@ -1,0 +1,221 @@
+//! The 64-bit IDT: every one of the 32 exceptions is reported as a failed
+//! run, never left to escalate into a triple fault. All of them run on a
+//! separate IST stack (through a TSS), so even a corrupt RSP is reported.
+
+use crate::cpu;
+use crate::entry::{self, EXC64_STUB_SIZE};
+use crate::global;
+use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::ptr::{addr_of, addr_of_mut};
+use core::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+/// Selector of the 64-bit code segment in `TG_GDT`.
+const CODE64: u16 = 0x08;
+/// Selector of the TSS descriptor (GDT slots 4 and 5).
+const TSS_SEL: u16 = 0x20;
+/// Size of the exception stack.
+const IST_STACK_SIZE: usize = 16 * 1024;
+
+/// Memory written once during `init` and then only read by the CPU.
+struct CpuTables {
+    idt: Idt,
+    tss: Tss,
+    ist_stack: IstStack,
+}
+
+#[repr(C, align(16))]
+struct Idt([u64; 64]);
+
+/// The 104-byte 64-bit TSS as dwords (its 64-bit fields are unaligned).
+#[repr(C, align(128))]
+struct Tss([u32; 26]);
+
+#[repr(C, align(16))]
+struct IstStack([u8; IST_STACK_SIZE]);
+
+/// Wrapper that lets the tables be a plain static.
+struct Tables(UnsafeCell<CpuTables>);
+
+// SAFETY: one CPU, no interrupts; the tables are only written in `init`.
+unsafe impl Sync for Tables {}
+
+static TABLES: Tables = Tables(UnsafeCell::new(CpuTables {
+    idt: Idt([0; 64]),
+    tss: Tss([0; 26]),
+    ist_stack: IstStack([0; IST_STACK_SIZE]),
+}));
+
+unsafe extern "C" {
+    /// The GDT of the entry code (slots 4-5 are the TSS descriptor).
+    static mut TG_GDT: [u64; 6];
+}
+
+/// Descriptor-table register image for LIDT.
+#[repr(C, packed)]
+struct DescriptorPtr {
+    limit: u16,
+    base: u64,
+}
+
+/// Installs the TSS (IST1 = exception stack) and the 64-bit IDT.
+pub fn init() {
+    let tables = TABLES.0.get();
+    // SAFETY: single-threaded start-up; nothing else references TABLES.
+    let t = unsafe { &mut *tables };
+    let ist_top = addr_of!(t.ist_stack) as u64 + IST_STACK_SIZE as u64;
+    // IST1 at byte 36; I/O map base beyond the limit (no bitmap).
+    t.tss.0[9] = ist_top as u32;
+    t.tss.0[10] = (ist_top >> 32) as u32;
+    t.tss.0[25] = 104 << 16;
+
+    let base = addr_of!(t.tss) as u64;
+    let limit = 103u64;
+    let low = (limit & 0xFFFF)
+        | ((base & 0xFF_FFFF) << 16)
+        | (0x89 << 40) // present, 64-bit available TSS
+        | (((limit >> 16) & 0xF) << 48)
+        | (((base >> 24) & 0xFF) << 56);
+    // SAFETY: TG_GDT is the GDT in use; slots 4-5 are reserved for this.
+    unsafe {
+        let gdt = addr_of_mut!(TG_GDT).cast::<u64>();
+        gdt.add(4).write_volatile(low);
+        gdt.add(5).write_volatile(base >> 32);
+        asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack, preserves_flags));
+    }
+
+    let stubs = addr_of!(entry::TG_EXC64_STUBS) as u64;
+    for vector in 0..32u64 {
+        let handler = stubs + vector * EXC64_STUB_SIZE;
+        let low = (handler & 0xFFFF)
+            | (u64::from(CODE64) << 16)
+            | (1 << 32) // IST1
+            | (0x8E << 40) // present, DPL 0, 64-bit interrupt gate
+            | (((handler >> 16) & 0xFFFF) << 48);
+        t.idt.0[vector as usize * 2] = low;
+        t.idt.0[vector as usize * 2 + 1] = handler >> 32;
+    }
+    let ptr = DescriptorPtr {
+        limit: (32 * 16 - 1) as u16,
+        base: addr_of!(t.idt) as u64,
+    };
+    // SAFETY: the IDT just built is static and its gates point at the stubs.
+    unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) }
+}
+
+/// The stack frame `tg_exc64_common` builds (lowest address first).
+#[repr(C)]
+pub struct ExceptionFrame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+/// Mnemonics of the 32 exception vectors.
+const NAMES: [&str; 32] = [
+    "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "CSO", "TS", "NP", "SS", "GP", "PF",
+    "RSVD15", "MF", "AC", "MC", "XM", "VE", "CP", "RSVD22", "RSVD23", "RSVD24", "RSVD25", "RSVD26",
+    "RSVD27", "HV", "VC", "SX", "RSVD31",
+];
+
+/// Called by `tg_exc64_common` on the IST stack; reports and ends the run.
+pub extern "sysv64" fn exception_entry(frame: &ExceptionFrame) -> ! {
+    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("??");
+    let cr2 = cpu::read_cr2();
+    report_and_end(
+        format_args!(
+            "FAIL exception: #{} vector {} error {:#x} at rip {:#x} (during {})",
+            name,
+            frame.vector,
+            frame.error,
+            frame.rip,
+            global::current_check()
+        ),
+        Some(frame),
+        (frame.vector == 14).then_some(cr2),
+    )
+}
+
+/// Reports a fatal error (panic) as a FAIL line and ends the run.
+pub fn fatal(line: fmt::Arguments<'_>) -> ! {
+    report_and_end(line, None, None)
+}
+
+/// Set once a fatal report started: a fault inside the report itself must
+/// not recurse, it just ends the run.
+static REPORTING: AtomicBool = AtomicBool::new(false);
+
+fn report_and_end(line: fmt::Arguments<'_>, frame: Option<&ExceptionFrame>, cr2: Option<u64>) -> ! {
+    if REPORTING.swap(true, Relaxed) {
+        crate::console::end_run(false);
+    }
+    say!("{}", line);
+    if let Some(f) = frame {
+        say!(
+            "test-guest: rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x} rsp {:#x}",
+            f.rax,
+            f.rbx,
+            f.rcx,
+            f.rdx,
+            f.rsi,
+            f.rdi,
+            f.rbp,
+            f.rsp
+        );
+        say!(
+            "test-guest: r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}",
+            f.r8,
+            f.r9,
+            f.r10,
+            f.r11,
+            f.r12,
+            f.r13,
+            f.r14,
+            f.r15
+        );
+        say!(
+            "test-guest: cs {:#x} ss {:#x} rflags {:#x}",
+            f.cs,
+            f.ss,
+            f.rflags
+        );
+    }
+    if let Some(cr2) = cr2 {
+        say!("test-guest: cr2 {:#x}", cr2);
+    }
+    global::record(false);
+    let (passed, failed) = global::tally();
+    say!("SUMMARY: {} passed, {} failed", passed, failed);
+    crate::console::end_run(false)
+}
+
+/// Loads an IDT with limit 0 and raises #BP: the #BP, the #GP it turns into
+/// and the #DF all find no gate, so the CPU shuts down (triple fault).
+pub fn triple_fault() {
+    let ptr = DescriptorPtr { limit: 0, base: 0 };
+    // SAFETY: deliberately breaks exception delivery to end the run with a
+    // triple fault; `int3` then does not return unless something intervenes.
+    unsafe {
+        asm!("lidt [{}]", "int3", in(reg) &ptr, options(readonly, nostack));
+    }
+}
