@@ -16,6 +16,7 @@ use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind};
 use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
+use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::npt::NestedPageTable;
 use thinvisor_svm::vmcb::Vmcb;
 use thinvisor_svm::{EntryState, SvmVcpu};
@@ -143,13 +144,16 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         })
         .unwrap_or_else(|e| boot_error!("cannot build nested page tables: {e:?}"));
 
-    let (Some(vmcb), Some(hsave), Some(host_save)) = (
+    let (Some(vmcb), Some(hsave), Some(host_save), Some(msrpm)) = (
         mem::alloc_zeroed(&mut frames, PAGE, PAGE),
         mem::alloc_zeroed(&mut frames, PAGE, PAGE),
         mem::alloc_zeroed(&mut frames, PAGE, PAGE),
+        mem::alloc_zeroed(&mut frames, MSRPM_SIZE as u64, PAGE),
     ) else {
         boot_error!("out of memory for the VMCB")
     };
+    // SAFETY: a fresh, mapped 8 KiB block used only as this map.
+    msrpm::init(unsafe { &mut *(mem::phys_to_virt(msrpm) as *mut [u8; MSRPM_SIZE]) });
     // SAFETY: probe() succeeded and hsave is a page reserved for the CPU.
     unsafe { thinvisor_svm::enable(HostPhysAddr::new(hsave)) };
     // SAFETY: a zeroed, page-aligned page in the direct map, used only as
@@ -169,6 +173,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             HostPhysAddr::new(vmcb),
             HostPhysAddr::new(host_save),
             npt.root(),
+            HostPhysAddr::new(msrpm),
             SliceMemory::new(ram),
             entry,
         )

@@ -5,6 +5,7 @@
 //! made by the core.
 #![no_std]
 
+pub mod msrpm;
 pub mod npt;
 pub mod vmcb;
 
@@ -242,21 +243,26 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
     ///
     /// # Safety
     /// `vmcb` and `host_save` are distinct zeroed 4 KiB pages used by
-    /// nothing else, `vmcb_virt` maps `vmcb`, and `ncr3` is the root of
-    /// nested page tables that map only memory the guest may use.
+    /// nothing else, `vmcb_virt` maps `vmcb`, `ncr3` is the root of
+    /// nested page tables that map only memory the guest may use, and
+    /// `msrpm` is an MSR permission map (see [`msrpm`]) that intercepts at
+    /// least [`msrpm::PROTECTED_MSRS`].
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn new(
         features: &SvmFeatures,
         vmcb_virt: &'static mut Vmcb,
         vmcb: HostPhysAddr,
         host_save: HostPhysAddr,
         ncr3: HostPhysAddr,
+        msrpm: HostPhysAddr,
         memory: M,
         entry: EntryState,
     ) -> Self {
         let c = &mut vmcb_virt.control;
-        // Exits the core handles; everything else, I/O and MSRs included,
-        // runs on the real hardware.
-        c.intercept_misc1 = misc1::CPUID | misc1::HLT | misc1::SHUTDOWN;
+        // Exits the core handles; everything else, I/O and all MSRs but
+        // the virtualization extension's own, runs on the real hardware.
+        c.intercept_misc1 = misc1::CPUID | misc1::HLT | misc1::SHUTDOWN | misc1::MSR_PROT;
+        c.msrpm_base_pa = msrpm.as_u64();
         c.intercept_misc2 = misc2::VMRUN
             | misc2::VMMCALL
             | misc2::VMLOAD
@@ -337,6 +343,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 Exit::Cpuid
             }
             exit_code::HLT => Exit::Hlt,
+            // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
+            exit_code::MSR => Exit::Msr {
+                msr: self.regs.rcx as u32,
+                write: c.exit_info1 & 1 != 0,
+            },
             exit_code::SHUTDOWN => Exit::Shutdown,
             exit_code::NPF => Exit::NestedPageFault {
                 gpa: GuestPhysAddr::new(c.exit_info2),

@@ -168,6 +168,7 @@ pub mod misc2 {
 pub mod exit_code {
     pub const CPUID: u64 = 0x72;
     pub const HLT: u64 = 0x78;
+    pub const MSR: u64 = 0x7C;
     pub const SHUTDOWN: u64 = 0x7F;
     pub const VMRUN: u64 = 0x80;
     pub const VMMCALL: u64 = 0x81;

@@ -55,6 +55,7 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
         Exit::NestedPageFault { gpa, write, fetch } => {
             on_nested_page_fault(vcpu, gpa, write, fetch)
         }
+        Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction => on_virtualization_instruction(vcpu),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
         Exit::Unknown { code } => Action::Stop(StopReason::Unhandled {
@@ -111,6 +112,19 @@ fn on_nested_page_fault<V: Vcpu>(
         fetch,
         rip: vcpu.rip(),
     })
+}
+
+/// The intercepted MSRs belong to the virtualization extension (its host
+/// save area, its enable bits): the guest sees a processor without them,
+/// where RDMSR/WRMSR of an unimplemented MSR raise #GP(0) (Intel SDM vol.
+/// 2B, RDMSR; AMD APM vol. 3, RDMSR).
+fn on_protected_msr<V: Vcpu>(vcpu: &mut V, msr: u32, write: bool) -> Action {
+    log::debug!(
+        "guest {} of protected MSR {msr:#x}: #GP",
+        if write { "write" } else { "read" }
+    );
+    vcpu.inject(Event::GP0);
+    Action::Resume
 }
 
 /// The guest sees a processor without virtualization extensions.

@@ -186,6 +186,7 @@ fn calls_preserve_other_registers_and_step_over_the_instruction() {
     for (i, r) in vcpu.regs.iter_mut().enumerate() {
         *r = 0x1111_0000 + i as u64;
     }
+    vcpu.set_gpr(Gpr::Rbx, 0x8000);
     let before = vcpu.regs;
     let rip = vcpu.rip;
     let n = call(&mut vmm, &mut vcpu, 0, 0x8000);
@@ -281,6 +282,19 @@ fn terminal_exits_stop_the_guest() {
         crate::run_guest(&mut vmm, &mut vcpu),
         StopReason::Halted { rip: 0x1000 }
     );
+}
+
+#[test]
+fn protected_msrs_raise_gp_without_stepping() {
+    let mut vmm = vmm();
+    let mut vcpu = FakeVcpu::new();
+    let exit = Exit::Msr {
+        msr: 0xC001_0117,
+        write: true,
+    };
+    assert_eq!(handle_exit(&mut vmm, &mut vcpu, exit), Action::Resume);
+    assert_eq!(vcpu.injected, Some(Event::GP0));
+    assert_eq!(vcpu.skipped, 0);
 }
 
 #[test]

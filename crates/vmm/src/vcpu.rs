@@ -70,6 +70,11 @@ impl Event {
         vector: 6,
         error_code: None,
     };
+    /// General protection with error code 0, #GP(0) (vector 13).
+    pub const GP0: Event = Event::Exception {
+        vector: 13,
+        error_code: Some(0),
+    };
 }
 
 /// Why the guest exited, in vendor-neutral terms.
@@ -89,6 +94,9 @@ pub enum Exit {
         write: bool,
         fetch: bool,
     },
+    /// RDMSR or WRMSR of an MSR the backend intercepts: only MSRs the
+    /// guest must not reach (the virtualization extension's own) are.
+    Msr { msr: u32, write: bool },
     /// The guest executed a virtualization instruction (VMRUN, VMLOAD, ...)
     /// that it must not use: it sees #UD, as on a CPU without the feature.
     VirtualizationInstruction,
