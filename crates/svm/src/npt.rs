@@ -54,7 +54,7 @@ impl NestedPageTable {
         hpa: HostPhysAddr,
         size: u64,
     ) -> Result<(), NptError> {
-        if (gpa.as_u64() | hpa.as_u64() | size) % SIZE_2M != 0 {
+        if !(gpa.as_u64() | hpa.as_u64() | size).is_multiple_of(SIZE_2M) {
             return Err(NptError::Misaligned);
         }
         let mut offset = 0;
