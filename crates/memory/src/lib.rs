@@ -1,1 +1,34 @@
+//! How thinvisor reads and writes guest memory.
+//!
+//! Guest-physical memory is reached through [`GuestPhysMemory`];
+//! guest-linear memory is reached by walking the guest's own page tables
+//! ([`translate`]) in whichever paging mode it is in, and copying page by
+//! page ([`read_linear`], [`write_linear`], [`read_cstr`]).
+//!
+//! Every value that comes from the guest (registers, page-table entries,
+//! addresses, lengths) is hostile: nothing here panics on it, loops are
+//! bounded by the walk depth or the caller's buffer, and every failure is a
+//! typed error.
+
 #![no_std]
+
+#[cfg(test)]
+extern crate std;
+
+mod addr;
+mod linear;
+mod paging;
+mod phys;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod pagetable;
+
+#[cfg(test)]
+mod tests;
+
+pub use addr::{GuestLinearAddr, GuestPhysAddr, HostPhysAddr};
+pub use linear::{read_cstr, read_cstr_with_access, read_linear, write_linear, CStrError};
+pub use paging::{
+    pf_error, translate, Access, PagingMode, PagingRegs, TranslateError, Translation, MAXPHYADDR,
+};
+pub use phys::{GuestPhysMemory, PhysAccessError, SliceMemory};

@@ -1,0 +1,209 @@
+//! Copies to and from guest-linear memory, translating once per page.
+
+use core::fmt;
+
+use crate::{
+    translate, Access, GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingMode, PagingRegs,
+    TranslateError, Translation,
+};
+
+/// How the linear address space of `mode` wraps: 32 bits outside long
+/// mode (a range crossing 0xFFFF_FFFF continues at 0), 64 bits in long mode
+/// (the canonical hole is caught by `translate`).
+fn linear_mask(mode: PagingMode) -> u64 {
+    if mode.is_long() {
+        u64::MAX
+    } else {
+        0xFFFF_FFFF
+    }
+}
+
+/// Bytes from `la` to the end of the page `t` maps it with, capped at
+/// `remaining`; at least 1 when `remaining > 0`.
+fn chunk_len(la: u64, t: &Translation, remaining: usize) -> usize {
+    // page_size is a power of two >= 4 KiB, so the subtraction cannot wrap
+    // and the result is at least 1.
+    let in_page = t.page_size - (la & (t.page_size - 1));
+    usize::try_from(in_page).map_or(remaining, |n| n.min(remaining))
+}
+
+fn phys_error(e: crate::PhysAccessError) -> TranslateError {
+    TranslateError::PhysUnreadable { gpa: e.gpa }
+}
+
+/// Copy `buf.len()` bytes from guest-linear memory, translating once per
+/// page (not per byte).
+///
+/// Errors name the first byte that failed: the page's first byte in the
+/// range for translation errors, the first unbacked byte for
+/// [`TranslateError::PhysUnreadable`]. On error `buf` holds unspecified
+/// data.
+pub fn read_linear<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    buf: &mut [u8],
+    access: Access,
+) -> Result<(), TranslateError> {
+    let mask = linear_mask(regs.mode());
+    let mut cur = la.0 & mask;
+    let mut rest = buf;
+    // Each round consumes at least one byte, so this ends.
+    while !rest.is_empty() {
+        let t = translate(mem, regs, GuestLinearAddr(cur), access)?;
+        let n = chunk_len(cur, &t, rest.len());
+        let (head, tail) = rest.split_at_mut(n);
+        mem.read_phys(t.gpa, head).map_err(phys_error)?;
+        rest = tail;
+        cur = cur.wrapping_add(n as u64) & mask;
+    }
+    Ok(())
+}
+
+/// Copy `data` into guest-linear memory, translating once per page.
+///
+/// `access.write` is forced on, so the guest's write protection always
+/// applies. Every page is translated before anything is written, so a
+/// page fault or non-canonical address leaves guest memory untouched (the
+/// guest can page the range in and retry). Only a
+/// [`TranslateError::PhysUnreadable`] can leave a prefix written.
+pub fn write_linear<M: GuestPhysMemory + ?Sized>(
+    mem: &mut M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    data: &[u8],
+    access: Access,
+) -> Result<(), TranslateError> {
+    let access = access.as_write();
+    let mask = linear_mask(regs.mode());
+    let start = la.0 & mask;
+
+    // Pass 1: every page must translate.
+    let mut cur = start;
+    let mut remaining = data.len();
+    while remaining > 0 {
+        let t = translate(mem, regs, GuestLinearAddr(cur), access)?;
+        let n = chunk_len(cur, &t, remaining);
+        remaining -= n;
+        cur = cur.wrapping_add(n as u64) & mask;
+    }
+
+    // Pass 2: translate again (the tables may be among the bytes written)
+    // and copy.
+    let mut cur = start;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let t = translate(mem, regs, GuestLinearAddr(cur), access)?;
+        let n = chunk_len(cur, &t, rest.len());
+        let (head, tail) = rest.split_at(n);
+        mem.write_phys(t.gpa, head).map_err(phys_error)?;
+        rest = tail;
+        cur = cur.wrapping_add(n as u64) & mask;
+    }
+    Ok(())
+}
+
+/// Why [`read_cstr`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CStrError {
+    /// A byte before the terminating NUL could not be read.
+    Unreadable(TranslateError),
+    /// No NUL within the buffer's length.
+    TooLong,
+}
+
+impl fmt::Display for CStrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreadable(e) => write!(f, "string unreadable: {e}"),
+            Self::TooLong => f.write_str("string too long (no NUL within the limit)"),
+        }
+    }
+}
+
+impl core::error::Error for CStrError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Unreadable(e) => Some(e),
+            Self::TooLong => None,
+        }
+    }
+}
+
+/// Read a NUL-terminated name of at most `buf.len()` bytes including the
+/// NUL (VMM-call function 0 reads at most 256). Returns the length without
+/// the NUL; `buf[..len]` holds the name and `buf[len]` the NUL.
+///
+/// Reads page by page and stops at the first NUL, so bytes after the NUL
+/// may be unmapped. The access is a supervisor read ([`Access::READ`]);
+/// see [`read_cstr_with_access`] to read with the caller's privilege.
+pub fn read_cstr<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    buf: &mut [u8],
+) -> Result<usize, CStrError> {
+    read_cstr_with_access(mem, regs, la, buf, Access::READ)
+}
+
+/// [`read_cstr`] with an explicit access (e.g. [`Access::USER_READ`] when
+/// the caller runs at CPL 3, so it cannot name kernel memory).
+pub fn read_cstr_with_access<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    buf: &mut [u8],
+    access: Access,
+) -> Result<usize, CStrError> {
+    let mask = linear_mask(regs.mode());
+    let mut cur = la.0 & mask;
+    let mut done = 0usize;
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let t =
+            translate(mem, regs, GuestLinearAddr(cur), access).map_err(CStrError::Unreadable)?;
+        let n = chunk_len(cur, &t, rest.len());
+        let (head, tail) = rest.split_at_mut(n);
+        // If the page runs out of RAM part-way, the bytes before the first
+        // unbacked one may still hold the NUL.
+        let (usable, failure) = match mem.read_phys(t.gpa, head) {
+            Ok(()) => (n, None),
+            Err(e) => (readable_prefix(mem, t.gpa, head, e), Some(e)),
+        };
+        let (valid, _) = head.split_at(usable);
+        if let Some(pos) = valid.iter().position(|&b| b == 0) {
+            return Ok(done + pos);
+        }
+        if let Some(e) = failure {
+            return Err(CStrError::Unreadable(phys_error(e)));
+        }
+        done += n;
+        rest = tail;
+        cur = cur.wrapping_add(n as u64) & mask;
+    }
+    Err(CStrError::TooLong)
+}
+
+/// After `read_phys(gpa, head)` failed with `e`, reads the part of `head`
+/// before the first unbacked byte and returns its length (0 if none).
+fn readable_prefix<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    gpa: GuestPhysAddr,
+    head: &mut [u8],
+    e: crate::PhysAccessError,
+) -> usize {
+    let Some(len) = e.gpa.0.checked_sub(gpa.0) else {
+        return 0;
+    };
+    let len = usize::try_from(len).map_or(0, |l| l.min(head.len()));
+    if len == 0 || len == head.len() {
+        // Nothing readable, or an implementor blaming a byte outside the
+        // access: trust nothing.
+        return 0;
+    }
+    let (prefix, _) = head.split_at_mut(len);
+    match mem.read_phys(gpa, prefix) {
+        Ok(()) => len,
+        Err(_) => 0,
+    }
+}
