@@ -1,1 +1,65 @@
-fn main() {}
+//! `cargo xtask`: the one driver for building, running and testing
+//! thinvisor. See `cargo xtask help`.
+
+mod cases;
+mod emu;
+mod images;
+mod run;
+mod selftest;
+mod setup;
+mod test;
+mod util;
+
+use std::env;
+use std::process::ExitCode;
+
+use util::Ctx;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  build      install missing host tools (apt, as root), build the hypervisor and the
+             test guest, write target/images/{thinvisor,thinvisor32,test-guest,
+             test-guest32}.elf and thinvisor.iso
+  run        build, then boot the demo in QEMU (or Bochs) with its output on the
+             terminal; `cargo xtask run --help` for options
+  test       everything: fmt, host unit tests, clippy, images, integration cases in
+             QEMU and Bochs; ends with `N passed, M failed`
+             options: --filter SUBSTR (integration cases), --no-host (skip fmt, unit
+             tests, clippy), --list (print the integration cases)
+  selftest   check the emulator runners with a tiny multiboot kernel (no hypervisor)
+  setup      only install/check the host tools and the Rust target
+
+Everything is written below target/ (images in target/images, runs and logs in
+target/xtask/<case>/).";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let ctx = Ctx::new();
+    let (command, rest) = match args.split_first() {
+        Some((command, rest)) => (command.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match command {
+        "build" => setup::ensure(&ctx)
+            .and_then(|()| images::build(&ctx))
+            .map(|_| ExitCode::SUCCESS),
+        "run" => run::main(&ctx, rest),
+        "test" => return test::main(&ctx, rest),
+        "selftest" => selftest::main(&ctx),
+        "setup" => setup::ensure(&ctx).map(|()| ExitCode::SUCCESS),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

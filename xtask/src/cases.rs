@@ -1,0 +1,374 @@
+//! The integration test cases: one entry each.
+//!
+//! A case boots the hypervisor with arguments and modules in one emulator
+//! and judges the run by the emulator's exit status (QEMU only) and the
+//! serial log: every `must_contain` substring must appear (compared
+//! case-insensitively), no `must_not_contain` substring may appear
+//! (compared exactly, so that `FAIL` does not match "0 failed").
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thinvisor_abi::exit_code;
+
+use crate::images::Images;
+use crate::util::{Context, Ctx, Result};
+
+/// Where a case runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulator {
+    /// QEMU TCG, `-cpu max` (AMD SVM), booted with `-kernel` (multiboot1).
+    Qemu,
+    /// Bochs with this CPU model, booted from a GRUB ISO (multiboot2).
+    Bochs { model: &'static str },
+}
+
+/// A module's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// `target/images/test-guest.elf`.
+    TestGuest,
+    /// `target/images/test-guest32.elf`.
+    TestGuest32,
+    /// Generated text that is not an ELF file.
+    Garbage,
+    /// A generated, valid x86-64 ELF executable without a multiboot header.
+    ElfWithoutMultiboot,
+}
+
+/// One integration test.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub name: &'static str,
+    pub emulator: Emulator,
+    /// The hypervisor's command line.
+    pub hv_args: &'static str,
+    /// The modules: file, and module string (`<file name> [args]`; the
+    /// hypervisor sees this string under both emulators).
+    pub modules: &'static [(Image, &'static str)],
+    /// The `exit_code` the run must end with (QEMU only: Bochs' status
+    /// says nothing).
+    pub exit: Option<u8>,
+    /// Substrings the serial log must contain (case-insensitive).
+    pub must_contain: &'static [&'static str],
+    /// Substrings the serial log must not contain (exact).
+    pub must_not_contain: &'static [&'static str],
+    /// Machine memory in MiB.
+    pub mem_mb: u32,
+    /// Wall-clock limit in seconds; 0 = the emulator's default.
+    pub timeout_s: u64,
+}
+
+/// Defaults for a QEMU case; Bochs cases override `emulator`.
+const QEMU: Case = Case {
+    name: "",
+    emulator: Emulator::Qemu,
+    hv_args: "log=info",
+    modules: &[],
+    exit: None,
+    must_contain: &[],
+    must_not_contain: &[],
+    mem_mb: 512,
+    timeout_s: 0,
+};
+
+const RYZEN: Emulator = Emulator::Bochs { model: "ryzen" };
+
+/// The test guest's `checks` run passed.
+const CHECKS_PASSED: &[&str] = &[
+    "SUMMARY: ",
+    " 0 failed",
+    "PASS lookup_known",
+    "PASS cpuid_signature",
+    "PASS register_preservation",
+    "PASS lookup_paged_high",
+    "PASS lookup_paging_off",
+    "PASS lookup_bad_pointer",
+    "PASS invalid_function",
+    "PASS lookup_overlong",
+];
+const NO_FAIL: &[&str] = &["FAIL"];
+/// The test guest's `npf` run: a touch of guest-physical 0xE000_0000.
+const NPF_REPORTED: &[&str] = &["nested page fault", "0xe0000000"];
+
+const CHECKS: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf checks")];
+const NPF: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf npf")];
+
+pub const CASES: &[Case] = &[
+    Case {
+        name: "qemu-checks",
+        modules: CHECKS,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "qemu-checks-elf32",
+        modules: &[(Image::TestGuest32, "test-guest32.elf checks")],
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "qemu-npf",
+        modules: NPF,
+        exit: Some(exit_code::GUEST_BAD_MEMORY),
+        must_contain: NPF_REPORTED,
+        ..QEMU
+    },
+    Case {
+        name: "qemu-halt",
+        modules: &[(Image::TestGuest, "test-guest.elf halt")],
+        exit: Some(exit_code::GUEST_HALTED),
+        must_contain: &["guest halted"],
+        ..QEMU
+    },
+    Case {
+        name: "qemu-triple",
+        modules: &[(Image::TestGuest, "test-guest.elf triple")],
+        exit: Some(exit_code::GUEST_SHUTDOWN),
+        must_contain: &["shutdown"],
+        ..QEMU
+    },
+    Case {
+        name: "qemu-no-module",
+        exit: Some(exit_code::BOOT_ERROR),
+        must_contain: &["no guest module"],
+        ..QEMU
+    },
+    Case {
+        name: "qemu-not-elf",
+        modules: &[(Image::Garbage, "garbage.bin")],
+        exit: Some(exit_code::BOOT_ERROR),
+        must_contain: &["not an ELF"],
+        ..QEMU
+    },
+    Case {
+        name: "qemu-no-mb-header",
+        modules: &[(Image::ElfWithoutMultiboot, "no-multiboot.elf")],
+        exit: Some(exit_code::BOOT_ERROR),
+        must_contain: &["multiboot header"],
+        ..QEMU
+    },
+    Case {
+        name: "qemu-mem-too-big",
+        hv_args: "log=info guest_mem=8G",
+        modules: CHECKS,
+        exit: Some(exit_code::BOOT_ERROR),
+        must_contain: &["does not fit"],
+        ..QEMU
+    },
+    Case {
+        name: "qemu-mem-exhausted",
+        hv_args: "log=info guest_mem=1G",
+        modules: CHECKS,
+        exit: Some(exit_code::BOOT_ERROR),
+        must_contain: &["does not fit"],
+        mem_mb: 512,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-ryzen-checks",
+        emulator: RYZEN,
+        modules: CHECKS,
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-ryzen-npf",
+        emulator: RYZEN,
+        modules: NPF,
+        must_contain: NPF_REPORTED,
+        ..QEMU
+    },
+];
+
+impl Case {
+    /// The wall-clock limit.
+    pub fn timeout(&self) -> Duration {
+        let default = match self.emulator {
+            Emulator::Qemu => 30,
+            Emulator::Bochs { .. } => 120,
+        };
+        Duration::from_secs(if self.timeout_s == 0 {
+            default
+        } else {
+            self.timeout_s
+        })
+    }
+
+    /// Why `serial` does not satisfy the substring expectations (empty
+    /// when it does).
+    pub fn check_serial(&self, serial: &str) -> Vec<String> {
+        let lower = serial.to_lowercase();
+        let mut problems = Vec::new();
+        let lacking: Vec<String> = self
+            .must_contain
+            .iter()
+            .filter(|s| !lower.contains(&s.to_lowercase()))
+            .map(|s| format!("{s:?}"))
+            .collect();
+        if !lacking.is_empty() {
+            problems.push(format!("serial log lacks {}", lacking.join(", ")));
+        }
+        let present: Vec<String> = self
+            .must_not_contain
+            .iter()
+            .filter(|s| serial.contains(**s))
+            .map(|s| format!("{s:?}"))
+            .collect();
+        if !present.is_empty() {
+            problems.push(format!("serial log contains {}", present.join(", ")));
+        }
+        problems
+    }
+}
+
+impl Image {
+    /// The file, generating it under `target/xtask/` when it is one of the
+    /// generated inputs.
+    pub fn path(self, ctx: &Ctx, images: &Images) -> Result<PathBuf> {
+        let (path, contents) = match self {
+            Image::TestGuest => return Ok(images.guest.clone()),
+            Image::TestGuest32 => return Ok(images.guest32.clone()),
+            Image::Garbage => (ctx.work().join("garbage.bin"), garbage_text()),
+            Image::ElfWithoutMultiboot => {
+                (ctx.work().join("no-multiboot.elf"), elf_without_multiboot())
+            }
+        };
+        fs::create_dir_all(ctx.work()).context("creating target/xtask")?;
+        fs::write(&path, contents).context(format_args!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// 4 KiB of deterministic pseudo-random printable text.
+pub fn garbage_text() -> Vec<u8> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:-";
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..4096)
+        .map(|i| {
+            if i % 64 == 63 {
+                return b'\n';
+            }
+            // xorshift64
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ALPHABET[(state % ALPHABET.len() as u64) as usize]
+        })
+        .collect()
+}
+
+/// A minimal static x86-64 ELF executable (one PT_LOAD segment at 2 MiB,
+/// entry `hlt; jmp $-1`) that has no multiboot header.
+pub fn elf_without_multiboot() -> Vec<u8> {
+    const BASE: u64 = 0x20_0000;
+    const EHDR: u64 = 64;
+    const PHDR: u64 = 56;
+    let code: &[u8] = &[0xF4, 0xEB, 0xFD]; // hlt; jmp back to the hlt
+    let size = EHDR + PHDR + code.len() as u64;
+    let mut elf = Vec::new();
+    // e_ident: magic, ELFCLASS64, little-endian, version 1, System V ABI.
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // e_type = ET_EXEC
+    elf.extend_from_slice(&0x3Eu16.to_le_bytes()); // e_machine = x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    elf.extend_from_slice(&(BASE + EHDR + PHDR).to_le_bytes()); // e_entry
+    elf.extend_from_slice(&EHDR.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    elf.extend_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
+    elf.extend_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
+    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    elf.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
+    elf.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+                                                // The program header: PT_LOAD, R+X, the whole file at BASE.
+    elf.extend_from_slice(&1u32.to_le_bytes()); // p_type
+    elf.extend_from_slice(&5u32.to_le_bytes()); // p_flags
+    elf.extend_from_slice(&0u64.to_le_bytes()); // p_offset
+    elf.extend_from_slice(&BASE.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&BASE.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&size.to_le_bytes()); // p_filesz
+    elf.extend_from_slice(&size.to_le_bytes()); // p_memsz
+    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    elf.extend_from_slice(code);
+    elf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::Module;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_are_unique_and_plain() {
+        let mut seen = HashSet::new();
+        for case in CASES {
+            assert!(seen.insert(case.name), "duplicate case {}", case.name);
+            assert!(
+                case.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "case name {}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn module_strings_start_with_file_names() {
+        for case in CASES {
+            for (_, cmdline) in case.modules {
+                Module::new("x", *cmdline).file_name().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn bochs_cases_expect_no_status() {
+        for case in CASES {
+            if let Emulator::Bochs { .. } = case.emulator {
+                assert_eq!(case.exit, None, "{}", case.name);
+            }
+        }
+    }
+
+    #[test]
+    fn serial_matching() {
+        let case = &CASES[0];
+        let mut log = String::from("SUMMARY: 8 passed, 0 failed\n");
+        for s in &case.must_contain[2..] {
+            log += &s.to_lowercase();
+            log.push('\n');
+        }
+        assert_eq!(case.check_serial(&log), Vec::<String>::new());
+        log += "FAIL lookup_known\n";
+        assert_eq!(
+            case.check_serial(&log),
+            vec!["serial log contains \"FAIL\""]
+        );
+        let problems = case.check_serial("SUMMARY: 1 passed, 1 failed");
+        assert!(problems[0].contains("\" 0 failed\""));
+    }
+
+    #[test]
+    fn generated_inputs() {
+        let garbage = garbage_text();
+        assert!(!garbage.starts_with(b"\x7fELF"));
+        assert!(garbage.iter().all(|b| b.is_ascii()));
+        let elf = elf_without_multiboot();
+        assert!(elf.starts_with(b"\x7fELF\x02"));
+        assert_eq!(elf.len(), 64 + 56 + 3);
+        assert!(!elf
+            .windows(4)
+            .any(|w| w == 0x1BAD_B002u32.to_le_bytes() || w == 0xE852_50D6u32.to_le_bytes()));
+    }
+}

@@ -1,0 +1,427 @@
+//! Emulator runners: boot a kernel with modules in QEMU (`-kernel`,
+//! multiboot1) or Bochs (GRUB ISO, multiboot2), with a time limit, and
+//! collect the exit status and the serial log.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use thinvisor_abi::exit_code;
+
+use crate::images::{self, Module};
+use crate::setup;
+use crate::util::{self, Context, Ctx, Ended, Result};
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct Boot {
+    /// ELF32 multiboot1 kernel for QEMU `-kernel`.
+    pub kernel32: PathBuf,
+    /// ELF64 (or ELF32) multiboot2 kernel for GRUB ISOs.
+    pub kernel64: PathBuf,
+    /// The kernel's command line.
+    pub args: String,
+    /// Modules, in order.
+    pub modules: Vec<Module>,
+}
+
+/// QEMU settings.
+#[derive(Debug, Clone)]
+pub struct QemuOpts {
+    /// `-m`, in MiB.
+    pub mem_mb: u32,
+    /// Wall-clock limit.
+    pub timeout: Duration,
+    /// Extra arguments (e.g. `-icount shift=0` for benchmarks).
+    pub extra: Vec<String>,
+    /// Serial port on the terminal (`-serial stdio`, interactive) instead
+    /// of `serial.log`.
+    pub interactive: bool,
+}
+
+impl Default for QemuOpts {
+    fn default() -> Self {
+        QemuOpts {
+            mem_mb: 512,
+            timeout: Duration::from_secs(30),
+            extra: Vec::new(),
+            interactive: false,
+        }
+    }
+}
+
+/// Bochs settings.
+#[derive(Debug, Clone)]
+pub struct BochsOpts {
+    /// CPU model (`ryzen`, `corei7_skylake_x`, ...).
+    pub model: String,
+    /// Guest memory in MiB.
+    pub mem_mb: u32,
+    /// Wall-clock limit.
+    pub timeout: Duration,
+    /// Emulated instructions per second: low keeps BIOS and GRUB timer
+    /// waits cheap.
+    pub ips: u64,
+    /// Copy the serial log to stdout while it grows.
+    pub follow: bool,
+}
+
+impl BochsOpts {
+    pub fn new(model: &str) -> BochsOpts {
+        BochsOpts {
+            model: model.to_string(),
+            mem_mb: 512,
+            timeout: Duration::from_secs(120),
+            ips: 2_000_000,
+            follow: false,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The emulator's exit status; None when it was stopped (time-out,
+    /// reboot).
+    pub status: Option<ExitStatus>,
+    /// Why the runner stopped the emulator, if it did.
+    pub stopped: Option<String>,
+    /// The serial log (lossy UTF-8; empty for interactive runs).
+    pub serial: String,
+    /// Wall time of the emulator process.
+    pub elapsed: Duration,
+    /// The run's directory (logs, generated files).
+    pub dir: PathBuf,
+    /// The emulator's own stdout+stderr file.
+    pub emulator_output: PathBuf,
+}
+
+impl Outcome {
+    /// The emulator's own output (its messages, not the guest's).
+    pub fn emulator_text(&self) -> String {
+        fs::read(&self.emulator_output)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The message Bochs printed when it ended ("Bochs is exiting with the
+    /// following message: ..."), if any.
+    pub fn bochs_exit_message(&self) -> Option<String> {
+        let text = self.emulator_text();
+        let mut lines = text.lines();
+        lines.find(|l| l.contains("Bochs is exiting with the following message"))?;
+        lines
+            .find(|l| !l.trim().is_empty() && !l.starts_with("====="))
+            .map(|l| l.trim().to_string())
+    }
+}
+
+/// Meaning of a QEMU exit status under the test setup
+/// (`isa-debug-exit`: status = (code << 1) | 1).
+pub fn describe_qemu_status(status: &ExitStatus) -> String {
+    let Some(raw) = status.code() else {
+        return format!("QEMU died: {status}");
+    };
+    const KNOWN: &[(u8, &str)] = &[
+        (exit_code::GUEST_PASSED, "guest: all checks passed"),
+        (exit_code::GUEST_FAILED, "guest: some checks failed"),
+        (exit_code::GUEST_HALTED, "thinvisor: guest halted"),
+        (
+            exit_code::GUEST_SHUTDOWN,
+            "thinvisor: guest shut down (triple fault)",
+        ),
+        (
+            exit_code::GUEST_BAD_MEMORY,
+            "thinvisor: guest touched memory outside guest RAM",
+        ),
+        (
+            exit_code::VMM_UNHANDLED,
+            "thinvisor: unhandled exit or failed VM entry",
+        ),
+        (exit_code::BOOT_ERROR, "thinvisor: boot error"),
+        (exit_code::VMM_PANIC, "thinvisor: panic"),
+    ];
+    if let Some((code, what)) = KNOWN
+        .iter()
+        .find(|(code, _)| exit_code::qemu_status(*code) == raw)
+    {
+        return format!("status {raw} = {what} (exit code {code:#x})");
+    }
+    match raw {
+        0 => "status 0 = QEMU ended without an exit code (machine reset or power-off; \
+              a triple fault of the hypervisor itself?)"
+            .to_string(),
+        1 => "status 1 = QEMU error (or exit code 0 written)".to_string(),
+        n if n % 2 == 1 => format!("status {n} = unknown exit code {:#x}", (n - 1) / 2),
+        n => format!("status {n} = unexpected QEMU status"),
+    }
+}
+
+/// Describes an exit code of `thinvisor_abi::exit_code` with its QEMU status.
+pub fn describe_exit_code(code: u8) -> String {
+    format!(
+        "status {} (exit code {code:#x})",
+        exit_code::qemu_status(code)
+    )
+}
+
+/// Places each module in `dir` under its file name, so that QEMU's
+/// module string (the path, then the arguments) is the module string
+/// itself.
+fn stage_modules(dir: &Path, modules: &[Module]) -> Result<String> {
+    let mut initrd = Vec::new();
+    for module in modules {
+        let name = module.file_name()?;
+        util::copy(&module.image, &dir.join(name))?;
+        // QEMU splits the module list at commas; a literal comma is doubled.
+        initrd.push(module.cmdline.trim().replace(',', ",,"));
+    }
+    Ok(initrd.join(","))
+}
+
+/// The QEMU command for `boot`, run in `dir`.
+pub fn qemu_command(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Command> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.current_dir(dir)
+        .args(["-cpu", "max", "-m"])
+        .arg(format!("{}M", opts.mem_mb))
+        .args(["-display", "none", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    if opts.interactive {
+        cmd.args(["-serial", "stdio"]);
+    } else {
+        cmd.args(["-serial", "file:serial.log"]);
+    }
+    cmd.args(["-debugcon", "file:e9.log"])
+        .arg("-kernel")
+        .arg(&boot.kernel32)
+        .arg("-append")
+        .arg(&boot.args);
+    if !boot.modules.is_empty() {
+        cmd.arg("-initrd").arg(stage_modules(dir, &boot.modules)?);
+    }
+    cmd.args(&opts.extra);
+    Ok(cmd)
+}
+
+fn output_file(path: &Path) -> Result<(Stdio, Stdio)> {
+    let file = File::create(path).context(format_args!("creating {}", path.display()))?;
+    let err = file.try_clone().context("duplicating a file handle")?;
+    Ok((file.into(), err.into()))
+}
+
+/// Boots `boot` in QEMU inside `dir` (which should be fresh): the serial
+/// port goes to `dir/serial.log`, port 0xE9 to `dir/e9.log`, QEMU's own
+/// output to `dir/qemu.out`. Interactive runs use the terminal instead.
+pub fn run_qemu(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Outcome> {
+    fs::create_dir_all(dir).context(format_args!("creating {}", dir.display()))?;
+    let mut cmd = qemu_command(dir, boot, opts)?;
+    let out_path = dir.join("qemu.out");
+    fs::write(dir.join("command.txt"), util::describe(&cmd) + "\n")
+        .context("writing command.txt")?;
+    if opts.interactive {
+        eprintln!("$ {}", util::describe(&cmd));
+        // stdin, stdout and stderr stay the terminal's.
+    } else {
+        let (out, err) = output_file(&out_path)?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
+    let ended = util::supervise(&mut child, opts.timeout, || None).context("waiting for QEMU")?;
+    let elapsed = start.elapsed();
+    let (status, stopped) = match ended {
+        Ended::Exited(status) => (Some(status), None),
+        Ended::TimedOut => (
+            None,
+            Some(format!("timeout after {}", util::secs(opts.timeout))),
+        ),
+        Ended::Stopped(reason) => (None, Some(reason)),
+    };
+    Ok(Outcome {
+        status,
+        stopped,
+        serial: read_lossy(&dir.join("serial.log")),
+        elapsed,
+        dir: dir.to_path_buf(),
+        emulator_output: out_path,
+    })
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The bochsrc for a run in `dir` (paths relative to it).
+pub fn bochsrc(opts: &BochsOpts, iso: &str) -> Result<String> {
+    let bios = setup::bochs_bios()?;
+    let vga = setup::vga_bios()?;
+    Ok(format!(
+        "cpu: model={model}\n\
+         cpu: ips={ips}\n\
+         memory: guest={mem}, host={mem}\n\
+         romimage: file={bios}\n\
+         vgaromimage: file={vga}\n\
+         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         boot: cdrom\n\
+         com1: enabled=1, mode=file, dev=serial.log\n\
+         port_e9_hack: enabled=1\n\
+         clock: sync=none, time0=local\n\
+         display_library: sdl2\n\
+         sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
+         log: bochs.log\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         mouse: enabled=0\n",
+        model = opts.model,
+        ips = opts.ips,
+        mem = opts.mem_mb,
+        bios = bios.display(),
+        vga = vga.display(),
+    ))
+}
+
+/// The line GRUB prints on the serial port as it boots an entry: seen twice,
+/// the machine has reset.
+const GRUB_BOOTING: &str = "Booting `";
+
+/// Boots `boot` in Bochs from a GRUB ISO made in `dir`, which is emptied
+/// first. Bochs always exits with status 1: judge the run by its serial log
+/// (`dir/serial.log`). A second GRUB boot (the machine reset, e.g. after a
+/// triple fault) stops the run.
+pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Result<Outcome> {
+    let iso = images::make_case_iso(ctx, dir_name, &boot.kernel64, &boot.args, &boot.modules)?;
+    let dir = iso
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or("ISO without a directory")?;
+    fs::write(dir.join("bochsrc"), bochsrc(opts, "thinvisor.iso")?).context("writing bochsrc")?;
+    fs::write(dir.join("bochs.cmds"), "c\nquit\n").context("writing bochs.cmds")?;
+    let serial_path = dir.join("serial.log");
+    File::create(&serial_path).context("creating serial.log")?;
+    let out_path = dir.join("bochs.out");
+    let (out, err) = output_file(&out_path)?;
+    let mut cmd = Command::new("bochs");
+    cmd.current_dir(&dir)
+        .env("SDL_VIDEODRIVER", "dummy")
+        .args(["-q", "-f", "bochsrc", "-rc", "bochs.cmds"])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    fs::write(dir.join("command.txt"), util::describe(&cmd) + "\n")
+        .context("writing command.txt")?;
+    if opts.follow {
+        eprintln!("$ (cd {} && {})", ctx.show(&dir), util::describe(&cmd));
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("cannot start bochs")?;
+    let mut follower = Follower::new(&serial_path);
+    let ended = util::supervise(&mut child, opts.timeout, || {
+        if opts.follow {
+            follower.copy_new();
+        }
+        let serial = read_lossy(&serial_path);
+        (serial.matches(GRUB_BOOTING).count() > 1)
+            .then(|| "the machine reset (GRUB booted a second time)".to_string())
+    })
+    .context("waiting for Bochs")?;
+    let elapsed = start.elapsed();
+    if opts.follow {
+        follower.copy_new();
+    }
+    let (status, stopped) = match ended {
+        Ended::Exited(status) => (Some(status), None),
+        Ended::TimedOut => (
+            None,
+            Some(format!(
+                "timeout after {} (Bochs was not powered off)",
+                util::secs(opts.timeout)
+            )),
+        ),
+        Ended::Stopped(reason) => (None, Some(reason)),
+    };
+    Ok(Outcome {
+        status,
+        stopped,
+        serial: read_lossy(&serial_path),
+        elapsed,
+        dir,
+        emulator_output: out_path,
+    })
+}
+
+/// Copies what a growing file gains to stdout.
+struct Follower {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Follower {
+    fn new(path: &Path) -> Follower {
+        Follower {
+            path: path.to_path_buf(),
+            offset: 0,
+        }
+    }
+
+    fn copy_new(&mut self) {
+        let Ok(mut file) = File::open(&self.path) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if let Ok(n) = file.read_to_end(&mut buf) {
+            self.offset += n as u64;
+            let mut stdout = io::stdout().lock();
+            let _ = stdout.write_all(&buf);
+            let _ = stdout.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn statuses() {
+        let passed = ExitStatus::from_raw(33 << 8);
+        assert!(describe_qemu_status(&passed).contains("all checks passed"));
+        let halted = ExitStatus::from_raw(65 << 8);
+        assert!(describe_qemu_status(&halted).contains("guest halted"));
+        let zero = ExitStatus::from_raw(0);
+        assert!(describe_qemu_status(&zero).contains("without an exit code"));
+        let odd = ExitStatus::from_raw(7 << 8);
+        assert!(describe_qemu_status(&odd).contains("unknown exit code 0x3"));
+    }
+
+    #[test]
+    fn qemu_initrd_doubles_commas() {
+        let dir = std::env::temp_dir().join(format!("xtask-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("src.bin");
+        fs::write(&src, b"x").unwrap();
+        let boot = Boot {
+            kernel32: "/k32".into(),
+            kernel64: "/k64".into(),
+            args: "log=info".into(),
+            modules: vec![
+                Module::new(&src, "a.elf checks"),
+                Module::new(&src, "b.bin x,y"),
+            ],
+        };
+        let cmd = qemu_command(&dir, &boot, &QemuOpts::default()).unwrap();
+        let line = util::describe(&cmd);
+        assert!(line.contains("-initrd 'a.elf checks,b.bin x,,y'"), "{line}");
+        assert!(line.contains("-append log=info"), "{line}");
+        assert!(dir.join("a.elf").exists() && dir.join("b.bin").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,392 @@
+//! `cargo xtask test`: formatting, host unit tests, clippy, images, and the
+//! integration cases, ending with the line `N passed, M failed`.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::process::{ExitCode, Stdio};
+use std::time::Instant;
+
+use crate::cases::{Case, Emulator, CASES};
+use crate::emu::{self, BochsOpts, Boot, Outcome, QemuOpts};
+use crate::images::{self, Images, Module};
+use crate::setup::{self, TARGET};
+use crate::util::{self, Context, Ctx, Result};
+
+const USAGE: &str = "usage: cargo xtask test [--filter SUBSTR] [--no-host] [--keep-going] [--list]";
+
+/// How many lines of a failed case's serial log to show.
+const TAIL_LINES: usize = 40;
+
+#[derive(Debug, Default)]
+struct Options {
+    filter: Option<String>,
+    host: bool,
+    list: bool,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut opts = Options {
+        host: true,
+        ..Options::default()
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--filter" => {
+                let value = args.next().ok_or("--filter needs a value")?;
+                opts.filter = Some(value.clone());
+            }
+            s if s.starts_with("--filter=") => opts.filter = Some(s["--filter=".len()..].into()),
+            "--no-host" => opts.host = false,
+            // Never stopping at the first failure is the only behaviour.
+            "--keep-going" => {}
+            "--list" => opts.list = true,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown option `{other}`\n{USAGE}")),
+        }
+    }
+    Ok(opts)
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn pass(&mut self) {
+        self.passed += 1;
+    }
+
+    fn fail(&mut self, what: impl Into<String>) {
+        self.failed += 1;
+        self.failures.push(what.into());
+    }
+}
+
+fn step(title: &str) {
+    println!("\n==> {title}");
+    let _ = io::stdout().flush();
+}
+
+pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
+    let start = Instant::now();
+    let opts = match parse(args) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let selected: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| {
+            opts.filter
+                .as_ref()
+                .is_none_or(|f| c.name.contains(f.as_str()))
+        })
+        .collect();
+    if opts.list {
+        for case in &selected {
+            println!("{}", case.name);
+        }
+        return ExitCode::SUCCESS;
+    }
+
+    let mut tally = Tally::default();
+    step("setup");
+    if let Err(e) = setup::ensure(ctx) {
+        println!("setup FAILED: {e}");
+        tally.fail("setup");
+    }
+    if opts.host {
+        host_checks(ctx, &mut tally);
+    }
+    if !selected.is_empty() {
+        step("build images");
+        match images::build(ctx) {
+            Ok(images) => {
+                step("integration tests");
+                for case in selected {
+                    integration(ctx, &images, case, &mut tally);
+                }
+            }
+            Err(e) => {
+                println!("build FAILED: {e}");
+                tally.fail("build");
+                for case in selected {
+                    println!(
+                        "integration {} ... FAILED: not run (the build failed)",
+                        case.name
+                    );
+                    tally.fail(format!("integration {}", case.name));
+                }
+            }
+        }
+    } else if opts.filter.is_some() {
+        println!("\nno integration case matches the filter");
+    }
+
+    println!();
+    if !tally.failures.is_empty() {
+        println!("failed: {}", tally.failures.join(", "));
+    }
+    println!("wall time: {}", util::secs(start.elapsed()));
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Formatting, host unit tests, clippy.
+fn host_checks(ctx: &Ctx, tally: &mut Tally) {
+    step("cargo fmt --all -- --check");
+    match util::run(ctx.cargo().args(["fmt", "--all", "--", "--check"])) {
+        Ok(()) => tally.pass(),
+        Err(e) => {
+            println!("fmt FAILED: {e}");
+            tally.fail("fmt");
+        }
+    }
+
+    step("cargo test (host crates)");
+    if let Err(e) = host_tests(ctx, tally) {
+        println!("host tests FAILED: {e}");
+        tally.fail("host tests");
+    }
+
+    step("cargo clippy (host crates)");
+    match util::run(
+        ctx.cargo()
+            .args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+    ) {
+        Ok(()) => tally.pass(),
+        Err(e) => {
+            println!("clippy FAILED: {e}");
+            tally.fail("clippy (host)");
+        }
+    }
+
+    step(&format!("cargo clippy ({TARGET})"));
+    match util::run(ctx.cargo().args([
+        "clippy",
+        "--release",
+        "--target",
+        TARGET,
+        "-p",
+        images::HV_BIN,
+        "-p",
+        images::GUEST_BIN,
+        "--",
+        "-D",
+        "warnings",
+    ])) {
+        Ok(()) => tally.pass(),
+        Err(e) => {
+            println!("clippy FAILED: {e}");
+            tally.fail(format!("clippy ({TARGET})"));
+        }
+    }
+}
+
+/// Runs `cargo test`, streaming its output and adding up its
+/// `test result:` lines. Fails when cargo fails without a failing test to
+/// show for it (a build error, a crashed test binary).
+fn host_tests(ctx: &Ctx, tally: &mut Tally) -> Result {
+    let mut cmd = ctx.cargo();
+    cmd.args(["test", "--no-fail-fast"]).stdout(Stdio::piped());
+    println!("$ {}", util::describe(&cmd));
+    let mut child = cmd.spawn().context("cannot run cargo test")?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (mut passed, mut failed, mut results) = (0, 0, 0);
+    for line in BufReader::new(stdout).split(b'\n') {
+        let line = line.context("reading cargo test's output")?;
+        let line = String::from_utf8_lossy(&line);
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+            results += 1;
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    tally.passed += passed;
+    tally.failed += failed;
+    if failed > 0 {
+        tally.failures.push(format!("host tests ({failed})"));
+    }
+    if !status.success() && failed == 0 {
+        return Err(format!(
+            "cargo test failed ({status}) after {results} test binaries"
+        ));
+    }
+    Ok(())
+}
+
+/// `test result: ok. 3 passed; 0 failed; ...` (or `FAILED.`) -> (3, 0).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_, counts) = rest.split_once(". ")?;
+    let mut passed = None;
+    let mut failed = None;
+    for part in counts.split(';') {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match what {
+            "passed" => passed = n.parse().ok(),
+            "failed" => failed = n.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((passed?, failed?))
+}
+
+/// The run of one case, and what was wrong with it.
+fn run_case(ctx: &Ctx, images: &Images, case: &Case) -> Result<(Outcome, Vec<String>)> {
+    let modules = case
+        .modules
+        .iter()
+        .map(|(image, cmdline)| Ok(Module::new(image.path(ctx, images)?, *cmdline)))
+        .collect::<Result<Vec<_>>>()?;
+    let boot = Boot {
+        kernel32: images.hv32.clone(),
+        kernel64: images.hv.clone(),
+        args: case.hv_args.to_string(),
+        modules,
+    };
+    let mut problems = Vec::new();
+    let outcome = match case.emulator {
+        Emulator::Qemu => {
+            let dir = ctx.fresh_dir(case.name)?;
+            let opts = QemuOpts {
+                mem_mb: case.mem_mb,
+                timeout: case.timeout(),
+                ..QemuOpts::default()
+            };
+            let outcome = emu::run_qemu(&dir, &boot, &opts)?;
+            if let Some(reason) = &outcome.stopped {
+                problems.push(reason.clone());
+            } else if let (Some(status), Some(code)) = (&outcome.status, case.exit) {
+                if status.code() != Some(thinvisor_abi::exit_code::qemu_status(code)) {
+                    problems.push(format!(
+                        "{}; expected {}",
+                        emu::describe_qemu_status(status),
+                        emu::describe_exit_code(code)
+                    ));
+                }
+            }
+            outcome
+        }
+        Emulator::Bochs { model } => {
+            let opts = BochsOpts {
+                mem_mb: case.mem_mb,
+                timeout: case.timeout(),
+                ..BochsOpts::new(model)
+            };
+            let outcome = emu::run_bochs(ctx, case.name, &boot, &opts)?;
+            if let Some(reason) = &outcome.stopped {
+                problems.push(reason.clone());
+            }
+            outcome
+        }
+    };
+    problems.extend(case.check_serial(&outcome.serial));
+    if !problems.is_empty() {
+        if let Some(message) = outcome.bochs_exit_message() {
+            if !message.contains("shutdown requested") {
+                problems.push(format!("Bochs said: {message}"));
+            }
+        }
+    }
+    Ok((outcome, problems))
+}
+
+fn integration(ctx: &Ctx, images: &Images, case: &Case, tally: &mut Tally) {
+    print!("integration {} ... ", case.name);
+    let _ = io::stdout().flush();
+    let start = Instant::now();
+    match run_case(ctx, images, case) {
+        Ok((_, problems)) if problems.is_empty() => {
+            println!("ok ({})", util::secs(start.elapsed()));
+            tally.pass();
+        }
+        Ok((outcome, problems)) => {
+            println!(
+                "FAILED: {} ({})",
+                problems.join("; "),
+                util::secs(start.elapsed())
+            );
+            show_logs(ctx, &outcome);
+            tally.fail(format!("integration {}", case.name));
+        }
+        Err(e) => {
+            println!("FAILED: could not run: {e}");
+            tally.fail(format!("integration {}", case.name));
+        }
+    }
+}
+
+fn show_logs(ctx: &Ctx, outcome: &Outcome) {
+    let serial = outcome.dir.join("serial.log");
+    let lines = util::tail(&outcome.serial, TAIL_LINES);
+    if lines.iter().all(|l| l.trim().is_empty()) {
+        println!("    ({} is empty)", ctx.show(&serial));
+        let output = outcome.emulator_text();
+        let lines = util::tail(&output, 15);
+        if !lines.is_empty() {
+            println!(
+                "    --- last lines of {} ---",
+                ctx.show(&outcome.emulator_output)
+            );
+            for line in lines {
+                println!("    | {line}");
+            }
+        }
+    } else {
+        println!(
+            "    --- last {TAIL_LINES} lines of {} ---",
+            ctx.show(&serial)
+        );
+        for line in lines {
+            println!("    | {line}");
+        }
+    }
+    println!("    (logs in {})", ctx.show(&outcome.dir));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_test_results() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s"
+            ),
+            Some((12, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn parses_options() {
+        let args: Vec<String> = ["--filter", "qemu", "--no-host", "--keep-going"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let opts = parse(&args).unwrap();
+        assert_eq!(opts.filter.as_deref(), Some("qemu"));
+        assert!(!opts.host);
+        assert!(parse(&["--bogus".to_string()]).is_err());
+    }
+}
