@@ -10,5 +10,8 @@ fn main() {
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("none") {
         let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
         println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
+        // No RELRO: nothing remaps it read-only, and its segment would
+        // cover `.data` (which holds `.got`).
+        println!("cargo:rustc-link-arg-bins=-znorelro");
     }
 }
