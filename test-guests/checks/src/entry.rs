@@ -143,7 +143,7 @@ tg_idt32_ptr:
 tg_name_dbgsh:      .asciz "dbgsh"
 tg_name_nosuch:     .asciz "nosuch"
 tg_msg_fatal32:     .asciz "FAIL exception: vector "
-tg_msg_fatal32_end: .asciz " in the 32-bit entry code\nSUMMARY: 0 passed, 1 failed\n"
+tg_msg_fatal32_end: .asciz " (during 32-bit entry)\nSUMMARY: 0 passed, 1 failed\n"
 tg_msg_shutdown:    .asciz "Shutdown"
 
 /* ---------------- zeroed memory ---------------------------------------- */
