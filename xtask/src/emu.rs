@@ -289,6 +289,27 @@ pub fn bochsrc(opts: &BochsOpts, iso: &str) -> Result<String> {
 /// the machine has reset.
 const GRUB_BOOTING: &str = "Booting `";
 
+/// GRUB's message when the entry's commands failed: it then waits at its
+/// menu for a key.
+const GRUB_FAILED: &str = "Failed to boot both default and fallback entries";
+
+/// Why a Bochs run should stop early, judging by GRUB's output on the
+/// serial port: the machine reset, or GRUB could not boot the entry.
+fn grub_trouble(serial: &str) -> Option<String> {
+    if serial.matches(GRUB_BOOTING).count() > 1 {
+        return Some("the machine reset (GRUB booted a second time)".to_string());
+    }
+    if serial.contains(GRUB_FAILED) {
+        let clean = util::strip_escapes(serial);
+        let error = clean
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or(GRUB_FAILED);
+        return Some(format!("GRUB could not boot: {error}"));
+    }
+    None
+}
+
 /// Boots `boot` in Bochs from a GRUB ISO made in `dir`, which is emptied
 /// first. Bochs always exits with status 1: judge the run by its serial log
 /// (`dir/serial.log`). A second GRUB boot (the machine reset, e.g. after a
@@ -324,9 +345,7 @@ pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Re
         if opts.follow {
             follower.copy_new();
         }
-        let serial = read_lossy(&serial_path);
-        (serial.matches(GRUB_BOOTING).count() > 1)
-            .then(|| "the machine reset (GRUB booted a second time)".to_string())
+        grub_trouble(&read_lossy(&serial_path))
     })
     .context("waiting for Bochs")?;
     let elapsed = start.elapsed();
@@ -400,6 +419,22 @@ mod tests {
         assert!(describe_qemu_status(&zero).contains("without an exit code"));
         let odd = ExitStatus::from_raw(7 << 8);
         assert!(describe_qemu_status(&odd).contains("unknown exit code 0x3"));
+    }
+
+    #[test]
+    fn grub_trouble_is_seen() {
+        assert_eq!(
+            grub_trouble("\x1b[H  Booting `thinvisor'\r\nthinvisor: hi\n"),
+            None
+        );
+        let reset = "  Booting `thinvisor'\nx\n  Booting `thinvisor'\n";
+        assert!(grub_trouble(reset).unwrap().contains("reset"));
+        let failed = "  Booting `t'\r\n\r\rerror: premature end of file /boot/x.\r\n\
+                      \r  Failed to boot both default and fallback entries.\r\n";
+        assert_eq!(
+            grub_trouble(failed).unwrap(),
+            "GRUB could not boot: error: premature end of file /boot/x."
+        );
     }
 
     #[test]

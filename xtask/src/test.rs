@@ -296,7 +296,7 @@ fn run_case(ctx: &Ctx, images: &Images, case: &Case) -> Result<(Outcome, Vec<Str
         }
     };
     problems.extend(case.check_serial(&outcome.serial));
-    if !problems.is_empty() {
+    if !problems.is_empty() && outcome.stopped.is_none() {
         if let Some(message) = outcome.bochs_exit_message() {
             if !message.contains("shutdown requested") {
                 problems.push(format!("Bochs said: {message}"));

@@ -310,6 +310,23 @@ mod tests {
     }
 
     #[test]
+    fn supervise_times_out_and_polls() {
+        let mut child = Command::new("sleep").arg("10").spawn().unwrap();
+        let start = Instant::now();
+        let ended = supervise(&mut child, Duration::from_millis(300), || None).unwrap();
+        assert!(matches!(ended, Ended::TimedOut));
+        assert!(start.elapsed() < Duration::from_secs(3));
+
+        let mut child = Command::new("sleep").arg("10").spawn().unwrap();
+        let ended = supervise(&mut child, Duration::from_secs(10), || Some("stop".into())).unwrap();
+        assert!(matches!(ended, Ended::Stopped(ref r) if r == "stop"));
+
+        let mut child = Command::new("true").spawn().unwrap();
+        let ended = supervise(&mut child, Duration::from_secs(10), || None).unwrap();
+        assert!(matches!(ended, Ended::Exited(s) if s.success()));
+    }
+
+    #[test]
     fn quotes_words() {
         let mut cmd = Command::new("qemu");
         cmd.args(["-append", "log=info x", "it's"]);
