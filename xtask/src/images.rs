@@ -273,7 +273,18 @@ pub fn make_iso(
     hv_args: &str,
     modules: &[Module],
 ) -> Result {
-    let cfg = grub_cfg(hv_args, modules)?;
+    make_iso_with_cfg(staging, iso, kernel, modules, &grub_cfg(hv_args, modules)?)
+}
+
+/// Makes a GRUB ISO at `iso` with a grub.cfg of the caller's: `kernel` is
+/// `/boot/thinvisor.elf`, each module `/boot/<its file name>`.
+pub fn make_iso_with_cfg(
+    staging: &Path,
+    iso: &Path,
+    kernel: &Path,
+    modules: &[Module],
+    cfg: &str,
+) -> Result {
     if staging.exists() {
         fs::remove_dir_all(staging).context(format_args!("removing {}", staging.display()))?;
     }
