@@ -216,7 +216,7 @@ impl PageTables {
         flags: u64,
     ) -> Result<(), BuildError> {
         let leaf = self.leaf_level(size).ok_or(BuildError::BadPage)?;
-        if la % size != 0 || pa % size != 0 {
+        if !la.is_multiple_of(size) || !pa.is_multiple_of(size) {
             return Err(BuildError::BadPage);
         }
         let mut table = self.root;

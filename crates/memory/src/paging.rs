@@ -289,6 +289,13 @@ pub(crate) fn translate_with_maxphyaddr<M: GuestPhysMemory + ?Sized>(
     maxphyaddr: u32,
 ) -> Result<Translation, TranslateError> {
     let mode = regs.mode();
+    // Outside long mode linear addresses are 32 bits; errors report the
+    // truncated address, as CR2 would hold it.
+    let la = if mode.is_long() {
+        la
+    } else {
+        GuestLinearAddr(la.0 & LOW_32)
+    };
     let walk = Walk {
         mem,
         regs,
@@ -299,7 +306,7 @@ pub(crate) fn translate_with_maxphyaddr<M: GuestPhysMemory + ?Sized>(
     };
     match mode {
         PagingMode::Disabled => Ok(Translation {
-            gpa: GuestPhysAddr(la.0 & LOW_32),
+            gpa: GuestPhysAddr(la.0),
             page_size: PAGE_4K,
             writable: true,
             user: true,
@@ -426,7 +433,7 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
 
     /// 32-bit paging: 10+10+12 bits, 4-byte entries, optional 4 MiB pages.
     fn bits32(&self) -> Result<Translation, TranslateError> {
-        let la = self.la.0 & LOW_32;
+        let la = self.la.0;
         let mut rights = Rights::ALL;
         let pd = self.regs.cr3 & 0xFFFF_F000;
         let pde = self.entry(pd | ((la >> 22) << 2), false, 0)?;
@@ -450,7 +457,7 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
 
     /// PAE paging: 2+9+9+12 bits, 8-byte entries, 4 PDPTEs at CR3[31:5].
     fn pae(&self) -> Result<Translation, TranslateError> {
-        let la = self.la.0 & LOW_32;
+        let la = self.la.0;
         let m = self.maxphy;
         let nxe = self.regs.nx_enabled();
         let frame_mask = bits(m - 1, 12);
