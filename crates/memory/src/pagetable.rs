@@ -69,6 +69,9 @@ impl PageTables {
         area_start: u64,
         area_end: u64,
     ) -> Result<Self, BuildError> {
+        if !area_start.is_multiple_of(SIZE_4K) {
+            return Err(BuildError::BadPage);
+        }
         let mut t = Self {
             mode,
             root: 0,
@@ -257,7 +260,10 @@ impl PageTables {
     ) -> Result<(), BuildError> {
         let mut off = 0;
         while off < len {
-            self.map(mem, la + off, pa + off, SIZE_4K, flags)?;
+            let (Some(l), Some(p)) = (la.checked_add(off), pa.checked_add(off)) else {
+                return Err(BuildError::BadPage);
+            };
+            self.map(mem, l, p, SIZE_4K, flags)?;
             off += SIZE_4K;
         }
         Ok(())
