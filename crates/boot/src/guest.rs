@@ -46,6 +46,9 @@ const INFO_STRUCT_LEN: u64 = 88;
 const MMAP_ENTRY_LEN: u64 = 24;
 /// End of conventional memory given to the guest (the EBDA starts here).
 const LOW_RAM_END: u64 = 0x9_FC00;
+/// `mem_lower` reported to the guest: the classic 640 KiB of conventional
+/// memory (the memory map is the precise statement, ending at the EBDA).
+const MEM_LOWER_KIB: u32 = 640;
 /// Start of the memory above the legacy hole.
 const HIGH_RAM_START: u64 = 0x10_0000;
 /// Guest RAM accepted by [`write_multiboot1_info`].
@@ -337,6 +340,10 @@ fn load_elf(image: &[u8], ram: &mut [u8]) -> Result<LoadedKernel, LoadError> {
     if image.get(..4) != Some(b"\x7fELF".as_slice()) {
         return Err(LoadError::NotElf);
     }
+    // Checked before parsing: a big-endian file's headers read as garbage.
+    if image.get(5) == Some(&2) {
+        return Err(LoadError::BigEndianElf);
+    }
     let file = ElfBytes::<AnyEndian>::minimal_parse(image).map_err(elf_error)?;
     let ehdr = &file.ehdr;
     if ehdr.endianness == AnyEndian::Big {
@@ -556,7 +563,7 @@ pub fn write_multiboot1_info(ram: &mut [u8], at: u64, cmdline: &[u8]) -> Result<
 
     let mut w = Writer { buf: area, at: 0 };
     w.u32(0, INFO_FLAG_MEM | INFO_FLAG_CMDLINE | INFO_FLAG_MMAP);
-    w.u32(4, (LOW_RAM_END / 1024) as u32);
+    w.u32(4, MEM_LOWER_KIB);
     w.u32(8, ((ram_len - HIGH_RAM_START) / 1024) as u32);
     w.u32(16, cmdline_at as u32);
     w.u32(44, mmap_len as u32);
