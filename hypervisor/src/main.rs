@@ -3,11 +3,23 @@
 #![no_std]
 #![no_main]
 
+/// Log a boot error and stop with the boot-error status.
+macro_rules! boot_error {
+    ($($arg:tt)*) => {{
+        log::error!($($arg)*);
+        log::error!("cannot start the guest; stopping");
+        crate::power::end_run(thinvisor_abi::exit_code::BOOT_ERROR)
+    }};
+}
+
 mod entry;
+mod gdt;
 mod idt;
 mod mem;
 mod power;
 mod serial;
+mod svm_backend;
+mod vmx_backend;
 
 use core::fmt::Write;
 use log::{error, info, warn};
@@ -15,31 +27,19 @@ use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind};
-use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
-use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
-use thinvisor_svm::npt::NestedPageTable;
-use thinvisor_svm::vmcb::Vmcb;
-use thinvisor_svm::{EntryState, SvmVcpu};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
-use thinvisor_vmm::{run_guest, StopReason, Vmm};
+use thinvisor_vmm::{StopReason, Vmm};
+use thinvisor_vmx::caps::EferPreference;
 
 const SIZE_2M: u64 = 2 << 20;
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 /// As many modules as `BootInfo` keeps.
 const MAX_MODULES: usize = 16;
-
-/// Log a boot error and stop with the boot-error status.
-macro_rules! boot_error {
-    ($($arg:tt)*) => {{
-        error!($($arg)*);
-        error!("cannot start the guest; stopping");
-        power::end_run(exit_code::BOOT_ERROR)
-    }};
-}
 
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     serial::init_logging(log::LevelFilter::Info);
+    let _ = gdt::init();
     idt::init();
     info!("thinvisor {} starting", env!("CARGO_PKG_VERSION"));
 
@@ -60,18 +60,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         frames.free_bytes() >> 20
     );
 
-    let features = match thinvisor_svm::probe() {
-        Ok(f) => f,
-        Err(e) => boot_error!("{e}"),
-    };
-    info!(
-        "AMD SVM: revision {}, {} ASIDs, nested paging, NRIPS {}, VMCB clean bits {}, decode assists {}",
-        features.revision,
-        features.asids,
-        yes_no(features.nrips),
-        yes_no(features.vmcb_clean),
-        yes_no(features.decode_assists)
-    );
+    let backend = pick_backend();
 
     let Some(module) = boot.modules().get(options.guest_module) else {
         boot_error!(
@@ -131,63 +120,61 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         kernel.entry, mbi
     );
 
-    let mut tables = mem::FrameTables(&mut frames);
-    let npt = NestedPageTable::new(&mut tables)
-        .and_then(|mut npt| {
-            npt.map_2m(
-                &mut tables,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(ram_base),
-                ram_size,
-            )
-            .map(|()| npt)
-        })
-        .unwrap_or_else(|e| boot_error!("cannot build nested page tables: {e:?}"));
-
-    let (Some(vmcb), Some(hsave), Some(host_save), Some(msrpm)) = (
-        mem::alloc_zeroed(&mut frames, PAGE, PAGE),
-        mem::alloc_zeroed(&mut frames, PAGE, PAGE),
-        mem::alloc_zeroed(&mut frames, PAGE, PAGE),
-        mem::alloc_zeroed(&mut frames, MSRPM_SIZE as u64, PAGE),
-    ) else {
-        boot_error!("out of memory for the VMCB")
-    };
-    // SAFETY: a fresh, mapped 8 KiB block used only as this map.
-    msrpm::init(unsafe { &mut *(mem::phys_to_virt(msrpm) as *mut [u8; MSRPM_SIZE]) });
-    // SAFETY: probe() succeeded and hsave is a page reserved for the CPU.
-    unsafe { thinvisor_svm::enable(HostPhysAddr::new(hsave)) };
-    // SAFETY: a zeroed, page-aligned page in the direct map, used only as
-    // this VMCB.
-    let vmcb_virt = unsafe { &mut *(mem::phys_to_virt(vmcb) as *mut Vmcb) };
-    let entry = EntryState {
+    let guest = GuestSetup {
+        ram_base,
+        ram_size,
         rip: u64::from(kernel.entry),
         rax: u64::from(multiboot1::MAGIC),
         rbx: u64::from(mbi),
-    };
-    // SAFETY: vmcb and host_save are distinct fresh pages, vmcb_virt maps
-    // vmcb, and the nested tables map nothing but guest RAM.
-    let mut vcpu = unsafe {
-        SvmVcpu::new(
-            &features,
-            vmcb_virt,
-            HostPhysAddr::new(vmcb),
-            HostPhysAddr::new(host_save),
-            npt.root(),
-            HostPhysAddr::new(msrpm),
-            SliceMemory::new(ram),
-            entry,
-        )
     };
     let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid));
     for (number, name) in vmm.registry.iter() {
         log::debug!("VMM call {number}: {name}");
     }
-    info!("entering the guest at {:#x}", kernel.entry);
-    let reason = run_guest(&mut vmm, &mut vcpu);
+    let reason = match backend {
+        Backend::Svm(features) => svm_backend::run(&features, &mut frames, guest, ram, &mut vmm),
+        Backend::Vmx(caps) => vmx_backend::run(
+            &caps,
+            EferPreference::Auto,
+            &mut frames,
+            guest,
+            ram,
+            &mut vmm,
+        ),
+    };
     report_stop(reason)
 }
 
-fn yes_no(b: bool) -> &'static str {
+/// Where and how the guest starts.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestSetup {
+    pub ram_base: u64,
+    pub ram_size: u64,
+    pub rip: u64,
+    pub rax: u64,
+    pub rbx: u64,
+}
+
+/// The virtualization extension this processor offers.
+enum Backend {
+    Svm(thinvisor_svm::SvmFeatures),
+    Vmx(thinvisor_vmx::caps::VmxCapabilities),
+}
+
+/// SVM if the processor has it, else VT-x; a boot error naming both
+/// reasons otherwise.
+fn pick_backend() -> Backend {
+    let svm = match thinvisor_svm::probe() {
+        Ok(features) => return Backend::Svm(features),
+        Err(e) => e,
+    };
+    match thinvisor_vmx::probe() {
+        Ok(caps) => Backend::Vmx(caps),
+        Err(vmx) => boot_error!("no usable hardware virtualization: {svm}; {vmx}"),
+    }
+}
+
+pub(crate) fn yes_no(b: bool) -> &'static str {
     if b {
         "yes"
     } else {

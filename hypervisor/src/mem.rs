@@ -3,8 +3,8 @@
 
 use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::multiboot1::PhysRead;
+use thinvisor_memory::nested::TableAllocator;
 use thinvisor_memory::HostPhysAddr;
-use thinvisor_svm::npt::TableAllocator;
 
 /// Where the direct map of physical memory starts (PML4 slot 256).
 pub const PHYS_OFFSET: u64 = 0xFFFF_8000_0000_0000;

@@ -17,6 +17,7 @@ extern crate std;
 
 mod addr;
 mod linear;
+pub mod nested;
 mod paging;
 mod phys;
 

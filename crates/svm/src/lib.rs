@@ -6,7 +6,6 @@
 #![no_std]
 
 pub mod msrpm;
-pub mod npt;
 pub mod vmcb;
 
 use core::arch::global_asm;

@@ -1,7 +1,9 @@
-//! Nested page tables: guest-physical to host-physical, in the long-mode
-//! page-table format (AMD APM vol. 2, 15.25).
+//! Second-level page tables, guest-physical to host-physical: AMD's
+//! nested page tables (APM vol. 2, 15.25) and Intel's EPT (SDM vol. 3C,
+//! 29.3). Both are 4-level radix trees with the long-mode geometry; only
+//! the bits of an entry differ, so one builder serves both.
 
-use thinvisor_memory::{GuestPhysAddr, HostPhysAddr};
+use crate::{GuestPhysAddr, HostPhysAddr};
 
 /// Where the builder gets zeroed 4 KiB tables and how it reaches them.
 pub trait TableAllocator {
@@ -11,11 +13,34 @@ pub trait TableAllocator {
     fn table(&mut self, pa: HostPhysAddr) -> &mut [u64; 512];
 }
 
+/// Bit 0 is "present" in NPT entries and "readable" in EPT entries; every
+/// entry this builder writes has it, so it marks entries in use.
 const PRESENT: u64 = 1 << 0;
-const WRITABLE: u64 = 1 << 1;
-/// Nested page walks are user accesses: every entry needs U (APM 15.25.5).
-const USER: u64 = 1 << 2;
+/// Bit 7 is "page size" in both formats.
 const HUGE: u64 = 1 << 7;
+
+/// The entry bits of one table format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableFormat {
+    /// Bits of an entry that points at the next table.
+    pub table: u64,
+    /// Bits of a 2 MiB leaf (HUGE included).
+    pub leaf_2m: u64,
+}
+
+/// AMD nested paging: present, writable, user (nested walks are user
+/// accesses, APM 15.25.5); leaves add page size.
+pub const NPT: TableFormat = TableFormat {
+    table: 0x7,
+    leaf_2m: 0x7 | HUGE,
+};
+
+/// Intel EPT: read, write, execute; leaves add memory type write-back (6
+/// in bits 5:3, SDM 29.3.7) and page size.
+pub const EPT_WRITE_BACK: TableFormat = TableFormat {
+    table: 0x7,
+    leaf_2m: 0x7 | (6 << 3) | HUGE,
+};
 const ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 const SIZE_2M: u64 = 2 << 20;
 
@@ -29,18 +54,19 @@ pub enum NptError {
     Overlap,
 }
 
-/// A 4-level nested page table.
+/// A 4-level second-level page table.
 pub struct NestedPageTable {
     root: HostPhysAddr,
+    format: TableFormat,
 }
 
 impl NestedPageTable {
-    pub fn new(alloc: &mut dyn TableAllocator) -> Result<Self, NptError> {
+    pub fn new(alloc: &mut dyn TableAllocator, format: TableFormat) -> Result<Self, NptError> {
         let root = alloc.alloc_table().ok_or(NptError::OutOfMemory)?;
-        Ok(Self { root })
+        Ok(Self { root, format })
     }
 
-    /// The value for the VMCB's nCR3.
+    /// The root table: the VMCB's nCR3, or the address in the EPT pointer.
     pub fn root(&self) -> HostPhysAddr {
         self.root
     }
@@ -68,13 +94,13 @@ impl NestedPageTable {
                 .checked_add(offset)
                 .ok_or(NptError::Misaligned)?;
             let pml4 = self.root;
-            let pdpt = next_table(alloc, pml4, index(g, 39))?;
-            let pd = next_table(alloc, pdpt, index(g, 30))?;
+            let pdpt = next_table(alloc, pml4, index(g, 39), self.format)?;
+            let pd = next_table(alloc, pdpt, index(g, 30), self.format)?;
             let entry = &mut alloc.table(pd)[index(g, 21)];
             if *entry != 0 {
                 return Err(NptError::Overlap);
             }
-            *entry = (h & ADDR_MASK) | PRESENT | WRITABLE | USER | HUGE;
+            *entry = (h & ADDR_MASK) | self.format.leaf_2m;
             offset += SIZE_2M;
         }
         Ok(())
@@ -90,6 +116,7 @@ fn next_table(
     alloc: &mut dyn TableAllocator,
     table: HostPhysAddr,
     i: usize,
+    format: TableFormat,
 ) -> Result<HostPhysAddr, NptError> {
     let entry = alloc.table(table)[i];
     if entry & PRESENT != 0 {
@@ -99,7 +126,7 @@ fn next_table(
         return Ok(HostPhysAddr::new(entry & ADDR_MASK));
     }
     let new = alloc.alloc_table().ok_or(NptError::OutOfMemory)?;
-    alloc.table(table)[i] = new.as_u64() | PRESENT | WRITABLE | USER;
+    alloc.table(table)[i] = new.as_u64() | format.table;
     Ok(new)
 }
 
@@ -143,20 +170,19 @@ mod tests {
         let mut table = root;
         for shift in [39, 30] {
             let e = f.table(table)[index(gpa, shift)];
-            if e & PRESENT == 0 || e & USER == 0 {
+            if e & PRESENT == 0 || e & 4 == 0 {
                 return None;
             }
             table = HostPhysAddr::new(e & ADDR_MASK);
         }
         let e = f.table(table)[index(gpa, 21)];
-        (e & (PRESENT | USER | HUGE) == PRESENT | USER | HUGE)
-            .then(|| (e & ADDR_MASK) + (gpa & (SIZE_2M - 1)))
+        (e & NPT.leaf_2m == NPT.leaf_2m).then(|| (e & ADDR_MASK) + (gpa & (SIZE_2M - 1)))
     }
 
     #[test]
     fn maps_guest_ram_at_an_offset() {
         let mut f = fake(16);
-        let mut npt = NestedPageTable::new(&mut f).unwrap();
+        let mut npt = NestedPageTable::new(&mut f, NPT).unwrap();
         let base = 0x4000_0000;
         npt.map_2m(
             &mut f,
@@ -176,9 +202,28 @@ mod tests {
     }
 
     #[test]
+    fn ept_leaves_are_write_back_rwx() {
+        let mut f = fake(16);
+        let mut npt = NestedPageTable::new(&mut f, EPT_WRITE_BACK).unwrap();
+        npt.map_2m(
+            &mut f,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0x20_0000),
+            SIZE_2M,
+        )
+        .unwrap();
+        let root = npt.root();
+        let pdpt = f.table(root)[0];
+        assert_eq!(pdpt & 0xFFF, 0x7);
+        let pd = f.table(HostPhysAddr::new(pdpt & ADDR_MASK))[0];
+        let leaf = f.table(HostPhysAddr::new(pd & ADDR_MASK))[0];
+        assert_eq!(leaf, 0x20_0000 | 0xB7);
+    }
+
+    #[test]
     fn refuses_misaligned_overlapping_and_exhaustion() {
         let mut f = fake(3);
-        let mut npt = NestedPageTable::new(&mut f).unwrap();
+        let mut npt = NestedPageTable::new(&mut f, NPT).unwrap();
         let g = GuestPhysAddr::new;
         let h = HostPhysAddr::new;
         assert_eq!(

@@ -1,0 +1,493 @@
+//! One virtual processor on VT-x: the world switch, exit decoding, and the
+//! exits the backend settles itself (control-register writes).
+
+use crate::vmcs::{vmread, vmwrite, VmcsField as F};
+use core::arch::global_asm;
+use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingRegs};
+use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, Vcpu};
+
+/// Basic exit reasons (Intel SDM vol. 3D, appendix C).
+pub mod exit_reason {
+    pub const TRIPLE_FAULT: u32 = 2;
+    pub const CPUID: u32 = 10;
+    pub const HLT: u32 = 12;
+    pub const VMCALL: u32 = 18;
+    pub const VMCLEAR: u32 = 19;
+    pub const VMLAUNCH: u32 = 20;
+    pub const VMPTRLD: u32 = 21;
+    pub const VMPTRST: u32 = 22;
+    pub const VMREAD: u32 = 23;
+    pub const VMRESUME: u32 = 24;
+    pub const VMWRITE: u32 = 25;
+    pub const VMXOFF: u32 = 26;
+    pub const VMXON: u32 = 27;
+    pub const CR_ACCESS: u32 = 28;
+    pub const RDMSR: u32 = 31;
+    pub const WRMSR: u32 = 32;
+    pub const INVALID_GUEST_STATE: u32 = 33;
+    pub const MSR_LOADING: u32 = 34;
+    pub const MACHINE_CHECK: u32 = 41;
+    pub const EPT_VIOLATION: u32 = 48;
+    pub const INVEPT: u32 = 50;
+    pub const INVVPID: u32 = 53;
+    pub const VMFUNC: u32 = 59;
+}
+
+/// Exit reason bit 31: the VM entry failed (SDM vol. 3C, 27.8).
+const ENTRY_FAILURE: u32 = 1 << 31;
+/// VM-entry interruption information: valid bit and event types (SDM 24.8.3).
+const INTR_INFO_VALID: u32 = 1 << 31;
+const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
+const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
+/// EPT-violation exit qualification bits (SDM vol. 3C, table 27-7).
+const EPT_QUAL_WRITE: u64 = 1 << 1;
+const EPT_QUAL_FETCH: u64 = 1 << 2;
+/// The VM-entry control "IA-32e mode guest" (SDM 24.8.1).
+const ENTRY_IA32E_MODE_GUEST: u64 = 1 << 9;
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_VMXE: u64 = 1 << 13;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+/// IA32_EFER's MSR number, for the MSR-load/store areas.
+pub const IA32_EFER: u32 = 0xC000_0080;
+
+/// One entry of a VM-entry/VM-exit MSR area (SDM vol. 3C, table 24-15).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MsrEntry {
+    pub index: u32,
+    pub reserved: u32,
+    pub value: u64,
+}
+
+/// The MSR areas of the EFER fallback: the guest's EFER, stored on exit
+/// and loaded on entry from the same entry, and the host's, loaded on exit.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct EferAreas {
+    pub guest: MsrEntry,
+    pub host: MsrEntry,
+}
+
+/// Fixed CR0/CR4 bits (IA32_VMX_CR*_FIXED*), as the guest may not change
+/// them: what they must be forced to, and which are hidden from the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct CrPolicy {
+    pub cr0_must1: u64,
+    pub cr0_may1: u64,
+    pub cr4_must1: u64,
+    pub cr4_may1: u64,
+}
+
+impl CrPolicy {
+    /// The real CR0 for a value the guest wants. With unrestricted guest,
+    /// PE and PG may be 0 (SDM vol. 3C, 26.3.1.1).
+    pub fn real_cr0(&self, wanted: u64) -> u64 {
+        (wanted | (self.cr0_must1 & !(CR0_PE | CR0_PG))) & self.cr0_may1
+    }
+
+    /// The real CR4: VMXE stays set while the guest thinks it is clear.
+    pub fn real_cr4(&self, wanted: u64) -> u64 {
+        (wanted | self.cr4_must1) & self.cr4_may1
+    }
+
+    /// CR0 bits owned by the hypervisor: a guest write that changes one
+    /// exits (SDM vol. 3C, 25.6.6).
+    pub fn cr0_mask(&self) -> u64 {
+        self.cr0_must1 & !(CR0_PE | CR0_PG)
+    }
+
+    pub fn cr4_mask(&self) -> u64 {
+        self.cr4_must1
+    }
+}
+
+/// Guest general registers in encoding order ([`Gpr`] as index); RSP's
+/// slot is unused (it lives in the VMCS). The world-switch stub relies on
+/// this layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestRegs(pub [u64; 16]);
+
+// The world switch. VM exits do not save the guest's general registers
+// (SDM vol. 3C, 28.1): the stub does. HOST_RSP is written just before
+// entering, pointing at the saved GuestRegs pointer; HOST_RIP is
+// `thinvisor_vmx_exit`.
+//
+// extern "sysv64" fn(regs: *mut GuestRegs, launched: u64) -> u64
+//   0 = the guest ran and exited, 1 = VMfailInvalid, 2 = VMfailValid
+global_asm!(
+    ".global thinvisor_vmx_run",
+    ".global thinvisor_vmx_exit",
+    "thinvisor_vmx_run:",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rdi",
+    "mov rax, 0x6C14", // HOST_RSP
+    "vmwrite rax, rsp",
+    "cmp rsi, 0",
+    "mov rax, [rdi + 0]",
+    "mov rcx, [rdi + 8]",
+    "mov rdx, [rdi + 16]",
+    "mov rbx, [rdi + 24]",
+    "mov rbp, [rdi + 40]",
+    "mov rsi, [rdi + 48]",
+    "mov r8, [rdi + 64]",
+    "mov r9, [rdi + 72]",
+    "mov r10, [rdi + 80]",
+    "mov r11, [rdi + 88]",
+    "mov r12, [rdi + 96]",
+    "mov r13, [rdi + 104]",
+    "mov r14, [rdi + 112]",
+    "mov r15, [rdi + 120]",
+    "mov rdi, [rdi + 56]",
+    "jne 2f",
+    "vmlaunch",
+    "jmp 3f",
+    "2:",
+    "vmresume",
+    "3:",
+    // Only reached when the entry failed: CF = invalid, ZF = valid.
+    "mov eax, 1",
+    "jc 4f",
+    "mov eax, 2",
+    "4:",
+    "add rsp, 8",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "ret",
+    "thinvisor_vmx_exit:",
+    "push rdi",
+    "mov rdi, [rsp + 8]",
+    "mov [rdi + 0], rax",
+    "mov [rdi + 8], rcx",
+    "mov [rdi + 16], rdx",
+    "mov [rdi + 24], rbx",
+    "mov [rdi + 40], rbp",
+    "mov [rdi + 48], rsi",
+    "mov [rdi + 64], r8",
+    "mov [rdi + 72], r9",
+    "mov [rdi + 80], r10",
+    "mov [rdi + 88], r11",
+    "mov [rdi + 96], r12",
+    "mov [rdi + 104], r13",
+    "mov [rdi + 112], r14",
+    "mov [rdi + 120], r15",
+    "pop qword ptr [rdi + 56]",
+    "xor eax, eax",
+    "jmp 4b",
+);
+
+extern "sysv64" {
+    fn thinvisor_vmx_run(regs: *mut GuestRegs, launched: u64) -> u64;
+    /// HOST_RIP: where VM exits land.
+    pub fn thinvisor_vmx_exit();
+}
+
+/// Where the guest's EFER lives while it runs.
+pub enum GuestEfer {
+    /// The GUEST_IA32_EFER field (VM-entry/exit EFER controls).
+    Field,
+    /// The shared store/load MSR-area entry.
+    Area(&'static mut EferAreas),
+}
+
+/// One virtual processor on VT-x. Its VMCS must be current on this CPU
+/// whenever a method is called.
+pub struct VmxVcpu<M: GuestPhysMemory> {
+    regs: GuestRegs,
+    launched: bool,
+    memory: M,
+    efer: GuestEfer,
+    cr: CrPolicy,
+    /// Basic exit reason and qualification of the current exit.
+    reason: u32,
+}
+
+/// Read a field that is valid whenever a VMCS is current. A failure here
+/// means the VMCS is not current, a broken invariant of this type.
+fn read(field: F) -> u64 {
+    // SAFETY: VmxVcpu's methods run with its VMCS current (type invariant).
+    unsafe { vmread(field) }.unwrap_or_else(|e| panic!("VMREAD {:#x}: {e}", field.0))
+}
+
+fn write(field: F, value: u64) {
+    // SAFETY: as for `read`; the fields written here are guest state and
+    // entry controls, which cannot reach host memory (EPT bounds the guest).
+    unsafe { vmwrite(field, value) }.unwrap_or_else(|e| panic!("VMWRITE {:#x}: {e}", field.0));
+}
+
+impl<M: GuestPhysMemory> VmxVcpu<M> {
+    /// Wrap a VMCS that [`crate::setup_vmcs`] prepared.
+    ///
+    /// # Safety
+    /// That VMCS must be current and stay current while this vCPU is used.
+    pub unsafe fn new(memory: M, efer: GuestEfer, cr: CrPolicy, rax: u64, rbx: u64) -> Self {
+        let mut regs = GuestRegs::default();
+        regs.0[Gpr::Rax as usize] = rax;
+        regs.0[Gpr::Rbx as usize] = rbx;
+        Self {
+            regs,
+            launched: false,
+            memory,
+            efer,
+            cr,
+            reason: 0,
+        }
+    }
+
+    fn guest_efer(&self) -> u64 {
+        match &self.efer {
+            GuestEfer::Field => read(F::GUEST_IA32_EFER),
+            GuestEfer::Area(a) => a.guest.value,
+        }
+    }
+
+    fn set_guest_efer(&mut self, value: u64) {
+        match &mut self.efer {
+            GuestEfer::Field => write(F::GUEST_IA32_EFER, value),
+            GuestEfer::Area(a) => a.guest.value = value,
+        }
+    }
+
+    /// MOV to CR0/CR3/CR4 that exited because it touched a bit the
+    /// hypervisor owns (or CR3-load exiting is forced on). Emulated as the
+    /// processor would: the real register keeps the fixed bits, the read
+    /// shadow shows the guest's value, and turning paging on or off with
+    /// EFER.LME set switches IA-32e mode (SDM vol. 3A, 10.8.5).
+    fn on_cr_access(&mut self) -> Result<(), ()> {
+        let q = read(F::EXIT_QUALIFICATION);
+        let cr = q & 0xF;
+        let access = (q >> 4) & 3;
+        let gpr = Gpr::ALL[((q >> 8) & 0xF) as usize];
+        if access != 0 {
+            // MOV from CR, CLTS and LMSW only exit for bits we do not mask.
+            return Err(());
+        }
+        let value = self.gpr(gpr);
+        match cr {
+            0 => {
+                let old = read(F::GUEST_CR0);
+                write(F::GUEST_CR0, self.cr.real_cr0(value));
+                write(F::CR0_READ_SHADOW, value);
+                let efer = self.guest_efer();
+                let paging_on = value & CR0_PG != 0;
+                if paging_on != (old & CR0_PG != 0) && efer & EFER_LME != 0 {
+                    let entry = read(F::VM_ENTRY_CONTROLS);
+                    let (efer, entry) = if paging_on {
+                        (efer | EFER_LMA, entry | ENTRY_IA32E_MODE_GUEST)
+                    } else {
+                        (efer & !EFER_LMA, entry & !ENTRY_IA32E_MODE_GUEST)
+                    };
+                    self.set_guest_efer(efer);
+                    write(F::VM_ENTRY_CONTROLS, entry);
+                }
+            }
+            3 => write(F::GUEST_CR3, value),
+            4 => {
+                write(F::GUEST_CR4, self.cr.real_cr4(value));
+                write(F::CR4_READ_SHADOW, value);
+            }
+            _ => return Err(()),
+        }
+        self.load_pdptes_if_pae();
+        self.skip_instruction();
+        Ok(())
+    }
+
+    /// With EPT, PAE paging's four PDPTEs come from the VMCS on entry
+    /// (SDM vol. 3C, 26.3.2.4): after an emulated write that enters or
+    /// changes PAE paging, load them from guest memory as MOV CR3 would.
+    fn load_pdptes_if_pae(&mut self) {
+        let p = self.paging();
+        if p.cr0 & CR0_PG == 0 || p.cr4 & CR4_PAE == 0 || p.efer & EFER_LMA != 0 {
+            return;
+        }
+        let base = p.cr3 & 0xFFFF_FFE0;
+        for (i, field) in [
+            F::GUEST_PDPTE0,
+            F::GUEST_PDPTE1,
+            F::GUEST_PDPTE2,
+            F::GUEST_PDPTE3,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut b = [0u8; 8];
+            let _ = self
+                .memory
+                .read_phys(GuestPhysAddr::new(base + 8 * i as u64), &mut b);
+            write(field, u64::from_le_bytes(b));
+        }
+    }
+
+    /// Turn the current exit into a neutral one, or None when the backend
+    /// settled it itself.
+    fn decode_exit(&mut self, raw_reason: u32) -> Option<Exit> {
+        use exit_reason as r;
+        if raw_reason & ENTRY_FAILURE != 0 {
+            return Some(Exit::EntryFailed {
+                code: u64::from(raw_reason),
+            });
+        }
+        self.reason = raw_reason & 0xFFFF;
+        Some(match self.reason {
+            r::VMCALL => Exit::VmmCall,
+            r::CPUID => Exit::Cpuid,
+            r::HLT => Exit::Hlt,
+            r::TRIPLE_FAULT => Exit::Shutdown,
+            r::EPT_VIOLATION => {
+                let q = read(F::EXIT_QUALIFICATION);
+                Exit::NestedPageFault {
+                    gpa: GuestPhysAddr::new(read(F::GUEST_PHYSICAL_ADDRESS)),
+                    write: q & EPT_QUAL_WRITE != 0,
+                    fetch: q & EPT_QUAL_FETCH != 0,
+                }
+            }
+            r::RDMSR | r::WRMSR => Exit::Msr {
+                msr: self.regs.0[Gpr::Rcx as usize] as u32,
+                write: self.reason == r::WRMSR,
+            },
+            r::CR_ACCESS => {
+                return match self.on_cr_access() {
+                    Ok(()) => None,
+                    Err(()) => Some(Exit::Unknown {
+                        code: u64::from(raw_reason),
+                    }),
+                }
+            }
+            r::VMCLEAR
+            | r::VMLAUNCH
+            | r::VMPTRLD
+            | r::VMPTRST
+            | r::VMREAD
+            | r::VMRESUME
+            | r::VMWRITE
+            | r::VMXOFF
+            | r::VMXON
+            | r::INVEPT
+            | r::INVVPID
+            | r::VMFUNC => Exit::VirtualizationInstruction,
+            _ => Exit::Unknown {
+                code: u64::from(raw_reason),
+            },
+        })
+    }
+}
+
+impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
+    fn gpr(&self, reg: Gpr) -> u64 {
+        match reg {
+            Gpr::Rsp => read(F::GUEST_RSP),
+            _ => self.regs.0[reg as usize],
+        }
+    }
+
+    fn set_gpr(&mut self, reg: Gpr, value: u64) {
+        match reg {
+            Gpr::Rsp => write(F::GUEST_RSP, value),
+            _ => self.regs.0[reg as usize] = value,
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        read(F::GUEST_RIP)
+    }
+
+    fn paging(&self) -> PagingRegs {
+        PagingRegs {
+            cr0: read(F::GUEST_CR0),
+            cr3: read(F::GUEST_CR3),
+            // VMXE is the hypervisor's; translation ignores it anyway.
+            cr4: read(F::GUEST_CR4) & !CR4_VMXE,
+            efer: self.guest_efer(),
+        }
+    }
+
+    fn mode(&self) -> CpuMode {
+        // CPL is SS.DPL (SDM vol. 3C, 26.3.1.2); CS.L is bit 13 of its
+        // access rights.
+        let ss = read(F::GUEST_SS_AR_BYTES);
+        let cs = read(F::GUEST_CS_AR_BYTES);
+        CpuMode {
+            cpl: ((ss >> 5) & 3) as u8,
+            long64: self.guest_efer() & EFER_LMA != 0 && cs & (1 << 13) != 0,
+        }
+    }
+
+    fn memory(&self) -> &dyn GuestPhysMemory {
+        &self.memory
+    }
+
+    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
+        &mut self.memory
+    }
+
+    fn skip_instruction(&mut self) {
+        let rip = read(F::GUEST_RIP).wrapping_add(read(F::VM_EXIT_INSTRUCTION_LEN));
+        write(F::GUEST_RIP, rip);
+        // Stepping over the instruction ends any STI/MOV SS blocking.
+        let blocking = read(F::GUEST_INTERRUPTIBILITY_INFO);
+        if blocking & 3 != 0 {
+            write(F::GUEST_INTERRUPTIBILITY_INFO, blocking & !3);
+        }
+    }
+
+    fn inject(&mut self, event: Event) {
+        let Event::Exception { vector, error_code } = event;
+        let mut info = u64::from(u32::from(vector) | INTR_TYPE_HW_EXCEPTION | INTR_INFO_VALID);
+        if let Some(code) = error_code {
+            info |= u64::from(INTR_DELIVER_ERROR_CODE);
+            write(F::VM_ENTRY_EXCEPTION_ERROR_CODE, u64::from(code));
+        }
+        write(F::VM_ENTRY_INTR_INFO, info);
+    }
+
+    fn run(&mut self) -> Exit {
+        loop {
+            // SAFETY: the VMCS is current with host state that returns to
+            // `thinvisor_vmx_exit` on this stack (type invariant), and the
+            // stub preserves the host's callee-saved registers.
+            let status = unsafe { thinvisor_vmx_run(&mut self.regs, u64::from(self.launched)) };
+            if status != 0 {
+                // VMLAUNCH/VMRESUME itself failed: the error number says why.
+                let error = read(F::VM_INSTRUCTION_ERROR);
+                return Exit::EntryFailed {
+                    code: (1 << 32) | error,
+                };
+            }
+            self.launched = true;
+            // An event whose delivery the exit interrupted is delivered
+            // again on the next entry (SDM vol. 3C, 28.2.4).
+            let vectoring = read(F::IDT_VECTORING_INFO);
+            if vectoring & u64::from(INTR_INFO_VALID) != 0 {
+                write(F::VM_ENTRY_INTR_INFO, vectoring & !(1 << 12));
+                if vectoring & u64::from(INTR_DELIVER_ERROR_CODE) != 0 {
+                    write(
+                        F::VM_ENTRY_EXCEPTION_ERROR_CODE,
+                        read(F::IDT_VECTORING_ERROR_CODE),
+                    );
+                }
+                write(
+                    F::VM_ENTRY_INSTRUCTION_LEN,
+                    read(F::VM_EXIT_INSTRUCTION_LEN),
+                );
+            }
+            let raw = read(F::VM_EXIT_REASON) as u32;
+            if let Some(exit) = self.decode_exit(raw) {
+                return exit;
+            }
+        }
+    }
+}

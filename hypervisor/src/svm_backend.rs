@@ -1,0 +1,78 @@
+//! Running the guest on AMD SVM.
+
+use crate::{mem, GuestSetup, PAGE};
+use log::info;
+use thinvisor_boot::alloc::FrameAllocator;
+use thinvisor_memory::nested::{NestedPageTable, NPT};
+use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
+use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
+use thinvisor_svm::vmcb::Vmcb;
+use thinvisor_svm::{EntryState, SvmFeatures, SvmVcpu};
+use thinvisor_vmm::{run_guest, StopReason, Vmm};
+
+pub fn run(
+    features: &SvmFeatures,
+    frames: &mut FrameAllocator,
+    guest: GuestSetup,
+    ram: &'static mut [u8],
+    vmm: &mut Vmm,
+) -> StopReason {
+    info!(
+        "AMD SVM: revision {}, {} ASIDs, nested paging, NRIPS {}, VMCB clean bits {}, decode assists {}",
+        features.revision,
+        features.asids,
+        crate::yes_no(features.nrips),
+        crate::yes_no(features.vmcb_clean),
+        crate::yes_no(features.decode_assists)
+    );
+    let mut tables = mem::FrameTables(frames);
+    let npt = NestedPageTable::new(&mut tables, NPT)
+        .and_then(|mut npt| {
+            npt.map_2m(
+                &mut tables,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(guest.ram_base),
+                guest.ram_size,
+            )
+            .map(|()| npt)
+        })
+        .unwrap_or_else(|e| boot_error!("cannot build nested page tables: {e:?}"));
+
+    let (Some(vmcb), Some(hsave), Some(host_save), Some(msrpm)) = (
+        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(frames, MSRPM_SIZE as u64, PAGE),
+    ) else {
+        boot_error!("out of memory for the VMCB")
+    };
+    // SAFETY: a fresh, mapped 8 KiB block used only as this map.
+    msrpm::init(unsafe { &mut *(mem::phys_to_virt(msrpm) as *mut [u8; MSRPM_SIZE]) });
+    // SAFETY: probe() succeeded and hsave is a page reserved for the CPU.
+    unsafe { thinvisor_svm::enable(HostPhysAddr::new(hsave)) };
+    // SAFETY: a zeroed, page-aligned page in the direct map, used only as
+    // this VMCB.
+    let vmcb_virt = unsafe { &mut *(mem::phys_to_virt(vmcb) as *mut Vmcb) };
+    let entry = EntryState {
+        rip: guest.rip,
+        rax: guest.rax,
+        rbx: guest.rbx,
+    };
+    // SAFETY: vmcb and host_save are distinct fresh pages, vmcb_virt maps
+    // vmcb, the nested tables map nothing but guest RAM, and the MSR map
+    // protects the SVM MSRs.
+    let mut vcpu = unsafe {
+        SvmVcpu::new(
+            features,
+            vmcb_virt,
+            HostPhysAddr::new(vmcb),
+            HostPhysAddr::new(host_save),
+            npt.root(),
+            HostPhysAddr::new(msrpm),
+            SliceMemory::new(ram),
+            entry,
+        )
+    };
+    info!("entering the guest at {:#x}", guest.rip);
+    run_guest(vmm, &mut vcpu)
+}

@@ -1,0 +1,115 @@
+//! Running the guest on Intel VT-x.
+
+use crate::{gdt, mem, GuestSetup, PAGE};
+use log::info;
+use thinvisor_boot::alloc::FrameAllocator;
+use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK};
+use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
+use thinvisor_vmm::{run_guest, StopReason, Vmm};
+use thinvisor_vmx::caps::{self, EferPreference, VmxCapabilities};
+use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
+use thinvisor_vmx::{EferAreas, HostState, VmcsSetup, VmxVcpu};
+
+pub fn run(
+    caps: &VmxCapabilities,
+    efer: EferPreference,
+    frames: &mut FrameAllocator,
+    guest: GuestSetup,
+    ram: &'static mut [u8],
+    vmm: &mut Vmm,
+) -> StopReason {
+    let controls = match caps::negotiate(caps, efer) {
+        Ok(c) => c,
+        Err(e) => boot_error!("{e}"),
+    };
+    info!(
+        "Intel VT-x: VMCS revision {:#x}; {}",
+        caps.revision_id(),
+        caps::describe(&controls)
+    );
+    if !controls.ept_2m {
+        boot_error!("VT-x: EPT without 2 MiB pages is not supported yet");
+    }
+
+    let mut tables = mem::FrameTables(frames);
+    let ept = NestedPageTable::new(&mut tables, EPT_WRITE_BACK)
+        .and_then(|mut ept| {
+            ept.map_2m(
+                &mut tables,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(guest.ram_base),
+                guest.ram_size,
+            )
+            .map(|()| ept)
+        })
+        .unwrap_or_else(|e| boot_error!("cannot build EPT: {e:?}"));
+
+    let (Some(vmxon), Some(vmcs), Some(bitmap), Some(areas)) = (
+        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(frames, PAGE, PAGE),
+    ) else {
+        boot_error!("out of memory for the VMCS")
+    };
+    // SAFETY: fresh, mapped, page-aligned pages, each used only as what it
+    // is named for.
+    let (vmxon_region, vmcs_region, bitmap_virt, areas_virt) = unsafe {
+        (
+            &mut *(mem::phys_to_virt(vmxon) as *mut [u8; 4096]),
+            &mut *(mem::phys_to_virt(vmcs) as *mut [u8; 4096]),
+            &mut *(mem::phys_to_virt(bitmap) as *mut [u8; MSR_BITMAP_SIZE]),
+            &mut *(mem::phys_to_virt(areas) as *mut EferAreas),
+        )
+    };
+    msr_bitmap::init(bitmap_virt);
+    // SAFETY: probe() succeeded; the VMXON region is a fresh page.
+    if let Err(e) = unsafe { thinvisor_vmx::enable(caps, vmxon_region, vmxon) } {
+        boot_error!("{e}");
+    }
+    let Some((selectors, gdtr_base, tr_base)) = gdt::current() else {
+        boot_error!("internal error: the GDT is not loaded");
+    };
+    let host = HostState {
+        cs: selectors.code.0,
+        ds: selectors.data.0,
+        tr: selectors.tss.0,
+        tr_base,
+        gdtr_base,
+        idtr_base: x86_64::instructions::tables::sidt().base.as_u64(),
+    };
+    let setup = VmcsSetup {
+        caps,
+        controls: &controls,
+        vmcs_region,
+        vmcs_pa: vmcs,
+        ept_root: ept.root().as_u64(),
+        msr_bitmap_pa: bitmap,
+        efer_areas: Some((areas_virt, areas)),
+        host,
+        rip: guest.rip,
+    };
+    // SAFETY: VMX is on; every region is this guest's own; the EPT maps
+    // only guest RAM.
+    let (policy, guest_efer) = match unsafe { thinvisor_vmx::setup_vmcs(setup) } {
+        Ok(r) => r,
+        Err(e) => boot_error!("VMCS setup: {e}"),
+    };
+    // SAFETY: VMX is on.
+    if let Err(e) = unsafe { thinvisor_vmx::flush_guest_tlb(&controls, ept.root().as_u64()) } {
+        boot_error!("{e}");
+    }
+    // SAFETY: setup_vmcs left this guest's VMCS current, and nothing else
+    // loads another.
+    let mut vcpu = unsafe {
+        VmxVcpu::new(
+            SliceMemory::new(ram),
+            guest_efer,
+            policy,
+            guest.rax,
+            guest.rbx,
+        )
+    };
+    info!("entering the guest at {:#x}", guest.rip);
+    run_guest(vmm, &mut vcpu)
+}
