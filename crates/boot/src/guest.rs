@@ -11,6 +11,7 @@ use core::fmt;
 use elf::abi::{EM_386, EM_X86_64, ET_EXEC, PT_LOAD};
 use elf::endian::AnyEndian;
 use elf::file::Class;
+use elf::segment::ProgramHeader;
 use elf::{ElfBytes, ParseError};
 
 /// Magic number that starts a multiboot v1 header.
@@ -375,15 +376,7 @@ fn load_elf(image: &[u8], ram: &mut [u8]) -> Result<LoadedKernel, LoadError> {
         if ph.p_type != PT_LOAD {
             continue;
         }
-        let seg = check_segment(
-            index,
-            ph.p_paddr,
-            ph.p_offset,
-            ph.p_filesz,
-            ph.p_memsz,
-            image_len,
-            ram_len,
-        )?;
+        let seg = check_segment(index, &ph, image_len, ram_len)?;
         if seg.memsz == 0 {
             continue;
         }
@@ -416,15 +409,7 @@ fn load_elf(image: &[u8], ram: &mut [u8]) -> Result<LoadedKernel, LoadError> {
         if ph.p_type != PT_LOAD || ph.p_memsz == 0 {
             continue;
         }
-        if let Ok(seg) = check_segment(
-            index,
-            ph.p_paddr,
-            ph.p_offset,
-            ph.p_filesz,
-            ph.p_memsz,
-            image_len,
-            ram_len,
-        ) {
+        if let Ok(seg) = check_segment(index, &ph, image_len, ram_len) {
             if let Some(file) = range_in(image, seg.offset, seg.filesz) {
                 copy_segment(ram, seg.paddr, file, seg.memsz);
             }
@@ -451,14 +436,12 @@ fn find_physical_entry(
 /// Checks that a segment's file bytes lie in the image and its memory in RAM.
 fn check_segment(
     index: usize,
-    paddr: u64,
-    offset: u64,
-    filesz: u64,
-    memsz: u64,
+    ph: &ProgramHeader,
     image_len: u64,
     ram_len: u64,
 ) -> Result<LoadSegment, LoadError> {
     let segment = Segment::ElfProgramHeader(index);
+    let (paddr, offset, filesz, memsz) = (ph.p_paddr, ph.p_offset, ph.p_filesz, ph.p_memsz);
     if filesz > memsz {
         return Err(LoadError::FileLargerThanMemory {
             segment,

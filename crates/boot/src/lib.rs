@@ -16,7 +16,10 @@ mod info;
 pub mod multiboot1;
 pub mod multiboot2;
 
-pub use info::{BootInfo, BootInfoError, MemKind, MemRegion, Module};
+pub use info::{
+    BootInfo, BootInfoError, MemKind, MemRegion, Module, CMDLINE_CAP, MAX_MODULES, MAX_REGIONS,
+    MODULE_STRING_CAP,
+};
 
 /// Size of a small page; the unit of every physical allocation.
 pub const PAGE_SIZE: u64 = 4096;
