@@ -280,6 +280,10 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
     if c.vpid {
         vmw(F::VIRTUAL_PROCESSOR_ID, GUEST_VPID.into())?;
     }
+    if c.procbased2 & caps::proc2::ENABLE_XSAVES != 0 {
+        // XSAVES/XRSTORS of any component must not exit (SDM 25.6.20).
+        vmw(F::XSS_EXITING_BITMAP, 0)?;
+    }
     let efer = match (c.efer, s.efer_areas) {
         (EferPath::VmcsControls, _) => {
             vmw(F::GUEST_IA32_EFER, 0)?;

@@ -37,6 +37,7 @@ impl VmcsField {
     pub const VM_ENTRY_MSR_LOAD_ADDR: Self = Self(0x200A);
     pub const TSC_OFFSET: Self = Self(0x2010);
     pub const EPT_POINTER: Self = Self(0x201A);
+    pub const XSS_EXITING_BITMAP: Self = Self(0x202C);
     // 64-bit read-only data (B.2.2)
     pub const GUEST_PHYSICAL_ADDRESS: Self = Self(0x2400);
     // 64-bit guest state (B.2.3)
