@@ -25,6 +25,7 @@ use core::fmt::Write;
 use log::{error, info, warn};
 use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
+use thinvisor_boot::cmdline::EferMode;
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
@@ -133,14 +134,13 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     }
     let reason = match backend {
         Backend::Svm(features) => svm_backend::run(&features, &mut frames, guest, ram, &mut vmm),
-        Backend::Vmx(caps) => vmx_backend::run(
-            &caps,
-            EferPreference::Auto,
-            &mut frames,
-            guest,
-            ram,
-            &mut vmm,
-        ),
+        Backend::Vmx(caps) => {
+            let efer = match options.efer {
+                EferMode::Auto => EferPreference::Auto,
+                EferMode::MsrArea => EferPreference::MsrArea,
+            };
+            vmx_backend::run(&caps, efer, &mut frames, guest, ram, &mut vmm)
+        }
     };
     report_stop(reason)
 }

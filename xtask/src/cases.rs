@@ -74,6 +74,9 @@ const QEMU: Case = Case {
 };
 
 const RYZEN: Emulator = Emulator::Bochs { model: "ryzen" };
+const SKYLAKE_X: Emulator = Emulator::Bochs {
+    model: "corei7_skylake_x",
+};
 
 /// The test guest's `checks` run passed.
 const CHECKS_PASSED: &[&str] = &[
@@ -87,7 +90,17 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS lookup_bad_pointer",
     "PASS invalid_function",
     "PASS lookup_overlong",
+    "PASS lookup_unknown",
+    "PASS lookup_empty",
+    "PASS dbgsh_nothing_pending",
+    "PASS log_set_buf_accepted",
 ];
+/// What the boot log says on SVM.
+const ON_SVM: &[&str] = &["AMD SVM: revision"];
+/// What the boot log says on VT-x under `efer=auto`: every Bochs Intel
+/// model offers the EFER controls, VPID and 2 MiB EPT pages.
+const ON_VMX_AUTO: &[&str] = &["EFER via VMCS controls", "VPID on", "EPT 2M pages yes"];
+const ON_VMX_MSR_AREA: &[&str] = &["EFER via MSR areas", "VPID on", "EPT 2M pages yes"];
 const NO_FAIL: &[&str] = &["FAIL"];
 /// The test guest's `npf` run: a touch of guest-physical 0xE000_0000.
 const NPF_REPORTED: &[&str] = &["nested page fault", "0xe0000000"];
@@ -183,6 +196,88 @@ pub const CASES: &[Case] = &[
         emulator: RYZEN,
         modules: NPF,
         must_contain: NPF_REPORTED,
+        ..QEMU
+    },
+    Case {
+        name: "qemu-svm-log",
+        modules: CHECKS,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: ON_SVM,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-checks",
+        emulator: SKYLAKE_X,
+        modules: CHECKS,
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-efer-auto",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info efer=auto",
+        modules: CHECKS,
+        must_contain: ON_VMX_AUTO,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-efer-msr-area",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info efer=msr-area",
+        modules: CHECKS,
+        must_contain: ON_VMX_MSR_AREA,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-npf",
+        emulator: SKYLAKE_X,
+        modules: NPF,
+        must_contain: NPF_REPORTED,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-halt",
+        emulator: SKYLAKE_X,
+        modules: &[(Image::TestGuest, "test-guest.elf halt")],
+        must_contain: &["guest halted"],
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-triple",
+        emulator: SKYLAKE_X,
+        modules: &[(Image::TestGuest, "test-guest.elf triple")],
+        must_contain: &["shutdown"],
+        ..QEMU
+    },
+    Case {
+        name: "bochs-icelake-u-checks",
+        emulator: Emulator::Bochs {
+            model: "corei7_icelake_u",
+        },
+        modules: CHECKS,
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-tigerlake-checks",
+        emulator: Emulator::Bochs { model: "tigerlake" },
+        modules: CHECKS,
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-haswell-checks",
+        emulator: Emulator::Bochs {
+            model: "corei7_haswell_4770",
+        },
+        modules: CHECKS,
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
 ];

@@ -26,6 +26,19 @@ pub struct Options {
     pub guest_module: usize,
     /// `guest_mem=`: guest RAM in bytes, a multiple of 2 MiB, at most 4 GiB.
     pub guest_mem: u64,
+    /// `efer=`: how VT-x switches the guest's EFER (SPEC.md section 1).
+    pub efer: EferMode,
+}
+
+/// `efer=auto|msr-area`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EferMode {
+    /// The VM-entry/VM-exit EFER controls when the processor has them.
+    #[default]
+    Auto,
+    /// Always the VM-entry/VM-exit MSR areas, so that path can be tested
+    /// on processors that have the controls.
+    MsrArea,
 }
 
 impl Default for Options {
@@ -34,6 +47,7 @@ impl Default for Options {
             log_level: LevelFilter::Info,
             guest_module: 0,
             guest_mem: GUEST_MEM_DEFAULT,
+            efer: EferMode::Auto,
         }
     }
 }
@@ -45,6 +59,8 @@ pub enum CmdlineErrorKind {
     BadLogLevel,
     /// `guest=` is not a decimal module index.
     BadGuestIndex,
+    /// `efer=` is neither `auto` nor `msr-area`.
+    BadEfer,
     /// `guest_mem=` is not a size.
     BadSize,
     /// `guest_mem=` is below 2 MiB.
@@ -70,6 +86,7 @@ impl fmt::Display for CmdlineError<'_> {
                 f,
                 "{t}: unknown log level (use off, error, warn, info, debug or trace)"
             ),
+            CmdlineErrorKind::BadEfer => write!(f, "{t}: expected efer=auto or efer=msr-area"),
             CmdlineErrorKind::BadGuestIndex => {
                 write!(f, "{t}: expected a boot module index (0, 1, 2, ...)")
             }
@@ -107,6 +124,13 @@ pub fn parse<'a>(
                     parse_index(value).ok_or(err(CmdlineErrorKind::BadGuestIndex))?
             }
             "guest_mem" => opts.guest_mem = parse_guest_mem(value).map_err(err)?,
+            "efer" => {
+                opts.efer = match value {
+                    "auto" => EferMode::Auto,
+                    "msr-area" => EferMode::MsrArea,
+                    _ => return Err(err(CmdlineErrorKind::BadEfer)),
+                }
+            }
             _ => warn(token, "unknown option, ignored"),
         }
     }

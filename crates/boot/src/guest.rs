@@ -83,6 +83,9 @@ impl fmt::Display for Segment {
     }
 }
 
+/// The first bytes of every ELF file.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
 /// Why a guest kernel could not be loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoadError {
@@ -161,7 +164,7 @@ impl fmt::Display for LoadError {
             ),
             LoadError::NotElf => write!(
                 f,
-                "guest module is not an ELF file and has no a.out-kludge multiboot header"
+                "guest module is not an ELF file and has no multiboot header with the a.out kludge either"
             ),
             LoadError::BadElfClass(class) => {
                 write!(f, "guest kernel is an ELF file of unknown class {class}")
@@ -216,7 +219,11 @@ impl fmt::Display for LoadError {
 /// Loads a multiboot v1 kernel `image` into guest RAM `ram` (guest-physical
 /// address 0 is `ram[0]`). Nothing is written unless the whole image is valid.
 pub fn load_multiboot_kernel(image: &[u8], ram: &mut [u8]) -> Result<LoadedKernel, LoadError> {
-    let (offset, flags) = find_header(image)?;
+    let (offset, flags) = find_header(image).map_err(|e| match e {
+        // Neither kind of kernel: say what the file is not.
+        LoadError::NoMultibootHeader if !image.starts_with(ELF_MAGIC) => LoadError::NotElf,
+        e => e,
+    })?;
     let unknown = flags & REQUIRED_MASK & !SUPPORTED_REQUIRED;
     if unknown != 0 {
         return Err(LoadError::UnsupportedFlags(unknown));

@@ -1,5 +1,5 @@
 use log::LevelFilter;
-use thinvisor_boot::cmdline::{parse, CmdlineError, CmdlineErrorKind, Options};
+use thinvisor_boot::cmdline::{parse, CmdlineError, CmdlineErrorKind, EferMode, Options};
 
 /// Parses and collects warnings.
 fn run(cmdline: &str) -> (Result<Options, CmdlineError<'_>>, Vec<(String, String)>) {
@@ -40,15 +40,28 @@ fn kernel_path_and_flags_are_skipped() {
 
 #[test]
 fn all_options() {
-    let o = ok("thinvisor log=trace guest=2 guest_mem=128M");
+    let o = ok("thinvisor log=trace guest=2 guest_mem=128M efer=msr-area");
     assert_eq!(
         o,
         Options {
             log_level: LevelFilter::Trace,
             guest_module: 2,
-            guest_mem: 128 * MIB
+            guest_mem: 128 * MIB,
+            efer: EferMode::MsrArea,
         }
     );
+}
+
+#[test]
+fn efer_modes() {
+    assert_eq!(ok("").efer, EferMode::Auto);
+    assert_eq!(ok("efer=auto").efer, EferMode::Auto);
+    assert_eq!(ok("efer=msr-area").efer, EferMode::MsrArea);
+    for bad in ["efer=", "efer=MSR-AREA", "efer=controls"] {
+        let e = err(bad);
+        assert_eq!(e.kind, CmdlineErrorKind::BadEfer, "{bad}");
+        assert!(e.to_string().contains("efer=auto or efer=msr-area"));
+    }
 }
 
 #[test]
