@@ -7,6 +7,7 @@ use crate::cpu::{self, vmm_call, Regs};
 use crate::entry;
 use crate::global;
 use crate::paging::{self, HIGH_2M, HIGH_4K, NON_CANONICAL, OUTSIDE_RAM, UNMAPPED};
+use crate::{recover, user};
 use core::fmt;
 use thinvisor_abi as abi;
 
@@ -425,8 +426,347 @@ fn log_set_buf_accepted(_: &BootInfo) -> CheckResult {
     ensure_preserved(&before, &after, "log_set_buf(0, 0)")
 }
 
+// ------------------------------------------- MSRs, rings, exit stress
+
+const MSR_EFER: u32 = 0xC000_0080;
+const MSR_STAR: u32 = 0xC000_0081;
+const MSR_LSTAR: u32 = 0xC000_0082;
+const MSR_SFMASK: u32 = 0xC000_0084;
+/// AMD VM_HSAVE_PA: thinvisor's own (intercepted on AMD, absent on Intel).
+const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
+/// IA32_VMX_BASIC: thinvisor hides VMX.
+const MSR_VMX_BASIC: u32 = 0x480;
+
+const EFER_SCE: u64 = 1 << 0;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_DF: u64 = 1 << 10;
+const RFLAGS_NT: u64 = 1 << 14;
+const RFLAGS_AC: u64 = 1 << 18;
+/// SFMASK: what SYSCALL clears (DF is what the check watches).
+const SFMASK: u64 = RFLAGS_TF | RFLAGS_IF | RFLAGS_DF | RFLAGS_NT | RFLAGS_AC;
+
+/// Page-fault error code bits.
+const PF_PRESENT: u64 = 1 << 0;
+const PF_USER: u64 = 1 << 2;
+const PF_FETCH: u64 = 1 << 4;
+
+/// RDMSR that must not fault.
+fn rdmsr(msr: u32) -> Result<u64, Why> {
+    recover::rdmsr(msr, recover::GP).map_err(|c| {
+        why(format_args!(
+            "RDMSR {msr:#x} raised vector {} (error {:#x})",
+            c.vector, c.error
+        ))
+    })
+}
+
+/// WRMSR that must not fault.
+///
+/// # Safety
+/// As for `recover::wrmsr`.
+unsafe fn wrmsr(msr: u32, value: u64) -> CheckResult {
+    // SAFETY: passed on from the caller.
+    unsafe { recover::wrmsr(msr, value, recover::GP) }.map_err(|c| {
+        why(format_args!(
+            "WRMSR {msr:#x} <- {value:#x} raised vector {} (error {:#x})",
+            c.vector, c.error
+        ))
+    })
+}
+
+/// Writes an MSR and fails unless it reads back as written.
+///
+/// # Safety
+/// As for `recover::wrmsr`.
+unsafe fn wrmsr_checked(msr: u32, value: u64) -> CheckResult {
+    // SAFETY: passed on from the caller.
+    unsafe { wrmsr(msr, value) }?;
+    let back = rdmsr(msr)?;
+    ensure!(
+        back == value,
+        "MSR {msr:#x} reads {back:#x} after writing {value:#x}"
+    );
+    Ok(())
+}
+
+/// `efer_is_guests`: EFER.SCE and NXE set by the guest survive 2000 exits,
+/// and NX is honoured.
+fn efer_is_guests(_: &BootInfo) -> CheckResult {
+    let [_, _, _, edx] = cpu::cpuid(0x8000_0001, 0);
+    ensure!(
+        edx & (1 << 20) != 0,
+        "CPUID 0x80000001:EDX bit 20 (NX) is clear"
+    );
+    let efer = rdmsr(MSR_EFER)?;
+    ensure!(
+        efer & (EFER_LME | EFER_LMA) == EFER_LME | EFER_LMA,
+        "EFER is {efer:#x} in long mode (LME and LMA not both set)"
+    );
+    // Every other bit kept: LME/LMA, and SVME on AMD.
+    let wanted = efer | EFER_SCE | EFER_NXE;
+    // SAFETY: SCE and NXE only enable SYSCALL and the NX bit, which no
+    // mapping uses yet.
+    unsafe { wrmsr_checked(MSR_EFER, wanted) }?;
+
+    let dbgsh = dbgsh_number()?;
+    for i in 0..1000 {
+        let rax = call2(dbgsh, abi::dbgsh::NOTHING).rax;
+        ensure!(
+            rax == abi::dbgsh::NOTHING,
+            "dbgsh poll {i} returned {rax:#x}"
+        );
+    }
+    let after_calls = rdmsr(MSR_EFER)?;
+    let first = cpu::cpuid(0, 0);
+    for i in 0..1000 {
+        let r = cpu::cpuid(0, 0);
+        ensure!(
+            r == first,
+            "CPUID 0 result {i} was {r:x?}, first {first:x?}"
+        );
+    }
+    let after = rdmsr(MSR_EFER)?;
+    ensure!(
+        after_calls == wanted,
+        "EFER {after_calls:#x} after 1000 VMM calls, {wanted:#x} written"
+    );
+    ensure!(
+        after == wanted,
+        "EFER {after:#x} after 1000 CPUIDs, {wanted:#x} written"
+    );
+    let needed = EFER_SCE | EFER_NXE | EFER_LMA;
+    ensure!(
+        after & needed == needed,
+        "EFER {after:#x} lacks SCE, NXE or LMA"
+    );
+
+    // NX honoured: the same `ret` runs from an executable mapping and
+    // faults (instruction fetch, protection) from the NX one.
+    paging::map_nx_test_pages();
+    // SAFETY: data page 1 holds a lone `ret`.
+    if let Err(c) = unsafe { recover::call_at(paging::HIGH_EXEC, recover::PF) } {
+        fail!(
+            "calling a `ret` at {:#x} (executable) raised #PF error {:#x} cr2 {:#x}",
+            paging::HIGH_EXEC,
+            c.error,
+            c.cr2
+        );
+    }
+    // SAFETY: as above; the fetch is expected to fault.
+    match unsafe { recover::call_at(paging::HIGH_NX, recover::PF) } {
+        Ok(()) => fail!(
+            "a `ret` on a page mapped NX ({:#x}) ran, with EFER.NXE set",
+            paging::HIGH_NX
+        ),
+        Err(c) => {
+            ensure!(
+                c.error & (PF_FETCH | PF_PRESENT | PF_USER) == PF_FETCH | PF_PRESENT
+                    && c.cr2 == paging::HIGH_NX
+                    && c.rip == paging::HIGH_NX,
+                "NX fetch: #PF error {:#x} (want I/D and P set, U clear) cr2 {:#x} rip {:#x}",
+                c.error,
+                c.cr2,
+                c.rip
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `syscall_sysret`: SYSCALL from ring 3, SYSRET back, `int 0x80` home;
+/// and a VMM call from ring 3.
+fn syscall_sysret(_: &BootInfo) -> CheckResult {
+    let [_, _, _, edx] = cpu::cpuid(0x8000_0001, 0);
+    ensure!(
+        edx & (1 << 11) != 0,
+        "CPUID 0x80000001:EDX bit 11 (SYSCALL) is clear"
+    );
+    let efer = rdmsr(MSR_EFER)?;
+    if efer & EFER_SCE == 0 {
+        // Normally left set by efer_is_guests.
+        // SAFETY: SCE only enables SYSCALL/SYSRET.
+        unsafe { wrmsr_checked(MSR_EFER, efer | EFER_SCE) }?;
+    }
+    let star = (u64::from(user::USER_BASE_SEL) << 48) | (u64::from(user::KERNEL_BASE_SEL) << 32);
+    // SAFETY: the SYSCALL MSRs only matter to SYSCALL, which only the ring-3
+    // code below executes; the entry point and selectors are valid.
+    unsafe {
+        wrmsr_checked(MSR_STAR, star)?;
+        wrmsr_checked(MSR_LSTAR, user::syscall_entry())?;
+        wrmsr_checked(MSR_SFMASK, SFMASK)?;
+    }
+    let dbgsh = dbgsh_number()?;
+
+    let (u, k) = user::run_ring3(cpu::uses_vmcall());
+
+    let user_cs = u64::from(user::USER_CODE64_SEL);
+    ensure!(
+        u.cs_start == user_cs,
+        "CS in ring 3 was {:#x}, not {user_cs:#x}",
+        u.cs_start
+    );
+    ensure!(
+        u.lookup == dbgsh,
+        "\"dbgsh\" looked up from ring 3 returned {:#x}, from ring 0 {dbgsh:#x}",
+        u.lookup
+    );
+    ensure!(k.count == 1, "{} SYSCALLs arrived, not 1", k.count);
+    ensure!(
+        k.cs & 3 == 0 && k.cs == u64::from(user::KERNEL_BASE_SEL),
+        "CS in the SYSCALL handler was {:#x} (CPL {}), not 0x8",
+        k.cs,
+        k.cs & 3
+    );
+    ensure!(
+        k.rcx == user::after_syscall(),
+        "RCX in the SYSCALL handler was {:#x}, not the return address {:#x}",
+        k.rcx,
+        user::after_syscall()
+    );
+    ensure!(
+        u.rflags_before & RFLAGS_DF != 0 && k.r11 == u.rflags_before,
+        "R11 in the SYSCALL handler was {:#x}, RFLAGS before SYSCALL {:#x}",
+        k.r11,
+        u.rflags_before
+    );
+    ensure!(
+        k.rflags & SFMASK == 0,
+        "RFLAGS in the SYSCALL handler was {:#x} (SFMASK {SFMASK:#x} not applied)",
+        k.rflags
+    );
+    let (data_lo, data_hi) = (user::data_page(), user::data_page() + 4096);
+    ensure!(
+        // The stack is empty at SYSCALL: RSP may be the page's end.
+        (data_lo + 8..=data_hi).contains(&k.rsp),
+        "RSP in the SYSCALL handler was {:#x}, not the user stack",
+        k.rsp
+    );
+    ensure!(
+        u.reached_after == 1,
+        "ring 3 did not run after SYSRET (marker {:#x})",
+        u.reached_after
+    );
+    ensure!(
+        u.cs_after == user_cs,
+        "CS after SYSRET was {:#x}, not {user_cs:#x}",
+        u.cs_after
+    );
+    ensure!(
+        u.rflags_after & RFLAGS_DF != 0,
+        "RFLAGS after SYSRET was {:#x}: DF not restored from R11",
+        u.rflags_after
+    );
+    ensure!(
+        k.int_count == 1 && k.int_cs == user_cs,
+        "int 0x80: {} arrived, from CS {:#x}",
+        k.int_count,
+        k.int_cs
+    );
+    // The SYSCALL MSRs are the guest's across all those exits.
+    for (msr, value) in [
+        (MSR_STAR, star),
+        (MSR_LSTAR, user::syscall_entry()),
+        (MSR_SFMASK, SFMASK),
+    ] {
+        let now = rdmsr(msr)?;
+        ensure!(
+            now == value,
+            "MSR {msr:#x} is {now:#x} after ring 3, {value:#x} written"
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless `result` is a #GP.
+fn ensure_gp<T: fmt::LowerHex>(result: Result<T, recover::Caught>, what: &str) -> CheckResult {
+    match result {
+        Ok(v) => fail!("{what} did not fault (value {v:#x})"),
+        Err(c) => ensure!(
+            c.vector == u64::from(recover::GP),
+            "{what} raised vector {}, not #GP",
+            c.vector
+        ),
+    }
+    Ok(())
+}
+
+/// `protected_msr`: the hypervisor's MSRs and the virtualization CPUID
+/// bits are hidden from the guest.
+fn protected_msr(_: &BootInfo) -> CheckResult {
+    ensure_gp(
+        recover::rdmsr(MSR_VM_HSAVE_PA, recover::GP),
+        "RDMSR 0xc0010117 (VM_HSAVE_PA)",
+    )?;
+    // SAFETY: expected to fault; a VMM that let it through is broken anyway.
+    let w = unsafe { recover::wrmsr(MSR_VM_HSAVE_PA, 0, recover::GP) };
+    ensure_gp(w.map(|()| 0u64), "WRMSR 0xc0010117 (VM_HSAVE_PA) <- 0")?;
+    if cpu::uses_vmcall() {
+        ensure_gp(
+            recover::rdmsr(MSR_VMX_BASIC, recover::GP),
+            "RDMSR 0x480 (IA32_VMX_BASIC)",
+        )?;
+        let [_, _, ecx, _] = cpu::cpuid(1, 0);
+        ensure!(
+            ecx & (1 << 5) == 0,
+            "CPUID.1:ECX bit 5 (VMX) is set (ECX {ecx:#x})"
+        );
+    } else {
+        let [_, _, ecx, _] = cpu::cpuid(0x8000_0001, 0);
+        ensure!(
+            ecx & (1 << 2) == 0,
+            "CPUID 0x80000001:ECX bit 2 (SVM) is set (ECX {ecx:#x})"
+        );
+    }
+    Ok(())
+}
+
+/// CPUID exits in `many_exits`. Bochs needs about 5 s for them.
+const MANY_EXITS: u64 = 100_000;
+
+/// `many_exits`: 100 000 CPUID exits keep RAX..RDX equal to the first
+/// result and every other register unchanged.
+fn many_exits(_: &BootInfo) -> CheckResult {
+    const LEAF: u32 = 1;
+    let first = cpu::cpuid(LEAF, 0).map(u64::from);
+    let mut io = cpu::CpuidLoop {
+        leaf: u64::from(LEAF),
+        iterations: MANY_EXITS,
+        ..cpu::CpuidLoop::default()
+    };
+    cpu::cpuid_loop(&mut io);
+    let names = ["RBP", "RSI", "RDI", "R11", "R12", "R13", "R14", "R15"];
+    for ((name, want), got) in names.iter().zip(cpu::LOOP_PATTERNS).zip(io.kept) {
+        ensure!(
+            got == want,
+            "{name} changed from {want:#x} to {got:#x} across {MANY_EXITS} CPUIDs"
+        );
+    }
+    let expected = (0..MANY_EXITS).fold(0, |s, _| cpu::cpuid_checksum_step(s, first));
+    if io.checksum != expected {
+        // Find the first differing result for the report.
+        for i in 0..MANY_EXITS {
+            let r = cpu::cpuid(LEAF, 0).map(u64::from);
+            ensure!(
+                r == first,
+                "checksum {:#x}, expected {expected:#x}; re-run: CPUID {i} gave {r:x?}, first {first:x?}",
+                io.checksum
+            );
+        }
+        fail!(
+            "checksum {:#x} over {MANY_EXITS} CPUID.{LEAF:#x}, expected {expected:#x} from {first:x?}",
+            io.checksum
+        );
+    }
+    Ok(())
+}
+
 /// The checks, in report order.
-const CHECKS: [Check; 12] = [
+const CHECKS: [Check; 16] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -439,6 +779,10 @@ const CHECKS: [Check; 12] = [
     ("register_preservation", register_preservation),
     ("dbgsh_nothing_pending", dbgsh_nothing_pending),
     ("log_set_buf_accepted", log_set_buf_accepted),
+    ("efer_is_guests", efer_is_guests),
+    ("syscall_sysret", syscall_sysret),
+    ("protected_msr", protected_msr),
+    ("many_exits", many_exits),
 ];
 
 /// Runs every check, prints the summary and ends the run.

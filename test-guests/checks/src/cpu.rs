@@ -71,6 +71,11 @@ pub fn detect_vendor() {
     USE_VMCALL.store(&vendor() == b"GenuineIntel", Relaxed);
 }
 
+/// True on Intel, where the VMM call is VMCALL.
+pub fn uses_vmcall() -> bool {
+    USE_VMCALL.load(Relaxed)
+}
+
 /// The mnemonic in use, for the report.
 pub fn call_insn_name() -> &'static str {
     if USE_VMCALL.load(Relaxed) {
@@ -220,6 +225,120 @@ pub fn vmm_call(regs: &mut Regs) {
         // SAFETY: as above.
         unsafe { vmmcall_regs(regs) }
     }
+}
+
+/// Patterns `cpuid_loop` keeps in RBP, RSI, RDI, R11, R12, R13, R14, R15
+/// (in that order) across the loop; high halves set so that a 32-bit
+/// truncation shows.
+pub const LOOP_PATTERNS: [u64; 8] = [
+    0x5EC0_DE01_0101_0101,
+    0x5EC0_DE02_0202_0202,
+    0x5EC0_DE03_0303_0303,
+    0x5EC0_DE04_0404_0404,
+    0x5EC0_DE05_0505_0505,
+    0x5EC0_DE06_0606_0606,
+    0x5EC0_DE07_0707_0707,
+    0x5EC0_DE08_0808_0808,
+];
+
+/// In and out of `cpuid_loop`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct CpuidLoop {
+    /// In: the leaf (subleaf 0).
+    pub leaf: u64,
+    /// In: how many CPUIDs (at least 1).
+    pub iterations: u64,
+    /// Out: [`cpuid_checksum_step`] folded over every result, from 0.
+    pub checksum: u64,
+    /// Out: RBP, RSI, RDI, R11..R15 after the loop (see `LOOP_PATTERNS`).
+    pub kept: [u64; 8],
+}
+
+/// One step of `cpuid_loop`'s checksum; RAX..RDX as the full 64-bit
+/// registers (CPUID zero-extends, so a VMM that leaves junk in the high
+/// halves changes the sum).
+pub fn cpuid_checksum_step(sum: u64, regs: [u64; 4]) -> u64 {
+    regs.iter().fold(sum, |s, &r| s.rotate_left(7) ^ r)
+}
+
+/// Runs CPUID `iterations` times in a tight loop that keeps
+/// `LOOP_PATTERNS` in every register it does not need, folding RAX..RDX
+/// into a checksum.
+pub fn cpuid_loop(io: &mut CpuidLoop) {
+    // SAFETY: `io` is a valid exclusive reference; the stub restores every
+    // callee-saved register and the stack.
+    unsafe { cpuid_loop_raw(io) }
+}
+
+/// # Safety
+/// `io` must be valid for reads and writes.
+#[unsafe(naked)]
+unsafe extern "sysv64" fn cpuid_loop_raw(io: *mut CpuidLoop) {
+    naked_asm!(
+        "push rbx",
+        "push rbp",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "push rdi",
+        "mov r8, [rdi + {iterations}]",
+        "mov r10, [rdi + {leaf}]",
+        "xor r9d, r9d",
+        "movabs rbp, {p0}",
+        "movabs rsi, {p1}",
+        "movabs rdi, {p2}",
+        "movabs r11, {p3}",
+        "movabs r12, {p4}",
+        "movabs r13, {p5}",
+        "movabs r14, {p6}",
+        "movabs r15, {p7}",
+        "2:",
+        "mov eax, r10d",
+        "xor ecx, ecx",
+        "cpuid",
+        "rol r9, 7",
+        "xor r9, rax",
+        "rol r9, 7",
+        "xor r9, rbx",
+        "rol r9, 7",
+        "xor r9, rcx",
+        "rol r9, 7",
+        "xor r9, rdx",
+        "dec r8",
+        "jnz 2b",
+        "xchg rdi, [rsp]",
+        "mov [rdi + {checksum}], r9",
+        "mov [rdi + {kept}], rbp",
+        "mov [rdi + {kept} + 8], rsi",
+        "mov [rdi + {kept} + 24], r11",
+        "mov [rdi + {kept} + 32], r12",
+        "mov [rdi + {kept} + 40], r13",
+        "mov [rdi + {kept} + 48], r14",
+        "mov [rdi + {kept} + 56], r15",
+        "pop rax",
+        "mov [rdi + {kept} + 16], rax",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbp",
+        "pop rbx",
+        "ret",
+        leaf = const offset_of!(CpuidLoop, leaf),
+        iterations = const offset_of!(CpuidLoop, iterations),
+        checksum = const offset_of!(CpuidLoop, checksum),
+        kept = const offset_of!(CpuidLoop, kept),
+        p0 = const LOOP_PATTERNS[0],
+        p1 = const LOOP_PATTERNS[1],
+        p2 = const LOOP_PATTERNS[2],
+        p3 = const LOOP_PATTERNS[3],
+        p4 = const LOOP_PATTERNS[4],
+        p5 = const LOOP_PATTERNS[5],
+        p6 = const LOOP_PATTERNS[6],
+        p7 = const LOOP_PATTERNS[7],
+    )
 }
 
 /// CR2, the faulting address of the last page fault.

@@ -118,7 +118,9 @@ tg_check32_esp:     .long 0     /* ESP to resume with after an exception */
 tg_use_vmcall32:    .long 0     /* 1 = Intel (VMCALL), 0 = VMMCALL */
 
 /* GDT: 0x08 64-bit code, 0x10 data, 0x18 32-bit code, 0x20 TSS (filled by
-   interrupts.rs). Writable: LTR sets the TSS busy bit. */
+   interrupts.rs), then ring 3 in the order SYSRET needs (STAR[63:48] =
+   0x30): 0x30 32-bit user code, 0x38 user data, 0x40 64-bit user code.
+   Writable: LTR sets the TSS busy bit. */
 .balign 16
 .global TG_GDT
 TG_GDT:
@@ -127,6 +129,9 @@ TG_GDT:
     .quad 0x00CF92000000FFFF
     .quad 0x00CF9A000000FFFF
     .quad 0, 0
+    .quad 0x00CFFA000000FFFF
+    .quad 0x00CFF2000000FFFF
+    .quad 0x00AFFA000000FFFF
 tg_gdt_end:
 .balign 8
     .word 0
@@ -489,7 +494,9 @@ TG_EXC64_STUBS:
 /* .org fails to assemble ("moving backwards") if a stub outgrows its slot. */
 
 /* Frame for interrupts.rs: 15 GPRs (R15 lowest), vector, error code, then
-   the CPU's RIP, CS, RFLAGS, RSP, SS. */
+   the CPU's RIP, CS, RFLAGS, RSP, SS. The handler returns only for an
+   exception a check expected (recover.rs), having changed the frame's RIP:
+   then every register is restored from the frame and IRETQ resumes. */
 tg_exc64_common:
     push rax
     push rbx
@@ -507,9 +514,27 @@ tg_exc64_common:
     push r14
     push r15
     mov rdi, rsp
+    mov rbx, rsp                /* callee-saved: the frame, after the call */
     and rsp, -16
     call {exception}
-    ud2
+    mov rsp, rbx
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rbp
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    add rsp, 16                 /* vector, error code */
+    iretq
 "#,
     main = sym crate::guest_main,
     exception = sym crate::interrupts::exception_entry,

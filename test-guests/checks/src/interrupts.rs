@@ -1,10 +1,13 @@
 //! The 64-bit IDT: every one of the 32 exceptions is reported as a failed
-//! run, never left to escalate into a triple fault. All of them run on a
-//! separate IST stack (through a TSS), so even a corrupt RSP is reported.
+//! run, never left to escalate into a triple fault, unless a check armed it
+//! (`recover.rs`). All of them run on a separate IST stack (through a TSS),
+//! so even a corrupt RSP is reported. Gate 0x80 (DPL 3) takes ring 3 back to
+//! ring 0 for `syscall_sysret` (`user.rs`), on the TSS's RSP0.
 
 use crate::cpu;
 use crate::entry::{self, EXC64_STUB_SIZE};
 use crate::global;
+use crate::{recover, user};
 use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -25,8 +28,10 @@ struct CpuTables {
     ist_stack: IstStack,
 }
 
+/// All 256 gates (two quadwords each); only the 32 exceptions and
+/// `SYSCALL_GATE` are present.
 #[repr(C, align(16))]
-struct Idt([u64; 64]);
+struct Idt([u64; 512]);
 
 /// The 104-byte 64-bit TSS as dwords (its 64-bit fields are unaligned).
 #[repr(C, align(128))]
@@ -42,14 +47,14 @@ struct Tables(UnsafeCell<CpuTables>);
 unsafe impl Sync for Tables {}
 
 static TABLES: Tables = Tables(UnsafeCell::new(CpuTables {
-    idt: Idt([0; 64]),
+    idt: Idt([0; 512]),
     tss: Tss([0; 26]),
     ist_stack: IstStack([0; IST_STACK_SIZE]),
 }));
 
 unsafe extern "C" {
     /// The GDT of the entry code (slots 4-5 are the TSS descriptor).
-    static mut TG_GDT: [u64; 6];
+    static mut TG_GDT: [u64; 9];
 }
 
 /// Descriptor-table register image for LIDT.
@@ -86,49 +91,76 @@ pub fn init() {
     }
 
     let stubs = addr_of!(entry::TG_EXC64_STUBS) as u64;
-    for vector in 0..32u64 {
-        let handler = stubs + vector * EXC64_STUB_SIZE;
-        let low = (handler & 0xFFFF)
-            | (u64::from(CODE64) << 16)
-            | (1 << 32) // IST1
-            | (0x8E << 40) // present, DPL 0, 64-bit interrupt gate
-            | (((handler >> 16) & 0xFFFF) << 48);
-        t.idt.0[vector as usize * 2] = low;
-        t.idt.0[vector as usize * 2 + 1] = handler >> 32;
+    for vector in 0..32u8 {
+        let handler = stubs + u64::from(vector) * EXC64_STUB_SIZE;
+        // IST1, DPL 0.
+        set_gate(&mut t.idt, vector, handler, 1, 0);
     }
+    // `int 0x80` from ring 3 back to ring 0: no IST, so the CPU switches to
+    // the TSS's RSP0 (set by `set_rsp0` before ring 3 is entered).
+    set_gate(&mut t.idt, SYSCALL_GATE, user::int80_entry(), 0, 3);
     let ptr = DescriptorPtr {
-        limit: (32 * 16 - 1) as u16,
+        limit: (256 * 16 - 1) as u16,
         base: addr_of!(t.idt) as u64,
     };
     // SAFETY: the IDT just built is static and its gates point at the stubs.
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) }
 }
 
+/// The vector of the gate that ring 3 may use (`int 0x80`) to return to
+/// ring 0.
+pub const SYSCALL_GATE: u8 = 0x80;
+
+/// Writes a present 64-bit interrupt gate into `idt`.
+fn set_gate(idt: &mut Idt, vector: u8, handler: u64, ist: u64, dpl: u64) {
+    let low = (handler & 0xFFFF)
+        | (u64::from(CODE64) << 16)
+        | (ist << 32)
+        | ((0x8E | dpl << 5) << 40) // present, DPL, 64-bit interrupt gate
+        | (((handler >> 16) & 0xFFFF) << 48);
+    idt.0[usize::from(vector) * 2] = low;
+    idt.0[usize::from(vector) * 2 + 1] = handler >> 32;
+}
+
+/// Sets the TSS's RSP0, the stack the CPU switches to when ring 3 enters
+/// ring 0 through a gate without IST.
+pub fn set_rsp0(top: u64) {
+    let tables = TABLES.0.get();
+    // SAFETY: one CPU, no interrupts: nothing else accesses the TSS while
+    // these two dwords (RSP0 at byte 4) are written; the CPU reads them
+    // only on a later privilege change.
+    unsafe {
+        let tss = addr_of_mut!((*tables).tss.0);
+        (*tss)[1] = top as u32;
+        (*tss)[2] = (top >> 32) as u32;
+    }
+}
+
 /// The stack frame `tg_exc64_common` builds (lowest address first).
 #[repr(C)]
 pub struct ExceptionFrame {
-    r15: u64,
-    r14: u64,
-    r13: u64,
-    r12: u64,
-    r11: u64,
-    r10: u64,
-    r9: u64,
-    r8: u64,
-    rbp: u64,
-    rdi: u64,
-    rsi: u64,
-    rdx: u64,
-    rcx: u64,
-    rbx: u64,
-    rax: u64,
-    vector: u64,
-    error: u64,
-    rip: u64,
-    cs: u64,
-    rflags: u64,
-    rsp: u64,
-    ss: u64,
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
 }
 
 /// Mnemonics of the 32 exception vectors.
@@ -138,10 +170,15 @@ const NAMES: [&str; 32] = [
     "RSVD27", "HV", "VC", "SX", "RSVD31",
 ];
 
-/// Called by `tg_exc64_common` on the IST stack; reports and ends the run.
-pub extern "sysv64" fn exception_entry(frame: &ExceptionFrame) -> ! {
-    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("??");
+/// Called by `tg_exc64_common` on the IST stack. An exception a check
+/// armed (`recover.rs`) returns here, and the stub resumes the guest with
+/// the frame as changed; any other one is reported and ends the run.
+pub extern "sysv64" fn exception_entry(frame: &mut ExceptionFrame) {
     let cr2 = cpu::read_cr2();
+    if recover::try_recover(frame, cr2) {
+        return;
+    }
+    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("??");
     report_and_end(
         format_args!(
             "FAIL exception: #{} vector {} error {:#x} at rip {:#x} (during {})",

@@ -26,6 +26,10 @@ mod interrupts;
 mod modes;
 #[cfg(target_os = "none")]
 mod paging;
+#[cfg(target_os = "none")]
+mod recover;
+#[cfg(target_os = "none")]
+mod user;
 
 /// Host builds: the guest cannot run as a process.
 #[cfg(not(target_os = "none"))]

@@ -8,11 +8,19 @@
 //! - `HIGH_4K` + 0x0000: data page 0; + 0x1000: data page 2; + 0x2000: hole.
 //! - `HIGH_2M`: physical `PHYS_2M_A`; `HIGH_2M` + 2 MiB: `PHYS_2M_B`.
 //! - `UNMAPPED` (PML4 slot 128): nothing.
+//!
+//! Added for the ring-3 and NX checks (the only user or NX mappings):
+//! - the first 2 MiB of the identity map become 4 KiB pages (same frames),
+//!   and only the user code and user data pages (`user.rs`) are user pages
+//!   (U set on the PML4, PDPT and PD entries on their path too);
+//! - `HIGH_NX` (data page 1, NX) and `HIGH_EXEC` (data page 1, executable),
+//!   mapped by `efer_is_guests` once EFER.NXE is on.
 
 use crate::cpu;
 use crate::entry::{
     Page, TG_DATA_PAGES, TG_PDPT_2M, TG_PDPT_4K, TG_PD_2M, TG_PD_4K, TG_PML4, TG_PT_4K,
 };
+use crate::user::{self, TG_PT_LOW};
 use core::ptr::addr_of_mut;
 
 /// Guest-physical address outside guest RAM, identity-mapped.
@@ -30,8 +38,16 @@ pub const PHYS_2M_A: u64 = 0x0200_0000;
 /// Frame behind `HIGH_2M + 2 MiB` (below A, so the two are not contiguous).
 pub const PHYS_2M_B: u64 = 0x0100_0000;
 
+/// Data page 1 mapped with NX (bit 63); holds a `ret`.
+pub const HIGH_NX: u64 = HIGH_4K + 0x3000;
+/// Data page 1 again, executable.
+pub const HIGH_EXEC: u64 = HIGH_4K + 0x4000;
+
 const PRESENT_WRITABLE: u64 = 0x3;
+const USER: u64 = 0x4;
 const LARGE: u64 = 0x80;
+const NX: u64 = 1 << 63;
+const ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 
 fn table(t: *mut Page) -> *mut u64 {
     t.cast()
@@ -90,6 +106,56 @@ pub fn map_test_pages() {
         pd_index(HIGH_2M + 0x20_0000),
         PHYS_2M_B | PRESENT_WRITABLE | LARGE,
     );
+    map_user_pages();
+    cpu::reload_cr3();
+}
+
+fn get(t: *mut Page, index: usize) -> u64 {
+    assert!(index < 512);
+    // SAFETY: as in `set`.
+    unsafe { table(t).add(index).read_volatile() }
+}
+
+/// Splits the identity map's first 2 MiB into 4 KiB pages (same frames,
+/// same rights) and makes the user code and data pages user pages. The
+/// caller reloads CR3.
+fn map_user_pages() {
+    let user_pages = [user::code_page(), user::data_page()];
+    for page in user_pages {
+        assert!(
+            page < 0x20_0000 && page % 4096 == 0,
+            "user page {page:#x} outside the first 2 MiB or unaligned"
+        );
+    }
+    let pml4 = addr_of_mut!(TG_PML4);
+    // Identity-mapped: the table addresses in the entries are usable.
+    let pdpt = (get(pml4, 0) & ADDR_MASK) as *mut Page;
+    let pd = (get(pdpt, 0) & ADDR_MASK) as *mut Page;
+    assert!(
+        // Accessed and dirty aside.
+        get(pd, 0) & !0x60 == PRESENT_WRITABLE | LARGE,
+        "the identity map's first 2 MiB page is not as the entry code built it"
+    );
+    let pt = addr_of_mut!(TG_PT_LOW);
+    for i in 0..512 {
+        let pa = i as u64 * 4096;
+        let user = if user_pages.contains(&pa) { USER } else { 0 };
+        set(pt, i, pa | PRESENT_WRITABLE | user);
+    }
+    set(pd, 0, pt as u64 | PRESENT_WRITABLE | USER);
+    set(pdpt, 0, get(pdpt, 0) | USER);
+    set(pml4, 0, get(pml4, 0) | USER);
+}
+
+/// Maps `HIGH_NX` (NX) and `HIGH_EXEC` to data page 1 and puts a `ret` at
+/// its start. Only valid with EFER.NXE set (bit 63 is reserved otherwise).
+pub fn map_nx_test_pages() {
+    let page = data_page_phys(1);
+    // SAFETY: data page 1 belongs to this guest and nothing else uses it.
+    unsafe { (page as *mut u8).write_volatile(0xC3) };
+    let pt = addr_of_mut!(TG_PT_4K);
+    set(pt, 3, page | PRESENT_WRITABLE | NX);
+    set(pt, 4, page | PRESENT_WRITABLE);
     cpu::reload_cr3();
 }
 
