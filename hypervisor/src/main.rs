@@ -256,27 +256,29 @@ fn report_stop(reason: StopReason) -> ! {
             error!("guest shutdown (triple fault) near rip {rip:#x}; stopping");
             exit_code::GUEST_SHUTDOWN
         }
-        StopReason::BadMemory {
-            gpa,
-            write,
-            fetch,
-            rip,
-        } => {
-            let access = if fetch {
+        StopReason::BadMemory { fault, rip } => {
+            let access = if fault.fetch {
                 "fetch"
-            } else if write {
+            } else if fault.write {
                 "write"
             } else {
                 "read"
             };
-            error!(
-                "nested page fault: guest {access} at guest-physical {:#x}, outside guest RAM (rip {rip:#x}); stopping",
-                gpa.as_u64()
-            );
+            match fault.linear {
+                Some(la) => error!(
+                    "nested page fault: guest {access} at guest-physical {:#x} (guest-linear {:#x}), outside guest RAM (rip {rip:#x}); stopping",
+                    fault.gpa.as_u64(),
+                    la.as_u64()
+                ),
+                None => error!(
+                    "nested page fault: guest {access} at guest-physical {:#x}, outside guest RAM (rip {rip:#x}); stopping",
+                    fault.gpa.as_u64()
+                ),
+            }
             exit_code::GUEST_BAD_MEMORY
         }
         StopReason::EntryFailed { code } => {
-            error!("the processor refused to enter the guest (exit code {code:#x}: invalid guest state); stopping");
+            error!("the processor refused to enter the guest (code {code:#x}; details above); stopping");
             exit_code::VMM_UNHANDLED
         }
         StopReason::Unhandled { code, rip } => {

@@ -10,7 +10,7 @@ pub mod vmcb;
 
 use core::arch::global_asm;
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
-use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, Vcpu};
+use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 use vmcb::{attrib, event_inj, exit_code, misc1, misc2, npf_info, tlb_control, Segment, Vmcb};
 use x86_64::registers::model_specific::Msr;
 
@@ -328,6 +328,29 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         self.vmcb
     }
 
+    /// VMRUN refused the guest state (APM vol. 2, 15.5.1 lists the
+    /// checks): log what those checks look at.
+    fn log_invalid_state(&self) {
+        let s = &self.vmcb.save;
+        let c = &self.vmcb.control;
+        log::error!("VMRUN failed: VMEXIT_INVALID (the guest state fails a consistency check of APM vol. 2, 15.5.1)");
+        log::error!(
+            "  EFER {:#x} CR0 {:#x} CR3 {:#x} CR4 {:#x} DR6 {:#x} DR7 {:#x} RFLAGS {:#x} RIP {:#x}",
+            s.efer,
+            s.cr0,
+            s.cr3,
+            s.cr4,
+            s.dr6,
+            s.dr7,
+            s.rflags,
+            s.rip
+        );
+        log::error!(
+            "  CS {:#x}/attrib {:#x} SS attrib {:#x} CPL {} ASID {} intercepts {:#x} {:#x} nCR3 {:#x} EVENTINJ {:#x}",
+            s.cs.selector, s.cs.attrib, s.ss.attrib, s.cpl, c.guest_asid, c.intercept_misc1, c.intercept_misc2, c.ncr3, c.event_inj
+        );
+    }
+
     /// Turn the exit the VMCB describes into a neutral one.
     fn decode_exit(&mut self) -> Exit {
         let c = &self.vmcb.control;
@@ -348,18 +371,22 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 write: c.exit_info1 & 1 != 0,
             },
             exit_code::SHUTDOWN => Exit::Shutdown,
-            exit_code::NPF => Exit::NestedPageFault {
+            exit_code::NPF => Exit::NestedPageFault(NestedFault {
                 gpa: GuestPhysAddr::new(c.exit_info2),
                 write: c.exit_info1 & npf_info::WRITE != 0,
                 fetch: c.exit_info1 & npf_info::FETCH != 0,
-            },
+                linear: None,
+            }),
             exit_code::VMRUN
             | exit_code::VMLOAD
             | exit_code::VMSAVE
             | exit_code::STGI
             | exit_code::CLGI
             | exit_code::SKINIT => Exit::VirtualizationInstruction,
-            exit_code::INVALID => Exit::EntryFailed { code: c.exit_code },
+            exit_code::INVALID => {
+                self.log_invalid_state();
+                Exit::EntryFailed { code: c.exit_code }
+            }
             code => Exit::Unknown { code },
         }
     }

@@ -1,8 +1,7 @@
 //! What the core does with each exit: one small named function per kind.
 
-use crate::vcpu::{Event, Exit, Gpr, Vcpu};
+use crate::vcpu::{Event, Exit, Gpr, NestedFault, Vcpu};
 use crate::{vmmcall, Vmm};
-use thinvisor_memory::GuestPhysAddr;
 
 /// What the backend should do after an exit has been handled.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -22,12 +21,7 @@ pub enum StopReason {
     /// Shutdown: the guest triple-faulted.
     Shutdown { rip: u64 },
     /// The guest touched guest-physical memory it does not have.
-    BadMemory {
-        gpa: GuestPhysAddr,
-        write: bool,
-        fetch: bool,
-        rip: u64,
-    },
+    BadMemory { fault: NestedFault, rip: u64 },
     /// The processor would not enter the guest.
     EntryFailed { code: u64 },
     /// An exit the VMM has no handler for.
@@ -52,9 +46,7 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
         Exit::Cpuid => on_cpuid(vmm, vcpu),
         Exit::Hlt => on_hlt(vcpu),
         Exit::Shutdown => on_shutdown(vcpu),
-        Exit::NestedPageFault { gpa, write, fetch } => {
-            on_nested_page_fault(vcpu, gpa, write, fetch)
-        }
+        Exit::NestedPageFault(fault) => on_nested_page_fault(vcpu, fault),
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction => on_virtualization_instruction(vcpu),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
@@ -100,16 +92,9 @@ fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {
 
 /// Every guest-physical address outside guest RAM is unbacked: there is
 /// no device model behind it, so the guest cannot make progress.
-fn on_nested_page_fault<V: Vcpu>(
-    vcpu: &mut V,
-    gpa: GuestPhysAddr,
-    write: bool,
-    fetch: bool,
-) -> Action {
+fn on_nested_page_fault<V: Vcpu>(vcpu: &mut V, fault: NestedFault) -> Action {
     Action::Stop(StopReason::BadMemory {
-        gpa,
-        write,
-        fetch,
+        fault,
         rip: vcpu.rip(),
     })
 }

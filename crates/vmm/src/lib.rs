@@ -16,7 +16,7 @@ pub mod vmmcall;
 mod tests;
 
 pub use exit::{handle_exit, run_guest, Action, StopReason};
-pub use vcpu::{CpuMode, Event, Exit, Gpr, Vcpu};
+pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, Registry, VmmCallFn};
 
 use services::Services;

@@ -4,7 +4,7 @@ extern crate std;
 use std::vec;
 
 use crate::cpuid::{CpuidPolicy, CpuidResult};
-use crate::vcpu::{CpuMode, Event, Exit, Gpr, Vcpu};
+use crate::vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 use crate::{handle_exit, Action, StopReason, Vmm};
 use thinvisor_abi::{dbgsh, names, NO_FUNCTION};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingRegs, SliceMemory};
@@ -260,23 +260,15 @@ fn terminal_exits_stop_the_guest() {
         handle_exit(&mut vmm, &mut vcpu, Exit::Shutdown),
         Action::Stop(StopReason::Shutdown { rip: 0x1000 })
     );
-    let gpa = GuestPhysAddr::new(0xE000_0000);
+    let fault = NestedFault {
+        gpa: GuestPhysAddr::new(0xE000_0000),
+        write: false,
+        fetch: false,
+        linear: None,
+    };
     assert_eq!(
-        handle_exit(
-            &mut vmm,
-            &mut vcpu,
-            Exit::NestedPageFault {
-                gpa,
-                write: false,
-                fetch: false
-            }
-        ),
-        Action::Stop(StopReason::BadMemory {
-            gpa,
-            write: false,
-            fetch: false,
-            rip: 0x1000
-        })
+        handle_exit(&mut vmm, &mut vcpu, Exit::NestedPageFault(fault)),
+        Action::Stop(StopReason::BadMemory { fault, rip: 0x1000 })
     );
     assert_eq!(
         crate::run_guest(&mut vmm, &mut vcpu),

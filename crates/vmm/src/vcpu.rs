@@ -1,6 +1,6 @@
 //! The seam between the core and a vendor backend.
 
-use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingRegs};
+use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
 
 /// A general-purpose register of the guest, numbered as in instruction
 /// encodings (Intel SDM vol. 2, table 2-2).
@@ -89,11 +89,7 @@ pub enum Exit {
     /// The guest shut down (triple fault).
     Shutdown,
     /// A guest-physical access the nested/extended page tables do not allow.
-    NestedPageFault {
-        gpa: GuestPhysAddr,
-        write: bool,
-        fetch: bool,
-    },
+    NestedPageFault(NestedFault),
     /// RDMSR or WRMSR of an MSR the backend intercepts: only MSRs the
     /// guest must not reach (the virtualization extension's own) are.
     Msr { msr: u32, write: bool },
@@ -105,6 +101,17 @@ pub enum Exit {
     EntryFailed { code: u64 },
     /// An exit the backend cannot translate; `code` is its raw exit code.
     Unknown { code: u64 },
+}
+
+/// A guest-physical access that the nested/extended page tables refused.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct NestedFault {
+    pub gpa: GuestPhysAddr,
+    pub write: bool,
+    pub fetch: bool,
+    /// The guest-linear address being translated, when the processor
+    /// reports it (VT-x does, SVM does not).
+    pub linear: Option<GuestLinearAddr>,
 }
 
 /// One virtual processor, as the core sees it.

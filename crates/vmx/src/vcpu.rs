@@ -1,10 +1,10 @@
 //! One virtual processor on VT-x: the world switch, exit decoding, and the
 //! exits the backend settles itself (control-register writes).
 
-use crate::vmcs::{vmread, vmwrite, VmcsField as F};
+use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
 use core::arch::global_asm;
-use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingRegs};
-use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, Vcpu};
+use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
+use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 
 /// Basic exit reasons (Intel SDM vol. 3D, appendix C).
 pub mod exit_reason {
@@ -39,9 +39,65 @@ const ENTRY_FAILURE: u32 = 1 << 31;
 const INTR_INFO_VALID: u32 = 1 << 31;
 const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
 const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
-/// EPT-violation exit qualification bits (SDM vol. 3C, table 27-7).
-const EPT_QUAL_WRITE: u64 = 1 << 1;
-const EPT_QUAL_FETCH: u64 = 1 << 2;
+/// An EPT-violation exit qualification (SDM vol. 3C, table 28-7).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct EptViolation(pub u64);
+
+impl EptViolation {
+    pub fn read(self) -> bool {
+        self.0 & 1 != 0
+    }
+    pub fn write(self) -> bool {
+        self.0 & (1 << 1) != 0
+    }
+    pub fn fetch(self) -> bool {
+        self.0 & (1 << 2) != 0
+    }
+    /// Bits 5:3: what the EPT entries allowed (R, W, X); 0 = not mapped.
+    pub fn allowed(self) -> u64 {
+        (self.0 >> 3) & 7
+    }
+    /// Bit 7: GUEST_LINEAR_ADDRESS holds the linear address.
+    pub fn linear_valid(self) -> bool {
+        self.0 & (1 << 7) != 0
+    }
+    /// Bit 8 (with bit 7): the access was to the final page, not to a
+    /// guest paging structure during the walk.
+    pub fn final_translation(self) -> bool {
+        self.0 & (1 << 8) != 0
+    }
+}
+
+impl core::fmt::Display for EptViolation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let access = if self.fetch() {
+            "fetch"
+        } else if self.write() {
+            "write"
+        } else {
+            "read"
+        };
+        write!(f, "qualification {:#x}: {access}", self.0)?;
+        match self.allowed() {
+            0 => f.write_str(", not mapped")?,
+            a => write!(
+                f,
+                ", entry allows{}{}{}",
+                if a & 1 != 0 { " R" } else { "" },
+                if a & 2 != 0 { " W" } else { "" },
+                if a & 4 != 0 { " X" } else { "" }
+            )?,
+        }
+        if self.linear_valid() {
+            f.write_str(if self.final_translation() {
+                ", of a guest-linear address"
+            } else {
+                ", of a guest page-table entry"
+            })?;
+        }
+        Ok(())
+    }
+}
 /// The VM-entry control "IA-32e mode guest" (SDM 24.8.1).
 const ENTRY_IA32E_MODE_GUEST: u64 = 1 << 9;
 
@@ -215,6 +271,44 @@ pub struct VmxVcpu<M: GuestPhysMemory> {
     reason: u32,
 }
 
+/// Log the fields a failed VM entry is checked against (SDM vol. 3C,
+/// 27.2-27.3), so the failing one can be found from the log.
+fn dump_vmcs() {
+    const FIELDS: [(&str, F); 24] = [
+        ("pin-based controls", F::PIN_BASED_VM_EXEC_CONTROL),
+        ("primary controls", F::CPU_BASED_VM_EXEC_CONTROL),
+        ("secondary controls", F::SECONDARY_VM_EXEC_CONTROL),
+        ("exit controls", F::VM_EXIT_CONTROLS),
+        ("entry controls", F::VM_ENTRY_CONTROLS),
+        ("entry interruption info", F::VM_ENTRY_INTR_INFO),
+        ("guest CR0", F::GUEST_CR0),
+        ("guest CR3", F::GUEST_CR3),
+        ("guest CR4", F::GUEST_CR4),
+        ("guest IA32_EFER", F::GUEST_IA32_EFER),
+        ("guest RIP", F::GUEST_RIP),
+        ("guest RSP", F::GUEST_RSP),
+        ("guest RFLAGS", F::GUEST_RFLAGS),
+        ("guest CS selector", F::GUEST_CS_SELECTOR),
+        ("guest CS access rights", F::GUEST_CS_AR_BYTES),
+        ("guest SS access rights", F::GUEST_SS_AR_BYTES),
+        ("guest DS access rights", F::GUEST_DS_AR_BYTES),
+        ("guest TR access rights", F::GUEST_TR_AR_BYTES),
+        ("guest LDTR access rights", F::GUEST_LDTR_AR_BYTES),
+        ("guest interruptibility", F::GUEST_INTERRUPTIBILITY_INFO),
+        ("guest activity state", F::GUEST_ACTIVITY_STATE),
+        ("VMCS link pointer", F::VMCS_LINK_POINTER),
+        ("host CR4", F::HOST_CR4),
+        ("host IA32_EFER", F::HOST_IA32_EFER),
+    ];
+    for (name, field) in FIELDS {
+        // SAFETY: called with the failing vCPU's VMCS current.
+        match unsafe { vmread(field) } {
+            Ok(v) => log::error!("  {name} ({:#06x}) = {v:#x}", field.0),
+            Err(e) => log::error!("  {name} ({:#06x}): {e}", field.0),
+        }
+    }
+}
+
 /// Read a field that is valid whenever a VMCS is current. A failure here
 /// means the VMCS is not current, a broken invariant of this type.
 fn read(field: F) -> u64 {
@@ -337,6 +431,20 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     fn decode_exit(&mut self, raw_reason: u32) -> Option<Exit> {
         use exit_reason as r;
         if raw_reason & ENTRY_FAILURE != 0 {
+            // SDM vol. 3C, 27.8: the qualification says which check failed
+            // (invalid guest state: 2 = PDPTE loading, 3 = NMI injection,
+            // 4 = VMCS link pointer; MSR loading: the failing entry, from 1).
+            let why = match raw_reason & 0xFFFF {
+                exit_reason::INVALID_GUEST_STATE => "invalid guest state",
+                exit_reason::MSR_LOADING => "MSR loading",
+                exit_reason::MACHINE_CHECK => "machine-check event",
+                _ => "unknown reason",
+            };
+            log::error!(
+                "VM entry failed: exit reason {raw_reason:#x} ({why}), qualification {:#x}",
+                read(F::EXIT_QUALIFICATION)
+            );
+            dump_vmcs();
             return Some(Exit::EntryFailed {
                 code: u64::from(raw_reason),
             });
@@ -348,12 +456,17 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             r::HLT => Exit::Hlt,
             r::TRIPLE_FAULT => Exit::Shutdown,
             r::EPT_VIOLATION => {
-                let q = read(F::EXIT_QUALIFICATION);
-                Exit::NestedPageFault {
-                    gpa: GuestPhysAddr::new(read(F::GUEST_PHYSICAL_ADDRESS)),
-                    write: q & EPT_QUAL_WRITE != 0,
-                    fetch: q & EPT_QUAL_FETCH != 0,
-                }
+                let q = EptViolation(read(F::EXIT_QUALIFICATION));
+                let gpa = read(F::GUEST_PHYSICAL_ADDRESS);
+                log::debug!("EPT violation at guest-physical {gpa:#x}: {q}");
+                Exit::NestedPageFault(NestedFault {
+                    gpa: GuestPhysAddr::new(gpa),
+                    write: q.write(),
+                    fetch: q.fetch(),
+                    linear: q
+                        .linear_valid()
+                        .then(|| GuestLinearAddr::new(read(F::GUEST_LINEAR_ADDRESS))),
+                })
             }
             r::RDMSR | r::WRMSR => Exit::Msr {
                 msr: self.regs.0[Gpr::Rcx as usize] as u32,
@@ -463,6 +576,16 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
             if status != 0 {
                 // VMLAUNCH/VMRESUME itself failed: the error number says why.
                 let error = read(F::VM_INSTRUCTION_ERROR);
+                log::error!(
+                    "{} failed: VM-instruction error {error}: {}",
+                    if self.launched {
+                        "VMRESUME"
+                    } else {
+                        "VMLAUNCH"
+                    },
+                    VmInstructionError(error as u32).description()
+                );
+                dump_vmcs();
                 return Exit::EntryFailed {
                     code: (1 << 32) | error,
                 };
@@ -489,5 +612,50 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
                 return exit;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn ept_violation_qualification_decodes() {
+        // A read of an unmapped page through a guest-linear address.
+        let q = EptViolation(0x181);
+        assert!(q.read() && !q.write() && !q.fetch());
+        assert_eq!(q.allowed(), 0);
+        assert!(q.linear_valid() && q.final_translation());
+        assert_eq!(
+            q.to_string(),
+            "qualification 0x181: read, not mapped, of a guest-linear address"
+        );
+        // A write to a read/execute page during a guest page walk.
+        let q = EptViolation(0x02 | (5 << 3) | (1 << 7));
+        assert!(q.write());
+        assert_eq!(
+            q.to_string(),
+            "qualification 0xaa: write, entry allows R X, of a guest page-table entry"
+        );
+    }
+
+    #[test]
+    fn cr_policy_keeps_fixed_bits_and_lets_unrestricted_guests_page_off() {
+        // Bochs' CR0/CR4 fixed values (IA32_VMX_CR0_FIXED0/1, CR4_FIXED0/1).
+        let p = CrPolicy {
+            cr0_must1: 0x8000_0021,
+            cr0_may1: 0xFFFF_FFFF,
+            cr4_must1: 0x2000,
+            cr4_may1: 0x0037_27FF,
+        };
+        assert_eq!(p.real_cr0(0x11), 0x31);
+        assert_eq!(p.real_cr0(0x8000_0011), 0x8000_0031);
+        assert_eq!(p.cr0_mask(), 0x20);
+        assert_eq!(p.real_cr4(0x20), 0x2020);
+        assert_eq!(p.cr4_mask(), 0x2000);
+        // Bits the processor does not allow stay clear.
+        assert_eq!(p.real_cr4(1 << 23), 0x2000);
     }
 }
