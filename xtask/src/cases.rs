@@ -94,6 +94,11 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS lookup_empty",
     "PASS dbgsh_nothing_pending",
     "PASS log_set_buf_accepted",
+    "PASS efer_is_guests",
+    "PASS syscall_sysret",
+    "PASS protected_msr",
+    "PASS many_exits",
+    "SUMMARY: 16 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
