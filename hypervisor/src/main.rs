@@ -128,7 +128,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         rax: u64::from(multiboot1::MAGIC),
         rbx: u64::from(mbi),
     };
-    let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid));
+    let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
     for (number, name) in vmm.registry.iter() {
         log::debug!("VMM call {number}: {name}");
     }

@@ -2,6 +2,8 @@
 
 use core::fmt::{self, Write};
 use spin::Mutex;
+use thinvisor_vmm::log_ring::LogRing;
+use thinvisor_vmm::services::VmmLog;
 use x86_64::instructions::port::Port;
 
 const COM1: u16 = 0x3F8;
@@ -72,6 +74,19 @@ impl Write for Console {
     }
 }
 
+/// The log kept in memory from boot on, for `log_read`.
+pub static LOG: VmmLog = spin::Mutex::new(LogRing::new());
+
+/// Writes to the console and to [`LOG`].
+struct Tee;
+
+impl Write for Tee {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        LOG.lock().push(s.as_bytes());
+        Console.write_str(s)
+    }
+}
+
 /// Serialises whole log lines.
 static CONSOLE_LOCK: Mutex<()> = Mutex::new(());
 
@@ -87,12 +102,7 @@ impl log::Log for Logger {
             return;
         }
         let _guard = CONSOLE_LOCK.lock();
-        let _ = writeln!(
-            Console,
-            "thinvisor: [{:5}] {}",
-            record.level(),
-            record.args()
-        );
+        let _ = writeln!(Tee, "thinvisor: [{:5}] {}", record.level(), record.args());
     }
 
     fn flush(&self) {}

@@ -479,7 +479,17 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn inject(&mut self, event: Event) {
-        let Event::Exception { vector, error_code } = event;
+        let (vector, error_code) = match event {
+            Event::Exception { vector, error_code } => (vector, error_code),
+            Event::PageFault {
+                error_code,
+                address,
+            } => {
+                // An injected #PF does not set CR2: the VMM does (APM 15.20).
+                self.vmcb.save.cr2 = address;
+                (14, Some(error_code))
+            }
+        };
         let mut value = u64::from(vector) | event_inj::TYPE_EXCEPTION | event_inj::VALID;
         if let Some(code) = error_code {
             value |= event_inj::ERROR_CODE_VALID | (u64::from(code) << 32);

@@ -57,11 +57,10 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
     }
 }
 
-/// VMCALL/VMMCALL: dispatch on the function number, then step over the
-/// instruction so the guest continues after it.
+/// VMCALL/VMMCALL: dispatch on the function number; the dispatcher steps
+/// over the instruction, or leaves it to run again after a page fault.
 fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> Action {
     vmmcall::dispatch(vmm, vcpu);
-    vcpu.skip_instruction();
     Action::Resume
 }
 

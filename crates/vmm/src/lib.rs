@@ -8,6 +8,7 @@
 
 pub mod cpuid;
 pub mod exit;
+pub mod log_ring;
 pub mod services;
 pub mod vcpu;
 pub mod vmmcall;
@@ -17,9 +18,9 @@ mod tests;
 
 pub use exit::{handle_exit, run_guest, Action, StopReason};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
-pub use vmmcall::{CallContext, Registry, VmmCallFn};
+pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};
 
-use services::Services;
+use services::{Services, VmmLog};
 
 /// The state the core keeps for one virtual machine.
 pub struct Vmm {
@@ -29,17 +30,20 @@ pub struct Vmm {
     pub services: Services,
     /// The CPUID the guest sees, derived from the real one.
     pub cpuid: cpuid::CpuidPolicy,
+    /// Bounds the page faults a VMM call may inject.
+    pub fault_retry: vmmcall::FaultRetry,
 }
 
 impl Vmm {
     /// A VMM with the standard services registered (SPEC.md section 3).
-    pub fn new(cpuid: cpuid::CpuidPolicy) -> Self {
+    pub fn new(cpuid: cpuid::CpuidPolicy, log: &'static VmmLog) -> Self {
         let mut registry = Registry::new();
         services::register_all(&mut registry);
         Self {
             registry,
-            services: Services::default(),
+            services: Services::new(log),
             cpuid,
+            fault_retry: vmmcall::FaultRetry::default(),
         }
     }
 }

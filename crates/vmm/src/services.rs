@@ -1,26 +1,42 @@
-//! The services behind the standard VMM calls.
-//!
-//! This issue gives them their minimal behaviour; dbgsh's shell and the
-//! log buffers come with the issues that build them.
+//! The services behind the standard VMM calls (SPEC.md section 3).
 
+use crate::log_ring::LogRing;
 use crate::vcpu::Gpr;
-use crate::vmmcall::{CallContext, Registry};
+use crate::vmmcall::{CallContext, CallOutcome, Registry};
+use spin::Mutex;
 use thinvisor_abi::{dbgsh, names};
+use thinvisor_memory::{
+    pf_error, translate, write_linear, Access, GuestLinearAddr, TranslateError,
+};
+
+/// Bytes of log the VMM keeps for `log_read`.
+pub const LOG_RING_SIZE: usize = 64 * 1024;
+
+/// The VMM's log.
+pub type VmmLog = Mutex<LogRing<LOG_RING_SIZE>>;
 
 /// State shared by the services of one VMM.
-#[derive(Default)]
 pub struct Services {
     /// Guest-physical address and size of the buffer `log_set_buf`
-    /// registered (0 = none).
+    /// registered (None = none).
     pub log_buf: Option<(u64, u64)>,
+    /// The log `log_read` reads.
+    pub log: &'static VmmLog,
+}
+
+impl Services {
+    pub fn new(log: &'static VmmLog) -> Self {
+        Self { log_buf: None, log }
+    }
 }
 
 /// Register every standard service. Called once at start-up; the order
-/// fixes the numbers (dbgsh = 1, log_set_buf = 2).
+/// fixes the numbers (dbgsh = 1, log_set_buf = 2, log_read = 3).
 pub fn register_all(registry: &mut Registry) {
     for (name, function) in [
         (names::DBGSH, dbgsh_call as crate::VmmCallFn),
         (names::LOG_SET_BUF, log_set_buf_call),
+        (names::LOG_READ, log_read_call),
     ] {
         // The registry starts empty and holds more than these few names.
         let _ = registry.register(name, function);
@@ -28,18 +44,107 @@ pub fn register_all(registry: &mut Registry) {
 }
 
 /// dbgsh: the shell has nothing to say yet, whatever the client answers.
-fn dbgsh_call(ctx: &mut CallContext<'_>) {
+fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
     ctx.vcpu.set_gpr(Gpr::Rax, dbgsh::NOTHING);
+    CallOutcome::Return
 }
 
 /// log_set_buf: CPL 0 only (ignored otherwise); RBX = guest-physical
 /// address (0 unregisters), RCX = size. Recorded; the log does not write
 /// to it yet.
-fn log_set_buf_call(ctx: &mut CallContext<'_>) {
+fn log_set_buf_call(ctx: &mut CallContext<'_>) -> CallOutcome {
     if ctx.vcpu.mode().cpl != 0 {
-        return;
+        return CallOutcome::Return;
     }
     let address = ctx.vcpu.gpr(Gpr::Rbx);
     let size = ctx.vcpu.gpr(Gpr::Rcx);
     ctx.services.log_buf = (address != 0).then_some((address, size));
+    CallOutcome::Return
+}
+
+/// What `log_read` returns when the caller may not write its buffer.
+pub const LOG_READ_REFUSED: u64 = u64::MAX;
+
+/// log_read: RBX = guest-linear buffer, RCX = its length, RDX = stream
+/// offset to read from. Returns RAX = bytes copied, RBX = stream offset of
+/// the first byte copied; RAX = all ones when the caller may not write the
+/// buffer. A not-present page is faulted in through the guest: the call
+/// asks the core to inject the #PF and run the VMCALL again.
+fn log_read_call(ctx: &mut CallContext<'_>) -> CallOutcome {
+    let mode = ctx.vcpu.mode();
+    let width = if mode.long64 { u64::MAX } else { 0xFFFF_FFFF };
+    // Each argument is read once, before any decision (no double fetch).
+    let buffer = ctx.vcpu.gpr(Gpr::Rbx) & width;
+    let len = ctx.vcpu.gpr(Gpr::Rcx) & width;
+    let from = ctx.vcpu.gpr(Gpr::Rdx) & width;
+    let access = Access {
+        write: true,
+        user: mode.cpl == 3,
+        fetch: false,
+    };
+    let log = ctx.services.log.lock();
+    let first = from.max(log.start()).min(log.end());
+    let n = (log.end() - first).min(len);
+    if n > 0 {
+        let paging = ctx.vcpu.paging();
+        // Every page is checked before any byte is written, so a fault
+        // part-way leaves the buffer untouched and the retry starts afresh.
+        if let Err(e) = check_writable(ctx, buffer, n, access, width) {
+            return match e {
+                TranslateError::PageFault { la, error_code }
+                    if error_code & pf_error::PRESENT == 0 =>
+                {
+                    CallOutcome::PageFault { la, error_code }
+                }
+                _ => {
+                    ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
+                    CallOutcome::Return
+                }
+            };
+        }
+        let Some((head, tail)) = log.runs(first, n) else {
+            ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
+            return CallOutcome::Return;
+        };
+        let memory = ctx.vcpu.memory_mut();
+        let tail_at = buffer.wrapping_add(head.len() as u64) & width;
+        if write_linear(memory, &paging, GuestLinearAddr::new(buffer), head, access).is_err()
+            || write_linear(memory, &paging, GuestLinearAddr::new(tail_at), tail, access).is_err()
+        {
+            ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
+            return CallOutcome::Return;
+        }
+    }
+    drop(log);
+    ctx.vcpu.set_gpr(Gpr::Rax, n);
+    ctx.vcpu.set_gpr(Gpr::Rbx, first);
+    CallOutcome::Return
+}
+
+/// Translate every page of [la, la + len) for `access`; the first failure.
+fn check_writable(
+    ctx: &CallContext<'_>,
+    la: u64,
+    len: u64,
+    access: Access,
+    width: u64,
+) -> Result<(), TranslateError> {
+    if width == u64::MAX && la.checked_add(len).is_none() {
+        // 64-bit linear addresses do not wrap around 2^64.
+        return Err(TranslateError::NonCanonical {
+            la: GuestLinearAddr::new(la),
+        });
+    }
+    let paging = ctx.vcpu.paging();
+    let memory = ctx.vcpu.memory();
+    let first_page = la & !0xFFF;
+    let pages = ((la & 0xFFF) + len).div_ceil(4096);
+    for i in 0..pages {
+        let page = first_page.wrapping_add(i * 4096) & width;
+        // The first page is checked at the buffer's own address so a
+        // fault reports it as CR2.
+        let at = if i == 0 { la } else { page };
+        translate(memory, &paging, GuestLinearAddr::new(at), access)?;
+    }
+    Ok(())
 }

@@ -4,7 +4,10 @@ extern crate std;
 use std::vec;
 
 use crate::cpuid::{CpuidPolicy, CpuidResult};
+use crate::log_ring::LogRing;
+use crate::services::{VmmLog, LOG_READ_REFUSED};
 use crate::vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
+use crate::vmmcall::{FAULTS_UNRESOLVED, MAX_FAULTS_PER_PAGE};
 use crate::{handle_exit, Action, StopReason, Vmm};
 use thinvisor_abi::{dbgsh, names, NO_FUNCTION};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingRegs, SliceMemory};
@@ -87,7 +90,11 @@ fn fake_cpuid(leaf: u32, _: u32) -> CpuidResult {
 }
 
 fn vmm() -> Vmm {
-    Vmm::new(CpuidPolicy::new(fake_cpuid))
+    Vmm::new(CpuidPolicy::new(fake_cpuid), new_log())
+}
+
+fn new_log() -> &'static VmmLog {
+    std::boxed::Box::leak(std::boxed::Box::new(spin::Mutex::new(LogRing::new())))
 }
 
 /// Make a VMM call with `rax`/`rbx` and return the vCPU after it.
@@ -217,7 +224,9 @@ fn log_set_buf_is_cpl0_only() {
 #[test]
 fn registry_refuses_bad_registrations() {
     use crate::vmmcall::{RegisterError, Registry, MAX_FUNCTIONS};
-    fn nop(_: &mut crate::CallContext<'_>) {}
+    fn nop(_: &mut crate::CallContext<'_>) -> crate::CallOutcome {
+        crate::CallOutcome::Return
+    }
     let mut r = Registry::new();
     assert_eq!(r.register("", nop), Err(RegisterError::BadName));
     assert_eq!(r.register("a\0b", nop), Err(RegisterError::BadName));
@@ -299,4 +308,198 @@ fn virtualization_instructions_raise_ud() {
     );
     assert_eq!(vcpu.injected, Some(Event::UD));
     assert_eq!(vcpu.skipped, 0);
+}
+
+// ---- log_read -------------------------------------------------------------
+
+use thinvisor_memory::pagetable::{PageTables, RW, SIZE_4K, US};
+use thinvisor_memory::PagingMode;
+
+const LOG_READ: u64 = 3;
+/// Where the tests' page tables live in the fake guest's RAM.
+const TABLES: (u64, u64) = (0xC0000, 0x100000);
+/// A user-writable buffer of three pages at a high address, backed by
+/// physical 0x10000.. (the middle page is mapped only by some tests).
+const BUF: u64 = 0xFFFF_8000_0010_0000;
+
+fn paged_vcpu(map_middle: bool, flags: u64) -> (FakeVcpu, PageTables) {
+    let mut vcpu = FakeVcpu::new();
+    let mut pt = PageTables::new(&mut vcpu.mem, PagingMode::Level4, TABLES.0, TABLES.1).unwrap();
+    for i in 0..3u64 {
+        if i != 1 || map_middle {
+            pt.map(
+                &mut vcpu.mem,
+                BUF + i * SIZE_4K,
+                0x10000 + i * SIZE_4K,
+                SIZE_4K,
+                flags,
+            )
+            .unwrap();
+        }
+    }
+    vcpu.paging = pt.regs();
+    (vcpu, pt)
+}
+
+fn log_read(vmm: &mut Vmm, vcpu: &mut FakeVcpu, buf: u64, len: u64, from: u64) -> (u64, u64) {
+    vcpu.set_gpr(Gpr::Rax, LOG_READ);
+    vcpu.set_gpr(Gpr::Rbx, buf);
+    vcpu.set_gpr(Gpr::Rcx, len);
+    vcpu.set_gpr(Gpr::Rdx, from);
+    assert_eq!(handle_exit(vmm, vcpu, Exit::VmmCall), Action::Resume);
+    (vcpu.gpr(Gpr::Rax), vcpu.gpr(Gpr::Rbx))
+}
+
+fn guest_bytes(vcpu: &FakeVcpu, gpa: u64, len: usize) -> std::vec::Vec<u8> {
+    let mut out = std::vec![0u8; len];
+    vcpu.mem
+        .read_phys(GuestPhysAddr::new(gpa), &mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn log_read_is_registered() {
+    let mut vmm = vmm();
+    let mut vcpu = FakeVcpu::new();
+    assert_eq!(lookup(&mut vmm, &mut vcpu, b"log_read\0"), LOG_READ);
+}
+
+#[test]
+fn log_read_copies_across_pages_and_reports_the_stream_offset() {
+    let mut vmm = vmm();
+    let text: std::vec::Vec<u8> = (0..10_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    vmm.services.log.lock().push(&text);
+    let (mut vcpu, _) = paged_vcpu(true, RW | US);
+    let rip = vcpu.rip;
+    // 8000 bytes from offset 100, starting 0x10 into the first page.
+    let (n, first) = log_read(&mut vmm, &mut vcpu, BUF + 0x10, 8000, 100);
+    assert_eq!((n, first), (8000, 100));
+    assert_eq!(vcpu.rip, rip + 3);
+    assert_eq!(guest_bytes(&vcpu, 0x10010, 8000), &text[100..8100]);
+    // Nothing newer than the end.
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 100, 10_000), (0, 10_000));
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 100, 99_999), (0, 10_000));
+    // A short buffer gets what fits.
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 5, 9_998), (2, 9_998));
+}
+
+#[test]
+fn log_read_reports_what_the_ring_lost() {
+    let mut vmm = vmm();
+    let big = std::vec![b'x'; crate::services::LOG_RING_SIZE + 500];
+    vmm.services.log.lock().push(&big);
+    let (mut vcpu, _) = paged_vcpu(true, RW | US);
+    let (n, first) = log_read(&mut vmm, &mut vcpu, BUF, 100, 0);
+    assert_eq!((n, first), (100, 500));
+}
+
+#[test]
+fn log_read_faults_not_present_pages_in_through_the_guest() {
+    let mut vmm = vmm();
+    vmm.services.log.lock().push(&[b'q'; 9000]);
+    let (mut vcpu, mut pt) = paged_vcpu(false, RW | US);
+    vcpu.mode.cpl = 3;
+    let rip = vcpu.rip;
+    let (rax, _) = log_read(&mut vmm, &mut vcpu, BUF, 9000, 0);
+    // The call did not complete: a #PF for the missing page, RIP unchanged,
+    // RAX still the function number, nothing written.
+    assert_eq!(rax, LOG_READ);
+    assert_eq!(vcpu.rip, rip);
+    assert_eq!(
+        vcpu.injected,
+        Some(Event::PageFault {
+            error_code: 0b110, // not present, write, user
+            address: BUF + SIZE_4K,
+        })
+    );
+    assert_eq!(guest_bytes(&vcpu, 0x10000, 16), [0u8; 16]);
+    // The guest OS maps the page and the instruction runs again.
+    pt.map(&mut vcpu.mem, BUF + SIZE_4K, 0x11000, SIZE_4K, RW | US)
+        .unwrap();
+    vcpu.injected = None;
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 9000, 0), (9000, 0));
+    assert_eq!(vcpu.rip, rip + 3);
+    assert_eq!(guest_bytes(&vcpu, 0x10000, 9000), std::vec![b'q'; 9000]);
+}
+
+#[test]
+fn log_read_gives_up_when_the_guest_never_maps_the_page() {
+    let mut vmm = vmm();
+    vmm.services.log.lock().push(&[b'q'; 9000]);
+    let (mut vcpu, _) = paged_vcpu(false, RW | US);
+    let rip = vcpu.rip;
+    for _ in 0..MAX_FAULTS_PER_PAGE {
+        vcpu.injected = None;
+        log_read(&mut vmm, &mut vcpu, BUF, 9000, 0);
+        assert!(matches!(vcpu.injected, Some(Event::PageFault { .. })));
+        assert_eq!(vcpu.rip, rip);
+    }
+    vcpu.injected = None;
+    let (rax, _) = log_read(&mut vmm, &mut vcpu, BUF, 9000, 0);
+    assert_eq!(rax, FAULTS_UNRESOLVED);
+    assert_eq!(vcpu.injected, None);
+    assert_eq!(vcpu.rip, rip + 3);
+}
+
+#[test]
+fn log_read_refuses_buffers_the_caller_may_not_write() {
+    let mut vmm = vmm();
+    vmm.services.log.lock().push(b"secret log");
+    // Supervisor page from CPL 3.
+    let (mut vcpu, _) = paged_vcpu(true, RW);
+    vcpu.mode.cpl = 3;
+    assert_eq!(
+        log_read(&mut vmm, &mut vcpu, BUF, 10, 0).0,
+        LOG_READ_REFUSED
+    );
+    // ... but fine from CPL 0.
+    vcpu.mode.cpl = 0;
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 10, 0), (10, 0));
+    // Read-only page (CR0.WP is on in these tables), from either level.
+    let (mut vcpu, _) = paged_vcpu(true, US);
+    for cpl in [0, 3] {
+        vcpu.mode.cpl = cpl;
+        assert_eq!(
+            log_read(&mut vmm, &mut vcpu, BUF, 10, 0).0,
+            LOG_READ_REFUSED
+        );
+        assert_eq!(vcpu.injected, None);
+    }
+    assert_eq!(guest_bytes(&vcpu, 0x10000, 10), [0u8; 10]);
+    // Non-canonical, and a range running past 2^64.
+    let (mut vcpu, _) = paged_vcpu(true, RW | US);
+    assert_eq!(
+        log_read(&mut vmm, &mut vcpu, 0x0000_8000_0000_0000, 10, 0).0,
+        LOG_READ_REFUSED
+    );
+    assert_eq!(
+        log_read(&mut vmm, &mut vcpu, u64::MAX - 4, 10, 0).0,
+        LOG_READ_REFUSED
+    );
+    // Identity-mapped guest-physical memory beyond guest RAM.
+    let mut vcpu = FakeVcpu::new();
+    assert_eq!(
+        log_read(&mut vmm, &mut vcpu, RAM as u64 - 4, 10, 0).0,
+        LOG_READ_REFUSED
+    );
+    assert_eq!(vcpu.injected, None);
+}
+
+#[test]
+fn log_read_uses_32_bit_registers_outside_64_bit_mode() {
+    let mut vmm = vmm();
+    vmm.services.log.lock().push(b"0123456789");
+    let mut vcpu = FakeVcpu::new();
+    vcpu.mode.long64 = false;
+    vcpu.set_gpr(Gpr::Rax, (7 << 32) | LOG_READ);
+    vcpu.set_gpr(Gpr::Rbx, (1 << 40) | 0x8000);
+    vcpu.set_gpr(Gpr::Rcx, (1 << 40) | 4);
+    vcpu.set_gpr(Gpr::Rdx, (1 << 40) | 2);
+    assert_eq!(
+        handle_exit(&mut vmm, &mut vcpu, Exit::VmmCall),
+        Action::Resume
+    );
+    assert_eq!((vcpu.gpr(Gpr::Rax), vcpu.gpr(Gpr::Rbx)), (4, 2));
+    assert_eq!(guest_bytes(&vcpu, 0x8000, 4), b"2345");
 }

@@ -62,6 +62,9 @@ pub struct CpuMode {
 pub enum Event {
     /// A hardware exception, with its error code when the vector has one.
     Exception { vector: u8, error_code: Option<u32> },
+    /// A page fault (vector 14): the backend sets the guest's CR2 to
+    /// `address` as the processor would (Intel SDM vol. 3A, 6.15).
+    PageFault { error_code: u32, address: u64 },
 }
 
 impl Event {

@@ -2,7 +2,7 @@
 //! up, numbers from 1 on are the functions registered at start-up.
 
 use crate::services::Services;
-use crate::vcpu::{Gpr, Vcpu};
+use crate::vcpu::{Event, Gpr, Vcpu};
 use crate::Vmm;
 use thinvisor_abi::{FN_LOOKUP, NAME_MAX_BYTES, NO_FUNCTION};
 use thinvisor_memory::{read_cstr, GuestLinearAddr};
@@ -13,10 +13,40 @@ pub struct CallContext<'a> {
     pub services: &'a mut Services,
 }
 
+/// How a VMM-call function finished.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CallOutcome {
+    /// The results are in the registers; the guest continues after the
+    /// call instruction.
+    Return,
+    /// A guest page the call needs is not present: deliver this #PF to the
+    /// guest (CR2 = `la`) and run the call instruction again once the
+    /// guest OS has paged it in (SPEC.md section 4).
+    PageFault {
+        la: GuestLinearAddr,
+        error_code: u32,
+    },
+}
+
 /// A VMM-call function. It reads its arguments from the vCPU's registers
 /// and writes its results there; registers it does not return in must be
 /// left as they are.
-pub type VmmCallFn = fn(&mut CallContext<'_>);
+pub type VmmCallFn = fn(&mut CallContext<'_>) -> CallOutcome;
+
+/// How often the same call may fault on the same page before it fails: a
+/// guest OS that does not page the memory in must not loop forever.
+pub const MAX_FAULTS_PER_PAGE: u32 = 3;
+
+/// What a call returns in RAX when its page faults were not resolved.
+pub const FAULTS_UNRESOLVED: u64 = u64::MAX;
+
+/// The last fault a call injected, to bound the retries.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct FaultRetry {
+    /// RIP and CR3 of the call instruction and the faulting address.
+    key: Option<(u64, u64, u64)>,
+    count: u32,
+}
 
 /// How many functions can be registered. BitVisor's whole tree registers
 /// fewer than ten.
@@ -111,6 +141,8 @@ impl Registry {
 /// Handle one VMM call: the function number is RAX in 64-bit mode and EAX
 /// elsewhere (the upper half of RAX is not architecturally defined outside
 /// 64-bit mode, so a 32-bit caller's stale bits must not pick a function).
+/// Steps over the call instruction unless a page fault is injected
+/// instead.
 pub fn dispatch<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) {
     let rax = vcpu.gpr(Gpr::Rax);
     let number = if vcpu.mode().long64 {
@@ -118,17 +150,49 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) {
     } else {
         rax & 0xFFFF_FFFF
     };
-    if number == FN_LOOKUP {
+    let outcome = if number == FN_LOOKUP {
         let result = lookup_by_name(&vmm.registry, vcpu);
         vcpu.set_gpr(Gpr::Rax, result);
-        return;
-    }
-    match vmm.registry.function(number) {
-        Some(function) => function(&mut CallContext {
-            vcpu,
-            services: &mut vmm.services,
-        }),
-        None => vcpu.set_gpr(Gpr::Rax, NO_FUNCTION),
+        CallOutcome::Return
+    } else {
+        match vmm.registry.function(number) {
+            Some(function) => function(&mut CallContext {
+                vcpu,
+                services: &mut vmm.services,
+            }),
+            None => {
+                vcpu.set_gpr(Gpr::Rax, NO_FUNCTION);
+                CallOutcome::Return
+            }
+        }
+    };
+    match outcome {
+        CallOutcome::Return => {
+            vmm.fault_retry = FaultRetry::default();
+            vcpu.skip_instruction();
+        }
+        CallOutcome::PageFault { la, error_code } => {
+            let key = Some((vcpu.rip(), vcpu.paging().cr3, la.as_u64()));
+            let retry = &mut vmm.fault_retry;
+            if retry.key == key {
+                retry.count += 1;
+            } else {
+                *retry = FaultRetry { key, count: 1 };
+            }
+            if retry.count > MAX_FAULTS_PER_PAGE {
+                log::debug!(
+                    "VMM call {number}: page {la} still not present after {MAX_FAULTS_PER_PAGE} faults"
+                );
+                *retry = FaultRetry::default();
+                vcpu.set_gpr(Gpr::Rax, FAULTS_UNRESOLVED);
+                vcpu.skip_instruction();
+            } else {
+                vcpu.inject(Event::PageFault {
+                    error_code,
+                    address: la.as_u64(),
+                });
+            }
+        }
     }
 }
 

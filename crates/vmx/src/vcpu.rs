@@ -269,6 +269,8 @@ pub struct VmxVcpu<M: GuestPhysMemory> {
     cr: CrPolicy,
     /// Basic exit reason and qualification of the current exit.
     reason: u32,
+    /// CR2 for an injected page fault, loaded before the next entry.
+    pending_cr2: Option<u64>,
 }
 
 /// Log the fields a failed VM entry is checked against (SDM vol. 3C,
@@ -338,6 +340,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             efer,
             cr,
             reason: 0,
+            pending_cr2: None,
         }
     }
 
@@ -558,7 +561,19 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     }
 
     fn inject(&mut self, event: Event) {
-        let Event::Exception { vector, error_code } = event;
+        let (vector, error_code) = match event {
+            Event::Exception { vector, error_code } => (vector, error_code),
+            Event::PageFault {
+                error_code,
+                address,
+            } => {
+                // VMX neither saves nor loads CR2 (SDM vol. 3C, 27.3): the
+                // guest's CR2 is the processor's while the hypervisor runs,
+                // so it is written just before the entry that injects.
+                self.pending_cr2 = Some(address);
+                (14, Some(error_code))
+            }
+        };
         let mut info = u64::from(u32::from(vector) | INTR_TYPE_HW_EXCEPTION | INTR_INFO_VALID);
         if let Some(code) = error_code {
             info |= u64::from(INTR_DELIVER_ERROR_CODE);
@@ -569,6 +584,13 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
 
     fn run(&mut self) -> Exit {
         loop {
+            if let Some(cr2) = self.pending_cr2.take() {
+                // SAFETY: CR2 only records page-fault addresses; the
+                // hypervisor takes no page faults before the entry.
+                unsafe {
+                    core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
+                };
+            }
             // SAFETY: the VMCS is current with host state that returns to
             // `thinvisor_vmx_exit` on this stack (type invariant), and the
             // stub preserves the host's callee-saved registers.
