@@ -33,6 +33,7 @@ use thinvisor_vmm::{StopReason, Vmm};
 use thinvisor_vmx::caps::EferPreference;
 
 const SIZE_2M: u64 = 2 << 20;
+const SIZE_1G: u64 = 1 << 30;
 pub(crate) const PAGE: u64 = 4096;
 /// As many modules as `BootInfo` keeps.
 const MAX_MODULES: usize = 16;
@@ -90,7 +91,12 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     let image: &[u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
 
     let ram_size = options.guest_mem;
-    let Some(ram_base) = frames.alloc(ram_size, SIZE_2M) else {
+    // 1 GiB alignment lets nested paging use 1 GiB pages; 2 MiB will do.
+    let aligned_1g = (ram_size >= SIZE_1G).then(|| frames.alloc(ram_size, SIZE_1G));
+    let Some(ram_base) = aligned_1g
+        .flatten()
+        .or_else(|| frames.alloc(ram_size, SIZE_2M))
+    else {
         boot_error!(
             "guest_mem={} MiB does not fit: {} MiB of memory is free",
             ram_size >> 20,

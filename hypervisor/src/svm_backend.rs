@@ -25,14 +25,22 @@ pub fn run(
         crate::yes_no(features.vmcb_clean),
         crate::yes_no(features.decode_assists)
     );
+    // Nested walks use the processor's own page sizes: 1 GiB pages where
+    // CPUID Fn8000_0001 EDX.Page1GB says so (APM 15.25.1).
+    let huge_1g = core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0;
+    info!(
+        "nested paging: 2 MiB pages, 1 GiB pages {}",
+        crate::yes_no(huge_1g)
+    );
     let mut tables = mem::FrameTables(frames);
     let npt = NestedPageTable::new(&mut tables, NPT)
         .and_then(|mut npt| {
-            npt.map_2m(
+            npt.map(
                 &mut tables,
                 GuestPhysAddr::new(0),
                 HostPhysAddr::new(guest.ram_base),
                 guest.ram_size,
+                huge_1g,
             )
             .map(|()| npt)
         })

@@ -34,11 +34,12 @@ pub fn run(
     let mut tables = mem::FrameTables(frames);
     let ept = NestedPageTable::new(&mut tables, EPT_WRITE_BACK)
         .and_then(|mut ept| {
-            ept.map_2m(
+            ept.map(
                 &mut tables,
                 GuestPhysAddr::new(0),
                 HostPhysAddr::new(guest.ram_base),
                 guest.ram_size,
+                controls.ept_1g,
             )
             .map(|()| ept)
         })

@@ -172,6 +172,20 @@ pub const CASES: &[Case] = &[
         ..QEMU
     },
     Case {
+        name: "qemu-1g-guest",
+        hv_args: "log=info guest_mem=1G",
+        modules: CHECKS,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: &[
+            "guest RAM: 1024 MiB",
+            "1 GiB pages yes",
+            "SUMMARY: 16 passed, 0 failed",
+        ],
+        must_not_contain: NO_FAIL,
+        mem_mb: 3072,
+        ..QEMU
+    },
+    Case {
         name: "qemu-mem-too-big",
         hv_args: "log=info guest_mem=8G",
         modules: CHECKS,

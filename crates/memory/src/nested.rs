@@ -43,6 +43,7 @@ pub const EPT_WRITE_BACK: TableFormat = TableFormat {
 };
 const ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 const SIZE_2M: u64 = 2 << 20;
+const SIZE_1G: u64 = 1 << 30;
 
 /// Why a mapping could not be built.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -72,13 +73,15 @@ impl NestedPageTable {
     }
 
     /// Map `size` bytes at `gpa` to `hpa` read/write/execute with 2 MiB
-    /// pages; all three must be 2 MiB aligned.
-    pub fn map_2m(
+    /// pages, and 1 GiB pages where `huge_1g` allows and the addresses and
+    /// the remaining size line up; all three must be 2 MiB aligned.
+    pub fn map(
         &mut self,
         alloc: &mut dyn TableAllocator,
         gpa: GuestPhysAddr,
         hpa: HostPhysAddr,
         size: u64,
+        huge_1g: bool,
     ) -> Result<(), NptError> {
         if !(gpa.as_u64() | hpa.as_u64() | size).is_multiple_of(SIZE_2M) {
             return Err(NptError::Misaligned);
@@ -93,8 +96,18 @@ impl NestedPageTable {
                 .as_u64()
                 .checked_add(offset)
                 .ok_or(NptError::Misaligned)?;
-            let pml4 = self.root;
-            let pdpt = next_table(alloc, pml4, index(g, 39), self.format)?;
+            let pdpt = next_table(alloc, self.root, index(g, 39), self.format)?;
+            if huge_1g && (g | h).is_multiple_of(SIZE_1G) && size - offset >= SIZE_1G {
+                // The 2 MiB leaf bits with PS at the PDPT level form a
+                // 1 GiB leaf in both formats (APM 15.25, SDM 29.3.2).
+                let entry = &mut alloc.table(pdpt)[index(g, 30)];
+                if *entry != 0 {
+                    return Err(NptError::Overlap);
+                }
+                *entry = (h & ADDR_MASK) | self.format.leaf_2m;
+                offset += SIZE_1G;
+                continue;
+            }
             let pd = next_table(alloc, pdpt, index(g, 30), self.format)?;
             let entry = &mut alloc.table(pd)[index(g, 21)];
             if *entry != 0 {
@@ -184,11 +197,12 @@ mod tests {
         let mut f = fake(16);
         let mut npt = NestedPageTable::new(&mut f, NPT).unwrap();
         let base = 0x4000_0000;
-        npt.map_2m(
+        npt.map(
             &mut f,
             GuestPhysAddr::new(0),
             HostPhysAddr::new(base),
             64 << 20,
+            true,
         )
         .unwrap();
         let root = npt.root();
@@ -202,14 +216,57 @@ mod tests {
     }
 
     #[test]
+    fn uses_1g_pages_where_aligned_and_allowed() {
+        let mut f = fake(16);
+        let mut npt = NestedPageTable::new(&mut f, EPT_WRITE_BACK).unwrap();
+        // 1 GiB + 4 MiB at 1 GiB-aligned addresses: one 1 GiB leaf, two 2 MiB.
+        let size = SIZE_1G + 2 * SIZE_2M;
+        npt.map(
+            &mut f,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(SIZE_1G),
+            size,
+            true,
+        )
+        .unwrap();
+        let root = npt.root();
+        let pdpt = HostPhysAddr::new(f.table(root)[0] & ADDR_MASK);
+        assert_eq!(f.table(pdpt)[0], SIZE_1G | EPT_WRITE_BACK.leaf_2m);
+        let pd = HostPhysAddr::new(f.table(pdpt)[1] & ADDR_MASK);
+        assert_eq!(
+            f.table(pd)[1],
+            (2 * SIZE_1G + SIZE_2M) | EPT_WRITE_BACK.leaf_2m
+        );
+        // PML4, PDPT, one PD.
+        assert_eq!(f.tables.len(), 3);
+        // Not allowed, or not aligned: 2 MiB pages only.
+        let mut f = fake(16);
+        let mut npt = NestedPageTable::new(&mut f, NPT).unwrap();
+        npt.map(
+            &mut f,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(SIZE_2M),
+            SIZE_1G,
+            true,
+        )
+        .unwrap();
+        let pdpt = HostPhysAddr::new(f.table(npt.root())[0] & ADDR_MASK);
+        assert_eq!(f.table(pdpt)[0] & HUGE, 0);
+        for gpa in [0, SIZE_1G - 1, 12345 << 12] {
+            assert_eq!(walk(&mut f, npt.root(), gpa), Some(SIZE_2M + gpa));
+        }
+    }
+
+    #[test]
     fn ept_leaves_are_write_back_rwx() {
         let mut f = fake(16);
         let mut npt = NestedPageTable::new(&mut f, EPT_WRITE_BACK).unwrap();
-        npt.map_2m(
+        npt.map(
             &mut f,
             GuestPhysAddr::new(0),
             HostPhysAddr::new(0x20_0000),
             SIZE_2M,
+            true,
         )
         .unwrap();
         let root = npt.root();
@@ -227,20 +284,20 @@ mod tests {
         let g = GuestPhysAddr::new;
         let h = HostPhysAddr::new;
         assert_eq!(
-            npt.map_2m(&mut f, g(0x1000), h(0), SIZE_2M),
+            npt.map(&mut f, g(0x1000), h(0), SIZE_2M, false),
             Err(NptError::Misaligned)
         );
         assert_eq!(
-            npt.map_2m(&mut f, g(0), h(0), 0x1000),
+            npt.map(&mut f, g(0), h(0), 0x1000, false),
             Err(NptError::Misaligned)
         );
-        npt.map_2m(&mut f, g(0), h(0), SIZE_2M).unwrap();
+        npt.map(&mut f, g(0), h(0), SIZE_2M, false).unwrap();
         assert_eq!(
-            npt.map_2m(&mut f, g(0), h(0), SIZE_2M),
+            npt.map(&mut f, g(0), h(0), SIZE_2M, false),
             Err(NptError::Overlap)
         );
         assert_eq!(
-            npt.map_2m(&mut f, g(1 << 30), h(0), SIZE_2M),
+            npt.map(&mut f, g(1 << 30), h(0), SIZE_2M, false),
             Err(NptError::OutOfMemory)
         );
     }
