@@ -27,7 +27,7 @@ use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::cmdline::EferMode;
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
-use thinvisor_boot::{BootInfo, MemKind};
+use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
 use thinvisor_vmm::{StopReason, Vmm};
 use thinvisor_vmx::caps::EferPreference;
@@ -35,8 +35,6 @@ use thinvisor_vmx::caps::EferPreference;
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_1G: u64 = 1 << 30;
 pub(crate) const PAGE: u64 = 4096;
-/// As many modules as `BootInfo` keeps.
-const MAX_MODULES: usize = 16;
 
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
