@@ -10,6 +10,7 @@ pub mod vmcb;
 
 use core::arch::global_asm;
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
+use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 use vmcb::{attrib, event_inj, exit_code, misc1, misc2, npf_info, tlb_control, Segment, Vmcb};
 use x86_64::registers::model_specific::Msr;
@@ -34,6 +35,11 @@ const SVM_FEATURE_DECODE_ASSISTS: u32 = 1 << 7;
 /// The guest's ASID. 0 belongs to the host; any other tags guest TLB
 /// entries so VMRUN/#VMEXIT need not flush (APM 15.16).
 const GUEST_ASID: u32 = 1;
+
+/// Invalid opcode, the exception VMCALL raises on AMD processors.
+const UD_VECTOR: u64 = 6;
+/// #VMEXIT code of an intercepted #UD (VMEXIT_EXCP_BASE + vector).
+const EXIT_UD: u64 = 0x40 + UD_VECTOR;
 
 /// Instruction lengths for CPUs without NRIPS (QEMU's TCG has none).
 const VMMCALL_LEN: u64 = 3;
@@ -269,6 +275,8 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             | misc2::STGI
             | misc2::CLGI
             | misc2::SKINIT;
+        // #UD, to accept Intel's VMCALL as a VMM call too.
+        c.intercept_exceptions = 1 << UD_VECTOR;
         c.guest_asid = GUEST_ASID;
         // Entries from an earlier user of this ASID must not survive.
         c.tlb_control = tlb_control::FLUSH_ALL;
@@ -365,6 +373,14 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 Exit::Cpuid
             }
             exit_code::HLT => Exit::Hlt,
+            // nRIP is zero for exception intercepts (APM 15.7.1): the
+            // length of VMCALL is known.
+            EXIT_UD if is_vmm_call_at_rip(self) => {
+                self.exit_insn_len = VMMCALL_LEN;
+                self.vmcb.control.nrip = 0;
+                Exit::VmmCall
+            }
+            EXIT_UD => Exit::InvalidOpcode,
             // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
             exit_code::MSR => Exit::Msr {
                 msr: self.regs.rcx as u32,
@@ -442,6 +458,10 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         self.vmcb.save.rip
     }
 
+    fn rip_linear(&self) -> u64 {
+        self.vmcb.save.cs.base.wrapping_add(self.vmcb.save.rip)
+    }
+
     fn paging(&self) -> PagingRegs {
         let s = &self.vmcb.save;
         PagingRegs {
@@ -476,6 +496,8 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         } else {
             s.rip.wrapping_add(self.exit_insn_len)
         };
+        // Stepping over the instruction ends an STI/MOV SS shadow.
+        self.vmcb.control.interrupt_shadow = 0;
     }
 
     fn inject(&mut self, event: Event) {

@@ -48,7 +48,7 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
         Exit::Shutdown => on_shutdown(vcpu),
         Exit::NestedPageFault(fault) => on_nested_page_fault(vcpu, fault),
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
-        Exit::VirtualizationInstruction => on_virtualization_instruction(vcpu),
+        Exit::VirtualizationInstruction | Exit::InvalidOpcode => on_invalid_opcode(vcpu),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
         Exit::Unknown { code } => Action::Stop(StopReason::Unhandled {
             code,
@@ -111,8 +111,9 @@ fn on_protected_msr<V: Vcpu>(vcpu: &mut V, msr: u32, write: bool) -> Action {
     Action::Resume
 }
 
-/// The guest sees a processor without virtualization extensions.
-fn on_virtualization_instruction<V: Vcpu>(vcpu: &mut V) -> Action {
+/// The guest sees a processor without virtualization extensions, and its
+/// own invalid opcodes behave as without a hypervisor.
+fn on_invalid_opcode<V: Vcpu>(vcpu: &mut V) -> Action {
     vcpu.inject(Event::UD);
     Action::Resume
 }

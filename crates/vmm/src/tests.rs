@@ -56,6 +56,9 @@ impl Vcpu for FakeVcpu {
     fn rip(&self) -> u64 {
         self.rip
     }
+    fn rip_linear(&self) -> u64 {
+        self.rip
+    }
     fn paging(&self) -> PagingRegs {
         self.paging
     }
@@ -502,4 +505,46 @@ fn log_read_uses_32_bit_registers_outside_64_bit_mode() {
     );
     assert_eq!((vcpu.gpr(Gpr::Rax), vcpu.gpr(Gpr::Rbx)), (4, 2));
     assert_eq!(guest_bytes(&vcpu, 0x8000, 4), b"2345");
+}
+
+#[test]
+fn either_vendors_call_instruction_is_recognised() {
+    use crate::vmmcall::is_vmm_call_at_rip;
+    let mut vcpu = FakeVcpu::new();
+    for (bytes, expect) in [
+        ([0x0F, 0x01, 0xC1], true),
+        ([0x0F, 0x01, 0xD9], true),
+        ([0x0F, 0x0B, 0x90], false),
+        ([0x0F, 0x01, 0xD8], false),
+    ] {
+        vcpu.put(0x1000, &bytes);
+        assert_eq!(is_vmm_call_at_rip(&vcpu), expect, "{bytes:x?}");
+    }
+    // An instruction pointer outside guest RAM is simply not a call.
+    vcpu.rip = RAM as u64 - 1;
+    assert!(!is_vmm_call_at_rip(&vcpu));
+    // A non-executable page (NX) is not fetched.
+    let (mut vcpu, _) = paged_vcpu(true, RW | thinvisor_memory::pagetable::NX);
+    vcpu.put(0x10000, &[0x0F, 0x01, 0xC1]);
+    vcpu.rip = BUF;
+    assert!(!is_vmm_call_at_rip(&vcpu));
+    let (mut vcpu, _) = paged_vcpu(true, RW);
+    vcpu.put(0x10000, &[0x0F, 0x01, 0xC1]);
+    vcpu.rip = BUF;
+    assert!(is_vmm_call_at_rip(&vcpu));
+    // ... but not from CPL 3 on a supervisor page.
+    vcpu.mode.cpl = 3;
+    assert!(!is_vmm_call_at_rip(&vcpu));
+}
+
+#[test]
+fn invalid_opcodes_go_back_to_the_guest() {
+    let mut vmm = vmm();
+    let mut vcpu = FakeVcpu::new();
+    assert_eq!(
+        handle_exit(&mut vmm, &mut vcpu, Exit::InvalidOpcode),
+        Action::Resume
+    );
+    assert_eq!(vcpu.injected, Some(Event::UD));
+    assert_eq!(vcpu.skipped, 0);
 }

@@ -96,6 +96,9 @@ pub enum Exit {
     /// RDMSR or WRMSR of an MSR the backend intercepts: only MSRs the
     /// guest must not reach (the virtualization extension's own) are.
     Msr { msr: u32, write: bool },
+    /// #UD that is not the other vendor's VMM-call instruction (the
+    /// backend checks that first): the guest gets its #UD back.
+    InvalidOpcode,
     /// The guest executed a virtualization instruction (VMRUN, VMLOAD, ...)
     /// that it must not use: it sees #UD, as on a CPU without the feature.
     VirtualizationInstruction,
@@ -128,6 +131,8 @@ pub trait Vcpu {
     fn set_gpr(&mut self, reg: Gpr, value: u64);
     /// The guest's instruction pointer.
     fn rip(&self) -> u64;
+    /// The linear address of the current instruction: CS.base + RIP.
+    fn rip_linear(&self) -> u64;
     /// CR0, CR3, CR4 and EFER: what guest-linear translation needs.
     fn paging(&self) -> PagingRegs;
     /// Privilege and operating mode.

@@ -4,8 +4,8 @@
 use crate::services::Services;
 use crate::vcpu::{Event, Gpr, Vcpu};
 use crate::Vmm;
-use thinvisor_abi::{FN_LOOKUP, NAME_MAX_BYTES, NO_FUNCTION};
-use thinvisor_memory::{read_cstr, GuestLinearAddr};
+use thinvisor_abi::{insn, FN_LOOKUP, NAME_MAX_BYTES, NO_FUNCTION};
+use thinvisor_memory::{read_cstr, read_linear, Access, GuestLinearAddr};
 
 /// What a VMM-call function sees: the calling vCPU and the services' state.
 pub struct CallContext<'a> {
@@ -214,4 +214,32 @@ fn lookup_by_name<V: Vcpu>(registry: &Registry, vcpu: &V) -> u64 {
         Ok(len) => name.get(..len).map_or(NO_FUNCTION, |n| registry.lookup(n)),
         Err(_) => NO_FUNCTION,
     }
+}
+
+/// Whether the instruction at the guest's RIP is VMCALL or VMMCALL. Either
+/// vendor's instruction raises #UD on the other vendor's processor; the
+/// backends intercept #UD and ask this, so one guest binary works on both
+/// (SPEC.md section 7). The bytes are fetched as the guest would fetch
+/// them (its paging, its privilege).
+pub fn is_vmm_call_at_rip(vcpu: &dyn Vcpu) -> bool {
+    let mode = vcpu.mode();
+    let mut la = vcpu.rip_linear();
+    if !mode.long64 {
+        la &= 0xFFFF_FFFF;
+    }
+    let access = Access {
+        write: false,
+        user: mode.cpl == 3,
+        fetch: true,
+    };
+    let mut bytes = [0u8; 3];
+    read_linear(
+        vcpu.memory(),
+        &vcpu.paging(),
+        GuestLinearAddr::new(la),
+        &mut bytes,
+        access,
+    )
+    .is_ok()
+        && (bytes == insn::VMCALL || bytes == insn::VMMCALL)
 }

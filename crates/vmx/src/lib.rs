@@ -178,7 +178,8 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::CPU_BASED_VM_EXEC_CONTROL, c.procbased.into()),
         (F::SECONDARY_VM_EXEC_CONTROL, c.procbased2.into()),
         (F::VM_EXIT_CONTROLS, c.exit.into()),
-        (F::EXCEPTION_BITMAP, 0),
+        // #UD only, to accept AMD's VMMCALL as a VMM call too.
+        (F::EXCEPTION_BITMAP, 1 << 6),
         (F::PAGE_FAULT_ERROR_CODE_MASK, 0),
         (F::PAGE_FAULT_ERROR_CODE_MATCH, 0),
         (F::CR3_TARGET_COUNT, 0),

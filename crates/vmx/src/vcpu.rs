@@ -4,10 +4,12 @@
 use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
 use core::arch::global_asm;
 use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
+use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 
 /// Basic exit reasons (Intel SDM vol. 3D, appendix C).
 pub mod exit_reason {
+    pub const EXCEPTION_OR_NMI: u32 = 0;
     pub const TRIPLE_FAULT: u32 = 2;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
@@ -271,6 +273,9 @@ pub struct VmxVcpu<M: GuestPhysMemory> {
     reason: u32,
     /// CR2 for an injected page fault, loaded before the next entry.
     pending_cr2: Option<u64>,
+    /// Length of the current exit's instruction when the VMCS has none
+    /// (exception exits, SDM vol. 3C, 28.2.5).
+    insn_len: Option<u64>,
 }
 
 /// Log the fields a failed VM entry is checked against (SDM vol. 3C,
@@ -341,6 +346,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             cr,
             reason: 0,
             pending_cr2: None,
+            insn_len: None,
         }
     }
 
@@ -453,7 +459,15 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             });
         }
         self.reason = raw_reason & 0xFFFF;
+        self.insn_len = None;
         Some(match self.reason {
+            // Only #UD is intercepted (exception bitmap), to accept AMD's
+            // VMMCALL as a VMM call too; it is three bytes long.
+            r::EXCEPTION_OR_NMI if is_vmm_call_at_rip(self) => {
+                self.insn_len = Some(3);
+                Exit::VmmCall
+            }
+            r::EXCEPTION_OR_NMI => Exit::InvalidOpcode,
             r::VMCALL => Exit::VmmCall,
             r::CPUID => Exit::Cpuid,
             r::HLT => Exit::Hlt,
@@ -521,6 +535,10 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         read(F::GUEST_RIP)
     }
 
+    fn rip_linear(&self) -> u64 {
+        read(F::GUEST_CS_BASE).wrapping_add(read(F::GUEST_RIP))
+    }
+
     fn paging(&self) -> PagingRegs {
         PagingRegs {
             cr0: read(F::GUEST_CR0),
@@ -551,7 +569,11 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     }
 
     fn skip_instruction(&mut self) {
-        let rip = read(F::GUEST_RIP).wrapping_add(read(F::VM_EXIT_INSTRUCTION_LEN));
+        let len = match self.insn_len.take() {
+            Some(len) => len,
+            None => read(F::VM_EXIT_INSTRUCTION_LEN),
+        };
+        let rip = read(F::GUEST_RIP).wrapping_add(len);
         write(F::GUEST_RIP, rip);
         // Stepping over the instruction ends any STI/MOV SS blocking.
         let blocking = read(F::GUEST_INTERRUPTIBILITY_INFO);
