@@ -1,6 +1,8 @@
 //! How thinvisor reads and writes guest memory.
 //!
-//! Guest-physical memory is reached through [`GuestPhysMemory`];
+//! Guest-physical memory is reached through [`GuestPhysMemory`] (copies,
+//! or a borrowed view of a range: `map`/`map_mut`, unmapped by dropping
+//! it);
 //! guest-linear memory is reached by walking the guest's own page tables
 //! ([`translate`]) in whichever paging mode it is in, and copying page by
 //! page ([`read_linear`], [`write_linear`], [`read_cstr`]).
@@ -23,6 +25,8 @@ mod phys;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod pagetable;
+#[cfg(any(test, feature = "testing"))]
+pub mod reference;
 
 #[cfg(test)]
 mod tests;

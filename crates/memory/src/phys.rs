@@ -1,10 +1,12 @@
 //! Guest-physical memory as the VMM sees it.
 
 use core::fmt;
+use core::ops::Range;
 
 use crate::GuestPhysAddr;
 
-/// A guest-physical access touched a byte that is not backed by guest RAM.
+/// A guest-physical access touched a byte that is not backed by guest RAM
+/// (or that the VMM must not reach on the guest's behalf).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct PhysAccessError {
     /// The first byte of the access that is not backed by guest RAM.
@@ -26,12 +28,39 @@ impl core::error::Error for PhysAccessError {}
 /// caller's view: on error the contents of `buf` are unspecified, and the
 /// error names the first byte that is not backed (callers rely on that to
 /// use the readable prefix, see [`crate::read_cstr`]).
+///
+/// "Mapping" a range ([`map`](Self::map), [`map_mut`](Self::map_mut))
+/// borrows it as a host slice; dropping the slice is the unmap, so the
+/// borrow checker guarantees nothing uses a mapping after it is gone. The
+/// VMM runs while the calling vCPU is stopped, which is what makes a plain
+/// slice over guest RAM sound for that time.
 pub trait GuestPhysMemory {
+    /// Borrows guest-physical `gpa..gpa+len` for reading. Fails, naming the
+    /// first offending byte, unless every byte is guest RAM the VMM may
+    /// reach. `len == 0` touches nothing and always succeeds.
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError>;
+
+    /// Borrows guest-physical `gpa..gpa+len` for writing, with the same
+    /// rules as [`map`](Self::map).
+    fn map_mut(&mut self, gpa: GuestPhysAddr, len: usize) -> Result<&mut [u8], PhysAccessError>;
+
     /// Fills `buf` from guest-physical memory starting at `gpa`.
-    fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError>;
+    fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError> {
+        let src = self.map(gpa, buf.len())?;
+        // An implementor returning a slice of the wrong length must not be
+        // able to make `copy_from_slice` panic.
+        let src = src.get(..buf.len()).ok_or(PhysAccessError { gpa })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
 
     /// Writes `data` to guest-physical memory starting at `gpa`.
-    fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), PhysAccessError>;
+    fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), PhysAccessError> {
+        let dst = self.map_mut(gpa, data.len())?;
+        let dst = dst.get_mut(..data.len()).ok_or(PhysAccessError { gpa })?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
 
     /// Reads a little-endian `u32` (paging-structure entries, counters).
     fn read_u32_phys(&self, gpa: GuestPhysAddr) -> Result<u32, PhysAccessError> {
@@ -59,18 +88,35 @@ pub trait GuestPhysMemory {
 }
 
 /// Guest RAM as one contiguous host buffer mapped at guest-physical 0 (the
-/// "isolated layout": guest-physical `x` is `ram[x]`).
+/// "isolated layout": guest-physical `x` is `ram[x]`), optionally with
+/// holes the VMM refuses to touch on the guest's behalf.
 pub struct SliceMemory<'a> {
     ram: &'a mut [u8],
+    holes: &'a [Range<u64>],
 }
 
 impl<'a> SliceMemory<'a> {
     /// Uses `ram` as guest-physical `0..ram.len()`.
     pub fn new(ram: &'a mut [u8]) -> Self {
-        Self { ram }
+        Self { ram, holes: &[] }
     }
 
-    /// Size of guest RAM in bytes.
+    /// Like [`new`](Self::new), but the guest-physical ranges in `holes`
+    /// are unreachable: every access touching them fails as if they were
+    /// not RAM. For the pass-through layout, where the hypervisor's own
+    /// memory lies inside the guest-physical range and a guest-supplied
+    /// address must never reach it (page tables placed there included).
+    /// Empty or reversed ranges forbid nothing.
+    pub fn with_holes(ram: &'a mut [u8], holes: &'a [Range<u64>]) -> Self {
+        Self { ram, holes }
+    }
+
+    /// The forbidden guest-physical ranges.
+    pub fn holes(&self) -> &[Range<u64>] {
+        self.holes
+    }
+
+    /// Size of guest RAM in bytes (holes included).
     pub fn len(&self) -> u64 {
         // usize is at most 64 bits on every target this crate supports.
         u64::try_from(self.ram.len()).unwrap_or(u64::MAX)
@@ -81,55 +127,63 @@ impl<'a> SliceMemory<'a> {
         self.ram.is_empty()
     }
 
-    /// All of guest RAM.
+    /// All of guest RAM, holes included: this is the VMM's own view, not
+    /// one a guest-supplied address may use.
     pub fn as_slice(&self) -> &[u8] {
         self.ram
     }
 
-    /// All of guest RAM, writable.
+    /// All of guest RAM, writable, holes included (see
+    /// [`as_slice`](Self::as_slice)).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self.ram
     }
 
     /// The host range for `gpa..gpa+len`, or the first guest-physical byte
-    /// of it that lies outside RAM.
-    fn range(
-        &self,
-        gpa: GuestPhysAddr,
-        len: usize,
-    ) -> Result<core::ops::Range<usize>, PhysAccessError> {
-        let size = self.ram.len();
+    /// of it that lies outside RAM or inside a hole.
+    fn range(&self, gpa: GuestPhysAddr, len: usize) -> Result<Range<usize>, PhysAccessError> {
         if len == 0 {
             // Touches no byte, so nothing can be unbacked.
             return Ok(0..0);
         }
+        let size = self.ram.len();
         let start = match usize::try_from(gpa.0) {
-            Ok(s) if s <= size => s,
+            Ok(s) if s < size => s,
             _ => return Err(PhysAccessError { gpa }),
         };
-        match start.checked_add(len) {
-            Some(end) if end <= size => Ok(start..end),
-            // The first unbacked byte is the end of RAM, unless the access
-            // starts exactly there (then it is `gpa` itself, same value).
-            _ => Err(PhysAccessError {
-                gpa: GuestPhysAddr(self.len()),
+        // Past the end of RAM (or of the address space): the first
+        // unbacked byte is the end of RAM, unless a hole comes first.
+        let end = start.checked_add(len).filter(|&e| e <= size);
+        let mut first_bad = if end.is_some() {
+            None
+        } else {
+            Some(self.len())
+        };
+        // start < size <= u64::MAX, and end <= size when it is Some.
+        let (lo, hi) = (gpa.0, end.map_or(self.len(), |e| e as u64));
+        for hole in self.holes {
+            if hole.start < hi && hole.end > lo && hole.start < hole.end {
+                let bad = hole.start.max(lo);
+                first_bad = Some(first_bad.map_or(bad, |b| b.min(bad)));
+            }
+        }
+        match (first_bad, end) {
+            (None, Some(end)) => Ok(start..end),
+            (bad, _) => Err(PhysAccessError {
+                gpa: GuestPhysAddr(bad.unwrap_or(gpa.0)),
             }),
         }
     }
 }
 
 impl GuestPhysMemory for SliceMemory<'_> {
-    fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError> {
-        let r = self.range(gpa, buf.len())?;
-        let src = self.ram.get(r).ok_or(PhysAccessError { gpa })?;
-        buf.copy_from_slice(src);
-        Ok(())
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError> {
+        let r = self.range(gpa, len)?;
+        self.ram.get(r).ok_or(PhysAccessError { gpa })
     }
 
-    fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), PhysAccessError> {
-        let r = self.range(gpa, data.len())?;
-        let dst = self.ram.get_mut(r).ok_or(PhysAccessError { gpa })?;
-        dst.copy_from_slice(data);
-        Ok(())
+    fn map_mut(&mut self, gpa: GuestPhysAddr, len: usize) -> Result<&mut [u8], PhysAccessError> {
+        let r = self.range(gpa, len)?;
+        self.ram.get_mut(r).ok_or(PhysAccessError { gpa })
     }
 }

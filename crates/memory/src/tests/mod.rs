@@ -10,8 +10,8 @@ use crate::{GuestPhysAddr, GuestPhysMemory, PhysAccessError};
 mod cstr;
 mod linear;
 mod paging;
+mod phys;
 mod props;
-mod reference;
 mod types;
 
 /// Guest RAM size for unit tests: 8 MiB, so 2 MiB and 4 MiB pages fit.
@@ -46,18 +46,14 @@ impl Windows {
 }
 
 impl GuestPhysMemory for Windows {
-    fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError> {
-        let (i, off) = self.find(gpa.0, buf.len()).ok_or(PhysAccessError { gpa })?;
-        buf.copy_from_slice(&self.windows[i].1[off..off + buf.len()]);
-        Ok(())
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError> {
+        let (i, off) = self.find(gpa.0, len).ok_or(PhysAccessError { gpa })?;
+        Ok(&self.windows[i].1[off..off + len])
     }
 
-    fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), PhysAccessError> {
-        let (i, off) = self
-            .find(gpa.0, data.len())
-            .ok_or(PhysAccessError { gpa })?;
-        self.windows[i].1[off..off + data.len()].copy_from_slice(data);
-        Ok(())
+    fn map_mut(&mut self, gpa: GuestPhysAddr, len: usize) -> Result<&mut [u8], PhysAccessError> {
+        let (i, off) = self.find(gpa.0, len).ok_or(PhysAccessError { gpa })?;
+        Ok(&mut self.windows[i].1[off..off + len])
     }
 }
 
@@ -68,12 +64,16 @@ struct Counting<'m, M> {
 }
 
 impl<M: GuestPhysMemory> GuestPhysMemory for Counting<'_, M> {
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError> {
+        self.inner.map(gpa, len)
+    }
+
+    fn map_mut(&mut self, gpa: GuestPhysAddr, _len: usize) -> Result<&mut [u8], PhysAccessError> {
+        Err(PhysAccessError { gpa })
+    }
+
     fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError> {
         self.reads.set(self.reads.get() + 1);
         self.inner.read_phys(gpa, buf)
-    }
-
-    fn write_phys(&mut self, gpa: GuestPhysAddr, _data: &[u8]) -> Result<(), PhysAccessError> {
-        Err(PhysAccessError { gpa })
     }
 }

@@ -13,7 +13,7 @@ use std::vec::Vec;
 
 use proptest::prelude::*;
 
-use super::reference;
+use crate::reference;
 use crate::*;
 
 const DATA_END: u64 = 0x20_0000;

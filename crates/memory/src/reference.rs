@@ -1,8 +1,10 @@
-//! A deliberately simple reference walker, written straight from the SDM
-//! tables and independent of `paging.rs`: one branch per mode, entries
-//! collected in a list, reserved bits checked bit by bit.
-
-use std::vec::Vec;
+//! Test support: a deliberately simple reference walker, written straight
+//! from the SDM tables and independent of `paging.rs`: one branch per mode,
+//! entries collected in a list, reserved bits checked bit by bit. The
+//! property tests and the fuzz targets compare [`crate::translate`] with
+//! it.
+//!
+//! Available under `cfg(test)` and the `testing` feature.
 
 use crate::{Access, GuestLinearAddr, GuestPhysAddr, PagingRegs, TranslateError, Translation};
 
@@ -28,7 +30,29 @@ fn load(ram: &[u8], addr: u64, size: usize) -> Option<u64> {
 
 const ADDR: u64 = 0x000F_FFFF_FFFF_F000; // bits 51:12
 
-pub(super) fn translate(
+/// Entries that grant rights on one walk (at most 5 levels).
+struct Path {
+    entries: [u64; 5],
+    len: usize,
+}
+
+impl Path {
+    fn push(&mut self, e: u64) {
+        // A walk has at most 5 levels; a sixth entry cannot happen.
+        if let Some(slot) = self.entries.get_mut(self.len) {
+            *slot = e;
+            self.len += 1;
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &u64> {
+        self.entries.iter().take(self.len)
+    }
+}
+
+/// What the MMU would do for `la` with guest RAM `ram` at guest-physical
+/// 0 (MAXPHYADDR 52, like [`crate::translate`]).
+pub fn translate(
     ram: &[u8],
     regs: &PagingRegs,
     la: u64,
@@ -73,7 +97,10 @@ pub(super) fn translate(
     };
 
     // Entries that grant rights, and the final page.
-    let mut path: Vec<u64> = Vec::new();
+    let mut path = Path {
+        entries: [0; 5],
+        len: 0,
+    };
     let base: u64;
     let size: u64;
     if !pae {
