@@ -1,11 +1,11 @@
 //! How thinvisor reads and writes guest memory.
 //!
 //! Guest-physical memory is reached through [`GuestPhysMemory`] (copies,
-//! or a borrowed view of a range: `map`/`map_mut`, unmapped by dropping
-//! it);
-//! guest-linear memory is reached by walking the guest's own page tables
-//! ([`translate`]) in whichever paging mode it is in, and copying page by
-//! page ([`read_linear`], [`write_linear`], [`read_cstr`]).
+//! or a borrowed view of a range, `map`/`map_mut`, unmapped by dropping
+//! it); guest-linear memory is reached by walking the guest's own page
+//! tables ([`translate`]) in whichever paging mode it is in, and copying
+//! page by page ([`read_linear`], [`write_linear`], [`read_cstr`], and the
+//! typed [`read_linear_u64`] and friends built on them).
 //!
 //! Every value that comes from the guest (registers, page-table entries,
 //! addresses, lengths) is hostile: nothing here panics on it, loops are
@@ -32,7 +32,11 @@ pub mod reference;
 mod tests;
 
 pub use addr::{GuestLinearAddr, GuestPhysAddr, HostPhysAddr};
-pub use linear::{read_cstr, read_cstr_with_access, read_linear, write_linear, CStrError};
+pub use linear::{
+    read_cstr, read_cstr_with_access, read_linear, read_linear_array, read_linear_u16,
+    read_linear_u32, read_linear_u64, read_linear_u8, write_linear, write_linear_u16,
+    write_linear_u32, write_linear_u64, write_linear_u8, CStrError,
+};
 pub use paging::{
     pf_error, translate, Access, PagingMode, PagingRegs, TranslateError, Translation, MAXPHYADDR,
 };

@@ -103,6 +103,62 @@ pub fn write_linear<M: GuestPhysMemory + ?Sized>(
     Ok(())
 }
 
+/// Copies `N` bytes of guest-linear memory into VMM memory, once.
+///
+/// This is how to fetch a guest structure (a request header, a length and
+/// a pointer): no double fetch, decide only on the copy. Parse the array
+/// returned here and never read the same guest bytes again for the same
+/// decision, or a second vCPU could change them between the check and the
+/// use. Same errors as [`read_linear`]; the range may cross pages.
+pub fn read_linear_array<const N: usize, M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+) -> Result<[u8; N], TranslateError> {
+    let mut buf = [0u8; N];
+    read_linear(mem, regs, la, &mut buf, access)?;
+    Ok(buf)
+}
+
+/// Typed little-endian reads and writes of guest-linear memory, built on
+/// [`read_linear_array`] and [`write_linear`]: same errors, may cross a
+/// page (and wrap like them).
+macro_rules! typed_linear {
+    ($($ty:ident $read:ident $write:ident;)*) => {$(
+        #[doc = concat!("Reads a little-endian `", stringify!($ty), "` from guest-linear `la`")]
+        #[doc = "(see [`read_linear`] for the errors)."]
+        pub fn $read<M: GuestPhysMemory + ?Sized>(
+            mem: &M,
+            regs: &PagingRegs,
+            la: GuestLinearAddr,
+            access: Access,
+        ) -> Result<$ty, TranslateError> {
+            read_linear_array(mem, regs, la, access).map($ty::from_le_bytes)
+        }
+
+        #[doc = concat!("Writes `value` as a little-endian `", stringify!($ty), "` at guest-linear")]
+        #[doc = "`la` (see [`write_linear`]: all pages are checked before any byte is"]
+        #[doc = "written)."]
+        pub fn $write<M: GuestPhysMemory + ?Sized>(
+            mem: &mut M,
+            regs: &PagingRegs,
+            la: GuestLinearAddr,
+            value: $ty,
+            access: Access,
+        ) -> Result<(), TranslateError> {
+            write_linear(mem, regs, la, &value.to_le_bytes(), access)
+        }
+    )*};
+}
+
+typed_linear! {
+    u8 read_linear_u8 write_linear_u8;
+    u16 read_linear_u16 write_linear_u16;
+    u32 read_linear_u32 write_linear_u32;
+    u64 read_linear_u64 write_linear_u64;
+}
+
 /// Why [`read_cstr`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CStrError {

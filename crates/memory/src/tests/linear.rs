@@ -259,3 +259,82 @@ fn write_checks_every_page_before_writing() {
     assert_eq!(mem.as_slice()[0x50_0FFF], 1);
     assert_eq!(&mem.as_slice()[0x51_0000..0x51_0002], &[2, 3]);
 }
+
+#[test]
+fn typed_access_crosses_pages() {
+    for mode in [
+        PagingMode::Bits32,
+        PagingMode::Pae,
+        PagingMode::Level4,
+        PagingMode::Level5,
+    ] {
+        let mut ram = guest_ram();
+        let mut mem = SliceMemory::new(&mut ram);
+        let mut pt = tables(&mut mem, mode);
+        // Two linear pages, physically apart and in reverse order; a
+        // read-only page after them.
+        pt.map(&mut mem, 0x40_0000, 0x50_0000, SIZE_4K, RW).unwrap();
+        pt.map(&mut mem, 0x40_1000, 0x30_7000, SIZE_4K, RW).unwrap();
+        pt.map(&mut mem, 0x40_2000, 0x31_0000, SIZE_4K, 0).unwrap();
+        let regs = pt.regs();
+        let la = GuestLinearAddr;
+        let bytes: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+        write_linear(&mut mem, &regs, la(0x40_0FFB), &bytes, Access::WRITE).unwrap();
+
+        assert_eq!(
+            read_linear_u8(&mem, &regs, la(0x40_0FFB), Access::READ),
+            Ok(1)
+        );
+        assert_eq!(
+            read_linear_u16(&mem, &regs, la(0x40_0FFF), Access::READ),
+            Ok(0x0605)
+        );
+        assert_eq!(
+            read_linear_u32(&mem, &regs, la(0x40_0FFD), Access::READ),
+            Ok(0x0605_0403)
+        );
+        assert_eq!(
+            read_linear_u64(&mem, &regs, la(0x40_0FFB), Access::READ),
+            Ok(u64::from_le_bytes(bytes))
+        );
+        assert_eq!(
+            read_linear_array::<3, _>(&mem, &regs, la(0x40_0FFE), Access::READ),
+            Ok([4, 5, 6])
+        );
+
+        write_linear_u64(&mut mem, &regs, la(0x40_0FFC), u64::MAX - 1, Access::WRITE).unwrap();
+        assert_eq!(
+            &mem.as_slice()[0x50_0FFC..0x50_1000],
+            &[0xFE, 0xFF, 0xFF, 0xFF]
+        );
+        assert_eq!(
+            &mem.as_slice()[0x30_7000..0x30_7005],
+            &[0xFF, 0xFF, 0xFF, 0xFF, 0]
+        );
+        write_linear_u32(&mut mem, &regs, la(0x40_0FFE), 0x0A0B_0C0D, Access::WRITE).unwrap();
+        write_linear_u16(&mut mem, &regs, la(0x40_0FFF), 0x1122, Access::WRITE).unwrap();
+        write_linear_u8(&mut mem, &regs, la(0x40_1002), 0x33, Access::WRITE).unwrap();
+        assert_eq!(
+            read_linear_u64(&mem, &regs, la(0x40_0FFC), Access::READ),
+            Ok(0xFF33_0A11_220D_FFFE),
+            "{mode:?}"
+        );
+
+        // Errors are read_linear's / write_linear's, and a refused write
+        // leaves every byte alone.
+        let pf_at = |la: u64, code| pf::<()>(la, code);
+        assert_eq!(
+            read_linear_u32(&mem, &regs, la(0x40_2FFE), Access::READ),
+            pf(0x40_3000, 0)
+        );
+        assert_eq!(
+            write_linear_u32(&mut mem, &regs, la(0x40_1FFE), 0, Access::WRITE),
+            pf_at(0x40_2000, PR | W)
+        );
+        assert_eq!(&mem.as_slice()[0x30_7FFE..0x30_8000], &[0, 0]);
+        assert_eq!(
+            read_linear_u16(&mem, &regs, la(0x40_0000), Access::USER_READ),
+            pf(0x40_0000, PR | U)
+        );
+    }
+}
