@@ -4,10 +4,12 @@
 use crate::boot::BootInfo;
 use crate::console::end_run;
 use crate::cpu::{self, vmm_call, Regs};
-use crate::entry;
+use crate::entry::{self, LOG32_BUF, LOG32_VA};
 use crate::global;
 use crate::paging::{self, HIGH_2M, HIGH_4K, NON_CANONICAL, OUTSIDE_RAM, UNMAPPED};
+use crate::{demand, demand::WINDOW};
 use crate::{recover, user};
+use core::cell::UnsafeCell;
 use core::fmt;
 use thinvisor_abi as abi;
 
@@ -426,6 +428,392 @@ fn log_set_buf_accepted(_: &BootInfo) -> CheckResult {
     ensure_preserved(&before, &after, "log_set_buf(0, 0)")
 }
 
+// ------------------------------------------------------------- log_read
+
+/// How the VMM's log starts (its first line is
+/// `thinvisor: [INFO ] thinvisor 0.1.0 starting`).
+const LOG_PREFIX: &[u8] = b"thinvisor: [INFO ] thinvisor ";
+/// `log_read`'s answer when the caller may not write the buffer (all ones
+/// of the 64-bit mode's width).
+const REFUSED: u64 = u64::MAX;
+/// The page-fault error code of a write to a not-present page at CPL 0.
+const PF_WRITE_NOT_PRESENT: u64 = 0x2;
+/// CR0.WP, CR0.PG, CR4.PSE, CR4.PAE.
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u32 = 1 << 31;
+const CR4_PSE: u32 = 1 << 4;
+const CR4_PAE: u32 = 1 << 5;
+
+/// A present, writable buffer for reference reads of the log.
+const SCRATCH_LEN: usize = 16 * 1024;
+#[repr(C, align(4096))]
+struct Scratch(UnsafeCell<[u8; SCRATCH_LEN]>);
+// SAFETY: one CPU; only the checks (and the VMM, during their calls) touch
+// it.
+unsafe impl Sync for Scratch {}
+static SCRATCH: Scratch = Scratch(UnsafeCell::new([0; SCRATCH_LEN]));
+
+fn scratch() -> u64 {
+    SCRATCH.0.get() as u64
+}
+
+/// Reads a byte the VMM may have written, at a mapped linear address.
+///
+/// # Safety
+/// `va` must be mapped and readable.
+unsafe fn peek(va: u64) -> u8 {
+    // SAFETY: passed on from the caller; volatile because the VMM, not
+    // this program, wrote it.
+    unsafe { (va as *const u8).read_volatile() }
+}
+
+/// The number of "log_read".
+fn log_read_number() -> Result<u64, Why> {
+    match lookup(abi::names::LOG_READ.as_bytes()) {
+        0 => Err(why(format_args!("lookup of \"log_read\" returned 0"))),
+        n => Ok(n),
+    }
+}
+
+/// `log_read(buf, len, from)` from CPL 0: (RAX, RBX). A page fault the
+/// demand pager does not handle fails the check instead of the run.
+fn log_read(number: u64, buf: u64, len: u64, from: u64) -> Result<(u64, u64), Why> {
+    recover::vmm_call4(cpu::uses_vmcall(), number, buf, len, from, recover::PF).map_err(|c| {
+        why(format_args!(
+            "log_read({buf:#x}, {len:#x}, {from:#x}) raised #PF error {:#x} cr2 {:#x} at rip {:#x} that the demand pager did not take",
+            c.error, c.cr2, c.rip
+        ))
+    })
+}
+
+/// Fails unless `got` (the bytes of stream offsets 0.. that a check
+/// received, one by one) starts with the log's first line, is printable
+/// text, and equals what a fresh read from offset 0 into a present
+/// buffer gives now.
+fn ensure_log_text(number: u64, n: u64, got: impl Fn(u64) -> u8) -> CheckResult {
+    ensure!(
+        n as usize <= SCRATCH_LEN,
+        "{n} bytes are more than the reference buffer holds"
+    );
+    let (m, first) = log_read(number, scratch(), n, 0)?;
+    ensure!(
+        (m, first) == (n, 0),
+        "the reference read of {n} bytes from 0 returned RAX {m:#x} RBX {first:#x}"
+    );
+    let prefix_len = LOG_PREFIX.len().min(n as usize) as u64;
+    let mut head = [0u8; 32];
+    for i in 0..prefix_len {
+        head[i as usize] = got(i);
+    }
+    ensure!(
+        &head[..prefix_len as usize] == LOG_PREFIX,
+        "the buffer starts {}, not {}",
+        Shown(&head[..prefix_len as usize]),
+        Shown(LOG_PREFIX)
+    );
+    for i in 0..n {
+        let b = got(i);
+        ensure!(
+            b.is_ascii_graphic() || b == b' ' || b == b'\n' || b == b'\r' || b == b'\t',
+            "byte {i} of the log is {b:#04x}, not printable text"
+        );
+        // SAFETY: the scratch buffer is present and n <= SCRATCH_LEN.
+        let want = unsafe { peek(scratch() + i) };
+        ensure!(
+            b == want,
+            "byte {i} is {b:#04x} but a read from offset 0 now gives {want:#04x}"
+        );
+    }
+    Ok(())
+}
+
+/// `log_read_32bit` / `log_read_pae`: the trampoline's demand-paging read
+/// with 32-bit or PAE paging (`entry.rs`), checked from its record.
+fn log_read_legacy(pae: bool) -> CheckResult {
+    let r = entry::log32_result(pae);
+    let mode = if pae { "PAE" } else { "32-bit" };
+    match r.status {
+        1 => {}
+        2 if r.vector == 14 => fail!(
+            "#PF error {:#x} at eip {:#x} cr2 {:#x} not taken by the demand pager, stage {} with {mode} paging ({} mapped before)",
+            r.frame[0],
+            r.frame[1],
+            r.cr2,
+            r.stage,
+            r.faults
+        ),
+        2 => fail!(
+            "vector {} at stage {} with {mode} paging (frame {:#x} {:#x}, cr2 {:#x}, {} faults mapped)",
+            r.vector,
+            r.stage,
+            r.frame[0],
+            r.frame[1],
+            r.cr2,
+            r.faults
+        ),
+        s => fail!("the 32-bit entry code did not run it (status {s})"),
+    }
+    ensure!(
+        r.cr0 & CR0_PG != 0
+            && r.cr4 & CR4_PAE == if pae { CR4_PAE } else { 0 }
+            && (pae || r.cr4 & CR4_PSE != 0),
+        "paging was not as set up: CR0 {:#x} CR4 {:#x}",
+        r.cr0,
+        r.cr4
+    );
+    let number = log_read_number()?;
+    ensure!(
+        u64::from(r.number) == number,
+        "\"log_read\" looked up with {mode} paging returned {:#x}, in 64-bit mode {number:#x}",
+        r.number
+    );
+    ensure!(r.stage == 4, "stopped at stage {}", r.stage);
+    let (rax, rbx, buf, len) = (r.rax, r.rbx, r.buf, r.len);
+    ensure!(
+        rax != u32::MAX,
+        "log_read({buf:#x}, {len:#x}, 0) was refused (EAX all ones) after {} faults",
+        r.faults
+    );
+    let into_second = (LOG32_VA + 0x1000) - LOG32_BUF;
+    ensure!(
+        rax > into_second && rax <= len,
+        "log_read({buf:#x}, {len:#x}, 0) returned EAX {rax:#x}: not into the second page"
+    );
+    ensure!(rbx == 0, "log_read from 0 returned EBX {rbx:#x}");
+    ensure!(
+        r.faults == 1
+            && r.first_cr2 == LOG32_VA + 0x1000
+            && u64::from(r.first_error) == PF_WRITE_NOT_PRESENT
+            && u64::from(r.errors_or) == PF_WRITE_NOT_PRESENT,
+        "{} page faults, first cr2 {:#x} error {:#x} (all: {:#x}); want 1 at {:#x} error 0x2",
+        r.faults,
+        r.first_cr2,
+        r.first_error,
+        r.errors_or,
+        LOG32_VA + 0x1000
+    );
+    ensure!(
+        (r.rax2, r.rbx2) == (0, rax),
+        "log_read from the end ({rax:#x}) returned EAX {:#x} EBX {:#x}",
+        r.rax2,
+        r.rbx2
+    );
+    let first_frame = entry::log32_frame(usize::from(pae));
+    let second_frame = entry::log32_frame(2 + usize::from(pae));
+    ensure!(
+        u64::from(r.mapped) & !0xFFF == second_frame,
+        "the #PF handler mapped {:#x}, not frame {second_frame:#x}",
+        r.mapped
+    );
+    let in_first = u64::from(into_second);
+    let offset = u64::from(LOG32_BUF & 0xFFF);
+    ensure_log_text(number, u64::from(rax), |i| {
+        if i < in_first {
+            paging::read_phys(first_frame + offset + i)
+        } else {
+            paging::read_phys(second_frame + i - in_first)
+        }
+    })?;
+    say!(
+        "test-guest: log_read with {mode} paging: {rax} bytes from {buf:#x}, {} page fault",
+        r.faults
+    );
+    Ok(())
+}
+
+/// `log_read_32bit`: see `log_read_legacy`.
+fn log_read_32bit(_: &BootInfo) -> CheckResult {
+    log_read_legacy(false)
+}
+
+/// `log_read_pae`: see `log_read_legacy`.
+fn log_read_pae(_: &BootInfo) -> CheckResult {
+    log_read_legacy(true)
+}
+
+/// What `log_read_4level` asks for.
+const LOG_4LEVEL_WANT: u64 = 10_000;
+
+/// `log_read_4level`: a 3-page buffer at `demand::WINDOW` whose second and
+/// third pages are not present; the #PF handler maps them as the VMM
+/// injects the faults; the log from offset 0 arrives; a read from its end
+/// returns nothing.
+fn log_read_4level(_: &BootInfo) -> CheckResult {
+    let number = log_read_number()?;
+    let (have, first) = log_read(number, scratch(), SCRATCH_LEN as u64, 0)?;
+    ensure!(
+        have != REFUSED && have > 0 && first == 0,
+        "reading the log into a present buffer returned RAX {have:#x} RBX {first:#x}"
+    );
+    // Start so that the copy crosses into the second page even when the
+    // log is short, and the whole request fits in the three pages.
+    let buf_bytes = demand::BUF_PAGES * 4096;
+    let expect = have.min(LOG_4LEVEL_WANT);
+    let start = 4096u64.saturating_sub(expect / 2) & !0xF;
+    let len = LOG_4LEVEL_WANT.min(buf_bytes - start);
+    let buf = WINDOW + start;
+
+    demand::reset(0xCC);
+    demand::arm(WINDOW, WINDOW + buf_bytes);
+    let result = log_read(number, buf, len, 0);
+    demand::disarm();
+    let st = demand::stats();
+    let (rax, rbx) =
+        result.map_err(|w| why(format_args!("{} ({} mapped before)", w.as_str(), st.faults)))?;
+
+    ensure!(
+        rax != REFUSED,
+        "log_read({buf:#x}, {len}, 0) was refused after {} faults (first cr2 {:#x})",
+        st.faults,
+        st.first_cr2
+    );
+    ensure!(
+        rax >= expect.min(len) && rax <= len,
+        "log_read({buf:#x}, {len}, 0) returned {rax} bytes; {have} were there before"
+    );
+    ensure!(
+        start + rax > 4096,
+        "{rax} bytes from {buf:#x} do not reach the second page"
+    );
+    ensure!(
+        have <= 4096 || rax > 4096,
+        "only {rax} of {have} bytes copied"
+    );
+    ensure!(rbx == 0, "log_read from 0 returned RBX {rbx:#x}");
+    let pages_after_first = (start + rax - 1) / 4096;
+    ensure!(
+        st.faults == pages_after_first
+            && st.first_cr2 == WINDOW + 0x1000
+            && st.first_error == PF_WRITE_NOT_PRESENT
+            && st.errors_or == PF_WRITE_NOT_PRESENT,
+        "{} page faults, first cr2 {:#x} error {:#x} (all: {:#x}); want {pages_after_first} from {:#x}, error 0x2",
+        st.faults,
+        st.first_cr2,
+        st.first_error,
+        st.errors_or,
+        WINDOW + 0x1000
+    );
+    ensure_log_text(number, rax, |i| {
+        // SAFETY: the buffer's pages that the copy reached are mapped now.
+        unsafe { peek(buf + i) }
+    })?;
+    if start > 0 {
+        // SAFETY: the first page is present.
+        let before = unsafe { peek(buf - 1) };
+        ensure!(
+            before == 0xCC,
+            "the byte before the buffer became {before:#04x}"
+        );
+    }
+    let end = buf + rax;
+    if (end & 0xFFF) != 0 {
+        // SAFETY: the page holding the last byte copied is mapped.
+        let after = unsafe { peek(end) };
+        ensure!(
+            after == 0xCC,
+            "the byte after the {rax} copied became {after:#04x}"
+        );
+    }
+
+    let (rax2, rbx2) = log_read(number, buf, 0x100, rax)?;
+    ensure!(
+        (rax2, rbx2) == (0, rax),
+        "log_read from the end ({rax:#x}) returned RAX {rax2:#x} RBX {rbx2:#x}"
+    );
+    say!(
+        "test-guest: log_read with 4-level paging: {rax} bytes from {buf:#x}, {} page faults",
+        st.faults
+    );
+    Ok(())
+}
+
+/// Fails unless the 4 KiB frame at `pa` still holds only `fill`.
+fn ensure_untouched(pa: u64, fill: u8, what: &str) -> CheckResult {
+    for i in 0..4096 {
+        let b = paging::read_phys(pa + i);
+        ensure!(
+            b == fill,
+            "byte {i} of the {what} page became {b:#04x} (was {fill:#04x})"
+        );
+    }
+    Ok(())
+}
+
+/// `log_read_refused`: buffers the caller may not write give all ones and
+/// stay unwritten; a user buffer from CPL 3 works.
+fn log_read_refused(_: &BootInfo) -> CheckResult {
+    let number = log_read_number()?;
+    let (rax, _) = log_read(number, NON_CANONICAL, 64, 0)?;
+    ensure!(
+        rax == REFUSED,
+        "non-canonical {NON_CANONICAL:#x} returned RAX {rax:#x}"
+    );
+
+    const FILL: u8 = 0x5A;
+    demand::reset(FILL);
+    let cr0 = cpu::read_cr0();
+    if cr0 & CR0_WP == 0 {
+        // SAFETY: WP only makes read-only pages read-only for CPL 0 too;
+        // nothing of this guest writes to one.
+        unsafe { cpu::write_cr0(cr0 | CR0_WP) };
+    }
+    let result = log_read(number, demand::READ_ONLY, 64, 0);
+    if cr0 & CR0_WP == 0 {
+        // SAFETY: puts CR0 back as it was.
+        unsafe { cpu::write_cr0(cr0) };
+    }
+    let (rax, _) = result?;
+    ensure!(
+        rax == REFUSED,
+        "a read-only page ({:#x}, CR0.WP set) returned RAX {rax:#x}",
+        demand::READ_ONLY
+    );
+    ensure_untouched(demand::fixed_frame(demand::READ_ONLY), FILL, "read-only")?;
+
+    let (rax, _) = log_read(number, OUTSIDE_RAM, 64, 0)?;
+    ensure!(
+        rax == REFUSED,
+        "{OUTSIDE_RAM:#x} (outside guest RAM) returned RAX {rax:#x}"
+    );
+
+    let call = user::UserCall {
+        rax: number,
+        rbx: demand::SUPERVISOR,
+        rcx: 64,
+        rdx: 0,
+        ..user::UserCall::default()
+    };
+    let (rax, _) = user::call_ring3(cpu::uses_vmcall(), call);
+    ensure!(
+        rax == REFUSED,
+        "a supervisor page ({:#x}) from CPL 3 returned RAX {rax:#x}",
+        demand::SUPERVISOR
+    );
+    ensure_untouched(demand::fixed_frame(demand::SUPERVISOR), FILL, "supervisor")?;
+
+    let ubuf = user::data_page() + user::USER_BUF_OFFSET;
+    // SAFETY: this part of the user data page is the ring-3 buffer, unused
+    // while ring 3 is not running.
+    unsafe { paging::write_linear(ubuf, &[0u8; user::USER_BUF_LEN as usize]) };
+    let call = user::UserCall {
+        rax: number,
+        rbx: ubuf,
+        rcx: user::USER_BUF_LEN,
+        rdx: 0,
+        ..user::UserCall::default()
+    };
+    let (rax, rbx) = user::call_ring3(cpu::uses_vmcall(), call);
+    ensure!(
+        rax != REFUSED && rax > 0 && rax <= user::USER_BUF_LEN && rbx == 0,
+        "a user page ({ubuf:#x}, {} bytes) from CPL 3 returned RAX {rax:#x} RBX {rbx:#x}",
+        user::USER_BUF_LEN
+    );
+    ensure_log_text(number, rax, |i| {
+        // SAFETY: the user data page is mapped.
+        unsafe { peek(ubuf + i) }
+    })
+}
+
 // ------------------------------------------- MSRs, rings, exit stress
 
 const MSR_EFER: u32 = 0xC000_0080;
@@ -767,7 +1155,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 16] = [
+const CHECKS: [Check; 20] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -780,6 +1168,10 @@ const CHECKS: [Check; 16] = [
     ("register_preservation", register_preservation),
     ("dbgsh_nothing_pending", dbgsh_nothing_pending),
     ("log_set_buf_accepted", log_set_buf_accepted),
+    ("log_read_32bit", log_read_32bit),
+    ("log_read_pae", log_read_pae),
+    ("log_read_4level", log_read_4level),
+    ("log_read_refused", log_read_refused),
     ("efer_is_guests", efer_is_guests),
     ("syscall_sysret", syscall_sysret),
     ("protected_msr", protected_msr),

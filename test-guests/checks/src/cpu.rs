@@ -349,6 +349,25 @@ pub fn read_cr2() -> u64 {
     v
 }
 
+/// CR0.
+pub fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effects at CPL 0.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Writes CR0.
+///
+/// # Safety
+/// The new value must keep the guest running (protection and paging on;
+/// only bits like WP are meant to change).
+pub unsafe fn write_cr0(value: u64) {
+    // SAFETY: passed on from the caller. Not `nomem`: memory accesses must
+    // not move across a change of write protection.
+    unsafe { asm!("mov cr0, {}", in(reg) value, options(nostack, preserves_flags)) }
+}
+
 /// Flushes the TLB after page-table changes by reloading CR3.
 pub fn reload_cr3() {
     // SAFETY: CR3 is written with its own value: same tables, fresh TLB.

@@ -16,6 +16,7 @@
 //! The 64-bit exception stubs live here too, because their addresses must be
 //! evenly spaced (16 bytes) for `interrupts.rs` to compute them.
 
+use core::mem::{offset_of, size_of};
 use core::ptr::addr_of;
 
 /// What the trampoline copied from the multiboot info (`TG_BOOT` in asm;
@@ -39,7 +40,10 @@ pub struct BootCopy {
     pub cmdline: [u8; 256],
 }
 
-/// Results of the paging-off check (`TG_PAGING_OFF` in asm).
+/// Results of the paging-off check (`TG_PAGING_OFF` in asm). The first
+/// five fields are the header every 32-bit check record shares: the
+/// trampoline's exception handler fills them when an exception stops a
+/// check.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PagingOffResult {
@@ -47,11 +51,66 @@ pub struct PagingOffResult {
     pub status: u32,
     /// The exception vector when `status` is 2.
     pub vector: u32,
+    /// The first two dwords of the exception frame (error code and EIP,
+    /// or EIP and CS for vectors without an error code).
+    pub frame: [u32; 2],
+    /// CR2 when the exception was taken.
+    pub cr2: u32,
     /// EAX after looking up "dbgsh".
     pub dbgsh: u32,
     /// EAX after looking up "nosuch".
     pub nosuch: u32,
 }
+
+/// Results of `log_read_32bit` and `log_read_pae` (`TG_LOG32` in asm: two
+/// records, 32-bit paging first). Written by the trampoline with paging on,
+/// read by the 64-bit checks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Log32Result {
+    /// 0 = not run, 1 = finished, 2 = an exception stopped it.
+    pub status: u32,
+    /// The exception vector when `status` is 2.
+    pub vector: u32,
+    /// The first two dwords of that exception's frame.
+    pub frame: [u32; 2],
+    /// CR2 when that exception was taken.
+    pub cr2: u32,
+    /// How far it got: 1 paging on, 2 "log_read" looked up, 3 the demand
+    /// read returned, 4 the read from the end returned.
+    pub stage: u32,
+    /// EAX of the lookup of "log_read".
+    pub number: u32,
+    /// The buffer and length passed (`LOG32_BUF`, `LOG32_LEN`).
+    pub buf: u32,
+    pub len: u32,
+    /// EAX and EBX after `log_read(LOG32_BUF, LOG32_LEN, 0)`.
+    pub rax: u32,
+    pub rbx: u32,
+    /// EAX and EBX after `log_read(LOG32_BUF, 0x100, rax)`.
+    pub rax2: u32,
+    pub rbx2: u32,
+    /// Page faults the demand handler mapped a page for.
+    pub faults: u32,
+    /// CR2 and error code of the first such fault.
+    pub first_cr2: u32,
+    pub first_error: u32,
+    /// Error codes of all of them, or-ed.
+    pub errors_or: u32,
+    /// The page-table entry the last one wrote (frame | P | W).
+    pub mapped: u32,
+    /// CR0 and CR4 while paging was on.
+    pub cr0: u32,
+    pub cr4: u32,
+}
+
+/// Where the 32-bit demand-paging checks put their two-page window: the
+/// first page is present, the second is mapped by the #PF handler.
+pub const LOG32_VA: u32 = 0xC000_0000;
+/// The buffer: 256 bytes before the end of the present page.
+pub const LOG32_BUF: u32 = LOG32_VA + 0xF00;
+/// Its length: it ends inside the second page.
+pub const LOG32_LEN: u32 = 0x1000;
 
 /// A 4 KiB page table or data page.
 pub type Page = [u64; 512];
@@ -63,6 +122,11 @@ unsafe extern "C" {
     static TG_BOOT: BootCopy;
     /// The paging-off check's results.
     static TG_PAGING_OFF: PagingOffResult;
+    /// The 32-bit and PAE log_read checks' results.
+    static TG_LOG32: [Log32Result; 2];
+    /// Frames of those checks: 0 and 1 are the present buffer pages of the
+    /// 32-bit and the PAE run, 2 and 3 the pools their #PF handler maps.
+    pub static TG_LOG32_FRAMES: [Page; 4];
     /// Top-level page table (CR3).
     pub static mut TG_PML4: Page;
     /// PDPT, PD and PT for the 4 KiB mappings at 0xFFFF_8000_0000_0000.
@@ -80,6 +144,19 @@ unsafe extern "C" {
 
 /// Spacing of the 64-bit exception stubs.
 pub const EXC64_STUB_SIZE: u64 = 16;
+
+/// The results of `log_read_32bit` (`pae` false) or `log_read_pae`.
+pub fn log32_result(pae: bool) -> Log32Result {
+    // SAFETY: written only by the trampoline before Rust runs.
+    unsafe { addr_of!(TG_LOG32[usize::from(pae)]).read_volatile() }
+}
+
+/// The guest-physical address of frame `n` (0..4) of the 32-bit checks.
+pub fn log32_frame(n: usize) -> u64 {
+    assert!(n < 4);
+    // Identity-mapped, so the address is the physical one.
+    addr_of!(TG_LOG32_FRAMES) as u64 + 4096 * n as u64
+}
 
 /// A copy of the multiboot data saved at entry.
 pub fn boot_copy() -> BootCopy {
@@ -112,10 +189,25 @@ TG_BOOT:
 .balign 16
 .global TG_PAGING_OFF
 TG_PAGING_OFF:
-    .long 0, 0, 0, 0            /* status vector dbgsh nosuch */
-tg_in_check32:      .long 0     /* 1 while the paging-off check runs */
+    .fill {po_size}, 1, 0
+.balign 16
+.global TG_LOG32
+TG_LOG32:                       /* 32-bit paging, then PAE */
+    .fill 2 * {lr_size}, 1, 0
+tg_in_check32:      .long 0     /* 1 while a recoverable 32-bit check runs */
 tg_check32_esp:     .long 0     /* ESP to resume with after an exception */
+tg_check32_rec:     .long 0     /* its record (status, vector, frame, cr2) */
+tg_check32_resume:  .long 0     /* where to resume */
 tg_use_vmcall32:    .long 0     /* 1 = Intel (VMCALL), 0 = VMMCALL */
+tg_saved_cr4:       .long 0     /* CR4 before a paging check */
+/* The 32-bit demand pager: while armed, a #PF with P=0 in the window
+   LOG32_VA .. + 8 KiB maps the page to the next frame of the pool. */
+tg_demand32_armed:  .long 0
+tg_demand32_pt:     .long 0     /* the window's page table */
+tg_demand32_shift:  .long 0     /* log2 of its entry size: 2 or 3 (PAE) */
+tg_demand32_next:   .long 0     /* next free frame */
+tg_demand32_end:    .long 0     /* end of the pool */
+tg_demand32_rec:    .long 0     /* record that counts the faults */
 
 /* GDT: 0x08 64-bit code, 0x10 data, 0x18 32-bit code, 0x20 TSS (filled by
    interrupts.rs), then ring 3 in the order SYSRET needs (STAR[63:48] =
@@ -147,6 +239,7 @@ tg_idt32_ptr:
 .section .rodata.tg_entry, "a"
 tg_name_dbgsh:      .asciz "dbgsh"
 tg_name_nosuch:     .asciz "nosuch"
+tg_name_log_read:   .asciz "log_read"
 tg_msg_fatal32:     .asciz "FAIL exception: vector "
 tg_msg_fatal32_end: .asciz " (during 32-bit entry)\nSUMMARY: 0 passed, 1 failed\n"
 tg_msg_shutdown:    .asciz "Shutdown"
@@ -167,6 +260,16 @@ TG_PDPT_2M:     .skip 4096
 TG_PD_2M:       .skip 4096
 TG_DATA_PAGES:  .skip 3 * 4096
 tg_idt32:       .skip 32 * 8
+/* tables of the 32-bit and PAE log_read checks */
+.balign 4096
+tg_pd32:        .skip 4096      /* 32-bit paging: page directory */
+tg_pt32:        .skip 4096      /*   its page table for LOG32_VA */
+tg_pae_pdpt:    .skip 4096      /* PAE: PDPT (first 32 bytes used) */
+tg_pae_pd_low:  .skip 4096      /*   0 .. 1 GiB, 2 MiB pages */
+tg_pae_pd_high: .skip 4096      /*   3 .. 4 GiB */
+tg_pae_pt:      .skip 4096      /*   its page table for LOG32_VA */
+.global TG_LOG32_FRAMES
+TG_LOG32_FRAMES: .skip 4 * 4096
 .balign 4096
 .global TG_STACK_BOTTOM, TG_STACK_TOP
 TG_STACK_BOTTOM:
@@ -270,17 +373,90 @@ _start:
     mov esi, 1
 .Lvendor_known:
     mov dword ptr [tg_use_vmcall32], esi
+    mov dword ptr [tg_check32_rec], offset TG_PAGING_OFF
+    mov dword ptr [tg_check32_resume], offset .Lcheck32_done
     xor eax, eax
     mov ebx, offset tg_name_dbgsh
     call tg_vmm32
-    mov dword ptr [TG_PAGING_OFF + 8], eax
+    mov dword ptr [TG_PAGING_OFF + {po_dbgsh}], eax
     xor eax, eax
     mov ebx, offset tg_name_nosuch
     call tg_vmm32
-    mov dword ptr [TG_PAGING_OFF + 12], eax
-    mov dword ptr [TG_PAGING_OFF + 0], 1
+    mov dword ptr [TG_PAGING_OFF + {po_nosuch}], eax
+    mov dword ptr [TG_PAGING_OFF + {r_status}], 1
 .Lcheck32_done:
     mov dword ptr [tg_in_check32], 0
+
+    /* log_read_32bit: 32-bit paging, 4 MiB identity pages for 0 .. 8 MiB,
+       LOG32_VA in 4 KiB pages (the first present, the second not) */
+    mov esi, offset TG_LOG32
+    mov dword ptr [tg_check32_resume], offset .Llog32_end
+    call tg_check32_begin
+    mov dword ptr [tg_pd32 + 0], 0x00000083         /* P W PS */
+    mov dword ptr [tg_pd32 + 4], 0x00400083
+    mov eax, offset tg_pt32
+    or eax, 3
+    mov dword ptr [tg_pd32 + ({log32_va} >> 22) * 4], eax
+    mov eax, offset TG_LOG32_FRAMES
+    or eax, 3
+    mov dword ptr [tg_pt32], eax
+    mov dword ptr [tg_demand32_pt], offset tg_pt32
+    mov dword ptr [tg_demand32_shift], 2
+    mov dword ptr [tg_demand32_next], offset TG_LOG32_FRAMES + 2 * 4096
+    mov dword ptr [tg_demand32_end], offset TG_LOG32_FRAMES + 3 * 4096
+    mov eax, cr4
+    or eax, 0x10                /* PSE */
+    and eax, 0xFFFFFFDF          /* no PAE */
+    mov cr4, eax
+    mov eax, offset tg_pd32
+    mov cr3, eax
+    mov eax, cr0
+    or eax, 0x80000000
+    mov cr0, eax
+    jmp 1f
+1:
+    call tg_log32_calls
+.Llog32_end:                    /* also where an exception resumes */
+    call tg_check32_end
+
+    /* log_read_pae: PAE paging, 2 MiB identity pages for 0 .. 8 MiB,
+       LOG32_VA in 4 KiB pages (the first present, the second not) */
+    mov esi, offset TG_LOG32 + {lr_size}
+    mov dword ptr [tg_check32_resume], offset .Lpae_end
+    call tg_check32_begin
+    mov eax, offset tg_pae_pd_low
+    or eax, 1                   /* PDPTEs: P only (R/W, U/S reserved) */
+    mov dword ptr [tg_pae_pdpt + 0], eax
+    mov eax, offset tg_pae_pd_high
+    or eax, 1
+    mov dword ptr [tg_pae_pdpt + ({log32_va} >> 30) * 8], eax
+    mov dword ptr [tg_pae_pd_low + 0], 0x00000083
+    mov dword ptr [tg_pae_pd_low + 8], 0x00200083
+    mov dword ptr [tg_pae_pd_low + 16], 0x00400083
+    mov dword ptr [tg_pae_pd_low + 24], 0x00600083
+    mov eax, offset tg_pae_pt
+    or eax, 3
+    mov dword ptr [tg_pae_pd_high + (({log32_va} >> 21) & 0x1FF) * 8], eax
+    mov eax, offset TG_LOG32_FRAMES + 4096
+    or eax, 3
+    mov dword ptr [tg_pae_pt], eax
+    mov dword ptr [tg_demand32_pt], offset tg_pae_pt
+    mov dword ptr [tg_demand32_shift], 3
+    mov dword ptr [tg_demand32_next], offset TG_LOG32_FRAMES + 3 * 4096
+    mov dword ptr [tg_demand32_end], offset TG_LOG32_FRAMES + 4 * 4096
+    mov eax, cr4
+    or eax, 0x20                /* PAE */
+    mov cr4, eax
+    mov eax, offset tg_pae_pdpt
+    mov cr3, eax
+    mov eax, cr0
+    or eax, 0x80000000
+    mov cr0, eax
+    jmp 1f
+1:
+    call tg_log32_calls
+.Lpae_end:
+    call tg_check32_end
 
     /* identity map: PML4[0] -> PDPT -> PD (0..1 GiB) and PD (3..4 GiB) */
     mov eax, offset tg_pdpt_low
@@ -322,6 +498,79 @@ _start:
     push eax
     retf
 
+/* Starts a recoverable check whose record is at ESI: an exception until
+   tg_check32_end records itself there and resumes at tg_check32_resume
+   (set by the caller) with the stack as it is after this call. Saves CR4. */
+tg_check32_begin:
+    lea eax, [esp + 4]
+    mov dword ptr [tg_check32_esp], eax
+    mov dword ptr [tg_check32_rec], esi
+    mov dword ptr [tg_demand32_rec], esi
+    mov eax, cr4
+    mov dword ptr [tg_saved_cr4], eax
+    mov dword ptr [tg_in_check32], 1
+    ret
+
+/* Ends it: paging off, CR4 as saved (PAE and PSE cleared again), the
+   demand pager disarmed. Runs after an exception too. */
+tg_check32_end:
+    mov eax, cr0
+    and eax, 0x7FFFFFFF
+    mov cr0, eax
+    jmp 1f
+1:
+    mov eax, dword ptr [tg_saved_cr4]
+    mov cr4, eax
+    xor eax, eax
+    mov cr3, eax
+    mov dword ptr [tg_demand32_armed], 0
+    mov dword ptr [tg_in_check32], 0
+    ret
+
+/* The body of both paging checks, with paging on and the record at ESI:
+   look up "log_read", read the log from offset 0 into the buffer that
+   crosses into the not-present page (the demand pager armed), then read
+   from where that read ended. Sets the status to 1. */
+tg_log32_calls:
+    push ebp
+    mov eax, cr0
+    mov dword ptr [esi + {r_cr0}], eax
+    mov eax, cr4
+    mov dword ptr [esi + {r_cr4}], eax
+    mov dword ptr [esi + {r_stage}], 1
+    xor eax, eax
+    mov ebx, offset tg_name_log_read
+    call tg_vmm32
+    mov dword ptr [esi + {r_number}], eax
+    mov dword ptr [esi + {r_stage}], 2
+    test eax, eax
+    jz .Llog32_calls_done
+    mov ebp, eax
+    mov ebx, {log32_buf}
+    mov ecx, {log32_len}
+    mov dword ptr [esi + {r_buf}], ebx
+    mov dword ptr [esi + {r_len}], ecx
+    xor edx, edx
+    mov dword ptr [tg_demand32_armed], 1
+    call tg_vmm32
+    mov dword ptr [tg_demand32_armed], 0
+    mov dword ptr [esi + {r_rax}], eax
+    mov dword ptr [esi + {r_rbx}], ebx
+    mov dword ptr [esi + {r_stage}], 3
+    /* from the end: 0x100 bytes at most, all in the present page */
+    mov edx, eax
+    mov eax, ebp
+    mov ebx, {log32_buf}
+    mov ecx, 0x100
+    call tg_vmm32
+    mov dword ptr [esi + {r_rax2}], eax
+    mov dword ptr [esi + {r_rbx2}], ebx
+    mov dword ptr [esi + {r_stage}], 4
+.Llog32_calls_done:
+    mov dword ptr [esi + {r_status}], 1
+    pop ebp
+    ret
+
 /* The VMM call in 32-bit mode: EAX, EBX in; EAX out. */
 tg_vmm32:
     cmp dword ptr [tg_use_vmcall32], 0
@@ -341,16 +590,78 @@ tg_exc32_stubs:
     jmp tg_exc32_common
 .endr
 
-/* During the paging-off check an exception is a result: record it and
-   resume after the check. Anywhere else it ends the run. */
+/* The demand pager first: a #PF it is armed for maps the page and returns
+   to the faulting instruction (error code popped). Otherwise, during a
+   recoverable check an exception is a result: record it and resume after
+   the check. Anywhere else it ends the run. */
 tg_exc32_common:
+    cmp dword ptr [esp], 14
+    jne .Lexc32_other
+    cmp dword ptr [tg_demand32_armed], 0
+    je .Lexc32_other
+    push eax
+    push ebx
+    push ecx
+    push edx
+    /* EDX ECX EBX EAX, vector, error code, EIP, CS, EFLAGS */
+    mov ebx, dword ptr [esp + 20]
+    test ebx, 1
+    jnz .Ldemand32_no           /* a protection fault: not ours */
+    mov eax, cr2
+    cmp eax, {log32_va}
+    jb .Ldemand32_no
+    cmp eax, {log32_va} + 2 * 4096
+    jae .Ldemand32_no
+    mov ecx, dword ptr [tg_demand32_next]
+    cmp ecx, dword ptr [tg_demand32_end]
+    jae .Ldemand32_no           /* pool used up */
+    add dword ptr [tg_demand32_next], 4096
+    mov edx, dword ptr [tg_demand32_rec]
+    cmp dword ptr [edx + {r_faults}], 0
+    jne 1f
+    mov dword ptr [edx + {r_first_cr2}], eax
+    mov dword ptr [edx + {r_first_error}], ebx
+1:
+    inc dword ptr [edx + {r_faults}]
+    or dword ptr [edx + {r_errors_or}], ebx
+    or ecx, 3                   /* P W */
+    mov dword ptr [edx + {r_mapped}], ecx
+    mov edx, eax
+    shr edx, 12
+    and edx, 0x1FF              /* the window lies in one table either way */
+    push ecx
+    mov ecx, dword ptr [tg_demand32_shift]
+    shl edx, cl
+    pop ecx
+    add edx, dword ptr [tg_demand32_pt]
+    mov dword ptr [edx], ecx    /* PAE: the high half is already 0 */
+    invlpg [eax]
+    pop edx
+    pop ecx
+    pop ebx
+    pop eax
+    add esp, 8                  /* vector, error code */
+    iretd
+.Ldemand32_no:
+    pop edx
+    pop ecx
+    pop ebx
+    pop eax
+.Lexc32_other:
     pop eax
     cmp dword ptr [tg_in_check32], 0
     je .Lfatal32
-    mov dword ptr [TG_PAGING_OFF + 4], eax
-    mov dword ptr [TG_PAGING_OFF + 0], 2
+    mov ebx, dword ptr [tg_check32_rec]
+    mov dword ptr [ebx + {r_vector}], eax
+    mov ecx, dword ptr [esp]
+    mov dword ptr [ebx + {r_frame}], ecx
+    mov ecx, dword ptr [esp + 4]
+    mov dword ptr [ebx + {r_frame} + 4], ecx
+    mov ecx, cr2
+    mov dword ptr [ebx + {r_cr2}], ecx
+    mov dword ptr [ebx + {r_status}], 2
     mov esp, dword ptr [tg_check32_esp]
-    jmp .Lcheck32_done
+    jmp dword ptr [tg_check32_resume]
 .Lfatal32:
     mov ebx, eax
     mov esi, offset tg_msg_fatal32
@@ -538,4 +849,40 @@ tg_exc64_common:
 "#,
     main = sym crate::guest_main,
     exception = sym crate::interrupts::exception_entry,
+    po_size = const size_of::<PagingOffResult>(),
+    po_dbgsh = const offset_of!(PagingOffResult, dbgsh),
+    po_nosuch = const offset_of!(PagingOffResult, nosuch),
+    lr_size = const size_of::<Log32Result>(),
+    r_status = const offset_of!(Log32Result, status),
+    r_vector = const offset_of!(Log32Result, vector),
+    r_frame = const offset_of!(Log32Result, frame),
+    r_cr2 = const offset_of!(Log32Result, cr2),
+    r_stage = const offset_of!(Log32Result, stage),
+    r_number = const offset_of!(Log32Result, number),
+    r_buf = const offset_of!(Log32Result, buf),
+    r_len = const offset_of!(Log32Result, len),
+    r_rax = const offset_of!(Log32Result, rax),
+    r_rbx = const offset_of!(Log32Result, rbx),
+    r_rax2 = const offset_of!(Log32Result, rax2),
+    r_rbx2 = const offset_of!(Log32Result, rbx2),
+    r_faults = const offset_of!(Log32Result, faults),
+    r_first_cr2 = const offset_of!(Log32Result, first_cr2),
+    r_first_error = const offset_of!(Log32Result, first_error),
+    r_errors_or = const offset_of!(Log32Result, errors_or),
+    r_mapped = const offset_of!(Log32Result, mapped),
+    r_cr0 = const offset_of!(Log32Result, cr0),
+    r_cr4 = const offset_of!(Log32Result, cr4),
+    log32_va = const LOG32_VA,
+    log32_buf = const LOG32_BUF,
+    log32_len = const LOG32_LEN,
 );
+
+// Every 32-bit check record starts with the same header, which the
+// trampoline's exception handler writes through `tg_check32_rec`.
+const _: () = {
+    assert!(offset_of!(PagingOffResult, status) == offset_of!(Log32Result, status));
+    assert!(offset_of!(PagingOffResult, vector) == offset_of!(Log32Result, vector));
+    assert!(offset_of!(PagingOffResult, frame) == offset_of!(Log32Result, frame));
+    assert!(offset_of!(PagingOffResult, cr2) == offset_of!(Log32Result, cr2));
+    assert!(size_of::<Log32Result>().is_multiple_of(4));
+};

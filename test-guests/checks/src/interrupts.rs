@@ -1,13 +1,14 @@
 //! The 64-bit IDT: every one of the 32 exceptions is reported as a failed
 //! run, never left to escalate into a triple fault, unless a check armed it
-//! (`recover.rs`). All of them run on a separate IST stack (through a TSS),
+//! (`recover.rs`), or it is a page fault the demand pager of `demand.rs`
+//! is armed for. All of them run on a separate IST stack (through a TSS),
 //! so even a corrupt RSP is reported. Gate 0x80 (DPL 3) takes ring 3 back to
 //! ring 0 for `syscall_sysret` (`user.rs`), on the TSS's RSP0.
 
 use crate::cpu;
 use crate::entry::{self, EXC64_STUB_SIZE};
 use crate::global;
-use crate::{recover, user};
+use crate::{demand, recover, user};
 use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -170,12 +171,14 @@ const NAMES: [&str; 32] = [
     "RSVD27", "HV", "VC", "SX", "RSVD31",
 ];
 
-/// Called by `tg_exc64_common` on the IST stack. An exception a check
-/// armed (`recover.rs`) returns here, and the stub resumes the guest with
-/// the frame as changed; any other one is reported and ends the run.
+/// Called by `tg_exc64_common` on the IST stack. A page fault the demand
+/// pager handles, or an exception a check armed (`recover.rs`), returns
+/// here, and the stub resumes the guest with the frame as changed (or, for
+/// the demand pager, unchanged: the faulting instruction runs again); any
+/// other one is reported and ends the run.
 pub extern "sysv64" fn exception_entry(frame: &mut ExceptionFrame) {
     let cr2 = cpu::read_cr2();
-    if recover::try_recover(frame, cr2) {
+    if demand::try_handle(frame, cr2) || recover::try_recover(frame, cr2) {
         return;
     }
     let name = NAMES.get(frame.vector as usize).copied().unwrap_or("??");

@@ -17,6 +17,8 @@ mod checks;
 #[cfg(target_os = "none")]
 mod cpu;
 #[cfg(target_os = "none")]
+mod demand;
+#[cfg(target_os = "none")]
 mod entry;
 #[cfg(target_os = "none")]
 mod global;

@@ -6,8 +6,8 @@
 //! exception was taken (the handler's frame is restored by IRETQ), so the
 //! `asm!` block simply falls through. Any other exception is still fatal.
 //!
-//! The wrappers below (`rdmsr`, `wrmsr`, `call_at`) are the only places that
-//! arm; each disarms before returning.
+//! The wrappers below (`rdmsr`, `wrmsr`, `call_at`, `vmm_call4`) are the
+//! only places that arm; each disarms before returning.
 
 use crate::interrupts::ExceptionFrame;
 use core::arch::asm;
@@ -167,5 +167,56 @@ pub unsafe fn call_at(target: u64, vector: u8) -> Result<(), Caught> {
     match disarm() {
         Some(c) => Err(c),
         None => Ok(()),
+    }
+}
+
+/// A VMM call with RAX, RBX, RCX and RDX set (every other register as the
+/// compiler left it) during which `vector` may be raised: `Ok((RAX, RBX))`
+/// after it, or `Err(what was caught)`. A page fault the demand pager
+/// (`demand.rs`) handles is not caught: it runs the call again, as the VMM
+/// intends; one it does not handle (say, with CR2 outside its window) ends
+/// the call here instead of the run.
+pub fn vmm_call4(
+    use_vmcall: bool,
+    rax: u64,
+    rbx: u64,
+    rcx: u64,
+    rdx: u64,
+    vector: u8,
+) -> Result<(u64, u64), Caught> {
+    let (out_rax, out_rbx): (u64, u64);
+    arm(vector);
+    // SAFETY: a VMM call changes only the registers its function returns
+    // in (RAX, RBX for log_read and lookups), which are outputs here; RCX
+    // and RDX are declared clobbered in case a function uses them. RBX is
+    // swapped in and out through a scratch register (LLVM reserves it). An
+    // expected fault resumes at label 2 with every register as it was at
+    // the fault, so RBX is swapped back the same way.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov qword ptr [rip + {resume}], {t}",
+            "xchg {b}, rbx",
+            "test {intel:e}, {intel:e}",
+            "jz 3f",
+            "vmcall",
+            "jmp 2f",
+            "3:",
+            "vmmcall",
+            "2:",
+            "xchg {b}, rbx",
+            t = out(reg) _,
+            resume = sym RESUME_RIP,
+            intel = in(reg) u32::from(use_vmcall),
+            b = inout(reg) rbx => out_rbx,
+            inout("rax") rax => out_rax,
+            inout("rcx") rcx => _,
+            inout("rdx") rdx => _,
+            options(nostack),
+        )
+    }
+    match disarm() {
+        Some(c) => Err(c),
+        None => Ok((out_rax, out_rbx)),
     }
 }

@@ -1,10 +1,11 @@
-//! Ring 3 for `syscall_sysret`: one page of user code, one page of user
-//! data (results and the user stack), the SYSCALL entry point (LSTAR) and
-//! the `int 0x80` gate handler that brings ring 3 back to ring 0.
+//! Ring 3 for `syscall_sysret` and `log_read_refused`: one page of user
+//! code, one page of user data (results, a buffer and the user stack), the
+//! SYSCALL entry point (LSTAR) and the `int 0x80` gate handler that brings
+//! ring 3 back to ring 0.
 //!
 //! The round trip, started by [`run_ring3`] at CPL 0:
 //!  1. `tg_enter_user` saves the callee-saved registers and RSP in
-//!     `TG_SYSCALL_REC`, then IRETQs to `tg_user_entry` (CS 0x43, SS 0x3B,
+//!     `TG_SYSCALL_REC`, then IRETQs to `TG_USER_ENTRY` (CS 0x43, SS 0x3B,
 //!     RSP = top of the user data page, IF off).
 //!  2. Ring 3 records CS, looks up "dbgsh" with the VMM call (the name lies
 //!     in the user code page), sets DF and records RFLAGS, and runs SYSCALL.
@@ -16,6 +17,10 @@
 //!  5. `TG_INT80_ENTRY` (on RSP0) records the interrupted CS and RIP,
 //!     reloads the saved RSP and data segments, and returns from
 //!     `tg_enter_user`.
+//!
+//! [`call_ring3`] enters at `TG_USER_CALL` instead, which makes one VMM
+//! call with RAX..RDX from a [`UserCall`] in the user data page, stores RAX
+//! and RBX back and runs `int 0x80` (step 5).
 //!
 //! The user code page holds nothing else (`.text.tg_user`, page-aligned and
 //! padded); the user data page is a page of its own in `.bss`.
@@ -90,9 +95,38 @@ unsafe extern "C" {
 }
 
 unsafe extern "sysv64" {
-    /// Enters ring 3 and returns once ring 3 ran `int 0x80`.
-    fn tg_enter_user(use_vmcall: u64);
+    /// Enters ring 3 at `entry` (in the user code page) and returns once
+    /// ring 3 ran `int 0x80`.
+    fn tg_enter_user(use_vmcall: u64, entry: u64);
 }
+
+// SAFETY (for the whole block): labels in the user code page below.
+unsafe extern "C" {
+    /// The `syscall_sysret` round trip.
+    static TG_USER_ENTRY: u8;
+    /// One VMM call with the registers of `UserCall`.
+    static TG_USER_CALL: u8;
+}
+
+/// A VMM call made from ring 3 by [`call_ring3`]: RAX..RDX in, RAX and RBX
+/// out. Lives at `USER_CALL_OFFSET` in the user data page.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UserCall {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub out_rax: u64,
+    pub out_rbx: u64,
+}
+
+/// Where `UserCall` lies in the user data page (after `UserRecord`).
+const USER_CALL_OFFSET: usize = 0x100;
+/// A buffer ring 3 may write: this part of the user data page (the user
+/// stack is at the page's end, unused by `call_ring3`).
+pub const USER_BUF_OFFSET: u64 = 0x400;
+pub const USER_BUF_LEN: u64 = 0x400;
 
 /// Linear (= physical) address of the user code page.
 pub fn code_page() -> u64 {
@@ -136,7 +170,7 @@ pub fn run_ring3(use_vmcall: bool) -> (UserRecord, SyscallRecord) {
     // RSP0, the user mappings (`paging::map_user_pages`) and the SYSCALL
     // MSRs are in place. A fault in ring 3 is reported by the exception
     // handler, which ends the run.
-    unsafe { tg_enter_user(u64::from(use_vmcall)) };
+    unsafe { tg_enter_user(u64::from(use_vmcall), addr_of!(TG_USER_ENTRY) as u64) };
     // SAFETY: as above; ring 3 has finished.
     unsafe {
         (
@@ -144,6 +178,26 @@ pub fn run_ring3(use_vmcall: bool) -> (UserRecord, SyscallRecord) {
             addr_of!(TG_SYSCALL_REC).read_volatile(),
         )
     }
+}
+
+/// Makes one VMM call from ring 3 with RAX..RDX from `call` and returns
+/// RAX and RBX as ring 3 saw them. The int 0x80 gate and the user mappings
+/// must be in place (as for [`run_ring3`]); the SYSCALL MSRs are not used.
+pub fn call_ring3(use_vmcall: bool, call: UserCall) -> (u64, u64) {
+    interrupts::set_rsp0(addr_of!(TG_RING0_STACK_TOP) as u64);
+    let slot = addr_of_mut!(TG_USER_DATA)
+        .cast::<u8>()
+        .wrapping_add(USER_CALL_OFFSET)
+        .cast::<UserCall>();
+    // SAFETY: ring 3 is not running; the slot lies in the user data page,
+    // past the `UserRecord`, and is 8-byte aligned.
+    unsafe { slot.write_volatile(call) };
+    // SAFETY: as in `run_ring3`; `TG_USER_CALL` makes the call, stores the
+    // results into the slot and returns through `int 0x80`.
+    unsafe { tg_enter_user(u64::from(use_vmcall), addr_of!(TG_USER_CALL) as u64) };
+    // SAFETY: ring 3 has finished.
+    let done = unsafe { slot.read_volatile() };
+    (done.out_rax, done.out_rbx)
 }
 
 core::arch::global_asm!(
@@ -182,8 +236,7 @@ tg_enter_user:
     push rax
     push 0x2                            /* RFLAGS: IF off */
     push {user_cs}
-    lea rax, [rip + tg_user_entry]
-    push rax
+    push rsi                            /* the ring-3 entry point */
     iretq
 
 /* LSTAR: CPL 0, RSP still the user's (SYSCALL does not switch stacks). */
@@ -226,9 +279,9 @@ TG_INT80_ENTRY:
 /* ---------------- ring 3: this page only -------------------------------- */
 .section .text.tg_user, "ax"
 .balign 4096
-.global TG_USER_CODE
+.global TG_USER_CODE, TG_USER_ENTRY
 TG_USER_CODE:
-tg_user_entry:
+TG_USER_ENTRY:
     mov rax, cs
     mov qword ptr [rip + TG_USER_DATA + 0], rax
     xor eax, eax                        /* function 0: look up "dbgsh" */
@@ -260,11 +313,31 @@ TG_USER_AFTER_SYSCALL:
     ud2
 tg_user_name:
     .asciz "dbgsh"
+
+/* One VMM call: RAX..RDX from the UserCall slot, RAX and RBX back into it. */
+.global TG_USER_CALL
+TG_USER_CALL:
+    mov rax, qword ptr [rip + TG_USER_DATA + {call} + 0]
+    mov rbx, qword ptr [rip + TG_USER_DATA + {call} + 8]
+    mov rcx, qword ptr [rip + TG_USER_DATA + {call} + 16]
+    mov rdx, qword ptr [rip + TG_USER_DATA + {call} + 24]
+    test r12, r12
+    jz 1f
+    vmcall
+    jmp 2f
+1:
+    vmmcall
+2:
+    mov qword ptr [rip + TG_USER_DATA + {call} + 32], rax
+    mov qword ptr [rip + TG_USER_DATA + {call} + 40], rbx
+    int {gate}
+    ud2
 .balign 4096
 "#,
     user_ss = const USER_DATA_SEL,
     user_cs = const USER_CODE64_SEL,
     gate = const interrupts::SYSCALL_GATE,
+    call = const USER_CALL_OFFSET,
 );
 
 // The assembly's offsets.
@@ -287,4 +360,12 @@ const _: () = {
     assert!(core::mem::offset_of!(UserRecord, cs_after) == 24);
     assert!(core::mem::offset_of!(UserRecord, rflags_after) == 32);
     assert!(core::mem::offset_of!(UserRecord, reached_after) == 40);
+    assert!(core::mem::size_of::<UserRecord>() <= USER_CALL_OFFSET);
+    assert!(core::mem::offset_of!(UserCall, rax) == 0);
+    assert!(core::mem::offset_of!(UserCall, rbx) == 8);
+    assert!(core::mem::offset_of!(UserCall, rcx) == 16);
+    assert!(core::mem::offset_of!(UserCall, rdx) == 24);
+    assert!(core::mem::offset_of!(UserCall, out_rax) == 32);
+    assert!(core::mem::offset_of!(UserCall, out_rbx) == 40);
+    assert!(USER_CALL_OFFSET + core::mem::size_of::<UserCall>() <= USER_BUF_OFFSET as usize);
 };
