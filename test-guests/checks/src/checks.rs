@@ -480,7 +480,7 @@ fn log_read_number() -> Result<u64, Why> {
 fn log_read(number: u64, buf: u64, len: u64, from: u64) -> Result<(u64, u64), Why> {
     recover::vmm_call4(cpu::uses_vmcall(), number, buf, len, from, recover::PF).map_err(|c| {
         why(format_args!(
-            "log_read({buf:#x}, {len:#x}, {from:#x}) raised #PF error {:#x} cr2 {:#x} at rip {:#x} that the demand pager did not take",
+            "#PF error {:#x} cr2 {:#x} at rip {:#x} not for the demand pager (buffer {buf:#x})",
             c.error, c.cr2, c.rip
         ))
     })
@@ -535,7 +535,7 @@ fn log_read_legacy(pae: bool) -> CheckResult {
     match r.status {
         1 => {}
         2 if r.vector == 14 => fail!(
-            "#PF error {:#x} at eip {:#x} cr2 {:#x} not taken by the demand pager, stage {} with {mode} paging ({} mapped before)",
+            "#PF error {:#x} at eip {:#x} cr2 {:#x} not for the demand pager, stage {} with {mode} paging ({} mapped before)",
             r.frame[0],
             r.frame[1],
             r.cr2,

@@ -8,10 +8,19 @@
 //!  2. zeroes `.bss`, takes its own stack, GDT and a 32-bit IDT,
 //!  3. runs the paging-off lookup check (`lookup_paging_off`); an exception
 //!     there is recorded, not fatal, so a bare run still reaches the report,
-//!  4. builds identity page tables (first 1 GiB and the 2 MiB page at
+//!  4. runs `log_read_32bit` and `log_read_pae` (recorded the same way in
+//!     `TG_LOG32`): each builds small page tables (32-bit paging with 4 MiB
+//!     identity pages, or PAE with 2 MiB ones, for 0 .. 8 MiB, and 4 KiB
+//!     pages at `LOG32_VA`, the first present and the second not), turns
+//!     paging on, looks up "log_read" and reads the log into a buffer that
+//!     crosses into the not-present page, which the trampoline's #PF
+//!     handler maps when the VMM injects the fault (the call then runs
+//!     again), reads once more from where the log ended, and turns paging
+//!     off again (CR4 as before: PSE/PAE cleared),
+//!  5. builds identity page tables (first 1 GiB and the 2 MiB page at
 //!     0xE000_0000, all with 2 MiB pages), enables long mode keeping every
 //!     EFER bit it found (thinvisor's SVME must stay set), and
-//!  5. calls `guest_main` in 64-bit mode.
+//!  6. calls `guest_main` in 64-bit mode.
 //!
 //! The 64-bit exception stubs live here too, because their addresses must be
 //! evenly spaced (16 bytes) for `interrupts.rs` to compute them.
