@@ -3,6 +3,7 @@
 
 mod cases;
 mod emu;
+mod fuzz;
 mod images;
 mod run;
 mod selftest;
@@ -28,6 +29,8 @@ commands:
              QEMU and Bochs; ends with `N passed, M failed`
              options: --filter SUBSTR (integration cases), --no-host (skip fmt, unit
              tests, clippy), --list (print the integration cases)
+  fuzz       run the fuzz targets of thinvisor-memory (fuzz/) for a while:
+             cargo xtask fuzz [walker|copy] [--seconds N] (default 60 s each)
   selftest   check the emulator runners with a tiny multiboot kernel (no hypervisor)
   setup      only install/check the host tools and the Rust target
 
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         "run" => run::main(&ctx, rest),
         "test" => return test::main(&ctx, rest),
         "selftest" => selftest::main(&ctx),
+        "fuzz" => fuzz::main(&ctx, rest),
         "setup" => setup::ensure(&ctx).map(|()| ExitCode::SUCCESS),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");

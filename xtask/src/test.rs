@@ -141,7 +141,7 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
     }
 }
 
-/// Formatting, host unit tests, clippy.
+/// Formatting, host unit tests, clippy, the fuzz targets' build.
 fn host_checks(ctx: &Ctx, tally: &mut Tally) {
     step("cargo fmt --all -- --check");
     match util::run(ctx.cargo().args(["fmt", "--all", "--", "--check"])) {
@@ -167,6 +167,15 @@ fn host_checks(ctx: &Ctx, tally: &mut Tally) {
         Err(e) => {
             println!("clippy FAILED: {e}");
             tally.fail("clippy (host)");
+        }
+    }
+
+    step("fuzz targets (build only; `cargo xtask fuzz` runs them)");
+    match crate::fuzz::build(ctx) {
+        Ok(_) => tally.pass(),
+        Err(e) => {
+            println!("fuzz build FAILED: {e}");
+            tally.fail("fuzz build");
         }
     }
 

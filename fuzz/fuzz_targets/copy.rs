@@ -1,0 +1,158 @@
+//! The page-by-page copies (`read_linear`, `write_linear`, `read_cstr`)
+//! and `map` on hostile tables, holes and ranges: they must not panic and
+//! must agree with a byte-by-byte loop over `translate`.
+
+#![no_main]
+
+use std::cell::RefCell;
+
+use libfuzzer_sys::arbitrary::Unstructured;
+use libfuzzer_sys::fuzz_target;
+use thinvisor_memory::{
+    read_cstr_with_access, read_linear, translate, write_linear, Access, CStrError,
+    GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PhysAccessError, SliceMemory, TranslateError,
+};
+use thinvisor_memory_fuzz::Setup;
+
+/// Guest memory that remembers every range read through it (the walk's
+/// entry reads), to know whether a write could change a translation.
+struct Recorder<'m, M> {
+    inner: &'m M,
+    reads: RefCell<Vec<(u64, usize)>>,
+}
+
+impl<M: GuestPhysMemory> GuestPhysMemory for Recorder<'_, M> {
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError> {
+        self.reads.borrow_mut().push((gpa.0, len));
+        self.inner.map(gpa, len)
+    }
+
+    fn map_mut(&mut self, gpa: GuestPhysAddr, _len: usize) -> Result<&mut [u8], PhysAccessError> {
+        Err(PhysAccessError { gpa })
+    }
+}
+
+/// Byte `i` of the range at `la`, as the per-byte method (BitVisor's)
+/// finds it: its gpa, then one byte read there.
+fn byte_gpa<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    s: &Setup,
+    access: Access,
+    i: usize,
+) -> Result<u64, TranslateError> {
+    let mask = s.linear_mask();
+    let a = (s.la & mask).wrapping_add(i as u64) & mask;
+    translate(mem, &s.regs, GuestLinearAddr(a), access).map(|t| t.gpa.0)
+}
+
+fn byte_at<M: GuestPhysMemory + ?Sized>(mem: &M, gpa: u64) -> Result<u8, TranslateError> {
+    let mut b = [0u8; 1];
+    mem.read_phys(GuestPhysAddr(gpa), &mut b)
+        .map_err(|e| TranslateError::PhysUnreadable { gpa: e.gpa })?;
+    Ok(b[0])
+}
+
+fn check_read(mem: &SliceMemory<'_>, s: &Setup) {
+    let want: Result<Vec<u8>, _> = (0..s.len)
+        .map(|i| byte_at(mem, byte_gpa(mem, s, s.access, i)?))
+        .collect();
+    let mut buf = vec![0u8; s.len];
+    let got = read_linear(mem, &s.regs, GuestLinearAddr(s.la), &mut buf, s.access).map(|()| buf);
+    assert_eq!(got, want, "read_linear {:#x}+{:#x}", s.la, s.len);
+}
+
+fn check_cstr(mem: &SliceMemory<'_>, s: &Setup) {
+    let limit = s.len.min(300);
+    let mut want = Err(CStrError::TooLong);
+    let mut name = Vec::new();
+    for i in 0..limit {
+        match byte_gpa(mem, s, s.access, i).and_then(|g| byte_at(mem, g)) {
+            Err(e) => {
+                want = Err(CStrError::Unreadable(e));
+                break;
+            }
+            Ok(0) => {
+                want = Ok(i);
+                break;
+            }
+            Ok(b) => name.push(b),
+        }
+    }
+    let mut buf = vec![0xFFu8; limit];
+    let got = read_cstr_with_access(mem, &s.regs, GuestLinearAddr(s.la), &mut buf, s.access);
+    assert_eq!(got, want, "read_cstr {:#x} limit {}", s.la, limit);
+    if let Ok(n) = got {
+        assert_eq!(&buf[..n], &name[..]);
+        assert_eq!(buf[n], 0);
+    }
+}
+
+fn check_map(mem: &SliceMemory<'_>, s: &Setup) {
+    // The linear address doubles as a guest-physical one here.
+    let gpa = GuestPhysAddr(s.la & 0xFFFF);
+    let mut buf = vec![0u8; s.len];
+    match (mem.map(gpa, s.len), mem.read_phys(gpa, &mut buf)) {
+        (Ok(view), Ok(())) => assert_eq!(view, &buf[..]),
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        (a, b) => panic!("map {a:?} but read_phys {b:?}"),
+    }
+}
+
+fn check_write(mem: &mut SliceMemory<'_>, s: &Setup) {
+    let data: Vec<u8> = (0..s.len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ 0x5A)
+        .collect();
+    let access = s.access.as_write();
+    // Per byte: translate everything first (write_linear promises nothing
+    // is written on a translation error), recording the entries read.
+    let recorder = Recorder {
+        inner: &*mem,
+        reads: RefCell::new(Vec::new()),
+    };
+    let gpas: Result<Vec<u64>, _> = (0..s.len)
+        .map(|i| byte_gpa(&recorder, s, access, i))
+        .collect();
+    let table_reads = recorder.reads.into_inner();
+    let before = mem.as_slice().to_vec();
+    let mut want_ram = before.clone();
+    let want = gpas.as_ref().map_err(|e| *e).and_then(|gpas| {
+        for (&g, &b) in gpas.iter().zip(&data) {
+            // Same reachability as the memory itself (RAM minus holes).
+            mem.map(GuestPhysAddr(g), 1)
+                .map_err(|e| TranslateError::PhysUnreadable { gpa: e.gpa })?;
+            want_ram[g as usize] = b;
+        }
+        Ok(())
+    });
+    let got = write_linear(mem, &s.regs, GuestLinearAddr(s.la), &data, s.access);
+    // A write into an entry the walk used changes later translations,
+    // which the per-byte model does not follow: only "no panic" counts.
+    let touches_tables = gpas.as_ref().is_ok_and(|gpas| {
+        gpas.iter()
+            .any(|&g| table_reads.iter().any(|&(t, n)| g >= t && g - t < n as u64))
+    });
+    if touches_tables {
+        return;
+    }
+    assert_eq!(got, want, "write_linear {:#x}+{:#x}", s.la, s.len);
+    match got {
+        // The failing page is all-or-nothing, the model byte by byte.
+        Err(TranslateError::PhysUnreadable { .. }) => {}
+        Ok(()) => assert!(mem.as_slice() == &want_ram[..], "memory after write"),
+        Err(_) => assert!(mem.as_slice() == &before[..], "written despite a fault"),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let Ok(mut s) = Setup::new(&mut u, 3 * 4096 + 64) else {
+        return;
+    };
+    let mut ram = std::mem::take(&mut s.ram);
+    let holes = s.holes.clone();
+    let mut mem = SliceMemory::with_holes(&mut ram, &holes);
+    check_read(&mem, &s);
+    check_cstr(&mem, &s);
+    check_map(&mem, &s);
+    check_write(&mut mem, &s);
+});
