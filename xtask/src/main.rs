@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one driver for building, running and testing
 //! thinvisor. See `cargo xtask help`.
 
+mod bench;
 mod cases;
 mod emu;
 mod fuzz;
@@ -31,6 +32,8 @@ commands:
              tests, clippy), --list (print the integration cases)
   fuzz       run the fuzz targets of thinvisor-memory (fuzz/) for a while:
              cargo xtask fuzz [walker|copy] [--seconds N] (default 60 s each)
+  bench      guest-memory copy benchmark (page by page, per byte, memcpy):
+             wall time and, with valgrind, instruction counts
   selftest   check the emulator runners with a tiny multiboot kernel (no hypervisor)
   setup      only install/check the host tools and the Rust target
 
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         "test" => return test::main(&ctx, rest),
         "selftest" => selftest::main(&ctx),
         "fuzz" => fuzz::main(&ctx, rest),
+        "bench" => bench::main(&ctx, rest),
         "setup" => setup::ensure(&ctx).map(|()| ExitCode::SUCCESS),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
