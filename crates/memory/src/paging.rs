@@ -464,7 +464,11 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
         let mut rights = Rights::ALL;
 
         let pdpt = self.regs.cr3 & 0xFFFF_FFE0;
-        let pdpte_rsvd = bits(2, 1) | bits(8, 5) | bits(63, m);
+        // Intel reserves PDPTE bits 8:5 as well, but AMD's legacy PAE
+        // PDPE has A there and QEMU sets it while walking: the walker must
+        // translate what the guest's processor translated, so only the
+        // bits both vendors reserve fault.
+        let pdpte_rsvd = bits(2, 1) | bits(63, m);
         let pdpte = self.entry(pdpt | ((la >> 30) << 3), true, pdpte_rsvd)?;
 
         let rsvd = bits(62, m) | if nxe { 0 } else { E_XD };

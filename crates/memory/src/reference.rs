@@ -130,7 +130,7 @@ pub fn translate(
         if !bit(pdpte, 0) {
             return Err(fault(false, false));
         }
-        if bit(pdpte, 1) || bit(pdpte, 2) || any_bit(pdpte, 5, 8) || any_bit(pdpte, 52, 63) {
+        if bit(pdpte, 1) || bit(pdpte, 2) || any_bit(pdpte, 52, 63) {
             return Err(fault(true, true));
         }
         let bad = |e: u64| any_bit(e, 52, 62) || (!nxe && bit(e, 63));
