@@ -241,6 +241,8 @@ pub struct SvmVcpu<M: GuestPhysMemory> {
     /// Length of the instruction behind the current exit, for CPUs
     /// without NRIPS; 0 when unknown.
     exit_insn_len: u64,
+    /// CR2 for an injected page fault, written to the processor too.
+    pending_cr2: Option<u64>,
 }
 
 impl<M: GuestPhysMemory> SvmVcpu<M> {
@@ -328,6 +330,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             memory,
             nrips: features.nrips,
             exit_insn_len: 0,
+            pending_cr2: None,
         }
     }
 
@@ -508,7 +511,10 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                 address,
             } => {
                 // An injected #PF does not set CR2: the VMM does (APM 15.20).
+                // VMRUN loads CR2 from the VMCB; Bochs 2.7 does not, so the
+                // processor's CR2 is set too before that entry.
                 self.vmcb.save.cr2 = address;
+                self.pending_cr2 = Some(address);
                 (14, Some(error_code))
             }
         };
@@ -520,6 +526,13 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn run(&mut self) -> Exit {
+        if let Some(cr2) = self.pending_cr2.take() {
+            // SAFETY: CR2 only records page-fault addresses; the
+            // hypervisor takes no page faults before VMRUN.
+            unsafe {
+                core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
+            };
+        }
         // SAFETY: the VMCB and host save area are this vCPU's own pages
         // (constructor contract), SVM is enabled, and the stub preserves
         // every callee-saved register of the host.
