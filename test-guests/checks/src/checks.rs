@@ -1113,6 +1113,38 @@ fn protected_msr(_: &BootInfo) -> CheckResult {
     Ok(())
 }
 
+/// `cross_vendor_call`: the other vendor's call instruction (VMMCALL on
+/// Intel, VMCALL on AMD) raises #UD in hardware; thinvisor takes it as a
+/// call all the same (SPEC.md section 7), while a genuine #UD (UD2) still
+/// reaches the guest.
+fn cross_vendor_call(_: &BootInfo) -> CheckResult {
+    let own = dbgsh_number()?;
+    let name = b"dbgsh\0";
+    let other = !cpu::uses_vmcall();
+    let insn = if other { "VMCALL" } else { "VMMCALL" };
+    match recover::vmm_call4(
+        other,
+        abi::FN_LOOKUP,
+        name.as_ptr() as u64,
+        0,
+        0,
+        recover::UD,
+    ) {
+        Ok((rax, _)) if rax == own => {}
+        Ok((rax, _)) => fail!("lookup of \"dbgsh\" with {insn} returned {rax:#x}, not {own:#x}"),
+        Err(c) => fail!(
+            "{insn} raised vector {} at {:#x} instead of calling the VMM",
+            c.vector,
+            c.rip
+        ),
+    }
+    match recover::ud2() {
+        Err(c) if c.vector == u64::from(recover::UD) => Ok(()),
+        Err(c) => fail!("UD2 raised vector {} instead of #UD", c.vector),
+        Ok(()) => fail!("UD2 did not fault"),
+    }
+}
+
 /// CPUID exits in `many_exits`: about 1 s of the run on Bochs (both models)
 /// and on QEMU TCG, so the full 100 000 are kept.
 const MANY_EXITS: u64 = 100_000;
@@ -1155,7 +1187,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 20] = [
+const CHECKS: [Check; 21] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -1176,6 +1208,7 @@ const CHECKS: [Check; 20] = [
     ("syscall_sysret", syscall_sysret),
     ("protected_msr", protected_msr),
     ("many_exits", many_exits),
+    ("cross_vendor_call", cross_vendor_call),
 ];
 
 /// Runs every check, prints the summary and ends the run.

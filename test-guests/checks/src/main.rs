@@ -11,6 +11,8 @@
 #[macro_use]
 mod console;
 #[cfg(target_os = "none")]
+mod bench;
+#[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
 mod checks;

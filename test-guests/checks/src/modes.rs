@@ -15,10 +15,18 @@ pub enum Mode {
     Halt,
     /// Triple fault (the VMM should stop the run).
     Triple,
+    /// Measure the exit path (for `cargo xtask bench` under `-icount`).
+    Bench,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::Checks, Mode::Npf, Mode::Halt, Mode::Triple];
+    const ALL: [Mode; 5] = [
+        Mode::Checks,
+        Mode::Npf,
+        Mode::Halt,
+        Mode::Triple,
+        Mode::Bench,
+    ];
 
     /// The name used on the command line and in the mode line.
     pub fn name(self) -> &'static str {
@@ -27,6 +35,7 @@ impl Mode {
             Mode::Npf => "npf",
             Mode::Halt => "halt",
             Mode::Triple => "triple",
+            Mode::Bench => "bench",
         }
     }
 
@@ -62,6 +71,10 @@ impl Mode {
                 say!("test-guest: halting with interrupts off (cli; hlt)");
                 crate::console::drain();
                 cpu::halt_forever()
+            }
+            Mode::Bench => {
+                crate::bench::run();
+                end_run(true)
             }
             Mode::Triple => {
                 say!("test-guest: triple fault (int3 with a zero-limit IDT)");

@@ -30,6 +30,7 @@ static CAUGHT_CR2: AtomicU64 = AtomicU64::new(0);
 static CAUGHT_RIP: AtomicU64 = AtomicU64::new(0);
 
 /// Vector numbers the checks expect.
+pub const UD: u8 = 6;
 pub const GP: u8 = 13;
 pub const PF: u8 = 14;
 
@@ -218,5 +219,28 @@ pub fn vmm_call4(
     match disarm() {
         Some(c) => Err(c),
         None => Ok((out_rax, out_rbx)),
+    }
+}
+
+/// UD2, which must raise #UD: `Err(what was caught)`, or `Ok(())` if the
+/// instruction did not fault at all.
+pub fn ud2() -> Result<(), Caught> {
+    arm(UD);
+    // SAFETY: UD2 only raises #UD; the expected fault resumes at label 2
+    // with every register restored.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov qword ptr [rip + {resume}], {t}",
+            "ud2",
+            "2:",
+            t = out(reg) _,
+            resume = sym RESUME_RIP,
+            options(nostack, preserves_flags),
+        )
+    }
+    match disarm() {
+        Some(c) => Err(c),
+        None => Ok(()),
     }
 }
