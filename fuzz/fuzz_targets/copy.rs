@@ -127,9 +127,15 @@ fn check_write(mem: &mut SliceMemory<'_>, s: &Setup) {
     let got = write_linear(mem, &s.regs, GuestLinearAddr(s.la), &data, s.access);
     // A write into an entry the walk used changes later translations,
     // which the per-byte model does not follow: only "no panic" counts.
+    let mut is_table = vec![false; before.len()];
+    for &(t, n) in &table_reads {
+        let start = usize::try_from(t).unwrap_or(usize::MAX).min(before.len());
+        let end = start.saturating_add(n).min(before.len());
+        is_table[start..end].fill(true);
+    }
     let touches_tables = gpas.as_ref().is_ok_and(|gpas| {
         gpas.iter()
-            .any(|&g| table_reads.iter().any(|&(t, n)| g >= t && g - t < n as u64))
+            .any(|&g| usize::try_from(g).is_ok_and(|g| is_table.get(g) == Some(&true)))
     });
     if touches_tables {
         return;
