@@ -16,7 +16,112 @@ use std::process::{Command, ExitCode, Stdio};
 
 use crate::util::{self, Context, Ctx, Result};
 
-const USAGE: &str = "usage: cargo xtask bench [--no-valgrind]";
+const USAGE: &str = "usage: cargo xtask bench [--no-valgrind] [--exits-only | --copy-only]";
+
+/// BitVisor's figures on the same emulator (../shared/TESTING.md): the
+/// anchors the exit-path costs are compared with.
+const BITVISOR_CPUID_EXIT: f64 = 351.0;
+const BITVISOR_LOOKUP: f64 = 23_170.0;
+
+/// One `BENCH name iterations=N ticks=T baseline=B` line of the test
+/// guest's bench mode.
+#[derive(Debug, Clone, PartialEq)]
+struct ExitBench {
+    name: String,
+    iterations: u64,
+    ticks: u64,
+    baseline: u64,
+}
+
+impl ExitBench {
+    /// Instructions per round trip: the loop with the exiting instruction
+    /// minus the same loop with a NOP in its place.
+    fn per_op(&self) -> f64 {
+        (self.ticks as f64 - self.baseline as f64) / self.iterations as f64
+    }
+}
+
+fn parse_exit_bench(line: &str) -> Option<ExitBench> {
+    let mut w = line.split_whitespace();
+    if w.next()? != "BENCH" {
+        return None;
+    }
+    let name = w.next()?.to_string();
+    let mut field = |key: &str| -> Option<u64> {
+        let (k, v) = w.next()?.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    };
+    let iterations = field("iterations")?;
+    let ticks = field("ticks")?;
+    let baseline = field("baseline").unwrap_or(0);
+    Some(ExitBench {
+        name,
+        iterations,
+        ticks,
+        baseline,
+    })
+}
+
+/// Boots thinvisor with the test guest in bench mode under QEMU's
+/// `-icount shift=0` (one TSC tick per instruction) and prints the
+/// instructions per exit round trip, against BitVisor's figures.
+fn exits(ctx: &Ctx) -> Result<()> {
+    crate::setup::ensure(ctx)?;
+    let images = crate::images::build(ctx)?;
+    let boot = crate::emu::Boot {
+        kernel32: images.hv32.clone(),
+        kernel64: images.hv.clone(),
+        args: "log=warn".into(),
+        modules: vec![crate::images::Module::new(
+            images.guest.clone(),
+            "test-guest.elf bench",
+        )],
+    };
+    let dir = ctx.fresh_dir("bench-exits")?;
+    let opts = crate::emu::QemuOpts {
+        extra: vec!["-icount".into(), "shift=0".into()],
+        timeout: std::time::Duration::from_secs(120),
+        ..crate::emu::QemuOpts::default()
+    };
+    println!("measuring exit round trips under QEMU -icount shift=0 (AMD SVM) ...");
+    let outcome = crate::emu::run_qemu(&dir, &boot, &opts)?;
+    let lines: Vec<ExitBench> = outcome
+        .serial
+        .lines()
+        .filter_map(parse_exit_bench)
+        .collect();
+    let calibration = lines
+        .iter()
+        .find(|b| b.name == "calibration")
+        .ok_or_else(|| {
+            format!(
+                "the bench guest printed no calibration (see {})",
+                dir.display()
+            )
+        })?;
+    // The calibration loop runs 2 instructions per iteration.
+    let per_instruction = calibration.ticks as f64 / (2 * calibration.iterations) as f64;
+    println!(
+        "\ncalibration: {:.3} TSC ticks per instruction (1.000 expected under -icount shift=0)",
+        per_instruction
+    );
+    if (per_instruction - 1.0).abs() > 0.01 {
+        return Err("the TSC does not count instructions: QEMU without -icount?".into());
+    }
+    println!("\ninstructions per round trip (loop minus the same loop with a NOP):");
+    for b in lines.iter().filter(|b| b.name != "calibration") {
+        let anchor = match b.name.as_str() {
+            "cpuid_exit" => Some(BITVISOR_CPUID_EXIT),
+            "lookup_dbgsh" => Some(BITVISOR_LOOKUP),
+            _ => None,
+        };
+        let vs = anchor.map_or(String::new(), |a| {
+            format!("  (BitVisor {a:.0}: {:.1}x fewer)", a / b.per_op())
+        });
+        println!("  {:<24} {:>9.1}{vs}", b.name, b.per_op());
+    }
+    Ok(())
+}
 
 /// Methods, as the bench binary names them, and how to show them.
 const METHODS: [(&str, &str); 3] = [
@@ -160,15 +265,24 @@ fn ratio(a: f64, b: f64) -> String {
 
 pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     let mut valgrind = true;
+    let (mut run_exits, mut run_copy) = (true, true);
     for arg in args {
         match arg.as_str() {
             "--no-valgrind" => valgrind = false,
+            "--exits-only" => run_copy = false,
+            "--copy-only" => run_exits = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(ExitCode::SUCCESS);
             }
             other => return Err(format!("unknown option `{other}`\n{USAGE}")),
         }
+    }
+    if run_exits {
+        exits(ctx)?;
+    }
+    if !run_copy {
+        return Ok(ExitCode::SUCCESS);
     }
     let exe = build(ctx)?;
     println!("timing every method and size (about 10 s) ...");
@@ -250,6 +364,23 @@ pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_exit_bench_lines() {
+        let b = parse_exit_bench("BENCH cpuid_exit iterations=10000 ticks=1580010 baseline=50012")
+            .unwrap();
+        assert_eq!(b.name, "cpuid_exit");
+        assert!((b.per_op() - 152.9998).abs() < 1e-3);
+        assert_eq!(
+            parse_exit_bench(
+                "BENCH calibration iterations=100000 ticks=200006 instructions=200000"
+            )
+            .map(|b| b.baseline),
+            Some(0)
+        );
+        assert_eq!(parse_exit_bench("PASS x"), None);
+        assert_eq!(parse_exit_bench("BENCH x iterations=zz ticks=1"), None);
+    }
 
     #[test]
     fn parses_bench_output() {
