@@ -220,6 +220,19 @@ pub fn read_cstr_with_access<M: GuestPhysMemory + ?Sized>(
             translate(mem, regs, GuestLinearAddr(cur), access).map_err(CStrError::Unreadable)?;
         let n = chunk_len(cur, &t, rest.len());
         let (head, tail) = rest.split_at_mut(n);
+        // Scan guest memory in place and copy only the name: most names
+        // are a few bytes long, the buffer is the 256-byte maximum.
+        if let Ok(src) = mem.map(t.gpa, n) {
+            if let Some(pos) = src.iter().position(|&b| b == 0) {
+                head[..=pos].copy_from_slice(&src[..=pos]);
+                return Ok(done + pos);
+            }
+            head.copy_from_slice(src);
+            done += n;
+            rest = tail;
+            cur = cur.wrapping_add(n as u64) & mask;
+            continue;
+        }
         // If the page runs out of RAM part-way, the bytes before the first
         // unbacked one may still hold the NUL.
         let (usable, failure) = match mem.read_phys(t.gpa, head) {
