@@ -27,10 +27,9 @@ fn rdtsc() -> u64 {
 enum Body {
     /// `mov eax, 1; xor ecx, ecx; cpuid`
     Cpuid,
-    /// `xor eax, eax; mov rbx, name; VMCALL/VMMCALL` (function 0)
-    Lookup { name: u64, vmcall: bool },
-    /// `mov rax, n; mov rbx, -1; VMCALL/VMMCALL` (dbgsh poll)
-    Call { number: u64, vmcall: bool },
+    /// `mov rax, rax_in; mov rbx, rbx_in; VMCALL/VMMCALL`: function 0 with
+    /// a name, or a function number with its argument.
+    VmmCall { rax: u64, rbx: u64, vmcall: bool },
 }
 
 /// TSC ticks for `iterations` of `body`, or of its NOP twin.
@@ -38,7 +37,7 @@ fn measure(body: Body, iterations: u64, nop: bool) -> u64 {
     let start = rdtsc();
     // SAFETY: each loop changes only the registers declared; RBX is saved
     // and restored around it (LLVM reserves it). A VMM call preserves every
-    // register but RAX (SPEC.md section 3).
+    // register but RAX (and RBX, reloaded each iteration; SPEC.md section 3).
     unsafe {
         match (body, nop) {
             (Body::Cpuid, false) => asm!(
@@ -49,10 +48,10 @@ fn measure(body: Body, iterations: u64, nop: bool) -> u64 {
                 "push rbx", "2:", "mov eax, 1", "xor ecx, ecx", "nop", "dec r8", "jnz 2b", "pop rbx",
                 inout("r8") iterations => _, out("eax") _, out("ecx") _, out("edx") _,
             ),
-            (Body::Lookup { name, vmcall }, nop) => asm!(
+            (Body::VmmCall { rax, rbx, vmcall }, nop) => asm!(
                 "push rbx",
                 "2:",
-                "xor eax, eax",
+                "mov rax, rdi",
                 "mov rbx, rsi",
                 "test r9d, r9d",
                 "jnz 4f",
@@ -69,30 +68,7 @@ fn measure(body: Body, iterations: u64, nop: bool) -> u64 {
                 "dec r8",
                 "jnz 2b",
                 "pop rbx",
-                inout("r8") iterations => _, in("rsi") name, in("r9d") u32::from(nop),
-                in("r10d") u32::from(vmcall), out("eax") _,
-            ),
-            (Body::Call { number, vmcall }, nop) => asm!(
-                "push rbx",
-                "2:",
-                "mov rax, rsi",
-                "mov rbx, -1",
-                "test r9d, r9d",
-                "jnz 4f",
-                "test r10d, r10d",
-                "jnz 3f",
-                "vmmcall",
-                "jmp 5f",
-                "3:",
-                "vmcall",
-                "jmp 5f",
-                "4:",
-                "nop",
-                "5:",
-                "dec r8",
-                "jnz 2b",
-                "pop rbx",
-                inout("r8") iterations => _, in("rsi") number, in("r9d") u32::from(nop),
+                inout("r8") iterations => _, in("rdi") rax, in("rsi") rbx, in("r9d") u32::from(nop),
                 in("r10d") u32::from(vmcall), out("rax") _,
             ),
         }
@@ -124,8 +100,9 @@ pub fn run() {
     let name = b"dbgsh\0";
     report(
         "lookup_dbgsh",
-        Body::Lookup {
-            name: name.as_ptr() as u64,
+        Body::VmmCall {
+            rax: abi::FN_LOOKUP,
+            rbx: name.as_ptr() as u64,
             vmcall,
         },
         2_000,
@@ -135,8 +112,9 @@ pub fn run() {
     long[255] = 0;
     report(
         "lookup_255_chars",
-        Body::Lookup {
-            name: long.as_ptr() as u64,
+        Body::VmmCall {
+            rax: abi::FN_LOOKUP,
+            rbx: long.as_ptr() as u64,
             vmcall,
         },
         1_000,
@@ -149,8 +127,9 @@ pub fn run() {
     cpu::vmm_call(&mut regs);
     report(
         "dbgsh_poll",
-        Body::Call {
-            number: regs.rax,
+        Body::VmmCall {
+            rax: regs.rax,
+            rbx: abi::dbgsh::NOTHING,
             vmcall,
         },
         10_000,
@@ -158,8 +137,9 @@ pub fn run() {
     // The other vendor's instruction, through the #UD intercept.
     report(
         "lookup_dbgsh_other_insn",
-        Body::Lookup {
-            name: name.as_ptr() as u64,
+        Body::VmmCall {
+            rax: abi::FN_LOOKUP,
+            rbx: name.as_ptr() as u64,
             vmcall: !vmcall,
         },
         2_000,
