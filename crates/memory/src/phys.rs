@@ -186,4 +186,18 @@ impl GuestPhysMemory for SliceMemory<'_> {
         let r = self.range(gpa, len)?;
         self.ram.get_mut(r).ok_or(PhysAccessError { gpa })
     }
+
+    // Page walks read every table entry through these: one bounds check
+    // and one load, instead of the provided map-and-copy.
+    fn read_u32_phys(&self, gpa: GuestPhysAddr) -> Result<u32, PhysAccessError> {
+        let r = self.range(gpa, 4)?;
+        let bytes = self.ram.get(r).and_then(|b| b.try_into().ok());
+        bytes.map(u32::from_le_bytes).ok_or(PhysAccessError { gpa })
+    }
+
+    fn read_u64_phys(&self, gpa: GuestPhysAddr) -> Result<u64, PhysAccessError> {
+        let r = self.range(gpa, 8)?;
+        let bytes = self.ram.get(r).and_then(|b| b.try_into().ok());
+        bytes.map(u64::from_le_bytes).ok_or(PhysAccessError { gpa })
+    }
 }
