@@ -28,6 +28,8 @@ use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::cmdline::EferMode;
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
+use thinvisor_memory::nested::{NestedPageTable, TableFormat};
+use thinvisor_memory::{GuestPhysAddr, HostPhysAddr};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
 use thinvisor_vmm::{StopReason, Vmm};
 use thinvisor_vmx::caps::EferPreference;
@@ -157,6 +159,31 @@ pub struct GuestSetup {
     pub rip: u64,
     pub rax: u64,
     pub rbx: u64,
+}
+
+impl GuestSetup {
+    /// Second-level tables (NPT or EPT, by `format`) that map guest RAM at
+    /// guest-physical 0 and nothing else.
+    pub fn map_ram(
+        &self,
+        frames: &mut FrameAllocator,
+        format: TableFormat,
+        huge_1g: bool,
+    ) -> NestedPageTable {
+        let mut tables = mem::FrameTables(frames);
+        NestedPageTable::new(&mut tables, format)
+            .and_then(|mut t| {
+                t.map(
+                    &mut tables,
+                    GuestPhysAddr::new(0),
+                    HostPhysAddr::new(self.ram_base),
+                    self.ram_size,
+                    huge_1g,
+                )
+                .map(|()| t)
+            })
+            .unwrap_or_else(|e| boot_error!("cannot build the guest's nested page tables: {e:?}"))
+    }
 }
 
 /// The virtualization extension this processor offers.

@@ -3,8 +3,8 @@
 use crate::{mem, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_memory::nested::{NestedPageTable, NPT};
-use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
+use thinvisor_memory::nested::NPT;
+use thinvisor_memory::{HostPhysAddr, SliceMemory};
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
 use thinvisor_svm::{EntryState, SvmFeatures, SvmVcpu};
@@ -32,19 +32,7 @@ pub fn run(
         "nested paging: 2 MiB pages, 1 GiB pages {}",
         crate::yes_no(huge_1g)
     );
-    let mut tables = mem::FrameTables(frames);
-    let npt = NestedPageTable::new(&mut tables, NPT)
-        .and_then(|mut npt| {
-            npt.map(
-                &mut tables,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(guest.ram_base),
-                guest.ram_size,
-                huge_1g,
-            )
-            .map(|()| npt)
-        })
-        .unwrap_or_else(|e| boot_error!("cannot build nested page tables: {e:?}"));
+    let npt = guest.map_ram(frames, NPT, huge_1g);
 
     let (Some(vmcb), Some(hsave), Some(host_save), Some(msrpm)) = (
         mem::alloc_zeroed(frames, PAGE, PAGE),

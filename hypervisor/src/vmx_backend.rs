@@ -3,8 +3,8 @@
 use crate::{gdt, mem, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK};
-use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
+use thinvisor_memory::nested::EPT_WRITE_BACK;
+use thinvisor_memory::SliceMemory;
 use thinvisor_vmm::{run_guest, StopReason, Vmm};
 use thinvisor_vmx::caps::{self, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
@@ -31,19 +31,7 @@ pub fn run(
         boot_error!("VT-x: EPT without 2 MiB pages is not supported yet");
     }
 
-    let mut tables = mem::FrameTables(frames);
-    let ept = NestedPageTable::new(&mut tables, EPT_WRITE_BACK)
-        .and_then(|mut ept| {
-            ept.map(
-                &mut tables,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(guest.ram_base),
-                guest.ram_size,
-                controls.ept_1g,
-            )
-            .map(|()| ept)
-        })
-        .unwrap_or_else(|e| boot_error!("cannot build EPT: {e:?}"));
+    let ept = guest.map_ram(frames, EPT_WRITE_BACK, controls.ept_1g);
 
     let (Some(vmxon), Some(vmcs), Some(bitmap), Some(areas)) = (
         mem::alloc_zeroed(frames, PAGE, PAGE),
