@@ -5,6 +5,7 @@
 //! made by the core.
 #![no_std]
 
+pub mod efer;
 pub mod msrpm;
 pub mod vmcb;
 
@@ -43,6 +44,7 @@ const EXIT_UD: u64 = 0x40 + UD_VECTOR;
 
 /// Instruction lengths for CPUs without NRIPS (QEMU's TCG has none).
 const VMMCALL_LEN: u64 = 3;
+const MSR_INSN_LEN: u64 = 2;
 const CPUID_LEN: u64 = 2;
 
 /// What the processor offers (CPUID Fn8000_000A).
@@ -243,6 +245,8 @@ pub struct SvmVcpu<M: GuestPhysMemory> {
     exit_insn_len: u64,
     /// CR2 for an injected page fault, written to the processor too.
     pending_cr2: Option<u64>,
+    /// EFER bits the guest may write ([`efer::writable_bits`]).
+    efer_writable: u64,
 }
 
 impl<M: GuestPhysMemory> SvmVcpu<M> {
@@ -331,6 +335,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             nrips: features.nrips,
             exit_insn_len: 0,
             pending_cr2: None,
+            efer_writable: {
+                let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
+                efer::writable_bits(ext1.ecx, ext1.edx)
+            },
         }
     }
 
@@ -362,11 +370,32 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         );
     }
 
-    /// Turn the exit the VMCB describes into a neutral one.
-    fn decode_exit(&mut self) -> Exit {
+    /// RDMSR/WRMSR of EFER: the guest's view without SVME (module
+    /// [`efer`]). A refused write raises #GP and does not step.
+    fn on_efer(&mut self, write: bool) {
+        let s = &mut self.vmcb.save;
+        if !write {
+            let value = efer::guest_view(s.efer);
+            s.rax = value & 0xFFFF_FFFF;
+            self.regs.rdx = value >> 32;
+        } else {
+            let value = (self.regs.rdx << 32) | (s.rax & 0xFFFF_FFFF);
+            let paging = s.cr0 & (1 << 31) != 0;
+            match efer::after_write(s.efer, value, self.efer_writable, paging) {
+                Some(new) => s.efer = new,
+                None => return self.inject(Event::GP0),
+            }
+        }
+        self.exit_insn_len = MSR_INSN_LEN;
+        self.skip_instruction();
+    }
+
+    /// Turn the exit the VMCB describes into a neutral one, or None when
+    /// the backend settled it itself.
+    fn decode_exit(&mut self) -> Option<Exit> {
         let c = &self.vmcb.control;
         self.exit_insn_len = 0;
-        match c.exit_code {
+        Some(match c.exit_code {
             exit_code::VMMCALL => {
                 self.exit_insn_len = VMMCALL_LEN;
                 Exit::VmmCall
@@ -385,6 +414,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             }
             EXIT_UD => Exit::InvalidOpcode,
             // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
+            exit_code::MSR if self.regs.rcx as u32 == efer::MSR_EFER => {
+                self.on_efer(c.exit_info1 & 1 != 0);
+                return None;
+            }
             exit_code::MSR => Exit::Msr {
                 msr: self.regs.rcx as u32,
                 write: c.exit_info1 & 1 != 0,
@@ -402,12 +435,13 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             | exit_code::STGI
             | exit_code::CLGI
             | exit_code::SKINIT => Exit::VirtualizationInstruction,
-            exit_code::INVALID => {
+            // VMEXIT_INVALID is -1; some emulators store only 32 bits of it.
+            code if code == exit_code::INVALID || code == u64::from(u32::MAX) => {
                 self.log_invalid_state();
-                Exit::EntryFailed { code: c.exit_code }
+                Exit::EntryFailed { code }
             }
             code => Exit::Unknown { code },
-        }
+        })
     }
 }
 
@@ -526,32 +560,36 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn run(&mut self) -> Exit {
-        if let Some(cr2) = self.pending_cr2.take() {
-            // SAFETY: CR2 only records page-fault addresses; the
-            // hypervisor takes no page faults before VMRUN.
+        loop {
+            if let Some(cr2) = self.pending_cr2.take() {
+                // SAFETY: CR2 only records page-fault addresses; the
+                // hypervisor takes no page faults before VMRUN.
+                unsafe {
+                    core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
+                };
+            }
+            // SAFETY: the VMCB and host save area are this vCPU's own pages
+            // (constructor contract), SVM is enabled, and the stub preserves
+            // every callee-saved register of the host.
             unsafe {
-                core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
+                thinvisor_svm_run(
+                    self.vmcb_pa.as_u64(),
+                    &mut self.regs,
+                    self.host_save_pa.as_u64(),
+                );
+            }
+            let c = &mut self.vmcb.control;
+            c.tlb_control = tlb_control::DO_NOTHING;
+            // An event whose delivery the exit interrupted is delivered again
+            // on the next entry (APM 15.7.2); anything injected is consumed.
+            c.event_inj = if c.exit_int_info & event_inj::VALID != 0 {
+                c.exit_int_info
+            } else {
+                0
             };
+            if let Some(exit) = self.decode_exit() {
+                return exit;
+            }
         }
-        // SAFETY: the VMCB and host save area are this vCPU's own pages
-        // (constructor contract), SVM is enabled, and the stub preserves
-        // every callee-saved register of the host.
-        unsafe {
-            thinvisor_svm_run(
-                self.vmcb_pa.as_u64(),
-                &mut self.regs,
-                self.host_save_pa.as_u64(),
-            );
-        }
-        let c = &mut self.vmcb.control;
-        c.tlb_control = tlb_control::DO_NOTHING;
-        // An event whose delivery the exit interrupted is delivered again
-        // on the next entry (APM 15.7.2); anything injected is consumed.
-        c.event_inj = if c.exit_int_info & event_inj::VALID != 0 {
-            c.exit_int_info
-        } else {
-            0
-        };
-        self.decode_exit()
     }
 }

@@ -50,12 +50,14 @@ pub fn is_intercepted(map: &[u8; MSRPM_SIZE], msr: u32, write: bool) -> bool {
 }
 
 /// Fill `map` with thinvisor's policy: every MSR passes through except
-/// [`PROTECTED_MSRS`].
+/// [`PROTECTED_MSRS`] and EFER, whose SVME bit the backend hides
+/// ([`crate::efer`]).
 pub fn init(map: &mut [u8; MSRPM_SIZE]) {
     map.fill(0);
     for msr in PROTECTED_MSRS {
         intercept(map, msr, true, true);
     }
+    intercept(map, crate::efer::MSR_EFER, true, true);
 }
 
 #[cfg(test)]
@@ -86,7 +88,6 @@ mod tests {
             0x10,
             0x1B,
             0x277,
-            0xC000_0080,
             0xC000_0081,
             0xC000_0100,
             0xC001_0113,
@@ -96,6 +97,8 @@ mod tests {
             assert!(!is_intercepted(&map, msr, true), "{msr:#x}");
         }
         assert!(is_intercepted(&map, 0x4000_0000, false));
-        assert_eq!(map.iter().map(|b| b.count_ones()).sum::<u32>(), 10);
+        assert!(is_intercepted(&map, crate::efer::MSR_EFER, false));
+        assert!(is_intercepted(&map, crate::efer::MSR_EFER, true));
+        assert_eq!(map.iter().map(|b| b.count_ones()).sum::<u32>(), 12);
     }
 }

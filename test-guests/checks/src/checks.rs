@@ -1109,6 +1109,23 @@ fn protected_msr(_: &BootInfo) -> CheckResult {
             ecx & (1 << 2) == 0,
             "CPUID 0x80000001:ECX bit 2 (SVM) is set (ECX {ecx:#x})"
         );
+        // EFER.SVME is the VMM's: hidden from reads, refused on writes.
+        const EFER: u32 = 0xC000_0080;
+        const SVME: u64 = 1 << 12;
+        let efer = match recover::rdmsr(EFER, recover::GP) {
+            Ok(v) => v,
+            Err(c) => fail!("RDMSR EFER raised vector {}", c.vector),
+        };
+        ensure!(
+            efer & SVME == 0,
+            "EFER reads {efer:#x}: SVME (bit 12) is visible"
+        );
+        // SAFETY: expected to fault; without the fault SVME would just be set.
+        let w = unsafe { recover::wrmsr(EFER, efer | SVME, recover::GP) };
+        ensure_gp(w.map(|()| 0u64), "WRMSR EFER with SVME set")?;
+        // SAFETY: writes back the value just read.
+        let same = unsafe { recover::wrmsr(EFER, efer, recover::GP) };
+        ensure!(same.is_ok(), "WRMSR EFER of its own value raised #GP");
     }
     Ok(())
 }
