@@ -1162,6 +1162,100 @@ fn cross_vendor_call(_: &BootInfo) -> CheckResult {
     }
 }
 
+/// Scratch memory `hostile_calls` lets the VMM write into: room for the
+/// whole 64 KiB log from either target offset, then a guard that must
+/// stay untouched.
+#[repr(C, align(4096))]
+struct HostileScratch {
+    buf: [u8; 72 * 1024],
+    guard: [u8; 4096],
+}
+
+static mut HOSTILE_SCRATCH: HostileScratch = HostileScratch {
+    buf: [0; 72 * 1024],
+    guard: [0xA5; 4096],
+};
+
+/// `hostile_calls`: 20 000 VMM calls with random function numbers and
+/// arguments (pointers into unmapped, non-canonical, outside-RAM and
+/// scratch memory, random lengths and offsets, both call instructions).
+/// The VMM must answer every one (or inject the #PF a not-present buffer
+/// asks for) and still work afterwards; nothing outside the scratch
+/// buffer may change.
+fn hostile_calls(_: &BootInfo) -> CheckResult {
+    let own = dbgsh_number()?;
+    let scratch = core::ptr::addr_of_mut!(HOSTILE_SCRATCH) as u64;
+    let targets = [
+        scratch,
+        scratch + 4090,
+        paging::UNMAPPED,
+        paging::UNMAPPED + 0xFFD,
+        NON_CANONICAL,
+        paging::OUTSIDE_RAM,
+        paging::OUTSIDE_RAM - 3,
+        0xFFFF_FFFF_FFFF_F000,
+        u64::MAX,
+        0,
+    ];
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut page_faults = 0u32;
+    for _ in 0..20_000 {
+        let pick = next();
+        // Mostly the registered functions and function 0, sometimes any number.
+        let rax = match pick % 8 {
+            0 => next(),
+            n => n % 5,
+        };
+        let target = targets[(next() % targets.len() as u64) as usize];
+        let rbx = if rax == abi::FN_LOOKUP && pick & 0x100 != 0 {
+            // Function 0 only reads: any address at all.
+            next()
+        } else {
+            target
+        };
+        let rcx = match next() % 4 {
+            0 => next(),
+            1 => 0,
+            _ => next() % 6000,
+        };
+        let rdx = if next() % 2 == 0 {
+            next()
+        } else {
+            next() % 4096
+        };
+        let vmcall = next() % 2 == 0;
+        match recover::vmm_call4(vmcall, rax, rbx, rcx, rdx, recover::PF) {
+            Ok(_) => {}
+            Err(c) if c.vector == u64::from(recover::PF) => page_faults += 1,
+            Err(c) => fail!(
+                "a VMM call raised vector {} (RAX {rax:#x} RBX {rbx:#x})",
+                c.vector
+            ),
+        }
+    }
+    ensure!(
+        page_faults > 0,
+        "no call asked for a page fault (unmapped buffers)"
+    );
+    // SAFETY: only this check uses the scratch memory; the VMM is done.
+    let guard = unsafe { (*core::ptr::addr_of!(HOSTILE_SCRATCH)).guard };
+    ensure!(
+        guard.iter().all(|&b| b == 0xA5),
+        "the VMM wrote past the buffers it was given"
+    );
+    ensure!(
+        dbgsh_number()? == own,
+        "dbgsh's number changed after the hostile calls"
+    );
+    Ok(())
+}
+
 /// CPUID exits in `many_exits`: about 1 s of the run on Bochs (both models)
 /// and on QEMU TCG, so the full 100 000 are kept.
 const MANY_EXITS: u64 = 100_000;
@@ -1204,7 +1298,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 21] = [
+const CHECKS: [Check; 22] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -1226,6 +1320,7 @@ const CHECKS: [Check; 21] = [
     ("protected_msr", protected_msr),
     ("many_exits", many_exits),
     ("cross_vendor_call", cross_vendor_call),
+    ("hostile_calls", hostile_calls),
 ];
 
 /// Runs every check, prints the summary and ends the run.
