@@ -548,3 +548,58 @@ fn invalid_opcodes_go_back_to_the_guest() {
     assert_eq!(vcpu.injected, Some(Event::UD));
     assert_eq!(vcpu.skipped, 0);
 }
+
+// ---- hostile input ---------------------------------------------------------
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Whatever the registers, paging state and memory say, a VMM call
+    /// returns to the guest or asks for a page fault: it never panics, and
+    /// only RAX (and RBX for log_read) may change.
+    #[test]
+    fn any_vmm_call_is_answered(
+        regs in proptest::array::uniform16(proptest::prelude::any::<u64>()),
+        small in proptest::array::uniform4(0u64..8),
+        cr in proptest::array::uniform4(proptest::prelude::any::<u64>()),
+        cpl in 0u8..4,
+        long64 in proptest::prelude::any::<bool>(),
+        fill in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+    ) {
+        let mut vmm = vmm();
+        vmm.services.log.lock().push(b"thinvisor log line\n");
+        let mut vcpu = FakeVcpu::new();
+        vcpu.regs = regs;
+        // Often a real function number, sometimes anything.
+        if small[0] < 6 {
+            vcpu.regs[Gpr::Rax as usize] = small[0];
+        }
+        // Page tables made of random bytes in the first pages of RAM.
+        vcpu.put(0, &fill);
+        vcpu.paging = PagingRegs {
+            cr0: cr[0] | if small[1] < 4 { 1 << 31 } else { 0 },
+            cr3: cr[1] & 0xF_F000,
+            cr4: cr[2],
+            efer: cr[3],
+        };
+        vcpu.mode = CpuMode { cpl, long64 };
+        let before = vcpu.regs;
+        let rip = vcpu.rip;
+        proptest::prop_assert_eq!(handle_exit(&mut vmm, &mut vcpu, Exit::VmmCall), Action::Resume);
+        for (i, (a, b)) in before.iter().zip(vcpu.regs.iter()).enumerate() {
+            if i != Gpr::Rax as usize && i != Gpr::Rbx as usize {
+                proptest::prop_assert_eq!(a, b, "register {} changed", i);
+            }
+        }
+        match vcpu.injected {
+            None => proptest::prop_assert_eq!(vcpu.rip, rip + 3),
+            Some(Event::PageFault { .. }) => proptest::prop_assert_eq!(vcpu.rip, rip),
+            Some(other) => proptest::prop_assert!(false, "unexpected event {:?}", other),
+        }
+        // The other exits that read guest state must not panic either.
+        proptest::prop_assert_eq!(handle_exit(&mut vmm, &mut vcpu, Exit::InvalidOpcode), Action::Resume);
+        proptest::prop_assert_eq!(handle_exit(&mut vmm, &mut vcpu, Exit::Cpuid), Action::Resume);
+        // Fetching the instruction at a random RIP must not panic.
+        let _ = crate::vmmcall::is_vmm_call_at_rip(&vcpu);
+    }
+}
