@@ -125,6 +125,20 @@ pub unsafe fn enable(hsave: HostPhysAddr) {
     }
 }
 
+/// Set EFER.SVME again if something (SMM) cleared it.
+fn ensure_svme() {
+    let mut efer = Msr::new(IA32_EFER);
+    // SAFETY: SVM was enabled at start-up on this processor; setting SVME
+    // again restores that state and changes nothing else.
+    unsafe {
+        let value = efer.read();
+        if value & EFER_SVME == 0 {
+            log::warn!("EFER.SVME was cleared (by SMM?); setting it again");
+            efer.write(value | EFER_SVME);
+        }
+    }
+}
+
 /// The guest's general registers that VMRUN neither saves nor loads
 /// (RAX and RSP live in the VMCB). The world-switch stub uses these
 /// offsets.
@@ -272,7 +286,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         let c = &mut vmcb_virt.control;
         // Exits the core handles; everything else, I/O and all MSRs but
         // the virtualization extension's own, runs on the real hardware.
-        c.intercept_misc1 = misc1::CPUID | misc1::HLT | misc1::SHUTDOWN | misc1::MSR_PROT;
+        // SMIs exit too, so the firmware's SMM handler runs in the host's
+        // context once STGI opens the gate, not inside the guest with
+        // nested paging on (APM 15.13.3).
+        c.intercept_misc1 =
+            misc1::CPUID | misc1::HLT | misc1::SHUTDOWN | misc1::MSR_PROT | misc1::SMI;
         c.msrpm_base_pa = msrpm.as_u64();
         c.intercept_misc2 = misc2::VMRUN
             | misc2::VMMCALL
@@ -405,6 +423,13 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 Exit::Cpuid
             }
             exit_code::HLT => Exit::Hlt,
+            exit_code::SMI => {
+                // STGI in the world switch has let the SMI in by now; the
+                // firmware may have returned with EFER.SVME clear (QEMU's
+                // SMM does), which the next VMRUN needs.
+                ensure_svme();
+                return None;
+            }
             // nRIP is zero for exception intercepts (APM 15.7.1): the
             // length of VMCALL is known.
             EXIT_UD if is_vmm_call_at_rip(self) => {

@@ -145,6 +145,7 @@ pub struct Vmcb {
 
 /// Intercept vector 3 bits (APM vol. 2, table B-1, offset 0x0C).
 pub mod misc1 {
+    pub const SMI: u32 = 1 << 2;
     pub const CPUID: u32 = 1 << 18;
     pub const HLT: u32 = 1 << 24;
     pub const IOIO_PROT: u32 = 1 << 27;
@@ -166,6 +167,7 @@ pub mod misc2 {
 
 /// #VMEXIT codes (APM vol. 2, appendix C).
 pub mod exit_code {
+    pub const SMI: u64 = 0x62;
     pub const CPUID: u64 = 0x72;
     pub const HLT: u64 = 0x78;
     pub const MSR: u64 = 0x7C;

@@ -1162,6 +1162,26 @@ fn cross_vendor_call(_: &BootInfo) -> CheckResult {
     }
 }
 
+/// APM control port: a write raises an SMI on QEMU's `pc` machine, whose
+/// firmware (SeaBIOS) runs an SMM handler (SPEC.md section 7: BitVisor
+/// does not survive SMIs there).
+const APM_CONTROL: u16 = 0xB2;
+
+/// `smi_storm`: 100 SMIs raised from inside the guest, each followed by an
+/// exit; the VMM must keep running the guest and answering calls. (QEMU's
+/// `-d int` log shows an `SMM: enter` / `SMM: after RSM` pair for each.)
+fn smi_storm(_: &BootInfo) -> CheckResult {
+    let own = dbgsh_number()?;
+    let first = cpu::cpuid(0, 0);
+    for i in 0..100 {
+        cpu::outb(APM_CONTROL, 0);
+        let again = cpu::cpuid(0, 0);
+        ensure!(again == first, "CPUID 0 changed after SMI {i}: {again:x?}");
+    }
+    ensure!(dbgsh_number()? == own, "lookups broke after the SMIs");
+    Ok(())
+}
+
 /// Scratch memory `hostile_calls` lets the VMM write into: room for the
 /// whole 64 KiB log from either target offset, then a guard that must
 /// stay untouched.
@@ -1298,7 +1318,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 22] = [
+const CHECKS: [Check; 23] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -1321,6 +1341,7 @@ const CHECKS: [Check; 22] = [
     ("many_exits", many_exits),
     ("cross_vendor_call", cross_vendor_call),
     ("hostile_calls", hostile_calls),
+    ("smi_storm", smi_storm),
 ];
 
 /// Runs every check, prints the summary and ends the run.
