@@ -62,9 +62,11 @@ fn parse_exit_bench(line: &str) -> Option<ExitBench> {
     })
 }
 
-/// Boots thinvisor with the test guest in bench mode under QEMU's
-/// `-icount shift=0` (one TSC tick per instruction) and prints the
-/// instructions per exit round trip, against BitVisor's figures.
+/// Boots thinvisor with the test guest in bench mode on both vendors and
+/// prints the instructions per exit round trip, against BitVisor's
+/// figures. Both emulators advance the guest's TSC by one per executed
+/// instruction here: QEMU under `-icount shift=0`, Bochs with
+/// `clock: sync=none`; the guest's calibration loop checks it.
 fn exits(ctx: &Ctx) -> Result<()> {
     crate::setup::ensure(ctx)?;
     let images = crate::images::build(ctx)?;
@@ -77,50 +79,61 @@ fn exits(ctx: &Ctx) -> Result<()> {
             "test-guest.elf bench",
         )],
     };
-    let dir = ctx.fresh_dir("bench-exits")?;
+    println!("measuring exit round trips on AMD SVM (QEMU -icount shift=0) ...");
+    let dir = ctx.fresh_dir("bench-exits-svm")?;
     let opts = crate::emu::QemuOpts {
         extra: vec!["-icount".into(), "shift=0".into()],
         timeout: std::time::Duration::from_secs(120),
         ..crate::emu::QemuOpts::default()
     };
-    println!("measuring exit round trips under QEMU -icount shift=0 (AMD SVM) ...");
-    let outcome = crate::emu::run_qemu(&dir, &boot, &opts)?;
-    let lines: Vec<ExitBench> = outcome
-        .serial
-        .lines()
-        .filter_map(parse_exit_bench)
-        .collect();
-    let calibration = lines
-        .iter()
-        .find(|b| b.name == "calibration")
-        .ok_or_else(|| {
-            format!(
-                "the bench guest printed no calibration (see {})",
-                dir.display()
-            )
-        })?;
-    // The calibration loop runs 2 instructions per iteration.
-    let per_instruction = calibration.ticks as f64 / (2 * calibration.iterations) as f64;
+    let svm = crate::emu::run_qemu(&dir, &boot, &opts)?;
+    println!("measuring exit round trips on Intel VT-x (Bochs corei7_skylake_x) ...");
+    let bochs = crate::emu::BochsOpts::new("corei7_skylake_x");
+    let vmx = crate::emu::run_bochs(ctx, "bench-exits-vmx", &boot, &bochs)?;
+    let svm = exit_benches(&svm.serial, "QEMU")?;
+    let vmx = exit_benches(&vmx.serial, "Bochs")?;
     println!(
-        "\ncalibration: {:.3} TSC ticks per instruction (1.000 expected under -icount shift=0)",
-        per_instruction
+        "\ninstructions per round trip (loop minus the same loop with a NOP; \
+         calibration 1.000 tick/instruction):"
     );
-    if (per_instruction - 1.0).abs() > 0.01 {
-        return Err("the TSC does not count instructions: QEMU without -icount?".into());
-    }
-    println!("\ninstructions per round trip (loop minus the same loop with a NOP):");
-    for b in lines.iter().filter(|b| b.name != "calibration") {
+    println!("  {:<24} {:>9} {:>9}", "", "SVM", "VT-x");
+    for b in &svm {
+        let intel = vmx
+            .iter()
+            .find(|v| v.name == b.name)
+            .map_or("-".into(), |v| format!("{:.1}", v.per_op()));
         let anchor = match b.name.as_str() {
             "cpuid_exit" => Some(BITVISOR_CPUID_EXIT),
             "lookup_dbgsh" => Some(BITVISOR_LOOKUP),
             _ => None,
         };
         let vs = anchor.map_or(String::new(), |a| {
-            format!("  (BitVisor {a:.0}: {:.1}x fewer)", a / b.per_op())
+            format!("  (BitVisor on SVM {a:.0}: {:.1}x fewer)", a / b.per_op())
         });
-        println!("  {:<24} {:>9.1}{vs}", b.name, b.per_op());
+        println!("  {:<24} {:>9.1} {intel:>9}{vs}", b.name, b.per_op());
     }
     Ok(())
+}
+
+/// The measurements in a bench run's serial log, after checking that its
+/// TSC counted instructions.
+fn exit_benches(serial: &str, what: &str) -> Result<Vec<ExitBench>> {
+    let lines: Vec<ExitBench> = serial.lines().filter_map(parse_exit_bench).collect();
+    let calibration = lines
+        .iter()
+        .find(|b| b.name == "calibration")
+        .ok_or_else(|| format!("{what}: the bench guest printed no calibration"))?;
+    // The calibration loop runs 2 instructions per iteration.
+    let per_instruction = calibration.ticks as f64 / (2 * calibration.iterations) as f64;
+    if (per_instruction - 1.0).abs() > 0.01 {
+        return Err(format!(
+            "{what}: {per_instruction:.3} TSC ticks per instruction: the TSC does not count instructions"
+        ));
+    }
+    Ok(lines
+        .into_iter()
+        .filter(|b| b.name != "calibration")
+        .collect())
 }
 
 /// Methods, as the bench binary names them, and how to show them.

@@ -126,6 +126,7 @@ pub unsafe fn enable(hsave: HostPhysAddr) {
 }
 
 /// Set EFER.SVME again if something (SMM) cleared it.
+#[cold]
 fn ensure_svme() {
     let mut efer = Msr::new(IA32_EFER);
     // SAFETY: SVM was enabled at start-up on this processor; setting SVME
@@ -367,6 +368,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
 
     /// VMRUN refused the guest state (APM vol. 2, 15.5.1 lists the
     /// checks): log what those checks look at.
+    #[cold]
     fn log_invalid_state(&self) {
         let s = &self.vmcb.save;
         let c = &self.vmcb.control;
@@ -390,6 +392,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
 
     /// RDMSR/WRMSR of EFER: the guest's view without SVME (module
     /// [`efer`]). A refused write raises #GP and does not step.
+    #[cold]
     fn on_efer(&mut self, write: bool) {
         let s = &mut self.vmcb.save;
         if !write {
@@ -408,12 +411,32 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         self.skip_instruction();
     }
 
-    /// Turn the exit the VMCB describes into a neutral one, or None when
-    /// the backend settled it itself.
-    fn decode_exit(&mut self) -> Option<Exit> {
+    /// Settle the exits that are the backend's own business (EFER
+    /// accesses, SMIs); true when the guest can simply be entered again.
+    fn settled_here(&mut self) -> bool {
+        let c = &self.vmcb.control;
+        match c.exit_code {
+            // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
+            exit_code::MSR if self.regs.rcx as u32 == efer::MSR_EFER => {
+                self.on_efer(c.exit_info1 & 1 != 0);
+                true
+            }
+            exit_code::SMI => {
+                // STGI in the world switch has let the SMI in by now; the
+                // firmware may have returned with EFER.SVME clear (QEMU's
+                // SMM does), which the next VMRUN needs.
+                ensure_svme();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Turn the exit the VMCB describes into a neutral one.
+    fn decode_exit(&mut self) -> Exit {
         let c = &self.vmcb.control;
         self.exit_insn_len = 0;
-        Some(match c.exit_code {
+        match c.exit_code {
             exit_code::VMMCALL => {
                 self.exit_insn_len = VMMCALL_LEN;
                 Exit::VmmCall
@@ -423,13 +446,6 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 Exit::Cpuid
             }
             exit_code::HLT => Exit::Hlt,
-            exit_code::SMI => {
-                // STGI in the world switch has let the SMI in by now; the
-                // firmware may have returned with EFER.SVME clear (QEMU's
-                // SMM does), which the next VMRUN needs.
-                ensure_svme();
-                return None;
-            }
             // nRIP is zero for exception intercepts (APM 15.7.1): the
             // length of VMCALL is known.
             EXIT_UD if is_vmm_call_at_rip(self) => {
@@ -439,10 +455,6 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             }
             EXIT_UD => Exit::InvalidOpcode,
             // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
-            exit_code::MSR if self.regs.rcx as u32 == efer::MSR_EFER => {
-                self.on_efer(c.exit_info1 & 1 != 0);
-                return None;
-            }
             exit_code::MSR => Exit::Msr {
                 msr: self.regs.rcx as u32,
                 write: c.exit_info1 & 1 != 0,
@@ -466,7 +478,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 Exit::EntryFailed { code }
             }
             code => Exit::Unknown { code },
-        })
+        }
     }
 }
 
@@ -612,8 +624,8 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
             } else {
                 0
             };
-            if let Some(exit) = self.decode_exit() {
-                return exit;
+            if !self.settled_here() {
+                return self.decode_exit();
             }
         }
     }

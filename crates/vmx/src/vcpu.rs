@@ -317,16 +317,30 @@ fn dump_vmcs() {
 }
 
 /// Read a field that is valid whenever a VMCS is current. A failure here
-/// means the VMCS is not current, a broken invariant of this type.
+/// means the VMCS is not current, a broken invariant of this type. Inline:
+/// every exit does several of these.
+#[inline(always)]
 fn read(field: F) -> u64 {
     // SAFETY: VmxVcpu's methods run with its VMCS current (type invariant).
-    unsafe { vmread(field) }.unwrap_or_else(|e| panic!("VMREAD {:#x}: {e}", field.0))
+    match unsafe { vmread(field) } {
+        Ok(value) => value,
+        Err(e) => broken("VMREAD", field, e),
+    }
 }
 
+#[inline(always)]
 fn write(field: F, value: u64) {
     // SAFETY: as for `read`; the fields written here are guest state and
     // entry controls, which cannot reach host memory (EPT bounds the guest).
-    unsafe { vmwrite(field, value) }.unwrap_or_else(|e| panic!("VMWRITE {:#x}: {e}", field.0));
+    if let Err(e) = unsafe { vmwrite(field, value) } {
+        broken("VMWRITE", field, e)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn broken(what: &str, field: F, e: crate::vmcs::VmFail) -> ! {
+    panic!("{what} {:#x}: {e}", field.0)
 }
 
 impl<M: GuestPhysMemory> VmxVcpu<M> {

@@ -203,7 +203,18 @@ impl fmt::Display for VmFail {
 
 /// Decode RFLAGS after a VMX instruction: CF = VMfailInvalid, ZF =
 /// VMfailValid.
+#[inline(always)]
 fn check(rflags: u64) -> Result<(), VmFail> {
+    if rflags & 0x41 == 0 {
+        Ok(())
+    } else {
+        failure(rflags)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn failure(rflags: u64) -> Result<(), VmFail> {
     const CF: u64 = 1 << 0;
     const ZF: u64 = 1 << 6;
     if rflags & CF != 0 {
@@ -240,6 +251,7 @@ unsafe fn vmread_raw(field: VmcsField) -> Result<u64, ()> {
 ///
 /// # Safety
 /// VMX operation must be on and a VMCS current.
+#[inline(always)]
 pub unsafe fn vmread(field: VmcsField) -> Result<u64, VmFail> {
     let value: u64;
     let rflags: u64;
@@ -255,6 +267,7 @@ pub unsafe fn vmread(field: VmcsField) -> Result<u64, VmFail> {
 /// # Safety
 /// VMX operation must be on and a VMCS current; the value must not make
 /// the host state point anywhere unsafe.
+#[inline(always)]
 pub unsafe fn vmwrite(field: VmcsField, value: u64) -> Result<(), VmFail> {
     let rflags: u64;
     // SAFETY: the caller guarantees a current VMCS and a sound value.
