@@ -105,7 +105,8 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS cross_vendor_call",
     "PASS hostile_calls",
     "PASS smi_storm",
-    "SUMMARY: 23 passed, 0 failed",
+    "PASS cr0_writes",
+    "SUMMARY: 24 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -187,7 +188,7 @@ pub const CASES: &[Case] = &[
             "guest RAM: 1024 MiB",
             "1 GiB pages yes",
             "PASS cross_vendor_call",
-            "SUMMARY: 23 passed, 0 failed",
+            "SUMMARY: 24 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 3072,

@@ -1162,6 +1162,27 @@ fn cross_vendor_call(_: &BootInfo) -> CheckResult {
     }
 }
 
+/// `cr0_writes`: the guest owns its CR0 as far as it can see. Clearing and
+/// setting NE (bit 5) reads back as written on both vendors; on VT-x NE is
+/// fixed to 1 in the real register, so each write exits and the VMM keeps
+/// the read shadow (SDM vol. 3C, 25.6.6) while paging stays on.
+fn cr0_writes(_: &BootInfo) -> CheckResult {
+    const NE: u64 = 1 << 5;
+    let cr0 = cpu::read_cr0();
+    for value in [cr0 & !NE, cr0 | NE, cr0 & !NE, cr0] {
+        // SAFETY: only NE changes; paging and protection stay as they are,
+        // and the x87 error-reporting mode is not used by this guest.
+        unsafe { cpu::write_cr0(value) };
+        let back = cpu::read_cr0();
+        ensure!(back == value, "wrote CR0 {value:#x}, read back {back:#x}");
+        ensure!(
+            dbgsh_number().is_ok(),
+            "lookups broke after CR0 = {value:#x}"
+        );
+    }
+    Ok(())
+}
+
 /// APM control port: a write raises an SMI on QEMU's `pc` machine, whose
 /// firmware (SeaBIOS) runs an SMM handler (SPEC.md section 7: BitVisor
 /// does not survive SMIs there).
@@ -1318,7 +1339,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 23] = [
+const CHECKS: [Check; 24] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -1342,6 +1363,7 @@ const CHECKS: [Check; 23] = [
     ("cross_vendor_call", cross_vendor_call),
     ("hostile_calls", hostile_calls),
     ("smi_storm", smi_storm),
+    ("cr0_writes", cr0_writes),
 ];
 
 /// Runs every check, prints the summary and ends the run.
