@@ -43,8 +43,6 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     serial::init_logging(log::LevelFilter::Info);
     let _ = gdt::init();
     idt::init();
-    info!("thinvisor {} starting", env!("CARGO_PKG_VERSION"));
-
     let boot = read_boot_info(magic, u64::from(info_pa));
     let options = match cmdline::parse(boot.cmdline(), &mut |token, why| {
         warn!("command line: {token}: {why}")
@@ -53,6 +51,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         Err(e) => boot_error!("command line: {e}"),
     };
     log::set_max_level(options.log_level);
+    info!("thinvisor {} starting", env!("CARGO_PKG_VERSION"));
     info!("command line: \"{}\"", boot.cmdline());
     log_memory_map(&boot);
 
