@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod caps;
+pub mod guest_check;
 pub mod msr_bitmap;
 pub mod vcpu;
 pub mod vmcs;

@@ -423,6 +423,27 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         Ok(())
     }
 
+    /// The fields [`crate::guest_check`] looks at.
+    fn guest_state(&self) -> crate::guest_check::GuestState {
+        crate::guest_check::GuestState {
+            cr0: read(F::GUEST_CR0),
+            cr4: read(F::GUEST_CR4),
+            efer: read(F::GUEST_IA32_EFER),
+            rflags: read(F::GUEST_RFLAGS),
+            entry_controls: read(F::VM_ENTRY_CONTROLS),
+            secondary_controls: read(F::SECONDARY_VM_EXEC_CONTROL),
+            cs_ar: read(F::GUEST_CS_AR_BYTES),
+            ss_ar: read(F::GUEST_SS_AR_BYTES),
+            tr_ar: read(F::GUEST_TR_AR_BYTES),
+            ldtr_ar: read(F::GUEST_LDTR_AR_BYTES),
+            activity_state: read(F::GUEST_ACTIVITY_STATE),
+            interruptibility: read(F::GUEST_INTERRUPTIBILITY_INFO),
+            link_pointer: read(F::VMCS_LINK_POINTER),
+            cr0_fixed: (self.cr.cr0_must1, self.cr.cr0_may1),
+            cr4_fixed: (self.cr.cr4_must1, self.cr.cr4_may1),
+        }
+    }
+
     /// With EPT, PAE paging's four PDPTEs come from the VMCS on entry
     /// (SDM vol. 3C, 26.3.2.4): after an emulated write that enters or
     /// changes PAE paging, load them from guest memory as MOV CR3 would.
@@ -467,6 +488,14 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 "VM entry failed: exit reason {raw_reason:#x} ({why}), qualification {:#x}",
                 read(F::EXIT_QUALIFICATION)
             );
+            if raw_reason & 0xFFFF == exit_reason::INVALID_GUEST_STATE {
+                match crate::guest_check::first_violation(&self.guest_state()) {
+                    Some(rule) => log::error!("  failing field: {rule}"),
+                    None => {
+                        log::error!("  (no modelled guest-state check fails; see the fields below)")
+                    }
+                }
+            }
             dump_vmcs();
             return Some(Exit::EntryFailed {
                 code: u64::from(raw_reason),
