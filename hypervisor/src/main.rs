@@ -56,6 +56,10 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     log_memory_map(&boot);
 
     let mut frames = frame_allocator(&boot);
+    match mem::extend_direct_map(&mut frames, available_end(&boot)) {
+        Ok(end) => log::debug!("direct map: {} GiB of physical memory", end >> 30),
+        Err(e) => boot_error!("{e}"),
+    }
     info!(
         "{} MiB free for the hypervisor and its guest",
         frames.free_bytes() >> 20
@@ -81,7 +85,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     );
     if !mem::is_mapped(module.start, module.len()) {
         boot_error!(
-            "guest module at {:#x} lies above the first 4 GiB, which thinvisor cannot reach",
+            "guest module at {:#x} lies outside the memory the firmware reported",
             module.start
         );
     }
@@ -216,7 +220,7 @@ fn read_boot_info(magic: u32, info_pa: u64) -> BootInfo {
     let parsed = match magic {
         multiboot1::MAGIC => multiboot1::parse(info_pa, &mem::DirectMapReader),
         multiboot2::MAGIC => {
-            if !mem::is_mapped(info_pa, multiboot2::MAX_TOTAL_SIZE.into()) {
+            if !mem::is_identity_mapped(info_pa, multiboot2::MAX_TOTAL_SIZE.into()) {
                 boot_error!("multiboot2 information at {info_pa:#x} lies outside the first 4 GiB");
             }
             // SAFETY: the loader passed this address with the multiboot2
@@ -248,7 +252,7 @@ fn frame_allocator(boot: &BootInfo) -> FrameAllocator {
     let mut reserved = [(0u64, 0u64); 3 + MAX_MODULES];
     reserved[0] = mem::image_range();
     reserved[1] = boot.info_range();
-    reserved[2] = (mem::DIRECT_MAP_SIZE, u64::MAX);
+    reserved[2] = (available_end(boot), u64::MAX);
     let mut n = 3;
     for (slot, m) in reserved[3..].iter_mut().zip(boot.modules()) {
         *slot = (m.start, m.end);
@@ -263,6 +267,17 @@ fn frame_allocator(boot: &BootInfo) -> FrameAllocator {
         boot_error!("the boot loader's memory map lists no available memory");
     }
     FrameAllocator::new(boot.memory_map(), &reserved[..n])
+}
+
+/// The end of the highest memory the firmware calls available: what the
+/// direct map must cover and the allocator may hand out.
+fn available_end(boot: &BootInfo) -> u64 {
+    boot.memory_map()
+        .iter()
+        .filter(|r| r.kind == MemKind::Available)
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0)
 }
 
 fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {

@@ -195,6 +195,23 @@ pub const CASES: &[Case] = &[
         ..QEMU
     },
     Case {
+        // 7 GiB: QEMU's `pc` puts 3 GiB below 4 GiB, so 3 GiB of guest RAM
+        // can only come from above 4 GiB, through the extended direct map.
+        name: "qemu-high-memory",
+        hv_args: "log=debug guest_mem=3G",
+        modules: CHECKS,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: &[
+            "direct map: 8 GiB",
+            "guest RAM: 3072 MiB at host-physical 0x100000000",
+            "SUMMARY: 24 passed, 0 failed",
+        ],
+        must_not_contain: NO_FAIL,
+        mem_mb: 7168,
+        timeout_s: 90,
+        ..QEMU
+    },
+    Case {
         name: "qemu-mem-too-big",
         hv_args: "log=info guest_mem=8G",
         modules: CHECKS,
