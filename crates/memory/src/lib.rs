@@ -34,7 +34,7 @@ mod tests;
 pub use addr::{GuestLinearAddr, GuestPhysAddr, HostPhysAddr};
 pub use linear::{
     read_cstr, read_cstr_with_access, read_linear, read_linear_array, read_linear_u16,
-    read_linear_u32, read_linear_u64, read_linear_u8, write_linear, write_linear_u16,
+    read_linear_u32, read_linear_u64, read_linear_u8, with_cstr, write_linear, write_linear_u16,
     write_linear_u32, write_linear_u64, write_linear_u8, CStrError,
 };
 pub use paging::{

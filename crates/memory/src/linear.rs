@@ -202,6 +202,31 @@ pub fn read_cstr<M: GuestPhysMemory + ?Sized>(
     read_cstr_with_access(mem, regs, la, buf, Access::READ)
 }
 
+/// Find the NUL-terminated name at `la`, at most `N` bytes including the
+/// NUL, and hand it (without the NUL) to `f`: the VMM-call lookup's path.
+/// A name that ends in the page it starts in, the usual case, is passed
+/// in place, with no copy and no buffer to clear; one that crosses pages
+/// is gathered by [`read_cstr_with_access`] into an `N`-byte buffer.
+pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, CStrError> {
+    let la = GuestLinearAddr(la.0 & linear_mask(regs.mode()));
+    let t = translate(mem, regs, la, access).map_err(CStrError::Unreadable)?;
+    let n = chunk_len(la.0, &t, N);
+    if let Ok(src) = mem.map(t.gpa, n) {
+        if let Some(pos) = src.iter().position(|&b| b == 0) {
+            return Ok(f(&src[..pos]));
+        }
+    }
+    let mut buf = [0u8; N];
+    let len = read_cstr_with_access(mem, regs, la, &mut buf, access)?;
+    Ok(f(buf.get(..len).unwrap_or(&[])))
+}
+
 /// [`read_cstr`] with an explicit access (e.g. [`Access::USER_READ`] when
 /// the caller runs at CPL 3, so it cannot name kernel memory).
 pub fn read_cstr_with_access<M: GuestPhysMemory + ?Sized>(

@@ -603,3 +603,19 @@ proptest::proptest! {
         let _ = crate::vmmcall::is_vmm_call_at_rip(&vcpu);
     }
 }
+
+#[test]
+fn lookup_reads_the_name_with_the_callers_privilege() {
+    let mut vmm = vmm();
+    // "dbgsh" on a supervisor-only page at a high address.
+    let (mut vcpu, _) = paged_vcpu(true, RW);
+    vcpu.put(0x10000, b"dbgsh\0");
+    assert_eq!(call(&mut vmm, &mut vcpu, 0, BUF), 1);
+    vcpu.mode.cpl = 3;
+    assert_eq!(call(&mut vmm, &mut vcpu, 0, BUF), NO_FUNCTION);
+    // A user page is fine from CPL 3, also when the name crosses pages.
+    let (mut vcpu, _) = paged_vcpu(true, RW | US);
+    vcpu.mode.cpl = 3;
+    vcpu.put(0x10000 + SIZE_4K - 3, b"dbgsh\0");
+    assert_eq!(call(&mut vmm, &mut vcpu, 0, BUF + SIZE_4K - 3), 1);
+}

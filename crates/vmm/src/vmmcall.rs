@@ -5,7 +5,7 @@ use crate::services::Services;
 use crate::vcpu::{Event, Gpr, Vcpu};
 use crate::Vmm;
 use thinvisor_abi::{insn, FN_LOOKUP, NAME_MAX_BYTES, NO_FUNCTION};
-use thinvisor_memory::{read_cstr, read_linear, Access, GuestLinearAddr};
+use thinvisor_memory::{read_linear, with_cstr, Access, GuestLinearAddr};
 
 /// What a VMM-call function sees: the calling vCPU and the services' state.
 pub struct CallContext<'a> {
@@ -197,23 +197,28 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) {
 }
 
 /// Function 0: RBX = guest-linear address of a NUL-terminated name, read
-/// through the guest's own page tables. Unreadable, too long or unknown
-/// names all give 0, as in BitVisor.
+/// through the guest's own page tables with the caller's privilege (a
+/// CPL-3 caller cannot probe kernel pages by name). Unreadable, too long
+/// or unknown names all give 0, as in BitVisor.
 fn lookup_by_name<V: Vcpu>(registry: &Registry, vcpu: &V) -> u64 {
+    let mode = vcpu.mode();
     let mut address = vcpu.gpr(Gpr::Rbx);
-    if !vcpu.mode().long64 {
+    if !mode.long64 {
         address &= 0xFFFF_FFFF;
     }
-    let mut name = [0u8; NAME_MAX_BYTES];
-    match read_cstr(
+    let access = Access {
+        write: false,
+        user: mode.cpl == 3,
+        fetch: false,
+    };
+    with_cstr::<NAME_MAX_BYTES, _, _>(
         vcpu.memory(),
         &vcpu.paging(),
         GuestLinearAddr::new(address),
-        &mut name,
-    ) {
-        Ok(len) => name.get(..len).map_or(NO_FUNCTION, |n| registry.lookup(n)),
-        Err(_) => NO_FUNCTION,
-    }
+        access,
+        |name| registry.lookup(name),
+    )
+    .unwrap_or(NO_FUNCTION)
 }
 
 /// Whether the instruction at the guest's RIP is VMCALL or VMMCALL. Either

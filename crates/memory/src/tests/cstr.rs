@@ -16,7 +16,16 @@ fn cstr<M: GuestPhysMemory + ?Sized>(
     la: u64,
 ) -> Result<std::string::String, CStrError> {
     let mut buf = [0xFFu8; NAME_MAX];
-    let n = read_cstr(mem, regs, GuestLinearAddr(la), &mut buf)?;
+    let copied = read_cstr(mem, regs, GuestLinearAddr(la), &mut buf);
+    // The in-place reader must agree with the copying one in every case.
+    let in_place =
+        with_cstr::<NAME_MAX, _, _>(mem, regs, GuestLinearAddr(la), Access::READ, |n| n.to_vec());
+    match (&copied, &in_place) {
+        (Ok(n), Ok(name)) => assert_eq!(&buf[..*n], &name[..]),
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        _ => panic!("read_cstr {copied:?} but with_cstr {in_place:?}"),
+    }
+    let n = copied?;
     assert_eq!(buf[n], 0);
     Ok(std::string::String::from_utf8(buf[..n].to_vec()).unwrap())
 }
