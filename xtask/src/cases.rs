@@ -106,7 +106,8 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS hostile_calls",
     "PASS smi_storm",
     "PASS cr0_writes",
-    "SUMMARY: 24 passed, 0 failed",
+    "PASS xsetbv",
+    "SUMMARY: 25 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -188,7 +189,7 @@ pub const CASES: &[Case] = &[
             "guest RAM: 1024 MiB",
             "1 GiB pages yes",
             "PASS cross_vendor_call",
-            "SUMMARY: 24 passed, 0 failed",
+            "SUMMARY: 25 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 3072,
@@ -204,7 +205,7 @@ pub const CASES: &[Case] = &[
         must_contain: &[
             "direct map: 8 GiB",
             "guest RAM: 3072 MiB at host-physical 0x100000000",
-            "SUMMARY: 24 passed, 0 failed",
+            "SUMMARY: 25 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 7168,

@@ -9,6 +9,7 @@ pub mod guest_check;
 pub mod msr_bitmap;
 pub mod vcpu;
 pub mod vmcs;
+pub mod xcr0;
 
 use caps::{cr_fixed, Controls, EferPath, VmxCapabilities};
 use core::fmt;
@@ -25,6 +26,9 @@ const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 const CPUID_1_ECX_VMX: u32 = 1 << 5;
 const IA32_EFER: u32 = 0xC000_0080;
 const CR4_VMXE: u64 = 1 << 13;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// CPUID.1:ECX.XSAVE.
+const CPUID_1_ECX_XSAVE: u32 = 1 << 26;
 
 /// The guest's VPID. 0 is the host's; any other tags the guest's TLB
 /// entries so VM entries and exits need not flush (SDM vol. 3C, 29.1).
@@ -96,7 +100,18 @@ pub unsafe fn enable(
         }
     }
     let cr0 = cr_fixed(Cr0::read_raw(), caps.cr0_fixed0, caps.cr0_fixed1);
-    let cr4 = cr_fixed(Cr4::read_raw() | CR4_VMXE, caps.cr4_fixed0, caps.cr4_fixed1);
+    // OSXSAVE lets the hypervisor execute XSETBV for its guests (XSETBV
+    // exits unconditionally, SDM vol. 3C, 26.1.2).
+    let osxsave = if core::arch::x86_64::__cpuid(1).ecx & CPUID_1_ECX_XSAVE != 0 {
+        CR4_OSXSAVE
+    } else {
+        0
+    };
+    let cr4 = cr_fixed(
+        Cr4::read_raw() | CR4_VMXE | osxsave,
+        caps.cr4_fixed0,
+        caps.cr4_fixed1,
+    );
     // SAFETY: the fixed bits only force NE (CR0) and VMXE (CR4) on this
     // hypervisor, which runs with PE, PG and PAE already set.
     unsafe {

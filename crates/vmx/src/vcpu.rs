@@ -32,6 +32,7 @@ pub mod exit_reason {
     pub const EPT_VIOLATION: u32 = 48;
     pub const INVEPT: u32 = 50;
     pub const INVVPID: u32 = 53;
+    pub const XSETBV: u32 = 55;
     pub const VMFUNC: u32 = 59;
 }
 
@@ -444,6 +445,31 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         }
     }
 
+    /// XSETBV exits unconditionally. VM entries and exits leave XCR0 alone,
+    /// so the guest's XCR0 is simply the processor's: check the value as
+    /// the instruction would (#GP otherwise) and execute it (CPL > 0 and
+    /// CR4.OSXSAVE = 0 fault before the exit, SDM vol. 2D, XSETBV).
+    #[cold]
+    fn on_xsetbv(&mut self) {
+        let index = self.regs.0[Gpr::Rcx as usize] as u32;
+        let value =
+            (self.regs.0[Gpr::Rdx as usize] << 32) | (self.regs.0[Gpr::Rax as usize] & 0xFFFF_FFFF);
+        let supported = {
+            let leaf = core::arch::x86_64::__cpuid_count(0xD, 0);
+            (u64::from(leaf.edx) << 32) | u64::from(leaf.eax)
+        };
+        if index != 0 || !crate::xcr0::valid(value, supported) {
+            return self.inject(Event::GP0);
+        }
+        // SAFETY: the value passed the architectural checks against what
+        // the processor supports; the hypervisor itself uses no state
+        // that XCR0 enables (it is built without SSE/AVX).
+        unsafe {
+            core::arch::asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack))
+        };
+        self.skip_instruction();
+    }
+
     /// With EPT, PAE paging's four PDPTEs come from the VMCS on entry
     /// (SDM vol. 3C, 26.3.2.4): after an emulated write that enters or
     /// changes PAE paging, load them from guest memory as MOV CR3 would.
@@ -532,6 +558,10 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 msr: self.regs.0[Gpr::Rcx as usize] as u32,
                 write: self.reason == r::WRMSR,
             },
+            r::XSETBV => {
+                self.on_xsetbv();
+                return None;
+            }
             r::CR_ACCESS => {
                 return match self.on_cr_access() {
                     Ok(()) => None,

@@ -1162,6 +1162,58 @@ fn cross_vendor_call(_: &BootInfo) -> CheckResult {
     }
 }
 
+/// `xsetbv`: the guest programs its own XCR0 (on VT-x XSETBV always exits
+/// and the VMM executes it after XSETBV's own checks; on SVM it runs in
+/// the guest). Valid values read back with XGETBV, invalid ones raise #GP.
+fn xsetbv(_: &BootInfo) -> CheckResult {
+    const CR4_OSXSAVE: u64 = 1 << 18;
+    const X87_SSE: u64 = 0b11;
+    const AVX: u64 = 1 << 2;
+    let [_, _, ecx, _] = cpu::cpuid(1, 0);
+    ensure!(
+        ecx & (1 << 26) != 0,
+        "CPUID.1:ECX.XSAVE is clear: nothing to check here"
+    );
+    let cr4: u64;
+    // SAFETY: reading CR4 has no side effects at CPL 0.
+    unsafe { core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack)) };
+    // SAFETY: OSXSAVE only enables XGETBV/XSETBV/XSAVE; the processor has
+    // XSAVE (checked above).
+    unsafe { core::arch::asm!("mov cr4, {}", in(reg) cr4 | CR4_OSXSAVE, options(nostack)) };
+    let [eax, _, _, edx] = cpu::cpuid(0xD, 0);
+    let supported = (u64::from(edx) << 32) | u64::from(eax);
+    let xgetbv = || {
+        let (lo, hi): (u32, u32);
+        // SAFETY: XGETBV of XCR0 with CR4.OSXSAVE set only reads.
+        unsafe {
+            core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack))
+        };
+        (u64::from(hi) << 32) | u64::from(lo)
+    };
+    let mut values = [X87_SSE, 1, X87_SSE];
+    if supported & AVX != 0 {
+        values[2] = X87_SSE | AVX;
+    }
+    for value in values {
+        // SAFETY: this guest keeps no x87/SSE/AVX state across the change.
+        if let Err(c) = unsafe { recover::xsetbv(value, recover::GP) } {
+            fail!("XSETBV {value:#x} raised vector {}", c.vector);
+        }
+        let back = xgetbv();
+        ensure!(back == value, "XSETBV {value:#x}, XGETBV read {back:#x}");
+    }
+    // SSE without x87, and AVX without SSE, are refused.
+    for value in [0b10, 0b101] {
+        // SAFETY: expected to fault; XCR0 stays as it was otherwise.
+        let r = unsafe { recover::xsetbv(value, recover::GP) };
+        ensure!(
+            matches!(r, Err(c) if c.vector == u64::from(recover::GP)),
+            "XSETBV {value:#x} did not raise #GP ({r:?})"
+        );
+    }
+    Ok(())
+}
+
 /// `cr0_writes`: the guest owns its CR0 as far as it can see. Clearing and
 /// setting NE (bit 5) reads back as written on both vendors; on VT-x NE is
 /// fixed to 1 in the real register, so each write exits and the VMM keeps
@@ -1339,7 +1391,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 24] = [
+const CHECKS: [Check; 25] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -1364,6 +1416,7 @@ const CHECKS: [Check; 24] = [
     ("hostile_calls", hostile_calls),
     ("smi_storm", smi_storm),
     ("cr0_writes", cr0_writes),
+    ("xsetbv", xsetbv),
 ];
 
 /// Runs every check, prints the summary and ends the run.

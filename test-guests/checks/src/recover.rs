@@ -244,3 +244,32 @@ pub fn ud2() -> Result<(), Caught> {
         None => Ok(()),
     }
 }
+
+/// XSETBV of `value` into XCR0 that may raise `vector`.
+///
+/// # Safety
+/// CR4.OSXSAVE must be set, and the guest must not depend on the state
+/// components `value` turns off.
+pub unsafe fn xsetbv(value: u64, vector: u8) -> Result<(), Caught> {
+    arm(vector);
+    // SAFETY: the caller vouches for the new XCR0; a fault resumes at
+    // label 2 with every register restored.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov qword ptr [rip + {resume}], {t}",
+            "xsetbv",
+            "2:",
+            t = out(reg) _,
+            resume = sym RESUME_RIP,
+            in("ecx") 0u32,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+            options(nostack, preserves_flags),
+        )
+    }
+    match disarm() {
+        Some(c) => Err(c),
+        None => Ok(()),
+    }
+}
