@@ -52,7 +52,7 @@ fn name_crossing_into_a_non_adjacent_page() {
         mem.write_phys(GuestPhysAddr(0x60_0FFE), b"db").unwrap();
         mem.write_phys(GuestPhysAddr(0x20_3000), b"gsh\0junk")
             .unwrap();
-        mem.write_phys(GuestPhysAddr(0x60_1000), b"XXXX").unwrap();
+        mem.write_phys(GuestPhysAddr(0x60_1000), b"WXYZ").unwrap();
         assert_eq!(cstr(&mem, &pt.regs(), la), Ok("dbgsh".into()), "{mode:?}");
     }
 }
