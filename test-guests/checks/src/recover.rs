@@ -52,12 +52,15 @@ fn arm(vector: u8) {
     ARMED.store(u64::from(vector), Relaxed);
 }
 
-/// Disarms and returns what was caught since `arm`, if anything.
-fn disarm() -> Option<Caught> {
+/// Disarms; `Err` with what was caught since `arm`, if anything.
+fn disarm() -> Result<(), Caught> {
     ARMED.store(NONE, Relaxed);
     RESUME_RIP.store(0, Relaxed);
     let vector = CAUGHT_VECTOR.swap(NONE, Relaxed);
-    (vector != NONE).then(|| Caught {
+    if vector == NONE {
+        return Ok(());
+    }
+    Err(Caught {
         vector,
         error: CAUGHT_ERROR.load(Relaxed),
         cr2: CAUGHT_CR2.load(Relaxed),
@@ -106,10 +109,7 @@ pub fn rdmsr(msr: u32, vector: u8) -> Result<u64, Caught> {
             options(nostack, preserves_flags),
         )
     }
-    match disarm() {
-        Some(c) => Err(c),
-        None => Ok(u64::from(hi) << 32 | u64::from(lo)),
-    }
+    disarm().map(|()| u64::from(hi) << 32 | u64::from(lo))
 }
 
 /// WRMSR that may raise `vector`.
@@ -134,10 +134,7 @@ pub unsafe fn wrmsr(msr: u32, value: u64, vector: u8) -> Result<(), Caught> {
             options(nostack, preserves_flags),
         )
     }
-    match disarm() {
-        Some(c) => Err(c),
-        None => Ok(()),
-    }
+    disarm()
 }
 
 /// Calls the code at linear address `target` (it must be a lone `ret` if
@@ -165,10 +162,7 @@ pub unsafe fn call_at(target: u64, vector: u8) -> Result<(), Caught> {
             target = in(reg) target,
         )
     }
-    match disarm() {
-        Some(c) => Err(c),
-        None => Ok(()),
-    }
+    disarm()
 }
 
 /// A VMM call with RAX, RBX, RCX and RDX set (every other register as the
@@ -216,10 +210,7 @@ pub fn vmm_call4(
             options(nostack),
         )
     }
-    match disarm() {
-        Some(c) => Err(c),
-        None => Ok((out_rax, out_rbx)),
-    }
+    disarm().map(|()| (out_rax, out_rbx))
 }
 
 /// UD2, which must raise #UD: `Err(what was caught)`, or `Ok(())` if the
@@ -239,10 +230,7 @@ pub fn ud2() -> Result<(), Caught> {
             options(nostack, preserves_flags),
         )
     }
-    match disarm() {
-        Some(c) => Err(c),
-        None => Ok(()),
-    }
+    disarm()
 }
 
 /// XSETBV of `value` into XCR0 that may raise `vector`.
@@ -268,8 +256,5 @@ pub unsafe fn xsetbv(value: u64, vector: u8) -> Result<(), Caught> {
             options(nostack, preserves_flags),
         )
     }
-    match disarm() {
-        Some(c) => Err(c),
-        None => Ok(()),
-    }
+    disarm()
 }
