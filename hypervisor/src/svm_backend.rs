@@ -2,19 +2,17 @@
 
 use crate::{mem, GuestSetup, PAGE};
 use log::info;
-use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_memory::nested::NPT;
 use thinvisor_memory::{HostPhysAddr, SliceMemory};
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
-use thinvisor_svm::{EntryState, SvmFeatures, SvmVcpu};
+use thinvisor_svm::{SvmFeatures, SvmVcpu};
 use thinvisor_vmm::{run_guest, StopReason, Vmm};
 
 pub fn run(
     features: &SvmFeatures,
-    frames: &mut FrameAllocator,
-    guest: GuestSetup,
-    ram: &'static mut [u8],
+    guest: &GuestSetup,
+    memory: SliceMemory<'static>,
     vmm: &mut Vmm,
 ) -> StopReason {
     info!(
@@ -32,13 +30,13 @@ pub fn run(
         "nested paging: 2 MiB pages, 1 GiB pages {}",
         crate::yes_no(huge_1g)
     );
-    let npt = guest.map_ram(frames, NPT, huge_1g);
+    let npt = guest.nested_tables(NPT, huge_1g);
 
     let (Some(vmcb), Some(hsave), Some(host_save), Some(msrpm)) = (
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, MSRPM_SIZE as u64, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(MSRPM_SIZE as u64, PAGE),
     ) else {
         boot_error!("out of memory for the VMCB")
     };
@@ -49,11 +47,6 @@ pub fn run(
     // SAFETY: a zeroed, page-aligned page in the direct map, used only as
     // this VMCB.
     let vmcb_virt = unsafe { &mut *(mem::phys_to_virt(vmcb) as *mut Vmcb) };
-    let entry = EntryState {
-        rip: guest.rip,
-        rax: guest.rax,
-        rbx: guest.rbx,
-    };
     // SAFETY: vmcb and host_save are distinct fresh pages, vmcb_virt maps
     // vmcb, the nested tables map nothing but guest RAM, and the MSR map
     // protects the SVM MSRs.
@@ -65,10 +58,12 @@ pub fn run(
             HostPhysAddr::new(host_save),
             npt.root(),
             HostPhysAddr::new(msrpm),
-            SliceMemory::new(ram),
-            entry,
+            memory,
+            &guest.initial,
+            guest.kind(),
         )
     };
-    info!("entering the guest at {:#x}", guest.rip);
+    mem::log_heap_use();
+    info!("entering the guest at {:#x}", guest.initial.rip());
     run_guest(vmm, &mut vcpu)
 }

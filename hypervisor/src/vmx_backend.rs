@@ -2,7 +2,6 @@
 
 use crate::{gdt, mem, GuestSetup, PAGE};
 use log::info;
-use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_memory::nested::EPT_WRITE_BACK;
 use thinvisor_memory::SliceMemory;
 use thinvisor_vmm::{run_guest, StopReason, Vmm};
@@ -13,9 +12,8 @@ use thinvisor_vmx::{EferAreas, HostState, VmcsSetup, VmxVcpu};
 pub fn run(
     caps: &VmxCapabilities,
     efer: EferPreference,
-    frames: &mut FrameAllocator,
-    guest: GuestSetup,
-    ram: &'static mut [u8],
+    guest: &GuestSetup,
+    memory: SliceMemory<'static>,
     vmm: &mut Vmm,
 ) -> StopReason {
     let controls = match caps::negotiate(caps, efer) {
@@ -31,13 +29,13 @@ pub fn run(
         boot_error!("VT-x: EPT without 2 MiB pages is not supported yet");
     }
 
-    let ept = guest.map_ram(frames, EPT_WRITE_BACK, controls.ept_1g);
+    let ept = guest.nested_tables(EPT_WRITE_BACK, controls.ept_1g);
 
     let (Some(vmxon), Some(vmcs), Some(bitmap), Some(areas)) = (
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
     ) else {
         boot_error!("out of memory for the VMCS")
     };
@@ -76,7 +74,8 @@ pub fn run(
         msr_bitmap_pa: bitmap,
         efer_areas: Some((areas_virt, areas)),
         host,
-        rip: guest.rip,
+        initial: &guest.initial,
+        kind: guest.kind(),
     };
     // SAFETY: VMX is on; every region is this guest's own; the EPT maps
     // only guest RAM.
@@ -90,15 +89,8 @@ pub fn run(
     }
     // SAFETY: setup_vmcs left this guest's VMCS current, and nothing else
     // loads another.
-    let mut vcpu = unsafe {
-        VmxVcpu::new(
-            SliceMemory::new(ram),
-            guest_efer,
-            policy,
-            guest.rax,
-            guest.rbx,
-        )
-    };
-    info!("entering the guest at {:#x}", guest.rip);
+    let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, &guest.initial) };
+    mem::log_heap_use();
+    info!("entering the guest at {:#x}", guest.initial.rip());
     run_guest(vmm, &mut vcpu)
 }

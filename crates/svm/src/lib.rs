@@ -12,7 +12,9 @@ pub mod vmcb;
 use core::arch::global_asm;
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
-use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
+use thinvisor_vmm::{
+    CpuMode, Event, Exit, Gpr, GuestKind, InitialState, NestedFault, SegmentState, Vcpu,
+};
 use vmcb::{attrib, event_inj, exit_code, misc1, misc2, npf_info, tlb_control, Segment, Vmcb};
 use x86_64::registers::model_specific::Msr;
 
@@ -237,14 +239,15 @@ extern "sysv64" {
     fn thinvisor_svm_run(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64);
 }
 
-/// Where a guest starts: the multiboot v1 entry state (Multiboot
-/// Specification 0.6.96, 3.2): 32-bit protected mode, paging off, flat
-/// segments, EAX = magic, EBX = information structure.
-#[derive(Clone, Copy, Debug)]
-pub struct EntryState {
-    pub rip: u64,
-    pub rax: u64,
-    pub rbx: u64,
+impl Segment {
+    fn from_state(s: SegmentState) -> Self {
+        Segment {
+            selector: s.selector,
+            attrib: s.svm_attrib(),
+            limit: s.limit,
+            base: s.base,
+        }
+    }
 }
 
 /// One virtual processor on SVM.
@@ -265,7 +268,7 @@ pub struct SvmVcpu<M: GuestPhysMemory> {
 }
 
 impl<M: GuestPhysMemory> SvmVcpu<M> {
-    /// Set up a VMCB for a guest in the multiboot entry state.
+    /// Set up a VMCB for a guest that starts in `initial`.
     ///
     /// # Safety
     /// `vmcb` and `host_save` are distinct zeroed 4 KiB pages used by
@@ -282,7 +285,8 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         ncr3: HostPhysAddr,
         msrpm: HostPhysAddr,
         memory: M,
-        entry: EntryState,
+        initial: &InitialState,
+        kind: GuestKind,
     ) -> Self {
         let c = &mut vmcb_virt.control;
         // Exits the core handles; everything else, I/O and all MSRs but
@@ -290,8 +294,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         // SMIs exit too, so the firmware's SMM handler runs in the host's
         // context once STGI opens the gate, not inside the guest with
         // nested paging on (APM 15.13.3).
-        c.intercept_misc1 =
-            misc1::CPUID | misc1::HLT | misc1::SHUTDOWN | misc1::MSR_PROT | misc1::SMI;
+        c.intercept_misc1 = misc1::CPUID | misc1::SHUTDOWN | misc1::MSR_PROT | misc1::SMI;
+        if kind == GuestKind::Isolated {
+            c.intercept_misc1 |= misc1::HLT;
+        }
         c.msrpm_base_pa = msrpm.as_u64();
         c.intercept_misc2 = misc2::VMRUN
             | misc2::VMMCALL
@@ -310,12 +316,18 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         c.vmcb_clean = 0;
 
         let s = &mut vmcb_virt.save;
-        s.cs = Segment::flat(0x08, attrib::CODE32);
+        s.cs = Segment::from_state(initial.code_segment());
+        let data = Segment::from_state(initial.data_segment());
         for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
-            *seg = Segment::flat(0x10, attrib::DATA32);
+            *seg = data;
         }
         s.gdtr = Segment::default();
-        s.idtr = Segment::default();
+        s.idtr = Segment {
+            // The real-mode IVT at 0 (a no-op for protected-mode starts,
+            // which load their own IDT before enabling interrupts).
+            limit: 0x3FF,
+            ..Segment::default()
+        };
         s.ldtr = Segment {
             attrib: attrib::LDT,
             ..Segment::default()
@@ -326,24 +338,37 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             ..Segment::default()
         };
         s.cpl = 0;
-        // PE and ET; paging off. The guest's EFER must keep SVME (VMRUN
-        // consistency check, APM 15.5.1).
-        s.cr0 = 0x11;
+        // The guest's EFER must keep SVME (VMRUN consistency check, APM
+        // 15.5.1).
+        s.cr0 = initial.cr0();
         s.cr3 = 0;
         s.cr4 = 0;
         s.efer = EFER_SVME;
-        s.rflags = 0x2;
-        s.rip = entry.rip;
-        s.rax = entry.rax;
-        s.rsp = 0;
+        s.rflags = InitialState::RFLAGS;
+        s.rip = initial.rip();
+        s.rax = initial.gpr(Gpr::Rax);
+        s.rsp = initial.gpr(Gpr::Rsp);
         s.dr6 = 0xFFFF_0FF0;
         s.dr7 = 0x400;
         // Power-on PAT: write-back for index 0, as firmware leaves it.
         s.g_pat = 0x0007_0406_0007_0406;
 
+        let g = |r| initial.gpr(r);
         let regs = GuestRegs {
-            rbx: entry.rbx,
-            ..GuestRegs::default()
+            rbx: g(Gpr::Rbx),
+            rcx: g(Gpr::Rcx),
+            rdx: g(Gpr::Rdx),
+            rsi: g(Gpr::Rsi),
+            rdi: g(Gpr::Rdi),
+            rbp: g(Gpr::Rbp),
+            r8: g(Gpr::R8),
+            r9: g(Gpr::R9),
+            r10: g(Gpr::R10),
+            r11: g(Gpr::R11),
+            r12: g(Gpr::R12),
+            r13: g(Gpr::R13),
+            r14: g(Gpr::R14),
+            r15: g(Gpr::R15),
         };
         Self {
             vmcb: vmcb_virt,

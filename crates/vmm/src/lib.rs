@@ -8,6 +8,7 @@
 
 pub mod cpuid;
 pub mod exit;
+pub mod initial;
 pub mod log_ring;
 pub mod services;
 pub mod vcpu;
@@ -17,6 +18,7 @@ pub mod vmmcall;
 mod tests;
 
 pub use exit::{handle_exit, run_guest, Action, StopReason};
+pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};
 

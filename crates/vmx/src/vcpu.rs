@@ -5,7 +5,7 @@ use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
 use core::arch::global_asm;
 use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
-use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
+use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, InitialState, NestedFault, Vcpu};
 
 /// Basic exit reasons (Intel SDM vol. 3D, appendix C).
 pub mod exit_reason {
@@ -349,10 +349,9 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     ///
     /// # Safety
     /// That VMCS must be current and stay current while this vCPU is used.
-    pub unsafe fn new(memory: M, efer: GuestEfer, cr: CrPolicy, rax: u64, rbx: u64) -> Self {
-        let mut regs = GuestRegs::default();
-        regs.0[Gpr::Rax as usize] = rax;
-        regs.0[Gpr::Rbx as usize] = rbx;
+    pub unsafe fn new(memory: M, efer: GuestEfer, cr: CrPolicy, initial: &InitialState) -> Self {
+        // RSP lives in the VMCS; its slot here is unused.
+        let regs = GuestRegs(initial.gprs);
         Self {
             regs,
             launched: false,
