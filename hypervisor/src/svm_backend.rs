@@ -65,5 +65,7 @@ pub fn run(
     };
     mem::log_heap_use();
     info!("entering the guest at {:#x}", guest.initial.rip());
-    run_guest(vmm, &mut vcpu)
+    let reason = run_guest(vmm, &mut vcpu);
+    thinvisor_vmm::stats::log_table(0, &vcpu);
+    reason
 }

@@ -92,5 +92,7 @@ pub fn run(
     let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, &guest.initial) };
     mem::log_heap_use();
     info!("entering the guest at {:#x}", guest.initial.rip());
-    run_guest(vmm, &mut vcpu)
+    let reason = run_guest(vmm, &mut vcpu);
+    thinvisor_vmm::stats::log_table(0, &vcpu);
+    reason
 }

@@ -11,6 +11,7 @@ pub mod vmcb;
 
 use core::arch::global_asm;
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
+use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{
     CpuMode, Event, Exit, Gpr, GuestKind, InitialState, NestedFault, SegmentState, Vcpu,
@@ -265,6 +266,95 @@ pub struct SvmVcpu<M: GuestPhysMemory> {
     pending_cr2: Option<u64>,
     /// EFER bits the guest may write ([`efer::writable_bits`]).
     efer_writable: u64,
+    /// Exits by [`exit_slot`].
+    stats: ExitStats,
+}
+
+/// The statistics slot of an exit code: codes below 0x90 as they are
+/// (APM vol. 2, appendix C), then NPF, VMEXIT_INVALID, anything else.
+fn exit_slot(code: u64) -> usize {
+    match code {
+        c if c < 0x90 => c as usize,
+        exit_code::NPF => 0x90,
+        c if c == exit_code::INVALID || c == u64::from(u32::MAX) => 0x91,
+        _ => 0x92,
+    }
+}
+
+/// The name of a statistics slot (APM vol. 2, appendix C, "SVM Intercept
+/// Exit Codes").
+pub fn exit_name(slot: usize) -> &'static str {
+    const MISC: [&str; 32] = [
+        "INTR",
+        "NMI",
+        "SMI",
+        "INIT",
+        "VINTR",
+        "CR0_SEL_WRITE",
+        "IDTR_READ",
+        "GDTR_READ",
+        "LDTR_READ",
+        "TR_READ",
+        "IDTR_WRITE",
+        "GDTR_WRITE",
+        "LDTR_WRITE",
+        "TR_WRITE",
+        "RDTSC",
+        "RDPMC",
+        "PUSHF",
+        "POPF",
+        "CPUID",
+        "RSM",
+        "IRET",
+        "SWINT",
+        "INVD",
+        "PAUSE",
+        "HLT",
+        "INVLPG",
+        "INVLPGA",
+        "IOIO",
+        "MSR",
+        "TASK_SWITCH",
+        "FERR_FREEZE",
+        "SHUTDOWN",
+    ];
+    const SVM: [&str; 16] = [
+        "VMRUN",
+        "VMMCALL",
+        "VMLOAD",
+        "VMSAVE",
+        "STGI",
+        "CLGI",
+        "SKINIT",
+        "RDTSCP",
+        "ICEBP",
+        "WBINVD",
+        "MONITOR",
+        "MWAIT",
+        "MWAIT_CONDITIONAL",
+        "XSETBV",
+        "RDPRU",
+        "EFER_WRITE_TRAP",
+    ];
+    const EXCEPTIONS: [&str; 32] = [
+        "EXCP #DE", "EXCP #DB", "EXCP NMI", "EXCP #BP", "EXCP #OF", "EXCP #BR", "EXCP #UD",
+        "EXCP #NM", "EXCP #DF", "EXCP 9", "EXCP #TS", "EXCP #NP", "EXCP #SS", "EXCP #GP",
+        "EXCP #PF", "EXCP 15", "EXCP #MF", "EXCP #AC", "EXCP #MC", "EXCP #XF", "EXCP 20",
+        "EXCP #CP", "EXCP 22", "EXCP 23", "EXCP 24", "EXCP 25", "EXCP 26", "EXCP 27", "EXCP #HV",
+        "EXCP #VC", "EXCP #SX", "EXCP 31",
+    ];
+    match slot {
+        0x00..=0x0F => "CR_READ",
+        0x10..=0x1F => "CR_WRITE",
+        0x20..=0x2F => "DR_READ",
+        0x30..=0x3F => "DR_WRITE",
+        0x40..=0x5F => EXCEPTIONS[slot - 0x40],
+        0x60..=0x7F => MISC[slot - 0x60],
+        0x80..=0x8F => SVM[slot - 0x80],
+        0x90 => "NPF",
+        0x91 => "INVALID",
+        _ => "other",
+    }
 }
 
 impl<M: GuestPhysMemory> SvmVcpu<M> {
@@ -383,6 +473,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
                 efer::writable_bits(ext1.ecx, ext1.edx)
             },
+            stats: ExitStats::default(),
         }
     }
 
@@ -508,6 +599,14 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
 }
 
 impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
+    fn exit_stats(&self) -> Option<&ExitStats> {
+        Some(&self.stats)
+    }
+
+    fn exit_name(&self, slot: usize) -> &'static str {
+        exit_name(slot)
+    }
+
     fn gpr(&self, reg: Gpr) -> u64 {
         let r = &self.regs;
         match reg {
@@ -641,6 +740,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                 );
             }
             let c = &mut self.vmcb.control;
+            self.stats.record(exit_slot(c.exit_code));
             c.tlb_control = tlb_control::DO_NOTHING;
             // An event whose delivery the exit interrupted is delivered again
             // on the next entry (APM 15.7.2); anything injected is consumed.

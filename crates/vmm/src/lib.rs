@@ -11,6 +11,7 @@ pub mod exit;
 pub mod initial;
 pub mod log_ring;
 pub mod services;
+pub mod stats;
 pub mod vcpu;
 pub mod vmmcall;
 

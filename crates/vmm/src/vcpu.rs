@@ -147,4 +147,13 @@ pub trait Vcpu {
     fn inject(&mut self, event: Event);
     /// Enter the guest and run it until the next exit.
     fn run(&mut self) -> Exit;
+    /// Exits counted so far, by the backend's own reasons (None: the
+    /// backend does not count).
+    fn exit_stats(&self) -> Option<&crate::stats::ExitStats> {
+        None
+    }
+    /// The name of an [`exit_stats`](Self::exit_stats) slot.
+    fn exit_name(&self, _slot: usize) -> &'static str {
+        "?"
+    }
 }

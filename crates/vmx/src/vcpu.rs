@@ -4,6 +4,7 @@
 use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
 use core::arch::global_asm;
 use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
+use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, InitialState, NestedFault, Vcpu};
 
@@ -277,6 +278,100 @@ pub struct VmxVcpu<M: GuestPhysMemory> {
     /// Length of the current exit's instruction when the VMCS has none
     /// (exception exits, SDM vol. 3C, 28.2.5).
     insn_len: Option<u64>,
+    /// Exits by basic exit reason; failed entries in [`ENTRY_FAILED_SLOT`].
+    stats: ExitStats,
+}
+
+/// The statistics slot of failed VM entries.
+const ENTRY_FAILED_SLOT: usize = 90;
+
+/// The name of a statistics slot: the basic exit reasons of the Intel SDM
+/// vol. 3D, appendix C.
+pub fn exit_name(slot: usize) -> &'static str {
+    const NAMES: [&str; 78] = [
+        "EXCEPTION_OR_NMI",
+        "EXTERNAL_INTERRUPT",
+        "TRIPLE_FAULT",
+        "INIT",
+        "SIPI",
+        "IO_SMI",
+        "OTHER_SMI",
+        "INTERRUPT_WINDOW",
+        "NMI_WINDOW",
+        "TASK_SWITCH",
+        "CPUID",
+        "GETSEC",
+        "HLT",
+        "INVD",
+        "INVLPG",
+        "RDPMC",
+        "RDTSC",
+        "RSM",
+        "VMCALL",
+        "VMCLEAR",
+        "VMLAUNCH",
+        "VMPTRLD",
+        "VMPTRST",
+        "VMREAD",
+        "VMRESUME",
+        "VMWRITE",
+        "VMXOFF",
+        "VMXON",
+        "CR_ACCESS",
+        "DR_ACCESS",
+        "IO_INSTRUCTION",
+        "RDMSR",
+        "WRMSR",
+        "INVALID_GUEST_STATE",
+        "MSR_LOADING",
+        "35",
+        "MWAIT",
+        "MONITOR_TRAP_FLAG",
+        "38",
+        "MONITOR",
+        "PAUSE",
+        "MACHINE_CHECK",
+        "42",
+        "TPR_BELOW_THRESHOLD",
+        "APIC_ACCESS",
+        "VIRTUALIZED_EOI",
+        "GDTR_IDTR",
+        "LDTR_TR",
+        "EPT_VIOLATION",
+        "EPT_MISCONFIG",
+        "INVEPT",
+        "RDTSCP",
+        "VMX_PREEMPTION_TIMER",
+        "INVVPID",
+        "WBINVD",
+        "XSETBV",
+        "APIC_WRITE",
+        "RDRAND",
+        "INVPCID",
+        "VMFUNC",
+        "ENCLS",
+        "RDSEED",
+        "PML_FULL",
+        "XSAVES",
+        "XRSTORS",
+        "65",
+        "SPP",
+        "UMWAIT",
+        "TPAUSE",
+        "LOADIWKEY",
+        "70",
+        "71",
+        "ENQCMD",
+        "ENQCMDS",
+        "BUS_LOCK",
+        "NOTIFY",
+        "76",
+        "77",
+    ];
+    match slot {
+        ENTRY_FAILED_SLOT => "ENTRY_FAILED",
+        s => NAMES.get(s).copied().unwrap_or("other"),
+    }
 }
 
 /// Log the fields a failed VM entry is checked against (SDM vol. 3C,
@@ -361,6 +456,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             reason: 0,
             pending_cr2: None,
             insn_len: None,
+            stats: ExitStats::default(),
         }
     }
 
@@ -589,6 +685,14 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
 }
 
 impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
+    fn exit_stats(&self) -> Option<&ExitStats> {
+        Some(&self.stats)
+    }
+
+    fn exit_name(&self, slot: usize) -> &'static str {
+        exit_name(slot)
+    }
+
     fn gpr(&self, reg: Gpr) -> u64 {
         match reg {
             Gpr::Rsp => read(F::GUEST_RSP),
@@ -724,6 +828,11 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
                 );
             }
             let raw = read(F::VM_EXIT_REASON) as u32;
+            self.stats.record(if raw & ENTRY_FAILURE != 0 {
+                ENTRY_FAILED_SLOT
+            } else {
+                (raw & 0xFFFF) as usize
+            });
             if let Some(exit) = self.decode_exit(raw) {
                 return exit;
             }
