@@ -13,10 +13,10 @@ macro_rules! boot_error {
 }
 
 mod entry;
-mod gdt;
 mod idt;
 mod mem;
 mod passthrough;
+mod percpu;
 mod power;
 mod serial;
 mod svm_backend;
@@ -42,7 +42,7 @@ pub(crate) const PAGE: u64 = 4096;
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     serial::init_logging(log::LevelFilter::Info);
-    let _ = gdt::init();
+    percpu::init_bsp();
     idt::init();
     let boot = read_boot_info(magic, u64::from(info_pa));
     let options = match cmdline::parse(boot.cmdline(), &mut |token, why| {

@@ -63,6 +63,7 @@ pub fn run(
             guest.kind(),
         )
     };
+    vcpu.take_host_nmis_from(&crate::percpu::current().nmi_pending);
     mem::log_heap_use();
     info!("entering the guest at {:#x}", guest.initial.rip());
     let reason = run_guest(vmm, &mut vcpu);

@@ -1,6 +1,6 @@
 //! Running the guest on Intel VT-x.
 
-use crate::{gdt, mem, GuestSetup, PAGE};
+use crate::{mem, percpu, GuestSetup, PAGE};
 use log::info;
 use thinvisor_memory::nested::EPT_WRITE_BACK;
 use thinvisor_memory::SliceMemory;
@@ -54,7 +54,8 @@ pub fn run(
     if let Err(e) = unsafe { thinvisor_vmx::enable(caps, vmxon_region, vmxon) } {
         boot_error!("{e}");
     }
-    let Some((selectors, gdtr_base, tr_base)) = gdt::current() else {
+    let cpu = percpu::current();
+    let Some((selectors, gdtr_base, tr_base)) = cpu.host_tables() else {
         boot_error!("internal error: the GDT is not loaded");
     };
     let host = HostState {
@@ -63,6 +64,7 @@ pub fn run(
         tr: selectors.tss.0,
         tr_base,
         gdtr_base,
+        gs_base: cpu.base(),
         idtr_base: x86_64::instructions::tables::sidt().base.as_u64(),
     };
     let setup = VmcsSetup {
@@ -90,6 +92,7 @@ pub fn run(
     // SAFETY: setup_vmcs left this guest's VMCS current, and nothing else
     // loads another.
     let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, &guest.initial) };
+    vcpu.take_host_nmis_from(&crate::percpu::current().nmi_pending);
     mem::log_heap_use();
     info!("entering the guest at {:#x}", guest.initial.rip());
     let reason = run_guest(vmm, &mut vcpu);

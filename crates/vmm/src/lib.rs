@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod cpuid;
+pub mod events;
 pub mod exit;
 pub mod initial;
 pub mod log_ring;

@@ -134,6 +134,8 @@ pub struct HostState {
     pub tr_base: u64,
     pub gdtr_base: u64,
     pub idtr_base: u64,
+    /// The processor's own area (the host finds it through GS).
+    pub gs_base: u64,
 }
 
 /// Everything [`setup_vmcs`] needs.
@@ -232,7 +234,7 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::HOST_GS_SELECTOR, 0),
         (F::HOST_TR_SELECTOR, s.host.tr.into()),
         (F::HOST_FS_BASE, 0),
-        (F::HOST_GS_BASE, 0),
+        (F::HOST_GS_BASE, s.host.gs_base),
         (F::HOST_TR_BASE, s.host.tr_base),
         (F::HOST_GDTR_BASE, s.host.gdtr_base),
         (F::HOST_IDTR_BASE, s.host.idtr_base),
