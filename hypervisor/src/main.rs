@@ -32,12 +32,15 @@ use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_memory::nested::{NestedPageTable, TableFormat};
 use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
-use thinvisor_vmm::{GuestKind, InitialState, StopReason, Vmm};
+use thinvisor_vmm::{GuestKind, InitialState, StopReason, Vm, Vmm};
 use thinvisor_vmx::caps::EferPreference;
 
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_1G: u64 = 1 << 30;
 pub(crate) const PAGE: u64 = 4096;
+
+/// The one virtual machine: what every processor's exit path shares.
+static VM: spin::Once<Vm> = spin::Once::new();
 
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
@@ -106,10 +109,11 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             passthrough::multiboot_guest(&boot, reserved, image, module.string())
         }
     };
-    let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
-    for (number, name) in vmm.registry.iter() {
+    let vm: &'static Vm = VM.call_once(|| Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG));
+    for (number, name) in vm.registry.iter() {
         log::debug!("VMM call {number}: {name}");
     }
+    let mut vmm = Vmm::new(vm);
     let reason = match backend {
         Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
         Backend::Vmx(caps) => {

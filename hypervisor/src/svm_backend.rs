@@ -13,7 +13,7 @@ pub fn run(
     features: &SvmFeatures,
     guest: &GuestSetup,
     memory: SliceMemory<'static>,
-    vmm: &mut Vmm,
+    vmm: &mut Vmm<'_>,
 ) -> StopReason {
     info!(
         "AMD SVM: revision {}, {} ASIDs, nested paging, NRIPS {}, VMCB clean bits {}, decode assists {}",

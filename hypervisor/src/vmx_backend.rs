@@ -14,7 +14,7 @@ pub fn run(
     efer: EferPreference,
     guest: &GuestSetup,
     memory: SliceMemory<'static>,
-    vmm: &mut Vmm,
+    vmm: &mut Vmm<'_>,
 ) -> StopReason {
     let controls = match caps::negotiate(caps, efer) {
         Ok(c) => c,

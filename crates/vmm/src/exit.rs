@@ -29,7 +29,7 @@ pub enum StopReason {
 }
 
 /// Run `vcpu` until its guest stops, handling every exit on the way.
-pub fn run_guest<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> StopReason {
+pub fn run_guest<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> StopReason {
     loop {
         let exit = vcpu.run();
         if let Action::Stop(reason) = handle_exit(vmm, vcpu, exit) {
@@ -40,7 +40,7 @@ pub fn run_guest<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> StopReason {
 
 /// The exit dispatch table. Each arm names the one function that handles
 /// that kind of exit; the compiler turns the match into a jump table.
-pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
+pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Action {
     match exit {
         Exit::VmmCall => on_vmm_call(vmm, vcpu),
         Exit::Cpuid => on_cpuid(vmm, vcpu),
@@ -59,17 +59,17 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
 
 /// VMCALL/VMMCALL: dispatch on the function number; the dispatcher steps
 /// over the instruction, or leaves it to run again after a page fault.
-fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> Action {
+fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     vmmcall::dispatch(vmm, vcpu);
     Action::Resume
 }
 
 /// CPUID: the real processor's answer, edited by the policy (hypervisor
 /// bit, thinvisor's leaf 0x40000000, no nested virtualization).
-fn on_cpuid<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> Action {
+fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let leaf = vcpu.gpr(Gpr::Rax) as u32;
     let subleaf = vcpu.gpr(Gpr::Rcx) as u32;
-    let r = vmm.cpuid.query(leaf, subleaf);
+    let r = vmm.vm.cpuid.query(leaf, subleaf);
     // CPUID writes the full 64-bit registers with zero-extended values.
     vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
     vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));
