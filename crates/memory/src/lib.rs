@@ -19,8 +19,10 @@ extern crate std;
 
 mod addr;
 mod linear;
+pub mod mtrr;
 pub mod nested;
 mod paging;
+pub mod passthrough;
 mod phys;
 
 #[cfg(any(test, feature = "testing"))]
