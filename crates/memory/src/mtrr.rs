@@ -796,7 +796,12 @@ mod tests {
         fn type_of_follows_the_sdm(raw in any_msrs(), pas in prop::collection::vec(
             prop_oneof![0u64..ONE_MIB, 0u64..(1 << 37), any::<u64>()], 32)) {
             let m = Mtrrs::new(&raw);
-            for pa in pas {
+            // Random addresses, and each range's first and last page.
+            let edges = raw.variable.iter().flat_map(|v| {
+                let size = (!(v.mask | 0xFFF) & ((1 << 40) - 1)) + 1;
+                [v.base & !0xFFF, (v.base & !0xFFF).wrapping_add(size - 1)]
+            });
+            for pa in pas.into_iter().chain(edges) {
                 prop_assert_eq!(m.type_of(pa), reference(&raw, pa), "{:#x}", pa);
             }
         }

@@ -2,6 +2,10 @@
 //! nested page tables (APM vol. 2, 15.25) and Intel's EPT (SDM vol. 3C,
 //! 29.3). Both are 4-level radix trees with the long-mode geometry; only
 //! the bits of an entry differ, so one builder serves both.
+//!
+//! [`NestedPageTable`] maps guest RAM at an offset (the isolated layout);
+//! the pass-through layout (identity, thinvisor's memory hidden, EPT
+//! memory types from the MTRRs) is [`crate::passthrough`].
 
 use crate::{GuestPhysAddr, HostPhysAddr};
 

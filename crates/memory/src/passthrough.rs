@@ -36,6 +36,55 @@
 //! access there is a nested page fault, and `map_fault` maps the aligned
 //! 1 GiB or 2 MiB region around it (4 KiB next to hidden memory), which
 //! is how 64-bit BARs the guest programs become reachable.
+//!
+//! # Example
+//!
+//! ```
+//! use thinvisor_memory::mtrr::{MtrrMsrs, Mtrrs};
+//! use thinvisor_memory::nested::{NptError, TableAllocator};
+//! use thinvisor_memory::passthrough::{Format, Layout, PassThroughTables};
+//! use thinvisor_memory::{GuestPhysAddr, HostPhysAddr};
+//! # struct Tables(Vec<[u64; 512]>);
+//! # impl TableAllocator for Tables {
+//! #     fn alloc_table(&mut self) -> Option<HostPhysAddr> {
+//! #         self.0.push([0; 512]);
+//! #         Some(HostPhysAddr::new(self.0.len() as u64 * 4096))
+//! #     }
+//! #     fn table(&mut self, pa: HostPhysAddr) -> &mut [u64; 512] {
+//! #         &mut self.0[(pa.as_u64() / 4096 - 1) as usize]
+//! #     }
+//! # }
+//! # let mut tables = Tables(Vec::new());
+//! # let rdmsr = |msr: u32| match msr {
+//! #     0xFE => 0x508, 0x2FF => 0xC06, 0x250 | 0x258 | 0x268..=0x26F => 0x0606_0606_0606_0606,
+//! #     0x200 => 0xC000_0000, 0x201 => 0xFF_C000_0800, _ => 0,
+//! # };
+//! // thinvisor's memory (image, heap, its own tables), from the allocator.
+//! let own = [0x0700_0000..0x0780_0000];
+//! let layout = Layout {
+//!     top: 4 << 30, // max(end of the memory map, 4 GiB)
+//!     hidden: &own,
+//!     filler: HostPhysAddr::new(0x0700_0000), // a zeroed page of its own
+//!     huge_1g: true,
+//!     max_phys_addr: 40,
+//! };
+//! // AMD: nCR3 = npt.root().
+//! let npt = PassThroughTables::build(&mut tables, Format::Npt, &layout)?;
+//! // Intel: the MTRRs as the firmware left them (`rdmsr` wraps the
+//! // instruction), then EPTP = ept.root() | WB | 4-level.
+//! let mtrrs = Mtrrs::new(&MtrrMsrs::read(rdmsr, 40));
+//! let mut ept = PassThroughTables::build(&mut tables, Format::Ept(&mtrrs), &layout)?;
+//! let reserved = (npt.tables() + ept.tables()) * 4096; // for the boot log
+//! # assert_eq!((npt.tables(), ept.tables(), reserved), (4, 5, 9 * 4096));
+//! // A nested page fault at a 64-bit BAR the guest programmed: map, resume.
+//! let bar = GuestPhysAddr::new(0x80_0000_0000);
+//! assert_eq!(ept.map_fault(&mut tables, bar), Ok(0x80_0000_0000..0x80_4000_0000));
+//! // A write to thinvisor's memory: drop it.
+//! let own_page = GuestPhysAddr::new(0x0700_1000);
+//! assert!(ept.is_hidden(own_page));
+//! assert_eq!(ept.map_fault(&mut tables, own_page), Err(NptError::Hidden));
+//! # Ok::<(), NptError>(())
+//! ```
 
 use core::ops::Range;
 
