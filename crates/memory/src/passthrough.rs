@@ -131,6 +131,9 @@ pub struct Layout<'a> {
     /// Identity-map [0, `top`) now (4 KiB aligned): typically the end of
     /// the highest memory-map entry or 4 GiB, whichever is higher, so
     /// RAM, firmware, the PCI hole and the local/IO APICs are all in.
+    /// Without 1 GiB pages every GiB below `top` costs a page directory,
+    /// so `top` should not be much higher than that: what lies above is
+    /// mapped on demand.
     pub top: u64,
     /// thinvisor's memory. Rounded out to 4 KiB pages; may overlap, touch,
     /// lie in any order, and lie above `top` (they are hidden wherever
@@ -150,6 +153,7 @@ pub struct Layout<'a> {
 
 /// The pass-through tables: their root, what is hidden, and how to grow
 /// them on a fault.
+#[derive(Debug)]
 pub struct PassThroughTables {
     root: HostPhysAddr,
     /// `Some` for EPT.
@@ -253,6 +257,9 @@ impl PassThroughTables {
     /// aligned 1 GiB region (when allowed), else the aligned 2 MiB region,
     /// else the 4 KiB page, the first that is unmapped, holds no hidden
     /// page and (EPT) has one memory type. Returns the region now mapped.
+    ///
+    /// Hidden pages are mapped (to the filler) from the start, so an
+    /// empty entry never covers one; the check here is a second guard.
     ///
     /// Cheap (one walk, at most three new tables) and only ever fills
     /// empty entries, so no TLB flush is needed: processors do not cache
