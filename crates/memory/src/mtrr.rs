@@ -391,7 +391,7 @@ impl Mtrrs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use MemoryType::*;
@@ -770,7 +770,8 @@ mod tests {
     }
 
     prop_compose! {
-        fn any_msrs()(
+        /// Any MTRR values, hostile ones included.
+        pub(crate) fn any_msrs()(
             cap in prop_oneof![Just(8 | CAP_FIX), any::<u64>()],
             def in any_type(),
             flags in prop_oneof![3 => Just(DEF_E | DEF_FE), 1 => Just(DEF_E), 1 => any::<u64>()],
@@ -791,14 +792,70 @@ mod tests {
         }
     }
 
+    prop_compose! {
+        /// MTRRs as firmware writes them: valid types, up to ten
+        /// power-of-two ranges below 64 GiB (masks of contiguous ones).
+        fn firmware_msrs()(
+            def in prop::sample::select(std::vec![0u64, 1, 4, 5, 6]),
+            fixed_enabled in any::<bool>(),
+            fixed in prop::array::uniform11(prop::sample::select(std::vec![
+                0x0606_0606_0606_0606u64, 0, 0x0000_0606_0404_0101])),
+            pairs in prop::collection::vec(
+                (12u32..36, 0u64..(1 << 24), prop::sample::select(std::vec![0u64, 1, 4, 5, 6])),
+                0..=10),
+        ) -> MtrrMsrs {
+            let mut raw = msrs(MemoryType::decode(def), fixed, &[]);
+            raw.cap = 10 | CAP_FIX;
+            if !fixed_enabled {
+                raw.def_type &= !DEF_FE;
+            }
+            for (pair, (log, slot, ty)) in raw.variable.iter_mut().zip(pairs) {
+                let size = 1u64 << log;
+                pair.base = ((slot << log) & ((1 << 36) - 1)) | ty;
+                pair.mask = mask(size, 40);
+            }
+            raw
+        }
+    }
+
     proptest! {
+        /// With contiguous masks the type only changes at a range's start
+        /// or end or a fixed subrange's boundary, so the reference for
+        /// "uniform over [start, end)" is the type at `start` and at every
+        /// such point inside: exact, even over GiBs (no budget cut).
+        #[test]
+        fn uniform_type_is_exact_for_firmware_layouts(
+            raw in firmware_msrs(),
+            start in prop_oneof![0u64..(4 << 20), 0u64..(1 << 37),
+                (0u64..64).prop_map(|g| g * GIB)],
+            len in prop_oneof![1u64..(8 << 20), 1u64..(1 << 36),
+                (1u64..4).prop_map(|g| g * GIB), (1u64..64).prop_map(|m| m << 21)],
+        ) {
+            let m = Mtrrs::new(&raw);
+            let end = start + len;
+            let mut cuts: std::vec::Vec<u64> = (0..8).map(|i| i << 16)
+                .chain((0..16).map(|i| 0x8_0000 + (i << 14)))
+                .chain((0..=64).map(|i| 0xC_0000 + (i << 12)))
+                .collect();
+            for v in raw.variable.iter().filter(|v| v.mask & MASK_VALID != 0) {
+                let size = (!(v.mask | 0xFFF) & ((1 << 40) - 1)) + 0x1000;
+                cuts.extend([v.base & !0xFFF, (v.base & !0xFFF) + size]);
+            }
+            let first = reference(&raw, start);
+            let same = cuts
+                .iter()
+                .filter(|&&c| start < c && c < end)
+                .all(|&c| reference(&raw, c) == first);
+            prop_assert_eq!(m.uniform_type(start, end), same.then_some(first));
+        }
+
         #[test]
         fn type_of_follows_the_sdm(raw in any_msrs(), pas in prop::collection::vec(
             prop_oneof![0u64..ONE_MIB, 0u64..(1 << 37), any::<u64>()], 32)) {
             let m = Mtrrs::new(&raw);
             // Random addresses, and each range's first and last page.
             let edges = raw.variable.iter().flat_map(|v| {
-                let size = (!(v.mask | 0xFFF) & ((1 << 40) - 1)) + 1;
+                let size = (!(v.mask | 0xFFF) & ((1 << 40) - 1)) + 0x1000;
                 [v.base & !0xFFF, (v.base & !0xFFF).wrapping_add(size - 1)]
             });
             for pa in pas.into_iter().chain(edges) {

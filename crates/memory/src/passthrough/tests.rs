@@ -767,3 +767,67 @@ proptest! {
         model.check_all(&mut f, t.root());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Hostile MTRRs (non-contiguous masks, reserved types, odd widths):
+    /// every page still gets exactly its MTRR type, and the tables stay
+    /// consistent. Kept to 1 GiB: such masks can cost a page table per
+    /// 2 MiB.
+    #[test]
+    fn hostile_mtrrs_still_give_each_page_its_type(
+        raw in crate::mtrr::tests::any_msrs(),
+        top in (0u64..=512).prop_map(|n| n * 2 * MIB),
+        huge_1g in any::<bool>(),
+        probes in prop::collection::vec(0u64..GIB, 64),
+    ) {
+        let types = Mtrrs::new(&raw);
+        let hidden = [0x3F0_1000..0x400_3000];
+        let l = Layout { top, hidden: &hidden, filler: HostPhysAddr::new(0x3F0_1000), huge_1g, max_phys_addr: 40 };
+        let model = Model::new(&l, Some(types));
+        let (mut f, t) = build(&model, &l);
+        for p in probes {
+            model.check(&mut f, t.root(), p);
+        }
+        model.check_all(&mut f, t.root());
+    }
+
+    /// Any layout at all: an answer, never a panic, and a bounded number
+    /// of tables (the allocator's limit).
+    #[test]
+    fn hostile_layouts_never_panic(
+        top in prop_oneof![any::<u64>(), any::<u64>().prop_map(|t| t & !0xFFF),
+            (0u64..(1 << 36)).prop_map(|t| t & !0xFFF)],
+        hidden in prop::collection::vec((any::<u64>(), any::<u64>()), 0..40),
+        filler in prop_oneof![any::<u64>(), (0u64..(1 << 36)).prop_map(|t| t & !0xFFF)],
+        huge_1g in any::<bool>(),
+        width in prop_oneof![any::<u8>(), 36u8..=52],
+        ept in any::<bool>(),
+        faults in prop::collection::vec(any::<u64>(), 0..8),
+    ) {
+        let hidden: Vec<Range<u64>> = hidden.into_iter().map(|(s, e)| s..e).collect();
+        let l = Layout { top, hidden: &hidden, filler: HostPhysAddr::new(filler), huge_1g, max_phys_addr: width };
+        let m = seabios();
+        let format = if ept { Format::Ept(&m) } else { Format::Npt };
+        let mut f = fake(256);
+        let built = PassThroughTables::build(&mut f, format, &l);
+        let valid = top.is_multiple_of(PAGE)
+            && filler.is_multiple_of(PAGE)
+            && filler < 1 << 36
+            && top <= 1 << 36
+            && width >= 36
+            && hidden.iter().all(|r| r.start >= r.end);
+        if valid {
+            // Only the allocator's limit can stop a valid layout.
+            prop_assert!(matches!(built, Ok(_) | Err(NptError::OutOfMemory)), "{:?}", built.err());
+        }
+        if let Ok(mut t) = built {
+            for g in faults {
+                let _ = t.map_fault(&mut f, GuestPhysAddr::new(g));
+                let _ = t.is_hidden(GuestPhysAddr::new(g));
+            }
+            prop_assert_eq!(t.tables(), f.tables.len());
+        }
+    }
+}
