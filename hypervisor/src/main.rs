@@ -29,7 +29,7 @@ use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::cmdline::{EferMode, Layout};
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
-use thinvisor_memory::nested::{NestedPageTable, TableFormat};
+use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK, NPT};
 use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
 use thinvisor_vmm::{GuestKind, InitialState, StopReason, Vm, Vmm};
@@ -109,7 +109,13 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             passthrough::multiboot_guest(&boot, reserved, image, module.string())
         }
     };
-    let vm: &'static Vm = VM.call_once(|| Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG));
+    let vm: &'static Vm = VM.call_once(|| {
+        let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
+        if let GuestLayout::Passthrough { .. } = guest.memory {
+            vm.nested_faults = Some(&passthrough::PassthroughFaults);
+        }
+        vm
+    });
     for (number, name) in vm.registry.iter() {
         log::debug!("VMM call {number}: {name}");
     }
@@ -206,37 +212,35 @@ impl GuestSetup {
         }
     }
 
-    /// Second-level tables (NPT or EPT, by `format`) for the layout.
-    pub fn nested_tables(&self, format: TableFormat, huge_1g: bool) -> NestedPageTable {
-        let mut tables = mem::HeapTables;
-        let mut map = |t: &mut NestedPageTable, gpa: u64, hpa: u64, size: u64| {
-            if size == 0 {
-                return Ok(());
+    /// Second-level tables (NPT or EPT, by `kind`) for the layout; their
+    /// root.
+    pub fn nested_tables(&self, kind: passthrough::TableKind, huge_1g: bool) -> HostPhysAddr {
+        match self.memory {
+            GuestLayout::Isolated { ram_base, ram_size } => {
+                let format = match kind {
+                    passthrough::TableKind::Npt => NPT,
+                    passthrough::TableKind::Ept => EPT_WRITE_BACK,
+                };
+                let mut tables = mem::HeapTables;
+                NestedPageTable::new(&mut tables, format)
+                    .and_then(|mut t| {
+                        t.map(
+                            &mut tables,
+                            GuestPhysAddr::new(0),
+                            HostPhysAddr::new(ram_base),
+                            ram_size,
+                            huge_1g,
+                        )
+                        .map(|()| t.root())
+                    })
+                    .unwrap_or_else(|e| {
+                        boot_error!("cannot build the guest's nested page tables: {e:?}")
+                    })
             }
-            t.map(
-                &mut tables,
-                GuestPhysAddr::new(gpa),
-                HostPhysAddr::new(hpa),
-                size,
-                huge_1g,
-            )
-        };
-        NestedPageTable::new(&mut mem::HeapTables, format)
-            .and_then(|mut t| {
-                match self.memory {
-                    GuestLayout::Isolated { ram_base, ram_size } => {
-                        map(&mut t, 0, ram_base, ram_size)?
-                    }
-                    // Identity everywhere but thinvisor's block (2 MiB
-                    // aligned), which stays unmapped.
-                    GuestLayout::Passthrough { top, hidden } => {
-                        map(&mut t, 0, 0, hidden.start)?;
-                        map(&mut t, hidden.end, hidden.end, top - hidden.end)?;
-                    }
-                }
-                Ok(t)
-            })
-            .unwrap_or_else(|e| boot_error!("cannot build the guest's nested page tables: {e:?}"))
+            GuestLayout::Passthrough { top, hidden } => {
+                passthrough::build_tables(kind, top, hidden, huge_1g)
+            }
+        }
     }
 }
 

@@ -33,8 +33,9 @@ const HUGE: u64 = 0x83;
 
 /// Memory thinvisor keeps for itself beyond its image: page tables, the
 /// per-processor areas (stacks, VMCB/VMCS, host save areas), nested page
-/// tables. About 130 KiB per processor (docs/architecture.md, "Memory").
-pub const HEAP_SIZE: u64 = 3 << 20;
+/// tables. About 100 KiB per processor (docs/architecture.md, "Memory");
+/// the block is rounded up to 2 MiB, so the heap gets what the image leaves.
+pub const HEAP_SIZE: u64 = 1 << 20;
 
 extern "C" {
     static __image_start: u8;

@@ -2,7 +2,6 @@
 
 use crate::{mem, percpu, GuestSetup, PAGE};
 use log::info;
-use thinvisor_memory::nested::EPT_WRITE_BACK;
 use thinvisor_memory::SliceMemory;
 use thinvisor_vmm::{run_guest, StopReason, Vmm};
 use thinvisor_vmx::caps::{self, EferPreference, VmxCapabilities};
@@ -29,7 +28,7 @@ pub fn run(
         boot_error!("VT-x: EPT without 2 MiB pages is not supported yet");
     }
 
-    let ept = guest.nested_tables(EPT_WRITE_BACK, controls.ept_1g);
+    let ept_root = guest.nested_tables(crate::passthrough::TableKind::Ept, controls.ept_1g);
 
     let (Some(vmxon), Some(vmcs), Some(bitmap), Some(areas)) = (
         mem::alloc_zeroed(PAGE, PAGE),
@@ -72,7 +71,7 @@ pub fn run(
         controls: &controls,
         vmcs_region,
         vmcs_pa: vmcs,
-        ept_root: ept.root().as_u64(),
+        ept_root: ept_root.as_u64(),
         msr_bitmap_pa: bitmap,
         efer_areas: Some((areas_virt, areas)),
         host,
@@ -86,7 +85,7 @@ pub fn run(
         Err(e) => boot_error!("VMCS setup: {e}"),
     };
     // SAFETY: VMX is on.
-    if let Err(e) = unsafe { thinvisor_vmx::flush_guest_tlb(&controls, ept.root().as_u64()) } {
+    if let Err(e) = unsafe { thinvisor_vmx::flush_guest_tlb(&controls, ept_root.as_u64()) } {
         boot_error!("{e}");
     }
     // SAFETY: setup_vmcs left this guest's VMCS current, and nothing else

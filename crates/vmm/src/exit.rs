@@ -46,7 +46,7 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Acti
         Exit::Cpuid => on_cpuid(vmm, vcpu),
         Exit::Hlt => on_hlt(vcpu),
         Exit::Shutdown => on_shutdown(vcpu),
-        Exit::NestedPageFault(fault) => on_nested_page_fault(vcpu, fault),
+        Exit::NestedPageFault(fault) => on_nested_page_fault(vmm, vcpu, fault),
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction | Exit::InvalidOpcode => on_invalid_opcode(vcpu),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
@@ -89,13 +89,52 @@ fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {
     Action::Stop(StopReason::Shutdown { rip: vcpu.rip() })
 }
 
-/// Every guest-physical address outside guest RAM is unbacked: there is
-/// no device model behind it, so the guest cannot make progress.
-fn on_nested_page_fault<V: Vcpu>(vcpu: &mut V, fault: NestedFault) -> Action {
-    Action::Stop(StopReason::BadMemory {
-        fault,
-        rip: vcpu.rip(),
-    })
+/// What the layout makes of a nested page fault.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultVerdict {
+    /// The address was ordinary guest-physical space not mapped yet (a
+    /// 64-bit BAR above the memory map): it is mapped now; run again.
+    Mapped,
+    /// A write into the hypervisor's own memory, which the guest sees as
+    /// read-only filler.
+    HiddenWrite,
+    /// Nothing the guest may reach.
+    Outside,
+}
+
+/// The guest-physical layout behind nested page faults. The isolated
+/// layout has none (every fault is outside guest RAM); the pass-through
+/// layout maps lazily and hides the hypervisor.
+pub trait NestedFaults: Sync {
+    fn on_fault(&self, fault: &NestedFault) -> FaultVerdict;
+}
+
+/// In the isolated layout every guest-physical address outside guest RAM
+/// is unbacked: there is no device model behind it, so the guest cannot
+/// make progress. In the pass-through layout the layout decides.
+fn on_nested_page_fault<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, fault: NestedFault) -> Action {
+    let verdict = vmm
+        .vm
+        .nested_faults
+        .map_or(FaultVerdict::Outside, |l| l.on_fault(&fault));
+    match verdict {
+        FaultVerdict::Mapped => Action::Resume,
+        FaultVerdict::HiddenWrite => {
+            log::error!(
+                "guest write into thinvisor's memory at {:#x} (rip {:#x})",
+                fault.gpa.as_u64(),
+                vcpu.rip()
+            );
+            Action::Stop(StopReason::BadMemory {
+                fault,
+                rip: vcpu.rip(),
+            })
+        }
+        FaultVerdict::Outside => Action::Stop(StopReason::BadMemory {
+            fault,
+            rip: vcpu.rip(),
+        }),
+    }
 }
 
 /// The intercepted MSRs belong to the virtualization extension (its host

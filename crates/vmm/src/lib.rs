@@ -19,7 +19,7 @@ pub mod vmmcall;
 #[cfg(test)]
 mod tests;
 
-pub use exit::{handle_exit, run_guest, Action, StopReason};
+pub use exit::{handle_exit, run_guest, Action, FaultVerdict, NestedFaults, StopReason};
 pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};
@@ -36,6 +36,9 @@ pub struct Vm {
     pub services: Services,
     /// The CPUID the guest sees, derived from the real one.
     pub cpuid: cpuid::CpuidPolicy,
+    /// What nested page faults mean (None: the isolated layout, where
+    /// every one is outside guest RAM).
+    pub nested_faults: Option<&'static dyn NestedFaults>,
 }
 
 impl Vm {
@@ -47,6 +50,7 @@ impl Vm {
             registry,
             services: Services::new(log),
             cpuid,
+            nested_faults: None,
         }
     }
 }
