@@ -106,6 +106,7 @@ pub fn build_tables(
     let Some(filler) = mem::alloc_zeroed(PAGE, PAGE) else {
         boot_error!("out of memory for the filler page")
     };
+    #[allow(clippy::single_range_in_vec_init)] // one hidden range, as a slice
     let own = [hidden.start..hidden.end];
     let max_phys_addr = match core::arch::x86_64::__cpuid(0x8000_0000).eax {
         e if e >= 0x8000_0008 => core::arch::x86_64::__cpuid(0x8000_0008).eax as u8,
