@@ -19,6 +19,7 @@ mod passthrough;
 mod percpu;
 mod power;
 mod serial;
+mod smp;
 mod svm_backend;
 mod vmx_backend;
 
@@ -40,7 +41,7 @@ const SIZE_1G: u64 = 1 << 30;
 pub(crate) const PAGE: u64 = 4096;
 
 /// The one virtual machine: what every processor's exit path shares.
-static VM: spin::Once<Vm> = spin::Once::new();
+pub(crate) static VM: spin::Once<Vm> = spin::Once::new();
 
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
@@ -127,7 +128,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
                 EferMode::Auto => EferPreference::Auto,
                 EferMode::MsrArea => EferPreference::MsrArea,
             };
-            vmx_backend::run(&caps, efer, &guest, ram, &mut vmm)
+            vmx_backend::run(&caps, efer, &guest, ram, &mut vmm, &boot)
         }
     };
     report_stop(reason)
@@ -346,7 +347,7 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
 }
 
 /// Say how the guest ended and end the run with the matching status.
-fn report_stop(reason: StopReason) -> ! {
+pub(crate) fn report_stop(reason: StopReason) -> ! {
     let code = match reason {
         StopReason::Halted { rip } => {
             error!("guest halted at rip {rip:#x} with nothing to wake it; stopping");

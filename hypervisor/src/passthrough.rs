@@ -26,6 +26,18 @@ const LEGACY_HOLE: Range<u64> = 0xA_0000..0x10_0000;
 
 /// Guest-physical ranges the VMM refuses to reach for the guest.
 static HOLES: Once<[Range<u64>; 2]> = Once::new();
+/// The end of the RAM the VMM reaches for the guest.
+static RAM_END: Once<u64> = Once::new();
+
+/// The guest's memory for another processor's vCPU.
+// TODO(mem-model): one shared, Sync object for all vCPUs; today each vCPU
+// gets its own slice over the same RAM.
+pub fn vcpu_memory() -> SliceMemory<'static> {
+    let end = RAM_END.get().copied().unwrap_or(0);
+    // SAFETY: as in guest_memory: mapped RAM, holes exclude thinvisor.
+    let ram = unsafe { mem::phys_slice_mut(0, end) };
+    SliceMemory::with_holes(ram, HOLES.get().map_or(&[], |h| &h[..]))
+}
 
 /// The guest's memory for the VMM: all RAM below the end of available
 /// memory, minus thinvisor's block and the legacy area.
@@ -38,6 +50,7 @@ fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, SliceMemory<'st
         .max()
         .unwrap_or(0);
     let holes = HOLES.call_once(|| [hidden.start..hidden.end, LEGACY_HOLE]);
+    RAM_END.call_once(|| ram_end);
     // SAFETY: [0, ram_end) is inside the direct map (relocate mapped all
     // available memory); the holes keep every VMM access out of
     // thinvisor's own memory.

@@ -49,6 +49,8 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Acti
         Exit::NestedPageFault(fault) => on_nested_page_fault(vmm, vcpu, fault),
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction | Exit::InvalidOpcode => on_invalid_opcode(vcpu),
+        Exit::Init => on_init(vcpu),
+        Exit::Sipi { vector } => on_sipi(vcpu, vector),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
         Exit::Unknown { code } => Action::Stop(StopReason::Unhandled {
             code,
@@ -83,6 +85,23 @@ fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
 /// never continue; stop it rather than spin.
 fn on_hlt<V: Vcpu>(vcpu: &mut V) -> Action {
     Action::Stop(StopReason::Halted { rip: vcpu.rip() })
+}
+
+/// INIT: the processor stops and waits for a SIPI (Intel SDM vol. 3A,
+/// 9.4.4.1: how an operating system starts application processors).
+fn on_init<V: Vcpu>(vcpu: &mut V) -> Action {
+    vcpu.wait_for_sipi();
+    Action::Resume
+}
+
+/// SIPI: start in real mode at VV00:0000.
+fn on_sipi<V: Vcpu>(vcpu: &mut V, vector: u8) -> Action {
+    log::debug!(
+        "SIPI with vector {vector:#x}: starting at {:#x}",
+        u32::from(vector) << 12
+    );
+    vcpu.reset(&crate::InitialState::sipi(vector));
+    Action::Resume
 }
 
 fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {

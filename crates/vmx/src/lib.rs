@@ -156,6 +156,9 @@ pub struct VmcsSetup<'a> {
     pub initial: &'a InitialState,
     /// Which exits the guest needs.
     pub kind: GuestKind,
+    /// Start in the wait-for-SIPI activity state (an application processor
+    /// the guest has not started yet): INIT and SIPI then exit.
+    pub wait_for_sipi: bool,
 }
 
 /// Build the VMCS for a guest that starts in `s.initial` and make it
@@ -355,6 +358,9 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
     // The guest starts outside IA-32e mode.
     entry &= !caps::entry::IA32E_MODE_GUEST;
     vmw(F::VM_ENTRY_CONTROLS, entry.into())?;
+    if s.wait_for_sipi {
+        vmw(F::GUEST_ACTIVITY_STATE, vcpu::ACTIVITY_WAIT_FOR_SIPI)?;
+    }
     Ok((policy, efer))
 }
 
