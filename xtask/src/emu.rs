@@ -39,6 +39,15 @@ pub struct QemuOpts {
     /// Serial port on the terminal (`-serial stdio`, interactive) instead
     /// of `serial.log`.
     pub interactive: bool,
+    /// `-smp N`; 0 leaves QEMU's default (one processor).
+    pub smp: u32,
+    /// `-machine`; None leaves QEMU's default (`pc`, SMM on).
+    pub machine: Option<String>,
+    /// Raw disk images, attached in order (the first is the BIOS's first
+    /// hard disk). Writes go to a temporary overlay (`snapshot=on`), so a
+    /// run never changes the image another run or its build stamp relies
+    /// on.
+    pub drives: Vec<PathBuf>,
 }
 
 impl Default for QemuOpts {
@@ -48,8 +57,19 @@ impl Default for QemuOpts {
             timeout: Duration::from_secs(30),
             extra: Vec::new(),
             interactive: false,
+            smp: 0,
+            machine: None,
+            drives: Vec::new(),
         }
     }
+}
+
+/// The `-drive` value for a raw image, with QEMU's comma escape.
+pub fn raw_drive(path: &Path) -> String {
+    format!(
+        "file={},format=raw,snapshot=on",
+        path.display().to_string().replace(',', ",,")
+    )
 }
 
 /// Bochs settings.
@@ -184,11 +204,20 @@ fn stage_modules(dir: &Path, modules: &[Module]) -> Result<String> {
 /// The QEMU command for `boot`, run in `dir`.
 pub fn qemu_command(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Command> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.current_dir(dir)
-        .args(["-cpu", "max", "-m"])
+    cmd.current_dir(dir);
+    if let Some(machine) = &opts.machine {
+        cmd.args(["-machine", machine]);
+    }
+    cmd.args(["-cpu", "max", "-m"])
         .arg(format!("{}M", opts.mem_mb))
         .args(["-display", "none", "-no-reboot"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    if opts.smp > 0 {
+        cmd.arg("-smp").arg(opts.smp.to_string());
+    }
+    for drive in &opts.drives {
+        cmd.arg("-drive").arg(raw_drive(drive));
+    }
     if opts.interactive {
         cmd.args(["-serial", "stdio"]);
     } else {
@@ -456,6 +485,20 @@ mod tests {
         let line = util::describe(&cmd);
         assert!(line.contains("-initrd 'a.elf checks,b.bin x,,y'"), "{line}");
         assert!(line.contains("-append log=info"), "{line}");
+        assert!(!line.contains("-smp") && !line.contains("-drive"), "{line}");
+        let opts = QemuOpts {
+            smp: 2,
+            machine: Some("pc".into()),
+            drives: vec!["/d/a,b.img".into()],
+            ..QemuOpts::default()
+        };
+        let line = util::describe(&qemu_command(&dir, &boot, &opts).unwrap());
+        assert!(line.contains("-machine pc -cpu max"), "{line}");
+        assert!(line.contains("-smp 2"), "{line}");
+        assert!(
+            line.contains("-drive file=/d/a,,b.img,format=raw,snapshot=on"),
+            "{line}"
+        );
         assert!(dir.join("a.elf").exists() && dir.join("b.bin").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
