@@ -89,7 +89,7 @@ impl Cpio {
 
     /// Header+name and data are each padded to a multiple of 4 bytes.
     fn pad(&mut self) {
-        while self.data.len() % 4 != 0 {
+        while !self.data.len().is_multiple_of(4) {
             self.data.push(0);
         }
     }

@@ -39,7 +39,6 @@ macro_rules! kernel_args {
         "console=ttyS0 panic=-1"
     };
 }
-pub(crate) use kernel_args;
 
 /// The kernel command line (see `kernel_args!`).
 pub const KERNEL_ARGS: &str = kernel_args!();
