@@ -393,7 +393,7 @@ pub const PENDING_CASES: &[Case] = &[
         // file name is the kernel's command line) and the initrd (second)
         // itself, the way a Linux boot loader does.
         name: "qemu-linux",
-        hv_args: "boot=linux log=info",
+        hv_args: linux::LINUX_HV_ARGS,
         modules: &[
             (Image::LinuxKernel, linux::KERNEL_MODULE),
             (Image::LinuxInitrd, linux::INITRD_MODULE),
@@ -409,7 +409,7 @@ pub const PENDING_CASES: &[Case] = &[
         // MBR, SYSLINUX (real mode, BIOS disk calls with SMIs) and then
         // Linux, which prints the BIOS's memory map.
         name: "qemu-linux-chain",
-        hv_args: "boot=chain log=info",
+        hv_args: linux::CHAIN_HV_ARGS,
         disk: Some(Disk::LinuxBoot),
         must_contain: &[
             "SYSLINUX",

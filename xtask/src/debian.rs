@@ -92,7 +92,47 @@ pub fn kernel_package() -> Result<String> {
 /// unpacks the members matching `members` (tar wildcards such as
 /// `./boot/vmlinuz-*`; only these, so the kernel's 400 MB of modules stay
 /// packed).
+///
+/// A failed download usually means stale package lists (Debian's security
+/// archive keeps only the newest kernel): as root, the lists are updated
+/// and the candidate resolved and downloaded again.
 pub fn fetch(package: &str, members: &[&str]) -> Result<Unpacked> {
+    match fetch_candidate(package, members) {
+        Err(Fetch::Download(e)) if util::is_root() => {
+            eprintln!("debian: {e}\ndebian: updating the package lists and trying again");
+            apt_update()?;
+            fetch_candidate(package, members).map_err(Fetch::into_message)
+        }
+        Err(Fetch::Download(e)) => Err(format!(
+            "{e}\nThe package lists are probably stale. Run as root:\n    apt-get update"
+        )),
+        other => other.map_err(Fetch::into_message),
+    }
+}
+
+/// Why `fetch_candidate` failed.
+enum Fetch {
+    /// `apt-get download` failed.
+    Download(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl Fetch {
+    fn into_message(self) -> String {
+        match self {
+            Fetch::Download(e) | Fetch::Other(e) => e,
+        }
+    }
+}
+
+impl From<String> for Fetch {
+    fn from(e: String) -> Fetch {
+        Fetch::Other(e)
+    }
+}
+
+fn fetch_candidate(package: &str, members: &[&str]) -> std::result::Result<Unpacked, Fetch> {
     let cache = cache_dir()?;
     let version = match show(package) {
         Ok(control) => control_field(&control, "Version")
@@ -100,28 +140,30 @@ pub fn fetch(package: &str, members: &[&str]) -> Result<Unpacked> {
         Err(e) => {
             // Without package lists (offline, or a fresh container as
             // non-root), an earlier download still serves.
-            return cached_any_version(&cache, package, members).ok_or(e);
+            return cached_any_version(&cache, package, members).ok_or(Fetch::Other(e));
         }
     };
-    let root = cache
-        .join("root")
-        .join(format!("{package}_{}", file_safe(&version)));
+    let name = format!("{package}_{}", file_safe(&version));
+    let roots = cache.join("root");
+    let root = roots.join(&name);
     let unpacked = Unpacked {
         package: package.to_string(),
         version: version.clone(),
         root: root.clone(),
     };
-    let stamp = root.join(STAMP);
     let wanted = members.join("\n");
-    if fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+    if fs::read_to_string(root.join(STAMP)).is_ok_and(|s| s == wanted) {
         return Ok(unpacked);
     }
-    let deb = download(&cache.join("debs"), package, &version)?;
+    let deb = download(&cache.join("debs"), package, &version).map_err(Fetch::Download)?;
     eprintln!(
         "debian: unpacking {} from {package} {version}",
         members.join(" ")
     );
-    let partial = root.with_extension("partial");
+    // Unpack beside the final directory under a name of this process, then
+    // rename: a concurrent run (another clone sharing the cache) never sees
+    // half a package.
+    let partial = roots.join(format!(".{name}.partial-{}", std::process::id()));
     if partial.exists() {
         fs::remove_dir_all(&partial).context(format_args!("removing {}", partial.display()))?;
     }
@@ -131,8 +173,19 @@ pub fn fetch(package: &str, members: &[&str]) -> Result<Unpacked> {
     if root.exists() {
         fs::remove_dir_all(&root).context(format_args!("removing {}", root.display()))?;
     }
-    fs::rename(&partial, &root).context(format_args!("renaming to {}", root.display()))?;
+    if let Err(e) = fs::rename(&partial, &root) {
+        let _ = fs::remove_dir_all(&partial);
+        // Another run may have finished the same package meanwhile.
+        if !fs::read_to_string(root.join(STAMP)).is_ok_and(|s| s == wanted) {
+            return Err(format!("renaming to {}: {e}", root.display()).into());
+        }
+    }
     Ok(unpacked)
+}
+
+fn apt_update() -> Result {
+    require_tool("apt-get", "apt")?;
+    util::run(Command::new("apt-get").arg("update"))
 }
 
 /// Marks a completely unpacked package; holds the member patterns.
@@ -189,7 +242,7 @@ fn show(package: &str) -> Result<String> {
         ));
     }
     eprintln!("debian: apt does not know {package} ({why}); running apt-get update");
-    util::run(Command::new("apt-get").arg("update"))?;
+    apt_update()?;
     let output = attempt()?;
     if output.status.success() && !output.stdout.is_empty() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
@@ -202,7 +255,9 @@ fn show(package: &str) -> Result<String> {
     }
 }
 
-/// The `.deb` of `package` `version` in `debs`, downloaded when missing.
+/// The `.deb` of `package` `version` in `debs`, downloaded when missing
+/// (into a directory of this process first, then moved: runs sharing the
+/// cache never see a partial file).
 fn download(debs: &Path, package: &str, version: &str) -> Result<PathBuf> {
     fs::create_dir_all(debs).context(format_args!("creating {}", debs.display()))?;
     if let Some(deb) = find_deb(debs, package, version)? {
@@ -210,23 +265,32 @@ fn download(debs: &Path, package: &str, version: &str) -> Result<PathBuf> {
     }
     require_tool("apt-get", "apt")?;
     eprintln!("debian: downloading {package} {version}");
-    util::run_captured(
+    let tmp = debs.join(format!(".download-{}", std::process::id()));
+    fs::create_dir_all(&tmp).context(format_args!("creating {}", tmp.display()))?;
+    let result = util::run_captured(
         Command::new("apt-get")
-            .current_dir(debs)
+            .current_dir(&tmp)
             .env("LC_ALL", "C")
             // As root, apt drops to the `_apt` user for downloads, who
             // cannot write into a private cache: download as ourselves.
             .args(["-o", "APT::Sandbox::User=root"])
             .args(["download", &format!("{package}={version}")]),
     )
-    .map_err(|e| format!("downloading {package} {version} failed: {e}"))?;
-    find_deb(debs, package, version)?.ok_or_else(|| {
-        format!(
-            "apt-get download {package}={version} ran but left no {} in {}",
-            deb_prefix(package, version),
-            debs.display()
-        )
-    })
+    .map_err(|e| format!("downloading {package} {version} failed: {e}"))
+    .and_then(|_| {
+        let deb = find_deb(&tmp, package, version)?.ok_or_else(|| {
+            format!(
+                "apt-get download {package}={version} ran but left no {}*.deb",
+                deb_prefix(package, version)
+            )
+        })?;
+        let name = deb.file_name().ok_or("a .deb without a name")?;
+        let dest = debs.join(name);
+        fs::rename(&deb, &dest).context(format_args!("moving {}", deb.display()))?;
+        Ok(dest)
+    });
+    let _ = fs::remove_dir_all(&tmp);
+    result
 }
 
 fn find_deb(debs: &Path, package: &str, version: &str) -> Result<Option<PathBuf>> {

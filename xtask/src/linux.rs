@@ -55,6 +55,14 @@ pub const KERNEL_MODULE: &str = concat!("vmlinuz ", kernel_args!());
 /// The module string of the initramfs under `boot=linux`.
 pub const INITRD_MODULE: &str = "initrd.img";
 
+/// thinvisor's command line for a Linux guest from modules. Debian's
+/// kernel needs more than the default 64 MiB of guest RAM: its bzImage
+/// asks for 63.6 MiB (`init_size`) at 16 MiB, and with 64 MiB it dies
+/// silently in its decompressor (seen on bare QEMU `-m 64`; 96 MiB boots).
+pub const LINUX_HV_ARGS: &str = "boot=linux log=info guest_mem=256M";
+/// thinvisor's command line for the BIOS boot of the first hard disk.
+pub const CHAIN_HV_ARGS: &str = "boot=chain log=info guest_mem=256M";
+
 /// The line `/init` prints first; the boot time is measured to it.
 pub const MARKER: &str = "thinvisor-init: marker";
 /// The line `/init` prints last, before powering off.
@@ -296,8 +304,8 @@ usage: cargo xtask linux [--bare] [--disk] [--smp N] [--timeout SECS] [--build-o
   --smp N         processors (default 2)
   --timeout SECS  wall-clock limit (default 120)
   --build-only    only build the assets
-  HV_ARGS         thinvisor's command line (default `boot=linux log=info` or
-                  `boot=chain log=info`)
+  HV_ARGS         thinvisor's command line (default `boot=linux log=info guest_mem=256M`,
+                  or `boot=chain ...` with --disk)
 Debian packages are cached in $THINVISOR_CACHE or ~/.cache/thinvisor/debian.
 Exits 0 when the guest printed `thinvisor-init: done` and QEMU ended by itself.";
 
@@ -381,10 +389,10 @@ pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     } else {
         let images = images::build(ctx)?;
         let (default_args, modules) = if opts.disk {
-            ("boot=chain log=info", vec![])
+            (CHAIN_HV_ARGS, vec![])
         } else {
             (
-                "boot=linux log=info",
+                LINUX_HV_ARGS,
                 vec![
                     Module::new(&assets.kernel, KERNEL_MODULE),
                     Module::new(&assets.initrd, INITRD_MODULE),
