@@ -423,7 +423,7 @@ pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     let watched = watch(cmd, Duration::from_secs(opts.timeout))?;
     fs::write(run_dir.join("serial.log"), &watched.serial).context("writing serial.log")?;
     println!();
-    println!("linux: {}", watched.summary());
+    println!("linux: {}", watched.summary(!opts.bare));
     Ok(if watched.succeeded() {
         ExitCode::SUCCESS
     } else {
@@ -470,7 +470,9 @@ impl Watched {
         self.serial.contains(DONE) && self.status.is_some()
     }
 
-    pub fn summary(&self) -> String {
+    /// One line: the time to the marker, whether init finished, how QEMU
+    /// ended (with thinvisor's exit code when `under_thinvisor`).
+    pub fn summary(&self, under_thinvisor: bool) -> String {
         let marker = match self.marker_at {
             Some(t) => format!("`{MARKER}` after {}", util::secs(t)),
             None => format!("no `{MARKER}` line"),
@@ -478,8 +480,13 @@ impl Watched {
         let end = match (&self.status, &self.stopped) {
             (_, Some(reason)) => format!("QEMU was stopped: {reason}"),
             (Some(status), None) => format!(
-                "QEMU ended by itself after {} ({status})",
-                util::secs(self.elapsed)
+                "QEMU ended by itself after {} ({})",
+                util::secs(self.elapsed),
+                if under_thinvisor {
+                    emu::describe_qemu_status(status)
+                } else {
+                    status.to_string()
+                }
             ),
             (None, None) => "QEMU ended".to_string(),
         };

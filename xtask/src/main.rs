@@ -33,7 +33,8 @@ commands:
   test       everything: fmt, host unit tests, clippy, images, integration cases in
              QEMU and Bochs; ends with `N passed, M failed`
              options: --filter SUBSTR (integration cases), --no-host (skip fmt, unit
-             tests, clippy), --list (print the integration cases)
+             tests, clippy), --list (print the integration cases), --pending (also
+             the cases waiting for unfinished features, e.g. booting Linux)
   fuzz       run the fuzz targets of thinvisor-memory (fuzz/) for a while:
              cargo xtask fuzz [walker|copy] [--seconds N] (default 60 s each)
   bench      guest-memory copy benchmark (page by page, per byte, memcpy):
