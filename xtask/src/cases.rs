@@ -377,6 +377,7 @@ pub const CASES: &[Case] = &[
 const LINUX_UNDER_THINVISOR: &[&str] = &[
     linux::MARKER,
     "thinvisor-init: cpus 2",
+    "thinvisor-init: hypervisor-flag yes",
     "probe: cpuid-signature thinvisor",
     "probe: lookup log_read = 3",
     linux::DONE,
@@ -417,6 +418,7 @@ pub const PENDING_CASES: &[Case] = &[
             "BIOS-e820: [mem 0x0000000000000000-",
             linux::MARKER,
             "thinvisor-init: cpus 2",
+            "thinvisor-init: hypervisor-flag yes",
             "probe: cpuid-signature thinvisor",
             "probe: lookup log_read = 3",
             linux::DONE,
