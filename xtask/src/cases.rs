@@ -625,6 +625,48 @@ mod tests {
         }
     }
 
+    /// What the Linux guest prints under thinvisor once it boots, as the
+    /// init script and the probe write it (the console adds `\r`).
+    const LINUX_SERIAL_UNDER_THINVISOR: &str = concat!(
+        "[    2.636637] Run /init as init process\r\n",
+        "thinvisor-init: marker\r\n",
+        "thinvisor-init: kernel 6.1.0-57-amd64\r\n",
+        "thinvisor-init: cpus 2\r\n",
+        "thinvisor-init: hypervisor-flag yes\r\n",
+        r"probe: cpuid-signature thinvisor\x00\x00\x00",
+        "\r\n",
+        "probe: lookup log_read = 3\r\n",
+        "thinvisor-init: done\r\n",
+    );
+
+    #[test]
+    fn linux_serial_judged() {
+        let direct = &PENDING_CASES[0];
+        assert_eq!(
+            direct.check_serial(LINUX_SERIAL_UNDER_THINVISOR),
+            Vec::<String>::new()
+        );
+        let chain = &PENDING_CASES[1];
+        let chain_log = format!(
+            "SYSLINUX 6.04 20210613\r\n\
+             [    0.000000] BIOS-provided physical RAM map:\r\n\
+             [    0.000000] BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable\r\n\
+             {LINUX_SERIAL_UNDER_THINVISOR}"
+        );
+        assert_eq!(chain.check_serial(&chain_log), Vec::<String>::new());
+        // What bare QEMU prints fails both.
+        let bare = LINUX_SERIAL_UNDER_THINVISOR
+            .replace(r"thinvisor\x00\x00\x00", "TCGTCGTCGTCG")
+            .replace("probe: lookup log_read = 3", "probe: no thinvisor");
+        let problems = direct.check_serial(&bare);
+        assert!(
+            problems[0].contains("probe: cpuid-signature thinvisor"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("probe: no thinvisor"), "{problems:?}");
+        assert!(!chain.check_serial(&bare).is_empty());
+    }
+
     #[test]
     fn linux_cases() {
         let pending: Vec<&str> = PENDING_CASES.iter().map(|c| c.name).collect();
