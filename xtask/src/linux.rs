@@ -55,13 +55,14 @@ pub const KERNEL_MODULE: &str = concat!("vmlinuz ", kernel_args!());
 /// The module string of the initramfs under `boot=linux`.
 pub const INITRD_MODULE: &str = "initrd.img";
 
-/// thinvisor's command line for a Linux guest from modules. Debian's
-/// kernel needs more than the default 64 MiB of guest RAM: its bzImage
-/// asks for 63.6 MiB (`init_size`) at 16 MiB, and with 64 MiB it dies
-/// silently in its decompressor (seen on bare QEMU `-m 64`; 96 MiB boots).
-pub const LINUX_HV_ARGS: &str = "boot=linux log=info guest_mem=256M";
+/// thinvisor's command line for a Linux guest from modules. Linux runs in
+/// the pass-through layout (the machine's memory, minus thinvisor's), so
+/// the machine's size matters: Debian's bzImage unpacks 63.6 MiB
+/// (`init_size`) at 16 MiB and dies silently in its decompressor with 64
+/// MiB (seen on bare QEMU `-m 64`; 96 MiB boots). The runs use 512 MiB.
+pub const LINUX_HV_ARGS: &str = "boot=linux log=info";
 /// thinvisor's command line for the BIOS boot of the first hard disk.
-pub const CHAIN_HV_ARGS: &str = "boot=chain log=info guest_mem=256M";
+pub const CHAIN_HV_ARGS: &str = "boot=chain log=info";
 
 /// The line `/init` prints first; the boot time is measured to it.
 pub const MARKER: &str = "thinvisor-init: marker";
@@ -304,8 +305,8 @@ usage: cargo xtask linux [--bare] [--disk] [--smp N] [--timeout SECS] [--build-o
   --smp N         processors (default 2)
   --timeout SECS  wall-clock limit (default 120)
   --build-only    only build the assets
-  HV_ARGS         thinvisor's command line (default `boot=linux log=info guest_mem=256M`,
-                  or `boot=chain ...` with --disk)
+  HV_ARGS         thinvisor's command line (default `boot=linux log=info`, or
+                  `boot=chain log=info` with --disk)
 Debian packages are cached in $THINVISOR_CACHE or ~/.cache/thinvisor/debian.
 Exits 0 when the guest printed `thinvisor-init: done` and QEMU ended by itself.";
 
