@@ -48,6 +48,9 @@ pub struct QemuOpts {
     /// run never changes the image another run or its build stamp relies
     /// on.
     pub drives: Vec<PathBuf>,
+    /// A line to time: the run's `Outcome::line_at` says when it first
+    /// appeared in the serial log (e.g. Linux's boot time to its init).
+    pub time_line: Option<String>,
 }
 
 impl Default for QemuOpts {
@@ -60,6 +63,7 @@ impl Default for QemuOpts {
             smp: 0,
             machine: None,
             drives: Vec::new(),
+            time_line: None,
         }
     }
 }
@@ -116,6 +120,9 @@ pub struct Outcome {
     pub dir: PathBuf,
     /// The emulator's own stdout+stderr file.
     pub emulator_output: PathBuf,
+    /// When the timed line (`QemuOpts::time_line`) first appeared, from the
+    /// emulator's start (to within the 100 ms polling interval).
+    pub line_at: Option<Duration>,
 }
 
 impl Outcome {
@@ -259,7 +266,17 @@ pub fn run_qemu(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Outcome> {
     }
     let start = Instant::now();
     let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
-    let ended = util::supervise(&mut child, opts.timeout, || None).context("waiting for QEMU")?;
+    let serial_path = dir.join("serial.log");
+    let mut line_at = None;
+    let ended = util::supervise(&mut child, opts.timeout, || {
+        if let (Some(line), None) = (&opts.time_line, line_at) {
+            if read_lossy(&serial_path).contains(line.as_str()) {
+                line_at = Some(start.elapsed());
+            }
+        }
+        None
+    })
+    .context("waiting for QEMU")?;
     let elapsed = start.elapsed();
     let (status, stopped) = match ended {
         Ended::Exited(status) => (Some(status), None),
@@ -272,10 +289,11 @@ pub fn run_qemu(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Outcome> {
     Ok(Outcome {
         status,
         stopped,
-        serial: read_lossy(&dir.join("serial.log")),
+        serial: read_lossy(&serial_path),
         elapsed,
         dir: dir.to_path_buf(),
         emulator_output: out_path,
+        line_at,
     })
 }
 
@@ -399,6 +417,7 @@ pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Re
         elapsed,
         dir,
         emulator_output: out_path,
+        line_at: None,
     })
 }
 

@@ -605,6 +605,49 @@ mod tests {
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
+    /// Boots the built assets on bare QEMU through the runner the
+    /// integration cases use (`emu::run_qemu`: QEMU loads a bzImage given as
+    /// `-kernel` itself), checking the timed marker line and the CPU count.
+    /// Needs `cargo xtask linux --build-only` first and about 20 s:
+    /// `cargo test -p xtask -- --ignored bare_boot`.
+    #[test]
+    #[ignore]
+    fn bare_boot_through_the_case_runner() {
+        let ctx = Ctx::new();
+        let kernel = dir(&ctx).join(KERNEL_FILE);
+        let initrd = dir(&ctx).join(INITRD_FILE);
+        assert!(
+            kernel.exists() && initrd.exists(),
+            "run cargo xtask linux --build-only"
+        );
+        let boot = Boot {
+            kernel32: kernel.clone(),
+            kernel64: kernel,
+            args: KERNEL_ARGS.to_string(),
+            modules: vec![Module::new(initrd, INITRD_MODULE)],
+        };
+        let opts = QemuOpts {
+            timeout: Duration::from_secs(120),
+            smp: 2,
+            machine: Some("pc".into()),
+            time_line: Some(MARKER.to_string()),
+            ..QemuOpts::default()
+        };
+        let run_dir = ctx.fresh_dir("linux-runner-test").unwrap();
+        let outcome = emu::run_qemu(&run_dir, &boot, &opts).unwrap();
+        assert!(outcome.stopped.is_none(), "{:?}", outcome.stopped);
+        assert!(outcome.serial.contains("thinvisor-init: cpus 2"));
+        assert!(outcome.serial.contains("probe: no thinvisor"));
+        assert!(outcome.serial.contains(DONE));
+        let marker = outcome.line_at.expect("the marker line was timed");
+        assert!(marker <= outcome.elapsed);
+        eprintln!(
+            "marker after {}, QEMU ended after {}",
+            util::secs(marker),
+            util::secs(outcome.elapsed)
+        );
+    }
+
     #[test]
     fn options() {
         let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();

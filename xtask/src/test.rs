@@ -347,6 +347,9 @@ fn run_case(
                 smp: case.smp,
                 machine: Some(case.machine.to_string()),
                 drives,
+                // Linux's boot time to its init, for comparison with bare
+                // QEMU (`cargo xtask linux --bare`).
+                time_line: case.needs_linux().then(|| linux::MARKER.to_string()),
                 ..QemuOpts::default()
             };
             let outcome = emu::run_qemu(&dir, &boot, &opts)?;
@@ -405,15 +408,20 @@ fn integration(
     let _ = io::stdout().flush();
     let start = Instant::now();
     match run_case(ctx, images, linux, case) {
-        Ok((_, problems)) if problems.is_empty() => {
-            println!("ok ({})", util::secs(start.elapsed()));
+        Ok((outcome, problems)) if problems.is_empty() => {
+            println!(
+                "ok ({}{})",
+                util::secs(start.elapsed()),
+                line_time(&outcome)
+            );
             tally.pass();
         }
         Ok((outcome, problems)) => {
             println!(
-                "FAILED: {} ({})",
+                "FAILED: {} ({}{})",
                 problems.join("; "),
-                util::secs(start.elapsed())
+                util::secs(start.elapsed()),
+                line_time(&outcome)
             );
             show_logs(ctx, &outcome);
             tally.fail(format!("integration {}", case.name));
@@ -423,6 +431,14 @@ fn integration(
             tally.fail(format!("integration {}", case.name));
         }
     }
+}
+
+/// `; marker line after N s` when the run timed a line and saw it.
+fn line_time(outcome: &Outcome) -> String {
+    outcome
+        .line_at
+        .map(|t| format!("; marker line after {}", util::secs(t)))
+        .unwrap_or_default()
 }
 
 fn show_logs(ctx: &Ctx, outcome: &Outcome) {
