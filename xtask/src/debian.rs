@@ -192,7 +192,8 @@ fn apt_update() -> Result {
 const STAMP: &str = ".thinvisor-unpacked";
 
 /// A version of `package` unpacked earlier with the same members, the
-/// newest-named one.
+/// last by name (not necessarily by Debian's version order: this is only
+/// the fallback when apt cannot say which version is current).
 fn cached_any_version(cache: &Path, package: &str, members: &[&str]) -> Option<Unpacked> {
     let prefix = format!("{package}_");
     let wanted = members.join("\n");
@@ -209,6 +210,7 @@ fn cached_any_version(cache: &Path, package: &str, members: &[&str]) -> Option<U
         .collect();
     found.sort();
     let (version, root) = found.pop()?;
+    let version = version.replace("%3a", ":");
     eprintln!("debian: apt-cache cannot resolve {package}; using the cached {version}");
     Some(Unpacked {
         package: package.to_string(),
@@ -447,6 +449,31 @@ mod tests {
             vec!["libc6", "perl", "foo", "bar"]
         );
         assert!(depends_names("").is_empty());
+    }
+
+    #[test]
+    fn cached_versions_serve_offline() {
+        let cache = std::env::temp_dir().join(format!("xtask-debian-{}", std::process::id()));
+        let root = cache.join("root");
+        let members = ["./bin/busybox"];
+        for (dir, stamp) in [
+            ("busybox-static_1%3a1.35.0-4", Some("./bin/busybox")),
+            ("busybox-static_1%3a1.36.1-1", Some("./bin/busybox")),
+            // Unpacked with other members, or not completely: no use.
+            ("busybox-static_1%3a1.37.0-1", Some("./usr/bin/other")),
+            ("busybox-static_1%3a1.38.0-1", None),
+            ("busybox_1%3a9.9-9", Some("./bin/busybox")),
+        ] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+            if let Some(stamp) = stamp {
+                fs::write(root.join(dir).join(STAMP), stamp).unwrap();
+            }
+        }
+        let found = cached_any_version(&cache, "busybox-static", &members).unwrap();
+        assert_eq!(found.version, "1:1.36.1-1");
+        assert_eq!(found.root, root.join("busybox-static_1%3a1.36.1-1"));
+        assert!(cached_any_version(&cache, "syslinux", &members).is_none());
+        fs::remove_dir_all(&cache).unwrap();
     }
 
     #[test]
