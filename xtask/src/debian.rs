@@ -75,9 +75,29 @@ impl Unpacked {
 }
 
 /// The name of Debian's stock kernel package: the `linux-image-*`
-/// dependency of `linux-image-amd64`'s candidate version.
-pub fn kernel_package() -> Result<String> {
-    let control = show(KERNEL_METAPACKAGE)?;
+/// dependency of `linux-image-amd64`'s candidate version. When apt cannot
+/// say (no package lists), a kernel package unpacked earlier with the same
+/// `members` serves, as in `fetch`.
+pub fn kernel_package(members: &[&str]) -> Result<String> {
+    let control = match show(KERNEL_METAPACKAGE) {
+        Ok(control) => control,
+        Err(e) => {
+            let cache = cache_dir()?;
+            let cached = cached(&cache, members)
+                .into_iter()
+                .rfind(|c| c.package.starts_with("linux-image-"));
+            return match cached {
+                Some(c) => {
+                    eprintln!(
+                        "debian: apt cannot resolve {KERNEL_METAPACKAGE}; using the cached {}",
+                        c.package
+                    );
+                    Ok(c.package)
+                }
+                None => Err(e),
+            };
+        }
+    };
     let depends = control_field(&control, "Depends")
         .ok_or_else(|| format!("`apt-cache show {KERNEL_METAPACKAGE}` has no Depends field"))?;
     depends_names(&depends)
@@ -195,28 +215,41 @@ const STAMP: &str = ".thinvisor-unpacked";
 /// last by name (not necessarily by Debian's version order: this is only
 /// the fallback when apt cannot say which version is current).
 fn cached_any_version(cache: &Path, package: &str, members: &[&str]) -> Option<Unpacked> {
-    let prefix = format!("{package}_");
+    let found = cached(cache, members)
+        .into_iter()
+        .rfind(|c| c.package == package)?;
+    eprintln!(
+        "debian: apt cannot resolve {package}; using the cached {}",
+        found.version
+    );
+    Some(found)
+}
+
+/// The packages completely unpacked in `cache` with exactly `members`,
+/// sorted by directory name (`PACKAGE_VERSION`; package names have no
+/// `_`).
+fn cached(cache: &Path, members: &[&str]) -> Vec<Unpacked> {
     let wanted = members.join("\n");
-    let mut found: Vec<(String, PathBuf)> = fs::read_dir(cache.join("root"))
-        .ok()?
+    let Ok(dir) = fs::read_dir(cache.join("root")) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, Unpacked)> = dir
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let version = name.strip_prefix(&prefix)?.to_string();
+            let (package, version) = name.split_once('_')?;
             let root = e.path();
             let stamp = fs::read_to_string(root.join(STAMP)).ok()?;
-            (stamp == wanted).then_some((version, root))
+            let unpacked = Unpacked {
+                package: package.to_string(),
+                version: version.replace("%3a", ":"),
+                root,
+            };
+            (stamp == wanted && !name.starts_with('.')).then_some((name, unpacked))
         })
         .collect();
-    found.sort();
-    let (version, root) = found.pop()?;
-    let version = version.replace("%3a", ":");
-    eprintln!("debian: apt-cache cannot resolve {package}; using the cached {version}");
-    Some(Unpacked {
-        package: package.to_string(),
-        version,
-        root,
-    })
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.into_iter().map(|(_, u)| u).collect()
 }
 
 /// `apt-cache show --no-all-versions PACKAGE` (the candidate's control
@@ -473,6 +506,18 @@ mod tests {
         assert_eq!(found.version, "1:1.36.1-1");
         assert_eq!(found.root, root.join("busybox-static_1%3a1.36.1-1"));
         assert!(cached_any_version(&cache, "syslinux", &members).is_none());
+        let all: Vec<String> = cached(&cache, &members)
+            .into_iter()
+            .map(|u| format!("{} {}", u.package, u.version))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "busybox-static 1:1.35.0-4",
+                "busybox-static 1:1.36.1-1",
+                "busybox 1:9.9-9"
+            ]
+        );
         fs::remove_dir_all(&cache).unwrap();
     }
 

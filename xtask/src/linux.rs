@@ -104,8 +104,9 @@ pub fn build(ctx: &Ctx, with_disk: bool) -> Result<LinuxAssets> {
     let out = dir(ctx);
     fs::create_dir_all(&out).context(format_args!("creating {}", out.display()))?;
 
-    let kernel_pkg = debian::kernel_package()?;
-    let kernel_deb = debian::fetch(&kernel_pkg, &["./boot/vmlinuz-*"])?;
+    let kernel_members = ["./boot/vmlinuz-*"];
+    let kernel_pkg = debian::kernel_package(&kernel_members)?;
+    let kernel_deb = debian::fetch(&kernel_pkg, &kernel_members)?;
     let vmlinuz = kernel_deb
         .files_starting("boot", "vmlinuz-")?
         .pop()
