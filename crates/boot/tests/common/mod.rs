@@ -400,7 +400,7 @@ use thinvisor_boot::phys::{PhysWrite, PhysWriteError};
 /// every write is recorded.
 #[derive(Default, Clone, Debug)]
 pub struct Sparse {
-    pages: BTreeMap<u64, Vec<u8>>,
+    pub pages: BTreeMap<u64, Vec<u8>>,
     /// `[start, end)` of every write and zeroing, in order.
     pub writes: Vec<(u64, u64)>,
     /// Ranges whose writes fail (an unmapped hole in the direct map).
