@@ -533,7 +533,11 @@ pub fn plan_linux(
         };
         (at, (at, at + need), alignment)
     } else {
-        let start = h.pref_address;
+        // "if nonzero" (boot.rst, pref_address): 0 states no preference.
+        let start = match h.pref_address {
+            0 => BZIMAGE_LOAD_ADDR,
+            pref => pref,
+        };
         let check = |s: u64, len: u64| -> Result<(), LinuxError> {
             let end = s.saturating_add(len);
             let fail = |at: u64, why: Unusable| LinuxError::KernelNotUsable {

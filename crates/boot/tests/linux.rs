@@ -316,6 +316,15 @@ fn non_relocatable_goes_to_1mib_and_needs_pref_address() {
             why: Unusable::Hypervisor
         }
     );
+    // pref_address 0 states no preference: 1 MiB.
+    let image = Bz {
+        relocatable: false,
+        pref_address: 0,
+        ..Bz::default()
+    }
+    .build();
+    let (r, _) = load(&image, None, b"", &map_with(&[]), &[]);
+    assert_eq!(r.unwrap().plan.runtime, (0x10_0000, 0x210_0000));
     // ... or a boot module that is still needed.
     let (r, _) = load(
         &image,
