@@ -80,6 +80,8 @@ pub enum E820Error {
     TooManyEntries,
 }
 
+impl core::error::Error for E820Error {}
+
 impl fmt::Display for E820Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {

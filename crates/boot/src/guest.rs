@@ -184,6 +184,8 @@ impl From<PhysWriteError> for LoadError {
     }
 }
 
+impl core::error::Error for LoadError {}
+
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -805,6 +807,29 @@ pub struct MultibootBoot {
 /// ([`load_multiboot_kernel_passthrough`]) and writes its information
 /// ([`write_multiboot1_info_passthrough`]) away from the kernel and every
 /// `avoid` range (at most [`MAX_AVOID`]).
+///
+/// ```no_run
+/// use thinvisor_boot::e820::GuestMap;
+/// use thinvisor_boot::guest::load_multiboot_passthrough;
+/// use thinvisor_boot::phys::RamSlice;
+/// # fn demo(
+/// #     firmware_map: &[thinvisor_boot::MemRegion],
+/// #     image: &[u8],
+/// #     memory: &mut [u8],
+/// # ) -> Result<(), Box<dyn core::error::Error>> {
+/// let map = GuestMap::new(firmware_map, &[(0x20_0000, 0x60_0000)])?;
+/// let module = (0x400_0000, 0x400_0000 + image.len() as u64);
+/// let boot = load_multiboot_passthrough(
+///     image,
+///     b"test-guest.elf checks",
+///     &map,
+///     &[module],
+///     &mut RamSlice::new(0, memory),
+/// )?;
+/// assert_eq!(boot.entry.eax, thinvisor_boot::multiboot1::MAGIC);
+/// # Ok(())
+/// # }
+/// ```
 pub fn load_multiboot_passthrough(
     image: &[u8],
     cmdline: &[u8],

@@ -182,6 +182,8 @@ impl From<PhysWriteError> for LinuxError {
     }
 }
 
+impl core::error::Error for LinuxError {}
+
 impl fmt::Display for LinuxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -669,6 +671,30 @@ pub fn build_boot_params(
 /// writes the kernel, the initrd, `boot_params`, a GDT and the command line
 /// (cut at its first NUL) through `target`. Nothing is written unless
 /// parsing and planning succeed.
+///
+/// ```no_run
+/// use thinvisor_boot::e820::GuestMap;
+/// use thinvisor_boot::linux::load_linux;
+/// use thinvisor_boot::phys::RamSlice;
+/// # fn demo(
+/// #     firmware_map: &[thinvisor_boot::MemRegion],
+/// #     kernel: &[u8],
+/// #     initrd: &[u8],
+/// #     memory: &mut [u8],
+/// # ) -> Result<(), Box<dyn core::error::Error>> {
+/// // thinvisor occupies 2..6 MiB; the boot loader left the kernel and
+/// // initrd modules at 64 MiB and 80 MiB.
+/// let map = GuestMap::new(firmware_map, &[(0x20_0000, 0x60_0000)])?;
+/// let modules = [(0x400_0000, 0x480_0000), (0x500_0000, 0x600_0000)];
+/// // The hypervisor writes through its direct map; here, a buffer.
+/// let mut target = RamSlice::new(0, memory);
+/// let boot = load_linux(kernel, Some(initrd), b"console=ttyS0", &map, &modules, &mut target)?;
+/// // Start the guest: 32-bit protected mode, paging off.
+/// let (eip, esi) = (boot.entry.eip, boot.entry.esi);
+/// # let _ = (eip, esi);
+/// # Ok(())
+/// # }
+/// ```
 pub fn load_linux(
     image: &[u8],
     initrd: Option<&[u8]>,

@@ -18,6 +18,8 @@ pub struct PhysWriteError {
     pub len: u64,
 }
 
+impl core::error::Error for PhysWriteError {}
+
 impl fmt::Display for PhysWriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
