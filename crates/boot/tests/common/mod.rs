@@ -437,7 +437,7 @@ impl Sparse {
         let mut a = pa;
         while a < end {
             let page = a & !0xfff;
-            let chunk = (page + 0x1000).min(end) - a;
+            let chunk = page.saturating_add(0x1000).min(end) - a;
             let p = self.pages.entry(page).or_insert_with(|| vec![0; 4096]);
             for i in 0..chunk {
                 p[((a & 0xfff) + i) as usize] = f(a - pa + i);
@@ -456,8 +456,27 @@ impl PhysWrite for Sparse {
         self.store(pa, bytes.len() as u64, |i| bytes[i as usize])
     }
 
+    /// Unwritten bytes read as zero already, so only pages that exist are
+    /// cleared (a hostile bss of hundreds of MiB stays cheap).
     fn zero(&mut self, pa: u64, len: u64) -> Result<(), PhysWriteError> {
-        self.store(pa, len, |_| 0)
+        let end = pa
+            .checked_add(len)
+            .ok_or(PhysWriteError { addr: pa, len })?;
+        if self.refuse.iter().any(|&(s, e)| s < end && pa < e) {
+            return Err(PhysWriteError { addr: pa, len });
+        }
+        for (&page, bytes) in self.pages.range_mut(pa & !0xfff..end) {
+            for (i, b) in bytes.iter_mut().enumerate() {
+                let a = page + i as u64;
+                if pa <= a && a < end {
+                    *b = 0;
+                }
+            }
+        }
+        if len > 0 {
+            self.writes.push((pa, end));
+        }
+        Ok(())
     }
 }
 
