@@ -741,19 +741,20 @@ pub fn write_multiboot1_info(ram: &mut [u8], at: u64, cmdline: &[u8]) -> Result<
 ///
 /// It goes at the lowest page-aligned usable address in [0x10000, 0x90000)
 /// (or, if that window is full, in [1 MiB, 4 GiB)) that overlaps no `avoid`
-/// range; pass the kernel's span and the boot modules still needed.
-/// Returns the address to pass in EBX.
+/// range (at most [`MAX_AVOID`] + 1): pass the boot modules still needed
+/// and the kernel's span. Returns the address to pass in EBX.
 pub fn write_multiboot1_info_passthrough(
     map: &GuestMap,
     avoid: &[(u64, u64)],
     cmdline: &[u8],
     target: &mut dyn PhysWrite,
 ) -> Result<u32, LoadError> {
+    if avoid.len() > MAX_AVOID + 1 {
+        return Err(LoadError::TooManyAvoidRanges(avoid.len()));
+    }
     let mut taken = Taken::new();
     for &(s, e) in avoid {
-        if !taken.push(s, e) {
-            return Err(LoadError::TooManyAvoidRanges(avoid.len()));
-        }
+        taken.push(s, e);
     }
     let cmdline = cmdline_text(cmdline);
     let mut mmap = [(0u64, 0u64, MemKind::Reserved); crate::e820::MAX_E820_ENTRIES];
