@@ -28,7 +28,7 @@ use core::fmt::Write;
 use log::{error, info, warn};
 use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_boot::cmdline::{EferMode, Layout};
+use thinvisor_boot::cmdline::{BootMode, EferMode, Layout};
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK, NPT};
@@ -78,37 +78,17 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
 
     let backend = pick_backend();
 
-    let Some(module) = boot.modules().get(options.guest_module) else {
-        boot_error!(
-            "no guest module: the boot loader passed {} module(s) and guest={} selects none; \
-             pass the guest kernel as a multiboot module",
-            boot.modules().len(),
-            options.guest_module
-        )
-    };
-    let module = *module;
-    info!(
-        "guest module {}: {:#x}..{:#x} ({} KiB) \"{}\"",
-        options.guest_module,
-        module.start,
-        module.end,
-        module.len() >> 10,
-        module.string()
-    );
-    if !mem::is_mapped(module.start, module.len()) {
-        boot_error!(
-            "guest module at {:#x} lies outside the memory the firmware reported",
-            module.start
-        );
-    }
-    // SAFETY: the module lies in the direct map (checked above) and is
-    // reserved from the allocator, so nothing else writes it.
-    let image: &[u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
-
-    let (guest, ram) = match options.layout {
-        Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
-        Layout::Passthrough => {
-            passthrough::multiboot_guest(&boot, reserved, image, module.string())
+    let (guest, ram) = match options.boot {
+        BootMode::Linux => passthrough::linux_guest(&boot, reserved),
+        BootMode::Chain => boot_error!("boot=chain is not available yet"),
+        BootMode::Module => {
+            let (module, image) = guest_module(&boot, options.guest_module);
+            match options.layout {
+                Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
+                Layout::Passthrough => {
+                    passthrough::multiboot_guest(&boot, reserved, image, module.string())
+                }
+            }
         }
     };
     let vm: &'static Vm = VM.call_once(|| {
@@ -134,6 +114,37 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             vmx_backend::run(&caps, efer, &guest, ram, &mut vmm, &boot)
         }
     }
+}
+
+/// The boot module `index` (`guest=`) and its bytes.
+fn guest_module(boot: &BootInfo, index: usize) -> (thinvisor_boot::Module, &'static [u8]) {
+    let Some(module) = boot.modules().get(index) else {
+        boot_error!(
+            "no guest module: the boot loader passed {} module(s) and guest={} selects none; \
+             pass the guest kernel as a multiboot module",
+            boot.modules().len(),
+            index
+        )
+    };
+    let module = *module;
+    info!(
+        "guest module {}: {:#x}..{:#x} ({} KiB) \"{}\"",
+        index,
+        module.start,
+        module.end,
+        module.len() >> 10,
+        module.string()
+    );
+    if !mem::is_mapped(module.start, module.len()) {
+        boot_error!(
+            "guest module at {:#x} lies outside the memory the firmware reported",
+            module.start
+        );
+    }
+    // SAFETY: the module lies in the direct map (checked above) and is
+    // reserved from the allocator, so nothing else writes it.
+    let image: &'static [u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
+    (module, image)
 }
 
 /// The isolated layout: guest RAM is a block of `guest_mem=` bytes taken

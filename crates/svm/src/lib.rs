@@ -458,7 +458,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
             *seg = data;
         }
-        s.gdtr = Segment::default();
+        s.gdtr = Segment {
+            base: initial.gdt.0,
+            limit: initial.gdt.1.into(),
+            ..Segment::default()
+        };
         s.idtr = Segment {
             // The real-mode IVT at 0 (a no-op for protected-mode starts,
             // which load their own IDT before enabling interrupts).
