@@ -804,3 +804,11 @@ proptest::proptest! {
         let _ = decode(&v);
     }
 }
+
+#[test]
+fn prepare_builds_the_tables_and_decoding_still_works() {
+    prepare();
+    prepare();
+    let v = vcpu32(&[0x89, 0x02]);
+    assert_eq!(decode(&v).map(|w| w.len), Ok(2));
+}
