@@ -342,6 +342,37 @@ pub enum EmulateError {
     NotAWrite { bytes: [u8; MAX_INSN_LEN], len: u8 },
 }
 
+impl EmulateError {
+    /// The instruction bytes the error is about (empty for a fetch
+    /// error): what to log.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Fetch(_) => &[],
+            Self::Invalid { bytes, len }
+            | Self::Unsupported { bytes, len }
+            | Self::NotAWrite { bytes, len } => bytes.get(..usize::from(*len)).unwrap_or(bytes),
+        }
+    }
+}
+
+impl core::fmt::Display for EmulateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let what = match self {
+            Self::Fetch(e) => return write!(f, "instruction fetch failed: {e}"),
+            Self::Invalid { .. } => "invalid instruction",
+            Self::Unsupported { .. } => "write not emulated",
+            Self::NotAWrite { .. } => "instruction does not write memory",
+        };
+        f.write_str(what)?;
+        for b in self.bytes() {
+            write!(f, " {b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl core::error::Error for EmulateError {}
+
 /// Builds iced-x86's decoder tables now instead of on the first decode:
 /// call it once at boot, after the global allocator exists. Harmless to
 /// call again.

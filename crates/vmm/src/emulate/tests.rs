@@ -812,3 +812,19 @@ fn prepare_builds_the_tables_and_decoding_still_works() {
     let v = vcpu32(&[0x89, 0x02]);
     assert_eq!(decode(&v).map(|w| w.len), Ok(2));
 }
+
+#[test]
+fn errors_name_their_bytes() {
+    extern crate alloc;
+    use alloc::string::ToString;
+    let e = decode(&vcpu64(&[0xF3, 0xAB])).unwrap_err();
+    assert_eq!(e.bytes(), [0xF3, 0xAB]);
+    assert_eq!(e.to_string(), "write not emulated f3 ab");
+    let e = decode(&vcpu64(&[0x89, 0xC0])).unwrap_err();
+    assert_eq!(e.to_string(), "instruction does not write memory 89 c0");
+    let mut v = FakeVcpu::new(CodeBits::Bits32);
+    v.rip = RAM as u64;
+    let e = decode(&v).unwrap_err();
+    assert!(e.bytes().is_empty());
+    assert!(e.to_string().starts_with("instruction fetch failed: "));
+}
