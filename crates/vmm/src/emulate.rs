@@ -6,10 +6,22 @@
 //! write is looked at, every other register write is carried out on the
 //! real APIC). The exit says which guest-physical address and that it was
 //! a write, but not the value nor the instruction's length: QEMU's SVM has
-//! neither NRIPS nor decode assists, and VT-x gives the length but not the
-//! value. So the instruction is fetched the way the guest fetched it (its
-//! paging, its privilege, CS.base + RIP) and decoded with iced-x86 in the
-//! guest's current mode, and [`decode_write`] returns what it writes.
+//! neither NRIPS nor decode assists, and on VT-x the instruction-length
+//! field is undefined for EPT violations (SDM vol. 3C, 28.2.5: it is
+//! saved only for exits caused by executing an instruction). So the
+//! instruction is fetched the way the guest fetched it (its paging, its
+//! privilege, CS.base + RIP) and decoded with iced-x86 in the guest's
+//! current mode, and [`decode_write`] returns what it writes.
+//!
+//! # What the caller checks first
+//!
+//! Only a data write to the final translation may be emulated: not an
+//! instruction fetch (`NestedFault::fetch`), and not the processor's own
+//! write of an accessed/dirty bit into a guest page table that lies in a
+//! protected page (SVM: EXITINFO1 bit 33 instead of bit 32, APM vol. 2,
+//! 15.25.6; VT-x: exit qualification bit 8 clear, SDM vol. 3C, table
+//! 28-7). Decoding the instruction at RIP in that case would describe a
+//! different write. `NestedFault` does not carry that bit yet.
 //!
 //! Only the stores guests use on such pages are accepted: MOV r/m,r
 //! (88/89), MOV r/m,imm (C6/C7), XCHG r/m,r (86/87), MOV moffs,A (A2/A3),
