@@ -6,7 +6,10 @@
 //! so it runs as ordinary host tests against a fake vCPU.
 #![no_std]
 
+pub mod apic;
 pub mod cpuid;
+#[cfg(feature = "emulate")]
+pub mod emulate;
 pub mod events;
 pub mod exit;
 pub mod initial;
