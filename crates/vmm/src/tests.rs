@@ -75,6 +75,16 @@ impl Vcpu for FakeVcpu {
         self.skipped += 1;
         self.rip += 3;
     }
+    fn cs_access(&self) -> u16 {
+        // 64-bit code (L).
+        0xA09B
+    }
+    fn rflags(&self) -> u64 {
+        0x2
+    }
+    fn complete_instruction(&mut self, next_rip: u64) {
+        self.rip = next_rip;
+    }
     fn inject(&mut self, event: Event) {
         self.injected = Some(event);
     }
@@ -281,6 +291,7 @@ fn terminal_exits_stop_the_guest() {
         write: false,
         fetch: false,
         linear: None,
+        in_page_walk: false,
     };
     assert_eq!(
         handle_exit(&mut vmm, &mut vcpu, Exit::NestedPageFault(fault)),

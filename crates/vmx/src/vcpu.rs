@@ -824,6 +824,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                     linear: q
                         .linear_valid()
                         .then(|| GuestLinearAddr::new(read(F::GUEST_LINEAR_ADDRESS))),
+                    in_page_walk: q.linear_valid() && !q.final_translation(),
                 })
             }
             r::RDMSR | r::WRMSR => Exit::Msr {
@@ -997,6 +998,22 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         write(F::VM_ENTRY_INTR_INFO, 0);
         self.deferred = None;
         write(F::GUEST_ACTIVITY_STATE, ACTIVITY_WAIT_FOR_SIPI);
+    }
+
+    fn cs_access(&self) -> u16 {
+        read(F::GUEST_CS_AR_BYTES) as u16
+    }
+
+    fn rflags(&self) -> u64 {
+        read(F::GUEST_RFLAGS)
+    }
+
+    fn complete_instruction(&mut self, next_rip: u64) {
+        write(F::GUEST_RIP, next_rip);
+        let blocking = read(F::GUEST_INTERRUPTIBILITY_INFO);
+        if blocking & 3 != 0 {
+            write(F::GUEST_INTERRUPTIBILITY_INFO, blocking & !3);
+        }
     }
 
     fn skip_instruction(&mut self) {
