@@ -1,4 +1,4 @@
-//! The services behind the standard VMM calls (SPEC.md section 3).
+//! The services behind the standard VMM calls (docs/vmm-call.md, Functions).
 
 use crate::log_ring::LogRing;
 use crate::vcpu::Gpr;

@@ -37,7 +37,7 @@ fn measure(body: Body, iterations: u64, nop: bool) -> u64 {
     let start = rdtsc();
     // SAFETY: each loop changes only the registers declared; RBX is saved
     // and restored around it (LLVM reserves it). A VMM call preserves every
-    // register but RAX (and RBX, reloaded each iteration; SPEC.md section 3).
+    // register but RAX (and RBX, reloaded each iteration; docs/vmm-call.md).
     unsafe {
         match (body, nop) {
             (Body::Cpuid, false) => asm!(

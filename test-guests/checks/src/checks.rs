@@ -1132,8 +1132,8 @@ fn protected_msr(_: &BootInfo) -> CheckResult {
 
 /// `cross_vendor_call`: the other vendor's call instruction (VMMCALL on
 /// Intel, VMCALL on AMD) raises #UD in hardware; thinvisor takes it as a
-/// call all the same (SPEC.md section 7), while a genuine #UD (UD2) still
-/// reaches the guest.
+/// call all the same (docs/vmm-call.md, Calling), while a genuine #UD
+/// (UD2) still reaches the guest.
 fn cross_vendor_call(_: &BootInfo) -> CheckResult {
     let own = dbgsh_number()?;
     let name = b"dbgsh\0";
@@ -1236,8 +1236,7 @@ fn cr0_writes(_: &BootInfo) -> CheckResult {
 }
 
 /// APM control port: a write raises an SMI on QEMU's `pc` machine, whose
-/// firmware (SeaBIOS) runs an SMM handler (SPEC.md section 7: BitVisor
-/// does not survive SMIs there).
+/// firmware (SeaBIOS) runs an SMM handler (docs/architecture.md, SMIs).
 const APM_CONTROL: u16 = 0xB2;
 
 /// `smi_storm`: 100 SMIs raised from inside the guest, each followed by an

@@ -65,8 +65,9 @@ pub fn vendor() -> [u8; 12] {
 /// True when the VMM call is VMCALL (Intel), false for VMMCALL.
 static USE_VMCALL: AtomicBool = AtomicBool::new(false);
 
-/// Chooses the call instruction from the CPUID vendor, as SPEC.md section 3
-/// asks of a guest: "GenuineIntel" uses VMCALL, everything else VMMCALL.
+/// Chooses the processor's own call instruction from the CPUID vendor
+/// (docs/vmm-call.md, Calling): "GenuineIntel" uses VMCALL, everything
+/// else VMMCALL.
 pub fn detect_vendor() {
     USE_VMCALL.store(&vendor() == b"GenuineIntel", Relaxed);
 }
