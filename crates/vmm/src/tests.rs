@@ -265,6 +265,29 @@ fn cpuid_exit_writes_zero_extended_results() {
 }
 
 #[test]
+fn cpuid_exit_reports_the_guests_osxsave() {
+    // A host with XSAVE and CR4.OSXSAVE set (as thinvisor sets it on VT-x).
+    fn host(leaf: u32, _: u32) -> CpuidResult {
+        CpuidResult {
+            ecx: if leaf == 1 { (1 << 26) | (1 << 27) } else { 0 },
+            ..CpuidResult::default()
+        }
+    }
+    let vm = std::boxed::Box::leak(std::boxed::Box::new(Vm::new(
+        CpuidPolicy::new(host),
+        new_log(),
+    )));
+    let mut vmm = Vmm::new(vm);
+    let mut vcpu = FakeVcpu::new();
+    for (cr4, osxsave) in [(0, 0), (1 << 18, 1 << 27), (!(1u64 << 18), 0)] {
+        vcpu.paging.cr4 = cr4;
+        vcpu.set_gpr(Gpr::Rax, 1);
+        handle_exit(&mut vmm, &mut vcpu, Exit::Cpuid);
+        assert_eq!(vcpu.gpr(Gpr::Rcx) & (1 << 27), osxsave, "CR4 {cr4:#x}");
+    }
+}
+
+#[test]
 fn terminal_exits_stop_the_guest() {
     let mut vmm = vmm();
     let mut vcpu = FakeVcpu::new();

@@ -1165,6 +1165,9 @@ fn cross_vendor_call(_: &BootInfo) -> CheckResult {
 /// `xsetbv`: the guest programs its own XCR0 (on VT-x XSETBV always exits
 /// and the VMM executes it after XSETBV's own checks; on SVM it runs in
 /// the guest). Valid values read back with XGETBV, invalid ones raise #GP.
+/// First, CPUID.1:ECX.OSXSAVE (bit 27) must follow the guest's own
+/// CR4.OSXSAVE, clear and set, not the hypervisor's (on VT-x thinvisor
+/// runs with CR4.OSXSAVE set to execute XSETBV).
 fn xsetbv(_: &BootInfo) -> CheckResult {
     const CR4_OSXSAVE: u64 = 1 << 18;
     const X87_SSE: u64 = 0b11;
@@ -1177,9 +1180,19 @@ fn xsetbv(_: &BootInfo) -> CheckResult {
     let cr4: u64;
     // SAFETY: reading CR4 has no side effects at CPL 0.
     unsafe { core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack)) };
-    // SAFETY: OSXSAVE only enables XGETBV/XSETBV/XSAVE; the processor has
-    // XSAVE (checked above).
-    unsafe { core::arch::asm!("mov cr4, {}", in(reg) cr4 | CR4_OSXSAVE, options(nostack)) };
+    const OSXSAVE: u32 = 1 << 27;
+    for (value, shown) in [(cr4 & !CR4_OSXSAVE, 0), (cr4 | CR4_OSXSAVE, OSXSAVE)] {
+        // SAFETY: OSXSAVE only enables XGETBV/XSETBV/XSAVE; the processor
+        // has XSAVE (checked above), and this guest does not use them
+        // before setting it again.
+        unsafe { core::arch::asm!("mov cr4, {}", in(reg) value, options(nostack)) };
+        let [_, _, ecx, _] = cpu::cpuid(1, 0);
+        ensure!(
+            ecx & OSXSAVE == shown,
+            "CR4 {value:#x}: CPUID.1:ECX.OSXSAVE is {} (ECX {ecx:#x})",
+            u32::from(ecx & OSXSAVE != 0)
+        );
+    }
     let [eax, _, _, edx] = cpu::cpuid(0xD, 0);
     let supported = (u64::from(edx) << 32) | u64::from(eax);
     let xgetbv = || {
