@@ -133,7 +133,8 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS smi_storm",
     "PASS cr0_writes",
     "PASS xsetbv",
-    "SUMMARY: 25 passed, 0 failed",
+    "PASS cr_writes_gp",
+    "SUMMARY: 26 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -215,7 +216,7 @@ pub const CASES: &[Case] = &[
             "guest RAM: 1024 MiB",
             "1 GiB pages yes",
             "PASS cross_vendor_call",
-            "SUMMARY: 25 passed, 0 failed",
+            "SUMMARY: 26 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 3072,
@@ -231,7 +232,7 @@ pub const CASES: &[Case] = &[
         must_contain: &[
             "direct map: 8 GiB",
             "guest RAM: 3072 MiB at host-physical 0x100000000",
-            "SUMMARY: 25 passed, 0 failed",
+            "SUMMARY: 26 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 7168,

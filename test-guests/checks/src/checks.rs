@@ -1248,6 +1248,96 @@ fn cr0_writes(_: &BootInfo) -> CheckResult {
     Ok(())
 }
 
+/// `cr_writes_gp`: MOV to CR0/CR4 of values the processor refuses raises
+/// #GP(0) and changes nothing; the guest sees a processor without VMX, so
+/// CR4.VMXE is one of them (Intel SDM vol. 2B, MOV to CR, and vol. 3A,
+/// 2.5; AMD APM vol. 2, 3.1). Each value is tried with CR0.NE (CR4.VMXE)
+/// as the guest reads it and flipped: on VT-x the first runs in the
+/// processor, the second exits to thinvisor, which must make the checks
+/// itself because the exit comes before them (SDM vol. 3C, 26.1.1). On
+/// SVM thinvisor intercepts no CR writes and the processor checks, except
+/// that a guest may set CR0.PG with PE clear there ("paged real mode",
+/// AMD APM vol. 2, 15.19; Bochs allows it), so that one is tried on VT-x
+/// only. QEMU's TCG makes none of these checks (7.2: it writes such
+/// values, and a reserved CR4 bit in a guest ends it with VMEXIT_INVALID),
+/// so on QEMU the check only says so.
+fn cr_writes_gp(_: &BootInfo) -> CheckResult {
+    const PE: u64 = 1 << 0;
+    const NE: u64 = 1 << 5;
+    const NW: u64 = 1 << 29;
+    const CD: u64 = 1 << 30;
+    const PG: u64 = 1 << 31;
+    const PAE: u64 = 1 << 5;
+    const VMXE: u64 = 1 << 13;
+    const CR4_RESERVED_15: u64 = 1 << 15;
+    if cpu::brand().windows(4).any(|w| w == b"QEMU") {
+        say!("NOTE cr_writes_gp: QEMU's TCG does not check MOV to CR; nothing tested");
+        return Ok(());
+    }
+    let (cr0, cr4) = (cpu::read_cr0(), cpu::read_cr4());
+    ensure!(
+        cr0 & (PE | PG) == PE | PG && cr4 & PAE != 0,
+        "unexpected CR0 {cr0:#x} / CR4 {cr4:#x} for this check"
+    );
+    let mut refused = [(0u8, 0u64); 16];
+    let mut n = 0;
+    for ne in [0, NE] {
+        let base = cr0 ^ ne;
+        for bad in [
+            base | 1 << 32,    // reserved bits 63:32
+            (base | NW) & !CD, // NW without CD
+            base & !PG,        // leaving paging in 64-bit mode
+        ] {
+            refused[n] = (0, bad);
+            n += 1;
+        }
+        if cpu::uses_vmcall() {
+            refused[n] = (0, base & !PE); // PG without PE
+            n += 1;
+        }
+    }
+    for vmxe in [0, VMXE] {
+        for bad in [
+            cr4 | VMXE,
+            cr4 | vmxe | CR4_RESERVED_15,
+            cr4 | vmxe | 1 << 32,
+            (cr4 | vmxe) & !PAE, // leaving PAE in IA-32e mode
+        ] {
+            refused[n] = (4, bad);
+            n += 1;
+        }
+    }
+    for &(cr, value) in &refused[..n] {
+        // SAFETY: every value is one the processor refuses with #GP; if
+        // one is taken all the same the check fails (or the guest dies,
+        // which fails the run).
+        let r = unsafe {
+            if cr == 0 {
+                recover::write_cr::<0>(value, recover::GP)
+            } else {
+                recover::write_cr::<4>(value, recover::GP)
+            }
+        };
+        match r {
+            Ok(()) => fail!("MOV CR{cr}, {value:#x} did not raise #GP"),
+            Err(c) => ensure!(
+                c.vector == u64::from(recover::GP) && c.error == 0,
+                "MOV CR{cr}, {value:#x} raised vector {} error {:#x}, not #GP(0)",
+                c.vector,
+                c.error
+            ),
+        }
+        let now = (cpu::read_cr0(), cpu::read_cr4());
+        ensure!(
+            now == (cr0, cr4),
+            "MOV CR{cr}, {value:#x} faulted but left CR0 {:#x} CR4 {:#x}",
+            now.0,
+            now.1
+        );
+    }
+    Ok(())
+}
+
 /// APM control port: a write raises an SMI on QEMU's `pc` machine, whose
 /// firmware (SeaBIOS) runs an SMM handler (docs/architecture.md, SMIs).
 const APM_CONTROL: u16 = 0xB2;
@@ -1403,7 +1493,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 25] = [
+const CHECKS: [Check; 26] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -1429,6 +1519,7 @@ const CHECKS: [Check; 25] = [
     ("smi_storm", smi_storm),
     ("cr0_writes", cr0_writes),
     ("xsetbv", xsetbv),
+    ("cr_writes_gp", cr_writes_gp),
 ];
 
 /// Runs every check, prints the summary and ends the run.
