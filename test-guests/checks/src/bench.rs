@@ -12,7 +12,8 @@ use crate::cpu;
 use core::arch::asm;
 use thinvisor_abi as abi;
 
-fn rdtsc() -> u64 {
+/// The time-stamp counter (also used by `smi_storm`).
+pub(crate) fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: RDTSC only reads the time-stamp counter.
     unsafe {
