@@ -133,7 +133,8 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS smi_storm",
     "PASS cr0_writes",
     "PASS xsetbv",
-    "SUMMARY: 25 passed, 0 failed",
+    "PASS cr_writes_gp",
+    "SUMMARY: 26 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -142,8 +143,38 @@ const ON_SVM: &[&str] = &["AMD SVM: revision"];
 const ON_VMX_AUTO: &[&str] = &["EFER via VMCS controls", "VPID on", "EPT 2M pages yes"];
 const ON_VMX_MSR_AREA: &[&str] = &["EFER via MSR areas", "VPID on", "EPT 2M pages yes"];
 const NO_FAIL: &[&str] = &["FAIL"];
-/// The test guest's `npf` run: a touch of guest-physical 0xE000_0000.
-const NPF_REPORTED: &[&str] = &["nested page fault", "0xe0000000"];
+/// The test guest's `npf` run: a read of guest-physical 0xE000_0000, as
+/// the hypervisor reports the stop (`report_stop` in hypervisor/src/main.rs;
+/// the guest's own line names the address too, so the address alone
+/// proves nothing).
+const NPF_REPORTED: &[&str] = &["nested page fault: guest read at guest-physical 0xe0000000"];
+/// The stop lines of the `halt` and `triple` runs (`report_stop`): a run
+/// that ends any other way cannot print them.
+const HALT_REPORTED: &[&str] = &["guest halted at rip 0x"];
+const SHUTDOWN_REPORTED: &[&str] = &["guest shutdown (triple fault) near rip 0x"];
+/// A `checks` run on VT-x that passed, and whose boot log names the EFER
+/// path asked for.
+const CHECKS_PASSED_VMX_AUTO: [&str; CHECKS_PASSED.len() + ON_VMX_AUTO.len()] =
+    concat(CHECKS_PASSED, ON_VMX_AUTO);
+const CHECKS_PASSED_VMX_MSR_AREA: [&str; CHECKS_PASSED.len() + ON_VMX_MSR_AREA.len()] =
+    concat(CHECKS_PASSED, ON_VMX_MSR_AREA);
+
+/// `a` then `b`, for expectation lists made of two (`N` must be the sum
+/// of their lengths; a wrong `N` fails the build).
+const fn concat<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'static str; N] {
+    assert!(a.len() + b.len() == N);
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - a.len()];
+        i += 1;
+    }
+    out
+}
 
 const CHECKS: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf checks")];
 const NPF: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf npf")];
@@ -170,20 +201,23 @@ pub const CASES: &[Case] = &[
         modules: NPF,
         exit: Some(exit_code::GUEST_BAD_MEMORY),
         must_contain: NPF_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "qemu-halt",
         modules: &[(Image::TestGuest, "test-guest.elf halt")],
         exit: Some(exit_code::GUEST_HALTED),
-        must_contain: &["guest halted"],
+        must_contain: HALT_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "qemu-triple",
         modules: &[(Image::TestGuest, "test-guest.elf triple")],
         exit: Some(exit_code::GUEST_SHUTDOWN),
-        must_contain: &["shutdown"],
+        must_contain: SHUTDOWN_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
@@ -215,7 +249,7 @@ pub const CASES: &[Case] = &[
             "guest RAM: 1024 MiB",
             "1 GiB pages yes",
             "PASS cross_vendor_call",
-            "SUMMARY: 25 passed, 0 failed",
+            "SUMMARY: 26 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 3072,
@@ -231,7 +265,7 @@ pub const CASES: &[Case] = &[
         must_contain: &[
             "direct map: 8 GiB",
             "guest RAM: 3072 MiB at host-physical 0x100000000",
-            "SUMMARY: 25 passed, 0 failed",
+            "SUMMARY: 26 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 7168,
@@ -268,6 +302,7 @@ pub const CASES: &[Case] = &[
         emulator: RYZEN,
         modules: NPF,
         must_contain: NPF_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
@@ -308,7 +343,7 @@ pub const CASES: &[Case] = &[
         emulator: SKYLAKE_X,
         hv_args: "log=info efer=auto",
         modules: CHECKS,
-        must_contain: ON_VMX_AUTO,
+        must_contain: &CHECKS_PASSED_VMX_AUTO,
         must_not_contain: NO_FAIL,
         ..QEMU
     },
@@ -317,7 +352,7 @@ pub const CASES: &[Case] = &[
         emulator: SKYLAKE_X,
         hv_args: "log=info efer=msr-area",
         modules: CHECKS,
-        must_contain: ON_VMX_MSR_AREA,
+        must_contain: &CHECKS_PASSED_VMX_MSR_AREA,
         must_not_contain: NO_FAIL,
         ..QEMU
     },
@@ -326,20 +361,23 @@ pub const CASES: &[Case] = &[
         emulator: SKYLAKE_X,
         modules: NPF,
         must_contain: NPF_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "bochs-skylake-x-halt",
         emulator: SKYLAKE_X,
         modules: &[(Image::TestGuest, "test-guest.elf halt")],
-        must_contain: &["guest halted"],
+        must_contain: HALT_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "bochs-skylake-x-triple",
         emulator: SKYLAKE_X,
         modules: &[(Image::TestGuest, "test-guest.elf triple")],
-        must_contain: &["shutdown"],
+        must_contain: SHUTDOWN_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
@@ -722,6 +760,39 @@ mod tests {
         );
         let problems = case.check_serial("SUMMARY: 1 passed, 1 failed");
         assert!(problems[0].contains("\" 0 failed\""));
+    }
+
+    #[test]
+    fn vmx_efer_cases_need_the_guests_pass_marker() {
+        for name in ["bochs-skylake-x-efer-auto", "bochs-skylake-x-efer-msr-area"] {
+            let case = CASES.iter().find(|c| c.name == name).unwrap();
+            // The boot log alone, as a run whose checks fail also prints it.
+            let boot_only =
+                "EFER via VMCS controls; EFER via MSR areas; VPID on; EPT 2M pages yes\n\
+                             SUMMARY: 25 passed, 1 failed\n";
+            assert!(!case.check_serial(boot_only).is_empty(), "{name}");
+            for s in CHECKS_PASSED {
+                assert!(case.must_contain.contains(s), "{name} lacks {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn stop_cases_need_the_stop_line() {
+        let triple = CASES
+            .iter()
+            .find(|c| c.name == "bochs-skylake-x-triple")
+            .unwrap();
+        // Bochs' own words, or a guest's, are not the hypervisor's stop line.
+        assert!(!triple.check_serial("Bochs: shutdown requested").is_empty());
+        let line = "thinvisor: [ERROR] guest shutdown (triple fault) near rip 0x10213a; stopping";
+        assert_eq!(triple.check_serial(line), Vec::<String>::new());
+        let npf = CASES
+            .iter()
+            .find(|c| c.name == "bochs-skylake-x-npf")
+            .unwrap();
+        let guest_only = "test-guest: touching guest-physical 0xE0000000 (outside guest RAM)";
+        assert!(!npf.check_serial(guest_only).is_empty());
     }
 
     #[test]

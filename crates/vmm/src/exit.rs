@@ -74,11 +74,12 @@ fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
 }
 
 /// CPUID: the real processor's answer, edited by the policy (hypervisor
-/// bit, thinvisor's leaf 0x40000000, no nested virtualization).
+/// bit, thinvisor's leaf 0x40000000, no nested virtualization, the
+/// guest's own CR4.OSXSAVE and CR4.PKE).
 fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let leaf = vcpu.gpr(Gpr::Rax) as u32;
     let subleaf = vcpu.gpr(Gpr::Rcx) as u32;
-    let r = vmm.vm.cpuid.query(leaf, subleaf);
+    let r = vmm.vm.cpuid.query(leaf, subleaf, vcpu.paging().cr4);
     // CPUID writes the full 64-bit registers with zero-extended values.
     vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
     vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));

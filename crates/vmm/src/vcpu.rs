@@ -88,7 +88,7 @@ impl Event {
 /// Why the guest exited, in vendor-neutral terms.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Exit {
-    /// VMCALL or VMMCALL: a call into the VMM (SPEC.md section 3).
+    /// VMCALL or VMMCALL: a call into the VMM (docs/vmm-call.md).
     VmmCall,
     /// CPUID.
     Cpuid,
