@@ -275,7 +275,11 @@ fn memory_map() -> Result<([MmapEntry; 32], usize), Why> {
     while at + 24 <= addr + len {
         let size = u64::from(phys32(at));
         ensure!(size >= 20, "memory map entry at {at:#x} has size {size}");
-        ensure!(n < entries.len(), "more than {} memory map entries", entries.len());
+        ensure!(
+            n < entries.len(),
+            "more than {} memory map entries",
+            entries.len()
+        );
         entries[n] = (phys64(at + 4), phys64(at + 12), phys32(at + 20));
         n += 1;
         at += size + 4;

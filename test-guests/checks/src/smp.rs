@@ -435,4 +435,3 @@ fn first_wrong(n: usize, want: u64, bsp_id: u32) -> FirstWrong {
     }
     FirstWrong(ApRecord::default(), 0)
 }
-

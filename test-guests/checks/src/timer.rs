@@ -279,10 +279,7 @@ unsafe fn lidt(ptr: &DescriptorPtr) {
 /// A 64-bit interrupt gate (SDM vol. 3A, 6.14.1): selector 0x08, DPL 0,
 /// no IST (the handlers run on the interrupted stack, ring 0 only).
 fn gate(handler: u64) -> [u64; 2] {
-    let low = (handler & 0xFFFF)
-        | (0x08 << 16)
-        | (0x8E << 40)
-        | (((handler >> 16) & 0xFFFF) << 48);
+    let low = (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | (((handler >> 16) & 0xFFFF) << 48);
     [low, handler >> 32]
 }
 
@@ -427,4 +424,3 @@ fn run_timer(lapic: &Lapic) -> CheckResult {
     );
     Ok(())
 }
-
