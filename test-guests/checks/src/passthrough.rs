@@ -398,7 +398,7 @@ const STORES: [(&str, &[u64]); 6] = [
 /// first store, which is why this check runs last.
 fn hidden_writes_dropped() -> CheckResult {
     let (start, end) = mapped_block()?;
-    let pages = [start, start + ((end - start) / 2 & !0xFFF), end - 4096];
+    let pages = [start, start + (((end - start) / 2) & !0xFFF), end - 4096];
     for page in pages {
         for (kind, (form, offsets)) in STORES.iter().enumerate() {
             let after = store(kind, page, 0xC0DE_0000 | kind as u32);

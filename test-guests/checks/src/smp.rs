@@ -344,13 +344,11 @@ pub fn aps_start() -> CheckResult {
         for (k, w) in r.sig[1..].iter().enumerate() {
             sig[4 * k..4 * k + 4].copy_from_slice(&w.to_le_bytes());
         }
-        let shown = core::str::from_utf8(&sig)
-            .unwrap_or("?")
-            .trim_end_matches('\0');
+        let shown = Signature(sig);
         let right = match r.status {
             CALLED => {
                 say!(
-                    "test-guest: AP {i}: APIC ID {}, CPUID 0x40000000 \"{shown}\", \"log_read\" = {}",
+                    "test-guest: AP {i}: APIC ID {}, CPUID 0x40000000 {shown}, \"log_read\" = {}",
                     r.apic_id,
                     r.lookup
                 );
@@ -358,7 +356,7 @@ pub fn aps_start() -> CheckResult {
             }
             EXCEPTION => {
                 say!(
-                    "test-guest: AP {i}: APIC ID {}, CPUID 0x40000000 \"{shown}\", exception vector {} (frame {:#x} {:#x}){}",
+                    "test-guest: AP {i}: APIC ID {}, CPUID 0x40000000 {shown}, exception vector {} (frame {:#x} {:#x}){}",
                     r.apic_id,
                     r.vector,
                     r.frame[0],
@@ -400,6 +398,25 @@ pub fn aps_start() -> CheckResult {
     );
     ensure!(good > 0, "no AP answered");
     Ok(())
+}
+
+/// CPUID 0x40000000's EBX, ECX, EDX: quoted text when printable (NULs
+/// at the end dropped), else hex bytes.
+struct Signature([u8; 12]);
+
+impl core::fmt::Display for Signature {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let text = self.0.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if self.0[..text]
+            .iter()
+            .all(|b| b.is_ascii_graphic() || *b == b' ')
+        {
+            let s = core::str::from_utf8(&self.0[..text]).unwrap_or("");
+            write!(f, "\"{s}\"")
+        } else {
+            self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        }
+    }
 }
 
 /// A short description of the first wrong answer.
