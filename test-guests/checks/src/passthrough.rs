@@ -237,14 +237,18 @@ pub fn thinvisor_block() -> Result<(u64, u64), Why> {
 /// (Multiboot Specification 0.6.96, 3.3).
 const FLAG_MMAP: u32 = 1 << 6;
 /// Memory map type of available RAM.
-const MMAP_AVAILABLE: u32 = 1;
+pub const MMAP_AVAILABLE: u32 = 1;
 
-/// Reads a little-endian dword at a guest-physical address in the first
-/// GiB (identity-mapped).
+/// Reads a little-endian dword at a guest-physical address below 512 GiB
+/// (identity-mapped by the entry code in the first GiB, by
+/// `map_identity_2m` above).
 fn phys32(pa: u64) -> u32 {
-    assert!(pa + 4 <= 1 << 30, "{pa:#x} is not identity-mapped");
-    // SAFETY: the first GiB is identity-mapped and present; the caller
-    // reads the loader's information structure, which lies in RAM.
+    if pa + 4 > 1 << 30 {
+        map_identity_2m(pa, false);
+        map_identity_2m(pa + 3, false);
+    }
+    // SAFETY: identity-mapped (above); the caller reads the loader's
+    // information structure, which lies in RAM.
     unsafe { (pa as *const u32).read_unaligned() }
 }
 
@@ -253,10 +257,14 @@ fn phys64(pa: u64) -> u64 {
 }
 
 /// One memory map entry: (base, length, type).
-type MmapEntry = (u64, u64, u32);
+pub type MmapEntry = (u64, u64, u32);
 
-/// The multiboot memory map the guest received, at most 32 entries.
-fn memory_map() -> Result<([MmapEntry; 32], usize), Why> {
+/// Entries of the memory map kept.
+const MMAP_MAX: usize = 64;
+
+/// The multiboot memory map the guest received, at most `MMAP_MAX`
+/// entries.
+pub fn memory_map() -> Result<([MmapEntry; MMAP_MAX], usize), Why> {
     let copy = entry::boot_copy();
     ensure!(
         copy.magic == crate::boot::MULTIBOOT_MAGIC && copy.info != 0,
@@ -269,7 +277,11 @@ fn memory_map() -> Result<([MmapEntry; 32], usize), Why> {
     );
     let info = u64::from(copy.info);
     let (len, addr) = (u64::from(phys32(info + 44)), u64::from(phys32(info + 48)));
-    let mut entries = [(0, 0, 0); 32];
+    ensure!(
+        addr + len <= 1 << 39,
+        "the memory map at {addr:#x} lies beyond 512 GiB"
+    );
+    let mut entries = [(0, 0, 0); MMAP_MAX];
     let mut n = 0;
     let mut at = addr;
     while at + 24 <= addr + len {

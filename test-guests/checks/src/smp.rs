@@ -305,6 +305,15 @@ pub fn aps_start() -> CheckResult {
     ensure!(lapic.bsp, "IA32_APIC_BASE says this is not the BSP");
     let want = passthrough::lookup(abi::names::LOG_READ);
     ensure!(want != 0, "lookup of \"log_read\" on the BSP returned 0");
+    let (map, entries) = passthrough::memory_map()?;
+    ensure!(
+        map[..entries]
+            .iter()
+            .any(|&(base, len, kind)| kind == passthrough::MMAP_AVAILABLE
+                && base <= TRAMPOLINE
+                && base + len >= TRAMPOLINE + 4096),
+        "the memory map does not offer the trampoline's page {TRAMPOLINE:#x}"
+    );
     prepare()?;
     lapic.enable();
     let bsp_id = lapic.id();
