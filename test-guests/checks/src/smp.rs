@@ -4,8 +4,8 @@
 //! The BSP copies a real-mode trampoline to `TRAMPOLINE` (below 1 MiB,
 //! page-aligned: a SIPI starts a processor at `vector << 12` in real mode,
 //! Intel SDM vol. 3A, 9.4.4.1 / 11.6.1) and sends INIT, then two SIPIs,
-//! to all processors but itself (SDM vol. 3A, 9.4.4.1, the universal
-//! start-up algorithm: INIT, 10 ms, SIPI, 200 us, SIPI). Each AP
+//! to all processors but itself (SDM vol. 3A, 9.4.4.1, "Typical BSP
+//! Initialization Sequence": INIT, 10 ms, SIPI, 200 us, SIPI). Each AP
 //! 1. loads the entry code's GDT, enters 32-bit protected mode (paging
 //!    off) and jumps into this image (`tg_ap_entry32`),
 //! 2. takes a slot with `lock xadd` (its record and a 4 KiB stack whose

@@ -64,7 +64,7 @@ const APIC_BASE_EXTD: u64 = 1 << 10;
 const APIC_BASE_EN: u64 = 1 << 11;
 
 /// Register offsets in the xAPIC page (SDM vol. 3A, table 11-1); the
-/// x2APIC MSR is 0x800 + offset / 16 (table 11-6).
+/// x2APIC MSR is 0x800 + offset / 16 (11.12.1.2).
 pub const REG_ID: u32 = 0x20;
 const REG_TPR: u32 = 0x80;
 const REG_EOI: u32 = 0xB0;
