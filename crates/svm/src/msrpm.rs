@@ -58,6 +58,8 @@ pub fn init(map: &mut [u8; MSRPM_SIZE]) {
         intercept(map, msr, true, true);
     }
     intercept(map, crate::efer::MSR_EFER, true, true);
+    // The x2APIC ICR: thinvisor starts the processors it holds.
+    intercept(map, thinvisor_vmm::apic::X2APIC_ICR_MSR, false, true);
 }
 
 #[cfg(test)]
