@@ -93,5 +93,8 @@ mod tests {
             assert!(!is_intercepted(&map, msr, true), "{msr:#x}");
         }
         assert!(is_intercepted(&map, 0x4000_0000, false));
+        // The x2APIC ICR: writes only.
+        assert!(is_intercepted(&map, 0x830, true));
+        assert!(!is_intercepted(&map, 0x830, false));
     }
 }
