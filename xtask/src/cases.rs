@@ -457,6 +457,22 @@ pub const CASES: &[Case] = &[
         smp: 2,
         ..QEMU
     },
+    Case {
+        // The same kernel and initramfs on Bochs' Intel model: VT-x with
+        // EPT, unrestricted guest, 2 processors. About 5-6 G instructions.
+        name: "bochs-skylake-x-linux",
+        emulator: SKYLAKE_X,
+        hv_args: linux::LINUX_HV_ARGS,
+        modules: &[
+            (Image::LinuxKernel, linux::KERNEL_MODULE),
+            (Image::LinuxInitrd, linux::INITRD_MODULE),
+        ],
+        must_contain: LINUX_UNDER_THINVISOR,
+        must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 600,
+        ..QEMU
+    },
 ];
 
 /// What every Linux boot prints, under thinvisor, with two processors
