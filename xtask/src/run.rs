@@ -5,7 +5,7 @@
 //! instead.
 
 use std::fs;
-use std::process::ExitCode;
+use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use thinvisor_abi::exit_code;
@@ -169,16 +169,17 @@ fn run_linux(ctx: &Ctx, opts: &Options, images: &Images) -> Result<ExitCode> {
         ],
     };
     let timeout = opts.timeout();
+    let on = match &opts.bochs {
+        None => "QEMU TCG -cpu max".to_string(),
+        Some(model) => format!("Bochs {model}"),
+    };
     eprintln!(
-        "run: Linux ({}) under thinvisor `{}` on {}, {smp} CPU(s), 512 MiB; \
-         the run ends when Linux powers off (limit {})",
-        assets.kernel_package,
-        boot.args,
-        match &opts.bochs {
-            None => "QEMU TCG -cpu max".to_string(),
-            Some(model) => format!("Bochs {model}"),
-        },
-        util::secs(timeout),
+        "run: Linux ({package}) under thinvisor `{args}` on {on}, {smp} CPU{s}, 512 MiB; \
+         the run ends when Linux powers off (limit {limit})",
+        package = assets.kernel_package,
+        args = boot.args,
+        s = if smp == 1 { "" } else { "s" },
+        limit = util::secs(timeout),
     );
     let (ran, serial, log) = match &opts.bochs {
         None => {
@@ -196,12 +197,7 @@ fn run_linux(ctx: &Ctx, opts: &Options, images: &Images) -> Result<ExitCode> {
             let watched = linux::watch(cmd, timeout)?;
             let log = dir.join("serial.log");
             fs::write(&log, &watched.serial).context("writing serial.log")?;
-            let end = match (&watched.status, &watched.stopped) {
-                (_, Some(reason)) => End::Stopped(reason.clone()),
-                (Some(status), None) if status.code() == Some(0) => End::Clean,
-                (Some(status), None) => End::Odd(emu::describe_qemu_status(status)),
-                (None, None) => End::Odd("no exit status".into()),
-            };
+            let end = qemu_end(watched.status.as_ref(), watched.stopped.as_deref());
             let ran = Ran {
                 emulator: "QEMU",
                 smp,
@@ -220,13 +216,10 @@ fn run_linux(ctx: &Ctx, opts: &Options, images: &Images) -> Result<ExitCode> {
                 ..BochsOpts::new(model)
             };
             let outcome = emu::run_bochs(ctx, "run-bochs", &boot, &bochs)?;
-            let end = match (&outcome.stopped, outcome.bochs_exit_message()) {
-                (Some(reason), _) => End::Stopped(reason.clone()),
-                (None, Some(message)) if !message.contains("shutdown requested") => {
-                    End::Odd(message)
-                }
-                (None, _) => End::Clean,
-            };
+            let end = bochs_end(
+                outcome.stopped.as_deref(),
+                outcome.bochs_exit_message().as_deref(),
+            );
             let ran = Ran {
                 emulator: "Bochs",
                 smp,
@@ -258,6 +251,32 @@ enum End {
     Odd(String),
     /// Stopped by the runner (time-out, reset).
     Stopped(String),
+}
+
+/// How QEMU ended: a guest's power-off ends it with status 0 (thinvisor
+/// writes no exit code then).
+fn qemu_end(status: Option<&ExitStatus>, stopped: Option<&str>) -> End {
+    match (status, stopped) {
+        (_, Some(reason)) => End::Stopped(reason.to_string()),
+        (Some(status), None) if status.code() == Some(0) => End::Clean,
+        (Some(status), None) => End::Odd(emu::describe_qemu_status(status)),
+        (None, None) => End::Odd("no exit status".into()),
+    }
+}
+
+/// How Bochs ended, from its farewell message: an ACPI power-off ("ACPI
+/// control: soft power off") or the shutdown port ("shutdown requested")
+/// is the guest's own end.
+fn bochs_end(stopped: Option<&str>, message: Option<&str>) -> End {
+    match (stopped, message) {
+        (Some(reason), _) => End::Stopped(reason.to_string()),
+        (None, Some(message))
+            if !message.contains("soft power off") && !message.contains("shutdown requested") =>
+        {
+            End::Odd(format!("Bochs said `{message}`"))
+        }
+        (None, _) => End::Clean,
+    }
 }
 
 /// What the verdict needs besides the serial log.
@@ -549,6 +568,33 @@ mod tests {
             assert!(parse(&args(bad)).is_err(), "{bad}");
         }
         assert!(parse(&args("--help")).unwrap_err().starts_with("usage:"));
+    }
+
+    #[test]
+    fn how_the_emulator_ended() {
+        use std::os::unix::process::ExitStatusExt;
+        let zero = ExitStatus::from_raw(0);
+        assert_eq!(qemu_end(Some(&zero), None), End::Clean);
+        let panic = ExitStatus::from_raw(exit_code::qemu_status(exit_code::VMM_PANIC) << 8);
+        assert!(matches!(qemu_end(Some(&panic), None), End::Odd(s) if s.contains("panic")));
+        assert_eq!(
+            qemu_end(None, Some("timeout after 1.0 s")),
+            End::Stopped("timeout after 1.0 s".into())
+        );
+        assert_eq!(
+            bochs_end(None, Some("[ACPI  ] ACPI control: soft power off")),
+            End::Clean
+        );
+        assert_eq!(
+            bochs_end(None, Some("[UNMAP ] Shutdown port: shutdown requested")),
+            End::Clean
+        );
+        assert_eq!(bochs_end(None, None), End::Clean);
+        assert!(matches!(
+            bochs_end(None, Some("[CPU0  ] exception(): 3rd (13) exception with no resolution")),
+            End::Odd(s) if s.contains("3rd (13)")
+        ));
+        assert!(matches!(bochs_end(Some("timeout"), None), End::Stopped(_)));
     }
 
     /// The end of a Linux boot under thinvisor, as the console writes it.
