@@ -92,6 +92,8 @@ pub struct BochsOpts {
     pub follow: bool,
     /// Processors (`cpu: count=N`); 1 = Bochs' default, one.
     pub cpus: u32,
+    /// A line to time, as `QemuOpts::time_line`.
+    pub time_line: Option<String>,
 }
 
 impl BochsOpts {
@@ -103,6 +105,7 @@ impl BochsOpts {
             ips: 2_000_000,
             follow: false,
             cpus: 1,
+            time_line: None,
         }
     }
 }
@@ -123,8 +126,9 @@ pub struct Outcome {
     pub dir: PathBuf,
     /// The emulator's own stdout+stderr file.
     pub emulator_output: PathBuf,
-    /// When the timed line (`QemuOpts::time_line`) first appeared, from the
-    /// emulator's start (to within the 100 ms polling interval).
+    /// When the timed line (`QemuOpts::time_line`, `BochsOpts::time_line`)
+    /// first appeared, from the emulator's start (to within the 100 ms
+    /// polling interval).
     pub line_at: Option<Duration>,
 }
 
@@ -399,11 +403,18 @@ pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Re
     let start = Instant::now();
     let mut child = cmd.spawn().context("cannot start bochs")?;
     let mut follower = Follower::new(&serial_path);
+    let mut line_at = None;
     let ended = util::supervise(&mut child, opts.timeout, || {
         if opts.follow {
             follower.copy_new();
         }
-        grub_trouble(&read_lossy(&serial_path))
+        let serial = read_lossy(&serial_path);
+        if let (Some(line), None) = (&opts.time_line, line_at) {
+            if serial.contains(line.as_str()) {
+                line_at = Some(start.elapsed());
+            }
+        }
+        grub_trouble(&serial)
     })
     .context("waiting for Bochs")?;
     let elapsed = start.elapsed();
@@ -428,7 +439,7 @@ pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Re
         elapsed,
         dir,
         emulator_output: out_path,
-        line_at: None,
+        line_at,
     })
 }
 
