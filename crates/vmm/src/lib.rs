@@ -6,6 +6,7 @@
 //! so it runs as ordinary host tests against a fake vCPU.
 #![no_std]
 
+pub mod bios;
 pub mod cpuid;
 pub mod exit;
 pub mod initial;
