@@ -12,6 +12,7 @@ macro_rules! boot_error {
     }};
 }
 
+mod chain;
 mod entry;
 mod gdt;
 mod idt;
@@ -26,7 +27,7 @@ use core::fmt::Write;
 use log::{error, info, warn};
 use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_boot::cmdline::{EferMode, Layout};
+use thinvisor_boot::cmdline::{BootMode, EferMode, Layout};
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_memory::nested::{NestedPageTable, TableFormat};
@@ -73,6 +74,10 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
 
     let backend = pick_backend();
 
+    if options.boot == BootMode::Chain {
+        let (guest, ram) = chain::bios_guest(&boot, reserved);
+        run(backend, &options, &guest, ram);
+    }
     let Some(module) = boot.modules().get(options.guest_module) else {
         boot_error!(
             "no guest module: the boot loader passed {} module(s) and guest={} selects none; \
@@ -106,18 +111,28 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             passthrough::multiboot_guest(&boot, reserved, image, module.string())
         }
     };
+    run(backend, &options, &guest, ram)
+}
+
+/// Run `guest` on `backend` until it stops; report how it ended.
+fn run(
+    backend: Backend,
+    options: &cmdline::Options,
+    guest: &GuestSetup,
+    ram: SliceMemory<'static>,
+) -> ! {
     let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
     for (number, name) in vmm.registry.iter() {
         log::debug!("VMM call {number}: {name}");
     }
     let reason = match backend {
-        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
+        Backend::Svm(features) => svm_backend::run(&features, guest, ram, &mut vmm),
         Backend::Vmx(caps) => {
             let efer = match options.efer {
                 EferMode::Auto => EferPreference::Auto,
                 EferMode::MsrArea => EferPreference::MsrArea,
             };
-            vmx_backend::run(&caps, efer, &guest, ram, &mut vmm)
+            vmx_backend::run(&caps, efer, guest, ram, &mut vmm)
         }
     };
     report_stop(reason)

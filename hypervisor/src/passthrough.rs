@@ -25,7 +25,7 @@ static HOLES: Once<[Range<u64>; 2]> = Once::new();
 
 /// The guest's memory for the VMM: all RAM below the end of available
 /// memory, minus thinvisor's block and the legacy area.
-fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, SliceMemory<'static>) {
+pub(crate) fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, SliceMemory<'static>) {
     let ram_end = boot
         .memory_map()
         .iter()
