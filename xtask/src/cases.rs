@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use thinvisor_abi::exit_code;
 
+use crate::bootsector;
 use crate::images::Images;
 use crate::util::{Context, Ctx, Result};
 
@@ -37,6 +38,15 @@ pub enum Image {
     ElfWithoutMultiboot,
 }
 
+/// A raw disk image attached as the first hard disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disk {
+    /// `target/xtask/bootsector/bootsector.img`: the boot-sector test of
+    /// `boot=chain` (test-guests/bootsector); its memory answers are
+    /// checked against thinvisor's log ([`bootsector::check_memory_answers`]).
+    BootSector,
+}
+
 /// One integration test.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
@@ -58,6 +68,8 @@ pub struct Case {
     pub mem_mb: u32,
     /// Wall-clock limit in seconds; 0 = the emulator's default.
     pub timeout_s: u64,
+    /// A raw disk image, as the BIOS's first hard disk.
+    pub disk: Option<Disk>,
 }
 
 /// Defaults for a QEMU case; Bochs cases override `emulator`.
@@ -71,6 +83,7 @@ const QEMU: Case = Case {
     must_not_contain: &[],
     mem_mb: 512,
     timeout_s: 0,
+    disk: None,
 };
 
 const RYZEN: Emulator = Emulator::Bochs { model: "ryzen" };
@@ -118,6 +131,19 @@ const ON_VMX_MSR_AREA: &[&str] = &["EFER via MSR areas", "VPID on", "EPT 2M page
 const NO_FAIL: &[&str] = &["FAIL"];
 /// The test guest's `npf` run: a touch of guest-physical 0xE000_0000.
 const NPF_REPORTED: &[&str] = &["nested page fault", "0xe0000000"];
+
+/// The boot-sector disk under `boot=chain` (the memory answers are checked
+/// too, see [`Disk::BootSector`]).
+const CHAIN_BOOTSECTOR: &[&str] = &[
+    "chain: INT 15h handler at",
+    "bootsector: MBR running, DL=80",
+    "bootsector: sector 1 read, signature ok",
+    "e820: 0000000000000000 ",
+    "int15 c0: ok",
+    "cpuid: thinvisor",
+    "vmm: lookup log_read = 00000003",
+    "bootsector: PASS",
+];
 
 const CHECKS: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf checks")];
 const NPF: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf npf")];
@@ -270,6 +296,29 @@ pub const CASES: &[Case] = &[
         ..QEMU
     },
     Case {
+        // QEMU's default machine (`pc`, SMM on: SeaBIOS's disk services
+        // raise SMIs) boots thinvisor with -kernel; the BIOS boots the disk.
+        name: "qemu-chain-bootsector",
+        hv_args: "log=info boot=chain",
+        disk: Some(Disk::BootSector),
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: CHAIN_BOOTSECTOR,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        // GRUB from the CD-ROM (ata0-slave) boots thinvisor; the disk is
+        // ata0-master, BIOS drive 80h. Real mode runs as an unrestricted
+        // guest.
+        name: "bochs-skylake-x-chain-bootsector",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info boot=chain",
+        disk: Some(Disk::BootSector),
+        must_contain: CHAIN_BOOTSECTOR,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
         name: "bochs-skylake-x-checks",
         emulator: SKYLAKE_X,
         modules: CHECKS,
@@ -383,7 +432,19 @@ impl Case {
         if !present.is_empty() {
             problems.push(format!("serial log contains {}", present.join(", ")));
         }
+        if self.disk == Some(Disk::BootSector) {
+            problems.extend(bootsector::check_memory_answers(serial));
+        }
         problems
+    }
+}
+
+impl Disk {
+    /// The image file, built when needed.
+    pub fn path(self, ctx: &Ctx) -> Result<PathBuf> {
+        match self {
+            Disk::BootSector => bootsector::build(ctx),
+        }
     }
 }
 

@@ -39,6 +39,10 @@ pub struct QemuOpts {
     /// Serial port on the terminal (`-serial stdio`, interactive) instead
     /// of `serial.log`.
     pub interactive: bool,
+    /// Raw disk images, attached in order (the first is the BIOS's first
+    /// hard disk). Writes go to a temporary overlay (`snapshot=on`), so a
+    /// run never changes the image another run relies on.
+    pub drives: Vec<PathBuf>,
 }
 
 impl Default for QemuOpts {
@@ -48,8 +52,17 @@ impl Default for QemuOpts {
             timeout: Duration::from_secs(30),
             extra: Vec::new(),
             interactive: false,
+            drives: Vec::new(),
         }
     }
+}
+
+/// The `-drive` value for a raw image, with QEMU's comma escape.
+pub fn raw_drive(path: &Path) -> String {
+    format!(
+        "file={},format=raw,snapshot=on",
+        path.display().to_string().replace(',', ",,")
+    )
 }
 
 /// Bochs settings.
@@ -66,6 +79,10 @@ pub struct BochsOpts {
     pub ips: u64,
     /// Copy the serial log to stdout while it grows.
     pub follow: bool,
+    /// A raw disk image (a multiple of 16 * 63 sectors) as the first hard
+    /// disk (ata0-master); the GRUB ISO moves to ata0-slave and is still
+    /// what the BIOS boots. The run uses a copy.
+    pub disk: Option<PathBuf>,
 }
 
 impl BochsOpts {
@@ -76,6 +93,7 @@ impl BochsOpts {
             timeout: Duration::from_secs(120),
             ips: 2_000_000,
             follow: false,
+            disk: None,
         }
     }
 }
@@ -189,6 +207,9 @@ pub fn qemu_command(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Command>
         .arg(format!("{}M", opts.mem_mb))
         .args(["-display", "none", "-no-reboot"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    for drive in &opts.drives {
+        cmd.arg("-drive").arg(raw_drive(drive));
+    }
     if opts.interactive {
         cmd.args(["-serial", "stdio"]);
     } else {
@@ -256,17 +277,26 @@ fn read_lossy(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The bochsrc for a run in `dir` (paths relative to it).
-pub fn bochsrc(opts: &BochsOpts, iso: &str) -> Result<String> {
+/// The bochsrc for a run in `dir` (paths relative to it): the ISO as
+/// ata0-master, or with `disk` (a flat image) as ata0-master and the ISO as
+/// ata0-slave.
+pub fn bochsrc(opts: &BochsOpts, iso: &str, disk: Option<&str>) -> Result<String> {
     let bios = setup::bochs_bios()?;
     let vga = setup::vga_bios()?;
+    let drives = match disk {
+        None => format!("ata0-master: type=cdrom, path={iso}, status=inserted\n"),
+        Some(disk) => format!(
+            "ata0-master: type=disk, path={disk}, mode=flat\n\
+             ata0-slave: type=cdrom, path={iso}, status=inserted\n"
+        ),
+    };
     Ok(format!(
         "cpu: model={model}\n\
          cpu: ips={ips}\n\
          memory: guest={mem}, host={mem}\n\
          romimage: file={bios}\n\
          vgaromimage: file={vga}\n\
-         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         {drives}\
          boot: cdrom\n\
          com1: enabled=1, mode=file, dev=serial.log\n\
          port_e9_hack: enabled=1\n\
@@ -320,7 +350,15 @@ pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Re
         .parent()
         .map(Path::to_path_buf)
         .ok_or("ISO without a directory")?;
-    fs::write(dir.join("bochsrc"), bochsrc(opts, "thinvisor.iso")?).context("writing bochsrc")?;
+    let disk = match &opts.disk {
+        Some(image) => {
+            util::copy(image, &dir.join("disk.img"))?;
+            Some("disk.img")
+        }
+        None => None,
+    };
+    fs::write(dir.join("bochsrc"), bochsrc(opts, "thinvisor.iso", disk)?)
+        .context("writing bochsrc")?;
     fs::write(dir.join("bochs.cmds"), "c\nquit\n").context("writing bochs.cmds")?;
     let serial_path = dir.join("serial.log");
     File::create(&serial_path).context("creating serial.log")?;

@@ -275,6 +275,12 @@ fn run_case(ctx: &Ctx, images: &Images, case: &Case) -> Result<(Outcome, Vec<Str
             let opts = QemuOpts {
                 mem_mb: case.mem_mb,
                 timeout: case.timeout(),
+                drives: case
+                    .disk
+                    .map(|d| d.path(ctx))
+                    .transpose()?
+                    .into_iter()
+                    .collect(),
                 ..QemuOpts::default()
             };
             let outcome = emu::run_qemu(&dir, &boot, &opts)?;
@@ -295,6 +301,7 @@ fn run_case(ctx: &Ctx, images: &Images, case: &Case) -> Result<(Outcome, Vec<Str
             let opts = BochsOpts {
                 mem_mb: case.mem_mb,
                 timeout: case.timeout(),
+                disk: case.disk.map(|d| d.path(ctx)).transpose()?,
                 ..BochsOpts::new(model)
             };
             let outcome = emu::run_bochs(ctx, case.name, &boot, &opts)?;
