@@ -238,8 +238,10 @@ e820_next:
     int 0x15
     mov si, offset msg_e801_cf
     jc fail
+    push ax                     /* puts clobbers AL */
     mov si, offset msg_e801
     call puts
+    pop ax
     call puthex16
     mov al, ' '
     call putc
@@ -260,15 +262,19 @@ e820_next:
     int 0x15
     mov si, offset msg_88_cf
     jc fail
+    push ax
     mov si, offset msg_88
     call puts
+    pop ax
     call puthex16
     call newline
 
     /* INT 12h and the BIOS data area's word at 0x413: KiB of base memory. */
     int 0x12
+    push ax
     mov si, offset msg_int12
     call puts
+    pop ax
     call puthex16
     mov si, offset msg_bda
     call puts
