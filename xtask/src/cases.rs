@@ -45,6 +45,10 @@ pub enum Disk {
     /// `boot=chain` (test-guests/bootsector); its memory answers are
     /// checked against thinvisor's log ([`bootsector::check_memory_answers`]).
     BootSector,
+    /// The same image as a virtio-blk disk (QEMU only): SeaBIOS drives
+    /// virtio only from 32-bit code, so every INT 13h call switches modes
+    /// through SMM (SMIs from inside the guest).
+    BootSectorVirtio,
 }
 
 /// One integration test.
@@ -307,6 +311,15 @@ pub const CASES: &[Case] = &[
         ..QEMU
     },
     Case {
+        name: "qemu-chain-bootsector-virtio",
+        hv_args: "log=info boot=chain",
+        disk: Some(Disk::BootSectorVirtio),
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: CHAIN_BOOTSECTOR,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
         // GRUB from the CD-ROM (ata0-slave) boots thinvisor; the disk is
         // ata0-master, BIOS drive 80h. Real mode runs as an unrestricted
         // guest.
@@ -432,7 +445,7 @@ impl Case {
         if !present.is_empty() {
             problems.push(format!("serial log contains {}", present.join(", ")));
         }
-        if self.disk == Some(Disk::BootSector) {
+        if matches!(self.disk, Some(Disk::BootSector | Disk::BootSectorVirtio)) {
             problems.extend(bootsector::check_memory_answers(serial));
         }
         problems
@@ -443,7 +456,7 @@ impl Disk {
     /// The image file, built when needed.
     pub fn path(self, ctx: &Ctx) -> Result<PathBuf> {
         match self {
-            Disk::BootSector => bootsector::build(ctx),
+            Disk::BootSector | Disk::BootSectorVirtio => bootsector::build(ctx),
         }
     }
 }

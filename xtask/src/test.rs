@@ -5,7 +5,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::process::{ExitCode, Stdio};
 use std::time::Instant;
 
-use crate::cases::{Case, Emulator, CASES};
+use crate::cases::{Case, Disk, Emulator, CASES};
 use crate::emu::{self, BochsOpts, Boot, Outcome, QemuOpts};
 use crate::images::{self, Images, Module};
 use crate::setup::{self, TARGET};
@@ -272,17 +272,20 @@ fn run_case(ctx: &Ctx, images: &Images, case: &Case) -> Result<(Outcome, Vec<Str
     let outcome = match case.emulator {
         Emulator::Qemu => {
             let dir = ctx.fresh_dir(case.name)?;
-            let opts = QemuOpts {
+            let mut opts = QemuOpts {
                 mem_mb: case.mem_mb,
                 timeout: case.timeout(),
-                drives: case
-                    .disk
-                    .map(|d| d.path(ctx))
-                    .transpose()?
-                    .into_iter()
-                    .collect(),
                 ..QemuOpts::default()
             };
+            match case.disk {
+                Some(Disk::BootSectorVirtio) => {
+                    let drive = emu::raw_drive(&Disk::BootSectorVirtio.path(ctx)?);
+                    opts.extra
+                        .extend(["-drive".to_string(), format!("{drive},if=virtio")]);
+                }
+                Some(disk) => opts.drives.push(disk.path(ctx)?),
+                None => {}
+            }
             let outcome = emu::run_qemu(&dir, &boot, &opts)?;
             if let Some(reason) = &outcome.stopped {
                 problems.push(reason.clone());
