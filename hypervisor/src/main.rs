@@ -14,12 +14,13 @@ macro_rules! boot_error {
 
 mod chain;
 mod entry;
-mod gdt;
 mod idt;
 mod mem;
 mod passthrough;
+mod percpu;
 mod power;
 mod serial;
+mod smp;
 mod svm_backend;
 mod vmx_backend;
 
@@ -30,20 +31,23 @@ use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::cmdline::{BootMode, EferMode, Layout};
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
-use thinvisor_memory::nested::{NestedPageTable, TableFormat};
+use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK, NPT};
 use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
-use thinvisor_vmm::{GuestKind, InitialState, StopReason, Vmm};
+use thinvisor_vmm::{GuestKind, InitialState, StopReason, Vm, Vmm};
 use thinvisor_vmx::caps::EferPreference;
 
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_1G: u64 = 1 << 30;
 pub(crate) const PAGE: u64 = 4096;
 
+/// The one virtual machine: what every processor's exit path shares.
+pub(crate) static VM: spin::Once<Vm> = spin::Once::new();
+
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     serial::init_logging(log::LevelFilter::Info);
-    let _ = gdt::init();
+    percpu::init_bsp();
     idt::init();
     let boot = read_boot_info(magic, u64::from(info_pa));
     let options = match cmdline::parse(boot.cmdline(), &mut |token, why| {
@@ -74,10 +78,42 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
 
     let backend = pick_backend();
 
-    if options.boot == BootMode::Chain {
-        let (guest, ram) = chain::bios_guest(&boot, reserved);
-        run(backend, &options, &guest, ram);
+    let (guest, ram) = match options.boot {
+        BootMode::Chain => chain::bios_guest(&boot, reserved),
+        _ => module_guest(&boot, &mut frames, &options, reserved),
+    };
+    let vm: &'static Vm = VM.call_once(|| {
+        let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
+        if let GuestLayout::Passthrough { .. } = guest.memory {
+            vm.nested_faults = Some(&passthrough::PassthroughFaults);
+        }
+        vm
+    });
+    for (number, name) in vm.registry.iter() {
+        log::debug!("VMM call {number}: {name}");
     }
+    let mut vmm = Vmm::new(vm);
+    let reason = match backend {
+        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
+        Backend::Vmx(caps) => {
+            let efer = match options.efer {
+                EferMode::Auto => EferPreference::Auto,
+                EferMode::MsrArea => EferPreference::MsrArea,
+            };
+            vmx_backend::run(&caps, efer, &guest, ram, &mut vmm, &boot)
+        }
+    };
+    report_stop(reason)
+}
+
+/// The guest is a multiboot kernel from a boot module (`guest=` picks it),
+/// in the layout `layout=` chose.
+fn module_guest(
+    boot: &BootInfo,
+    frames: &mut FrameAllocator,
+    options: &cmdline::Options,
+    reserved: mem::Reserved,
+) -> (GuestSetup, SliceMemory<'static>) {
     let Some(module) = boot.modules().get(options.guest_module) else {
         boot_error!(
             "no guest module: the boot loader passed {} module(s) and guest={} selects none; \
@@ -105,37 +141,10 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     // reserved from the allocator, so nothing else writes it.
     let image: &[u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
 
-    let (guest, ram) = match options.layout {
-        Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
-        Layout::Passthrough => {
-            passthrough::multiboot_guest(&boot, reserved, image, module.string())
-        }
-    };
-    run(backend, &options, &guest, ram)
-}
-
-/// Run `guest` on `backend` until it stops; report how it ended.
-fn run(
-    backend: Backend,
-    options: &cmdline::Options,
-    guest: &GuestSetup,
-    ram: SliceMemory<'static>,
-) -> ! {
-    let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
-    for (number, name) in vmm.registry.iter() {
-        log::debug!("VMM call {number}: {name}");
+    match options.layout {
+        Layout::Isolated => isolated_guest(frames, options, image, module.string()),
+        Layout::Passthrough => passthrough::multiboot_guest(boot, reserved, image, module.string()),
     }
-    let reason = match backend {
-        Backend::Svm(features) => svm_backend::run(&features, guest, ram, &mut vmm),
-        Backend::Vmx(caps) => {
-            let efer = match options.efer {
-                EferMode::Auto => EferPreference::Auto,
-                EferMode::MsrArea => EferPreference::MsrArea,
-            };
-            vmx_backend::run(&caps, efer, guest, ram, &mut vmm)
-        }
-    };
-    report_stop(reason)
 }
 
 /// The isolated layout: guest RAM is a block of `guest_mem=` bytes taken
@@ -217,37 +226,35 @@ impl GuestSetup {
         }
     }
 
-    /// Second-level tables (NPT or EPT, by `format`) for the layout.
-    pub fn nested_tables(&self, format: TableFormat, huge_1g: bool) -> NestedPageTable {
-        let mut tables = mem::HeapTables;
-        let mut map = |t: &mut NestedPageTable, gpa: u64, hpa: u64, size: u64| {
-            if size == 0 {
-                return Ok(());
+    /// Second-level tables (NPT or EPT, by `kind`) for the layout; their
+    /// root.
+    pub fn nested_tables(&self, kind: passthrough::TableKind, huge_1g: bool) -> HostPhysAddr {
+        match self.memory {
+            GuestLayout::Isolated { ram_base, ram_size } => {
+                let format = match kind {
+                    passthrough::TableKind::Npt => NPT,
+                    passthrough::TableKind::Ept => EPT_WRITE_BACK,
+                };
+                let mut tables = mem::HeapTables;
+                NestedPageTable::new(&mut tables, format)
+                    .and_then(|mut t| {
+                        t.map(
+                            &mut tables,
+                            GuestPhysAddr::new(0),
+                            HostPhysAddr::new(ram_base),
+                            ram_size,
+                            huge_1g,
+                        )
+                        .map(|()| t.root())
+                    })
+                    .unwrap_or_else(|e| {
+                        boot_error!("cannot build the guest's nested page tables: {e:?}")
+                    })
             }
-            t.map(
-                &mut tables,
-                GuestPhysAddr::new(gpa),
-                HostPhysAddr::new(hpa),
-                size,
-                huge_1g,
-            )
-        };
-        NestedPageTable::new(&mut mem::HeapTables, format)
-            .and_then(|mut t| {
-                match self.memory {
-                    GuestLayout::Isolated { ram_base, ram_size } => {
-                        map(&mut t, 0, ram_base, ram_size)?
-                    }
-                    // Identity everywhere but thinvisor's block (2 MiB
-                    // aligned), which stays unmapped.
-                    GuestLayout::Passthrough { top, hidden } => {
-                        map(&mut t, 0, 0, hidden.start)?;
-                        map(&mut t, hidden.end, hidden.end, top - hidden.end)?;
-                    }
-                }
-                Ok(t)
-            })
-            .unwrap_or_else(|e| boot_error!("cannot build the guest's nested page tables: {e:?}"))
+            GuestLayout::Passthrough { top, hidden } => {
+                passthrough::build_tables(kind, top, hidden, huge_1g)
+            }
+        }
     }
 }
 
@@ -353,7 +360,7 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
 }
 
 /// Say how the guest ended and end the run with the matching status.
-fn report_stop(reason: StopReason) -> ! {
+pub(crate) fn report_stop(reason: StopReason) -> ! {
     let code = match reason {
         StopReason::Halted { rip } => {
             error!("guest halted at rip {rip:#x} with nothing to wake it; stopping");

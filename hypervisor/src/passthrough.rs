@@ -6,10 +6,14 @@
 use core::ops::Range;
 
 use log::info;
-use spin::Once;
+use spin::{Mutex, Once};
 use thinvisor_boot::{guest, multiboot1, BootInfo, MemKind};
-use thinvisor_memory::SliceMemory;
-use thinvisor_vmm::InitialState;
+use thinvisor_memory::mtrr::{MtrrMsrs, Mtrrs};
+use thinvisor_memory::nested::NptError;
+use thinvisor_memory::passthrough::{Format, Layout, PassThroughTables};
+use thinvisor_memory::{HostPhysAddr, SliceMemory};
+use thinvisor_vmm::{FaultVerdict, InitialState, NestedFault, NestedFaults};
+use x86_64::registers::model_specific::Msr;
 
 use crate::{mem, GuestLayout, GuestSetup, PAGE};
 
@@ -22,6 +26,18 @@ const LEGACY_HOLE: Range<u64> = 0xA_0000..0x10_0000;
 
 /// Guest-physical ranges the VMM refuses to reach for the guest.
 static HOLES: Once<[Range<u64>; 2]> = Once::new();
+/// The end of the RAM the VMM reaches for the guest.
+static RAM_END: Once<u64> = Once::new();
+
+/// The guest's memory for another processor's vCPU.
+// TODO(mem-model): one shared, Sync object for all vCPUs; today each vCPU
+// gets its own slice over the same RAM.
+pub fn vcpu_memory() -> SliceMemory<'static> {
+    let end = RAM_END.get().copied().unwrap_or(0);
+    // SAFETY: as in guest_memory: mapped RAM, holes exclude thinvisor.
+    let ram = unsafe { mem::phys_slice_mut(0, end) };
+    SliceMemory::with_holes(ram, HOLES.get().map_or(&[], |h| &h[..]))
+}
 
 /// The guest's memory for the VMM: all RAM below the end of available
 /// memory, minus thinvisor's block and the legacy area.
@@ -34,6 +50,7 @@ pub(crate) fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, Slic
         .max()
         .unwrap_or(0);
     let holes = HOLES.call_once(|| [hidden.start..hidden.end, LEGACY_HOLE]);
+    RAM_END.call_once(|| ram_end);
     // SAFETY: [0, ram_end) is inside the direct map (relocate mapped all
     // available memory); the holes keep every VMM access out of
     // thinvisor's own memory.
@@ -76,4 +93,110 @@ pub fn multiboot_guest(
         initial: InitialState::multiboot(kernel.entry, multiboot1::MAGIC, mbi),
     };
     (guest, memory)
+}
+
+/// The pass-through second-level tables, once built; behind a lock only
+/// for the rare fault that maps a new region.
+static TABLES: Once<Mutex<PassThroughTables>> = Once::new();
+
+/// Which second-level format to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableKind {
+    Npt,
+    Ept,
+}
+
+/// Build the identity tables of [0, `top`) with thinvisor's block read-only
+/// on a zero filler page; for EPT with the memory types of the MTRRs as
+/// the firmware left them (the processor ignores the MTRRs under EPT).
+/// Returns the root.
+pub fn build_tables(
+    kind: TableKind,
+    top: u64,
+    hidden: mem::Reserved,
+    huge_1g: bool,
+) -> HostPhysAddr {
+    let Some(filler) = mem::alloc_zeroed(PAGE, PAGE) else {
+        boot_error!("out of memory for the filler page")
+    };
+    #[allow(clippy::single_range_in_vec_init)] // one hidden range, as a slice
+    let own = [hidden.start..hidden.end];
+    let max_phys_addr = match core::arch::x86_64::__cpuid(0x8000_0000).eax {
+        e if e >= 0x8000_0008 => core::arch::x86_64::__cpuid(0x8000_0008).eax as u8,
+        _ => 36,
+    };
+    let layout = Layout {
+        top,
+        hidden: &own,
+        filler: HostPhysAddr::new(filler),
+        huge_1g,
+        max_phys_addr,
+    };
+    let built = match kind {
+        TableKind::Npt => PassThroughTables::build(&mut mem::HeapTables, Format::Npt, &layout),
+        TableKind::Ept => {
+            let has_mtrr = core::arch::x86_64::__cpuid(1).edx & (1 << 12) != 0;
+            let mtrrs = if has_mtrr {
+                // SAFETY: MtrrMsrs::read reads only the MTRR MSRs that
+                // IA32_MTRRCAP says exist (CPUID.1:EDX.MTRR checked).
+                Mtrrs::new(&MtrrMsrs::read(
+                    |m| unsafe { Msr::new(m).read() },
+                    max_phys_addr,
+                ))
+            } else {
+                Mtrrs::uniform(thinvisor_memory::mtrr::MemoryType::WriteBack)
+            };
+            PassThroughTables::build(&mut mem::HeapTables, Format::Ept(&mtrrs), &layout)
+        }
+    };
+    let tables = match built {
+        Ok(t) => t,
+        Err(e) => boot_error!("cannot build the pass-through tables: {e:?}"),
+    };
+    info!(
+        "pass-through {}: identity map of {} GiB, thinvisor's {:#x}..{:#x} read-only filler; {} tables ({} KiB)",
+        if kind == TableKind::Npt { "nested paging" } else { "EPT" },
+        top >> 30,
+        hidden.start,
+        hidden.end,
+        tables.tables(),
+        tables.tables() * 4
+    );
+    let root = tables.root();
+    TABLES.call_once(|| Mutex::new(tables));
+    root
+}
+
+/// Nested page faults in the pass-through layout.
+pub struct PassthroughFaults;
+
+impl NestedFaults for PassthroughFaults {
+    fn on_fault(&self, fault: &NestedFault) -> FaultVerdict {
+        let Some(tables) = TABLES.get() else {
+            return FaultVerdict::Outside;
+        };
+        let mut tables = tables.lock();
+        if tables.is_hidden(fault.gpa) {
+            return if fault.write {
+                FaultVerdict::HiddenWrite
+            } else {
+                FaultVerdict::Outside
+            };
+        }
+        match tables.map_fault(&mut mem::HeapTables, fault.gpa) {
+            Ok(range) => {
+                log::debug!(
+                    "pass-through: mapped {:#x}..{:#x} on first access",
+                    range.start,
+                    range.end
+                );
+                FaultVerdict::Mapped
+            }
+            Err(NptError::Hidden) => FaultVerdict::HiddenWrite,
+            Err(e) => {
+                log::error!("pass-through: cannot map {:#x}: {e:?}", fault.gpa.as_u64());
+                FaultVerdict::Outside
+            }
+        }
+    }
 }

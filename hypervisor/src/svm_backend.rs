@@ -2,7 +2,6 @@
 
 use crate::{mem, GuestSetup, PAGE};
 use log::info;
-use thinvisor_memory::nested::NPT;
 use thinvisor_memory::{HostPhysAddr, SliceMemory};
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
@@ -13,7 +12,7 @@ pub fn run(
     features: &SvmFeatures,
     guest: &GuestSetup,
     memory: SliceMemory<'static>,
-    vmm: &mut Vmm,
+    vmm: &mut Vmm<'_>,
 ) -> StopReason {
     info!(
         "AMD SVM: revision {}, {} ASIDs, nested paging, NRIPS {}, VMCB clean bits {}, decode assists {}",
@@ -30,7 +29,7 @@ pub fn run(
         "nested paging: 2 MiB pages, 1 GiB pages {}",
         crate::yes_no(huge_1g)
     );
-    let npt = guest.nested_tables(NPT, huge_1g);
+    let npt_root = guest.nested_tables(crate::passthrough::TableKind::Npt, huge_1g);
 
     let (Some(vmcb), Some(hsave), Some(host_save), Some(msrpm)) = (
         mem::alloc_zeroed(PAGE, PAGE),
@@ -56,13 +55,14 @@ pub fn run(
             vmcb_virt,
             HostPhysAddr::new(vmcb),
             HostPhysAddr::new(host_save),
-            npt.root(),
+            npt_root,
             HostPhysAddr::new(msrpm),
             memory,
             &guest.initial,
             guest.kind(),
         )
     };
+    vcpu.take_host_nmis_from(&crate::percpu::current().nmi_pending);
     mem::log_heap_use();
     info!("entering the guest at {:#x}", guest.initial.rip());
     let reason = run_guest(vmm, &mut vcpu);

@@ -10,7 +10,9 @@ pub mod msrpm;
 pub mod vmcb;
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU32, Ordering};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
+use thinvisor_vmm::events::{combine, Combined};
 use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{
@@ -268,6 +270,44 @@ pub struct SvmVcpu<M: GuestPhysMemory> {
     efer_writable: u64,
     /// Exits by [`exit_slot`].
     stats: ExitStats,
+    /// An event to deliver at the first entry that has no other one.
+    deferred: Option<Event>,
+    /// NMIs the host caught on this processor, for the guest.
+    host_nmis: Option<&'static AtomicU32>,
+    /// A fault arose while a double fault was delivered.
+    shutdown: bool,
+}
+
+/// EVENTINJ for `event` (APM vol. 2, 15.20).
+fn encode_event(event: Event) -> u64 {
+    let (vector, kind, error_code) = match event {
+        Event::Exception { vector, error_code } => (vector, event_inj::TYPE_EXCEPTION, error_code),
+        Event::PageFault { error_code, .. } => (14, event_inj::TYPE_EXCEPTION, Some(error_code)),
+        Event::Nmi => (2, event_inj::TYPE_NMI, None),
+        Event::ExternalInterrupt { vector } => (vector, event_inj::TYPE_INTR, None),
+    };
+    let mut value = u64::from(vector) | kind | event_inj::VALID;
+    if let Some(code) = error_code {
+        value |= event_inj::ERROR_CODE_VALID | (u64::from(code) << 32);
+    }
+    value
+}
+
+/// The neutral event behind an EXITINTINFO/EVENTINJ value; None for
+/// software interrupts, which only the processor re-delivers.
+fn decode_event(raw: u64, cr2: u64) -> Option<Event> {
+    let vector = raw as u8;
+    let error_code = (raw & event_inj::ERROR_CODE_VALID != 0).then_some((raw >> 32) as u32);
+    match raw & event_inj::TYPE_MASK {
+        event_inj::TYPE_INTR => Some(Event::ExternalInterrupt { vector }),
+        event_inj::TYPE_NMI => Some(Event::Nmi),
+        event_inj::TYPE_EXCEPTION if vector == 14 => Some(Event::PageFault {
+            error_code: error_code.unwrap_or(0),
+            address: cr2,
+        }),
+        event_inj::TYPE_EXCEPTION => Some(Event::Exception { vector, error_code }),
+        _ => None,
+    }
 }
 
 /// The statistics slot of an exit code: codes below 0x90 as they are
@@ -478,6 +518,32 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 efer::writable_bits(ext1.ecx, ext1.edx)
             },
             stats: ExitStats::default(),
+            deferred: None,
+            host_nmis: None,
+            shutdown: false,
+        }
+    }
+
+    /// Deliver the NMIs the host counts in `counter` (its NMI handler's) to
+    /// this guest.
+    pub fn take_host_nmis_from(&mut self, counter: &'static AtomicU32) {
+        self.host_nmis = Some(counter);
+    }
+
+    /// Fill an empty EVENTINJ with a deferred event or an NMI the host
+    /// caught, just before VMRUN.
+    fn pick_next_event(&mut self) {
+        if self.vmcb.control.event_inj & event_inj::VALID != 0 {
+            return;
+        }
+        if let Some(event) = self.deferred.take() {
+            self.vmcb.control.event_inj = encode_event(event);
+        } else if let Some(n) = self.host_nmis {
+            if n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                self.vmcb.control.event_inj = encode_event(Event::Nmi);
+            }
         }
     }
 
@@ -703,29 +769,54 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn inject(&mut self, event: Event) {
-        let (vector, error_code) = match event {
-            Event::Exception { vector, error_code } => (vector, error_code),
-            Event::PageFault {
-                error_code,
-                address,
-            } => {
-                // An injected #PF does not set CR2: the VMM does (APM 15.20).
-                // VMRUN loads CR2 from the VMCB; Bochs 2.7 does not, so the
-                // processor's CR2 is set too before that entry.
-                self.vmcb.save.cr2 = address;
-                self.pending_cr2 = Some(address);
-                (14, Some(error_code))
+        let pending = self.vmcb.control.event_inj;
+        let event = if pending & event_inj::VALID == 0 {
+            event
+        } else {
+            // The exit interrupted the delivery of `pending`: do what the
+            // processor would have done with both.
+            match decode_event(pending, self.vmcb.save.cr2) {
+                Some(first) => match combine(first, event) {
+                    Combined::Serial { now, later } => {
+                        if later.is_some() {
+                            self.deferred = later;
+                        }
+                        now
+                    }
+                    Combined::DoubleFault => Event::Exception {
+                        vector: 8,
+                        error_code: Some(0),
+                    },
+                    Combined::Shutdown => {
+                        // What the processor does: the next run reports a
+                        // shutdown instead of entering.
+                        self.shutdown = true;
+                        event
+                    }
+                },
+                None => {
+                    // A software interrupt: the processor re-delivers it by
+                    // running the instruction again; the new event first.
+                    event
+                }
             }
         };
-        let mut value = u64::from(vector) | event_inj::TYPE_EXCEPTION | event_inj::VALID;
-        if let Some(code) = error_code {
-            value |= event_inj::ERROR_CODE_VALID | (u64::from(code) << 32);
+        if let Event::PageFault { address, .. } = event {
+            // An injected #PF does not set CR2: the VMM does (APM 15.20).
+            // VMRUN loads CR2 from the VMCB; Bochs 2.7 does not, so the
+            // processor's CR2 is set too before that entry.
+            self.vmcb.save.cr2 = address;
+            self.pending_cr2 = Some(address);
         }
-        self.vmcb.control.event_inj = value;
+        self.vmcb.control.event_inj = encode_event(event);
     }
 
     fn run(&mut self) -> Exit {
+        if self.shutdown {
+            return Exit::Shutdown;
+        }
         loop {
+            self.pick_next_event();
             if let Some(cr2) = self.pending_cr2.take() {
                 // SAFETY: CR2 only records page-fault addresses; the
                 // hypervisor takes no page faults before VMRUN.

@@ -65,6 +65,11 @@ pub enum Event {
     /// A page fault (vector 14): the backend sets the guest's CR2 to
     /// `address` as the processor would (Intel SDM vol. 3A, 6.15).
     PageFault { error_code: u32, address: u64 },
+    /// A non-maskable interrupt (vector 2), e.g. one the host caught while
+    /// it ran on the guest's behalf.
+    Nmi,
+    /// An external interrupt with this vector.
+    ExternalInterrupt { vector: u8 },
 }
 
 impl Event {
@@ -102,6 +107,11 @@ pub enum Exit {
     /// The guest executed a virtualization instruction (VMRUN, VMLOAD, ...)
     /// that it must not use: it sees #UD, as on a CPU without the feature.
     VirtualizationInstruction,
+    /// An INIT signal reached the processor (VT-x exits on it; SVM's
+    /// backend learns of it from the sender's ICR write).
+    Init,
+    /// A startup IPI with this vector reached a processor waiting for one.
+    Sipi { vector: u8 },
     /// The processor refused to enter the guest; `code` is the backend's raw
     /// reason.
     EntryFailed { code: u64 },
@@ -143,10 +153,19 @@ pub trait Vcpu {
     fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory;
     /// Advance RIP past the instruction that caused the current exit.
     fn skip_instruction(&mut self);
-    /// Deliver `event` to the guest on the next entry.
+    /// Deliver `event` to the guest on the next entry. An event the
+    /// processor was delivering when the exit happened is never lost: the
+    /// backend combines the two as the processor would
+    /// ([`crate::events::combine`]) or delivers the other one later.
     fn inject(&mut self, event: Event);
     /// Enter the guest and run it until the next exit.
     fn run(&mut self) -> Exit;
+    /// Put the processor in `initial`, as a SIPI does after INIT (Intel SDM
+    /// vol. 3A, 9.1.1 and 9.4.4.1). Backends that cannot are left as they
+    /// are.
+    fn reset(&mut self, _initial: &crate::InitialState) {}
+    /// INIT: stop executing and wait for a SIPI.
+    fn wait_for_sipi(&mut self) {}
     /// Exits counted so far, by the backend's own reasons (None: the
     /// backend does not count).
     fn exit_stats(&self) -> Option<&crate::stats::ExitStats> {

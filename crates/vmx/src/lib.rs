@@ -134,6 +134,8 @@ pub struct HostState {
     pub tr_base: u64,
     pub gdtr_base: u64,
     pub idtr_base: u64,
+    /// The processor's own area (the host finds it through GS).
+    pub gs_base: u64,
 }
 
 /// Everything [`setup_vmcs`] needs.
@@ -154,6 +156,9 @@ pub struct VmcsSetup<'a> {
     pub initial: &'a InitialState,
     /// Which exits the guest needs.
     pub kind: GuestKind,
+    /// Start in the wait-for-SIPI activity state (an application processor
+    /// the guest has not started yet): INIT and SIPI then exit.
+    pub wait_for_sipi: bool,
 }
 
 /// Build the VMCS for a guest that starts in `s.initial` and make it
@@ -232,7 +237,7 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::HOST_GS_SELECTOR, 0),
         (F::HOST_TR_SELECTOR, s.host.tr.into()),
         (F::HOST_FS_BASE, 0),
-        (F::HOST_GS_BASE, 0),
+        (F::HOST_GS_BASE, s.host.gs_base),
         (F::HOST_TR_BASE, s.host.tr_base),
         (F::HOST_GDTR_BASE, s.host.gdtr_base),
         (F::HOST_IDTR_BASE, s.host.idtr_base),
@@ -353,6 +358,9 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
     // The guest starts outside IA-32e mode.
     entry &= !caps::entry::IA32E_MODE_GUEST;
     vmw(F::VM_ENTRY_CONTROLS, entry.into())?;
+    if s.wait_for_sipi {
+        vmw(F::GUEST_ACTIVITY_STATE, vcpu::ACTIVITY_WAIT_FOR_SIPI)?;
+    }
     Ok((policy, efer))
 }
 

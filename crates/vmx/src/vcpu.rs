@@ -3,7 +3,9 @@
 
 use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU32, Ordering};
 use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
+use thinvisor_vmm::events::{combine, Combined};
 use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, InitialState, NestedFault, Vcpu};
@@ -12,6 +14,9 @@ use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, InitialState, NestedFault, Vcpu};
 pub mod exit_reason {
     pub const EXCEPTION_OR_NMI: u32 = 0;
     pub const TRIPLE_FAULT: u32 = 2;
+    pub const INIT_SIGNAL: u32 = 3;
+    pub const SIPI: u32 = 4;
+    pub const INTERRUPT_WINDOW: u32 = 7;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
     pub const VMCALL: u32 = 18;
@@ -41,8 +46,52 @@ pub mod exit_reason {
 const ENTRY_FAILURE: u32 = 1 << 31;
 /// VM-entry interruption information: valid bit and event types (SDM 24.8.3).
 const INTR_INFO_VALID: u32 = 1 << 31;
+const INTR_TYPE_MASK: u32 = 7 << 8;
+const INTR_TYPE_EXTERNAL: u32 = 0;
+const INTR_TYPE_NMI: u32 = 2 << 8;
 const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
 const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
+/// Guest activity states (SDM vol. 3C, 24.4.2).
+const ACTIVITY_ACTIVE: u64 = 0;
+pub const ACTIVITY_WAIT_FOR_SIPI: u64 = 3;
+/// Guest interruptibility state bits (SDM vol. 3C, table 24-3).
+const BLOCKING_BY_STI: u64 = 1 << 0;
+const BLOCKING_BY_MOV_SS: u64 = 1 << 1;
+const BLOCKING_BY_NMI: u64 = 1 << 3;
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// VM-entry interruption information and error code for `event`.
+fn encode_event(event: Event) -> (u32, Option<u32>) {
+    let (vector, kind, error_code) = match event {
+        Event::Exception { vector, error_code } => (vector, INTR_TYPE_HW_EXCEPTION, error_code),
+        Event::PageFault { error_code, .. } => (14, INTR_TYPE_HW_EXCEPTION, Some(error_code)),
+        Event::Nmi => (2, INTR_TYPE_NMI, None),
+        Event::ExternalInterrupt { vector } => (vector, INTR_TYPE_EXTERNAL, None),
+    };
+    let mut info = u32::from(vector) | kind | INTR_INFO_VALID;
+    if error_code.is_some() {
+        info |= INTR_DELIVER_ERROR_CODE;
+    }
+    (info, error_code)
+}
+
+/// The neutral event behind interruption information; None for software
+/// interrupts and exceptions, which the processor re-delivers by running
+/// the instruction again.
+fn decode_event(info: u32, error_code: u32, cr2: u64) -> Option<Event> {
+    let vector = info as u8;
+    let error_code = (info & INTR_DELIVER_ERROR_CODE != 0).then_some(error_code);
+    match info & INTR_TYPE_MASK {
+        INTR_TYPE_EXTERNAL => Some(Event::ExternalInterrupt { vector }),
+        INTR_TYPE_NMI => Some(Event::Nmi),
+        INTR_TYPE_HW_EXCEPTION if vector == 14 => Some(Event::PageFault {
+            error_code: error_code.unwrap_or(0),
+            address: cr2,
+        }),
+        INTR_TYPE_HW_EXCEPTION => Some(Event::Exception { vector, error_code }),
+        _ => None,
+    }
+}
 /// An EPT-violation exit qualification (SDM vol. 3C, table 28-7).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct EptViolation(pub u64);
@@ -280,6 +329,13 @@ pub struct VmxVcpu<M: GuestPhysMemory> {
     insn_len: Option<u64>,
     /// Exits by basic exit reason; failed entries in [`ENTRY_FAILED_SLOT`].
     stats: ExitStats,
+    /// An event to deliver at the first entry that has no other one and
+    /// whose guest state accepts it.
+    deferred: Option<Event>,
+    /// NMIs the host caught on this processor, for the guest.
+    host_nmis: Option<&'static AtomicU32>,
+    /// A fault arose while a double fault was delivered.
+    shutdown: bool,
 }
 
 /// The statistics slot of failed VM entries.
@@ -457,6 +513,106 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             pending_cr2: None,
             insn_len: None,
             stats: ExitStats::default(),
+            deferred: None,
+            host_nmis: None,
+            shutdown: false,
+        }
+    }
+
+    /// Deliver the NMIs the host counts in `counter` (its NMI handler's) to
+    /// this guest.
+    pub fn take_host_nmis_from(&mut self, counter: &'static AtomicU32) {
+        self.host_nmis = Some(counter);
+    }
+
+    /// Whether the guest can take `event` now: VM entry refuses an external
+    /// interrupt with RFLAGS.IF clear or under STI/MOV SS blocking, and an
+    /// NMI under NMI or MOV SS blocking (SDM vol. 3C, 27.3.1.5).
+    fn can_take(event: Event) -> bool {
+        let blocking = read(F::GUEST_INTERRUPTIBILITY_INFO);
+        match event {
+            Event::ExternalInterrupt { .. } => {
+                read(F::GUEST_RFLAGS) & RFLAGS_IF != 0
+                    && blocking & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) == 0
+            }
+            Event::Nmi => blocking & (BLOCKING_BY_NMI | BLOCKING_BY_MOV_SS) == 0,
+            _ => true,
+        }
+    }
+
+    fn write_event(&mut self, event: Event) {
+        if let Event::PageFault { address, .. } = event {
+            // VMX neither saves nor loads CR2 (SDM vol. 3C, 27.3): the
+            // guest's CR2 is the processor's while the hypervisor runs,
+            // so it is written just before the entry that injects.
+            self.pending_cr2 = Some(address);
+        }
+        let (info, error_code) = encode_event(event);
+        if let Some(code) = error_code {
+            write(F::VM_ENTRY_EXCEPTION_ERROR_CODE, u64::from(code));
+        }
+        write(F::VM_ENTRY_INTR_INFO, info.into());
+    }
+
+    /// Fill an empty VM-entry event with a deferred event or an NMI the
+    /// host caught, when the guest can take it; an interrupt that must
+    /// wait asks for an interrupt-window exit (SDM vol. 3C, 25.7.5).
+    fn pick_next_event(&mut self) {
+        if read(F::VM_ENTRY_INTR_INFO) & u64::from(INTR_INFO_VALID) != 0 {
+            return;
+        }
+        if let Some(event) = self.deferred {
+            if Self::can_take(event) {
+                self.deferred = None;
+                self.write_event(event);
+            } else if matches!(event, Event::ExternalInterrupt { .. }) {
+                let controls = read(F::CPU_BASED_VM_EXEC_CONTROL);
+                write(
+                    F::CPU_BASED_VM_EXEC_CONTROL,
+                    controls | u64::from(crate::caps::proc::INTERRUPT_WINDOW_EXITING),
+                );
+            }
+            return;
+        }
+        if let Some(n) = self.host_nmis {
+            if n.load(Ordering::Relaxed) != 0
+                && Self::can_take(Event::Nmi)
+                && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                self.write_event(Event::Nmi);
+            }
+        }
+    }
+
+    /// Exit reason 0: the exception bitmap has only #UD, and NMIs do not
+    /// exit, but read what the processor says (SDM vol. 3C, 25.9.2) rather
+    /// than assume it.
+    fn on_exception_or_nmi(&mut self) -> Option<Exit> {
+        let info = read(F::VM_EXIT_INTR_INFO) as u32;
+        let vector = info as u8;
+        match info & INTR_TYPE_MASK {
+            INTR_TYPE_HW_EXCEPTION if vector == 6 => {
+                if is_vmm_call_at_rip(self) {
+                    self.insn_len = Some(3);
+                    Some(Exit::VmmCall)
+                } else {
+                    Some(Exit::InvalidOpcode)
+                }
+            }
+            INTR_TYPE_NMI => {
+                self.inject(Event::Nmi);
+                None
+            }
+            _ => {
+                // Not intercepted, so not expected: give it back.
+                let code = read(F::VM_EXIT_INTR_ERROR_CODE) as u32;
+                if let Some(event) = decode_event(info, code, 0) {
+                    log::warn!("unexpected exception exit {info:#x}: re-injected");
+                    self.inject(event);
+                }
+                None
+            }
         }
     }
 
@@ -627,12 +783,22 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         Some(match self.reason {
             // Only #UD is intercepted (exception bitmap), to accept AMD's
             // VMMCALL as a VMM call too; it is three bytes long.
-            r::EXCEPTION_OR_NMI if is_vmm_call_at_rip(self) => {
-                self.insn_len = Some(3);
-                Exit::VmmCall
+            r::EXCEPTION_OR_NMI => return self.on_exception_or_nmi(),
+            r::INTERRUPT_WINDOW => {
+                let controls = read(F::CPU_BASED_VM_EXEC_CONTROL);
+                write(
+                    F::CPU_BASED_VM_EXEC_CONTROL,
+                    controls & !u64::from(crate::caps::proc::INTERRUPT_WINDOW_EXITING),
+                );
+                return None;
             }
-            r::EXCEPTION_OR_NMI => Exit::InvalidOpcode,
             r::VMCALL => Exit::VmmCall,
+            r::INIT_SIGNAL => Exit::Init,
+            // The qualification's low byte is the SIPI's vector (SDM vol.
+            // 3C, table 28-1).
+            r::SIPI => Exit::Sipi {
+                vector: read(F::EXIT_QUALIFICATION) as u8,
+            },
             r::CPUID => Exit::Cpuid,
             r::HLT => Exit::Hlt,
             r::TRIPLE_FAULT => Exit::Shutdown,
@@ -744,6 +910,84 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         &mut self.memory
     }
 
+    fn reset(&mut self, initial: &InitialState) {
+        let code = initial.code_segment();
+        let data = initial.data_segment();
+        let cr0 = initial.cr0();
+        write(F::GUEST_CR0, self.cr.real_cr0(cr0));
+        write(F::CR0_READ_SHADOW, cr0);
+        write(F::GUEST_CR3, 0);
+        write(F::GUEST_CR4, self.cr.real_cr4(0));
+        write(F::CR4_READ_SHADOW, 0);
+        write(F::GUEST_DR7, 0x400);
+        write(F::GUEST_RSP, initial.gpr(Gpr::Rsp));
+        write(F::GUEST_RIP, initial.rip());
+        write(F::GUEST_RFLAGS, InitialState::RFLAGS);
+        write(F::GUEST_CS_SELECTOR, code.selector.into());
+        write(F::GUEST_CS_BASE, code.base);
+        write(F::GUEST_CS_LIMIT, code.limit.into());
+        write(F::GUEST_CS_AR_BYTES, code.access.into());
+        for (sel, base, limit, ar) in [
+            (
+                F::GUEST_SS_SELECTOR,
+                F::GUEST_SS_BASE,
+                F::GUEST_SS_LIMIT,
+                F::GUEST_SS_AR_BYTES,
+            ),
+            (
+                F::GUEST_DS_SELECTOR,
+                F::GUEST_DS_BASE,
+                F::GUEST_DS_LIMIT,
+                F::GUEST_DS_AR_BYTES,
+            ),
+            (
+                F::GUEST_ES_SELECTOR,
+                F::GUEST_ES_BASE,
+                F::GUEST_ES_LIMIT,
+                F::GUEST_ES_AR_BYTES,
+            ),
+            (
+                F::GUEST_FS_SELECTOR,
+                F::GUEST_FS_BASE,
+                F::GUEST_FS_LIMIT,
+                F::GUEST_FS_AR_BYTES,
+            ),
+            (
+                F::GUEST_GS_SELECTOR,
+                F::GUEST_GS_BASE,
+                F::GUEST_GS_LIMIT,
+                F::GUEST_GS_AR_BYTES,
+            ),
+        ] {
+            write(sel, data.selector.into());
+            write(base, data.base);
+            write(limit, data.limit.into());
+            write(ar, data.access.into());
+        }
+        // After INIT: GDTR and IDTR base 0, limit 0xFFFF (SDM vol. 3A,
+        // table 9-1).
+        write(F::GUEST_GDTR_BASE, 0);
+        write(F::GUEST_GDTR_LIMIT, 0xFFFF);
+        write(F::GUEST_IDTR_BASE, 0);
+        write(F::GUEST_IDTR_LIMIT, 0xFFFF);
+        write(F::GUEST_INTERRUPTIBILITY_INFO, 0);
+        write(F::GUEST_PENDING_DBG_EXCEPTIONS, 0);
+        self.set_guest_efer(0);
+        let entry = read(F::VM_ENTRY_CONTROLS);
+        write(F::VM_ENTRY_CONTROLS, entry & !ENTRY_IA32E_MODE_GUEST);
+        write(F::VM_ENTRY_INTR_INFO, 0);
+        self.deferred = None;
+        // RSP lives in the VMCS; its slot here is unused.
+        self.regs = GuestRegs(initial.gprs);
+        write(F::GUEST_ACTIVITY_STATE, ACTIVITY_ACTIVE);
+    }
+
+    fn wait_for_sipi(&mut self) {
+        write(F::VM_ENTRY_INTR_INFO, 0);
+        self.deferred = None;
+        write(F::GUEST_ACTIVITY_STATE, ACTIVITY_WAIT_FOR_SIPI);
+    }
+
     fn skip_instruction(&mut self) {
         let len = match self.insn_len.take() {
             Some(len) => len,
@@ -759,29 +1003,43 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     }
 
     fn inject(&mut self, event: Event) {
-        let (vector, error_code) = match event {
-            Event::Exception { vector, error_code } => (vector, error_code),
-            Event::PageFault {
-                error_code,
-                address,
-            } => {
-                // VMX neither saves nor loads CR2 (SDM vol. 3C, 27.3): the
-                // guest's CR2 is the processor's while the hypervisor runs,
-                // so it is written just before the entry that injects.
-                self.pending_cr2 = Some(address);
-                (14, Some(error_code))
+        let pending = read(F::VM_ENTRY_INTR_INFO) as u32;
+        let event = if pending & INTR_INFO_VALID == 0 {
+            event
+        } else {
+            // The exit interrupted the delivery of `pending`: do what the
+            // processor would have done with both.
+            let code = read(F::VM_ENTRY_EXCEPTION_ERROR_CODE) as u32;
+            let cr2 = x86_64::registers::control::Cr2::read_raw();
+            match decode_event(pending, code, cr2).map(|first| combine(first, event)) {
+                Some(Combined::Serial { now, later }) => {
+                    if later.is_some() {
+                        self.deferred = later;
+                    }
+                    now
+                }
+                Some(Combined::DoubleFault) => Event::Exception {
+                    vector: 8,
+                    error_code: Some(0),
+                },
+                Some(Combined::Shutdown) => {
+                    self.shutdown = true;
+                    event
+                }
+                // A software event: the processor re-delivers it by running
+                // the instruction again; the new event first.
+                None => event,
             }
         };
-        let mut info = u64::from(u32::from(vector) | INTR_TYPE_HW_EXCEPTION | INTR_INFO_VALID);
-        if let Some(code) = error_code {
-            info |= u64::from(INTR_DELIVER_ERROR_CODE);
-            write(F::VM_ENTRY_EXCEPTION_ERROR_CODE, u64::from(code));
-        }
-        write(F::VM_ENTRY_INTR_INFO, info);
+        self.write_event(event);
     }
 
     fn run(&mut self) -> Exit {
+        if self.shutdown {
+            return Exit::Shutdown;
+        }
         loop {
+            self.pick_next_event();
             if let Some(cr2) = self.pending_cr2.take() {
                 // SAFETY: CR2 only records page-fault addresses; the
                 // hypervisor takes no page faults before the entry.
