@@ -341,6 +341,14 @@ pub fn bios_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, SliceM
         kind: 0,
     }; bios::MAX_INPUT];
     let regions = boot.memory_map();
+    if regions.len() > map.len() {
+        // Dropping an entry would drop what it says about its range.
+        boot_error!(
+            "boot=chain: the memory map has {} entries, at most {} are supported",
+            regions.len(),
+            map.len()
+        );
+    }
     for (slot, r) in map.iter_mut().zip(regions) {
         *slot = E820Entry {
             base: r.start,
@@ -348,9 +356,10 @@ pub fn bios_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, SliceM
             kind: e820_type(r.kind),
         };
     }
-    let n = regions.len().min(bios::MAX_INPUT);
-    let table = match E820Table::build(&map[..n], &[(new_top, old_top), (hidden.start, hidden.end)])
-    {
+    let table = match E820Table::build(
+        &map[..regions.len()],
+        &[(new_top, old_top), (hidden.start, hidden.end)],
+    ) {
         Ok(t) => t,
         Err(e) => boot_error!("boot=chain: {e}"),
     };
