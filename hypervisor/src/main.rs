@@ -18,6 +18,7 @@ mod idt;
 mod mem;
 mod passthrough;
 mod percpu;
+mod platform;
 mod power;
 mod serial;
 mod smp;
@@ -87,13 +88,15 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         if let GuestLayout::Passthrough { .. } = guest.memory {
             vm.nested_faults = Some(&passthrough::PassthroughFaults);
         }
+        vm.platform = Some(&platform::Machine);
         vm
     });
     for (number, name) in vm.registry.iter() {
         log::debug!("VMM call {number}: {name}");
     }
     let mut vmm = Vmm::new(vm);
-    let reason = match backend {
+    platform::plant_canary();
+    match backend {
         Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
         Backend::Vmx(caps) => {
             let efer = match options.efer {
@@ -102,8 +105,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             };
             vmx_backend::run(&caps, efer, &guest, ram, &mut vmm, &boot)
         }
-    };
-    report_stop(reason)
+    }
 }
 
 /// The guest is a multiboot kernel from a boot module (`guest=` picks it),
@@ -361,6 +363,8 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
 
 /// Say how the guest ended and end the run with the matching status.
 pub(crate) fn report_stop(reason: StopReason) -> ! {
+    platform::log_exit_tables();
+    platform::check_canary();
     let code = match reason {
         StopReason::Halted { rip } => {
             error!("guest halted at rip {rip:#x} with nothing to wake it; stopping");

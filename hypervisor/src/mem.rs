@@ -133,6 +133,7 @@ pub fn relocate(frames: &mut FrameAllocator, top: u64) -> Result<Reserved, &'sta
     }
     IMAGE_PHYS.store(base, Relaxed);
     DIRECT_MAP_END.store(top, Relaxed);
+    log::debug!("direct map: {} GiB of physical memory", top >> 30);
     HEAP_TOTAL.store(heap.free_bytes(), Relaxed);
     *HEAP.lock() = Some(heap);
     Ok(Reserved {

@@ -4,7 +4,7 @@ use crate::{mem, percpu, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::BootInfo;
 use thinvisor_memory::SliceMemory;
-use thinvisor_vmm::{run_guest, GuestKind, InitialState, StopReason, Vmm};
+use thinvisor_vmm::{run_guest, GuestKind, InitialState, Vcpu, Vmm};
 use thinvisor_vmx::caps::{self, Controls, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
 use thinvisor_vmx::{EferAreas, HostState, VmcsSetup, VmxVcpu};
@@ -16,6 +16,7 @@ struct Shared {
     controls: Controls,
     ept_root: u64,
     msr_bitmap: u64,
+    io_bitmap: u64,
     kind: GuestKind,
 }
 
@@ -28,7 +29,7 @@ pub fn run(
     memory: SliceMemory<'static>,
     vmm: &mut Vmm<'_>,
     boot: &BootInfo,
-) -> StopReason {
+) -> ! {
     let controls = match caps::negotiate(caps, efer) {
         Ok(c) => c,
         Err(e) => boot_error!("{e}"),
@@ -53,6 +54,7 @@ pub fn run(
         controls,
         ept_root: ept_root.as_u64(),
         msr_bitmap: bitmap,
+        io_bitmap: crate::platform::io_bitmap(2 * PAGE),
         kind: guest.kind(),
     });
     if guest.kind() == GuestKind::Passthrough {
@@ -69,15 +71,14 @@ fn ap_main(cpu: &'static percpu::PerCpu) -> ! {
         crate::smp::stop_this_cpu("VT-x state missing")
     };
     let mut vmm = Vmm::new(vm);
-    let reason = virtualize_cpu(
+    log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
+    virtualize_cpu(
         shared,
         &InitialState::sipi(0),
         true,
         crate::passthrough::vcpu_memory(),
         &mut vmm,
-    );
-    log::info!("CPU {}: guest stopped", cpu.index);
-    crate::report_stop(reason)
+    )
 }
 
 /// VMX on this processor, a VMCS for a guest starting in `initial` (or
@@ -89,7 +90,7 @@ fn virtualize_cpu(
     wait_for_sipi: bool,
     memory: SliceMemory<'static>,
     vmm: &mut Vmm<'_>,
-) -> StopReason {
+) -> ! {
     let (Some(vmxon), Some(vmcs), Some(areas)) = (
         mem::alloc_zeroed(PAGE, PAGE),
         mem::alloc_zeroed(PAGE, PAGE),
@@ -130,6 +131,7 @@ fn virtualize_cpu(
         vmcs_pa: vmcs,
         ept_root: shared.ept_root,
         msr_bitmap_pa: shared.msr_bitmap,
+        io_bitmap_pa: shared.io_bitmap,
         efer_areas: Some((areas_virt, areas)),
         host,
         initial,
@@ -154,7 +156,9 @@ fn virtualize_cpu(
         mem::log_heap_use();
         info!("entering the guest at {:#x}", initial.rip());
     }
-    let reason = run_guest(vmm, &mut vcpu);
-    thinvisor_vmm::stats::log_table(cpu.index, &vcpu);
-    reason
+    if let Some(stats) = vcpu.exit_stats() {
+        crate::platform::register_stats(cpu.index, stats, vcpu.exit_names());
+    }
+    // The run ends here, with the vCPU (and its registered counts) alive.
+    crate::report_stop(run_guest(vmm, &mut vcpu))
 }

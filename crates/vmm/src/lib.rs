@@ -11,6 +11,7 @@ pub mod cpuid;
 pub mod events;
 pub mod exit;
 pub mod initial;
+pub mod iomap;
 pub mod log_ring;
 pub mod services;
 pub mod stats;
@@ -20,7 +21,9 @@ pub mod vmmcall;
 #[cfg(test)]
 mod tests;
 
-pub use exit::{handle_exit, run_guest, Action, FaultVerdict, NestedFaults, StopReason};
+pub use exit::{
+    handle_exit, run_guest, Action, FaultVerdict, NestedFaults, Platform, StopReason, POWER_PORTS,
+};
 pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};
@@ -40,6 +43,8 @@ pub struct Vm {
     /// What nested page faults mean (None: the isolated layout, where
     /// every one is outside guest RAM).
     pub nested_faults: Option<&'static dyn NestedFaults>,
+    /// The intercepted ports' side (None: they are stepped over).
+    pub platform: Option<&'static dyn Platform>,
 }
 
 impl Vm {
@@ -52,6 +57,7 @@ impl Vm {
             services: Services::new(log),
             cpuid,
             nested_faults: None,
+            platform: None,
         }
     }
 }

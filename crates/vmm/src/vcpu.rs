@@ -107,6 +107,14 @@ pub enum Exit {
     /// The guest executed a virtualization instruction (VMRUN, VMLOAD, ...)
     /// that it must not use: it sees #UD, as on a CPU without the feature.
     VirtualizationInstruction,
+    /// IN or OUT to one of the few ports thinvisor intercepts (those that
+    /// end or reset the machine, so it can report before they act).
+    Io {
+        port: u16,
+        size: u8,
+        input: bool,
+        string: bool,
+    },
     /// An INIT signal reached the processor (VT-x exits on it; SVM's
     /// backend learns of it from the sender's ICR write).
     Init,
@@ -171,8 +179,8 @@ pub trait Vcpu {
     fn exit_stats(&self) -> Option<&crate::stats::ExitStats> {
         None
     }
-    /// The name of an [`exit_stats`](Self::exit_stats) slot.
-    fn exit_name(&self, _slot: usize) -> &'static str {
-        "?"
+    /// Names the [`exit_stats`](Self::exit_stats) slots.
+    fn exit_names(&self) -> fn(usize) -> &'static str {
+        |_| "?"
     }
 }

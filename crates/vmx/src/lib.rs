@@ -148,6 +148,8 @@ pub struct VmcsSetup<'a> {
     pub ept_root: u64,
     /// A zeroed 4 KiB MSR bitmap, filled by [`msr_bitmap::init`].
     pub msr_bitmap_pa: u64,
+    /// 8 KiB of I/O bitmaps A and B, contiguous (see thinvisor_vmm::iomap).
+    pub io_bitmap_pa: u64,
     /// The MSR areas for the EFER fallback (used when
     /// `controls.efer == EferPath::MsrAreas`), with their physical address.
     pub efer_areas: Option<(&'static mut EferAreas, u64)>,
@@ -218,6 +220,8 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::PAGE_FAULT_ERROR_CODE_MATCH, 0),
         (F::CR3_TARGET_COUNT, 0),
         (F::MSR_BITMAP, s.msr_bitmap_pa),
+        (F::IO_BITMAP_A, s.io_bitmap_pa),
+        (F::IO_BITMAP_B, s.io_bitmap_pa + 4096),
         (F::EPT_POINTER, eptp),
         (F::CR0_GUEST_HOST_MASK, policy.cr0_mask()),
         (F::CR4_GUEST_HOST_MASK, policy.cr4_mask()),

@@ -18,6 +18,7 @@ pub mod exit_reason {
     pub const SIPI: u32 = 4;
     pub const INTERRUPT_WINDOW: u32 = 7;
     pub const CPUID: u32 = 10;
+    pub const IO_INSTRUCTION: u32 = 30;
     pub const HLT: u32 = 12;
     pub const VMCALL: u32 = 18;
     pub const VMCLEAR: u32 = 19;
@@ -793,6 +794,16 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 return None;
             }
             r::VMCALL => Exit::VmmCall,
+            // Exit qualification for I/O (SDM vol. 3C, table 28-5).
+            r::IO_INSTRUCTION => {
+                let q = read(F::EXIT_QUALIFICATION);
+                Exit::Io {
+                    port: (q >> 16) as u16,
+                    size: (q & 7) as u8 + 1,
+                    input: q & (1 << 3) != 0,
+                    string: q & (1 << 4) != 0,
+                }
+            }
             r::INIT_SIGNAL => Exit::Init,
             // The qualification's low byte is the SIPI's vector (SDM vol.
             // 3C, table 28-1).
@@ -855,8 +866,8 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         Some(&self.stats)
     }
 
-    fn exit_name(&self, slot: usize) -> &'static str {
-        exit_name(slot)
+    fn exit_names(&self) -> fn(usize) -> &'static str {
+        exit_name
     }
 
     fn gpr(&self, reg: Gpr) -> u64 {
