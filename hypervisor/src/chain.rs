@@ -10,7 +10,8 @@
 //!    way boot-time resident code has always reserved memory;
 //! 2. copies a 16-bit stub there: an INT 15h handler, whose header and
 //!    E820 table it fills in from the boot loader's memory map with its own
-//!    block and the stub's memory reserved (`thinvisor_vmm::bios`), and a
+//!    block and the stub's memory reserved (`thinvisor_boot::e820`, laid
+//!    out by `thinvisor_vmm::bios`), and a
 //!    boot loader of a dozen instructions;
 //! 3. points IVT entry 0x15 at the handler (the BIOS's vector is kept in
 //!    the header: every other INT 15h function goes there);
@@ -27,7 +28,8 @@ use core::arch::global_asm;
 use core::ptr;
 
 use log::info;
-use thinvisor_boot::{BootInfo, MemKind};
+use thinvisor_boot::e820::GuestMap;
+use thinvisor_boot::BootInfo;
 use thinvisor_memory::SliceMemory;
 use thinvisor_vmm::bios::{self, stub, E820Entry, E820Table};
 use thinvisor_vmm::{InitialState, StartMode};
@@ -285,16 +287,6 @@ fn stub_code() -> (&'static [u8], u16, u16) {
     )
 }
 
-fn e820_type(kind: MemKind) -> u32 {
-    match kind {
-        MemKind::Available => bios::E820_USABLE,
-        MemKind::Reserved => bios::E820_RESERVED,
-        MemKind::AcpiReclaimable => bios::E820_ACPI,
-        MemKind::AcpiNvs => bios::E820_NVS,
-        MemKind::Bad => bios::E820_UNUSABLE,
-    }
-}
-
 fn read_u16(pa: u64) -> u16 {
     // SAFETY: pa is in the first MiB, inside the direct map; the BIOS's
     // data there is plain memory no one else accesses while thinvisor
@@ -335,31 +327,37 @@ pub fn bios_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, SliceM
         );
     }
 
-    let mut map = [E820Entry {
+    // The guest's map: the firmware's with the stub's pages (up to the
+    // page holding the BIOS's old top; the rest of that page is the EBDA,
+    // reserved already) and thinvisor's block reserved (thinvisor_boot's
+    // GuestMap, the map every pass-through boot path gives its guest).
+    let stub_pages = (new_top, old_top.next_multiple_of(PAGE));
+    let guest_map =
+        match GuestMap::new(boot.memory_map(), &[stub_pages, (hidden.start, hidden.end)]) {
+            Ok(m) => m,
+            Err(e) => boot_error!("boot=chain: {e}"),
+        };
+    if guest_map.dropped_bytes() > 0 {
+        log::warn!(
+            "boot=chain: {} KiB of RAM left out of the guest's E820 table (too many entries)",
+            guest_map.dropped_bytes() >> 10
+        );
+    }
+    let mut entries = [E820Entry {
         base: 0,
         len: 0,
         kind: 0,
     }; bios::MAX_INPUT];
-    let regions = boot.memory_map();
-    if regions.len() > map.len() {
-        // Dropping an entry would drop what it says about its range.
-        boot_error!(
-            "boot=chain: the memory map has {} entries, at most {} are supported",
-            regions.len(),
-            map.len()
-        );
-    }
-    for (slot, r) in map.iter_mut().zip(regions) {
+    for (slot, e) in entries.iter_mut().zip(guest_map.e820()) {
         *slot = E820Entry {
-            base: r.start,
-            len: r.len,
-            kind: e820_type(r.kind),
+            base: e.addr,
+            len: e.size,
+            kind: e.type_number(),
         };
     }
-    let table = match E820Table::build(
-        &map[..regions.len()],
-        &[(new_top, old_top), (hidden.start, hidden.end)],
-    ) {
+    let n = guest_map.e820().len().min(entries.len());
+    // Sorted and disjoint already: this only lays it out for the handler.
+    let table = match E820Table::build(&entries[..n], &[]) {
         Ok(t) => t,
         Err(e) => boot_error!("boot=chain: {e}"),
     };

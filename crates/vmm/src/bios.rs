@@ -19,8 +19,10 @@
 //!   [`E820Table::legacy_sizes`], so they never reach into thinvisor's
 //!   block.
 //!
-//! This module holds the architecture-neutral part, host-tested: building
-//! the table, the layout of the data the handler reads
+//! This module holds the architecture-neutral part, host-tested: the table
+//! (thinvisor builds the guest's map with `thinvisor_boot::e820::GuestMap`
+//! and hands it over; [`E820Table::build`] also merges a raw map itself,
+//! with the same rules), the layout of the data the handler reads
 //! ([`stub`]), and the answers it gives ([`E820Table::answer`] states in
 //! Rust what the 16-bit handler does). The handler itself is
 //! `hypervisor/src/chain.rs`.
@@ -236,7 +238,7 @@ impl E820Table {
     /// The table for `map` (the firmware's entries, in any order, possibly
     /// overlapping) with every byte of `hidden` (`[start, end)` ranges)
     /// reserved, whatever the firmware said about it. Where entries overlap
-    /// the most restrictive type wins ([`rank`]); bytes no entry names stay
+    /// the most restrictive type wins (see `rank`); bytes no entry names stay
     /// out of the table.
     pub fn build(map: &[E820Entry], hidden: &[(u64, u64)]) -> Result<Self, TableError> {
         if map.len() > MAX_INPUT {
