@@ -12,6 +12,7 @@ macro_rules! boot_error {
     }};
 }
 
+mod apic;
 mod chain;
 mod entry;
 mod idt;
@@ -77,11 +78,26 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         frames.free_bytes() >> 20
     );
 
+    if let Err(e) = mem::init_rust_heap() {
+        boot_error!("{e}");
+    }
+    // The decoder's tables, built now rather than on the first emulated
+    // write.
+    thinvisor_vmm::emulate::prepare();
     let backend = pick_backend();
 
     let (guest, ram) = match options.boot {
+        BootMode::Linux => passthrough::linux_guest(&boot, reserved),
         BootMode::Chain => chain::bios_guest(&boot, reserved),
-        _ => module_guest(&boot, &mut frames, &options, reserved),
+        BootMode::Module => {
+            let (module, image) = guest_module(&boot, options.guest_module);
+            match options.layout {
+                Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
+                Layout::Passthrough => {
+                    passthrough::multiboot_guest(&boot, reserved, image, module.string())
+                }
+            }
+        }
     };
     let vm: &'static Vm = VM.call_once(|| {
         let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
@@ -97,7 +113,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     let mut vmm = Vmm::new(vm);
     platform::plant_canary();
     match backend {
-        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
+        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm, &boot),
         Backend::Vmx(caps) => {
             let efer = match options.efer {
                 EferMode::Auto => EferPreference::Auto,
@@ -108,26 +124,20 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     }
 }
 
-/// The guest is a multiboot kernel from a boot module (`guest=` picks it),
-/// in the layout `layout=` chose.
-fn module_guest(
-    boot: &BootInfo,
-    frames: &mut FrameAllocator,
-    options: &cmdline::Options,
-    reserved: mem::Reserved,
-) -> (GuestSetup, SliceMemory<'static>) {
-    let Some(module) = boot.modules().get(options.guest_module) else {
+/// The boot module `index` (`guest=`) and its bytes.
+fn guest_module(boot: &BootInfo, index: usize) -> (thinvisor_boot::Module, &'static [u8]) {
+    let Some(module) = boot.modules().get(index) else {
         boot_error!(
             "no guest module: the boot loader passed {} module(s) and guest={} selects none; \
              pass the guest kernel as a multiboot module",
             boot.modules().len(),
-            options.guest_module
+            index
         )
     };
     let module = *module;
     info!(
         "guest module {}: {:#x}..{:#x} ({} KiB) \"{}\"",
-        options.guest_module,
+        index,
         module.start,
         module.end,
         module.len() >> 10,
@@ -141,12 +151,8 @@ fn module_guest(
     }
     // SAFETY: the module lies in the direct map (checked above) and is
     // reserved from the allocator, so nothing else writes it.
-    let image: &[u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
-
-    match options.layout {
-        Layout::Isolated => isolated_guest(frames, options, image, module.string()),
-        Layout::Passthrough => passthrough::multiboot_guest(boot, reserved, image, module.string()),
-    }
+    let image: &'static [u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
+    (module, image)
 }
 
 /// The isolated layout: guest RAM is a block of `guest_mem=` bytes taken

@@ -143,7 +143,8 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS smi_storm",
     "PASS cr0_writes",
     "PASS xsetbv",
-    "SUMMARY: 25 passed, 0 failed",
+    "PASS cr_writes_gp",
+    "SUMMARY: 26 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -152,8 +153,38 @@ const ON_SVM: &[&str] = &["AMD SVM: revision"];
 const ON_VMX_AUTO: &[&str] = &["EFER via VMCS controls", "VPID on", "EPT 2M pages yes"];
 const ON_VMX_MSR_AREA: &[&str] = &["EFER via MSR areas", "VPID on", "EPT 2M pages yes"];
 const NO_FAIL: &[&str] = &["FAIL"];
-/// The test guest's `npf` run: a touch of guest-physical 0xE000_0000.
-const NPF_REPORTED: &[&str] = &["nested page fault", "0xe0000000"];
+/// The test guest's `npf` run: a read of guest-physical 0xE000_0000, as
+/// the hypervisor reports the stop (`report_stop` in hypervisor/src/main.rs;
+/// the guest's own line names the address too, so the address alone
+/// proves nothing).
+const NPF_REPORTED: &[&str] = &["nested page fault: guest read at guest-physical 0xe0000000"];
+/// The stop lines of the `halt` and `triple` runs (`report_stop`): a run
+/// that ends any other way cannot print them.
+const HALT_REPORTED: &[&str] = &["guest halted at rip 0x"];
+const SHUTDOWN_REPORTED: &[&str] = &["guest shutdown (triple fault) near rip 0x"];
+/// A `checks` run on VT-x that passed, and whose boot log names the EFER
+/// path asked for.
+const CHECKS_PASSED_VMX_AUTO: [&str; CHECKS_PASSED.len() + ON_VMX_AUTO.len()] =
+    concat(CHECKS_PASSED, ON_VMX_AUTO);
+const CHECKS_PASSED_VMX_MSR_AREA: [&str; CHECKS_PASSED.len() + ON_VMX_MSR_AREA.len()] =
+    concat(CHECKS_PASSED, ON_VMX_MSR_AREA);
+
+/// `a` then `b`, for expectation lists made of two (`N` must be the sum
+/// of their lengths; a wrong `N` fails the build).
+const fn concat<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'static str; N] {
+    assert!(a.len() + b.len() == N);
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - a.len()];
+        i += 1;
+    }
+    out
+}
 
 /// The boot-sector disk under `boot=chain` (the memory answers are checked
 /// too, see [`Disk::BootSector`]).
@@ -193,20 +224,23 @@ pub const CASES: &[Case] = &[
         modules: NPF,
         exit: Some(exit_code::GUEST_BAD_MEMORY),
         must_contain: NPF_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "qemu-halt",
         modules: &[(Image::TestGuest, "test-guest.elf halt")],
         exit: Some(exit_code::GUEST_HALTED),
-        must_contain: &["guest halted"],
+        must_contain: HALT_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "qemu-triple",
         modules: &[(Image::TestGuest, "test-guest.elf triple")],
         exit: Some(exit_code::GUEST_SHUTDOWN),
-        must_contain: &["shutdown"],
+        must_contain: SHUTDOWN_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
@@ -238,7 +272,7 @@ pub const CASES: &[Case] = &[
             "guest RAM: 1024 MiB",
             "1 GiB pages yes",
             "PASS cross_vendor_call",
-            "SUMMARY: 25 passed, 0 failed",
+            "SUMMARY: 26 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 3072,
@@ -254,7 +288,7 @@ pub const CASES: &[Case] = &[
         must_contain: &[
             "direct map: 8 GiB",
             "guest RAM: 3072 MiB at host-physical 0x100000000",
-            "SUMMARY: 25 passed, 0 failed",
+            "SUMMARY: 26 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 7168,
@@ -291,6 +325,7 @@ pub const CASES: &[Case] = &[
         emulator: RYZEN,
         modules: NPF,
         must_contain: NPF_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
@@ -363,7 +398,7 @@ pub const CASES: &[Case] = &[
         emulator: SKYLAKE_X,
         hv_args: "log=info efer=auto",
         modules: CHECKS,
-        must_contain: ON_VMX_AUTO,
+        must_contain: &CHECKS_PASSED_VMX_AUTO,
         must_not_contain: NO_FAIL,
         ..QEMU
     },
@@ -372,7 +407,7 @@ pub const CASES: &[Case] = &[
         emulator: SKYLAKE_X,
         hv_args: "log=info efer=msr-area",
         modules: CHECKS,
-        must_contain: ON_VMX_MSR_AREA,
+        must_contain: &CHECKS_PASSED_VMX_MSR_AREA,
         must_not_contain: NO_FAIL,
         ..QEMU
     },
@@ -381,20 +416,23 @@ pub const CASES: &[Case] = &[
         emulator: SKYLAKE_X,
         modules: NPF,
         must_contain: NPF_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "bochs-skylake-x-halt",
         emulator: SKYLAKE_X,
         modules: &[(Image::TestGuest, "test-guest.elf halt")],
-        must_contain: &["guest halted"],
+        must_contain: HALT_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
         name: "bochs-skylake-x-triple",
         emulator: SKYLAKE_X,
         modules: &[(Image::TestGuest, "test-guest.elf triple")],
-        must_contain: &["shutdown"],
+        must_contain: SHUTDOWN_REPORTED,
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {
@@ -425,6 +463,22 @@ pub const CASES: &[Case] = &[
         must_not_contain: NO_FAIL,
         ..QEMU
     },
+    Case {
+        // thinvisor loads the bzImage (first module; its string minus the
+        // file name is the kernel's command line) and the initrd (second)
+        // itself, the way a Linux boot loader does.
+        name: "qemu-linux",
+        hv_args: linux::LINUX_HV_ARGS,
+        modules: &[
+            (Image::LinuxKernel, linux::KERNEL_MODULE),
+            (Image::LinuxInitrd, linux::INITRD_MODULE),
+        ],
+        must_contain: LINUX_UNDER_THINVISOR,
+        must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 120,
+        ..QEMU
+    },
 ];
 
 /// What every Linux boot prints, under thinvisor, with two processors
@@ -443,47 +497,29 @@ const LINUX_TROUBLE: &[&str] = &["Kernel panic", "probe failed", "probe: no thin
 /// Cases that wait for hypervisor features still being written: run only
 /// with `cargo xtask test --pending` (e.g. `--filter linux --pending`). A
 /// case moves to `CASES` once it passes.
-pub const PENDING_CASES: &[Case] = &[
-    Case {
-        // thinvisor loads the bzImage (first module; its string minus the
-        // file name is the kernel's command line) and the initrd (second)
-        // itself, the way a Linux boot loader does.
-        name: "qemu-linux",
-        hv_args: linux::LINUX_HV_ARGS,
-        modules: &[
-            (Image::LinuxKernel, linux::KERNEL_MODULE),
-            (Image::LinuxInitrd, linux::INITRD_MODULE),
-        ],
-        must_contain: LINUX_UNDER_THINVISOR,
-        must_not_contain: LINUX_TROUBLE,
-        smp: 2,
-        timeout_s: 120,
-        ..QEMU
-    },
-    Case {
-        // thinvisor boots the first hard disk the BIOS way: SeaBIOS, the
-        // MBR, SYSLINUX (real mode, BIOS disk calls with SMIs) and then
-        // Linux, which prints the BIOS's memory map.
-        name: "qemu-linux-chain",
-        hv_args: linux::CHAIN_HV_ARGS,
-        disk: Some(Disk::LinuxBoot),
-        must_contain: &[
-            "SYSLINUX",
-            "BIOS-provided physical RAM map",
-            "BIOS-e820: [mem 0x0000000000000000-",
-            linux::MARKER,
-            "thinvisor-init: cpus 2",
-            "thinvisor-init: hypervisor-flag yes",
-            "probe: cpuid-signature thinvisor",
-            "probe: lookup log_read = 3",
-            linux::DONE,
-        ],
-        must_not_contain: LINUX_TROUBLE,
-        smp: 2,
-        timeout_s: 120,
-        ..QEMU
-    },
-];
+pub const PENDING_CASES: &[Case] = &[Case {
+    // thinvisor boots the first hard disk the BIOS way: SeaBIOS, the
+    // MBR, SYSLINUX (real mode, BIOS disk calls with SMIs) and then
+    // Linux, which prints the BIOS's memory map.
+    name: "qemu-linux-chain",
+    hv_args: linux::CHAIN_HV_ARGS,
+    disk: Some(Disk::LinuxBoot),
+    must_contain: &[
+        "SYSLINUX",
+        "BIOS-provided physical RAM map",
+        "BIOS-e820: [mem 0x0000000000000000-",
+        linux::MARKER,
+        "thinvisor-init: cpus 2",
+        "thinvisor-init: hypervisor-flag yes",
+        "probe: cpuid-signature thinvisor",
+        "probe: lookup log_read = 3",
+        linux::DONE,
+    ],
+    must_not_contain: LINUX_TROUBLE,
+    smp: 2,
+    timeout_s: 120,
+    ..QEMU
+}];
 
 /// Every case, the pending ones too.
 pub fn all_cases() -> impl Iterator<Item = &'static Case> {
@@ -703,14 +739,22 @@ mod tests {
         "thinvisor-init: done\r\n",
     );
 
+    fn find(name: &str) -> &'static Case {
+        CASES
+            .iter()
+            .chain(PENDING_CASES)
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no case {name}"))
+    }
+
     #[test]
     fn linux_serial_judged() {
-        let direct = &PENDING_CASES[0];
+        let direct = find("qemu-linux");
         assert_eq!(
             direct.check_serial(LINUX_SERIAL_UNDER_THINVISOR),
             Vec::<String>::new()
         );
-        let chain = &PENDING_CASES[1];
+        let chain = find("qemu-linux-chain");
         let chain_log = format!(
             "SYSLINUX 6.04 20210613\r\n\
              [    0.000000] BIOS-provided physical RAM map:\r\n\
@@ -734,13 +778,15 @@ mod tests {
     #[test]
     fn linux_cases() {
         let pending: Vec<&str> = PENDING_CASES.iter().map(|c| c.name).collect();
-        assert_eq!(pending, ["qemu-linux", "qemu-linux-chain"]);
-        for case in PENDING_CASES {
-            assert!(case.needs_linux() && case.is_pending(), "{}", case.name);
+        assert_eq!(pending, ["qemu-linux-chain"]);
+        for name in ["qemu-linux", "qemu-linux-chain"] {
+            let case = find(name);
+            assert!(case.needs_linux(), "{}", case.name);
             assert_eq!(case.smp, 2);
             assert!(case.must_contain.contains(&"thinvisor-init: cpus 2"));
         }
-        let direct = &PENDING_CASES[0];
+        assert!(find("qemu-linux-chain").is_pending());
+        let direct = find("qemu-linux");
         assert!(!direct.needs_linux_disk());
         assert_eq!(direct.modules[0].1, "vmlinuz console=ttyS0 panic=-1");
         assert_eq!(
@@ -751,8 +797,9 @@ mod tests {
             Module::new("x", direct.modules[1].1).file_name(),
             Ok(linux::INITRD_FILE)
         );
-        assert!(PENDING_CASES[1].needs_linux_disk() && PENDING_CASES[1].modules.is_empty());
-        assert!(CASES.iter().all(|c| !c.needs_linux() && !c.is_pending()));
+        let chain = find("qemu-linux-chain");
+        assert!(chain.needs_linux_disk() && chain.modules.is_empty());
+        assert!(CASES.iter().all(|c| !c.is_pending()));
         // The probe's line matches thinvisor's escaped signature.
         let probe_line = concat!(r"probe: cpuid-signature thinvisor\x00\x00\x00", "\r\n");
         assert!(direct
@@ -777,6 +824,39 @@ mod tests {
         );
         let problems = case.check_serial("SUMMARY: 1 passed, 1 failed");
         assert!(problems[0].contains("\" 0 failed\""));
+    }
+
+    #[test]
+    fn vmx_efer_cases_need_the_guests_pass_marker() {
+        for name in ["bochs-skylake-x-efer-auto", "bochs-skylake-x-efer-msr-area"] {
+            let case = CASES.iter().find(|c| c.name == name).unwrap();
+            // The boot log alone, as a run whose checks fail also prints it.
+            let boot_only =
+                "EFER via VMCS controls; EFER via MSR areas; VPID on; EPT 2M pages yes\n\
+                             SUMMARY: 25 passed, 1 failed\n";
+            assert!(!case.check_serial(boot_only).is_empty(), "{name}");
+            for s in CHECKS_PASSED {
+                assert!(case.must_contain.contains(s), "{name} lacks {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn stop_cases_need_the_stop_line() {
+        let triple = CASES
+            .iter()
+            .find(|c| c.name == "bochs-skylake-x-triple")
+            .unwrap();
+        // Bochs' own words, or a guest's, are not the hypervisor's stop line.
+        assert!(!triple.check_serial("Bochs: shutdown requested").is_empty());
+        let line = "thinvisor: [ERROR] guest shutdown (triple fault) near rip 0x10213a; stopping";
+        assert_eq!(triple.check_serial(line), Vec::<String>::new());
+        let npf = CASES
+            .iter()
+            .find(|c| c.name == "bochs-skylake-x-npf")
+            .unwrap();
+        let guest_only = "test-guest: touching guest-physical 0xE0000000 (outside guest RAM)";
+        assert!(!npf.check_serial(guest_only).is_empty());
     }
 
     #[test]

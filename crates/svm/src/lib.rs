@@ -462,7 +462,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
             *seg = data;
         }
-        s.gdtr = Segment::default();
+        s.gdtr = Segment {
+            base: initial.gdt.0,
+            limit: initial.gdt.1.into(),
+            ..Segment::default()
+        };
         s.idtr = Segment {
             // The real-mode IVT at 0 (a no-op for protected-mode starts,
             // which load their own IDT before enabling interrupts).
@@ -676,6 +680,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 write: c.exit_info1 & npf_info::WRITE != 0,
                 fetch: c.exit_info1 & npf_info::FETCH != 0,
                 linear: None,
+                in_page_walk: c.exit_info1 & npf_info::IN_PAGE_WALK != 0,
             }),
             exit_code::VMRUN
             | exit_code::VMLOAD
@@ -780,6 +785,21 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
 
     fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
         &mut self.memory
+    }
+
+    fn cs_access(&self) -> u16 {
+        // SVM packs bits 15:12 of the access rights into 11:8.
+        let a = self.vmcb.save.cs.attrib;
+        (a & 0xFF) | ((a & 0xF00) << 4)
+    }
+
+    fn rflags(&self) -> u64 {
+        self.vmcb.save.rflags
+    }
+
+    fn complete_instruction(&mut self, next_rip: u64) {
+        self.vmcb.save.rip = next_rip;
+        self.vmcb.control.interrupt_shadow = 0;
     }
 
     fn skip_instruction(&mut self) {

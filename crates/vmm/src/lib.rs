@@ -6,8 +6,11 @@
 //! so it runs as ordinary host tests against a fake vCPU.
 #![no_std]
 
+pub mod apic;
 pub mod bios;
 pub mod cpuid;
+#[cfg(feature = "emulate")]
+pub mod emulate;
 pub mod events;
 pub mod exit;
 pub mod initial;
@@ -22,7 +25,8 @@ pub mod vmmcall;
 mod tests;
 
 pub use exit::{
-    handle_exit, run_guest, Action, FaultVerdict, NestedFaults, Platform, StopReason, POWER_PORTS,
+    handle_exit, run_guest, Action, DeviceWrite, FaultVerdict, NestedFaults, Platform, StopReason,
+    POWER_PORTS,
 };
 pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};

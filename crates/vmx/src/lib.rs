@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod caps;
+pub mod cr_write;
 pub mod guest_check;
 pub mod msr_bitmap;
 pub mod vcpu;
@@ -293,8 +294,8 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::GUEST_TR_BASE, 0),
         (F::GUEST_TR_LIMIT, 0x67),
         (F::GUEST_TR_AR_BYTES, 0x8B),
-        (F::GUEST_GDTR_BASE, 0),
-        (F::GUEST_GDTR_LIMIT, 0),
+        (F::GUEST_GDTR_BASE, s.initial.gdt.0),
+        (F::GUEST_GDTR_LIMIT, s.initial.gdt.1.into()),
         (F::GUEST_IDTR_BASE, 0),
         // The real-mode IVT at 0; protected-mode starts load their own IDT.
         (F::GUEST_IDTR_LIMIT, 0x3FF),
