@@ -8,7 +8,8 @@
 //!
 //! `CASES` run by default; `PENDING_CASES` only with `cargo xtask test
 //! --pending`: they wait for hypervisor features that do not exist yet
-//! (booting Linux), and move to `CASES` when those land.
+//! (booting Linux; the pass-through guest's APs and dropped writes), and
+//! move to `CASES` when those land.
 
 use std::fs;
 use std::path::PathBuf;
@@ -84,7 +85,8 @@ pub struct Case {
     pub mem_mb: u32,
     /// Wall-clock limit in seconds; 0 = the emulator's default.
     pub timeout_s: u64,
-    /// Processors (`-smp`); 1 = QEMU's default, one. QEMU only.
+    /// Processors (QEMU `-smp`, Bochs `cpu: count=`); 1 = the emulator's
+    /// default, one.
     pub smp: u32,
     /// QEMU's `-machine` (`pc`: i440FX with SMM on, QEMU's default).
     pub machine: &'static str,
@@ -145,6 +147,17 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS xsetbv",
     "PASS cr_writes_gp",
     "SUMMARY: 26 passed, 0 failed",
+];
+/// The test guest's `passthrough` mode (`test-guests/checks/src/passthrough.rs`).
+const PASSTHROUGH_GUEST: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf passthrough")];
+/// Its run passed.
+const PASSTHROUGH_PASSED: &[&str] = &[
+    "PASS mmap_hides_thinvisor",
+    "PASS hidden_reads_filler",
+    "PASS timer_wakes_hlt",
+    "PASS aps_start",
+    "PASS hidden_writes_dropped",
+    "SUMMARY: 5 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -497,29 +510,57 @@ const LINUX_TROUBLE: &[&str] = &["Kernel panic", "probe failed", "probe: no thin
 /// Cases that wait for hypervisor features still being written: run only
 /// with `cargo xtask test --pending` (e.g. `--filter linux --pending`). A
 /// case moves to `CASES` once it passes.
-pub const PENDING_CASES: &[Case] = &[Case {
-    // thinvisor boots the first hard disk the BIOS way: SeaBIOS, the
-    // MBR, SYSLINUX (real mode, BIOS disk calls with SMIs) and then
-    // Linux, which prints the BIOS's memory map.
-    name: "qemu-linux-chain",
-    hv_args: linux::CHAIN_HV_ARGS,
-    disk: Some(Disk::LinuxBoot),
-    must_contain: &[
-        "SYSLINUX",
-        "BIOS-provided physical RAM map",
-        "BIOS-e820: [mem 0x0000000000000000-",
-        linux::MARKER,
-        "thinvisor-init: cpus 2",
-        "thinvisor-init: hypervisor-flag yes",
-        "probe: cpuid-signature thinvisor",
-        "probe: lookup log_read = 3",
-        linux::DONE,
-    ],
-    must_not_contain: LINUX_TROUBLE,
-    smp: 2,
-    timeout_s: 120,
-    ..QEMU
-}];
+pub const PENDING_CASES: &[Case] = &[
+    Case {
+        // thinvisor boots the first hard disk the BIOS way: SeaBIOS, the
+        // MBR, SYSLINUX (real mode, BIOS disk calls with SMIs) and then
+        // Linux, which prints the BIOS's memory map.
+        name: "qemu-linux-chain",
+        hv_args: linux::CHAIN_HV_ARGS,
+        disk: Some(Disk::LinuxBoot),
+        must_contain: &[
+            "SYSLINUX",
+            "BIOS-provided physical RAM map",
+            "BIOS-e820: [mem 0x0000000000000000-",
+            linux::MARKER,
+            "thinvisor-init: cpus 2",
+            "thinvisor-init: hypervisor-flag yes",
+            "probe: cpuid-signature thinvisor",
+            "probe: lookup log_read = 3",
+            linux::DONE,
+        ],
+        must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 120,
+        ..QEMU
+    },
+    // The test guest's `passthrough` mode on two processors. Pending until
+    // thinvisor runs the APs the guest starts (without that they run
+    // natively and the VMM call raises #UD there: `aps_start` fails) and
+    // drops the guest's writes into its block, skipping the instruction
+    // (without that the first store of `hidden_writes_dropped` stops the
+    // run). `cargo xtask test --pending --filter passthrough-guest`.
+    Case {
+        name: "qemu-passthrough-guest",
+        hv_args: "log=info layout=passthrough",
+        modules: PASSTHROUGH_GUEST,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: PASSTHROUGH_PASSED,
+        must_not_contain: NO_FAIL,
+        smp: 2,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-passthrough-guest",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info layout=passthrough",
+        modules: PASSTHROUGH_GUEST,
+        must_contain: PASSTHROUGH_PASSED,
+        must_not_contain: NO_FAIL,
+        smp: 2,
+        ..QEMU
+    },
+];
 
 /// Every case, the pending ones too.
 pub fn all_cases() -> impl Iterator<Item = &'static Case> {
@@ -717,7 +758,7 @@ mod tests {
             if let Emulator::Bochs { .. } = case.emulator {
                 assert_eq!(case.exit, None, "{}", case.name);
                 assert!(
-                    case.smp == 1 && matches!(case.disk, None | Some(Disk::BootSector)),
+                    matches!(case.disk, None | Some(Disk::BootSector)),
                     "{}",
                     case.name
                 );
@@ -745,6 +786,20 @@ mod tests {
             .chain(PENDING_CASES)
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("no case {name}"))
+    }
+
+    #[test]
+    fn passthrough_guest_cases() {
+        let cases: Vec<&Case> = PENDING_CASES
+            .iter()
+            .filter(|c| c.name.ends_with("passthrough-guest"))
+            .collect();
+        assert_eq!(cases.len(), 2);
+        for case in cases {
+            assert!(case.smp >= 2 && case.hv_args.contains("layout=passthrough"));
+            assert_eq!(case.modules, PASSTHROUGH_GUEST);
+            assert!(case.must_contain.contains(&"SUMMARY: 5 passed, 0 failed"));
+        }
     }
 
     #[test]
@@ -777,7 +832,11 @@ mod tests {
 
     #[test]
     fn linux_cases() {
-        let pending: Vec<&str> = PENDING_CASES.iter().map(|c| c.name).collect();
+        let pending: Vec<&str> = PENDING_CASES
+            .iter()
+            .filter(|c| c.needs_linux())
+            .map(|c| c.name)
+            .collect();
         assert_eq!(pending, ["qemu-linux-chain"]);
         for name in ["qemu-linux", "qemu-linux-chain"] {
             let case = find(name);

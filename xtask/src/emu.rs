@@ -94,6 +94,8 @@ pub struct BochsOpts {
     /// disk (ata0-master); the GRUB ISO moves to ata0-slave and is still
     /// what the BIOS boots. The run uses a copy.
     pub disk: Option<PathBuf>,
+    /// Processors (`cpu: count=N`); 1 = Bochs' default, one.
+    pub cpus: u32,
 }
 
 impl BochsOpts {
@@ -105,6 +107,7 @@ impl BochsOpts {
             ips: 2_000_000,
             follow: false,
             disk: None,
+            cpus: 1,
         }
     }
 }
@@ -324,6 +327,7 @@ pub fn bochsrc(opts: &BochsOpts, iso: &str, disk: Option<&str>) -> Result<String
     Ok(format!(
         "cpu: model={model}\n\
          cpu: ips={ips}\n\
+         {cpus}\
          memory: guest={mem}, host={mem}\n\
          romimage: file={bios}\n\
          vgaromimage: file={vga}\n\
@@ -340,6 +344,13 @@ pub fn bochsrc(opts: &BochsOpts, iso: &str, disk: Option<&str>) -> Result<String
          mouse: enabled=0\n",
         model = opts.model,
         ips = opts.ips,
+        // Several processors: a short quantum interleaves them finely, as
+        // Bochs' documentation suggests for SMP guests.
+        cpus = if opts.cpus > 1 {
+            format!("cpu: count={}, quantum=16\n", opts.cpus)
+        } else {
+            String::new()
+        },
         mem = opts.mem_mb,
         bios = bios.display(),
         vga = vga.display(),

@@ -375,10 +375,10 @@ fn run_case(
             outcome
         }
         Emulator::Bochs { model } => {
-            if case.smp > 1 || !matches!(case.disk, None | Some(Disk::BootSector)) {
+            if !matches!(case.disk, None | Some(Disk::BootSector)) {
                 return Err(format!(
-                    "{}: Bochs cases take no -smp and only the boot-sector disk (the runner \
-                     boots a GRUB CD with one processor, the disk as ata0-master)",
+                    "{}: Bochs cases take only the boot-sector disk (the runner boots a GRUB \
+                     CD, the disk as ata0-master)",
                     case.name
                 ));
             }
@@ -386,6 +386,7 @@ fn run_case(
                 mem_mb: case.mem_mb,
                 timeout: case.timeout(),
                 disk,
+                cpus: case.smp,
                 ..BochsOpts::new(model)
             };
             let outcome = emu::run_bochs(ctx, case.name, &boot, &opts)?;

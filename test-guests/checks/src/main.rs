@@ -31,7 +31,13 @@ mod modes;
 #[cfg(target_os = "none")]
 mod paging;
 #[cfg(target_os = "none")]
+mod passthrough;
+#[cfg(target_os = "none")]
 mod recover;
+#[cfg(target_os = "none")]
+mod smp;
+#[cfg(target_os = "none")]
+mod timer;
 #[cfg(target_os = "none")]
 mod user;
 
