@@ -1,8 +1,9 @@
-//! The local APIC seen from the guest on SVM: its page is read-only in the
-//! nested tables, so every guest write to it exits and is carried out here
-//! on the real APIC, except the INIT and SIPI IPIs addressed to processors
-//! thinvisor holds, which it delivers itself (SVM has no wait-for-SIPI
-//! state to leave them in; AMD APM vol. 2, 15.29 discusses INIT).
+//! The local APIC seen from the guest: its page is read-only in the nested
+//! tables (and the x2APIC ICR MSR's writes are intercepted), so every
+//! guest write to it exits and is carried out here on the real APIC,
+//! except the INIT and SIPI IPIs addressed to processors thinvisor holds,
+//! which it delivers itself: the application processors wait in the host
+//! until then, on both vendors (docs/architecture.md, "All processors").
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -39,7 +40,7 @@ pub fn watch_icr() {
     // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC.
     let base = unsafe { Msr::new(IA32_APIC_BASE).read() };
     if base & X2APIC_ENABLE != 0 {
-        warn!("x2APIC is on: the guest's INIT/SIPI go to the hardware (not yet intercepted)");
+        info!("local APIC in x2APIC mode: the ICR MSR's writes are watched");
         return;
     }
     let page = base & 0xF_FFFF_F000;
@@ -110,6 +111,16 @@ impl DeviceWrite for ApicPage {
         unsafe { reg.write_volatile(value as u32) };
         old
     }
+}
+
+/// A guest write to the x2APIC ICR MSR: start a held processor, or send.
+pub fn x2apic_icr_write(value: u64) {
+    if startup_ipi(&Icr::x2apic(value)) {
+        return;
+    }
+    // SAFETY: the guest's own IPI, as it asked (the MSR exists: the guest
+    // reached it in x2APIC mode).
+    unsafe { Msr::new(thinvisor_vmm::apic::X2APIC_ICR_MSR).write(value) };
 }
 
 /// INIT/SIPI to processors thinvisor holds: delivered here, not sent.

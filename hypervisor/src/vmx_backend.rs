@@ -58,24 +58,33 @@ pub fn run(
         kind: guest.kind(),
     });
     if guest.kind() == GuestKind::Passthrough {
-        // The other processors wait for the guest's INIT and SIPI in the
-        // wait-for-SIPI activity state, under thinvisor.
+        // The other processors wait in the host for the INIT and SIPI the
+        // guest sends them, as on SVM (apic.rs).
+        crate::apic::watch_icr();
         crate::smp::start_aps(boot, ap_main);
     }
     virtualize_cpu(shared, &guest.initial, false, memory, vmm)
 }
 
-/// An application processor: VMX on, the guest waiting for its SIPI.
+/// An application processor: wait in the host for the SIPI the guest
+/// sends it, then VMX on and the guest entered there.
+///
+/// (Leaving it in the guest in the wait-for-SIPI activity state would let
+/// the guest's INIT and SIPI work natively, but an INIT sent to a processor
+/// already waiting is held pending and arrives after the SIPI — and Bochs
+/// never retires it; docs/architecture.md, "All processors".)
 fn ap_main(cpu: &'static percpu::PerCpu) -> ! {
     let (Some(shared), Some(vm)) = (SHARED.get(), crate::VM.get()) else {
         crate::smp::stop_this_cpu("VT-x state missing")
     };
-    let mut vmm = Vmm::new(vm);
     log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
+    let vector = crate::apic::wait_for_sipi(cpu.apic_id);
+    log::debug!("CPU {}: SIPI {vector:#x}", cpu.index);
+    let mut vmm = Vmm::new(vm);
     virtualize_cpu(
         shared,
-        &InitialState::sipi(0),
-        true,
+        &InitialState::sipi(vector),
+        false,
         crate::passthrough::vcpu_memory(),
         &mut vmm,
     )

@@ -492,6 +492,26 @@ pub const CASES: &[Case] = &[
         timeout_s: 120,
         ..QEMU
     },
+    Case {
+        name: "qemu-passthrough-guest",
+        hv_args: "log=info layout=passthrough",
+        modules: PASSTHROUGH_GUEST,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: PASSTHROUGH_PASSED,
+        must_not_contain: NO_FAIL,
+        smp: 2,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-passthrough-guest",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info layout=passthrough",
+        modules: PASSTHROUGH_GUEST,
+        must_contain: PASSTHROUGH_PASSED,
+        must_not_contain: NO_FAIL,
+        smp: 2,
+        ..QEMU
+    },
 ];
 
 /// What every Linux boot prints, under thinvisor, with two processors
@@ -540,26 +560,6 @@ pub const PENDING_CASES: &[Case] = &[
     // drops the guest's writes into its block, skipping the instruction
     // (without that the first store of `hidden_writes_dropped` stops the
     // run). `cargo xtask test --pending --filter passthrough-guest`.
-    Case {
-        name: "qemu-passthrough-guest",
-        hv_args: "log=info layout=passthrough",
-        modules: PASSTHROUGH_GUEST,
-        exit: Some(exit_code::GUEST_PASSED),
-        must_contain: PASSTHROUGH_PASSED,
-        must_not_contain: NO_FAIL,
-        smp: 2,
-        ..QEMU
-    },
-    Case {
-        name: "bochs-skylake-x-passthrough-guest",
-        emulator: SKYLAKE_X,
-        hv_args: "log=info layout=passthrough",
-        modules: PASSTHROUGH_GUEST,
-        must_contain: PASSTHROUGH_PASSED,
-        must_not_contain: NO_FAIL,
-        smp: 2,
-        ..QEMU
-    },
 ];
 
 /// Every case, the pending ones too.
@@ -790,7 +790,7 @@ mod tests {
 
     #[test]
     fn passthrough_guest_cases() {
-        let cases: Vec<&Case> = PENDING_CASES
+        let cases: Vec<&Case> = CASES
             .iter()
             .filter(|c| c.name.ends_with("passthrough-guest"))
             .collect();
