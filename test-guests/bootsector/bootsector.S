@@ -9,7 +9,9 @@
  *   - sector 0 (the MBR): a marker, then INT 13h AH=02h reads the
  *     sectors after it to 0000:7E00 and checks the signature that opens
  *     sector 1; the rest of the test is the code after that signature;
- *   - every INT 15h E820h entry as `e820: BASE LEN TYPE` (hex), E801h,
+ *   - every INT 15h E820h entry as `e820: BASE LEN TYPE` (hex; 24-byte
+ *     buffer), then a 20-byte call and two that must fail (CF): a wrong
+ *     signature, a continuation value past the table; E801h,
  *     AH=88h, INT 12h and the BIOS data area's 0x413 (the xtask compares
  *     them with thinvisor's reserved block, which it reads from
  *     thinvisor's own log: see xtask/src/bootsector.rs);
@@ -230,6 +232,35 @@ e820_next:
     test bp, bp
     jz fail
 
+    /* The E820h edges: a 20-byte buffer gets 20 bytes; a wrong
+       signature and a continuation value past the table get CF set. */
+    mov di, E820_BUF
+    xor ebx, ebx
+    mov eax, 0xE820
+    mov ecx, 20
+    mov edx, SMAP
+    int 0x15
+    mov si, offset msg_e820_20
+    jc fail
+    cmp ecx, 20
+    jne fail
+    mov eax, 0xE820
+    xor ebx, ebx
+    mov ecx, 20
+    mov edx, 0x12345678
+    int 0x15
+    mov si, offset msg_e820_badsig
+    jnc fail
+    mov eax, 0xE820
+    mov ebx, 0xFFFF
+    mov ecx, 20
+    mov edx, SMAP
+    int 0x15
+    mov si, offset msg_e820_badebx
+    jnc fail
+    mov si, offset msg_e820_edges
+    call puts
+
     /* E801h: AX, BX, CX, DX. */
     mov ax, 0xE801
     xor bx, bx
@@ -341,6 +372,10 @@ msg_e820_cf:    .asciz "E820 returned CF or nothing\r\n"
 msg_e820_smap:  .asciz "E820 returned no SMAP in EAX\r\n"
 msg_e820_size:  .asciz "E820 returned a bad entry size in ECX\r\n"
 msg_e820_loop:  .asciz "E820 never ends\r\n"
+msg_e820_20:    .asciz "E820 with a 20-byte buffer did not return 20 bytes\r\n"
+msg_e820_badsig: .asciz "E820 accepted a wrong signature\r\n"
+msg_e820_badebx: .asciz "E820 accepted a continuation value past the table\r\n"
+msg_e820_edges: .asciz "e820 edges: ok (20-byte entry; CF on bad signature, bad continuation)\r\n"
 msg_e801:       .asciz "e801: "
 msg_e801_cf:    .asciz "E801 returned CF\r\n"
 msg_88:         .asciz "int15 88: "

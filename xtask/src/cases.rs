@@ -206,6 +206,7 @@ const CHAIN_BOOTSECTOR: &[&str] = &[
     "bootsector: MBR running, DL=80",
     "bootsector: sector 1 read, signature ok",
     "e820: 0000000000000000 ",
+    "e820 edges: ok",
     "int15 c0: ok",
     "cpuid: thinvisor",
     "vmm: lookup log_read = 00000003",
