@@ -112,6 +112,13 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     }
     let mut vmm = Vmm::new(vm);
     platform::plant_canary();
+    match thinvisor_boot::acpi::pm1a_control_port(&mem::DirectMapReader) {
+        Some(port) => {
+            log::debug!("ACPI PM1a control register at port {port:#x}: watched for power-off");
+            platform::PM1A_CONTROL.store(port, core::sync::atomic::Ordering::Relaxed);
+        }
+        None => log::debug!("no ACPI PM1a control port found"),
+    }
     match backend {
         Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm, &boot),
         Backend::Vmx(caps) => {

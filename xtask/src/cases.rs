@@ -55,8 +55,8 @@ pub enum Disk {
     /// the same initramfs as `LinuxInitrd`.
     LinuxBoot,
     /// `target/xtask/bootsector/bootsector.img`: the boot-sector test of
-    /// `boot=chain` (test-guests/bootsector); its memory answers are
-    /// checked against thinvisor's log ([`bootsector::check_memory_answers`]).
+    /// `boot=chain` (test-guests/bootsector); its cases check its memory
+    /// answers against thinvisor's log ([`Check::BiosMemoryAnswers`]).
     BootSector,
     /// The same image as a virtio-blk disk (QEMU only): SeaBIOS drives
     /// virtio only from 32-bit code, so every INT 13h call switches modes
@@ -93,6 +93,91 @@ pub struct Case {
     /// A raw disk image, as the BIOS's first hard disk (Bochs: ata0-master, the ISO moves to
     /// ata0-slave).
     pub disk: Option<Disk>,
+    /// Checks that read the log as a whole.
+    pub checks: &'static [Check],
+}
+
+/// A judgement over the whole serial log, beyond substrings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The E820 map Linux prints (`BIOS-e820: [mem 0xS-0xE] TYPE`) has
+    /// thinvisor's block (`thinvisor reserves N KiB at 0xA..0xB`) reserved,
+    /// and no usable line overlaps it.
+    E820HidesThinvisor,
+    /// The boot-sector disk's BIOS memory answers (E820h entries, E801h,
+    /// 88h, INT 12h, 0x413) hide thinvisor's block and agree with each
+    /// other ([`bootsector::check_memory_answers`]).
+    BiosMemoryAnswers,
+}
+
+impl Check {
+    /// What is wrong with `serial`, if anything.
+    pub fn problem(self, serial: &str) -> Option<String> {
+        match self {
+            Check::E820HidesThinvisor => e820_hides_thinvisor(serial),
+            Check::BiosMemoryAnswers => {
+                let problems = bootsector::check_memory_answers(serial);
+                (!problems.is_empty()).then(|| problems.join("; "))
+            }
+        }
+    }
+}
+
+fn parse_hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// thinvisor's block from its boot log.
+fn reserved_block(serial: &str) -> Option<(u64, u64)> {
+    let line = serial.lines().find(|l| l.contains("thinvisor reserves "))?;
+    let at = line.split(" at ").nth(1)?;
+    let range = at.split_whitespace().next()?;
+    let (a, b) = range.split_once("..")?;
+    Some((
+        parse_hex(a)?,
+        parse_hex(b.trim_end_matches(|c: char| !c.is_ascii_hexdigit()))?,
+    ))
+}
+
+fn e820_hides_thinvisor(serial: &str) -> Option<String> {
+    let Some((start, end)) = reserved_block(serial) else {
+        return Some("no `thinvisor reserves` line in the log".into());
+    };
+    let mut covered = false;
+    let mut seen = 0;
+    for line in serial.lines() {
+        let Some(rest) = line.split("BIOS-e820: [mem ").nth(1) else {
+            continue;
+        };
+        let Some((range, kind)) = rest.split_once(']') else {
+            continue;
+        };
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Some(s), Some(e)) = (parse_hex(s), parse_hex(e)) else {
+            continue;
+        };
+        seen += 1;
+        let kind = kind.trim();
+        // Linux prints the last byte, inclusive.
+        let overlaps = s < end && e >= start;
+        if kind == "usable" && overlaps {
+            return Some(format!(
+                "E820 entry {s:#x}-{e:#x} usable overlaps thinvisor's {start:#x}..{end:#x}"
+            ));
+        }
+        if kind == "reserved" && s <= start && e >= end - 1 {
+            covered = true;
+        }
+    }
+    match (seen, covered) {
+        (0, _) => Some("no BIOS-e820 lines in the log".into()),
+        (_, false) => Some(format!(
+            "no reserved E820 entry covers thinvisor's {start:#x}..{end:#x}"
+        )),
+        _ => None,
+    }
 }
 
 /// Defaults for a QEMU case; Bochs cases override `emulator`.
@@ -109,6 +194,7 @@ const QEMU: Case = Case {
     smp: 1,
     machine: "pc",
     disk: None,
+    checks: &[],
 };
 
 const RYZEN: Emulator = Emulator::Bochs { model: "ryzen" };
@@ -373,6 +459,7 @@ pub const CASES: &[Case] = &[
         name: "qemu-chain-bootsector",
         hv_args: "log=info boot=chain",
         disk: Some(Disk::BootSector),
+        checks: &[Check::BiosMemoryAnswers],
         exit: Some(exit_code::GUEST_PASSED),
         must_contain: CHAIN_BOOTSECTOR,
         must_not_contain: NO_FAIL,
@@ -382,6 +469,7 @@ pub const CASES: &[Case] = &[
         name: "qemu-chain-bootsector-virtio",
         hv_args: "log=info boot=chain",
         disk: Some(Disk::BootSectorVirtio),
+        checks: &[Check::BiosMemoryAnswers],
         exit: Some(exit_code::GUEST_PASSED),
         must_contain: CHAIN_BOOTSECTOR,
         must_not_contain: NO_FAIL,
@@ -395,6 +483,7 @@ pub const CASES: &[Case] = &[
         emulator: SKYLAKE_X,
         hv_args: "log=info boot=chain",
         disk: Some(Disk::BootSector),
+        checks: &[Check::BiosMemoryAnswers],
         must_contain: CHAIN_BOOTSECTOR,
         must_not_contain: NO_FAIL,
         ..QEMU
@@ -491,6 +580,7 @@ pub const CASES: &[Case] = &[
         must_not_contain: LINUX_TROUBLE,
         smp: 2,
         timeout_s: 120,
+        checks: &[Check::E820HidesThinvisor],
         ..QEMU
     },
     Case {
@@ -536,6 +626,58 @@ pub const CASES: &[Case] = &[
         smp: 2,
         ..QEMU
     },
+    Case {
+        // The same kernel and initramfs on Bochs' Intel model: VT-x with
+        // EPT, unrestricted guest, 2 processors. About 5-6 G instructions.
+        name: "bochs-skylake-x-linux",
+        emulator: SKYLAKE_X,
+        hv_args: linux::LINUX_HV_ARGS,
+        modules: &[
+            (Image::LinuxKernel, linux::KERNEL_MODULE),
+            (Image::LinuxInitrd, linux::INITRD_MODULE),
+        ],
+        must_contain: LINUX_UNDER_THINVISOR,
+        must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 600,
+        checks: &[Check::E820HidesThinvisor],
+        ..QEMU
+    },
+    Case {
+        // A keyboard-controller reset: thinvisor reports the run, then the
+        // reset acts (QEMU runs with -no-reboot and exits with status 0).
+        name: "qemu-passthrough-reboot",
+        hv_args: "log=info layout=passthrough",
+        modules: &[(Image::TestGuest, "test-guest.elf reboot")],
+        // QEMU's status after a reset with -no-reboot is 0, which no
+        // exit code maps to: the log is the judge.
+        exit: None,
+        must_contain: &[
+            "test-guest: resetting the machine",
+            "the guest resets the machine (keyboard controller) (port 0x64, value 0xfe)",
+            "VM exits on CPU 0:",
+            "canary in thinvisor's memory at",
+            ": intact",
+        ],
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        // A triple fault of the machine's own OS ends the run with the
+        // documented status, the stop reason and the exit table.
+        name: "qemu-passthrough-triple",
+        hv_args: "log=info layout=passthrough",
+        modules: &[(Image::TestGuest, "test-guest.elf triple")],
+        exit: Some(exit_code::GUEST_SHUTDOWN),
+        must_contain: &[
+            "guest shutdown (triple fault)",
+            "VM exits on CPU 0:",
+            "SHUTDOWN",
+            ": intact",
+        ],
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
 ];
 
 /// What every Linux boot prints, under thinvisor, with two processors
@@ -547,6 +689,13 @@ const LINUX_UNDER_THINVISOR: &[&str] = &[
     "probe: cpuid-signature thinvisor",
     "probe: lookup log_read = 3",
     linux::DONE,
+    // Both processors ran the guest under thinvisor (each has an exit
+    // table), the power-off was seen, thinvisor's memory was untouched.
+    "1 application processor(s) under thinvisor",
+    "the guest enters an ACPI sleep state (powers off)",
+    "VM exits on CPU 0:",
+    "VM exits on CPU 1:",
+    ": intact",
 ];
 /// Signs of a Linux boot gone wrong.
 const LINUX_TROUBLE: &[&str] = &["Kernel panic", "probe failed", "probe: no thinvisor"];
@@ -625,9 +774,7 @@ impl Case {
         if !present.is_empty() {
             problems.push(format!("serial log contains {}", present.join(", ")));
         }
-        if matches!(self.disk, Some(Disk::BootSector | Disk::BootSectorVirtio)) {
-            problems.extend(bootsector::check_memory_answers(serial));
-        }
+        problems.extend(self.checks.iter().filter_map(|c| c.problem(serial)));
         problems
     }
 }
@@ -770,6 +917,10 @@ mod tests {
     /// What the Linux guest prints under thinvisor once it boots, as the
     /// init script and the probe write it (the console adds `\r`).
     const LINUX_SERIAL_UNDER_THINVISOR: &str = concat!(
+        "thinvisor: [INFO ] thinvisor reserves 4096 KiB at 0x1fa00000..0x1fe00000 (image 508 KiB, heap 3588 KiB)\r\n",
+        "thinvisor: [INFO ] 1 application processor(s) under thinvisor (trampoline at 0x8000, 56 KiB each)\r\n",
+        "[    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000001f9fffff] usable\r\n",
+        "[    0.000000] BIOS-e820: [mem 0x000000001fa00000-0x000000001fdfffff] reserved\r\n",
         "[    2.636637] Run /init as init process\r\n",
         "thinvisor-init: marker\r\n",
         "thinvisor-init: kernel 6.1.0-57-amd64\r\n",
@@ -779,6 +930,10 @@ mod tests {
         "\r\n",
         "probe: lookup log_read = 3\r\n",
         "thinvisor-init: done\r\n",
+        "thinvisor: [INFO ] the guest enters an ACPI sleep state (powers off) (port 0x604, value 0x2001)\r\n",
+        "thinvisor: [INFO ] VM exits on CPU 0: 19480 in all\r\n",
+        "thinvisor: [INFO ] VM exits on CPU 1: 2455 in all\r\n",
+        "thinvisor: [INFO ] canary in thinvisor's memory at 0x1fb05000: intact\r\n",
     );
 
     fn find(name: &str) -> &'static Case {
@@ -787,6 +942,26 @@ mod tests {
             .chain(PENDING_CASES)
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("no case {name}"))
+    }
+
+    #[test]
+    fn e820_check() {
+        let log = "thinvisor: [INFO ] thinvisor reserves 4096 KiB at 0x1fa00000..0x1fe00000 (image 1 KiB)\n\
+            [    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000001f9fffff] usable\n\
+            [    0.000000] BIOS-e820: [mem 0x000000001fa00000-0x000000001fdfffff] reserved\n\
+            [    0.000000] BIOS-e820: [mem 0x000000001fe00000-0x000000001ffdffff] usable\n";
+        assert_eq!(Check::E820HidesThinvisor.problem(log), None);
+        let bad = log.replace("0x000000001f9fffff] usable", "0x000000001fa00fff] usable");
+        assert!(Check::E820HidesThinvisor
+            .problem(&bad)
+            .unwrap()
+            .contains("overlaps"));
+        let none = log.replace("reserved", "ACPI data");
+        assert!(Check::E820HidesThinvisor
+            .problem(&none)
+            .unwrap()
+            .contains("no reserved"));
+        assert!(Check::E820HidesThinvisor.problem("").is_some());
     }
 
     #[test]
