@@ -273,6 +273,25 @@ impl GuestSetup {
     }
 }
 
+/// Run `vcpu` on this processor until its guest stops, and end the run: the
+/// common tail of every processor's start on both vendors.
+pub(crate) fn enter_guest<V: thinvisor_vmm::Vcpu>(
+    cpu: &percpu::PerCpu,
+    vcpu: &mut V,
+    vmm: &mut Vmm<'_>,
+    initial: &InitialState,
+) -> ! {
+    if cpu.index == 0 {
+        mem::log_heap_use();
+        info!("entering the guest at {:#x}", initial.rip());
+    }
+    if let Some(stats) = vcpu.exit_stats() {
+        platform::register_stats(cpu.index, stats, vcpu.exit_names());
+    }
+    // The run ends here, with the vCPU (and its registered counts) alive.
+    report_stop(thinvisor_vmm::run_guest(vmm, vcpu))
+}
+
 /// The virtualization extension this processor offers.
 enum Backend {
     Svm(thinvisor_svm::SvmFeatures),

@@ -297,6 +297,23 @@ extern "sysv64" fn ap_start() -> ! {
     }
 }
 
+/// A held application processor: wait in the host for the SIPI the guest
+/// sends it (apic.rs); where it starts and its view of the VM.
+pub fn wait_for_guest_start(
+    cpu: &percpu::PerCpu,
+) -> (thinvisor_vmm::InitialState, thinvisor_vmm::Vmm<'static>) {
+    let Some(vm) = crate::VM.get() else {
+        stop_this_cpu("no virtual machine")
+    };
+    log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
+    let vector = crate::apic::wait_for_sipi(cpu.apic_id);
+    log::debug!("CPU {}: SIPI {vector:#x}", cpu.index);
+    (
+        thinvisor_vmm::InitialState::sipi(vector),
+        thinvisor_vmm::Vmm::new(vm),
+    )
+}
+
 /// Park this processor for good, saying why.
 pub fn stop_this_cpu(why: &str) -> ! {
     log::error!("CPU stopped: {why}");

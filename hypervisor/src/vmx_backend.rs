@@ -4,7 +4,7 @@ use crate::{mem, percpu, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::BootInfo;
 use thinvisor_memory::SliceMemory;
-use thinvisor_vmm::{run_guest, GuestKind, InitialState, Vcpu, Vmm};
+use thinvisor_vmm::{GuestKind, InitialState, Vmm};
 use thinvisor_vmx::caps::{self, Controls, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
 use thinvisor_vmx::{EferAreas, HostState, VmcsSetup, VmxVcpu};
@@ -74,16 +74,13 @@ pub fn run(
 /// already waiting is held pending and arrives after the SIPI — and Bochs
 /// never retires it; docs/architecture.md, "All processors".)
 fn ap_main(cpu: &'static percpu::PerCpu) -> ! {
-    let (Some(shared), Some(vm)) = (SHARED.get(), crate::VM.get()) else {
+    let Some(shared) = SHARED.get() else {
         crate::smp::stop_this_cpu("VT-x state missing")
     };
-    log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
-    let vector = crate::apic::wait_for_sipi(cpu.apic_id);
-    log::debug!("CPU {}: SIPI {vector:#x}", cpu.index);
-    let mut vmm = Vmm::new(vm);
+    let (initial, mut vmm) = crate::smp::wait_for_guest_start(cpu);
     virtualize_cpu(
         shared,
-        &InitialState::sipi(vector),
+        &initial,
         false,
         crate::passthrough::vcpu_memory(),
         &mut vmm,
@@ -161,13 +158,5 @@ fn virtualize_cpu(
     // else loads another on this processor.
     let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, initial) };
     vcpu.take_host_nmis_from(&cpu.nmi_pending);
-    if cpu.index == 0 {
-        mem::log_heap_use();
-        info!("entering the guest at {:#x}", initial.rip());
-    }
-    if let Some(stats) = vcpu.exit_stats() {
-        crate::platform::register_stats(cpu.index, stats, vcpu.exit_names());
-    }
-    // The run ends here, with the vCPU (and its registered counts) alive.
-    crate::report_stop(run_guest(vmm, &mut vcpu))
+    crate::enter_guest(cpu, &mut vcpu, vmm, initial)
 }

@@ -831,3 +831,40 @@ proptest! {
         }
     }
 }
+
+/// A write-protected device page (the local APIC) stays identity-mapped
+/// and readable, loses only its write permission, and its large page is
+/// split without changing any other translation.
+#[test]
+fn write_protect_splits_and_keeps_identity() {
+    let hidden = [0x7F00_0000..0x7F40_0000];
+    for (types, huge_1g) in [(Some(seabios()), true), (None, true), (None, false)] {
+        let l = layout(4 * GIB, &hidden, huge_1g);
+        let model = Model::new(&l, types);
+        let (mut f, mut t) = build(&model, &l);
+        let apic = 0xFEE0_0000;
+        t.write_protect(&mut f, GuestPhysAddr::new(apic)).unwrap();
+        let leaf = walk(&mut f, t.root(), apic + 0x300, model.ept()).unwrap();
+        assert_eq!(leaf.size, 4096);
+        assert_eq!(leaf.hpa(apic + 0x300), apic + 0x300);
+        assert_eq!(leaf.perms & 0b111, RO, "read (and execute/user), no write");
+        // The neighbours keep everything they had.
+        for gpa in [apic - 0x1000, apic + 0x1000, 0xFEC0_0000, 0x1000_0000] {
+            let leaf = walk(&mut f, t.root(), gpa, model.ept()).unwrap();
+            assert_eq!(leaf.hpa(gpa), gpa);
+            assert_eq!(leaf.perms & 0b111, 0b111, "{gpa:#x}");
+        }
+        // A hidden page cannot be protected again; an unmapped one cannot
+        // be protected at all.
+        assert_eq!(
+            t.write_protect(&mut f, GuestPhysAddr::new(0x7F00_0000)),
+            Err(NptError::Hidden)
+        );
+        assert_eq!(
+            t.write_protect(&mut f, GuestPhysAddr::new(8 * GIB)),
+            Err(NptError::OutOfRange)
+        );
+        // Twice is harmless.
+        t.write_protect(&mut f, GuestPhysAddr::new(apic)).unwrap();
+    }
+}
