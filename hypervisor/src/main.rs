@@ -13,6 +13,7 @@ macro_rules! boot_error {
 }
 
 mod apic;
+mod chain;
 mod entry;
 mod idt;
 mod mem;
@@ -87,7 +88,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
 
     let (guest, ram) = match options.boot {
         BootMode::Linux => passthrough::linux_guest(&boot, reserved),
-        BootMode::Chain => boot_error!("boot=chain is not available yet"),
+        BootMode::Chain => chain::bios_guest(&boot, reserved),
         BootMode::Module => {
             let (module, image) = guest_module(&boot, options.guest_module);
             match options.layout {

@@ -44,7 +44,7 @@ pub fn vcpu_memory() -> SliceMemory<'static> {
 
 /// The guest's memory for the VMM: all RAM below the end of available
 /// memory, minus thinvisor's block and the legacy area.
-fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, SliceMemory<'static>) {
+pub(crate) fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, SliceMemory<'static>) {
     let ram_end = boot
         .memory_map()
         .iter()

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use thinvisor_abi::exit_code;
 
+use crate::bootsector;
 use crate::images::Images;
 use crate::linux::{self, LinuxAssets};
 use crate::util::{Context, Ctx, Result};
@@ -53,6 +54,14 @@ pub enum Disk {
     /// `target/linux/disk.img`: MBR + SYSLINUX booting Debian's Linux with
     /// the same initramfs as `LinuxInitrd`.
     LinuxBoot,
+    /// `target/xtask/bootsector/bootsector.img`: the boot-sector test of
+    /// `boot=chain` (test-guests/bootsector); its cases check its memory
+    /// answers against thinvisor's log ([`Check::BiosMemoryAnswers`]).
+    BootSector,
+    /// The same image as a virtio-blk disk (QEMU only): SeaBIOS drives
+    /// virtio only from 32-bit code, so every INT 13h call switches modes
+    /// through SMM (SMIs from inside the guest).
+    BootSectorVirtio,
 }
 
 /// One integration test.
@@ -81,7 +90,8 @@ pub struct Case {
     pub smp: u32,
     /// QEMU's `-machine` (`pc`: i440FX with SMM on, QEMU's default).
     pub machine: &'static str,
-    /// A raw disk image, as the BIOS's first hard disk. QEMU only.
+    /// A raw disk image, as the BIOS's first hard disk (Bochs: ata0-master, the ISO moves to
+    /// ata0-slave).
     pub disk: Option<Disk>,
     /// Checks that read the log as a whole.
     pub checks: &'static [Check],
@@ -94,6 +104,10 @@ pub enum Check {
     /// thinvisor's block (`thinvisor reserves N KiB at 0xA..0xB`) reserved,
     /// and no usable line overlaps it.
     E820HidesThinvisor,
+    /// The boot-sector disk's BIOS memory answers (E820h entries, E801h,
+    /// 88h, INT 12h, 0x413) hide thinvisor's block and agree with each
+    /// other ([`bootsector::check_memory_answers`]).
+    BiosMemoryAnswers,
 }
 
 impl Check {
@@ -101,6 +115,10 @@ impl Check {
     pub fn problem(self, serial: &str) -> Option<String> {
         match self {
             Check::E820HidesThinvisor => e820_hides_thinvisor(serial),
+            Check::BiosMemoryAnswers => {
+                let problems = bootsector::check_memory_answers(serial);
+                (!problems.is_empty()).then(|| problems.join("; "))
+            }
         }
     }
 }
@@ -267,6 +285,20 @@ const fn concat<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'st
     out
 }
 
+/// The boot-sector disk under `boot=chain` (the memory answers are checked
+/// too, see [`Disk::BootSector`]).
+const CHAIN_BOOTSECTOR: &[&str] = &[
+    "chain: INT 15h handler at",
+    "bootsector: MBR running, DL=80",
+    "bootsector: sector 1 read, signature ok",
+    "e820: 0000000000000000 ",
+    "e820 edges: ok",
+    "int15 c0: ok",
+    "cpuid: thinvisor",
+    "vmm: lookup log_read = 00000003",
+    "bootsector: PASS",
+];
+
 const CHECKS: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf checks")];
 const NPF: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf npf")];
 
@@ -422,6 +454,41 @@ pub const CASES: &[Case] = &[
         ..QEMU
     },
     Case {
+        // QEMU's default machine (`pc`, SMM on: SeaBIOS's disk services
+        // raise SMIs) boots thinvisor with -kernel; the BIOS boots the disk.
+        name: "qemu-chain-bootsector",
+        hv_args: "log=info boot=chain",
+        disk: Some(Disk::BootSector),
+        checks: &[Check::BiosMemoryAnswers],
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: CHAIN_BOOTSECTOR,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "qemu-chain-bootsector-virtio",
+        hv_args: "log=info boot=chain",
+        disk: Some(Disk::BootSectorVirtio),
+        checks: &[Check::BiosMemoryAnswers],
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: CHAIN_BOOTSECTOR,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        // GRUB from the CD-ROM (ata0-slave) boots thinvisor; the disk is
+        // ata0-master, BIOS drive 80h. Real mode runs as an unrestricted
+        // guest.
+        name: "bochs-skylake-x-chain-bootsector",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info boot=chain",
+        disk: Some(Disk::BootSector),
+        checks: &[Check::BiosMemoryAnswers],
+        must_contain: CHAIN_BOOTSECTOR,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
         name: "bochs-skylake-x-checks",
         emulator: SKYLAKE_X,
         modules: CHECKS,
@@ -514,6 +581,29 @@ pub const CASES: &[Case] = &[
         smp: 2,
         timeout_s: 120,
         checks: &[Check::E820HidesThinvisor],
+        ..QEMU
+    },
+    Case {
+        // thinvisor boots the first hard disk the BIOS way: SeaBIOS, the
+        // MBR, SYSLINUX (real mode, BIOS disk calls) and then
+        // Linux, which prints the BIOS's memory map.
+        name: "qemu-linux-chain",
+        hv_args: linux::CHAIN_HV_ARGS,
+        disk: Some(Disk::LinuxBoot),
+        must_contain: &[
+            "SYSLINUX",
+            "BIOS-provided physical RAM map",
+            "BIOS-e820: [mem 0x0000000000000000-",
+            linux::MARKER,
+            "thinvisor-init: cpus 2",
+            "thinvisor-init: hypervisor-flag yes",
+            "probe: cpuid-signature thinvisor",
+            "probe: lookup log_read = 3",
+            linux::DONE,
+        ],
+        must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 120,
         ..QEMU
     },
     Case {
@@ -615,29 +705,6 @@ const LINUX_TROUBLE: &[&str] = &["Kernel panic", "probe failed", "probe: no thin
 /// with `cargo xtask test --pending` (e.g. `--filter linux --pending`). A
 /// case moves to `CASES` once it passes.
 pub const PENDING_CASES: &[Case] = &[
-    Case {
-        // thinvisor boots the first hard disk the BIOS way: SeaBIOS, the
-        // MBR, SYSLINUX (real mode, BIOS disk calls with SMIs) and then
-        // Linux, which prints the BIOS's memory map.
-        name: "qemu-linux-chain",
-        hv_args: linux::CHAIN_HV_ARGS,
-        disk: Some(Disk::LinuxBoot),
-        must_contain: &[
-            "SYSLINUX",
-            "BIOS-provided physical RAM map",
-            "BIOS-e820: [mem 0x0000000000000000-",
-            linux::MARKER,
-            "thinvisor-init: cpus 2",
-            "thinvisor-init: hypervisor-flag yes",
-            "probe: cpuid-signature thinvisor",
-            "probe: lookup log_read = 3",
-            linux::DONE,
-        ],
-        must_not_contain: LINUX_TROUBLE,
-        smp: 2,
-        timeout_s: 120,
-        ..QEMU
-    },
     // The test guest's `passthrough` mode on two processors. Pending until
     // thinvisor runs the APs the guest starts (without that they run
     // natively and the VMM call raises #UD there: `aps_start` fails) and
@@ -655,7 +722,7 @@ impl Case {
     /// Whether the case boots the Linux assets (built only when a selected
     /// case needs them: the first build downloads ~70 MB).
     pub fn needs_linux(&self) -> bool {
-        self.disk.is_some()
+        self.needs_linux_disk()
             || self
                 .modules
                 .iter()
@@ -736,12 +803,14 @@ impl Image {
 }
 
 impl Disk {
-    /// The image file (from `linux`, built by the caller).
-    pub fn path(self, linux: Option<&LinuxAssets>) -> Result<PathBuf> {
+    /// The image file: the Linux disk from `linux` (built by the caller),
+    /// the boot-sector disk built here when needed.
+    pub fn path(self, ctx: &Ctx, linux: Option<&LinuxAssets>) -> Result<PathBuf> {
         match self {
             Disk::LinuxBoot => linux
                 .and_then(|l| l.disk.clone())
                 .ok_or_else(|| "the Linux boot disk was not built".to_string()),
+            Disk::BootSector | Disk::BootSectorVirtio => bootsector::build(ctx),
         }
     }
 }
@@ -837,7 +906,11 @@ mod tests {
         for case in all_cases() {
             if let Emulator::Bochs { .. } = case.emulator {
                 assert_eq!(case.exit, None, "{}", case.name);
-                assert!(case.disk.is_none(), "{}", case.name);
+                assert!(
+                    matches!(case.disk, None | Some(Disk::BootSector)),
+                    "{}",
+                    case.name
+                );
             }
         }
     }
@@ -941,14 +1014,14 @@ mod tests {
             .filter(|c| c.needs_linux())
             .map(|c| c.name)
             .collect();
-        assert_eq!(pending, ["qemu-linux-chain"]);
+        assert!(pending.is_empty(), "{pending:?}");
         for name in ["qemu-linux", "qemu-linux-chain"] {
             let case = find(name);
             assert!(case.needs_linux(), "{}", case.name);
             assert_eq!(case.smp, 2);
             assert!(case.must_contain.contains(&"thinvisor-init: cpus 2"));
         }
-        assert!(find("qemu-linux-chain").is_pending());
+        assert!(!find("qemu-linux-chain").is_pending());
         let direct = find("qemu-linux");
         assert!(!direct.needs_linux_disk());
         assert_eq!(direct.modules[0].1, "vmlinuz console=ttyS0 panic=-1");

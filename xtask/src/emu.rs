@@ -90,6 +90,10 @@ pub struct BochsOpts {
     pub ips: u64,
     /// Copy the serial log to stdout while it grows.
     pub follow: bool,
+    /// A raw disk image (a multiple of 16 * 63 sectors) as the first hard
+    /// disk (ata0-master); the GRUB ISO moves to ata0-slave and is still
+    /// what the BIOS boots. The run uses a copy.
+    pub disk: Option<PathBuf>,
     /// Processors (`cpu: count=N`); 1 = Bochs' default, one.
     pub cpus: u32,
     /// A line to time, as `QemuOpts::time_line`.
@@ -104,6 +108,7 @@ impl BochsOpts {
             timeout: Duration::from_secs(120),
             ips: 2_000_000,
             follow: false,
+            disk: None,
             cpus: 1,
             time_line: None,
         }
@@ -310,10 +315,19 @@ fn read_lossy(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The bochsrc for a run in `dir` (paths relative to it).
-pub fn bochsrc(opts: &BochsOpts, iso: &str) -> Result<String> {
+/// The bochsrc for a run in `dir` (paths relative to it): the ISO as
+/// ata0-master, or with `disk` (a flat image) as ata0-master and the ISO as
+/// ata0-slave.
+pub fn bochsrc(opts: &BochsOpts, iso: &str, disk: Option<&str>) -> Result<String> {
     let bios = setup::bochs_bios()?;
     let vga = setup::vga_bios()?;
+    let drives = match disk {
+        None => format!("ata0-master: type=cdrom, path={iso}, status=inserted\n"),
+        Some(disk) => format!(
+            "ata0-master: type=disk, path={disk}, mode=flat\n\
+             ata0-slave: type=cdrom, path={iso}, status=inserted\n"
+        ),
+    };
     Ok(format!(
         "cpu: model={model}\n\
          cpu: ips={ips}\n\
@@ -321,7 +335,7 @@ pub fn bochsrc(opts: &BochsOpts, iso: &str) -> Result<String> {
          memory: guest={mem}, host={mem}\n\
          romimage: file={bios}\n\
          vgaromimage: file={vga}\n\
-         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         {drives}\
          boot: cdrom\n\
          com1: enabled=1, mode=file, dev=serial.log\n\
          port_e9_hack: enabled=1\n\
@@ -382,7 +396,15 @@ pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Re
         .parent()
         .map(Path::to_path_buf)
         .ok_or("ISO without a directory")?;
-    fs::write(dir.join("bochsrc"), bochsrc(opts, "thinvisor.iso")?).context("writing bochsrc")?;
+    let disk = match &opts.disk {
+        Some(image) => {
+            util::copy(image, &dir.join("disk.img"))?;
+            Some("disk.img")
+        }
+        None => None,
+    };
+    fs::write(dir.join("bochsrc"), bochsrc(opts, "thinvisor.iso", disk)?)
+        .context("writing bochsrc")?;
     fs::write(dir.join("bochs.cmds"), "c\nquit\n").context("writing bochs.cmds")?;
     let serial_path = dir.join("serial.log");
     File::create(&serial_path).context("creating serial.log")?;

@@ -2,6 +2,7 @@
 //! thinvisor. See `cargo xtask help`.
 
 mod bench;
+mod bootsector;
 mod cases;
 mod cpio;
 mod debian;

@@ -5,7 +5,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::process::{ExitCode, Stdio};
 use std::time::Instant;
 
-use crate::cases::{self, Case, Emulator};
+use crate::cases::{self, Case, Disk, Emulator};
 use crate::emu::{self, BochsOpts, Boot, Outcome, QemuOpts};
 use crate::images::{self, Images, Module};
 use crate::linux::{self, LinuxAssets};
@@ -326,11 +326,7 @@ fn run_case(
         .iter()
         .map(|(image, cmdline)| Ok(Module::new(image.path(ctx, images, linux)?, *cmdline)))
         .collect::<Result<Vec<_>>>()?;
-    let drives = case
-        .disk
-        .iter()
-        .map(|disk| disk.path(linux))
-        .collect::<Result<Vec<_>>>()?;
+    let disk = case.disk.map(|d| d.path(ctx, linux)).transpose()?;
     let boot = Boot {
         kernel32: images.hv32.clone(),
         kernel64: images.hv.clone(),
@@ -346,7 +342,19 @@ fn run_case(
                 timeout: case.timeout(),
                 smp: case.smp,
                 machine: Some(case.machine.to_string()),
-                drives,
+                drives: match case.disk {
+                    Some(Disk::BootSectorVirtio) => Vec::new(),
+                    _ => disk.iter().cloned().collect(),
+                },
+                // virtio-blk rather than IDE: SeaBIOS reaches it from
+                // INT 13h only through SMM.
+                extra: match (case.disk, &disk) {
+                    (Some(Disk::BootSectorVirtio), Some(path)) => vec![
+                        "-drive".to_string(),
+                        format!("{},if=virtio", emu::raw_drive(path)),
+                    ],
+                    _ => Vec::new(),
+                },
                 // Linux's boot time to its init, for comparison with bare
                 // QEMU (`cargo xtask linux --bare`).
                 time_line: case.needs_linux().then(|| linux::MARKER.to_string()),
@@ -367,15 +375,17 @@ fn run_case(
             outcome
         }
         Emulator::Bochs { model } => {
-            if !drives.is_empty() {
+            if !matches!(case.disk, None | Some(Disk::BootSector)) {
                 return Err(format!(
-                    "{}: Bochs cases take no disks (the runner boots a GRUB CD)",
+                    "{}: Bochs cases take only the boot-sector disk (the runner boots a GRUB \
+                     CD, the disk as ata0-master)",
                     case.name
                 ));
             }
             let opts = BochsOpts {
                 mem_mb: case.mem_mb,
                 timeout: case.timeout(),
+                disk,
                 cpus: case.smp,
                 ..BochsOpts::new(model)
             };

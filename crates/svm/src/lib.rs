@@ -424,12 +424,16 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         let c = &mut vmcb_virt.control;
         // Exits the core handles; everything else, I/O and all MSRs but
         // the virtualization extension's own, runs on the real hardware.
-        // SMIs exit too, so the firmware's SMM handler runs in the host's
-        // context once STGI opens the gate, not inside the guest with
-        // nested paging on (APM 15.13.3).
-        c.intercept_misc1 = misc1::CPUID | misc1::SHUTDOWN | misc1::MSR_PROT | misc1::SMI;
+        // An isolated guest's SMIs exit too, so the firmware's SMM handler
+        // runs in the host's context once STGI opens the gate, not inside
+        // a guest whose nested paging moves memory (APM 15.13.3). The
+        // machine's own OS takes its SMIs itself, with nested paging the
+        // identity: SeaBIOS's 16-bit disk services switch modes through
+        // SMM (its call32_smm rewrites the interrupted context's saved
+        // state), and that context must be the guest's, not the host's.
+        c.intercept_misc1 = misc1::CPUID | misc1::SHUTDOWN | misc1::MSR_PROT;
         if kind == GuestKind::Isolated {
-            c.intercept_misc1 |= misc1::HLT;
+            c.intercept_misc1 |= misc1::HLT | misc1::SMI;
         }
         c.msrpm_base_pa = msrpm.as_u64();
         // The I/O permission map intercepts only the ports of
@@ -877,6 +881,10 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                     self.host_save_pa.as_u64(),
                 );
             }
+            // SMM inside the guest may have returned with the firmware's
+            // EFER, SVME clear (SeaBIOS loads its saved 32-bit context);
+            // the next VMRUN needs it set, and the guest never sees it.
+            self.vmcb.save.efer |= EFER_SVME;
             let c = &mut self.vmcb.control;
             self.stats.record(exit_slot(c.exit_code));
             c.tlb_control = tlb_control::DO_NOTHING;

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod apic;
+pub mod bios;
 pub mod cpuid;
 #[cfg(feature = "emulate")]
 pub mod emulate;
