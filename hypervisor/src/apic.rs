@@ -27,6 +27,8 @@ const STARTED: u32 = 1 << 10;
 
 /// The xAPIC page's physical address; 0 when not watched.
 static APIC_PAGE: AtomicU64 = AtomicU64::new(0);
+/// The page once watched, after it was given back.
+static RELEASED_PAGE: AtomicU64 = AtomicU64::new(0);
 
 /// The one APIC device.
 pub static APIC: ApicPage = ApicPage;
@@ -52,6 +54,41 @@ pub fn watch_icr() {
             );
         }
         Err(e) => warn!("cannot watch the local APIC at {page:#x}: {e}"),
+    }
+}
+
+/// Whether `gpa` lies in the APIC page thinvisor watched and gave back.
+pub fn was_apic_page(gpa: GuestPhysAddr) -> bool {
+    let page = RELEASED_PAGE.load(Ordering::Acquire);
+    page != 0 && gpa.as_u64() & !0xFFF == page
+}
+
+/// Once every held processor has been started, the guest's APIC writes
+/// need not exit any more: give the page back (EOIs and timer writes then
+/// run at full speed). A later INIT/SIPI from the guest (a processor taken
+/// offline and back) goes to the hardware: VT-x handles it as INIT and
+/// SIPI exits; on SVM it is not supported (docs/architecture.md).
+fn release_when_all_started() {
+    let all = MAILBOX.iter().all(|slot| {
+        let v = slot.load(Ordering::Acquire);
+        v & HELD == 0 || v & STARTED != 0
+    });
+    if !all {
+        return;
+    }
+    let page = APIC_PAGE.swap(0, Ordering::AcqRel);
+    if page == 0 {
+        return;
+    }
+    match crate::passthrough::write_unprotect(page) {
+        Ok(()) => {
+            RELEASED_PAGE.store(page, Ordering::Release);
+            info!("every processor started: the local APIC's page is the guest's again");
+        }
+        Err(e) => {
+            warn!("cannot give the local APIC's page back: {e}");
+            APIC_PAGE.store(page, Ordering::Release);
+        }
     }
 }
 
@@ -185,6 +222,9 @@ fn startup_ipi(icr: &Icr) -> bool {
             "IPI {:#x} to held and other processors: only the held ones got it",
             icr.raw
         );
+    }
+    if held_any && mode == DeliveryMode::Startup {
+        release_when_all_started();
     }
     held_any
 }

@@ -124,5 +124,6 @@ fn virtualize_cpu(
     };
     let cpu = percpu::current();
     vcpu.take_host_nmis_from(&cpu.nmi_pending);
+    vcpu.watch_nested_generation(&crate::passthrough::GENERATION);
     crate::enter_guest(cpu, &mut vcpu, vmm, initial)
 }

@@ -158,5 +158,6 @@ fn virtualize_cpu(
     // else loads another on this processor.
     let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, initial) };
     vcpu.take_host_nmis_from(&cpu.nmi_pending);
+    vcpu.watch_nested_generation(&crate::passthrough::GENERATION);
     crate::enter_guest(cpu, &mut vcpu, vmm, initial)
 }

@@ -366,6 +366,34 @@ impl PassThroughTables {
         Err(NptError::OutOfRange)
     }
 
+    /// Gives a page [`write_protect`](Self::write_protect)ed back its write
+    /// permission (it stays a 4 KiB page). The caller flushes the guests'
+    /// TLBs: they may hold the read-only translation.
+    pub fn write_unprotect(
+        &mut self,
+        alloc: &mut dyn TableAllocator,
+        gpa: GuestPhysAddr,
+    ) -> Result<(), NptError> {
+        let g = gpa.as_u64();
+        if self.is_hidden(gpa) {
+            return Err(NptError::Hidden);
+        }
+        let mut table = self.root.as_u64();
+        for level in (0..4).rev() {
+            let i = index(g, level);
+            let entry = alloc.table(HostPhysAddr::new(table))[i];
+            if entry & PRESENT == 0 {
+                return Err(NptError::OutOfRange);
+            }
+            if level == 0 || entry & HUGE != 0 {
+                alloc.table(HostPhysAddr::new(table))[i] = entry | WRITE;
+                return Ok(());
+            }
+            table = entry & ADDR_MASK;
+        }
+        Err(NptError::OutOfRange)
+    }
+
     /// A zeroed table, counted.
     fn alloc(&mut self, alloc: &mut dyn TableAllocator) -> Result<u64, NptError> {
         let t = alloc.alloc_table().ok_or(NptError::OutOfMemory)?;

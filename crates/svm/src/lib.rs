@@ -278,6 +278,9 @@ pub struct SvmVcpu<M: GuestPhysMemory> {
     host_nmis: Option<&'static AtomicU32>,
     /// A fault arose while a double fault was delivered.
     shutdown: bool,
+    /// The nested tables' generation, and the one this vCPU last saw: a
+    /// change (a permission the hypervisor gave back) flushes its TLB.
+    nested_gen: Option<(&'static AtomicU32, u32)>,
 }
 
 /// EVENTINJ for `event` (APM vol. 2, 15.20).
@@ -532,6 +535,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             deferred: None,
             host_nmis: None,
             shutdown: false,
+            nested_gen: None,
         }
     }
 
@@ -539,6 +543,12 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
     /// this guest.
     pub fn take_host_nmis_from(&mut self, counter: &'static AtomicU32) {
         self.host_nmis = Some(counter);
+    }
+
+    /// Flush this guest's TLB before the next entry whenever `generation`
+    /// changes (the nested tables gained a permission).
+    pub fn watch_nested_generation(&mut self, generation: &'static AtomicU32) {
+        self.nested_gen = Some((generation, generation.load(Ordering::Acquire)));
     }
 
     /// Fill an empty EVENTINJ with a deferred event or an NMI the host
@@ -864,6 +874,13 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         }
         loop {
             self.pick_next_event();
+            if let Some((generation, seen)) = &mut self.nested_gen {
+                let now = generation.load(Ordering::Acquire);
+                if now != *seen {
+                    *seen = now;
+                    self.vmcb.control.tlb_control = tlb_control::FLUSH_ALL;
+                }
+            }
             if let Some(cr2) = self.pending_cr2.take() {
                 // SAFETY: CR2 only records page-fault addresses; the
                 // hypervisor takes no page faults before VMRUN.

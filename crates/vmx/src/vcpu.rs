@@ -343,6 +343,9 @@ pub struct VmxVcpu<M: GuestPhysMemory> {
     just_started: bool,
     /// The state the last SIPI (or reset) started the guest in.
     started_at: Option<InitialState>,
+    /// The EPT's generation, and the one this vCPU last saw: a change (a
+    /// permission the hypervisor gave back) invalidates its EPT TLB.
+    nested_gen: Option<(&'static AtomicU32, u32)>,
 }
 
 /// The statistics slot of failed VM entries.
@@ -525,7 +528,14 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             shutdown: false,
             just_started: false,
             started_at: None,
+            nested_gen: None,
         }
+    }
+
+    /// Invalidate this guest's EPT translations before the next entry
+    /// whenever `generation` changes (the EPT gained a permission).
+    pub fn watch_nested_generation(&mut self, generation: &'static AtomicU32) {
+        self.nested_gen = Some((generation, generation.load(Ordering::Acquire)));
     }
 
     /// Deliver the NMIs the host counts in `counter` (its NMI handler's) to
@@ -1126,6 +1136,21 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         }
         loop {
             self.pick_next_event();
+            if let Some((generation, seen)) = &mut self.nested_gen {
+                let now = generation.load(Ordering::Acquire);
+                if now != *seen {
+                    *seen = now;
+                    // SAFETY: VMX is on (this vCPU's VMCS is current);
+                    // single-context INVEPT of this guest's own EPT pointer,
+                    // or all contexts, as the processor allows.
+                    unsafe {
+                        let eptp = read(F::EPT_POINTER);
+                        if crate::vmcs::invept(1, eptp).is_err() {
+                            let _ = crate::vmcs::invept(2, 0);
+                        }
+                    }
+                }
+            }
             if let Some(cr2) = self.pending_cr2.take() {
                 // SAFETY: CR2 only records page-fault addresses; the
                 // hypervisor takes no page faults before the entry.

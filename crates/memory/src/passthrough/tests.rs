@@ -866,5 +866,13 @@ fn write_protect_splits_and_keeps_identity() {
         );
         // Twice is harmless.
         t.write_protect(&mut f, GuestPhysAddr::new(apic)).unwrap();
+        // And it can be undone.
+        t.write_unprotect(&mut f, GuestPhysAddr::new(apic)).unwrap();
+        let leaf = walk(&mut f, t.root(), apic, model.ept()).unwrap();
+        assert_eq!((leaf.hpa(apic), leaf.perms & 0b111), (apic, 0b111));
+        assert_eq!(
+            t.write_unprotect(&mut f, GuestPhysAddr::new(0x7F00_0000)),
+            Err(NptError::Hidden)
+        );
     }
 }
