@@ -29,7 +29,7 @@ use thinvisor_boot::cmdline::EferMode;
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_memory::nested::{NestedPageTable, TableFormat};
-use thinvisor_memory::{GuestPhysAddr, HostPhysAddr};
+use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, IsolatedMemory};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
 use thinvisor_vmm::{StopReason, Vmm};
 use thinvisor_vmx::caps::EferPreference;
@@ -187,6 +187,14 @@ impl GuestSetup {
             })
             .unwrap_or_else(|e| boot_error!("cannot build the guest's nested page tables: {e:?}"))
     }
+}
+
+/// The guest's memory object (isolated layout: `ram` at guest-physical
+/// 0). One VM, so one object for the whole run, shared by reference with
+/// every vCPU; taking `ram` for good means nothing else can reach it.
+pub fn guest_memory(ram: &'static mut [u8]) -> &'static IsolatedMemory<'static> {
+    static MEMORY: spin::Once<IsolatedMemory<'static>> = spin::Once::new();
+    MEMORY.call_once(|| IsolatedMemory::new(ram))
 }
 
 /// The virtualization extension this processor offers.

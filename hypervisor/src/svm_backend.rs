@@ -4,7 +4,7 @@ use crate::{mem, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_memory::nested::NPT;
-use thinvisor_memory::{HostPhysAddr, SliceMemory};
+use thinvisor_memory::HostPhysAddr;
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
 use thinvisor_svm::{EntryState, SvmFeatures, SvmVcpu};
@@ -65,7 +65,7 @@ pub fn run(
             HostPhysAddr::new(host_save),
             npt.root(),
             HostPhysAddr::new(msrpm),
-            SliceMemory::new(ram),
+            crate::guest_memory(ram),
             entry,
         )
     };

@@ -4,7 +4,6 @@ use crate::{gdt, mem, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_memory::nested::EPT_WRITE_BACK;
-use thinvisor_memory::SliceMemory;
 use thinvisor_vmm::{run_guest, StopReason, Vmm};
 use thinvisor_vmx::caps::{self, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
@@ -92,7 +91,7 @@ pub fn run(
     // loads another.
     let mut vcpu = unsafe {
         VmxVcpu::new(
-            SliceMemory::new(ram),
+            crate::guest_memory(ram),
             guest_efer,
             policy,
             guest.rax,

@@ -234,8 +234,8 @@ unsafe fn window<'m>(
 /// with holes the VMM refuses to touch on the guest's behalf.
 pub struct IsolatedMemory<'a> {
     base: *mut u8,
-    /// `0..len`, as a range list for [`first_unreachable`].
-    ram: [Range<u64>; 1],
+    /// `0..len`.
+    ram: Range<u64>,
     holes: &'a [Range<u64>],
     _block: PhantomData<&'a mut [u8]>,
 }
@@ -264,7 +264,7 @@ impl<'a> IsolatedMemory<'a> {
             base,
             // usize is at most 64 bits on every target this crate
             // supports.
-            ram: [0..u64::try_from(len).unwrap_or(u64::MAX)],
+            ram: 0..u64::try_from(len).unwrap_or(u64::MAX),
             holes,
             _block: PhantomData,
         }
@@ -293,7 +293,7 @@ impl<'a> IsolatedMemory<'a> {
 
     /// Size of guest RAM in bytes (holes included).
     pub fn len(&self) -> u64 {
-        self.ram[0].end
+        self.ram.end
     }
 
     /// True when the guest has no RAM at all.
@@ -306,7 +306,15 @@ impl GuestPhysMemory for IsolatedMemory<'_> {
     #[inline]
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
         // SAFETY: `from_raw`'s contract: base + x is valid for x in 0..len.
-        unsafe { window(self.base, &self.ram, self.holes, gpa, len) }
+        unsafe {
+            window(
+                self.base,
+                core::slice::from_ref(&self.ram),
+                self.holes,
+                gpa,
+                len,
+            )
+        }
     }
 }
 

@@ -382,6 +382,18 @@ unsafe fn copy_in(dst: *mut u8, src: &[u8]) {
     }
 }
 
+#[cfg(test)]
+#[inline(always)]
+fn record(addr: usize, len: usize) {
+    if len > 0 {
+        touched::record(addr, len);
+    }
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn record(_addr: usize, _len: usize) {}
+
 /// Test hook: every host range a window touches, so tests can check that
 /// no access ever reaches a hidden or non-RAM byte. Compiled only into
 /// this crate's own tests.
@@ -411,15 +423,3 @@ pub(crate) mod touched {
         (r, log)
     }
 }
-
-#[cfg(test)]
-#[inline(always)]
-fn record(addr: usize, len: usize) {
-    if len > 0 {
-        touched::record(addr, len);
-    }
-}
-
-#[cfg(not(test))]
-#[inline(always)]
-fn record(_addr: usize, _len: usize) {}

@@ -248,12 +248,13 @@ pub struct EntryState {
 }
 
 /// One virtual processor on SVM.
-pub struct SvmVcpu<M: GuestPhysMemory> {
+pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     vmcb: &'static mut Vmcb,
     vmcb_pa: HostPhysAddr,
     host_save_pa: HostPhysAddr,
     regs: GuestRegs,
-    memory: M,
+    /// The VM's memory, shared with its other vCPUs.
+    memory: &'static M,
     nrips: bool,
     /// Length of the instruction behind the current exit, for CPUs
     /// without NRIPS; 0 when unknown.
@@ -281,7 +282,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         host_save: HostPhysAddr,
         ncr3: HostPhysAddr,
         msrpm: HostPhysAddr,
-        memory: M,
+        memory: &'static M,
         entry: EntryState,
     ) -> Self {
         let c = &mut vmcb_virt.control;
@@ -556,11 +557,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn memory(&self) -> &dyn GuestPhysMemory {
-        &self.memory
-    }
-
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
-        &mut self.memory
+        self.memory
     }
 
     fn skip_instruction(&mut self) {

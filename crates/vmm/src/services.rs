@@ -106,7 +106,7 @@ fn log_read_call(ctx: &mut CallContext<'_>) -> CallOutcome {
             ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
             return CallOutcome::Return;
         };
-        let memory = ctx.vcpu.memory_mut();
+        let memory = ctx.vcpu.memory();
         let tail_at = buffer.wrapping_add(head.len() as u64) & width;
         if write_linear(memory, &paging, GuestLinearAddr::new(buffer), head, access).is_err()
             || write_linear(memory, &paging, GuestLinearAddr::new(tail_at), tail, access).is_err()

@@ -264,10 +264,11 @@ pub enum GuestEfer {
 
 /// One virtual processor on VT-x. Its VMCS must be current on this CPU
 /// whenever a method is called.
-pub struct VmxVcpu<M: GuestPhysMemory> {
+pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     regs: GuestRegs,
     launched: bool,
-    memory: M,
+    /// The VM's memory, shared with its other vCPUs.
+    memory: &'static M,
     efer: GuestEfer,
     cr: CrPolicy,
     /// Basic exit reason and qualification of the current exit.
@@ -349,7 +350,13 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     ///
     /// # Safety
     /// That VMCS must be current and stay current while this vCPU is used.
-    pub unsafe fn new(memory: M, efer: GuestEfer, cr: CrPolicy, rax: u64, rbx: u64) -> Self {
+    pub unsafe fn new(
+        memory: &'static M,
+        efer: GuestEfer,
+        cr: CrPolicy,
+        rax: u64,
+        rbx: u64,
+    ) -> Self {
         let mut regs = GuestRegs::default();
         regs.0[Gpr::Rax as usize] = rax;
         regs.0[Gpr::Rbx as usize] = rbx;
@@ -634,11 +641,7 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     }
 
     fn memory(&self) -> &dyn GuestPhysMemory {
-        &self.memory
-    }
-
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
-        &mut self.memory
+        self.memory
     }
 
     fn skip_instruction(&mut self) {

@@ -139,6 +139,7 @@ fn walks_and_copies_stop_at_holes() {
 fn passthrough_reaches_only_usable_ram() {
     let mut phys: Vec<u8> = (0..0x1000u32).map(|i| (i % 251) as u8 + 1).collect();
     let ram = [0x600..0xF00, 0x100..0x500];
+    #[allow(clippy::single_range_in_vec_init)] // a list of one range
     let hidden = [0x300..0x340];
     // SAFETY: every RAM address is inside `phys`, which nothing else
     // touches while `mem` is used.
@@ -224,6 +225,7 @@ fn atomic_operations() {
 #[test]
 fn read_until_nul_uses_the_readable_prefix() {
     let mut ram = *b"abc\0defghijklmnopqrstuvwxyz";
+    #[allow(clippy::single_range_in_vec_init)] // a list of one range
     let holes = [20..22];
     let mem = IsolatedMemory::with_holes(&mut ram, &holes);
     let mut buf = [0xFFu8; 16];
