@@ -168,6 +168,7 @@ pub trait GuestPhysMemory: Sync {
 /// Ranges may come in any order and overlap; empty or reversed ranges
 /// contain nothing. The work is bounded by the number of ranges, whatever
 /// the access.
+#[inline(always)]
 pub(crate) fn first_unreachable(
     gpa: u64,
     len: usize,
@@ -178,28 +179,43 @@ pub(crate) fn first_unreachable(
         // Touches no byte, so nothing can be unreachable.
         return None;
     }
+    // The last byte; None when the access runs past 2^64 - 1.
+    let last = u64::try_from(len - 1).ok().and_then(|n| gpa.checked_add(n));
+    let mut bad = match last {
+        // One RAM range holds the whole access: every page walk and page
+        // copy, so this is the path to keep short.
+        Some(last) if ram.iter().any(|r| r.start <= gpa && last < r.end) => None,
+        _ => first_outside(gpa, len, ram),
+    };
+    // An access past 2^64 - 1 covers every byte from `gpa` on.
+    let last = last.unwrap_or(u64::MAX);
+    for h in hidden {
+        if h.start < h.end && h.start <= last && h.end > gpa {
+            let first = h.start.max(gpa);
+            bad = Some(bad.map_or(first, |b| b.min(first)));
+        }
+    }
+    bad
+}
+
+/// The first byte of `gpa..gpa+len` (`len > 0`) inside no range of `ram`.
+#[cold]
+fn first_outside(gpa: u64, len: usize, ram: &[Range<u64>]) -> Option<u64> {
     // One past the last byte; may be 2^64 or beyond, hence u128.
     let end = u128::from(gpa) + len as u128;
     // Walk from range to range: each round moves `cur` past the end of a
     // RAM range containing it, which can then never contain it again, so
     // there are at most `ram.len() + 1` rounds.
     let mut cur = gpa;
-    let mut bad = loop {
+    loop {
         if u128::from(cur) >= end {
-            break None;
+            return None;
         }
         match ram.iter().find(|r| r.start <= cur && cur < r.end) {
             Some(r) => cur = r.end,
-            None => break Some(cur),
-        }
-    };
-    for h in hidden {
-        if h.start < h.end && u128::from(h.start) < end && h.end > gpa {
-            let first = h.start.max(gpa);
-            bad = Some(bad.map_or(first, |b| b.min(first)));
+            None => return Some(cur),
         }
     }
-    bad
 }
 
 /// The window for `gpa..gpa+len` at host `base + gpa`, after the shared
@@ -209,6 +225,7 @@ pub(crate) fn first_unreachable(
 /// `base + pa` must be valid for atomic access, for the window's lifetime,
 /// for every `pa` inside `ram` and outside `hidden` (the contract of both
 /// layouts' constructors).
+#[inline(always)]
 unsafe fn window<'m>(
     base: *mut u8,
     ram: &[Range<u64>],
