@@ -4,7 +4,7 @@
 //! object per VM, shared by its vCPUs, that checks each range and copies
 //! in and out with atomic accesses through a [`PhysWindow`] (never a Rust
 //! slice: other vCPUs, the guest and devices write the same memory; see
-//! the `window` module for why atomics). Two layouts implement it:
+//! [`PhysWindow`] for why atomics). Two layouts implement it:
 //! [`IsolatedMemory`] (one block at guest-physical 0) and
 //! [`PassthroughMemory`] (guest-physical = host-physical, usable RAM minus
 //! the hypervisor's own). Guest-linear memory is reached by walking the

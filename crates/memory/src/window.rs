@@ -1,47 +1,7 @@
 //! [`PhysWindow`]: a checked range of guest memory, reached only through
 //! raw pointers and relaxed atomic accesses.
 //!
-//! # Why atomics, and not references or volatile copies
-//!
-//! Guest memory is written concurrently by the guest's processors, by
-//! DMA devices and by the VMM code of the other vCPUs. A Rust reference
-//! (`&[u8]`, `&mut [u8]`) over it would promise the compiler that nobody
-//! else writes it while the reference lives, which is false, so this
-//! crate never creates one: every byte is loaded or stored through a raw
-//! pointer by an atomic operation.
-//!
-//! Atomics rather than `read_volatile`/`write_volatile`, because:
-//!
-//! - Volatile accesses are, for concurrency, plain non-atomic accesses
-//!   (the `core::ptr::read_volatile` documentation says so): two vCPUs
-//!   copying into the same guest page at once would be a data race, which
-//!   is undefined behaviour. Relaxed atomic accesses never race with each
-//!   other.
-//! - Page-table entries must be read in one load (the guest and the other
-//!   vCPUs set accessed and dirty bits under our feet, a torn entry would
-//!   combine two different mappings), and the later read-modify-writes
-//!   (accessed/dirty bits, the `log_set_buf` counter) need atomics anyway:
-//!   one kind of access throughout.
-//! - On x86-64 a relaxed atomic load or store of 1, 4 or 8 bytes is a plain
-//!   `MOV`, with no fence and no lock prefix: the same instructions a
-//!   volatile copy would produce.
-//!
-//! Bulk copies move 8-byte words with relaxed `AtomicU64` accesses over the
-//! naturally aligned middle of the range and single bytes (`AtomicU8`) at
-//! the unaligned edges, unrolled eight words at a time. The compiler may
-//! not merge atomic accesses into vector moves, so a copy costs about two
-//! instructions per 8 bytes; the bare-metal target has no SIMD registers
-//! anyway, so that is also what its own `memcpy` does.
-//!
-//! What Rust's memory model does not cover: when another agent accesses
-//! the same bytes concurrently with a *different* size (the guest always,
-//! another vCPU sometimes: a byte at the edge of one copy inside a word of
-//! another), the C++-derived model leaves mixed-size races undefined. x86
-//! defines them (every aligned access of up to 8 bytes is single-copy
-//! atomic, SDM vol. 3A, 9.1.1), the guest is outside the Rust abstract
-//! machine, and no compiler transformation is allowed to invent or widen
-//! accesses to atomics; this is the same footing every hypervisor and
-//! kernel written in Rust or C stands on for memory shared with hardware.
+//! See [`PhysWindow`] for why atomics.
 
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -56,10 +16,51 @@ const _: () = assert!(cfg!(target_endian = "little"));
 /// host pointer and a length, with copy methods only.
 ///
 /// There is no way to borrow the bytes as a slice: every access is an
-/// atomic load or store (see the module documentation for why), so a
-/// window stays sound while the guest, devices and other vCPUs write the
-/// same memory. The window borrows the memory object (`'a`), so it cannot
-/// outlive it.
+/// atomic load or store, so a window stays sound while the guest, devices
+/// and other vCPUs write the same memory. The window borrows the memory
+/// object (`'a`), so it cannot outlive it.
+///
+/// # Why atomics, and not references or volatile copies
+///
+/// Guest memory is written concurrently by the guest's processors, by
+/// DMA devices and by the VMM code of the other vCPUs. A Rust reference
+/// (`&[u8]`, `&mut [u8]`) over it would promise the compiler that nobody
+/// else writes it while the reference lives, which is false, so this
+/// crate never creates one: every byte is loaded or stored through a raw
+/// pointer by an atomic operation.
+///
+/// Atomics rather than `read_volatile`/`write_volatile`, because:
+///
+/// - Volatile accesses are, for concurrency, plain non-atomic accesses
+///   (the `core::ptr::read_volatile` documentation says so): two vCPUs
+///   copying into the same guest page at once would be a data race, which
+///   is undefined behaviour. Relaxed atomic accesses never race with each
+///   other.
+/// - Page-table entries must be read in one load (the guest and the other
+///   vCPUs set accessed and dirty bits under our feet, a torn entry would
+///   combine two different mappings), and the later read-modify-writes
+///   (accessed/dirty bits, the `log_set_buf` counter) need atomics anyway:
+///   one kind of access throughout.
+/// - On x86-64 a relaxed atomic load or store of 1, 4 or 8 bytes is a plain
+///   `MOV`, with no fence and no lock prefix: the same instructions a
+///   volatile copy would produce.
+///
+/// Bulk copies move 8-byte words with relaxed `AtomicU64` accesses over the
+/// naturally aligned middle of the range and single bytes (`AtomicU8`) at
+/// the unaligned edges, unrolled eight words at a time. The compiler may
+/// not merge atomic accesses into vector moves, so a copy costs about two
+/// instructions per 8 bytes; the bare-metal target has no SIMD registers
+/// anyway, so that is also what its own `memcpy` does.
+///
+/// What Rust's memory model does not cover: when another agent accesses
+/// the same bytes concurrently with a *different* size (the guest always,
+/// another vCPU sometimes: a byte at the edge of one copy inside a word of
+/// another), the C++-derived model leaves mixed-size races undefined. x86
+/// defines them (every aligned access of up to 8 bytes is single-copy
+/// atomic, SDM vol. 3A, 9.1.1), the guest is outside the Rust abstract
+/// machine, and no compiler transformation is allowed to invent or widen
+/// accesses to atomics; this is the same footing every hypervisor and
+/// kernel written in Rust or C stands on for memory shared with hardware.
 #[derive(Debug)]
 pub struct PhysWindow<'a> {
     ptr: *mut u8,
