@@ -630,3 +630,34 @@ proptest! {
         prop_assert!(block[shift..] == shadow[..]);
     }
 }
+
+#[test]
+#[allow(clippy::single_range_in_vec_init)] // lists of one range
+fn the_shared_range_check() {
+    use crate::phys::first_unreachable as first;
+    let ram = [0x3000..0x4000, 0x1000..0x2000, 0x2000..0x3000, 0..0];
+    // Unsorted, touching ranges cover 0x1000..0x4000.
+    assert_eq!(first(0x1000, 0x3000, &ram, &[]), None);
+    assert_eq!(first(0xFFF, 2, &ram, &[]), Some(0xFFF));
+    assert_eq!(first(0x3FFF, 2, &ram, &[]), Some(0x4000));
+    assert_eq!(first(0x5000, 0, &ram, &[]), None);
+    // Overlapping ranges, one reversed.
+    #[allow(clippy::reversed_empty_ranges)]
+    let ram = [0x100..0x300, 0x200..0x280, 0x900..0x100, 0x280..0x400];
+    assert_eq!(first(0x100, 0x300, &ram, &[]), None);
+    assert_eq!(first(0x100, 0x301, &ram, &[]), Some(0x400));
+    // Hidden bytes win when they come first; reversed ones hide nothing.
+    #[allow(clippy::reversed_empty_ranges)]
+    let hidden = [0x3F0..0x500, 0x180..0x170, 0x120..0x121];
+    assert_eq!(first(0x100, 0x400, &ram, &hidden), Some(0x120));
+    assert_eq!(first(0x121, 0x400, &ram, &hidden), Some(0x3F0));
+    // The top of the address space: byte 2^64 - 1 is never RAM, and an
+    // access running past it fails there at the latest.
+    let top = [u64::MAX - 0x10..u64::MAX];
+    assert_eq!(first(u64::MAX - 0x10, 0x10, &top, &[]), None);
+    assert_eq!(first(u64::MAX - 0x10, 0x11, &top, &[]), Some(u64::MAX));
+    assert_eq!(first(u64::MAX - 4, usize::MAX, &top, &[]), Some(u64::MAX));
+    assert_eq!(first(u64::MAX, 2, &top, &[]), Some(u64::MAX));
+    let hidden = [u64::MAX - 2..u64::MAX];
+    assert_eq!(first(u64::MAX - 4, 100, &top, &hidden), Some(u64::MAX - 2));
+}
