@@ -3,10 +3,13 @@
 //!
 //! Multiboot v1 (QEMU `-kernel`) and multiboot2 (GRUB) both enter at
 //! `_start` in 32-bit protected mode with paging off, the magic in EAX and
-//! the information's physical address in EBX. The trampoline maps the
-//! first 4 GiB twice with 2 MiB pages, at 0 (where the image runs) and at
-//! [`crate::mem::PHYS_OFFSET`] (the direct map), enables long mode, and
-//! calls `thinvisor_main(magic, info)`.
+//! the information's physical address in EBX. The trampoline, linked and
+//! run at its load address, maps the first 4 GiB twice with 2 MiB pages,
+//! at 0 (identity, where the trampoline and the boot information are) and
+//! at [`crate::mem::PHYS_OFFSET`] (the direct map), and the first GiB once
+//! more at [`crate::mem::KERNEL_VMA`], where the rest of the image is
+//! linked; then it enables long mode and calls `thinvisor_main(magic,
+//! info)` there. `mem::relocate` later moves the image high in RAM.
 
 use core::arch::global_asm;
 
@@ -36,7 +39,16 @@ global_asm!(
     ".align 4096",
     "boot_pml4: .skip 4096",
     "boot_pdpt: .skip 4096",
+    "boot_pdpt_hi: .skip 4096",
     "boot_pd: .skip 4 * 4096",
+    // A few words of stack for the 32-bit code (it pushes the far return).
+    "boot_stack32: .skip 256",
+    "boot_stack32_top:",
+    "",
+    // The boot processor's stack is part of the image proper, so that it
+    // moves with it.
+    ".section .bss",
+    ".align 16",
     "boot_stack: .skip {stack_size}",
     "boot_stack_top:",
     "",
@@ -60,7 +72,7 @@ global_asm!(
     "cld",
     "mov edi, eax",
     "mov esi, ebx",
-    "mov esp, offset boot_stack_top",
+    "mov esp, offset boot_stack32_top",
     "mov eax, 0x80000000",
     "cpuid",
     "cmp eax, 0x80000001",
@@ -69,10 +81,10 @@ global_asm!(
     "cpuid",
     "test edx, 1 << 29",
     "jz 90f",
-    // Zero the six table pages (loaders zero .bss, but do not rely on it).
+    // Zero the seven table pages (loaders zero .bss, but do not rely on it).
     "push edi",
     "mov edi, offset boot_pml4",
-    "mov ecx, 6 * 1024",
+    "mov ecx, 7 * 1024",
     "xor eax, eax",
     "rep stosd",
     "pop edi",
@@ -80,6 +92,13 @@ global_asm!(
     "or eax, 3",
     "mov [boot_pml4], eax",
     "mov [boot_pml4 + 256 * 8], eax",
+    // KERNEL_VMA = PML4 slot 511, PDPT slot 510: the first GiB again.
+    "mov eax, offset boot_pdpt_hi",
+    "or eax, 3",
+    "mov [boot_pml4 + 511 * 8], eax",
+    "mov eax, offset boot_pd",
+    "or eax, 3",
+    "mov [boot_pdpt_hi + 510 * 8], eax",
     "xor ecx, ecx",
     "1:",
     "mov eax, ecx",
@@ -139,11 +158,13 @@ global_asm!(
     "xor eax, eax",
     "mov fs, ax",
     "mov gs, ax",
+    // Both symbols are in the top 2 GiB: sign-extended 32-bit immediates.
     "mov rsp, offset boot_stack_top",
     // The upper halves of registers are undefined after the mode switch.
     "mov edi, edi",
     "mov esi, esi",
-    "call {main}",
+    "mov rax, offset {main}",
+    "call rax",
     "ud2",
     stack_size = const STACK_SIZE,
     main = sym crate::thinvisor_main,

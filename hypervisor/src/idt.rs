@@ -1,5 +1,10 @@
 //! CPU exceptions in the hypervisor: report and stop, never hang or
-//! triple-fault silently.
+//! triple-fault silently. NMIs are the exception: thinvisor does not
+//! intercept them, so one that arrives while thinvisor runs belongs to the
+//! guest; the handler counts it in the processor's area and the exit path
+//! injects it before the next entry. NMIs, double faults and machine checks
+//! run on their own interrupt stacks (TSS IST, see percpu.rs), so a broken
+//! stack cannot turn them into a triple fault.
 
 use core::arch::global_asm;
 use core::fmt::Write;
@@ -57,6 +62,10 @@ global_asm!(
     "exc_stub 20, 0", "exc_stub 21, 1", "exc_stub 22, 0", "exc_stub 23, 0",
     "exc_stub 24, 0", "exc_stub 25, 0", "exc_stub 26, 0", "exc_stub 27, 0",
     "exc_stub 28, 0", "exc_stub 29, 1", "exc_stub 30, 1", "exc_stub 31, 0",
+    // NMI: count it for the guest and return (no register is touched).
+    "nmi_stub:",
+    "lock inc dword ptr gs:[{nmi_pending}]",
+    "iretq",
     "exc_common:",
     "push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
     "push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
@@ -68,12 +77,13 @@ global_asm!(
     ".align 8",
     ".global thinvisor_exception_stubs",
     "thinvisor_exception_stubs:",
-    ".quad exc_stub_0, exc_stub_1, exc_stub_2, exc_stub_3, exc_stub_4, exc_stub_5, exc_stub_6, exc_stub_7",
+    ".quad exc_stub_0, exc_stub_1, nmi_stub, exc_stub_3, exc_stub_4, exc_stub_5, exc_stub_6, exc_stub_7",
     ".quad exc_stub_8, exc_stub_9, exc_stub_10, exc_stub_11, exc_stub_12, exc_stub_13, exc_stub_14, exc_stub_15",
     ".quad exc_stub_16, exc_stub_17, exc_stub_18, exc_stub_19, exc_stub_20, exc_stub_21, exc_stub_22, exc_stub_23",
     ".quad exc_stub_24, exc_stub_25, exc_stub_26, exc_stub_27, exc_stub_28, exc_stub_29, exc_stub_30, exc_stub_31",
     ".section .text",
     handler = sym exception_handler,
+    nmi_pending = const crate::percpu::NMI_PENDING_OFFSET,
 );
 
 extern "C" {
@@ -147,8 +157,19 @@ pub fn init() {
         for (gate, i) in gates.iter_mut().zip(0..) {
             // SAFETY: reading one entry of the stub table defined above.
             let addr = unsafe { thinvisor_exception_stubs[i] };
-            // Present, DPL 0, 64-bit interrupt gate (type 0xE), IST 0.
-            gate.0[0] = (addr & 0xFFFF) | (cs << 16) | (0x8E << 40) | ((addr >> 16) & 0xFFFF) << 48;
+            // Present, DPL 0, 64-bit interrupt gate (type 0xE); the IST
+            // slot (1-based, 0 = none) in bits 34:32.
+            let ist = match i {
+                2 => u64::from(crate::percpu::IST_NMI) + 1,
+                8 => u64::from(crate::percpu::IST_DOUBLE_FAULT) + 1,
+                18 => u64::from(crate::percpu::IST_MACHINE_CHECK) + 1,
+                _ => 0,
+            };
+            gate.0[0] = (addr & 0xFFFF)
+                | (cs << 16)
+                | (ist << 32)
+                | (0x8E << 40)
+                | ((addr >> 16) & 0xFFFF) << 48;
             gate.0[1] = addr >> 32;
         }
         gates

@@ -13,9 +13,10 @@ macro_rules! boot_error {
 }
 
 mod entry;
-mod gdt;
 mod idt;
 mod mem;
+mod passthrough;
+mod percpu;
 mod power;
 mod serial;
 mod svm_backend;
@@ -25,23 +26,29 @@ use core::fmt::Write;
 use log::{error, info, warn};
 use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_boot::cmdline::EferMode;
+use thinvisor_boot::cmdline::{EferMode, Layout};
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
-use thinvisor_memory::nested::{NestedPageTable, TableFormat};
-use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, IsolatedMemory};
+use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK, NPT};
+use thinvisor_memory::{
+    GuestPhysAddr, GuestPhysMemory, HostPhysAddr, IsolatedMemory, PassthroughMemory,
+    PhysAccessError, PhysWindow,
+};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
-use thinvisor_vmm::{StopReason, Vmm};
+use thinvisor_vmm::{GuestKind, InitialState, StopReason, Vm, Vmm};
 use thinvisor_vmx::caps::EferPreference;
 
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_1G: u64 = 1 << 30;
 pub(crate) const PAGE: u64 = 4096;
 
+/// The one virtual machine: what every processor's exit path shares.
+static VM: spin::Once<Vm> = spin::Once::new();
+
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     serial::init_logging(log::LevelFilter::Info);
-    let _ = gdt::init();
+    percpu::init_bsp();
     idt::init();
     let boot = read_boot_info(magic, u64::from(info_pa));
     let options = match cmdline::parse(boot.cmdline(), &mut |token, why| {
@@ -56,12 +63,17 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     log_memory_map(&boot);
 
     let mut frames = frame_allocator(&boot);
-    match mem::extend_direct_map(&mut frames, available_end(&boot)) {
-        Ok(end) => log::debug!("direct map: {} GiB of physical memory", end >> 30),
+    let reserved = match mem::relocate(&mut frames, available_end(&boot)) {
+        Ok(r) => r,
         Err(e) => boot_error!("{e}"),
-    }
+    };
     info!(
-        "{} MiB free for the hypervisor and its guest",
+        "thinvisor reserves {} KiB at {:#x}..{:#x} (image {} KiB, heap {} KiB); {} MiB free for the guest",
+        (reserved.end - reserved.start) >> 10,
+        reserved.start,
+        reserved.end,
+        mem::image_size() >> 10,
+        (reserved.end - reserved.start - mem::image_size()) >> 10,
         frames.free_bytes() >> 20
     );
 
@@ -75,6 +87,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             options.guest_module
         )
     };
+    let module = *module;
     info!(
         "guest module {}: {:#x}..{:#x} ({} KiB) \"{}\"",
         options.guest_module,
@@ -93,6 +106,45 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     // reserved from the allocator, so nothing else writes it.
     let image: &[u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
 
+    let (guest, ram) = match options.layout {
+        Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
+        Layout::Passthrough => {
+            passthrough::multiboot_guest(&boot, reserved, image, module.string())
+        }
+    };
+    let vm: &'static Vm = VM.call_once(|| {
+        let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
+        if let GuestLayout::Passthrough { .. } = guest.memory {
+            vm.nested_faults = Some(&passthrough::PassthroughFaults);
+        }
+        vm
+    });
+    for (number, name) in vm.registry.iter() {
+        log::debug!("VMM call {number}: {name}");
+    }
+    let mut vmm = Vmm::new(vm);
+    let reason = match backend {
+        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
+        Backend::Vmx(caps) => {
+            let efer = match options.efer {
+                EferMode::Auto => EferPreference::Auto,
+                EferMode::MsrArea => EferPreference::MsrArea,
+            };
+            vmx_backend::run(&caps, efer, &guest, ram, &mut vmm)
+        }
+    };
+    report_stop(reason)
+}
+
+/// The isolated layout: guest RAM is a block of `guest_mem=` bytes taken
+/// from free memory, at guest-physical 0; the multiboot kernel is loaded
+/// into it with an information structure that describes only that RAM.
+fn isolated_guest(
+    frames: &mut FrameAllocator,
+    options: &cmdline::Options,
+    image: &[u8],
+    cmdline: &str,
+) -> (GuestSetup, &'static GuestMemory) {
     let ram_size = options.guest_mem;
     // 1 GiB alignment lets nested paging use 1 GiB pages; 2 MiB will do.
     let aligned_1g = (ram_size >= SIZE_1G).then(|| frames.alloc(ram_size, SIZE_1G));
@@ -121,7 +173,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         Err(e) => boot_error!("guest module: {e}"),
     };
     let info_at = kernel.load_end.next_multiple_of(PAGE);
-    let mbi = match guest::write_multiboot1_info(ram, info_at, module.string().as_bytes()) {
+    let mbi = match guest::write_multiboot1_info(ram, info_at, cmdline.as_bytes()) {
         Ok(a) => a,
         Err(e) => boot_error!("guest module: {e}"),
     };
@@ -129,72 +181,96 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         "guest kernel loaded: entry {:#x}, multiboot information at {:#x}",
         kernel.entry, mbi
     );
-
     let guest = GuestSetup {
-        ram_base,
-        ram_size,
-        rip: u64::from(kernel.entry),
-        rax: u64::from(multiboot1::MAGIC),
-        rbx: u64::from(mbi),
+        memory: GuestLayout::Isolated { ram_base, ram_size },
+        initial: InitialState::multiboot(kernel.entry, multiboot1::MAGIC, mbi),
     };
-    let mut vmm = Vmm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
-    for (number, name) in vmm.registry.iter() {
-        log::debug!("VMM call {number}: {name}");
-    }
-    let reason = match backend {
-        Backend::Svm(features) => svm_backend::run(&features, &mut frames, guest, ram, &mut vmm),
-        Backend::Vmx(caps) => {
-            let efer = match options.efer {
-                EferMode::Auto => EferPreference::Auto,
-                EferMode::MsrArea => EferPreference::MsrArea,
-            };
-            vmx_backend::run(&caps, efer, &mut frames, guest, ram, &mut vmm)
+    (
+        guest,
+        guest_memory(GuestMemory::Isolated(IsolatedMemory::new(ram))),
+    )
+}
+
+/// The guest's memory as the VMM reaches it, in either layout: one object
+/// for the whole run, shared by reference with every vCPU.
+pub enum GuestMemory {
+    Isolated(IsolatedMemory<'static>),
+    Passthrough(PassthroughMemory<'static>),
+}
+
+impl GuestPhysMemory for GuestMemory {
+    #[inline]
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        match self {
+            Self::Isolated(m) => m.map(gpa, len),
+            Self::Passthrough(m) => m.map(gpa, len),
         }
-    };
-    report_stop(reason)
+    }
+}
+
+/// Keeps `memory` for the rest of the run (there is one VM).
+pub fn guest_memory(memory: GuestMemory) -> &'static GuestMemory {
+    static MEMORY: spin::Once<GuestMemory> = spin::Once::new();
+    MEMORY.call_once(|| memory)
+}
+
+/// How guest-physical memory is laid out.
+#[derive(Clone, Copy, Debug)]
+pub enum GuestLayout {
+    /// Guest RAM is `ram_size` bytes at host-physical `ram_base`, mapped
+    /// at guest-physical 0.
+    Isolated { ram_base: u64, ram_size: u64 },
+    /// Guest-physical is host-physical on [0, `top`), except thinvisor's
+    /// own block.
+    Passthrough { top: u64, hidden: mem::Reserved },
 }
 
 /// Where and how the guest starts.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestSetup {
-    pub ram_base: u64,
-    pub ram_size: u64,
-    pub rip: u64,
-    pub rax: u64,
-    pub rbx: u64,
+    pub memory: GuestLayout,
+    pub initial: InitialState,
 }
 
 impl GuestSetup {
-    /// Second-level tables (NPT or EPT, by `format`) that map guest RAM at
-    /// guest-physical 0 and nothing else.
-    pub fn map_ram(
-        &self,
-        frames: &mut FrameAllocator,
-        format: TableFormat,
-        huge_1g: bool,
-    ) -> NestedPageTable {
-        let mut tables = mem::FrameTables(frames);
-        NestedPageTable::new(&mut tables, format)
-            .and_then(|mut t| {
-                t.map(
-                    &mut tables,
-                    GuestPhysAddr::new(0),
-                    HostPhysAddr::new(self.ram_base),
-                    self.ram_size,
-                    huge_1g,
-                )
-                .map(|()| t)
-            })
-            .unwrap_or_else(|e| boot_error!("cannot build the guest's nested page tables: {e:?}"))
+    /// Which exits the guest needs.
+    pub fn kind(&self) -> GuestKind {
+        match self.memory {
+            GuestLayout::Isolated { .. } => GuestKind::Isolated,
+            GuestLayout::Passthrough { .. } => GuestKind::Passthrough,
+        }
     }
-}
 
-/// The guest's memory object (isolated layout: `ram` at guest-physical
-/// 0). One VM, so one object for the whole run, shared by reference with
-/// every vCPU; taking `ram` for good means nothing else can reach it.
-pub fn guest_memory(ram: &'static mut [u8]) -> &'static IsolatedMemory<'static> {
-    static MEMORY: spin::Once<IsolatedMemory<'static>> = spin::Once::new();
-    MEMORY.call_once(|| IsolatedMemory::new(ram))
+    /// Second-level tables (NPT or EPT, by `kind`) for the layout; their
+    /// root.
+    pub fn nested_tables(&self, kind: passthrough::TableKind, huge_1g: bool) -> HostPhysAddr {
+        match self.memory {
+            GuestLayout::Isolated { ram_base, ram_size } => {
+                let format = match kind {
+                    passthrough::TableKind::Npt => NPT,
+                    passthrough::TableKind::Ept => EPT_WRITE_BACK,
+                };
+                let mut tables = mem::HeapTables;
+                NestedPageTable::new(&mut tables, format)
+                    .and_then(|mut t| {
+                        t.map(
+                            &mut tables,
+                            GuestPhysAddr::new(0),
+                            HostPhysAddr::new(ram_base),
+                            ram_size,
+                            huge_1g,
+                        )
+                        .map(|()| t.root())
+                    })
+                    .unwrap_or_else(|e| {
+                        boot_error!("cannot build the guest's nested page tables: {e:?}")
+                    })
+            }
+            GuestLayout::Passthrough { top, hidden } => {
+                passthrough::build_tables(kind, top, hidden, huge_1g)
+            }
+        }
+    }
 }
 
 /// The virtualization extension this processor offers.
@@ -258,7 +334,7 @@ fn log_memory_map(boot: &BootInfo) {
 /// modules, and anything outside the direct map.
 fn frame_allocator(boot: &BootInfo) -> FrameAllocator {
     let mut reserved = [(0u64, 0u64); 3 + MAX_MODULES];
-    reserved[0] = mem::image_range();
+    reserved[0] = mem::loaded_range();
     reserved[1] = boot.info_range();
     reserved[2] = (available_end(boot), u64::MAX);
     let mut n = 3;

@@ -1,21 +1,18 @@
 //! Running the guest on AMD SVM.
 
-use crate::{mem, GuestSetup, PAGE};
+use crate::{mem, GuestMemory, GuestSetup, PAGE};
 use log::info;
-use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_memory::nested::NPT;
 use thinvisor_memory::HostPhysAddr;
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
-use thinvisor_svm::{EntryState, SvmFeatures, SvmVcpu};
+use thinvisor_svm::{SvmFeatures, SvmVcpu};
 use thinvisor_vmm::{run_guest, StopReason, Vmm};
 
 pub fn run(
     features: &SvmFeatures,
-    frames: &mut FrameAllocator,
-    guest: GuestSetup,
-    ram: &'static mut [u8],
-    vmm: &mut Vmm,
+    guest: &GuestSetup,
+    memory: &'static GuestMemory,
+    vmm: &mut Vmm<'_>,
 ) -> StopReason {
     info!(
         "AMD SVM: revision {}, {} ASIDs, nested paging, NRIPS {}, VMCB clean bits {}, decode assists {}",
@@ -32,13 +29,13 @@ pub fn run(
         "nested paging: 2 MiB pages, 1 GiB pages {}",
         crate::yes_no(huge_1g)
     );
-    let npt = guest.map_ram(frames, NPT, huge_1g);
+    let npt_root = guest.nested_tables(crate::passthrough::TableKind::Npt, huge_1g);
 
     let (Some(vmcb), Some(hsave), Some(host_save), Some(msrpm)) = (
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, MSRPM_SIZE as u64, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(MSRPM_SIZE as u64, PAGE),
     ) else {
         boot_error!("out of memory for the VMCB")
     };
@@ -49,11 +46,6 @@ pub fn run(
     // SAFETY: a zeroed, page-aligned page in the direct map, used only as
     // this VMCB.
     let vmcb_virt = unsafe { &mut *(mem::phys_to_virt(vmcb) as *mut Vmcb) };
-    let entry = EntryState {
-        rip: guest.rip,
-        rax: guest.rax,
-        rbx: guest.rbx,
-    };
     // SAFETY: vmcb and host_save are distinct fresh pages, vmcb_virt maps
     // vmcb, the nested tables map nothing but guest RAM, and the MSR map
     // protects the SVM MSRs.
@@ -63,12 +55,17 @@ pub fn run(
             vmcb_virt,
             HostPhysAddr::new(vmcb),
             HostPhysAddr::new(host_save),
-            npt.root(),
+            npt_root,
             HostPhysAddr::new(msrpm),
-            crate::guest_memory(ram),
-            entry,
+            memory,
+            &guest.initial,
+            guest.kind(),
         )
     };
-    info!("entering the guest at {:#x}", guest.rip);
-    run_guest(vmm, &mut vcpu)
+    vcpu.take_host_nmis_from(&crate::percpu::current().nmi_pending);
+    mem::log_heap_use();
+    info!("entering the guest at {:#x}", guest.initial.rip());
+    let reason = run_guest(vmm, &mut vcpu);
+    thinvisor_vmm::stats::log_table(0, &vcpu);
+    reason
 }

@@ -1,9 +1,7 @@
 //! Running the guest on Intel VT-x.
 
-use crate::{gdt, mem, GuestSetup, PAGE};
+use crate::{mem, percpu, GuestMemory, GuestSetup, PAGE};
 use log::info;
-use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_memory::nested::EPT_WRITE_BACK;
 use thinvisor_vmm::{run_guest, StopReason, Vmm};
 use thinvisor_vmx::caps::{self, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
@@ -12,10 +10,9 @@ use thinvisor_vmx::{EferAreas, HostState, VmcsSetup, VmxVcpu};
 pub fn run(
     caps: &VmxCapabilities,
     efer: EferPreference,
-    frames: &mut FrameAllocator,
-    guest: GuestSetup,
-    ram: &'static mut [u8],
-    vmm: &mut Vmm,
+    guest: &GuestSetup,
+    memory: &'static GuestMemory,
+    vmm: &mut Vmm<'_>,
 ) -> StopReason {
     let controls = match caps::negotiate(caps, efer) {
         Ok(c) => c,
@@ -30,13 +27,13 @@ pub fn run(
         boot_error!("VT-x: EPT without 2 MiB pages is not supported yet");
     }
 
-    let ept = guest.map_ram(frames, EPT_WRITE_BACK, controls.ept_1g);
+    let ept_root = guest.nested_tables(crate::passthrough::TableKind::Ept, controls.ept_1g);
 
     let (Some(vmxon), Some(vmcs), Some(bitmap), Some(areas)) = (
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
-        mem::alloc_zeroed(frames, PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
+        mem::alloc_zeroed(PAGE, PAGE),
     ) else {
         boot_error!("out of memory for the VMCS")
     };
@@ -55,7 +52,8 @@ pub fn run(
     if let Err(e) = unsafe { thinvisor_vmx::enable(caps, vmxon_region, vmxon) } {
         boot_error!("{e}");
     }
-    let Some((selectors, gdtr_base, tr_base)) = gdt::current() else {
+    let cpu = percpu::current();
+    let Some((selectors, gdtr_base, tr_base)) = cpu.host_tables() else {
         boot_error!("internal error: the GDT is not loaded");
     };
     let host = HostState {
@@ -64,6 +62,7 @@ pub fn run(
         tr: selectors.tss.0,
         tr_base,
         gdtr_base,
+        gs_base: cpu.base(),
         idtr_base: x86_64::instructions::tables::sidt().base.as_u64(),
     };
     let setup = VmcsSetup {
@@ -71,11 +70,12 @@ pub fn run(
         controls: &controls,
         vmcs_region,
         vmcs_pa: vmcs,
-        ept_root: ept.root().as_u64(),
+        ept_root: ept_root.as_u64(),
         msr_bitmap_pa: bitmap,
         efer_areas: Some((areas_virt, areas)),
         host,
-        rip: guest.rip,
+        initial: &guest.initial,
+        kind: guest.kind(),
     };
     // SAFETY: VMX is on; every region is this guest's own; the EPT maps
     // only guest RAM.
@@ -84,20 +84,16 @@ pub fn run(
         Err(e) => boot_error!("VMCS setup: {e}"),
     };
     // SAFETY: VMX is on.
-    if let Err(e) = unsafe { thinvisor_vmx::flush_guest_tlb(&controls, ept.root().as_u64()) } {
+    if let Err(e) = unsafe { thinvisor_vmx::flush_guest_tlb(&controls, ept_root.as_u64()) } {
         boot_error!("{e}");
     }
     // SAFETY: setup_vmcs left this guest's VMCS current, and nothing else
     // loads another.
-    let mut vcpu = unsafe {
-        VmxVcpu::new(
-            crate::guest_memory(ram),
-            guest_efer,
-            policy,
-            guest.rax,
-            guest.rbx,
-        )
-    };
-    info!("entering the guest at {:#x}", guest.rip);
-    run_guest(vmm, &mut vcpu)
+    let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, &guest.initial) };
+    vcpu.take_host_nmis_from(&crate::percpu::current().nmi_pending);
+    mem::log_heap_use();
+    info!("entering the guest at {:#x}", guest.initial.rip());
+    let reason = run_guest(vmm, &mut vcpu);
+    thinvisor_vmm::stats::log_table(0, &vcpu);
+    reason
 }

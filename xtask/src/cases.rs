@@ -252,6 +252,24 @@ pub const CASES: &[Case] = &[
         ..QEMU
     },
     Case {
+        name: "qemu-passthrough-checks",
+        hv_args: "log=info layout=passthrough",
+        modules: CHECKS,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-passthrough-checks",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info layout=passthrough",
+        modules: CHECKS,
+        must_contain: CHECKS_PASSED,
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
         name: "bochs-skylake-x-checks",
         emulator: SKYLAKE_X,
         modules: CHECKS,

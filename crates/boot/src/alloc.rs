@@ -81,6 +81,29 @@ impl FrameAllocator {
         Some(addr)
     }
 
+    /// Like [`alloc`](Self::alloc), but takes the highest address that
+    /// fits below `below`: memory the hypervisor keeps for itself goes high,
+    /// out of the way of the guest's own load addresses (bzImages at 1 MiB,
+    /// multiboot kernels at their link addresses, boot sectors at 0x7C00).
+    pub fn alloc_high(&mut self, size: u64, align: u64, below: u64) -> Option<u64> {
+        if size == 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+            return None;
+        }
+        let size = align_up(size, PAGE_SIZE)?;
+        let (index, addr) =
+            self.free_ranges()
+                .iter()
+                .enumerate()
+                .rev()
+                .find_map(|(i, &(s, e))| {
+                    let top = e.min(below).checked_sub(size)?;
+                    let addr = align_down(top, align);
+                    (addr >= s).then_some((i, addr))
+                })?;
+        self.carve(index, addr, addr + size);
+        Some(addr)
+    }
+
     /// Bytes still free.
     pub fn free_bytes(&self) -> u64 {
         self.free_ranges().iter().map(|&(s, e)| e - s).sum()

@@ -26,8 +26,36 @@ pub struct Options {
     pub guest_module: usize,
     /// `guest_mem=`: guest RAM in bytes, a multiple of 2 MiB, at most 4 GiB.
     pub guest_mem: u64,
-    /// `efer=`: how VT-x switches the guest's EFER (SPEC.md section 1).
+    /// `efer=`: how VT-x switches the guest's EFER (docs/architecture.md,
+    /// "VT-x specifics").
     pub efer: EferMode,
+    /// `boot=`: what the guest is and how it starts.
+    pub boot: BootMode,
+    /// `layout=`: how guest-physical memory relates to the machine's.
+    pub layout: Layout,
+}
+
+/// `boot=module|linux|chain`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootMode {
+    /// A multiboot v1 kernel from a boot module (`guest=` picks which).
+    #[default]
+    Module,
+    /// A Linux bzImage from the first module, the initrd from the second.
+    Linux,
+    /// The BIOS boots the first hard disk, in real mode, inside the guest.
+    Chain,
+}
+
+/// `layout=isolated|passthrough`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// The guest's RAM is a block thinvisor allocates, at guest-physical 0.
+    #[default]
+    Isolated,
+    /// Guest-physical is host-physical for the whole machine, except
+    /// thinvisor's own memory.
+    Passthrough,
 }
 
 /// `efer=auto|msr-area`.
@@ -48,6 +76,8 @@ impl Default for Options {
             guest_module: 0,
             guest_mem: GUEST_MEM_DEFAULT,
             efer: EferMode::Auto,
+            boot: BootMode::Module,
+            layout: Layout::Isolated,
         }
     }
 }
@@ -63,6 +93,12 @@ pub enum CmdlineErrorKind {
     BadEfer,
     /// `guest_mem=` is not a size.
     BadSize,
+    /// `boot=` is not module, linux or chain.
+    BadBoot,
+    /// `layout=` is not isolated or passthrough.
+    BadLayout,
+    /// `layout=isolated` with a `boot=` that needs the machine's memory.
+    IsolatedNeedsModule,
     /// `guest_mem=` is below 2 MiB.
     GuestMemTooSmall,
     /// `guest_mem=` is above 4 GiB (after rounding up to 2 MiB).
@@ -94,6 +130,16 @@ impl fmt::Display for CmdlineError<'_> {
                 f,
                 "{t}: expected a size in bytes, decimal or 0x hex, with an optional K, M or G suffix"
             ),
+            CmdlineErrorKind::BadBoot => {
+                write!(f, "{t}: expected boot=module, boot=linux or boot=chain")
+            }
+            CmdlineErrorKind::BadLayout => {
+                write!(f, "{t}: expected layout=isolated or layout=passthrough")
+            }
+            CmdlineErrorKind::IsolatedNeedsModule => write!(
+                f,
+                "{t}: only boot=module runs in the isolated layout; boot=linux and boot=chain start the machine's own OS (layout=passthrough)"
+            ),
             CmdlineErrorKind::GuestMemTooSmall => write!(f, "{t} is too small: at least 2M"),
             CmdlineErrorKind::GuestMemTooLarge => write!(f, "{t} does not fit: at most 4G"),
         }
@@ -109,6 +155,7 @@ pub fn parse<'a>(
     warn: &mut dyn FnMut(&str, &str),
 ) -> Result<Options, CmdlineError<'a>> {
     let mut opts = Options::default();
+    let mut layout = None;
     for token in cmdline.split_ascii_whitespace() {
         let Some((key, value)) = token.split_once('=') else {
             // The kernel's own path, or a flag we do not have.
@@ -131,9 +178,40 @@ pub fn parse<'a>(
                     _ => return Err(err(CmdlineErrorKind::BadEfer)),
                 }
             }
+            "boot" => {
+                opts.boot = match value {
+                    "module" => BootMode::Module,
+                    "linux" => BootMode::Linux,
+                    "chain" => BootMode::Chain,
+                    _ => return Err(err(CmdlineErrorKind::BadBoot)),
+                }
+            }
+            "layout" => {
+                layout = Some((
+                    token,
+                    match value {
+                        "isolated" => Layout::Isolated,
+                        "passthrough" => Layout::Passthrough,
+                        _ => return Err(err(CmdlineErrorKind::BadLayout)),
+                    },
+                ))
+            }
             _ => warn(token, "unknown option, ignored"),
         }
     }
+    // The machine's own OS always runs in the pass-through layout; only a
+    // multiboot module may choose (and defaults to the isolated layout).
+    opts.layout = match (opts.boot, layout) {
+        (BootMode::Module, Some((_, l))) => l,
+        (BootMode::Module, None) => Layout::Isolated,
+        (_, Some((token, Layout::Isolated))) => {
+            return Err(CmdlineError {
+                token,
+                kind: CmdlineErrorKind::IsolatedNeedsModule,
+            })
+        }
+        (_, _) => Layout::Passthrough,
+    };
     Ok(opts)
 }
 

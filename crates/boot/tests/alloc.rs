@@ -210,3 +210,26 @@ fn max_phys_end_of_maps() {
     );
     assert_eq!(max_phys_end(&map(&[(u64::MAX - 5, 100, 2)])), u64::MAX);
 }
+
+#[test]
+fn alloc_high_takes_the_top_below_the_limit() {
+    let m = map(&QEMU_E820);
+    let mut a = FrameAllocator::new(&m, &[]);
+    let top = a.free_ranges().last().unwrap().1;
+    // Highest 2 MiB-aligned block that fits.
+    let got = a.alloc_high(8 * MIB, 2 * MIB, u64::MAX).unwrap();
+    assert_eq!(got, (top - 8 * MIB) & !(2 * MIB - 1));
+    assert!(a
+        .free_ranges()
+        .iter()
+        .all(|&(s, e)| e <= got || s >= got + 8 * MIB));
+    // A limit below the top is honoured.
+    let got = a.alloc_high(MIB, 4096, 64 * MIB).unwrap();
+    assert_eq!(got, 63 * MIB);
+    // Falls back to a lower range when the highest is too small.
+    let mut a = FrameAllocator::new(&map(&[(0x100000, 0x100000, 1), (0x400000, 0x1000, 1)]), &[]);
+    assert_eq!(a.alloc_high(0x2000, 4096, u64::MAX), Some(0x1fe000));
+    assert_eq!(a.alloc_high(0, 4096, u64::MAX), None);
+    assert_eq!(a.alloc_high(4096, 3, u64::MAX), None);
+    assert_eq!(a.alloc_high(4096, 4096, 0x100000), None);
+}

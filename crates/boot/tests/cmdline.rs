@@ -1,5 +1,7 @@
 use log::LevelFilter;
-use thinvisor_boot::cmdline::{parse, CmdlineError, CmdlineErrorKind, EferMode, Options};
+use thinvisor_boot::cmdline::{
+    parse, BootMode, CmdlineError, CmdlineErrorKind, EferMode, Layout, Options,
+};
 
 /// Parses and collects warnings.
 fn run(cmdline: &str) -> (Result<Options, CmdlineError<'_>>, Vec<(String, String)>) {
@@ -48,8 +50,39 @@ fn all_options() {
             guest_module: 2,
             guest_mem: 128 * MIB,
             efer: EferMode::MsrArea,
+            boot: BootMode::Module,
+            layout: Layout::Isolated,
         }
     );
+}
+
+#[test]
+fn boot_modes_and_layouts() {
+    let o = ok("");
+    assert_eq!((o.boot, o.layout), (BootMode::Module, Layout::Isolated));
+    let o = ok("boot=module layout=passthrough");
+    assert_eq!((o.boot, o.layout), (BootMode::Module, Layout::Passthrough));
+    // The machine's own OS is always passed through, in either order.
+    for line in [
+        "boot=linux",
+        "layout=passthrough boot=chain",
+        "boot=linux layout=passthrough",
+    ] {
+        assert_eq!(ok(line).layout, Layout::Passthrough, "{line}");
+    }
+    assert_eq!(ok("boot=linux").boot, BootMode::Linux);
+    assert_eq!(ok("boot=chain").boot, BootMode::Chain);
+    let e = err("boot=linux layout=isolated");
+    assert_eq!(e.kind, CmdlineErrorKind::IsolatedNeedsModule);
+    assert_eq!(e.token, "layout=isolated");
+    assert!(e.to_string().contains("passthrough"));
+    for (bad, kind) in [
+        ("boot=", CmdlineErrorKind::BadBoot),
+        ("boot=Linux", CmdlineErrorKind::BadBoot),
+        ("layout=shared", CmdlineErrorKind::BadLayout),
+    ] {
+        assert_eq!(err(bad).kind, kind, "{bad}");
+    }
 }
 
 #[test]

@@ -13,6 +13,11 @@
 //! [`read_cstr`], and the typed [`read_linear_u64`] and friends built on
 //! them).
 //!
+//! The guest's physical memory itself is built here too: second-level
+//! tables (AMD NPT, Intel EPT) in [`nested`] for guest RAM at an offset,
+//! and in [`passthrough`] for the pass-through layout, with EPT memory
+//! types decoded from the MTRRs by [`mtrr`].
+//!
 //! Every value that comes from the guest (registers, page-table entries,
 //! addresses, lengths) is hostile: nothing here panics on it, loops are
 //! bounded by the walk depth or the caller's buffer, and every failure is a
@@ -25,8 +30,10 @@ extern crate std;
 
 mod addr;
 mod linear;
+pub mod mtrr;
 pub mod nested;
 mod paging;
+pub mod passthrough;
 mod phys;
 mod window;
 

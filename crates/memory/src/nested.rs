@@ -2,6 +2,10 @@
 //! nested page tables (APM vol. 2, 15.25) and Intel's EPT (SDM vol. 3C,
 //! 29.3). Both are 4-level radix trees with the long-mode geometry; only
 //! the bits of an entry differ, so one builder serves both.
+//!
+//! [`NestedPageTable`] maps guest RAM at an offset (the isolated layout);
+//! the pass-through layout (identity, thinvisor's memory hidden, EPT
+//! memory types from the MTRRs) is [`crate::passthrough`].
 
 use crate::{GuestPhysAddr, HostPhysAddr};
 
@@ -53,6 +57,18 @@ pub enum NptError {
     Misaligned,
     /// The range was already (partly) mapped differently.
     Overlap,
+    /// An address beyond what the tables can map: MAXPHYADDR, or the
+    /// 48 bits of a 4-level table (pass-through layout).
+    OutOfRange,
+    /// More separate hidden ranges than the pass-through layout holds
+    /// ([`crate::passthrough::MAX_HIDDEN_RANGES`]).
+    TooManyHidden,
+    /// The address is hidden from the guest: it maps to the filler page
+    /// and nothing else may map it (pass-through layout).
+    Hidden,
+    /// The address is mapped already, so its fault has another cause
+    /// (pass-through layout).
+    AlreadyMapped,
 }
 
 /// A 4-level second-level page table.
@@ -144,14 +160,14 @@ fn next_table(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     extern crate std;
     use super::*;
     use std::collections::BTreeMap;
 
     /// Tables kept in a map from fake physical addresses.
-    struct Fake {
-        tables: BTreeMap<u64, [u64; 512]>,
+    pub(crate) struct Fake {
+        pub(crate) tables: BTreeMap<u64, [u64; 512]>,
         next: u64,
         limit: usize,
     }
@@ -170,7 +186,8 @@ mod tests {
         }
     }
 
-    fn fake(limit: usize) -> Fake {
+    /// An allocator that hands out at most `limit` tables.
+    pub(crate) fn fake(limit: usize) -> Fake {
         Fake {
             tables: BTreeMap::new(),
             next: 0x10_0000,

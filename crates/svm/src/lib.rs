@@ -10,9 +10,14 @@ pub mod msrpm;
 pub mod vmcb;
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU32, Ordering};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
+use thinvisor_vmm::events::{combine, Combined};
+use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
-use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
+use thinvisor_vmm::{
+    CpuMode, Event, Exit, Gpr, GuestKind, InitialState, NestedFault, SegmentState, Vcpu,
+};
 use vmcb::{attrib, event_inj, exit_code, misc1, misc2, npf_info, tlb_control, Segment, Vmcb};
 use x86_64::registers::model_specific::Msr;
 
@@ -237,14 +242,15 @@ extern "sysv64" {
     fn thinvisor_svm_run(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64);
 }
 
-/// Where a guest starts: the multiboot v1 entry state (Multiboot
-/// Specification 0.6.96, 3.2): 32-bit protected mode, paging off, flat
-/// segments, EAX = magic, EBX = information structure.
-#[derive(Clone, Copy, Debug)]
-pub struct EntryState {
-    pub rip: u64,
-    pub rax: u64,
-    pub rbx: u64,
+impl Segment {
+    fn from_state(s: SegmentState) -> Self {
+        Segment {
+            selector: s.selector,
+            attrib: s.svm_attrib(),
+            limit: s.limit,
+            base: s.base,
+        }
+    }
 }
 
 /// One virtual processor on SVM.
@@ -263,10 +269,137 @@ pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     pending_cr2: Option<u64>,
     /// EFER bits the guest may write ([`efer::writable_bits`]).
     efer_writable: u64,
+    /// Exits by [`exit_slot`].
+    stats: ExitStats,
+    /// An event to deliver at the first entry that has no other one.
+    deferred: Option<Event>,
+    /// NMIs the host caught on this processor, for the guest.
+    host_nmis: Option<&'static AtomicU32>,
+    /// A fault arose while a double fault was delivered.
+    shutdown: bool,
+}
+
+/// EVENTINJ for `event` (APM vol. 2, 15.20).
+fn encode_event(event: Event) -> u64 {
+    let (vector, kind, error_code) = match event {
+        Event::Exception { vector, error_code } => (vector, event_inj::TYPE_EXCEPTION, error_code),
+        Event::PageFault { error_code, .. } => (14, event_inj::TYPE_EXCEPTION, Some(error_code)),
+        Event::Nmi => (2, event_inj::TYPE_NMI, None),
+        Event::ExternalInterrupt { vector } => (vector, event_inj::TYPE_INTR, None),
+    };
+    let mut value = u64::from(vector) | kind | event_inj::VALID;
+    if let Some(code) = error_code {
+        value |= event_inj::ERROR_CODE_VALID | (u64::from(code) << 32);
+    }
+    value
+}
+
+/// The neutral event behind an EXITINTINFO/EVENTINJ value; None for
+/// software interrupts, which only the processor re-delivers.
+fn decode_event(raw: u64, cr2: u64) -> Option<Event> {
+    let vector = raw as u8;
+    let error_code = (raw & event_inj::ERROR_CODE_VALID != 0).then_some((raw >> 32) as u32);
+    match raw & event_inj::TYPE_MASK {
+        event_inj::TYPE_INTR => Some(Event::ExternalInterrupt { vector }),
+        event_inj::TYPE_NMI => Some(Event::Nmi),
+        event_inj::TYPE_EXCEPTION if vector == 14 => Some(Event::PageFault {
+            error_code: error_code.unwrap_or(0),
+            address: cr2,
+        }),
+        event_inj::TYPE_EXCEPTION => Some(Event::Exception { vector, error_code }),
+        _ => None,
+    }
+}
+
+/// The statistics slot of an exit code: codes below 0x90 as they are
+/// (APM vol. 2, appendix C), then NPF, VMEXIT_INVALID, anything else.
+fn exit_slot(code: u64) -> usize {
+    match code {
+        c if c < 0x90 => c as usize,
+        exit_code::NPF => 0x90,
+        c if c == exit_code::INVALID || c == u64::from(u32::MAX) => 0x91,
+        _ => 0x92,
+    }
+}
+
+/// The name of a statistics slot (APM vol. 2, appendix C, "SVM Intercept
+/// Exit Codes").
+pub fn exit_name(slot: usize) -> &'static str {
+    const MISC: [&str; 32] = [
+        "INTR",
+        "NMI",
+        "SMI",
+        "INIT",
+        "VINTR",
+        "CR0_SEL_WRITE",
+        "IDTR_READ",
+        "GDTR_READ",
+        "LDTR_READ",
+        "TR_READ",
+        "IDTR_WRITE",
+        "GDTR_WRITE",
+        "LDTR_WRITE",
+        "TR_WRITE",
+        "RDTSC",
+        "RDPMC",
+        "PUSHF",
+        "POPF",
+        "CPUID",
+        "RSM",
+        "IRET",
+        "SWINT",
+        "INVD",
+        "PAUSE",
+        "HLT",
+        "INVLPG",
+        "INVLPGA",
+        "IOIO",
+        "MSR",
+        "TASK_SWITCH",
+        "FERR_FREEZE",
+        "SHUTDOWN",
+    ];
+    const SVM: [&str; 16] = [
+        "VMRUN",
+        "VMMCALL",
+        "VMLOAD",
+        "VMSAVE",
+        "STGI",
+        "CLGI",
+        "SKINIT",
+        "RDTSCP",
+        "ICEBP",
+        "WBINVD",
+        "MONITOR",
+        "MWAIT",
+        "MWAIT_CONDITIONAL",
+        "XSETBV",
+        "RDPRU",
+        "EFER_WRITE_TRAP",
+    ];
+    const EXCEPTIONS: [&str; 32] = [
+        "EXCP #DE", "EXCP #DB", "EXCP NMI", "EXCP #BP", "EXCP #OF", "EXCP #BR", "EXCP #UD",
+        "EXCP #NM", "EXCP #DF", "EXCP 9", "EXCP #TS", "EXCP #NP", "EXCP #SS", "EXCP #GP",
+        "EXCP #PF", "EXCP 15", "EXCP #MF", "EXCP #AC", "EXCP #MC", "EXCP #XF", "EXCP 20",
+        "EXCP #CP", "EXCP 22", "EXCP 23", "EXCP 24", "EXCP 25", "EXCP 26", "EXCP 27", "EXCP #HV",
+        "EXCP #VC", "EXCP #SX", "EXCP 31",
+    ];
+    match slot {
+        0x00..=0x0F => "CR_READ",
+        0x10..=0x1F => "CR_WRITE",
+        0x20..=0x2F => "DR_READ",
+        0x30..=0x3F => "DR_WRITE",
+        0x40..=0x5F => EXCEPTIONS[slot - 0x40],
+        0x60..=0x7F => MISC[slot - 0x60],
+        0x80..=0x8F => SVM[slot - 0x80],
+        0x90 => "NPF",
+        0x91 => "INVALID",
+        _ => "other",
+    }
 }
 
 impl<M: GuestPhysMemory> SvmVcpu<M> {
-    /// Set up a VMCB for a guest in the multiboot entry state.
+    /// Set up a VMCB for a guest that starts in `initial`.
     ///
     /// # Safety
     /// `vmcb` and `host_save` are distinct zeroed 4 KiB pages used by
@@ -283,7 +416,8 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         ncr3: HostPhysAddr,
         msrpm: HostPhysAddr,
         memory: &'static M,
-        entry: EntryState,
+        initial: &InitialState,
+        kind: GuestKind,
     ) -> Self {
         let c = &mut vmcb_virt.control;
         // Exits the core handles; everything else, I/O and all MSRs but
@@ -291,8 +425,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         // SMIs exit too, so the firmware's SMM handler runs in the host's
         // context once STGI opens the gate, not inside the guest with
         // nested paging on (APM 15.13.3).
-        c.intercept_misc1 =
-            misc1::CPUID | misc1::HLT | misc1::SHUTDOWN | misc1::MSR_PROT | misc1::SMI;
+        c.intercept_misc1 = misc1::CPUID | misc1::SHUTDOWN | misc1::MSR_PROT | misc1::SMI;
+        if kind == GuestKind::Isolated {
+            c.intercept_misc1 |= misc1::HLT;
+        }
         c.msrpm_base_pa = msrpm.as_u64();
         c.intercept_misc2 = misc2::VMRUN
             | misc2::VMMCALL
@@ -311,12 +447,18 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         c.vmcb_clean = 0;
 
         let s = &mut vmcb_virt.save;
-        s.cs = Segment::flat(0x08, attrib::CODE32);
+        s.cs = Segment::from_state(initial.code_segment());
+        let data = Segment::from_state(initial.data_segment());
         for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
-            *seg = Segment::flat(0x10, attrib::DATA32);
+            *seg = data;
         }
         s.gdtr = Segment::default();
-        s.idtr = Segment::default();
+        s.idtr = Segment {
+            // The real-mode IVT at 0 (a no-op for protected-mode starts,
+            // which load their own IDT before enabling interrupts).
+            limit: 0x3FF,
+            ..Segment::default()
+        };
         s.ldtr = Segment {
             attrib: attrib::LDT,
             ..Segment::default()
@@ -327,24 +469,37 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             ..Segment::default()
         };
         s.cpl = 0;
-        // PE and ET; paging off. The guest's EFER must keep SVME (VMRUN
-        // consistency check, APM 15.5.1).
-        s.cr0 = 0x11;
+        // The guest's EFER must keep SVME (VMRUN consistency check, APM
+        // 15.5.1).
+        s.cr0 = initial.cr0();
         s.cr3 = 0;
         s.cr4 = 0;
         s.efer = EFER_SVME;
-        s.rflags = 0x2;
-        s.rip = entry.rip;
-        s.rax = entry.rax;
-        s.rsp = 0;
+        s.rflags = InitialState::RFLAGS;
+        s.rip = initial.rip();
+        s.rax = initial.gpr(Gpr::Rax);
+        s.rsp = initial.gpr(Gpr::Rsp);
         s.dr6 = 0xFFFF_0FF0;
         s.dr7 = 0x400;
         // Power-on PAT: write-back for index 0, as firmware leaves it.
         s.g_pat = 0x0007_0406_0007_0406;
 
+        let g = |r| initial.gpr(r);
         let regs = GuestRegs {
-            rbx: entry.rbx,
-            ..GuestRegs::default()
+            rbx: g(Gpr::Rbx),
+            rcx: g(Gpr::Rcx),
+            rdx: g(Gpr::Rdx),
+            rsi: g(Gpr::Rsi),
+            rdi: g(Gpr::Rdi),
+            rbp: g(Gpr::Rbp),
+            r8: g(Gpr::R8),
+            r9: g(Gpr::R9),
+            r10: g(Gpr::R10),
+            r11: g(Gpr::R11),
+            r12: g(Gpr::R12),
+            r13: g(Gpr::R13),
+            r14: g(Gpr::R14),
+            r15: g(Gpr::R15),
         };
         Self {
             vmcb: vmcb_virt,
@@ -359,6 +514,33 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
                 efer::writable_bits(ext1.ecx, ext1.edx)
             },
+            stats: ExitStats::default(),
+            deferred: None,
+            host_nmis: None,
+            shutdown: false,
+        }
+    }
+
+    /// Deliver the NMIs the host counts in `counter` (its NMI handler's) to
+    /// this guest.
+    pub fn take_host_nmis_from(&mut self, counter: &'static AtomicU32) {
+        self.host_nmis = Some(counter);
+    }
+
+    /// Fill an empty EVENTINJ with a deferred event or an NMI the host
+    /// caught, just before VMRUN.
+    fn pick_next_event(&mut self) {
+        if self.vmcb.control.event_inj & event_inj::VALID != 0 {
+            return;
+        }
+        if let Some(event) = self.deferred.take() {
+            self.vmcb.control.event_inj = encode_event(event);
+        } else if let Some(n) = self.host_nmis {
+            if n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                self.vmcb.control.event_inj = encode_event(Event::Nmi);
+            }
         }
     }
 
@@ -484,6 +666,14 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
 }
 
 impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
+    fn exit_stats(&self) -> Option<&ExitStats> {
+        Some(&self.stats)
+    }
+
+    fn exit_name(&self, slot: usize) -> &'static str {
+        exit_name(slot)
+    }
+
     fn gpr(&self, reg: Gpr) -> u64 {
         let r = &self.regs;
         match reg {
@@ -572,29 +762,54 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn inject(&mut self, event: Event) {
-        let (vector, error_code) = match event {
-            Event::Exception { vector, error_code } => (vector, error_code),
-            Event::PageFault {
-                error_code,
-                address,
-            } => {
-                // An injected #PF does not set CR2: the VMM does (APM 15.20).
-                // VMRUN loads CR2 from the VMCB; Bochs 2.7 does not, so the
-                // processor's CR2 is set too before that entry.
-                self.vmcb.save.cr2 = address;
-                self.pending_cr2 = Some(address);
-                (14, Some(error_code))
+        let pending = self.vmcb.control.event_inj;
+        let event = if pending & event_inj::VALID == 0 {
+            event
+        } else {
+            // The exit interrupted the delivery of `pending`: do what the
+            // processor would have done with both.
+            match decode_event(pending, self.vmcb.save.cr2) {
+                Some(first) => match combine(first, event) {
+                    Combined::Serial { now, later } => {
+                        if later.is_some() {
+                            self.deferred = later;
+                        }
+                        now
+                    }
+                    Combined::DoubleFault => Event::Exception {
+                        vector: 8,
+                        error_code: Some(0),
+                    },
+                    Combined::Shutdown => {
+                        // What the processor does: the next run reports a
+                        // shutdown instead of entering.
+                        self.shutdown = true;
+                        event
+                    }
+                },
+                None => {
+                    // A software interrupt: the processor re-delivers it by
+                    // running the instruction again; the new event first.
+                    event
+                }
             }
         };
-        let mut value = u64::from(vector) | event_inj::TYPE_EXCEPTION | event_inj::VALID;
-        if let Some(code) = error_code {
-            value |= event_inj::ERROR_CODE_VALID | (u64::from(code) << 32);
+        if let Event::PageFault { address, .. } = event {
+            // An injected #PF does not set CR2: the VMM does (APM 15.20).
+            // VMRUN loads CR2 from the VMCB; Bochs 2.7 does not, so the
+            // processor's CR2 is set too before that entry.
+            self.vmcb.save.cr2 = address;
+            self.pending_cr2 = Some(address);
         }
-        self.vmcb.control.event_inj = value;
+        self.vmcb.control.event_inj = encode_event(event);
     }
 
     fn run(&mut self) -> Exit {
+        if self.shutdown {
+            return Exit::Shutdown;
+        }
         loop {
+            self.pick_next_event();
             if let Some(cr2) = self.pending_cr2.take() {
                 // SAFETY: CR2 only records page-fault addresses; the
                 // hypervisor takes no page faults before VMRUN.
@@ -613,6 +828,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                 );
             }
             let c = &mut self.vmcb.control;
+            self.stats.record(exit_slot(c.exit_code));
             c.tlb_control = tlb_control::DO_NOTHING;
             // An event whose delivery the exit interrupted is delivered again
             // on the next entry (APM 15.7.2); anything injected is consumed.

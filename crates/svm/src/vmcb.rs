@@ -194,6 +194,9 @@ pub mod tlb_control {
 pub mod event_inj {
     pub const VALID: u64 = 1 << 31;
     pub const ERROR_CODE_VALID: u64 = 1 << 11;
+    pub const TYPE_MASK: u64 = 7 << 8;
+    pub const TYPE_INTR: u64 = 0;
+    pub const TYPE_NMI: u64 = 2 << 8;
     pub const TYPE_EXCEPTION: u64 = 3 << 8;
 }
 

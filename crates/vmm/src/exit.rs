@@ -29,7 +29,7 @@ pub enum StopReason {
 }
 
 /// Run `vcpu` until its guest stops, handling every exit on the way.
-pub fn run_guest<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> StopReason {
+pub fn run_guest<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> StopReason {
     loop {
         let exit = vcpu.run();
         if let Action::Stop(reason) = handle_exit(vmm, vcpu, exit) {
@@ -40,13 +40,13 @@ pub fn run_guest<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> StopReason {
 
 /// The exit dispatch table. Each arm names the one function that handles
 /// that kind of exit; the compiler turns the match into a jump table.
-pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
+pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Action {
     match exit {
         Exit::VmmCall => on_vmm_call(vmm, vcpu),
         Exit::Cpuid => on_cpuid(vmm, vcpu),
         Exit::Hlt => on_hlt(vcpu),
         Exit::Shutdown => on_shutdown(vcpu),
-        Exit::NestedPageFault(fault) => on_nested_page_fault(vcpu, fault),
+        Exit::NestedPageFault(fault) => on_nested_page_fault(vmm, vcpu, fault),
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction | Exit::InvalidOpcode => on_invalid_opcode(vcpu),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
@@ -59,17 +59,17 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V, exit: Exit) -> Action {
 
 /// VMCALL/VMMCALL: dispatch on the function number; the dispatcher steps
 /// over the instruction, or leaves it to run again after a page fault.
-fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> Action {
+fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     vmmcall::dispatch(vmm, vcpu);
     Action::Resume
 }
 
 /// CPUID: the real processor's answer, edited by the policy (hypervisor
 /// bit, thinvisor's leaf 0x40000000, no nested virtualization).
-fn on_cpuid<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) -> Action {
+fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let leaf = vcpu.gpr(Gpr::Rax) as u32;
     let subleaf = vcpu.gpr(Gpr::Rcx) as u32;
-    let r = vmm.cpuid.query(leaf, subleaf);
+    let r = vmm.vm.cpuid.query(leaf, subleaf);
     // CPUID writes the full 64-bit registers with zero-extended values.
     vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
     vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));
@@ -89,13 +89,52 @@ fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {
     Action::Stop(StopReason::Shutdown { rip: vcpu.rip() })
 }
 
-/// Every guest-physical address outside guest RAM is unbacked: there is
-/// no device model behind it, so the guest cannot make progress.
-fn on_nested_page_fault<V: Vcpu>(vcpu: &mut V, fault: NestedFault) -> Action {
-    Action::Stop(StopReason::BadMemory {
-        fault,
-        rip: vcpu.rip(),
-    })
+/// What the layout makes of a nested page fault.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultVerdict {
+    /// The address was ordinary guest-physical space not mapped yet (a
+    /// 64-bit BAR above the memory map): it is mapped now; run again.
+    Mapped,
+    /// A write into the hypervisor's own memory, which the guest sees as
+    /// read-only filler.
+    HiddenWrite,
+    /// Nothing the guest may reach.
+    Outside,
+}
+
+/// The guest-physical layout behind nested page faults. The isolated
+/// layout has none (every fault is outside guest RAM); the pass-through
+/// layout maps lazily and hides the hypervisor.
+pub trait NestedFaults: Sync {
+    fn on_fault(&self, fault: &NestedFault) -> FaultVerdict;
+}
+
+/// In the isolated layout every guest-physical address outside guest RAM
+/// is unbacked: there is no device model behind it, so the guest cannot
+/// make progress. In the pass-through layout the layout decides.
+fn on_nested_page_fault<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, fault: NestedFault) -> Action {
+    let verdict = vmm
+        .vm
+        .nested_faults
+        .map_or(FaultVerdict::Outside, |l| l.on_fault(&fault));
+    match verdict {
+        FaultVerdict::Mapped => Action::Resume,
+        FaultVerdict::HiddenWrite => {
+            log::error!(
+                "guest write into thinvisor's memory at {:#x} (rip {:#x})",
+                fault.gpa.as_u64(),
+                vcpu.rip()
+            );
+            Action::Stop(StopReason::BadMemory {
+                fault,
+                rip: vcpu.rip(),
+            })
+        }
+        FaultVerdict::Outside => Action::Stop(StopReason::BadMemory {
+            fault,
+            rip: vcpu.rip(),
+        }),
+    }
 }
 
 /// The intercepted MSRs belong to the virtualization extension (its host

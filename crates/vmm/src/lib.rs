@@ -7,35 +7,42 @@
 #![no_std]
 
 pub mod cpuid;
+pub mod events;
 pub mod exit;
+pub mod initial;
 pub mod log_ring;
 pub mod services;
+pub mod stats;
 pub mod vcpu;
 pub mod vmmcall;
 
 #[cfg(test)]
 mod tests;
 
-pub use exit::{handle_exit, run_guest, Action, StopReason};
+pub use exit::{handle_exit, run_guest, Action, FaultVerdict, NestedFaults, StopReason};
+pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};
 
 use services::{Services, VmmLog};
 
-/// The state the core keeps for one virtual machine.
-pub struct Vmm {
+/// What every virtual processor of one virtual machine shares: fixed at
+/// start-up or behind its own lock, so any processor's exit path reads it
+/// without a global lock.
+pub struct Vm {
     /// The VMM-call functions, by number.
     pub registry: Registry,
     /// State of the services behind the calls.
     pub services: Services,
     /// The CPUID the guest sees, derived from the real one.
     pub cpuid: cpuid::CpuidPolicy,
-    /// Bounds the page faults a VMM call may inject.
-    pub fault_retry: vmmcall::FaultRetry,
+    /// What nested page faults mean (None: the isolated layout, where
+    /// every one is outside guest RAM).
+    pub nested_faults: Option<&'static dyn NestedFaults>,
 }
 
-impl Vmm {
-    /// A VMM with the standard services registered (SPEC.md section 3).
+impl Vm {
+    /// A VM with the standard services registered (docs/vmm-call.md).
     pub fn new(cpuid: cpuid::CpuidPolicy, log: &'static VmmLog) -> Self {
         let mut registry = Registry::new();
         services::register_all(&mut registry);
@@ -43,6 +50,25 @@ impl Vmm {
             registry,
             services: Services::new(log),
             cpuid,
+            nested_faults: None,
+        }
+    }
+}
+
+/// The core's state for one virtual processor: the VM it belongs to and
+/// what only this processor changes.
+pub struct Vmm<'vm> {
+    /// The shared VM.
+    pub vm: &'vm Vm,
+    /// Bounds the page faults a VMM call may inject.
+    pub fault_retry: vmmcall::FaultRetry,
+}
+
+impl<'vm> Vmm<'vm> {
+    /// A virtual processor of `vm`.
+    pub fn new(vm: &'vm Vm) -> Self {
+        Self {
+            vm,
             fault_retry: vmmcall::FaultRetry::default(),
         }
     }

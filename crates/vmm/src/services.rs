@@ -19,14 +19,17 @@ pub type VmmLog = Mutex<LogRing<LOG_RING_SIZE>>;
 pub struct Services {
     /// Guest-physical address and size of the buffer `log_set_buf`
     /// registered (None = none).
-    pub log_buf: Option<(u64, u64)>,
+    pub log_buf: Mutex<Option<(u64, u64)>>,
     /// The log `log_read` reads.
     pub log: &'static VmmLog,
 }
 
 impl Services {
     pub fn new(log: &'static VmmLog) -> Self {
-        Self { log_buf: None, log }
+        Self {
+            log_buf: Mutex::new(None),
+            log,
+        }
     }
 }
 
@@ -58,7 +61,7 @@ fn log_set_buf_call(ctx: &mut CallContext<'_>) -> CallOutcome {
     }
     let address = ctx.vcpu.gpr(Gpr::Rbx);
     let size = ctx.vcpu.gpr(Gpr::Rcx);
-    ctx.services.log_buf = (address != 0).then_some((address, size));
+    *ctx.services.log_buf.lock() = (address != 0).then_some((address, size));
     CallOutcome::Return
 }
 

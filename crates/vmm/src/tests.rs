@@ -8,7 +8,7 @@ use crate::log_ring::LogRing;
 use crate::services::{VmmLog, LOG_READ_REFUSED};
 use crate::vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 use crate::vmmcall::{FAULTS_UNRESOLVED, MAX_FAULTS_PER_PAGE};
-use crate::{handle_exit, Action, StopReason, Vmm};
+use crate::{handle_exit, Action, StopReason, Vm, Vmm};
 use thinvisor_abi::{dbgsh, names, NO_FUNCTION};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, IsolatedMemory, PagingRegs};
 
@@ -92,8 +92,12 @@ fn fake_cpuid(leaf: u32, _: u32) -> CpuidResult {
     }
 }
 
-fn vmm() -> Vmm {
-    Vmm::new(CpuidPolicy::new(fake_cpuid), new_log())
+fn vmm() -> Vmm<'static> {
+    let vm = std::boxed::Box::leak(std::boxed::Box::new(Vm::new(
+        CpuidPolicy::new(fake_cpuid),
+        new_log(),
+    )));
+    Vmm::new(vm)
 }
 
 fn new_log() -> &'static VmmLog {
@@ -101,14 +105,14 @@ fn new_log() -> &'static VmmLog {
 }
 
 /// Make a VMM call with `rax`/`rbx` and return the vCPU after it.
-fn call(vmm: &mut Vmm, vcpu: &mut FakeVcpu, rax: u64, rbx: u64) -> u64 {
+fn call(vmm: &mut Vmm<'_>, vcpu: &mut FakeVcpu, rax: u64, rbx: u64) -> u64 {
     vcpu.set_gpr(Gpr::Rax, rax);
     vcpu.set_gpr(Gpr::Rbx, rbx);
     assert_eq!(handle_exit(vmm, vcpu, Exit::VmmCall), Action::Resume);
     vcpu.gpr(Gpr::Rax)
 }
 
-fn lookup(vmm: &mut Vmm, vcpu: &mut FakeVcpu, name: &[u8]) -> u64 {
+fn lookup(vmm: &mut Vmm<'_>, vcpu: &mut FakeVcpu, name: &[u8]) -> u64 {
     vcpu.put(0x8000, name);
     call(vmm, vcpu, 0, 0x8000)
 }
@@ -119,7 +123,7 @@ fn standard_names_have_fixed_numbers() {
     let mut vcpu = FakeVcpu::new();
     assert_eq!(lookup(&mut vmm, &mut vcpu, b"dbgsh\0"), 1);
     assert_eq!(lookup(&mut vmm, &mut vcpu, b"log_set_buf\0"), 2);
-    assert_eq!(vmm.registry.name(1), Some(names::DBGSH));
+    assert_eq!(vmm.vm.registry.name(1), Some(names::DBGSH));
 }
 
 #[test]
@@ -216,12 +220,12 @@ fn log_set_buf_is_cpl0_only() {
     vcpu.set_gpr(Gpr::Rcx, 4096);
     vcpu.mode.cpl = 3;
     call(&mut vmm, &mut vcpu, 2, 0x5000);
-    assert_eq!(vmm.services.log_buf, None);
+    assert_eq!(*vmm.vm.services.log_buf.lock(), None);
     vcpu.mode.cpl = 0;
     call(&mut vmm, &mut vcpu, 2, 0x5000);
-    assert_eq!(vmm.services.log_buf, Some((0x5000, 4096)));
+    assert_eq!(*vmm.vm.services.log_buf.lock(), Some((0x5000, 4096)));
     call(&mut vmm, &mut vcpu, 2, 0);
-    assert_eq!(vmm.services.log_buf, None);
+    assert_eq!(*vmm.vm.services.log_buf.lock(), None);
 }
 
 #[test]
@@ -344,7 +348,7 @@ fn paged_vcpu(map_middle: bool, flags: u64) -> (FakeVcpu, PageTables) {
     (vcpu, pt)
 }
 
-fn log_read(vmm: &mut Vmm, vcpu: &mut FakeVcpu, buf: u64, len: u64, from: u64) -> (u64, u64) {
+fn log_read(vmm: &mut Vmm<'_>, vcpu: &mut FakeVcpu, buf: u64, len: u64, from: u64) -> (u64, u64) {
     vcpu.set_gpr(Gpr::Rax, LOG_READ);
     vcpu.set_gpr(Gpr::Rbx, buf);
     vcpu.set_gpr(Gpr::Rcx, len);
@@ -372,7 +376,7 @@ fn log_read_is_registered() {
 fn log_read_copies_across_pages_and_reports_the_stream_offset() {
     let mut vmm = vmm();
     let text: std::vec::Vec<u8> = (0..10_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-    vmm.services.log.lock().push(&text);
+    vmm.vm.services.log.lock().push(&text);
     let (mut vcpu, _) = paged_vcpu(true, RW | US);
     let rip = vcpu.rip;
     // 8000 bytes from offset 100, starting 0x10 into the first page.
@@ -391,7 +395,7 @@ fn log_read_copies_across_pages_and_reports_the_stream_offset() {
 fn log_read_reports_what_the_ring_lost() {
     let mut vmm = vmm();
     let big = std::vec![b'x'; crate::services::LOG_RING_SIZE + 500];
-    vmm.services.log.lock().push(&big);
+    vmm.vm.services.log.lock().push(&big);
     let (mut vcpu, _) = paged_vcpu(true, RW | US);
     let (n, first) = log_read(&mut vmm, &mut vcpu, BUF, 100, 0);
     assert_eq!((n, first), (100, 500));
@@ -400,7 +404,7 @@ fn log_read_reports_what_the_ring_lost() {
 #[test]
 fn log_read_faults_not_present_pages_in_through_the_guest() {
     let mut vmm = vmm();
-    vmm.services.log.lock().push(&[b'q'; 9000]);
+    vmm.vm.services.log.lock().push(&[b'q'; 9000]);
     let (mut vcpu, mut pt) = paged_vcpu(false, RW | US);
     vcpu.mode.cpl = 3;
     let rip = vcpu.rip;
@@ -429,7 +433,7 @@ fn log_read_faults_not_present_pages_in_through_the_guest() {
 #[test]
 fn log_read_gives_up_when_the_guest_never_maps_the_page() {
     let mut vmm = vmm();
-    vmm.services.log.lock().push(&[b'q'; 9000]);
+    vmm.vm.services.log.lock().push(&[b'q'; 9000]);
     let (mut vcpu, _) = paged_vcpu(false, RW | US);
     let rip = vcpu.rip;
     for _ in 0..MAX_FAULTS_PER_PAGE {
@@ -448,7 +452,7 @@ fn log_read_gives_up_when_the_guest_never_maps_the_page() {
 #[test]
 fn log_read_refuses_buffers_the_caller_may_not_write() {
     let mut vmm = vmm();
-    vmm.services.log.lock().push(b"secret log");
+    vmm.vm.services.log.lock().push(b"secret log");
     // Supervisor page from CPL 3.
     let (mut vcpu, _) = paged_vcpu(true, RW);
     vcpu.mode.cpl = 3;
@@ -492,7 +496,7 @@ fn log_read_refuses_buffers_the_caller_may_not_write() {
 #[test]
 fn log_read_uses_32_bit_registers_outside_64_bit_mode() {
     let mut vmm = vmm();
-    vmm.services.log.lock().push(b"0123456789");
+    vmm.vm.services.log.lock().push(b"0123456789");
     let mut vcpu = FakeVcpu::new();
     vcpu.mode.long64 = false;
     vcpu.set_gpr(Gpr::Rax, (7 << 32) | LOG_READ);
@@ -567,7 +571,7 @@ proptest::proptest! {
         fill in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
     ) {
         let mut vmm = vmm();
-        vmm.services.log.lock().push(b"thinvisor log line\n");
+        vmm.vm.services.log.lock().push(b"thinvisor log line\n");
         let mut vcpu = FakeVcpu::new();
         vcpu.regs = regs;
         // Often a real function number, sometimes anything.
@@ -622,19 +626,19 @@ fn lookup_reads_the_name_with_the_callers_privilege() {
 
 #[test]
 fn vcpus_share_one_memory() {
-    // Two vCPUs of one VM, one memory object, each on its own thread:
-    // log_read from both at once, into different buffers, then a lookup on
-    // one of a name the other wrote.
+    // Two vCPUs of one VM (one Vm, one memory object), each on its own
+    // thread: log_read from both at once, into different buffers, then a
+    // lookup on one of a name the other wrote.
     let first = FakeVcpu::new();
     let mut second = FakeVcpu::new();
     second.mem = first.mem;
+    let vm = vmm().vm;
     let text: std::vec::Vec<u8> = (0..3000u32).map(|i| b'A' + (i % 26) as u8).collect();
-    let vcpus = std::thread::scope(|s| {
-        let text = &text;
+    vm.services.log.lock().push(&text);
+    let (mut first, second) = std::thread::scope(|s| {
         let run = |mut vcpu: FakeVcpu, buf: u64| {
             move || {
-                let mut vmm = vmm();
-                vmm.services.log.lock().push(text);
+                let mut vmm = Vmm::new(vm);
                 for _ in 0..50 {
                     assert_eq!(log_read(&mut vmm, &mut vcpu, buf, 3000, 0), (3000, 0));
                 }
@@ -645,10 +649,9 @@ fn vcpus_share_one_memory() {
         let b = s.spawn(run(second, 0x30000));
         (a.join().unwrap(), b.join().unwrap())
     });
-    let (mut first, second) = vcpus;
     assert_eq!(guest_bytes(&first, 0x20000, 3000), text);
     assert_eq!(guest_bytes(&second, 0x30000, 3000), text);
     second.put(0x8000, b"log_read\0");
-    let mut vmm = vmm();
+    let mut vmm = Vmm::new(vm);
     assert_eq!(call(&mut vmm, &mut first, 0, 0x8000), LOG_READ);
 }

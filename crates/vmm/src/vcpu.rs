@@ -65,6 +65,11 @@ pub enum Event {
     /// A page fault (vector 14): the backend sets the guest's CR2 to
     /// `address` as the processor would (Intel SDM vol. 3A, 6.15).
     PageFault { error_code: u32, address: u64 },
+    /// A non-maskable interrupt (vector 2), e.g. one the host caught while
+    /// it ran on the guest's behalf.
+    Nmi,
+    /// An external interrupt with this vector.
+    ExternalInterrupt { vector: u8 },
 }
 
 impl Event {
@@ -143,8 +148,20 @@ pub trait Vcpu {
     fn memory(&self) -> &dyn GuestPhysMemory;
     /// Advance RIP past the instruction that caused the current exit.
     fn skip_instruction(&mut self);
-    /// Deliver `event` to the guest on the next entry.
+    /// Deliver `event` to the guest on the next entry. An event the
+    /// processor was delivering when the exit happened is never lost: the
+    /// backend combines the two as the processor would
+    /// ([`crate::events::combine`]) or delivers the other one later.
     fn inject(&mut self, event: Event);
     /// Enter the guest and run it until the next exit.
     fn run(&mut self) -> Exit;
+    /// Exits counted so far, by the backend's own reasons (None: the
+    /// backend does not count).
+    fn exit_stats(&self) -> Option<&crate::stats::ExitStats> {
+        None
+    }
+    /// The name of an [`exit_stats`](Self::exit_stats) slot.
+    fn exit_name(&self, _slot: usize) -> &'static str {
+        "?"
+    }
 }

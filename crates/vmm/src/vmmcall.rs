@@ -10,7 +10,7 @@ use thinvisor_memory::{read_linear, with_cstr, Access, GuestLinearAddr};
 /// What a VMM-call function sees: the calling vCPU and the services' state.
 pub struct CallContext<'a> {
     pub vcpu: &'a mut dyn Vcpu,
-    pub services: &'a mut Services,
+    pub services: &'a Services,
 }
 
 /// How a VMM-call function finished.
@@ -143,7 +143,7 @@ impl Registry {
 /// 64-bit mode, so a 32-bit caller's stale bits must not pick a function).
 /// Steps over the call instruction unless a page fault is injected
 /// instead.
-pub fn dispatch<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) {
+pub fn dispatch<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) {
     let rax = vcpu.gpr(Gpr::Rax);
     let number = if vcpu.mode().long64 {
         rax
@@ -151,14 +151,14 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm, vcpu: &mut V) {
         rax & 0xFFFF_FFFF
     };
     let outcome = if number == FN_LOOKUP {
-        let result = lookup_by_name(&vmm.registry, vcpu);
+        let result = lookup_by_name(&vmm.vm.registry, vcpu);
         vcpu.set_gpr(Gpr::Rax, result);
         CallOutcome::Return
     } else {
-        match vmm.registry.function(number) {
+        match vmm.vm.registry.function(number) {
             Some(function) => function(&mut CallContext {
                 vcpu,
-                services: &mut vmm.services,
+                services: &vmm.vm.services,
             }),
             None => {
                 vcpu.set_gpr(Gpr::Rax, NO_FUNCTION);

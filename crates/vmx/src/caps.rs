@@ -409,7 +409,7 @@ impl VmxCapabilities {
     /// The capability word that governs each control word: the TRUE_* MSR
     /// when bit 55 says to use them and it could be read, else the plain one
     /// (always valid, only stricter; SDM A.2).
-    fn control_caps(&self) -> [u64; 4] {
+    pub(crate) fn control_caps(&self) -> [u64; 4] {
         let pick = |true_msr: Option<u64>, plain: u64| match true_msr {
             Some(v) if self.uses_true_msrs() => v,
             _ => plain,

@@ -13,6 +13,7 @@ pub mod xcr0;
 
 use caps::{cr_fixed, Controls, EferPath, VmxCapabilities};
 use core::fmt;
+use thinvisor_vmm::{Gpr, GuestKind, InitialState};
 pub use vcpu::{CrPolicy, EferAreas, GuestEfer, MsrEntry, VmxVcpu};
 use vmcs::{vmclear, vmptrld, vmwrite, vmxon, VmFail, VmcsField as F};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
@@ -133,6 +134,8 @@ pub struct HostState {
     pub tr_base: u64,
     pub gdtr_base: u64,
     pub idtr_base: u64,
+    /// The processor's own area (the host finds it through GS).
+    pub gs_base: u64,
 }
 
 /// Everything [`setup_vmcs`] needs.
@@ -149,12 +152,14 @@ pub struct VmcsSetup<'a> {
     /// `controls.efer == EferPath::MsrAreas`), with their physical address.
     pub efer_areas: Option<(&'static mut EferAreas, u64)>,
     pub host: HostState,
-    /// Multiboot entry: RIP, EAX, EBX.
-    pub rip: u64,
+    /// How the guest starts.
+    pub initial: &'a InitialState,
+    /// Which exits the guest needs.
+    pub kind: GuestKind,
 }
 
-/// Build the VMCS for a guest in the multiboot entry state (32-bit
-/// protected mode, paging off, flat segments) and make it current.
+/// Build the VMCS for a guest that starts in `s.initial` and make it
+/// current.
 /// Returns how the guest's CR0/CR4 and EFER are kept.
 ///
 /// # Safety
@@ -175,8 +180,7 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         cr4_must1: s.caps.cr4_fixed0 & s.caps.cr4_fixed1,
         cr4_may1: s.caps.cr4_fixed1,
     };
-    // Power-on CR0 with PE: protected mode, paging off (ET is hardwired).
-    let guest_cr0 = 0x11;
+    let guest_cr0 = s.initial.cr0();
     // The guest sees its CR0 as the processor really has it (NE included)
     // so that ordinary read-modify-write sequences never exit.
     let cr0_real = policy.real_cr0(guest_cr0);
@@ -187,11 +191,22 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
 
     let mut entry = c.entry;
     let eptp = s.ept_root | (3 << 3) | 6;
-    let code32 = 0xC09B; // present, DPL 0, execute/read, accessed, 32-bit, 4 KiB granular
-    let data32 = 0xC093;
+    let code = s.initial.code_segment();
+    let data = s.initial.data_segment();
+    let (code_ar, data_ar) = (u64::from(code.access), u64::from(data.access));
+    let procbased = match s.kind {
+        GuestKind::Isolated => c.procbased,
+        // The machine's own OS halts until its interrupts wake it, natively;
+        // keep HLT exiting only where the processor cannot clear it (its
+        // allowed-0 settings, SDM vol. 3D, A.3.2).
+        GuestKind::Passthrough => {
+            let [_, proc_cap, _, _] = s.caps.control_caps();
+            (c.procbased & !caps::proc::HLT_EXITING) | (proc_cap as u32)
+        }
+    };
     let writes: &[(F, u64)] = &[
         (F::PIN_BASED_VM_EXEC_CONTROL, c.pinbased.into()),
-        (F::CPU_BASED_VM_EXEC_CONTROL, c.procbased.into()),
+        (F::CPU_BASED_VM_EXEC_CONTROL, procbased.into()),
         (F::SECONDARY_VM_EXEC_CONTROL, c.procbased2.into()),
         (F::VM_EXIT_CONTROLS, c.exit.into()),
         // #UD only, to accept AMD's VMMCALL as a VMM call too.
@@ -219,7 +234,7 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::HOST_GS_SELECTOR, 0),
         (F::HOST_TR_SELECTOR, s.host.tr.into()),
         (F::HOST_FS_BASE, 0),
-        (F::HOST_GS_BASE, 0),
+        (F::HOST_GS_BASE, s.host.gs_base),
         (F::HOST_TR_BASE, s.host.tr_base),
         (F::HOST_GDTR_BASE, s.host.gdtr_base),
         (F::HOST_IDTR_BASE, s.host.idtr_base),
@@ -230,38 +245,38 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
             F::HOST_RIP,
             (vcpu::thinvisor_vmx_exit as unsafe extern "sysv64" fn()) as usize as u64,
         ),
-        // Guest state: the multiboot entry state (SDM vol. 3C, 26.3.1).
+        // Guest state: the initial state (SDM vol. 3C, 26.3.1).
         (F::GUEST_CR0, cr0_real),
         (F::GUEST_CR3, 0),
         (F::GUEST_CR4, cr4_real),
         (F::GUEST_DR7, 0x400),
-        (F::GUEST_RSP, 0),
-        (F::GUEST_RIP, s.rip),
-        (F::GUEST_RFLAGS, 0x2),
-        (F::GUEST_CS_SELECTOR, 0x08),
-        (F::GUEST_CS_BASE, 0),
-        (F::GUEST_CS_LIMIT, 0xFFFF_FFFF),
-        (F::GUEST_CS_AR_BYTES, code32),
-        (F::GUEST_SS_SELECTOR, 0x10),
-        (F::GUEST_SS_BASE, 0),
-        (F::GUEST_SS_LIMIT, 0xFFFF_FFFF),
-        (F::GUEST_SS_AR_BYTES, data32),
-        (F::GUEST_DS_SELECTOR, 0x10),
-        (F::GUEST_DS_BASE, 0),
-        (F::GUEST_DS_LIMIT, 0xFFFF_FFFF),
-        (F::GUEST_DS_AR_BYTES, data32),
-        (F::GUEST_ES_SELECTOR, 0x10),
-        (F::GUEST_ES_BASE, 0),
-        (F::GUEST_ES_LIMIT, 0xFFFF_FFFF),
-        (F::GUEST_ES_AR_BYTES, data32),
-        (F::GUEST_FS_SELECTOR, 0x10),
-        (F::GUEST_FS_BASE, 0),
-        (F::GUEST_FS_LIMIT, 0xFFFF_FFFF),
-        (F::GUEST_FS_AR_BYTES, data32),
-        (F::GUEST_GS_SELECTOR, 0x10),
-        (F::GUEST_GS_BASE, 0),
-        (F::GUEST_GS_LIMIT, 0xFFFF_FFFF),
-        (F::GUEST_GS_AR_BYTES, data32),
+        (F::GUEST_RSP, s.initial.gpr(Gpr::Rsp)),
+        (F::GUEST_RIP, s.initial.rip()),
+        (F::GUEST_RFLAGS, InitialState::RFLAGS),
+        (F::GUEST_CS_SELECTOR, code.selector.into()),
+        (F::GUEST_CS_BASE, code.base),
+        (F::GUEST_CS_LIMIT, code.limit.into()),
+        (F::GUEST_CS_AR_BYTES, code_ar),
+        (F::GUEST_SS_SELECTOR, data.selector.into()),
+        (F::GUEST_SS_BASE, data.base),
+        (F::GUEST_SS_LIMIT, data.limit.into()),
+        (F::GUEST_SS_AR_BYTES, data_ar),
+        (F::GUEST_DS_SELECTOR, data.selector.into()),
+        (F::GUEST_DS_BASE, data.base),
+        (F::GUEST_DS_LIMIT, data.limit.into()),
+        (F::GUEST_DS_AR_BYTES, data_ar),
+        (F::GUEST_ES_SELECTOR, data.selector.into()),
+        (F::GUEST_ES_BASE, data.base),
+        (F::GUEST_ES_LIMIT, data.limit.into()),
+        (F::GUEST_ES_AR_BYTES, data_ar),
+        (F::GUEST_FS_SELECTOR, data.selector.into()),
+        (F::GUEST_FS_BASE, data.base),
+        (F::GUEST_FS_LIMIT, data.limit.into()),
+        (F::GUEST_FS_AR_BYTES, data_ar),
+        (F::GUEST_GS_SELECTOR, data.selector.into()),
+        (F::GUEST_GS_BASE, data.base),
+        (F::GUEST_GS_LIMIT, data.limit.into()),
+        (F::GUEST_GS_AR_BYTES, data_ar),
         // LDTR unusable (access-rights bit 16); TR a busy 32-bit TSS.
         (F::GUEST_LDTR_SELECTOR, 0),
         (F::GUEST_LDTR_BASE, 0),
@@ -274,7 +289,8 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::GUEST_GDTR_BASE, 0),
         (F::GUEST_GDTR_LIMIT, 0),
         (F::GUEST_IDTR_BASE, 0),
-        (F::GUEST_IDTR_LIMIT, 0),
+        // The real-mode IVT at 0; protected-mode starts load their own IDT.
+        (F::GUEST_IDTR_LIMIT, 0x3FF),
         (F::GUEST_INTERRUPTIBILITY_INFO, 0),
         (F::GUEST_ACTIVITY_STATE, 0),
         (F::GUEST_PENDING_DBG_EXCEPTIONS, 0),

@@ -3,14 +3,18 @@
 
 use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU32, Ordering};
 use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
+use thinvisor_vmm::events::{combine, Combined};
+use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
-use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
+use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, InitialState, NestedFault, Vcpu};
 
 /// Basic exit reasons (Intel SDM vol. 3D, appendix C).
 pub mod exit_reason {
     pub const EXCEPTION_OR_NMI: u32 = 0;
     pub const TRIPLE_FAULT: u32 = 2;
+    pub const INTERRUPT_WINDOW: u32 = 7;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
     pub const VMCALL: u32 = 18;
@@ -40,8 +44,49 @@ pub mod exit_reason {
 const ENTRY_FAILURE: u32 = 1 << 31;
 /// VM-entry interruption information: valid bit and event types (SDM 24.8.3).
 const INTR_INFO_VALID: u32 = 1 << 31;
+const INTR_TYPE_MASK: u32 = 7 << 8;
+const INTR_TYPE_EXTERNAL: u32 = 0;
+const INTR_TYPE_NMI: u32 = 2 << 8;
 const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
 const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
+/// Guest interruptibility state bits (SDM vol. 3C, table 24-3).
+const BLOCKING_BY_STI: u64 = 1 << 0;
+const BLOCKING_BY_MOV_SS: u64 = 1 << 1;
+const BLOCKING_BY_NMI: u64 = 1 << 3;
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// VM-entry interruption information and error code for `event`.
+fn encode_event(event: Event) -> (u32, Option<u32>) {
+    let (vector, kind, error_code) = match event {
+        Event::Exception { vector, error_code } => (vector, INTR_TYPE_HW_EXCEPTION, error_code),
+        Event::PageFault { error_code, .. } => (14, INTR_TYPE_HW_EXCEPTION, Some(error_code)),
+        Event::Nmi => (2, INTR_TYPE_NMI, None),
+        Event::ExternalInterrupt { vector } => (vector, INTR_TYPE_EXTERNAL, None),
+    };
+    let mut info = u32::from(vector) | kind | INTR_INFO_VALID;
+    if error_code.is_some() {
+        info |= INTR_DELIVER_ERROR_CODE;
+    }
+    (info, error_code)
+}
+
+/// The neutral event behind interruption information; None for software
+/// interrupts and exceptions, which the processor re-delivers by running
+/// the instruction again.
+fn decode_event(info: u32, error_code: u32, cr2: u64) -> Option<Event> {
+    let vector = info as u8;
+    let error_code = (info & INTR_DELIVER_ERROR_CODE != 0).then_some(error_code);
+    match info & INTR_TYPE_MASK {
+        INTR_TYPE_EXTERNAL => Some(Event::ExternalInterrupt { vector }),
+        INTR_TYPE_NMI => Some(Event::Nmi),
+        INTR_TYPE_HW_EXCEPTION if vector == 14 => Some(Event::PageFault {
+            error_code: error_code.unwrap_or(0),
+            address: cr2,
+        }),
+        INTR_TYPE_HW_EXCEPTION => Some(Event::Exception { vector, error_code }),
+        _ => None,
+    }
+}
 /// An EPT-violation exit qualification (SDM vol. 3C, table 28-7).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct EptViolation(pub u64);
@@ -278,6 +323,107 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     /// Length of the current exit's instruction when the VMCS has none
     /// (exception exits, SDM vol. 3C, 28.2.5).
     insn_len: Option<u64>,
+    /// Exits by basic exit reason; failed entries in [`ENTRY_FAILED_SLOT`].
+    stats: ExitStats,
+    /// An event to deliver at the first entry that has no other one and
+    /// whose guest state accepts it.
+    deferred: Option<Event>,
+    /// NMIs the host caught on this processor, for the guest.
+    host_nmis: Option<&'static AtomicU32>,
+    /// A fault arose while a double fault was delivered.
+    shutdown: bool,
+}
+
+/// The statistics slot of failed VM entries.
+const ENTRY_FAILED_SLOT: usize = 90;
+
+/// The name of a statistics slot: the basic exit reasons of the Intel SDM
+/// vol. 3D, appendix C.
+pub fn exit_name(slot: usize) -> &'static str {
+    const NAMES: [&str; 78] = [
+        "EXCEPTION_OR_NMI",
+        "EXTERNAL_INTERRUPT",
+        "TRIPLE_FAULT",
+        "INIT",
+        "SIPI",
+        "IO_SMI",
+        "OTHER_SMI",
+        "INTERRUPT_WINDOW",
+        "NMI_WINDOW",
+        "TASK_SWITCH",
+        "CPUID",
+        "GETSEC",
+        "HLT",
+        "INVD",
+        "INVLPG",
+        "RDPMC",
+        "RDTSC",
+        "RSM",
+        "VMCALL",
+        "VMCLEAR",
+        "VMLAUNCH",
+        "VMPTRLD",
+        "VMPTRST",
+        "VMREAD",
+        "VMRESUME",
+        "VMWRITE",
+        "VMXOFF",
+        "VMXON",
+        "CR_ACCESS",
+        "DR_ACCESS",
+        "IO_INSTRUCTION",
+        "RDMSR",
+        "WRMSR",
+        "INVALID_GUEST_STATE",
+        "MSR_LOADING",
+        "35",
+        "MWAIT",
+        "MONITOR_TRAP_FLAG",
+        "38",
+        "MONITOR",
+        "PAUSE",
+        "MACHINE_CHECK",
+        "42",
+        "TPR_BELOW_THRESHOLD",
+        "APIC_ACCESS",
+        "VIRTUALIZED_EOI",
+        "GDTR_IDTR",
+        "LDTR_TR",
+        "EPT_VIOLATION",
+        "EPT_MISCONFIG",
+        "INVEPT",
+        "RDTSCP",
+        "VMX_PREEMPTION_TIMER",
+        "INVVPID",
+        "WBINVD",
+        "XSETBV",
+        "APIC_WRITE",
+        "RDRAND",
+        "INVPCID",
+        "VMFUNC",
+        "ENCLS",
+        "RDSEED",
+        "PML_FULL",
+        "XSAVES",
+        "XRSTORS",
+        "65",
+        "SPP",
+        "UMWAIT",
+        "TPAUSE",
+        "LOADIWKEY",
+        "70",
+        "71",
+        "ENQCMD",
+        "ENQCMDS",
+        "BUS_LOCK",
+        "NOTIFY",
+        "76",
+        "77",
+    ];
+    match slot {
+        ENTRY_FAILED_SLOT => "ENTRY_FAILED",
+        s => NAMES.get(s).copied().unwrap_or("other"),
+    }
 }
 
 /// Log the fields a failed VM entry is checked against (SDM vol. 3C,
@@ -354,12 +500,10 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         memory: &'static M,
         efer: GuestEfer,
         cr: CrPolicy,
-        rax: u64,
-        rbx: u64,
+        initial: &InitialState,
     ) -> Self {
-        let mut regs = GuestRegs::default();
-        regs.0[Gpr::Rax as usize] = rax;
-        regs.0[Gpr::Rbx as usize] = rbx;
+        // RSP lives in the VMCS; its slot here is unused.
+        let regs = GuestRegs(initial.gprs);
         Self {
             regs,
             launched: false,
@@ -369,6 +513,107 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             reason: 0,
             pending_cr2: None,
             insn_len: None,
+            stats: ExitStats::default(),
+            deferred: None,
+            host_nmis: None,
+            shutdown: false,
+        }
+    }
+
+    /// Deliver the NMIs the host counts in `counter` (its NMI handler's) to
+    /// this guest.
+    pub fn take_host_nmis_from(&mut self, counter: &'static AtomicU32) {
+        self.host_nmis = Some(counter);
+    }
+
+    /// Whether the guest can take `event` now: VM entry refuses an external
+    /// interrupt with RFLAGS.IF clear or under STI/MOV SS blocking, and an
+    /// NMI under NMI or MOV SS blocking (SDM vol. 3C, 27.3.1.5).
+    fn can_take(event: Event) -> bool {
+        let blocking = read(F::GUEST_INTERRUPTIBILITY_INFO);
+        match event {
+            Event::ExternalInterrupt { .. } => {
+                read(F::GUEST_RFLAGS) & RFLAGS_IF != 0
+                    && blocking & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) == 0
+            }
+            Event::Nmi => blocking & (BLOCKING_BY_NMI | BLOCKING_BY_MOV_SS) == 0,
+            _ => true,
+        }
+    }
+
+    fn write_event(&mut self, event: Event) {
+        if let Event::PageFault { address, .. } = event {
+            // VMX neither saves nor loads CR2 (SDM vol. 3C, 27.3): the
+            // guest's CR2 is the processor's while the hypervisor runs,
+            // so it is written just before the entry that injects.
+            self.pending_cr2 = Some(address);
+        }
+        let (info, error_code) = encode_event(event);
+        if let Some(code) = error_code {
+            write(F::VM_ENTRY_EXCEPTION_ERROR_CODE, u64::from(code));
+        }
+        write(F::VM_ENTRY_INTR_INFO, info.into());
+    }
+
+    /// Fill an empty VM-entry event with a deferred event or an NMI the
+    /// host caught, when the guest can take it; an interrupt that must
+    /// wait asks for an interrupt-window exit (SDM vol. 3C, 25.7.5).
+    fn pick_next_event(&mut self) {
+        if read(F::VM_ENTRY_INTR_INFO) & u64::from(INTR_INFO_VALID) != 0 {
+            return;
+        }
+        if let Some(event) = self.deferred {
+            if Self::can_take(event) {
+                self.deferred = None;
+                self.write_event(event);
+            } else if matches!(event, Event::ExternalInterrupt { .. }) {
+                let controls = read(F::CPU_BASED_VM_EXEC_CONTROL);
+                write(
+                    F::CPU_BASED_VM_EXEC_CONTROL,
+                    controls | u64::from(crate::caps::proc::INTERRUPT_WINDOW_EXITING),
+                );
+            }
+            return;
+        }
+        if let Some(n) = self.host_nmis {
+            if n.load(Ordering::Relaxed) != 0
+                && Self::can_take(Event::Nmi)
+                && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                self.write_event(Event::Nmi);
+            }
+        }
+    }
+
+    /// Exit reason 0: the exception bitmap has only #UD, and NMIs do not
+    /// exit, but read what the processor says (SDM vol. 3C, 25.9.2) rather
+    /// than assume it.
+    fn on_exception_or_nmi(&mut self) -> Option<Exit> {
+        let info = read(F::VM_EXIT_INTR_INFO) as u32;
+        let vector = info as u8;
+        match info & INTR_TYPE_MASK {
+            INTR_TYPE_HW_EXCEPTION if vector == 6 => {
+                if is_vmm_call_at_rip(self) {
+                    self.insn_len = Some(3);
+                    Some(Exit::VmmCall)
+                } else {
+                    Some(Exit::InvalidOpcode)
+                }
+            }
+            INTR_TYPE_NMI => {
+                self.inject(Event::Nmi);
+                None
+            }
+            _ => {
+                // Not intercepted, so not expected: give it back.
+                let code = read(F::VM_EXIT_INTR_ERROR_CODE) as u32;
+                if let Some(event) = decode_event(info, code, 0) {
+                    log::warn!("unexpected exception exit {info:#x}: re-injected");
+                    self.inject(event);
+                }
+                None
+            }
         }
     }
 
@@ -539,11 +784,15 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         Some(match self.reason {
             // Only #UD is intercepted (exception bitmap), to accept AMD's
             // VMMCALL as a VMM call too; it is three bytes long.
-            r::EXCEPTION_OR_NMI if is_vmm_call_at_rip(self) => {
-                self.insn_len = Some(3);
-                Exit::VmmCall
+            r::EXCEPTION_OR_NMI => return self.on_exception_or_nmi(),
+            r::INTERRUPT_WINDOW => {
+                let controls = read(F::CPU_BASED_VM_EXEC_CONTROL);
+                write(
+                    F::CPU_BASED_VM_EXEC_CONTROL,
+                    controls & !u64::from(crate::caps::proc::INTERRUPT_WINDOW_EXITING),
+                );
+                return None;
             }
-            r::EXCEPTION_OR_NMI => Exit::InvalidOpcode,
             r::VMCALL => Exit::VmmCall,
             r::CPUID => Exit::Cpuid,
             r::HLT => Exit::Hlt,
@@ -597,6 +846,14 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
 }
 
 impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
+    fn exit_stats(&self) -> Option<&ExitStats> {
+        Some(&self.stats)
+    }
+
+    fn exit_name(&self, slot: usize) -> &'static str {
+        exit_name(slot)
+    }
+
     fn gpr(&self, reg: Gpr) -> u64 {
         match reg {
             Gpr::Rsp => read(F::GUEST_RSP),
@@ -659,29 +916,43 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     }
 
     fn inject(&mut self, event: Event) {
-        let (vector, error_code) = match event {
-            Event::Exception { vector, error_code } => (vector, error_code),
-            Event::PageFault {
-                error_code,
-                address,
-            } => {
-                // VMX neither saves nor loads CR2 (SDM vol. 3C, 27.3): the
-                // guest's CR2 is the processor's while the hypervisor runs,
-                // so it is written just before the entry that injects.
-                self.pending_cr2 = Some(address);
-                (14, Some(error_code))
+        let pending = read(F::VM_ENTRY_INTR_INFO) as u32;
+        let event = if pending & INTR_INFO_VALID == 0 {
+            event
+        } else {
+            // The exit interrupted the delivery of `pending`: do what the
+            // processor would have done with both.
+            let code = read(F::VM_ENTRY_EXCEPTION_ERROR_CODE) as u32;
+            let cr2 = x86_64::registers::control::Cr2::read_raw();
+            match decode_event(pending, code, cr2).map(|first| combine(first, event)) {
+                Some(Combined::Serial { now, later }) => {
+                    if later.is_some() {
+                        self.deferred = later;
+                    }
+                    now
+                }
+                Some(Combined::DoubleFault) => Event::Exception {
+                    vector: 8,
+                    error_code: Some(0),
+                },
+                Some(Combined::Shutdown) => {
+                    self.shutdown = true;
+                    event
+                }
+                // A software event: the processor re-delivers it by running
+                // the instruction again; the new event first.
+                None => event,
             }
         };
-        let mut info = u64::from(u32::from(vector) | INTR_TYPE_HW_EXCEPTION | INTR_INFO_VALID);
-        if let Some(code) = error_code {
-            info |= u64::from(INTR_DELIVER_ERROR_CODE);
-            write(F::VM_ENTRY_EXCEPTION_ERROR_CODE, u64::from(code));
-        }
-        write(F::VM_ENTRY_INTR_INFO, info);
+        self.write_event(event);
     }
 
     fn run(&mut self) -> Exit {
+        if self.shutdown {
+            return Exit::Shutdown;
+        }
         loop {
+            self.pick_next_event();
             if let Some(cr2) = self.pending_cr2.take() {
                 // SAFETY: CR2 only records page-fault addresses; the
                 // hypervisor takes no page faults before the entry.
@@ -728,6 +999,11 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
                 );
             }
             let raw = read(F::VM_EXIT_REASON) as u32;
+            self.stats.record(if raw & ENTRY_FAILURE != 0 {
+                ENTRY_FAILED_SLOT
+            } else {
+                (raw & 0xFFFF) as usize
+            });
             if let Some(exit) = self.decode_exit(raw) {
                 return exit;
             }
