@@ -146,24 +146,36 @@ impl PhysWindow<'_> {
     pub fn read_until_nul(&self, dst: &mut [u8]) -> Option<usize> {
         let n = dst.len().min(self.len);
         let dst = dst.get_mut(..n)?;
+        // Conservative for the test hook: the scan may stop earlier.
+        record(self.addr(0), n);
         let mut done = 0;
         // Word by word where aligned: the common short name ends in the
         // first word or two, so little is copied past the NUL.
         while done < n {
-            let at = self.addr(done);
-            let step = if at.is_multiple_of(8) && n - done >= 8 {
-                8
+            let p = self.ptr.wrapping_add(done);
+            if p.addr().is_multiple_of(8) && n - done >= 8 {
+                // SAFETY: done + 8 <= n <= self.len: inside the window,
+                // and aligned.
+                let w = unsafe { load64(p) };
+                dst.get_mut(done..done + 8)?
+                    .copy_from_slice(&w.to_ne_bytes());
+                // A zero byte in the word (the classic bit trick: only a
+                // zero byte borrows into its own top bit first).
+                let zero = w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080;
+                if zero != 0 {
+                    // Little-endian: the lowest flagged byte comes first.
+                    return Some(done + (zero.trailing_zeros() / 8) as usize);
+                }
+                done += 8;
             } else {
-                1
-            };
-            let (chunk, _) = dst.get_mut(done..)?.split_at_mut(step);
-            record(at, step);
-            // SAFETY: done + step <= n <= self.len: inside the window.
-            unsafe { copy_out(self.ptr.wrapping_add(done), chunk) };
-            if let Some(pos) = chunk.iter().position(|&b| b == 0) {
-                return Some(done + pos);
+                // SAFETY: done < n <= self.len: inside the window.
+                let b = unsafe { load8(p) };
+                *dst.get_mut(done)? = b;
+                if b == 0 {
+                    return Some(done);
+                }
+                done += 1;
             }
-            done += step;
         }
         None
     }
