@@ -204,11 +204,11 @@ pub fn read_cstr<M: GuestPhysMemory + ?Sized>(
 
 /// Find the NUL-terminated name at `la`, at most `N` bytes including the
 /// NUL, and hand it (without the NUL) to `f`: the VMM-call lookup's path.
-/// A short name that ends in the page it starts in, the usual case, is
-/// copied into a small buffer and scanned as it is copied, so nothing
-/// past its end is fetched and no `N`-byte buffer is cleared; a longer
-/// one, or one that crosses pages, is gathered by
-/// [`read_cstr_with_access`] into an `N`-byte buffer.
+/// A name that ends in the page it starts in, the usual case, costs one
+/// translation and one scan that stops at the NUL: a short one is copied
+/// into a small buffer (no `N`-byte buffer to clear), a longer one goes on
+/// into an `N`-byte buffer; one that crosses pages is gathered by
+/// [`read_cstr_with_access`].
 pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     mem: &M,
     regs: &PagingRegs,
@@ -216,18 +216,35 @@ pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     access: Access,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, CStrError> {
-    /// Names shorter than this take the fast path (the standard names are
-    /// at most 11 bytes).
+    /// Names shorter than this take the shortest path (the standard names
+    /// are at most 11 bytes).
     const SHORT: usize = 32;
     let la = GuestLinearAddr(la.0 & linear_mask(regs.mode()));
     let t = translate(mem, regs, la, access).map_err(CStrError::Unreadable)?;
-    let n = chunk_len(la.0, &t, N.min(SHORT));
+    // The name's bytes in this page, at most N.
+    let n = chunk_len(la.0, &t, N);
+    let first = n.min(SHORT);
     let mut short = [0u8; SHORT];
-    if let Some(head) = short.get_mut(..n) {
-        if let Ok(Some(pos)) = mem.read_until_nul_phys(t.gpa, head) {
-            return Ok(f(head.get(..pos).unwrap_or(&[])));
+    if let Some(head) = short.get_mut(..first) {
+        match mem.read_until_nul_phys(t.gpa, head) {
+            Ok(Some(pos)) => return Ok(f(head.get(..pos).unwrap_or(&[]))),
+            // No NUL yet and more of the page to scan: go on from there.
+            Ok(None) if first < n => {
+                let mut buf = [0u8; N];
+                let rest_gpa = t.gpa.checked_add(first as u64);
+                if let (Some(page), Some(at)) = (buf.get_mut(..n), rest_gpa) {
+                    let (done, rest) = page.split_at_mut(first);
+                    done.copy_from_slice(head);
+                    if let Ok(Some(pos)) = mem.read_until_nul_phys(at, rest) {
+                        return Ok(f(buf.get(..first + pos).unwrap_or(&[])));
+                    }
+                }
+            }
+            _ => {}
         }
     }
+    // Crosses a page, too long, or unreadable: the general path, which
+    // also finds the right error.
     let mut buf = [0u8; N];
     let len = read_cstr_with_access(mem, regs, la, &mut buf, access)?;
     Ok(f(buf.get(..len).unwrap_or(&[])))

@@ -47,6 +47,7 @@ pub trait GuestPhysMemory: Sync {
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError>;
 
     /// Fills `buf` from guest-physical memory starting at `gpa`.
+    #[inline]
     fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError> {
         // An implementor returning a short window must not be able to
         // make the copy go out of bounds: `read` refuses it.
@@ -59,6 +60,7 @@ pub trait GuestPhysMemory: Sync {
 
     /// Writes `data` to guest-physical memory starting at `gpa`. Nothing
     /// is written when any byte is unreachable.
+    #[inline]
     fn write_phys(&self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), PhysAccessError> {
         if self.map(gpa, data.len())?.write(data) {
             Ok(())
@@ -102,17 +104,20 @@ pub trait GuestPhysMemory: Sync {
 
     /// Reads a little-endian `u32` (paging-structure entries, counters) in
     /// one atomic load when `gpa` is 4-byte aligned.
+    #[inline]
     fn read_u32_phys(&self, gpa: GuestPhysAddr) -> Result<u32, PhysAccessError> {
         self.map(gpa, 4)?.load_u32().ok_or(PhysAccessError { gpa })
     }
 
     /// Reads a little-endian `u64` in one atomic load when `gpa` is 8-byte
     /// aligned (page walks read every entry through this).
+    #[inline]
     fn read_u64_phys(&self, gpa: GuestPhysAddr) -> Result<u64, PhysAccessError> {
         self.map(gpa, 8)?.load_u64().ok_or(PhysAccessError { gpa })
     }
 
     /// Writes a little-endian `u32`, in one atomic store when aligned.
+    #[inline]
     fn write_u32_phys(&self, gpa: GuestPhysAddr, value: u32) -> Result<(), PhysAccessError> {
         if self.map(gpa, 4)?.store_u32(value) {
             Ok(())
@@ -122,6 +127,7 @@ pub trait GuestPhysMemory: Sync {
     }
 
     /// Writes a little-endian `u64`, in one atomic store when aligned.
+    #[inline]
     fn write_u64_phys(&self, gpa: GuestPhysAddr, value: u64) -> Result<(), PhysAccessError> {
         if self.map(gpa, 8)?.store_u64(value) {
             Ok(())

@@ -87,6 +87,7 @@ impl PhysWindow<'_> {
     /// reads and writes (mapped, writable, and never accessed by anyone in
     /// this program through a Rust reference or non-atomically), and must be
     /// memory the caller's guest may use. `len == 0` needs nothing.
+    #[inline]
     pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
         Self {
             ptr,
@@ -96,17 +97,20 @@ impl PhysWindow<'_> {
     }
 
     /// The window's length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// True when the window covers no byte.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Host address of offset `at` (for the recording test hook and
     /// alignment checks only; never dereferenced outside this module).
+    #[inline]
     fn addr(&self, at: usize) -> usize {
         self.ptr.addr().wrapping_add(at)
     }
@@ -143,6 +147,7 @@ impl PhysWindow<'_> {
     /// be overwritten too (the rest of the word holding it); `None` when
     /// the window or `dst` ends first (then the shorter of the two is
     /// copied).
+    #[inline]
     pub fn read_until_nul(&self, dst: &mut [u8]) -> Option<usize> {
         let n = dst.len().min(self.len);
         let dst = dst.get_mut(..n)?;
@@ -183,6 +188,7 @@ impl PhysWindow<'_> {
     /// The first 4 bytes as a little-endian `u32`, in one atomic load when
     /// their host address is 4-byte aligned (byte by byte otherwise).
     /// `None` when the window is shorter.
+    #[inline]
     pub fn load_u32(&self) -> Option<u32> {
         if self.len < 4 {
             return None;
@@ -196,13 +202,14 @@ impl PhysWindow<'_> {
         } else {
             let mut b = [0u8; 4];
             // SAFETY: 4 bytes in the window.
-            unsafe { copy_out(self.ptr, &mut b) };
+            unsafe { copy_out_cold(self.ptr, &mut b) };
             Some(u32::from_le_bytes(b))
         }
     }
 
     /// The first 8 bytes as a little-endian `u64`, in one atomic load when
     /// aligned (see [`load_u32`](Self::load_u32)).
+    #[inline]
     pub fn load_u64(&self) -> Option<u64> {
         if self.len < 8 {
             return None;
@@ -216,7 +223,7 @@ impl PhysWindow<'_> {
         } else {
             let mut b = [0u8; 8];
             // SAFETY: 8 bytes in the window.
-            unsafe { copy_out(self.ptr, &mut b) };
+            unsafe { copy_out_cold(self.ptr, &mut b) };
             Some(u64::from_le_bytes(b))
         }
     }
@@ -224,6 +231,7 @@ impl PhysWindow<'_> {
     /// Stores `value` little-endian into the first 4 bytes, in one atomic
     /// store when aligned. False (nothing written) when the window is
     /// shorter.
+    #[inline]
     pub fn store_u32(&self, value: u32) -> bool {
         if self.len < 4 {
             return false;
@@ -234,13 +242,14 @@ impl PhysWindow<'_> {
             unsafe { AtomicU32::from_ptr(self.ptr.cast()).store(value.to_le(), RELAXED) };
         } else {
             // SAFETY: 4 bytes in the window.
-            unsafe { copy_in(self.ptr, &value.to_le_bytes()) };
+            unsafe { copy_in_cold(self.ptr, &value.to_le_bytes()) };
         }
         true
     }
 
     /// Stores `value` little-endian into the first 8 bytes (see
     /// [`store_u32`](Self::store_u32)).
+    #[inline]
     pub fn store_u64(&self, value: u64) -> bool {
         if self.len < 8 {
             return false;
@@ -251,7 +260,7 @@ impl PhysWindow<'_> {
             unsafe { AtomicU64::from_ptr(self.ptr.cast()).store(value.to_le(), RELAXED) };
         } else {
             // SAFETY: 8 bytes in the window.
-            unsafe { copy_in(self.ptr, &value.to_le_bytes()) };
+            unsafe { copy_in_cold(self.ptr, &value.to_le_bytes()) };
         }
         true
     }
@@ -261,6 +270,7 @@ impl PhysWindow<'_> {
     /// otherwise, like [`AtomicU64::compare_exchange`]. `None` when the
     /// window is shorter than 8 bytes or its host address is not 8-byte
     /// aligned (a locked operation must not straddle words).
+    #[inline]
     pub fn compare_exchange_u64(&self, current: u64, new: u64) -> Option<Result<u64, u64>> {
         if self.len < 8 || !self.addr(0).is_multiple_of(8) {
             return None;
@@ -275,6 +285,7 @@ impl PhysWindow<'_> {
     /// Atomically adds `value` (wrapping) to the little-endian `u32` in the
     /// first 4 bytes and returns the previous value. `None` when the window
     /// is shorter or not 4-byte aligned.
+    #[inline]
     pub fn fetch_add_u32(&self, value: u32) -> Option<u32> {
         if self.len < 4 || !self.addr(0).is_multiple_of(4) {
             return None;
@@ -353,6 +364,29 @@ unsafe fn copy_out(src: *mut u8, dst: &mut [u8]) {
         // SAFETY: the last bytes of the range.
         *b = unsafe { load8(p.wrapping_add(i)) };
     }
+}
+
+/// [`copy_out`] for the unaligned typed loads, kept out of line so the
+/// aligned path (every page-table entry) stays a few instructions.
+///
+/// # Safety
+/// As for [`copy_out`].
+#[cold]
+#[inline(never)]
+unsafe fn copy_out_cold(src: *mut u8, dst: &mut [u8]) {
+    // SAFETY: the caller's guarantee.
+    unsafe { copy_out(src, dst) }
+}
+
+/// [`copy_in`] for the unaligned typed stores (see [`copy_out_cold`]).
+///
+/// # Safety
+/// As for [`copy_in`].
+#[cold]
+#[inline(never)]
+unsafe fn copy_in_cold(dst: *mut u8, src: &[u8]) {
+    // SAFETY: the caller's guarantee.
+    unsafe { copy_in(dst, src) }
 }
 
 /// Copies `src` into guest memory at `dst`, split like [`copy_out`].
