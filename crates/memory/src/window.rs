@@ -335,6 +335,15 @@ fn head_len(p: *mut u8, n: usize) -> usize {
 /// `src..src+dst.len()` is valid for atomic reads.
 #[inline]
 unsafe fn copy_out(src: *mut u8, dst: &mut [u8]) {
+    if dst.len() < 8 {
+        // Short copies (an instruction's bytes, a field): bytes only,
+        // none of the word machinery.
+        for (i, b) in dst.iter_mut().enumerate() {
+            // SAFETY: i < dst.len(): inside the range.
+            *b = unsafe { load8(src.wrapping_add(i)) };
+        }
+        return;
+    }
     let head = head_len(src, dst.len());
     let (first, rest) = dst.split_at_mut(head);
     for (i, b) in first.iter_mut().enumerate() {
