@@ -17,8 +17,10 @@ mod idt;
 mod mem;
 mod passthrough;
 mod percpu;
+mod platform;
 mod power;
 mod serial;
+mod smp;
 mod svm_backend;
 mod vmx_backend;
 
@@ -26,7 +28,7 @@ use core::fmt::Write;
 use log::{error, info, warn};
 use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_boot::cmdline::{EferMode, Layout};
+use thinvisor_boot::cmdline::{BootMode, EferMode, Layout};
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK, NPT};
@@ -43,7 +45,7 @@ const SIZE_1G: u64 = 1 << 30;
 pub(crate) const PAGE: u64 = 4096;
 
 /// The one virtual machine: what every processor's exit path shares.
-static VM: spin::Once<Vm> = spin::Once::new();
+pub(crate) static VM: spin::Once<Vm> = spin::Once::new();
 
 /// Called by the entry code in long mode with the loader's EAX and EBX.
 pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
@@ -79,18 +81,58 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
 
     let backend = pick_backend();
 
-    let Some(module) = boot.modules().get(options.guest_module) else {
+    let (guest, ram) = match options.boot {
+        BootMode::Linux => passthrough::linux_guest(&boot, reserved),
+        BootMode::Chain => boot_error!("boot=chain is not available yet"),
+        BootMode::Module => {
+            let (module, image) = guest_module(&boot, options.guest_module);
+            match options.layout {
+                Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
+                Layout::Passthrough => {
+                    passthrough::multiboot_guest(&boot, reserved, image, module.string())
+                }
+            }
+        }
+    };
+    let vm: &'static Vm = VM.call_once(|| {
+        let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
+        if let GuestLayout::Passthrough { .. } = guest.memory {
+            vm.nested_faults = Some(&passthrough::PassthroughFaults);
+        }
+        vm.platform = Some(&platform::Machine);
+        vm
+    });
+    for (number, name) in vm.registry.iter() {
+        log::debug!("VMM call {number}: {name}");
+    }
+    let mut vmm = Vmm::new(vm);
+    platform::plant_canary();
+    match backend {
+        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
+        Backend::Vmx(caps) => {
+            let efer = match options.efer {
+                EferMode::Auto => EferPreference::Auto,
+                EferMode::MsrArea => EferPreference::MsrArea,
+            };
+            vmx_backend::run(&caps, efer, &guest, ram, &mut vmm, &boot)
+        }
+    }
+}
+
+/// The boot module `index` (`guest=`) and its bytes.
+fn guest_module(boot: &BootInfo, index: usize) -> (thinvisor_boot::Module, &'static [u8]) {
+    let Some(module) = boot.modules().get(index) else {
         boot_error!(
             "no guest module: the boot loader passed {} module(s) and guest={} selects none; \
              pass the guest kernel as a multiboot module",
             boot.modules().len(),
-            options.guest_module
+            index
         )
     };
     let module = *module;
     info!(
         "guest module {}: {:#x}..{:#x} ({} KiB) \"{}\"",
-        options.guest_module,
+        index,
         module.start,
         module.end,
         module.len() >> 10,
@@ -104,36 +146,8 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     }
     // SAFETY: the module lies in the direct map (checked above) and is
     // reserved from the allocator, so nothing else writes it.
-    let image: &[u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
-
-    let (guest, ram) = match options.layout {
-        Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
-        Layout::Passthrough => {
-            passthrough::multiboot_guest(&boot, reserved, image, module.string())
-        }
-    };
-    let vm: &'static Vm = VM.call_once(|| {
-        let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
-        if let GuestLayout::Passthrough { .. } = guest.memory {
-            vm.nested_faults = Some(&passthrough::PassthroughFaults);
-        }
-        vm
-    });
-    for (number, name) in vm.registry.iter() {
-        log::debug!("VMM call {number}: {name}");
-    }
-    let mut vmm = Vmm::new(vm);
-    let reason = match backend {
-        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
-        Backend::Vmx(caps) => {
-            let efer = match options.efer {
-                EferMode::Auto => EferPreference::Auto,
-                EferMode::MsrArea => EferPreference::MsrArea,
-            };
-            vmx_backend::run(&caps, efer, &guest, ram, &mut vmm)
-        }
-    };
-    report_stop(reason)
+    let image: &'static [u8] = unsafe { mem::phys_slice_mut(module.start, module.len()) };
+    (module, image)
 }
 
 /// The isolated layout: guest RAM is a block of `guest_mem=` bytes taken
@@ -208,10 +222,18 @@ impl GuestPhysMemory for GuestMemory {
     }
 }
 
+/// The guest's memory: one VM, so one object for the whole run.
+static GUEST_MEMORY: spin::Once<GuestMemory> = spin::Once::new();
+
 /// Keeps `memory` for the rest of the run (there is one VM).
 pub fn guest_memory(memory: GuestMemory) -> &'static GuestMemory {
-    static MEMORY: spin::Once<GuestMemory> = spin::Once::new();
-    MEMORY.call_once(|| memory)
+    GUEST_MEMORY.call_once(|| memory)
+}
+
+/// The guest's memory, once [`guest_memory`] has kept it: what every
+/// further vCPU shares.
+pub fn shared_guest_memory() -> Option<&'static GuestMemory> {
+    GUEST_MEMORY.get()
 }
 
 /// How guest-physical memory is laid out.
@@ -375,7 +397,9 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
 }
 
 /// Say how the guest ended and end the run with the matching status.
-fn report_stop(reason: StopReason) -> ! {
+pub(crate) fn report_stop(reason: StopReason) -> ! {
+    platform::log_exit_tables();
+    platform::check_canary();
     let code = match reason {
         StopReason::Halted { rip } => {
             error!("guest halted at rip {rip:#x} with nothing to wake it; stopping");

@@ -133,6 +133,7 @@ pub fn relocate(frames: &mut FrameAllocator, top: u64) -> Result<Reserved, &'sta
     }
     IMAGE_PHYS.store(base, Relaxed);
     DIRECT_MAP_END.store(top, Relaxed);
+    log::debug!("direct map: {} GiB of physical memory", top >> 30);
     HEAP_TOTAL.store(heap.free_bytes(), Relaxed);
     *HEAP.lock() = Some(heap);
     Ok(Reserved {
@@ -309,4 +310,27 @@ impl TableAllocator for HeapTables {
         // used only as this page table.
         unsafe { &mut *(phys_to_virt(pa.as_u64()) as *mut [u64; 512]) }
     }
+}
+
+/// The identity map of the first 2 MiB in thinvisor's page tables, for the
+/// processor trampoline's switch to long mode (its code runs at its
+/// physical address); on only while application processors start.
+pub fn map_low_identity(on: bool) {
+    let (pml4, _) = x86_64::registers::control::Cr3::read_raw();
+    let pml4 = pml4.start_address().as_u64();
+    let mut tables = HeapTables;
+    if on {
+        let (Some(pdpt), Some(pd)) = (tables.alloc_table(), tables.alloc_table()) else {
+            log::warn!("out of memory for the trampoline's identity map");
+            return;
+        };
+        tables.table(pd)[0] = HUGE;
+        tables.table(pdpt)[0] = pd.as_u64() | PRESENT_WRITABLE;
+        tables.table(HostPhysAddr::new(pml4))[0] = pdpt.as_u64() | PRESENT_WRITABLE;
+    } else {
+        // The two tables stay allocated (8 KiB): freeing is not worth an
+        // allocator that frees.
+        tables.table(HostPhysAddr::new(pml4))[0] = 0;
+    }
+    x86_64::instructions::tlb::flush_all();
 }

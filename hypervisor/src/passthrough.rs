@@ -7,12 +7,15 @@ use core::ops::Range;
 
 use log::info;
 use spin::{Mutex, Once};
-use thinvisor_boot::{guest, multiboot1, BootInfo, MemKind, MAX_REGIONS};
+use thinvisor_boot::e820::GuestMap;
+use thinvisor_boot::entry::Entry32;
+use thinvisor_boot::phys::{PhysWrite, PhysWriteError};
+use thinvisor_boot::{guest, linux, BootInfo, MemKind, MAX_MODULES, MAX_REGIONS};
 use thinvisor_memory::mtrr::{MtrrMsrs, Mtrrs};
 use thinvisor_memory::nested::NptError;
 use thinvisor_memory::passthrough::{Format, Layout, PassThroughTables};
 use thinvisor_memory::{HostPhysAddr, PassthroughMemory};
-use thinvisor_vmm::{FaultVerdict, InitialState, NestedFault, NestedFaults};
+use thinvisor_vmm::{FaultVerdict, Gpr, InitialState, NestedFault, NestedFaults, StartMode};
 use x86_64::registers::model_specific::Msr;
 
 use crate::{mem, GuestLayout, GuestMemory, GuestSetup, PAGE};
@@ -26,6 +29,15 @@ const LEGACY_HOLE: Range<u64> = 0xA_0000..0x10_0000;
 
 /// Guest-physical ranges the VMM refuses to reach for the guest.
 static HOLES: Once<[Range<u64>; 2]> = Once::new();
+
+/// The guest's memory for another processor's vCPU: the one object the
+/// first vCPU uses too (it is shared and `Sync`).
+pub fn vcpu_memory() -> &'static GuestMemory {
+    match crate::shared_guest_memory() {
+        Some(memory) => memory,
+        None => boot_error!("internal error: a vCPU before the guest's memory"),
+    }
+}
 
 /// The RAM the VMM may reach for the guest: the firmware's available
 /// regions (so never MMIO, firmware tables or holes between), and how many.
@@ -62,8 +74,97 @@ fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, &'static GuestM
     (top, crate::guest_memory(GuestMemory::Passthrough(memory)))
 }
 
+/// Writes into the machine's memory for the loaders, through the direct
+/// map; never into thinvisor's block or the legacy area, never outside
+/// the direct map.
+struct DirectMap<'a> {
+    holes: &'a [Range<u64>],
+}
+
+impl DirectMap<'_> {
+    fn check(&self, pa: u64, len: u64) -> Result<(), PhysWriteError> {
+        let err = PhysWriteError { addr: pa, len };
+        let end = pa.checked_add(len).ok_or(err)?;
+        if !mem::is_mapped(pa, len) || self.holes.iter().any(|h| h.start < end && pa < h.end) {
+            return Err(err);
+        }
+        Ok(())
+    }
+}
+
+impl PhysWrite for DirectMap<'_> {
+    fn write(&mut self, pa: u64, bytes: &[u8]) -> Result<(), PhysWriteError> {
+        self.check(pa, bytes.len() as u64)?;
+        // SAFETY: checked above: mapped guest RAM outside thinvisor's own
+        // memory; the guest does not run yet.
+        unsafe { mem::phys_slice_mut(pa, bytes.len() as u64) }.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn zero(&mut self, pa: u64, len: u64) -> Result<(), PhysWriteError> {
+        self.check(pa, len)?;
+        // SAFETY: as in `write`.
+        unsafe { mem::phys_slice_mut(pa, len) }.fill(0);
+        Ok(())
+    }
+}
+
+/// The machine's memory map with thinvisor's block reserved: what every
+/// map the guest receives says.
+fn guest_map(boot: &BootInfo, hidden: mem::Reserved) -> GuestMap {
+    match GuestMap::new(boot.memory_map(), &[(hidden.start, hidden.end)]) {
+        Ok(map) => {
+            if map.dropped_bytes() != 0 {
+                log::warn!(
+                    "the guest's memory map has more entries than fit: {} KiB of small usable ranges left out",
+                    map.dropped_bytes() >> 10
+                );
+            }
+            map
+        }
+        Err(e) => boot_error!("the guest's memory map: {e}"),
+    }
+}
+
+/// The boot modules' ranges: the loaders must not write over what they
+/// are still reading.
+fn module_ranges(boot: &BootInfo) -> ([(u64, u64); MAX_MODULES], usize) {
+    let mut out = [(0, 0); MAX_MODULES];
+    let mut n = 0;
+    for (slot, m) in out.iter_mut().zip(boot.modules()) {
+        *slot = (m.start, m.end);
+        n += 1;
+    }
+    (out, n)
+}
+
+/// The neutral start state of a 32-bit boot protocol's entry.
+fn initial_from(e: &Entry32) -> InitialState {
+    let mut s = InitialState::multiboot(e.eip, e.eax, e.ebx);
+    s.mode = StartMode::Flat32 {
+        eip: e.eip,
+        code: e.code_selector,
+        data: e.data_selector,
+    };
+    for (reg, value) in [
+        (Gpr::Rcx, e.ecx),
+        (Gpr::Rdx, e.edx),
+        (Gpr::Rsi, e.esi),
+        (Gpr::Rdi, e.edi),
+        (Gpr::Rbp, e.ebp),
+        (Gpr::Rsp, e.esp),
+    ] {
+        s.gprs[reg as usize] = value.into();
+    }
+    if let Some(g) = e.gdtr {
+        s.gdt = (g.base.into(), g.limit);
+    }
+    s
+}
+
 /// A multiboot v1 kernel run as the machine's own OS: loaded at its own
-/// physical addresses, with a memory map that ends below thinvisor.
+/// physical addresses, with the machine's memory map in which thinvisor's
+/// block is reserved.
 pub fn multiboot_guest(
     boot: &BootInfo,
     hidden: mem::Reserved,
@@ -71,27 +172,92 @@ pub fn multiboot_guest(
     cmdline: &str,
 ) -> (GuestSetup, &'static GuestMemory) {
     let (top, memory) = guest_memory(boot, hidden);
-    // The kernel and its information structure go below thinvisor's block;
-    // the map the kernel receives ends there too.
-    // SAFETY: [0, hidden.start) is mapped RAM the guest owns; the boot
-    // loader's modules and information are read before the kernel runs.
-    let low = unsafe { mem::phys_slice_mut(0, hidden.start) };
-    let kernel = match guest::load_multiboot_kernel(image, low) {
-        Ok(k) => k,
-        Err(e) => boot_error!("guest module: {e}"),
-    };
-    let info_at = kernel.load_end.next_multiple_of(PAGE);
-    let mbi = match guest::write_multiboot1_info(low, info_at, cmdline.as_bytes()) {
-        Ok(a) => a,
+    let map = guest_map(boot, hidden);
+    let (avoid, n) = module_ranges(boot);
+    let holes = HOLES.get().map_or(&[][..], |h| &h[..]);
+    let loaded = match guest::load_multiboot_passthrough(
+        image,
+        cmdline.as_bytes(),
+        &map,
+        &avoid[..n],
+        &mut DirectMap { holes },
+    ) {
+        Ok(l) => l,
         Err(e) => boot_error!("guest module: {e}"),
     };
     info!(
-        "pass-through: guest kernel loaded at its own addresses: entry {:#x}, multiboot information at {:#x}; thinvisor's {:#x}..{:#x} hidden",
-        kernel.entry, mbi, hidden.start, hidden.end
+        "pass-through: guest kernel loaded at its own addresses {:#x}..{:#x}: entry {:#x}, multiboot information at {:#x}; thinvisor's {:#x}..{:#x} reserved in its map",
+        loaded.kernel.start, loaded.kernel.end, loaded.entry.eip, loaded.info, hidden.start, hidden.end
     );
     let guest = GuestSetup {
         memory: GuestLayout::Passthrough { top, hidden },
-        initial: InitialState::multiboot(kernel.entry, multiboot1::MAGIC, mbi),
+        initial: initial_from(&loaded.entry),
+    };
+    (guest, memory)
+}
+
+/// Linux as the machine's own OS (`boot=linux`): the first module is the
+/// bzImage, whose module string after its path is the kernel's command
+/// line; the second, if any, the initrd. Loaded by the 32-bit boot
+/// protocol with an E820 table in which thinvisor's block is reserved.
+pub fn linux_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, &'static GuestMemory) {
+    let (top, memory) = guest_memory(boot, hidden);
+    let map = guest_map(boot, hidden);
+    let (avoid, n) = module_ranges(boot);
+    let modules = boot.modules();
+    let Some(kernel) = modules.first() else {
+        boot_error!("boot=linux: no boot module; pass the Linux bzImage as the first module and its initrd as the second")
+    };
+    let read = |m: &thinvisor_boot::Module| -> &'static [u8] {
+        if !mem::is_mapped(m.start, m.len()) {
+            boot_error!(
+                "boot module at {:#x} lies outside the memory the firmware reported",
+                m.start
+            );
+        }
+        // SAFETY: mapped (checked), reserved from every allocator and
+        // avoided by the loader, so nothing writes it while it is read.
+        unsafe { mem::phys_slice_mut(m.start, m.len()) }
+    };
+    let image = read(kernel);
+    let initrd = modules.get(1).map(read);
+    // The module string is "<path> <kernel command line>".
+    let cmdline = kernel
+        .string()
+        .trim_start()
+        .split_once(char::is_whitespace)
+        .map_or("", |(_, rest)| rest.trim());
+    let holes = HOLES.get().map_or(&[][..], |h| &h[..]);
+    let l = match linux::load_linux(
+        image,
+        initrd,
+        cmdline.as_bytes(),
+        &map,
+        &avoid[..n],
+        &mut DirectMap { holes },
+    ) {
+        Ok(l) => l,
+        Err(e) => boot_error!("boot=linux: {e}"),
+    };
+    info!(
+        "Linux (boot protocol {}.{:02}) loaded at {:#x} ({} KiB), boot_params at {:#x}, command line \"{cmdline}\"; its E820 table has thinvisor's {:#x}..{:#x} reserved",
+        l.protocol >> 8,
+        l.protocol & 0xFF,
+        l.plan.kernel,
+        l.plan.kernel_len >> 10,
+        l.plan.boot_params,
+        hidden.start,
+        hidden.end
+    );
+    if let Some((start, end)) = l.plan.initrd {
+        info!(
+            "initrd at {start:#x}..{end:#x} ({} KiB)",
+            (end - start) >> 10
+        );
+    }
+    let guest = GuestSetup {
+        memory: GuestLayout::Passthrough { top, hidden },
+        initial: initial_from(&l.entry),
     };
     (guest, memory)
 }

@@ -50,14 +50,15 @@ pub struct PerCpu {
     gdt: GlobalDescriptorTable,
     tss: TaskStateSegment,
     selectors: Option<Selectors>,
-    ist: [[u8; IST_SIZE]; 3],
 }
 
 /// Offset of [`PerCpu::nmi_pending`], for the NMI stub.
 pub const NMI_PENDING_OFFSET: usize = offset_of!(PerCpu, nmi_pending);
 
-/// The boot processor's area (the others come from the heap).
+/// The boot processor's area and interrupt stacks (the others come from
+/// the heap).
 static mut BSP: PerCpu = PerCpu::empty();
+static mut BSP_IST: [[u8; IST_SIZE]; 3] = [[0; IST_SIZE]; 3];
 
 impl PerCpu {
     const fn empty() -> Self {
@@ -69,7 +70,6 @@ impl PerCpu {
             gdt: GlobalDescriptorTable::new(),
             tss: TaskStateSegment::new(),
             selectors: None,
-            ist: [[0; IST_SIZE]; 3],
         }
     }
 
@@ -90,15 +90,16 @@ impl PerCpu {
 }
 
 /// Set up `area` for the running processor: GS base, GDT with TSS, the
-/// IST stacks, and load them. The area must live as long as the processor
-/// runs thinvisor.
-fn install(area: &'static mut PerCpu, index: u32) -> &'static PerCpu {
+/// interrupt stacks at `ist` (three of [`IST_SIZE`] bytes), and load them.
+/// The area and the stacks must live as long as the processor runs
+/// thinvisor.
+fn install(area: &'static mut PerCpu, ist: u64, index: u32) -> &'static PerCpu {
     area.this = area as *const PerCpu;
     area.index = index;
     area.apic_id = core::arch::x86_64::__cpuid(1).ebx >> 24;
-    for (slot, stack) in area.ist.iter().enumerate() {
+    for slot in 0..3 {
         // Stacks grow down from one past their end, 16-byte aligned.
-        let top = (stack.as_ptr() as u64 + IST_SIZE as u64) & !0xF;
+        let top = (ist + (slot as u64 + 1) * IST_SIZE as u64) & !0xF;
         area.tss.interrupt_stack_table[slot] = VirtAddr::new(top);
     }
     let mut gdt = GlobalDescriptorTable::new();
@@ -131,7 +132,28 @@ pub fn init_bsp() -> &'static PerCpu {
     // BSP; afterwards it is reached only through the shared reference
     // returned here (and GS).
     let area = unsafe { &mut *core::ptr::addr_of_mut!(BSP) };
-    install(area, 0)
+    install(area, core::ptr::addr_of!(BSP_IST) as u64, 0)
+}
+
+/// An application processor's area and interrupt stacks, from the heap,
+/// installed. None when the heap is exhausted.
+pub fn init_ap(index: u32) -> Option<&'static PerCpu> {
+    let size = core::mem::size_of::<PerCpu>() as u64;
+    let area = crate::mem::alloc_zeroed(size.next_multiple_of(4096), 4096)?;
+    let ist = crate::mem::alloc_zeroed(3 * IST_SIZE as u64, 4096)?;
+    let area = crate::mem::phys_to_virt(area) as *mut PerCpu;
+    // SAFETY: fresh heap pages, page-aligned (so aligned for PerCpu), used
+    // only as this processor's area from now on.
+    let area = unsafe {
+        area.write(PerCpu::empty());
+        &mut *area
+    };
+    Some(install(area, crate::mem::phys_to_virt(ist) as u64, index))
+}
+
+/// The size of one processor's area and interrupt stacks.
+pub const fn area_size() -> usize {
+    core::mem::size_of::<PerCpu>() + 3 * IST_SIZE
 }
 
 /// The running processor's area.

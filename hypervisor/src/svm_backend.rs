@@ -6,14 +6,14 @@ use thinvisor_memory::HostPhysAddr;
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
 use thinvisor_svm::{SvmFeatures, SvmVcpu};
-use thinvisor_vmm::{run_guest, StopReason, Vmm};
+use thinvisor_vmm::{run_guest, Vcpu, Vmm};
 
 pub fn run(
     features: &SvmFeatures,
     guest: &GuestSetup,
     memory: &'static GuestMemory,
     vmm: &mut Vmm<'_>,
-) -> StopReason {
+) -> ! {
     info!(
         "AMD SVM: revision {}, {} ASIDs, nested paging, NRIPS {}, VMCB clean bits {}, decode assists {}",
         features.revision,
@@ -57,6 +57,7 @@ pub fn run(
             HostPhysAddr::new(host_save),
             npt_root,
             HostPhysAddr::new(msrpm),
+            HostPhysAddr::new(crate::platform::io_bitmap(3 * PAGE)),
             memory,
             &guest.initial,
             guest.kind(),
@@ -65,7 +66,10 @@ pub fn run(
     vcpu.take_host_nmis_from(&crate::percpu::current().nmi_pending);
     mem::log_heap_use();
     info!("entering the guest at {:#x}", guest.initial.rip());
-    let reason = run_guest(vmm, &mut vcpu);
-    thinvisor_vmm::stats::log_table(0, &vcpu);
-    reason
+    let cpu = crate::percpu::current();
+    if let Some(stats) = vcpu.exit_stats() {
+        crate::platform::register_stats(cpu.index, stats, vcpu.exit_names());
+    }
+    // The run ends here, with the vCPU (and its registered counts) alive.
+    crate::report_stop(run_guest(vmm, &mut vcpu))
 }

@@ -2,10 +2,24 @@
 
 use crate::{mem, percpu, GuestMemory, GuestSetup, PAGE};
 use log::info;
-use thinvisor_vmm::{run_guest, StopReason, Vmm};
-use thinvisor_vmx::caps::{self, EferPreference, VmxCapabilities};
+use thinvisor_boot::BootInfo;
+use thinvisor_vmm::{run_guest, GuestKind, InitialState, Vcpu, Vmm};
+use thinvisor_vmx::caps::{self, Controls, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
 use thinvisor_vmx::{EferAreas, HostState, VmcsSetup, VmxVcpu};
+
+/// What every processor's VMCS shares: the negotiated controls, the EPT
+/// and the MSR bitmap.
+struct Shared {
+    caps: VmxCapabilities,
+    controls: Controls,
+    ept_root: u64,
+    msr_bitmap: u64,
+    io_bitmap: u64,
+    kind: GuestKind,
+}
+
+static SHARED: spin::Once<Shared> = spin::Once::new();
 
 pub fn run(
     caps: &VmxCapabilities,
@@ -13,7 +27,8 @@ pub fn run(
     guest: &GuestSetup,
     memory: &'static GuestMemory,
     vmm: &mut Vmm<'_>,
-) -> StopReason {
+    boot: &BootInfo,
+) -> ! {
     let controls = match caps::negotiate(caps, efer) {
         Ok(c) => c,
         Err(e) => boot_error!("{e}"),
@@ -28,9 +43,54 @@ pub fn run(
     }
 
     let ept_root = guest.nested_tables(crate::passthrough::TableKind::Ept, controls.ept_1g);
+    let Some(bitmap) = mem::alloc_zeroed(PAGE, PAGE) else {
+        boot_error!("out of memory for the MSR bitmap")
+    };
+    // SAFETY: a fresh, mapped, page-aligned page used only as the bitmap.
+    msr_bitmap::init(unsafe { &mut *(mem::phys_to_virt(bitmap) as *mut [u8; MSR_BITMAP_SIZE]) });
+    let shared = SHARED.call_once(|| Shared {
+        caps: *caps,
+        controls,
+        ept_root: ept_root.as_u64(),
+        msr_bitmap: bitmap,
+        io_bitmap: crate::platform::io_bitmap(2 * PAGE),
+        kind: guest.kind(),
+    });
+    if guest.kind() == GuestKind::Passthrough {
+        // The other processors wait for the guest's INIT and SIPI in the
+        // wait-for-SIPI activity state, under thinvisor.
+        crate::smp::start_aps(boot, ap_main);
+    }
+    virtualize_cpu(shared, &guest.initial, false, memory, vmm)
+}
 
-    let (Some(vmxon), Some(vmcs), Some(bitmap), Some(areas)) = (
-        mem::alloc_zeroed(PAGE, PAGE),
+/// An application processor: VMX on, the guest waiting for its SIPI.
+fn ap_main(cpu: &'static percpu::PerCpu) -> ! {
+    let (Some(shared), Some(vm)) = (SHARED.get(), crate::VM.get()) else {
+        crate::smp::stop_this_cpu("VT-x state missing")
+    };
+    let mut vmm = Vmm::new(vm);
+    log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
+    virtualize_cpu(
+        shared,
+        &InitialState::sipi(0),
+        true,
+        crate::passthrough::vcpu_memory(),
+        &mut vmm,
+    )
+}
+
+/// VMX on this processor, a VMCS for a guest starting in `initial` (or
+/// waiting for a SIPI), and the guest run until it stops. The same for
+/// every processor.
+fn virtualize_cpu(
+    shared: &Shared,
+    initial: &InitialState,
+    wait_for_sipi: bool,
+    memory: &'static GuestMemory,
+    vmm: &mut Vmm<'_>,
+) -> ! {
+    let (Some(vmxon), Some(vmcs), Some(areas)) = (
         mem::alloc_zeroed(PAGE, PAGE),
         mem::alloc_zeroed(PAGE, PAGE),
         mem::alloc_zeroed(PAGE, PAGE),
@@ -39,17 +99,15 @@ pub fn run(
     };
     // SAFETY: fresh, mapped, page-aligned pages, each used only as what it
     // is named for.
-    let (vmxon_region, vmcs_region, bitmap_virt, areas_virt) = unsafe {
+    let (vmxon_region, vmcs_region, areas_virt) = unsafe {
         (
             &mut *(mem::phys_to_virt(vmxon) as *mut [u8; 4096]),
             &mut *(mem::phys_to_virt(vmcs) as *mut [u8; 4096]),
-            &mut *(mem::phys_to_virt(bitmap) as *mut [u8; MSR_BITMAP_SIZE]),
             &mut *(mem::phys_to_virt(areas) as *mut EferAreas),
         )
     };
-    msr_bitmap::init(bitmap_virt);
     // SAFETY: probe() succeeded; the VMXON region is a fresh page.
-    if let Err(e) = unsafe { thinvisor_vmx::enable(caps, vmxon_region, vmxon) } {
+    if let Err(e) = unsafe { thinvisor_vmx::enable(&shared.caps, vmxon_region, vmxon) } {
         boot_error!("{e}");
     }
     let cpu = percpu::current();
@@ -66,34 +124,40 @@ pub fn run(
         idtr_base: x86_64::instructions::tables::sidt().base.as_u64(),
     };
     let setup = VmcsSetup {
-        caps,
-        controls: &controls,
+        caps: &shared.caps,
+        controls: &shared.controls,
         vmcs_region,
         vmcs_pa: vmcs,
-        ept_root: ept_root.as_u64(),
-        msr_bitmap_pa: bitmap,
+        ept_root: shared.ept_root,
+        msr_bitmap_pa: shared.msr_bitmap,
+        io_bitmap_pa: shared.io_bitmap,
         efer_areas: Some((areas_virt, areas)),
         host,
-        initial: &guest.initial,
-        kind: guest.kind(),
+        initial,
+        kind: shared.kind,
+        wait_for_sipi,
     };
-    // SAFETY: VMX is on; every region is this guest's own; the EPT maps
-    // only guest RAM.
+    // SAFETY: VMX is on; every region is this processor's own or shared
+    // read-only (EPT, MSR bitmap); the EPT maps only the guest's memory.
     let (policy, guest_efer) = match unsafe { thinvisor_vmx::setup_vmcs(setup) } {
         Ok(r) => r,
         Err(e) => boot_error!("VMCS setup: {e}"),
     };
     // SAFETY: VMX is on.
-    if let Err(e) = unsafe { thinvisor_vmx::flush_guest_tlb(&controls, ept_root.as_u64()) } {
+    if let Err(e) = unsafe { thinvisor_vmx::flush_guest_tlb(&shared.controls, shared.ept_root) } {
         boot_error!("{e}");
     }
-    // SAFETY: setup_vmcs left this guest's VMCS current, and nothing else
-    // loads another.
-    let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, &guest.initial) };
-    vcpu.take_host_nmis_from(&crate::percpu::current().nmi_pending);
-    mem::log_heap_use();
-    info!("entering the guest at {:#x}", guest.initial.rip());
-    let reason = run_guest(vmm, &mut vcpu);
-    thinvisor_vmm::stats::log_table(0, &vcpu);
-    reason
+    // SAFETY: setup_vmcs left this processor's VMCS current, and nothing
+    // else loads another on this processor.
+    let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, initial) };
+    vcpu.take_host_nmis_from(&cpu.nmi_pending);
+    if cpu.index == 0 {
+        mem::log_heap_use();
+        info!("entering the guest at {:#x}", initial.rip());
+    }
+    if let Some(stats) = vcpu.exit_stats() {
+        crate::platform::register_stats(cpu.index, stats, vcpu.exit_names());
+    }
+    // The run ends here, with the vCPU (and its registered counts) alive.
+    crate::report_stop(run_guest(vmm, &mut vcpu))
 }

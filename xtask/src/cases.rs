@@ -5,6 +5,10 @@
 //! serial log: every `must_contain` substring must appear (compared
 //! case-insensitively), no `must_not_contain` substring may appear
 //! (compared exactly, so that `FAIL` does not match "0 failed").
+//!
+//! `CASES` run by default; `PENDING_CASES` only with `cargo xtask test
+//! --pending`: they wait for hypervisor features that do not exist yet
+//! (booting Linux), and move to `CASES` when those land.
 
 use std::fs;
 use std::path::PathBuf;
@@ -13,6 +17,7 @@ use std::time::Duration;
 use thinvisor_abi::exit_code;
 
 use crate::images::Images;
+use crate::linux::{self, LinuxAssets};
 use crate::util::{Context, Ctx, Result};
 
 /// Where a case runs.
@@ -35,6 +40,18 @@ pub enum Image {
     Garbage,
     /// A generated, valid x86-64 ELF executable without a multiboot header.
     ElfWithoutMultiboot,
+    /// Debian's Linux kernel (bzImage), `target/linux/vmlinuz`.
+    LinuxKernel,
+    /// The initramfs of the Linux guest, `target/linux/initrd.img`.
+    LinuxInitrd,
+}
+
+/// A raw disk image attached as the first hard disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disk {
+    /// `target/linux/disk.img`: MBR + SYSLINUX booting Debian's Linux with
+    /// the same initramfs as `LinuxInitrd`.
+    LinuxBoot,
 }
 
 /// One integration test.
@@ -58,6 +75,12 @@ pub struct Case {
     pub mem_mb: u32,
     /// Wall-clock limit in seconds; 0 = the emulator's default.
     pub timeout_s: u64,
+    /// Processors (`-smp`); 1 = QEMU's default, one. QEMU only.
+    pub smp: u32,
+    /// QEMU's `-machine` (`pc`: i440FX with SMM on, QEMU's default).
+    pub machine: &'static str,
+    /// A raw disk image, as the BIOS's first hard disk. QEMU only.
+    pub disk: Option<Disk>,
 }
 
 /// Defaults for a QEMU case; Bochs cases override `emulator`.
@@ -71,6 +94,9 @@ const QEMU: Case = Case {
     must_not_contain: &[],
     mem_mb: 512,
     timeout_s: 0,
+    smp: 1,
+    machine: "pc",
+    disk: None,
 };
 
 const RYZEN: Emulator = Emulator::Bochs { model: "ryzen" };
@@ -344,9 +370,90 @@ pub const CASES: &[Case] = &[
         must_not_contain: NO_FAIL,
         ..QEMU
     },
+    Case {
+        // thinvisor loads the bzImage (first module; its string minus the
+        // file name is the kernel's command line) and the initrd (second)
+        // itself, the way a Linux boot loader does.
+        name: "qemu-linux",
+        hv_args: linux::LINUX_HV_ARGS,
+        modules: &[
+            (Image::LinuxKernel, linux::KERNEL_MODULE),
+            (Image::LinuxInitrd, linux::INITRD_MODULE),
+        ],
+        must_contain: LINUX_UNDER_THINVISOR,
+        must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 120,
+        ..QEMU
+    },
 ];
 
+/// What every Linux boot prints, under thinvisor, with two processors
+/// (see `linux::INIT_SCRIPT` and the probe in `guest-tools`).
+const LINUX_UNDER_THINVISOR: &[&str] = &[
+    linux::MARKER,
+    "thinvisor-init: cpus 2",
+    "thinvisor-init: hypervisor-flag yes",
+    "probe: cpuid-signature thinvisor",
+    "probe: lookup log_read = 3",
+    linux::DONE,
+];
+/// Signs of a Linux boot gone wrong.
+const LINUX_TROUBLE: &[&str] = &["Kernel panic", "probe failed", "probe: no thinvisor"];
+
+/// Cases that wait for hypervisor features still being written: run only
+/// with `cargo xtask test --pending` (e.g. `--filter linux --pending`). A
+/// case moves to `CASES` once it passes.
+pub const PENDING_CASES: &[Case] = &[Case {
+    // thinvisor boots the first hard disk the BIOS way: SeaBIOS, the
+    // MBR, SYSLINUX (real mode, BIOS disk calls with SMIs) and then
+    // Linux, which prints the BIOS's memory map.
+    name: "qemu-linux-chain",
+    hv_args: linux::CHAIN_HV_ARGS,
+    disk: Some(Disk::LinuxBoot),
+    must_contain: &[
+        "SYSLINUX",
+        "BIOS-provided physical RAM map",
+        "BIOS-e820: [mem 0x0000000000000000-",
+        linux::MARKER,
+        "thinvisor-init: cpus 2",
+        "thinvisor-init: hypervisor-flag yes",
+        "probe: cpuid-signature thinvisor",
+        "probe: lookup log_read = 3",
+        linux::DONE,
+    ],
+    must_not_contain: LINUX_TROUBLE,
+    smp: 2,
+    timeout_s: 120,
+    ..QEMU
+}];
+
+/// Every case, the pending ones too.
+pub fn all_cases() -> impl Iterator<Item = &'static Case> {
+    CASES.iter().chain(PENDING_CASES)
+}
+
 impl Case {
+    /// Whether the case boots the Linux assets (built only when a selected
+    /// case needs them: the first build downloads ~70 MB).
+    pub fn needs_linux(&self) -> bool {
+        self.disk.is_some()
+            || self
+                .modules
+                .iter()
+                .any(|(image, _)| matches!(image, Image::LinuxKernel | Image::LinuxInitrd))
+    }
+
+    /// Whether the case needs the Linux boot disk.
+    pub fn needs_linux_disk(&self) -> bool {
+        self.disk == Some(Disk::LinuxBoot)
+    }
+
+    /// Whether the case is in `PENDING_CASES`.
+    pub fn is_pending(&self) -> bool {
+        PENDING_CASES.iter().any(|c| c.name == self.name)
+    }
+
     /// The wall-clock limit.
     pub fn timeout(&self) -> Duration {
         let default = match self.emulator {
@@ -389,11 +496,15 @@ impl Case {
 
 impl Image {
     /// The file, generating it under `target/xtask/` when it is one of the
-    /// generated inputs.
-    pub fn path(self, ctx: &Ctx, images: &Images) -> Result<PathBuf> {
+    /// generated inputs. The Linux images need `linux` (built by the
+    /// caller when a selected case needs it).
+    pub fn path(self, ctx: &Ctx, images: &Images, linux: Option<&LinuxAssets>) -> Result<PathBuf> {
+        let linux = || linux.ok_or("the Linux assets were not built");
         let (path, contents) = match self {
             Image::TestGuest => return Ok(images.guest.clone()),
             Image::TestGuest32 => return Ok(images.guest32.clone()),
+            Image::LinuxKernel => return Ok(linux()?.kernel.clone()),
+            Image::LinuxInitrd => return Ok(linux()?.initrd.clone()),
             Image::Garbage => (ctx.work().join("garbage.bin"), garbage_text()),
             Image::ElfWithoutMultiboot => {
                 (ctx.work().join("no-multiboot.elf"), elf_without_multiboot())
@@ -402,6 +513,17 @@ impl Image {
         fs::create_dir_all(ctx.work()).context("creating target/xtask")?;
         fs::write(&path, contents).context(format_args!("writing {}", path.display()))?;
         Ok(path)
+    }
+}
+
+impl Disk {
+    /// The image file (from `linux`, built by the caller).
+    pub fn path(self, linux: Option<&LinuxAssets>) -> Result<PathBuf> {
+        match self {
+            Disk::LinuxBoot => linux
+                .and_then(|l| l.disk.clone())
+                .ok_or_else(|| "the Linux boot disk was not built".to_string()),
+        }
     }
 }
 
@@ -470,7 +592,7 @@ mod tests {
     #[test]
     fn names_are_unique_and_plain() {
         let mut seen = HashSet::new();
-        for case in CASES {
+        for case in all_cases() {
             assert!(seen.insert(case.name), "duplicate case {}", case.name);
             assert!(
                 case.name
@@ -484,7 +606,7 @@ mod tests {
 
     #[test]
     fn module_strings_start_with_file_names() {
-        for case in CASES {
+        for case in all_cases() {
             for (_, cmdline) in case.modules {
                 Module::new("x", *cmdline).file_name().unwrap();
             }
@@ -493,11 +615,95 @@ mod tests {
 
     #[test]
     fn bochs_cases_expect_no_status() {
-        for case in CASES {
+        for case in all_cases() {
             if let Emulator::Bochs { .. } = case.emulator {
                 assert_eq!(case.exit, None, "{}", case.name);
+                assert!(case.smp == 1 && case.disk.is_none(), "{}", case.name);
             }
         }
+    }
+
+    /// What the Linux guest prints under thinvisor once it boots, as the
+    /// init script and the probe write it (the console adds `\r`).
+    const LINUX_SERIAL_UNDER_THINVISOR: &str = concat!(
+        "[    2.636637] Run /init as init process\r\n",
+        "thinvisor-init: marker\r\n",
+        "thinvisor-init: kernel 6.1.0-57-amd64\r\n",
+        "thinvisor-init: cpus 2\r\n",
+        "thinvisor-init: hypervisor-flag yes\r\n",
+        r"probe: cpuid-signature thinvisor\x00\x00\x00",
+        "\r\n",
+        "probe: lookup log_read = 3\r\n",
+        "thinvisor-init: done\r\n",
+    );
+
+    fn find(name: &str) -> &'static Case {
+        CASES
+            .iter()
+            .chain(PENDING_CASES)
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no case {name}"))
+    }
+
+    #[test]
+    fn linux_serial_judged() {
+        let direct = find("qemu-linux");
+        assert_eq!(
+            direct.check_serial(LINUX_SERIAL_UNDER_THINVISOR),
+            Vec::<String>::new()
+        );
+        let chain = find("qemu-linux-chain");
+        let chain_log = format!(
+            "SYSLINUX 6.04 20210613\r\n\
+             [    0.000000] BIOS-provided physical RAM map:\r\n\
+             [    0.000000] BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable\r\n\
+             {LINUX_SERIAL_UNDER_THINVISOR}"
+        );
+        assert_eq!(chain.check_serial(&chain_log), Vec::<String>::new());
+        // What bare QEMU prints fails both.
+        let bare = LINUX_SERIAL_UNDER_THINVISOR
+            .replace(r"thinvisor\x00\x00\x00", "TCGTCGTCGTCG")
+            .replace("probe: lookup log_read = 3", "probe: no thinvisor");
+        let problems = direct.check_serial(&bare);
+        assert!(
+            problems[0].contains("probe: cpuid-signature thinvisor"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("probe: no thinvisor"), "{problems:?}");
+        assert!(!chain.check_serial(&bare).is_empty());
+    }
+
+    #[test]
+    fn linux_cases() {
+        let pending: Vec<&str> = PENDING_CASES.iter().map(|c| c.name).collect();
+        assert_eq!(pending, ["qemu-linux-chain"]);
+        for name in ["qemu-linux", "qemu-linux-chain"] {
+            let case = find(name);
+            assert!(case.needs_linux(), "{}", case.name);
+            assert_eq!(case.smp, 2);
+            assert!(case.must_contain.contains(&"thinvisor-init: cpus 2"));
+        }
+        assert!(find("qemu-linux-chain").is_pending());
+        let direct = find("qemu-linux");
+        assert!(!direct.needs_linux_disk());
+        assert_eq!(direct.modules[0].1, "vmlinuz console=ttyS0 panic=-1");
+        assert_eq!(
+            Module::new("x", direct.modules[0].1).file_name(),
+            Ok(linux::KERNEL_FILE)
+        );
+        assert_eq!(
+            Module::new("x", direct.modules[1].1).file_name(),
+            Ok(linux::INITRD_FILE)
+        );
+        let chain = find("qemu-linux-chain");
+        assert!(chain.needs_linux_disk() && chain.modules.is_empty());
+        assert!(CASES.iter().all(|c| !c.is_pending()));
+        // The probe's line matches thinvisor's escaped signature.
+        let probe_line = concat!(r"probe: cpuid-signature thinvisor\x00\x00\x00", "\r\n");
+        assert!(direct
+            .check_serial(probe_line)
+            .iter()
+            .all(|p| !p.contains("cpuid")));
     }
 
     #[test]

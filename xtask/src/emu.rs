@@ -39,6 +39,18 @@ pub struct QemuOpts {
     /// Serial port on the terminal (`-serial stdio`, interactive) instead
     /// of `serial.log`.
     pub interactive: bool,
+    /// `-smp N`; 0 leaves QEMU's default (one processor).
+    pub smp: u32,
+    /// `-machine`; None leaves QEMU's default (`pc`, SMM on).
+    pub machine: Option<String>,
+    /// Raw disk images, attached in order (the first is the BIOS's first
+    /// hard disk). Writes go to a temporary overlay (`snapshot=on`), so a
+    /// run never changes the image another run or its build stamp relies
+    /// on.
+    pub drives: Vec<PathBuf>,
+    /// A line to time: the run's `Outcome::line_at` says when it first
+    /// appeared in the serial log (e.g. Linux's boot time to its init).
+    pub time_line: Option<String>,
 }
 
 impl Default for QemuOpts {
@@ -48,8 +60,20 @@ impl Default for QemuOpts {
             timeout: Duration::from_secs(30),
             extra: Vec::new(),
             interactive: false,
+            smp: 0,
+            machine: None,
+            drives: Vec::new(),
+            time_line: None,
         }
     }
+}
+
+/// The `-drive` value for a raw image, with QEMU's comma escape.
+pub fn raw_drive(path: &Path) -> String {
+    format!(
+        "file={},format=raw,snapshot=on",
+        path.display().to_string().replace(',', ",,")
+    )
 }
 
 /// Bochs settings.
@@ -96,6 +120,9 @@ pub struct Outcome {
     pub dir: PathBuf,
     /// The emulator's own stdout+stderr file.
     pub emulator_output: PathBuf,
+    /// When the timed line (`QemuOpts::time_line`) first appeared, from the
+    /// emulator's start (to within the 100 ms polling interval).
+    pub line_at: Option<Duration>,
 }
 
 impl Outcome {
@@ -184,11 +211,20 @@ fn stage_modules(dir: &Path, modules: &[Module]) -> Result<String> {
 /// The QEMU command for `boot`, run in `dir`.
 pub fn qemu_command(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Command> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.current_dir(dir)
-        .args(["-cpu", "max", "-m"])
+    cmd.current_dir(dir);
+    if let Some(machine) = &opts.machine {
+        cmd.args(["-machine", machine]);
+    }
+    cmd.args(["-cpu", "max", "-m"])
         .arg(format!("{}M", opts.mem_mb))
         .args(["-display", "none", "-no-reboot"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    if opts.smp > 0 {
+        cmd.arg("-smp").arg(opts.smp.to_string());
+    }
+    for drive in &opts.drives {
+        cmd.arg("-drive").arg(raw_drive(drive));
+    }
     if opts.interactive {
         cmd.args(["-serial", "stdio"]);
     } else {
@@ -230,7 +266,17 @@ pub fn run_qemu(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Outcome> {
     }
     let start = Instant::now();
     let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
-    let ended = util::supervise(&mut child, opts.timeout, || None).context("waiting for QEMU")?;
+    let serial_path = dir.join("serial.log");
+    let mut line_at = None;
+    let ended = util::supervise(&mut child, opts.timeout, || {
+        if let (Some(line), None) = (&opts.time_line, line_at) {
+            if read_lossy(&serial_path).contains(line.as_str()) {
+                line_at = Some(start.elapsed());
+            }
+        }
+        None
+    })
+    .context("waiting for QEMU")?;
     let elapsed = start.elapsed();
     let (status, stopped) = match ended {
         Ended::Exited(status) => (Some(status), None),
@@ -243,10 +289,11 @@ pub fn run_qemu(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Outcome> {
     Ok(Outcome {
         status,
         stopped,
-        serial: read_lossy(&dir.join("serial.log")),
+        serial: read_lossy(&serial_path),
         elapsed,
         dir: dir.to_path_buf(),
         emulator_output: out_path,
+        line_at,
     })
 }
 
@@ -370,6 +417,7 @@ pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Re
         elapsed,
         dir,
         emulator_output: out_path,
+        line_at: None,
     })
 }
 
@@ -456,6 +504,20 @@ mod tests {
         let line = util::describe(&cmd);
         assert!(line.contains("-initrd 'a.elf checks,b.bin x,,y'"), "{line}");
         assert!(line.contains("-append log=info"), "{line}");
+        assert!(!line.contains("-smp") && !line.contains("-drive"), "{line}");
+        let opts = QemuOpts {
+            smp: 2,
+            machine: Some("pc".into()),
+            drives: vec!["/d/a,b.img".into()],
+            ..QemuOpts::default()
+        };
+        let line = util::describe(&qemu_command(&dir, &boot, &opts).unwrap());
+        assert!(line.contains("-machine pc -cpu max"), "{line}");
+        assert!(line.contains("-smp 2"), "{line}");
+        assert!(
+            line.contains("-drive file=/d/a,,b.img,format=raw,snapshot=on"),
+            "{line}"
+        );
         assert!(dir.join("a.elf").exists() && dir.join("b.bin").exists());
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -135,7 +135,7 @@ fn file_name(path: &Path) -> String {
 
 /// Cargo's target directory (CARGO_TARGET_DIR, configuration, or
 /// `target/`), as `cargo metadata` reports it.
-fn cargo_target_dir(ctx: &Ctx) -> Result<PathBuf> {
+pub fn cargo_target_dir(ctx: &Ctx) -> Result<PathBuf> {
     let output = util::run_captured(ctx.cargo().args([
         "metadata",
         "--format-version",

@@ -3,9 +3,13 @@
 
 mod bench;
 mod cases;
+mod cpio;
+mod debian;
+mod disk;
 mod emu;
 mod fuzz;
 mod images;
+mod linux;
 mod run;
 mod selftest;
 mod setup;
@@ -29,11 +33,15 @@ commands:
   test       everything: fmt, host unit tests, clippy, images, integration cases in
              QEMU and Bochs; ends with `N passed, M failed`
              options: --filter SUBSTR (integration cases), --no-host (skip fmt, unit
-             tests, clippy), --list (print the integration cases)
+             tests, clippy), --list (print the integration cases), --pending (also
+             the cases waiting for unfinished features, e.g. booting Linux)
   fuzz       run the fuzz targets of thinvisor-memory (fuzz/) for a while:
              cargo xtask fuzz [walker|copy] [--seconds N] (default 60 s each)
   bench      guest-memory copy benchmark (page by page, per byte, memcpy):
              wall time and, with valgrind, instruction counts
+  linux      fetch Debian's kernel and busybox, build the initramfs (and a SYSLINUX boot
+             disk), boot them on bare QEMU or under thinvisor and time the boot:
+             cargo xtask linux [--bare] [--disk] [--smp N]; `--help` for options
   selftest   check the emulator runners with a tiny multiboot kernel (no hypervisor)
   setup      only install/check the host tools and the Rust target
 
@@ -54,6 +62,7 @@ fn main() -> ExitCode {
         "run" => run::main(&ctx, rest),
         "test" => return test::main(&ctx, rest),
         "selftest" => selftest::main(&ctx),
+        "linux" => linux::main(&ctx, rest),
         "fuzz" => fuzz::main(&ctx, rest),
         "bench" => bench::main(&ctx, rest),
         "setup" => setup::ensure(&ctx).map(|()| ExitCode::SUCCESS),

@@ -191,9 +191,14 @@ fn missing_after_install() -> Vec<&'static str> {
 }
 
 fn ensure_rust_target(ctx: &Ctx) -> Result {
+    ensure_target(ctx, TARGET)
+}
+
+/// Adds the Rust target `target` with rustup when it is not installed (a
+/// toolchain without rustup is left alone: the build will say if the
+/// target is missing).
+pub fn ensure_target(ctx: &Ctx, target: &str) -> Result {
     if util::which("rustup").is_none() {
-        // A toolchain without rustup: the build will tell if the target
-        // is missing.
         return Ok(());
     }
     let output = util::run_captured(Command::new("rustup").current_dir(&ctx.root).args([
@@ -202,13 +207,13 @@ fn ensure_rust_target(ctx: &Ctx) -> Result {
         "--installed",
     ]))?;
     let installed = String::from_utf8_lossy(&output.stdout);
-    if installed.lines().any(|l| l.trim() == TARGET) {
+    if installed.lines().any(|l| l.trim() == target) {
         return Ok(());
     }
     util::run(
         Command::new("rustup")
             .current_dir(&ctx.root)
-            .args(["target", "add", TARGET]),
+            .args(["target", "add", target]),
     )
-    .context("adding the Rust target")
+    .context(format_args!("adding the Rust target {target}"))
 }

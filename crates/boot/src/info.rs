@@ -43,6 +43,18 @@ impl MemKind {
             _ => MemKind::Reserved,
         }
     }
+
+    /// The E820 / multiboot type number of this kind (the inverse of
+    /// [`from_multiboot`](Self::from_multiboot) for the kinds it keeps).
+    pub fn e820_type(self) -> u32 {
+        match self {
+            MemKind::Available => 1,
+            MemKind::Reserved => 2,
+            MemKind::AcpiReclaimable => 3,
+            MemKind::AcpiNvs => 4,
+            MemKind::Bad => 5,
+        }
+    }
 }
 
 /// One memory-map entry: `len` bytes from physical address `start`.

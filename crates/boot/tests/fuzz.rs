@@ -5,7 +5,11 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use thinvisor_boot::alloc::FrameAllocator;
-use thinvisor_boot::guest::{load_multiboot_kernel, write_multiboot1_info};
+use thinvisor_boot::e820::GuestMap;
+use thinvisor_boot::guest::{
+    load_multiboot_kernel, load_multiboot_passthrough, write_multiboot1_info,
+};
+use thinvisor_boot::linux::{load_linux, BzImage};
 use thinvisor_boot::{cmdline, multiboot1, multiboot2, MemKind, MemRegion};
 
 const PAGE: u64 = 4096;
@@ -316,6 +320,265 @@ proptest! {
             let bi = multiboot1::parse(at, &mem).unwrap();
             prop_assert_eq!(bi.cmdline().as_bytes(), &cmd[..]);
             prop_assert_eq!(bi.memory_map().len(), 2);
+        }
+    }
+}
+
+/// A bzImage with every header field drawn from a hostile but often
+/// plausible range.
+fn bz_spec() -> impl Strategy<Value = Bz> {
+    let fields1 = (
+        prop_oneof![Just(4u8), 0u8..8, any::<u8>()],
+        prop_oneof![8 => Just(0xAA55u16), 1 => any::<u16>()],
+        prop_oneof![8 => Just(0x5372_6448u32), 1 => any::<u32>()],
+        prop_oneof![6 => Just(0x020Fu16), 1 => Just(0x0206), 1 => Just(0x020A), 1 => Just(0x020C), 1 => any::<u16>()],
+        prop_oneof![6 => Just(0x6Au8), 1 => Just(0x3A), 1 => any::<u8>()],
+        prop_oneof![6 => Just(1u8), 1 => any::<u8>()],
+        prop_oneof![Just(0x7FFF_FFFFu32), 0u32..64 << 20, any::<u32>()],
+    );
+    let fields2 = (
+        prop_oneof![6 => (12u32..28).prop_map(|s| 1 << s), 1 => any::<u32>()],
+        any::<bool>(),
+        prop_oneof![12u8..25, any::<u8>()],
+        any::<u16>(),
+        prop_oneof![Just(2047u32), 0u32..300, any::<u32>()],
+        prop_oneof![4 => Just(16u64 << 20), 4 => (0u64..64).prop_map(|m| m << 20), 1 => any::<u64>()],
+        prop_oneof![6 => 0u32..48 << 20, 1 => any::<u32>()],
+        0usize..0x2000,
+        prop_oneof![4 => Just(None), 1 => any::<u32>().prop_map(Some)],
+    );
+    (fields1, fields2).prop_map(
+        |(
+            (setup_sects, boot_flag, magic, version, jump_len, loadflags, initrd_addr_max),
+            (
+                kernel_alignment,
+                relocatable,
+                min_alignment,
+                xloadflags,
+                cmdline_size,
+                pref_address,
+                init_size,
+                kernel_len,
+                syssize,
+            ),
+        )| Bz {
+            setup_sects,
+            boot_flag,
+            magic,
+            version,
+            jump_len,
+            loadflags,
+            initrd_addr_max,
+            kernel_alignment,
+            relocatable,
+            min_alignment,
+            xloadflags,
+            cmdline_size,
+            pref_address,
+            init_size,
+            kernel_len,
+            syssize,
+        },
+    )
+}
+
+/// A well-formed bzImage whose placement fields vary: what the planner sees.
+fn valid_bz_spec() -> impl Strategy<Value = Bz> {
+    (
+        prop_oneof![3 => Just(true), 1 => Just(false)],
+        (12u32..26).prop_map(|s| 1 << s),
+        prop_oneof![12u8..25, any::<u8>()],
+        prop_oneof![Just(3u16), Just(1), any::<u16>()],
+        prop_oneof![
+            Just(16u64 << 20),
+            (0u64..64).prop_map(|m| m << 20),
+            any::<u64>()
+        ],
+        prop_oneof![4 => 0u32..48 << 20, 1 => any::<u32>()],
+        prop_oneof![Just(0x7FFF_FFFFu32), 0u32..64 << 20, any::<u32>()],
+        0usize..0x2000,
+        prop_oneof![3 => Just(2047u32), 1 => 0u32..300],
+    )
+        .prop_map(
+            |(
+                relocatable,
+                kernel_alignment,
+                min_alignment,
+                xloadflags,
+                pref_address,
+                init_size,
+                initrd_addr_max,
+                kernel_len,
+                cmdline_size,
+            )| Bz {
+                relocatable,
+                kernel_alignment,
+                min_alignment,
+                xloadflags,
+                pref_address,
+                init_size,
+                initrd_addr_max,
+                kernel_len: kernel_len.max(1),
+                cmdline_size,
+                ..Bz::default()
+            },
+        )
+}
+
+/// Page-aligned hidden ranges, mostly in the first 64 MiB.
+fn hidden_ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec(
+        (0u64..16384, 0u64..1024).prop_map(|(p, n)| (p * PAGE, (p + n) * PAGE)),
+        0..4,
+    )
+}
+
+fn avoid_ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec(
+        (addr(), 0u64..8 << 20).prop_map(|(s, l)| (s, s.saturating_add(l))),
+        0..4,
+    )
+}
+
+/// Checks what every pass-through load must satisfy: each write lies in
+/// usable RAM and outside every avoid range.
+fn writes_are_allowed(
+    mem: &Sparse,
+    map: &GuestMap,
+    avoid: &[(u64, u64)],
+) -> Result<(), TestCaseError> {
+    for &(s, e) in &mem.writes {
+        prop_assert_eq!(
+            map.check_usable(s, e - s),
+            Ok(()),
+            "write {:#x}..{:#x}",
+            s,
+            e
+        );
+        for &(a, b) in avoid {
+            prop_assert!(
+                e <= a || b <= s,
+                "write {:#x}..{:#x} hits {:#x}..{:#x}",
+                s,
+                e,
+                a,
+                b
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bzimage_parser_survives_random_bytes(image in prop::collection::vec(any::<u8>(), 0..0x1400)) {
+        let _ = BzImage::parse(&image);
+    }
+
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    #[test]
+    fn linux_loader_survives_hostile_images(
+        spec in prop_oneof![bz_spec(), valid_bz_spec()],
+        mutations in prop_oneof![
+            3 => Just(Vec::new()),
+            1 => prop::collection::vec((0x1F0usize..0x270, any::<u8>()), 1..4),
+        ],
+        cut in prop_oneof![8 => Just(0usize), 1 => 0usize..0x3000],
+        map in prop::collection::vec(region(), 0..8),
+        with_qemu in prop_oneof![3 => Just(true), 1 => Just(false)],
+        hidden in hidden_ranges(),
+        avoid in avoid_ranges(),
+        initrd_len in prop_oneof![Just(0usize), 1usize..0x3000],
+        cmdline in prop::collection::vec(1u8..=255, 0..300),
+    ) {
+        let mut image = spec.build();
+        for (at, b) in mutations {
+            if let Some(x) = image.get_mut(at) {
+                *x = b;
+            }
+        }
+        image.truncate(image.len().saturating_sub(cut));
+        let mut regions = map;
+        if with_qemu {
+            regions.extend(qemu_map());
+        }
+        let Ok(gm) = GuestMap::new(&regions, &hidden) else { return Ok(()) };
+        let initrd = vec![0x11u8; initrd_len];
+        let mut mem = Sparse::default();
+        let r = load_linux(&image, Some(&initrd), &cmdline, &gm, &avoid, &mut mem);
+        let Ok(boot) = r else {
+            prop_assert!(mem.writes.is_empty(), "wrote before failing: {:?}", r);
+            return Ok(());
+        };
+        writes_are_allowed(&mem, &gm, &avoid)?;
+        let bz = BzImage::parse(&image).unwrap();
+        let h = bz.header();
+        let p = boot.plan;
+        prop_assert!(p.runtime.1 <= 1 << 32);
+        prop_assert!(p.runtime.1 - p.runtime.0 >= bz.init_size());
+        prop_assert!(p.cmdline_len <= u64::from(h.cmdline_size));
+        prop_assert!(p.cmdline + p.cmdline_len < 1 << 32);
+        prop_assert_eq!(u64::from(boot.entry.eip), p.kernel);
+        prop_assert_eq!(u64::from(boot.entry.esi), p.boot_params);
+        prop_assert_eq!(gm.check_usable(p.runtime.0, p.runtime.1 - p.runtime.0), Ok(()));
+        if h.relocatable {
+            prop_assert!(p.kernel >= h.pref_address);
+            prop_assert_eq!(p.kernel % u64::from(p.kernel_alignment.max(1)), 0);
+        } else {
+            prop_assert_eq!(p.kernel, 0x10_0000);
+        }
+        if let Some((s, e)) = p.initrd {
+            prop_assert_eq!(e - s, initrd_len as u64);
+            prop_assert!(e <= p.runtime.0 || p.runtime.1 <= s);
+            prop_assert!(e <= p.kernel || p.kernel + p.kernel_len <= s);
+            if e <= 1 << 32 {
+                prop_assert!(e - 1 <= u64::from(h.initrd_addr_max));
+            } else {
+                prop_assert!(bz.can_load_above_4g());
+            }
+        }
+        let low = (p.boot_params, p.cmdline + p.cmdline_len + 1);
+        prop_assert!(low.1 <= p.runtime.0 || p.runtime.1 <= low.0);
+        prop_assert!(low.1 <= p.kernel || p.kernel + p.kernel_len <= low.0);
+    }
+
+    #[test]
+    fn multiboot_passthrough_survives_mutated_elf(
+        class64 in any::<bool>(),
+        mutations in prop::collection::vec((0usize..300, any::<u8>()), 0..4),
+        map in prop::collection::vec(region(), 0..16),
+        hidden in hidden_ranges(),
+        avoid in avoid_ranges(),
+        cmdline in prop::collection::vec(1u8..128, 0..100),
+    ) {
+        let segs = vec![
+            Seg::load(0x100000, &[0x90; 100], 0x200),
+            Seg::load(0x180000, &[0x55; 40], 40),
+        ];
+        let mut image = build_elf(&Elf::new(class64, 0x100004, segs));
+        for (at, byte) in mutations {
+            if let Some(b) = image.get_mut(at) {
+                *b = byte;
+            }
+        }
+        let mut regions = map;
+        regions.extend(qemu_map());
+        let Ok(gm) = GuestMap::new(&regions, &hidden) else { return Ok(()) };
+        let mut mem = Sparse::default();
+        if let Ok(boot) = load_multiboot_passthrough(&image, &cmdline, &gm, &avoid, &mut mem) {
+            writes_are_allowed(&mem, &gm, &avoid)?;
+            let k = boot.kernel;
+            prop_assert!(k.start <= u64::from(k.entry) && u64::from(k.entry) < k.end);
+            let info = multiboot1::parse(boot.info.into(), &mem).unwrap();
+            prop_assert_eq!(info.memory_map().len(), gm.e820().len());
+            let (lo, hi) = info.info_range();
+            prop_assert!(hi <= k.start || k.end <= lo);
         }
     }
 }

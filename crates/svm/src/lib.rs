@@ -18,7 +18,9 @@ use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{
     CpuMode, Event, Exit, Gpr, GuestKind, InitialState, NestedFault, SegmentState, Vcpu,
 };
-use vmcb::{attrib, event_inj, exit_code, misc1, misc2, npf_info, tlb_control, Segment, Vmcb};
+use vmcb::{
+    attrib, event_inj, exit_code, ioio_info, misc1, misc2, npf_info, tlb_control, Segment, Vmcb,
+};
 use x86_64::registers::model_specific::Msr;
 
 /// EFER MSR and its SVME bit (APM vol. 2, 3.1.7).
@@ -415,6 +417,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         host_save: HostPhysAddr,
         ncr3: HostPhysAddr,
         msrpm: HostPhysAddr,
+        iopm: HostPhysAddr,
         memory: &'static M,
         initial: &InitialState,
         kind: GuestKind,
@@ -430,6 +433,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             c.intercept_misc1 |= misc1::HLT;
         }
         c.msrpm_base_pa = msrpm.as_u64();
+        // The I/O permission map intercepts only the ports of
+        // thinvisor_vmm::POWER_PORTS (APM vol. 2, 15.10).
+        c.iopm_base_pa = iopm.as_u64();
+        c.intercept_misc1 |= misc1::IOIO_PROT;
         c.intercept_misc2 = misc2::VMRUN
             | misc2::VMMCALL
             | misc2::VMLOAD
@@ -452,7 +459,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
             *seg = data;
         }
-        s.gdtr = Segment::default();
+        s.gdtr = Segment {
+            base: initial.gdt.0,
+            limit: initial.gdt.1.into(),
+            ..Segment::default()
+        };
         s.idtr = Segment {
             // The real-mode IVT at 0 (a no-op for protected-mode starts,
             // which load their own IDT before enabling interrupts).
@@ -629,6 +640,24 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 Exit::Cpuid
             }
             exit_code::HLT => Exit::Hlt,
+            exit_code::IOIO => {
+                // EXITINFO2 is the next RIP for I/O intercepts, with or
+                // without NRIPS (APM vol. 2, 15.10.2).
+                self.exit_insn_len = c.exit_info2.wrapping_sub(self.vmcb.save.rip);
+                let info = c.exit_info1;
+                Exit::Io {
+                    port: (info >> 16) as u16,
+                    size: if info & ioio_info::SIZE8 != 0 {
+                        1
+                    } else if info & ioio_info::SIZE16 != 0 {
+                        2
+                    } else {
+                        4
+                    },
+                    input: info & ioio_info::INPUT != 0,
+                    string: info & ioio_info::STRING != 0,
+                }
+            }
             // nRIP is zero for exception intercepts (APM 15.7.1): the
             // length of VMCALL is known.
             EXIT_UD if is_vmm_call_at_rip(self) => {
@@ -670,8 +699,8 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         Some(&self.stats)
     }
 
-    fn exit_name(&self, slot: usize) -> &'static str {
-        exit_name(slot)
+    fn exit_names(&self) -> fn(usize) -> &'static str {
+        exit_name
     }
 
     fn gpr(&self, reg: Gpr) -> u64 {
@@ -752,7 +781,9 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
 
     fn skip_instruction(&mut self) {
         let s = &mut self.vmcb.save;
-        s.rip = if self.nrips && self.vmcb.control.nrip != 0 {
+        s.rip = if self.vmcb.control.exit_code == exit_code::IOIO {
+            s.rip.wrapping_add(self.exit_insn_len)
+        } else if self.nrips && self.vmcb.control.nrip != 0 {
             self.vmcb.control.nrip
         } else {
             s.rip.wrapping_add(self.exit_insn_len)

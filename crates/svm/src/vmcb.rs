@@ -168,6 +168,7 @@ pub mod misc2 {
 /// #VMEXIT codes (APM vol. 2, appendix C).
 pub mod exit_code {
     pub const SMI: u64 = 0x62;
+    pub const IOIO: u64 = 0x7B;
     pub const CPUID: u64 = 0x72;
     pub const HLT: u64 = 0x78;
     pub const MSR: u64 = 0x7C;
@@ -198,6 +199,14 @@ pub mod event_inj {
     pub const TYPE_INTR: u64 = 0;
     pub const TYPE_NMI: u64 = 2 << 8;
     pub const TYPE_EXCEPTION: u64 = 3 << 8;
+}
+
+/// IOIO EXITINFO1 bits (APM vol. 2, 15.10.2, figure 15-2).
+pub mod ioio_info {
+    pub const INPUT: u64 = 1 << 0;
+    pub const STRING: u64 = 1 << 2;
+    pub const SIZE8: u64 = 1 << 4;
+    pub const SIZE16: u64 = 1 << 5;
 }
 
 /// NPF EXITINFO1 bits: the #PF-style error code of the nested fault.

@@ -49,6 +49,14 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Acti
         Exit::NestedPageFault(fault) => on_nested_page_fault(vmm, vcpu, fault),
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction | Exit::InvalidOpcode => on_invalid_opcode(vcpu),
+        Exit::Io {
+            port,
+            size,
+            input,
+            string,
+        } => on_io(vmm, vcpu, port, size, input, string),
+        Exit::Init => on_init(vcpu),
+        Exit::Sipi { vector } => on_sipi(vcpu, vector),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
         Exit::Unknown { code } => Action::Stop(StopReason::Unhandled {
             code,
@@ -83,6 +91,87 @@ fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
 /// never continue; stop it rather than spin.
 fn on_hlt<V: Vcpu>(vcpu: &mut V) -> Action {
     Action::Stop(StopReason::Halted { rip: vcpu.rip() })
+}
+
+/// The I/O ports thinvisor intercepts: those through which the guest ends
+/// or resets the machine, so that thinvisor reports the run (its exit
+/// table) before they act: the keyboard controller's command port (0xFE
+/// pulses reset), the reset control register 0xCF9, and the emulators' exit
+/// devices (QEMU's isa-debug-exit, Bochs' shutdown port). The guest's
+/// ACPI PM1a control port, found in the FADT, is added at boot. Everything
+/// else runs on the hardware.
+pub const POWER_PORTS: [u16; 4] = [
+    0x64,
+    0xCF9,
+    thinvisor_abi::QEMU_EXIT_PORT,
+    thinvisor_abi::BOCHS_SHUTDOWN_PORT,
+];
+
+/// The machine around the guest: what an intercepted port does. The
+/// hypervisor implements it (it reports the run's end before a port that
+/// powers off or resets the machine acts, then performs the access).
+pub trait Platform: Sync {
+    /// OUT of `value` (`size` bytes) to `port`, on the guest's behalf.
+    fn io_write(&self, port: u16, size: u8, value: u32);
+    /// IN of `size` bytes from `port`, on the guest's behalf.
+    fn io_read(&self, port: u16, size: u8) -> u32;
+}
+
+/// IN/OUT of an intercepted port: done for the guest through the platform,
+/// so thinvisor can act first (its exit table before a power-off). String
+/// forms (INS/OUTS) are not used on these ports by any firmware or OS
+/// thinvisor knows; they are stepped over and logged.
+fn on_io<V: Vcpu>(
+    vmm: &Vmm<'_>,
+    vcpu: &mut V,
+    port: u16,
+    size: u8,
+    input: bool,
+    string: bool,
+) -> Action {
+    let mask = match size {
+        1 => 0xFF,
+        2 => 0xFFFF,
+        _ => 0xFFFF_FFFF,
+    };
+    match (vmm.vm.platform, string) {
+        (Some(p), false) if input => {
+            let value = u64::from(p.io_read(port, size) & mask);
+            let rax = vcpu.gpr(Gpr::Rax);
+            // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends.
+            let rax = if size == 4 {
+                value
+            } else {
+                (rax & !u64::from(mask)) | value
+            };
+            vcpu.set_gpr(Gpr::Rax, rax);
+        }
+        (Some(p), false) => p.io_write(port, size, vcpu.gpr(Gpr::Rax) as u32 & mask),
+        _ => log::warn!(
+            "guest {} port {port:#x} ({} bytes) not carried out",
+            if string { "string I/O on" } else { "I/O on" },
+            size
+        ),
+    }
+    vcpu.skip_instruction();
+    Action::Resume
+}
+
+/// INIT: the processor stops and waits for a SIPI (Intel SDM vol. 3A,
+/// 9.4.4.1: how an operating system starts application processors).
+fn on_init<V: Vcpu>(vcpu: &mut V) -> Action {
+    vcpu.wait_for_sipi();
+    Action::Resume
+}
+
+/// SIPI: start in real mode at VV00:0000.
+fn on_sipi<V: Vcpu>(vcpu: &mut V, vector: u8) -> Action {
+    log::debug!(
+        "SIPI with vector {vector:#x}: starting at {:#x}",
+        u32::from(vector) << 12
+    );
+    vcpu.reset(&crate::InitialState::sipi(vector));
+    Action::Resume
 }
 
 fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {

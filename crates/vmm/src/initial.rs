@@ -84,6 +84,9 @@ pub struct InitialState {
     pub mode: StartMode,
     /// General registers, indexed by [`Gpr`] (RSP included).
     pub gprs: [u64; 16],
+    /// GDTR: base and limit (an empty table unless a boot protocol
+    /// promises one, as Linux's does).
+    pub gdt: (u64, u16),
 }
 
 impl InitialState {
@@ -133,6 +136,7 @@ impl InitialState {
         Self {
             mode,
             gprs: [0; 16],
+            gdt: (0, 0),
         }
     }
 

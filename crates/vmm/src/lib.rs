@@ -6,10 +6,14 @@
 //! so it runs as ordinary host tests against a fake vCPU.
 #![no_std]
 
+pub mod apic;
 pub mod cpuid;
+#[cfg(feature = "emulate")]
+pub mod emulate;
 pub mod events;
 pub mod exit;
 pub mod initial;
+pub mod iomap;
 pub mod log_ring;
 pub mod services;
 pub mod stats;
@@ -19,7 +23,9 @@ pub mod vmmcall;
 #[cfg(test)]
 mod tests;
 
-pub use exit::{handle_exit, run_guest, Action, FaultVerdict, NestedFaults, StopReason};
+pub use exit::{
+    handle_exit, run_guest, Action, FaultVerdict, NestedFaults, Platform, StopReason, POWER_PORTS,
+};
 pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};
@@ -39,6 +45,8 @@ pub struct Vm {
     /// What nested page faults mean (None: the isolated layout, where
     /// every one is outside guest RAM).
     pub nested_faults: Option<&'static dyn NestedFaults>,
+    /// The intercepted ports' side (None: they are stepped over).
+    pub platform: Option<&'static dyn Platform>,
 }
 
 impl Vm {
@@ -51,6 +59,7 @@ impl Vm {
             services: Services::new(log),
             cpuid,
             nested_faults: None,
+            platform: None,
         }
     }
 }

@@ -3,23 +3,26 @@
 //!
 //! Each vCPU owns its counters, so counting is one increment in memory only
 //! that processor writes: no lock, no atomic read-modify-write on the exit
-//! path. Backends name their own reasons (an SVM exit code, a VT-x basic
+//! path (a relaxed load and store: other processors may read the counts
+//! while the owner counts, so they are atomics, but only the owner writes). Backends name their own reasons (an SVM exit code, a VT-x basic
 //! exit reason), folded into [`EXIT_SLOTS`] slots by the backend.
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Slots per vCPU: enough for VT-x's basic exit reasons (below 80) and
 /// SVM's exit codes below 0x90 plus a few folded ones.
 pub const EXIT_SLOTS: usize = 160;
 
 /// Exit counts of one vCPU.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ExitStats {
-    counts: [u64; EXIT_SLOTS],
+    counts: [AtomicU64; EXIT_SLOTS],
 }
 
 impl Default for ExitStats {
     fn default() -> Self {
         Self {
-            counts: [0; EXIT_SLOTS],
+            counts: [const { AtomicU64::new(0) }; EXIT_SLOTS],
         }
     }
 }
@@ -28,49 +31,45 @@ impl ExitStats {
     /// Count one exit in `slot`; out-of-range slots count in the last one
     /// (a backend bug must not make the exit path panic).
     #[inline(always)]
-    pub fn record(&mut self, slot: usize) {
+    pub fn record(&self, slot: usize) {
         let slot = slot.min(EXIT_SLOTS - 1);
-        // In range by the line above; `get_mut` keeps the path panic-free.
-        if let Some(c) = self.counts.get_mut(slot) {
-            *c = c.wrapping_add(1);
+        // In range by the line above; `get` keeps the path panic-free.
+        if let Some(c) = self.counts.get(slot) {
+            c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
         }
     }
 
     /// The count in `slot`.
     pub fn count(&self, slot: usize) -> u64 {
-        self.counts.get(slot).copied().unwrap_or(0)
+        self.counts.get(slot).map_or(0, |c| c.load(Relaxed))
     }
 
     /// Every exit counted.
     pub fn total(&self) -> u64 {
-        self.counts.iter().fold(0u64, |a, &c| a.wrapping_add(c))
+        self.counts
+            .iter()
+            .fold(0u64, |a, c| a.wrapping_add(c.load(Relaxed)))
     }
 
     /// The slots that counted something, with their counts, most frequent
     /// first.
-    pub fn nonzero(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
-        let mut order = [0u8; EXIT_SLOTS];
-        for (i, o) in order.iter_mut().enumerate() {
-            *o = i as u8;
+    pub fn nonzero(&self) -> impl Iterator<Item = (usize, u64)> {
+        // One snapshot: the owner may go on counting meanwhile.
+        let mut snapshot = [(0usize, 0u64); EXIT_SLOTS];
+        for (i, s) in snapshot.iter_mut().enumerate() {
+            *s = (i, self.count(i));
         }
-        order.sort_unstable_by_key(|&i| core::cmp::Reverse(self.count(i.into())));
-        order
-            .into_iter()
-            .map(usize::from)
-            .map(move |i| (i, self.count(i)))
-            .take_while(|&(_, c)| c != 0)
+        snapshot.sort_unstable_by_key(|&(_, c)| core::cmp::Reverse(c));
+        snapshot.into_iter().take_while(|&(_, c)| c != 0)
     }
 }
 
 /// Log the exit table of one vCPU: `exits on CPU n: total T` then one line
 /// per reason, `  NAME (slot S): COUNT`, most frequent first.
-pub fn log_table<V: crate::Vcpu + ?Sized>(cpu: u32, vcpu: &V) {
-    let Some(stats) = vcpu.exit_stats() else {
-        return;
-    };
+pub fn log_table(cpu: u32, stats: &ExitStats, name: fn(usize) -> &'static str) {
     log::info!("VM exits on CPU {cpu}: {} in all", stats.total());
     for (slot, count) in stats.nonzero() {
-        log::info!("  {:<28} {count}", vcpu.exit_name(slot));
+        log::info!("  {:<28} {count}", name(slot));
     }
 }
 
@@ -82,7 +81,7 @@ mod tests {
 
     #[test]
     fn counts_and_orders() {
-        let mut s = ExitStats::default();
+        let s = ExitStats::default();
         for _ in 0..3 {
             s.record(10);
         }

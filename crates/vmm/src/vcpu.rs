@@ -107,6 +107,19 @@ pub enum Exit {
     /// The guest executed a virtualization instruction (VMRUN, VMLOAD, ...)
     /// that it must not use: it sees #UD, as on a CPU without the feature.
     VirtualizationInstruction,
+    /// IN or OUT to one of the few ports thinvisor intercepts (those that
+    /// end or reset the machine, so it can report before they act).
+    Io {
+        port: u16,
+        size: u8,
+        input: bool,
+        string: bool,
+    },
+    /// An INIT signal reached the processor (VT-x exits on it; SVM's
+    /// backend learns of it from the sender's ICR write).
+    Init,
+    /// A startup IPI with this vector reached a processor waiting for one.
+    Sipi { vector: u8 },
     /// The processor refused to enter the guest; `code` is the backend's raw
     /// reason.
     EntryFailed { code: u64 },
@@ -155,13 +168,19 @@ pub trait Vcpu {
     fn inject(&mut self, event: Event);
     /// Enter the guest and run it until the next exit.
     fn run(&mut self) -> Exit;
+    /// Put the processor in `initial`, as a SIPI does after INIT (Intel SDM
+    /// vol. 3A, 9.1.1 and 9.4.4.1). Backends that cannot are left as they
+    /// are.
+    fn reset(&mut self, _initial: &crate::InitialState) {}
+    /// INIT: stop executing and wait for a SIPI.
+    fn wait_for_sipi(&mut self) {}
     /// Exits counted so far, by the backend's own reasons (None: the
     /// backend does not count).
     fn exit_stats(&self) -> Option<&crate::stats::ExitStats> {
         None
     }
-    /// The name of an [`exit_stats`](Self::exit_stats) slot.
-    fn exit_name(&self, _slot: usize) -> &'static str {
-        "?"
+    /// Names the [`exit_stats`](Self::exit_stats) slots.
+    fn exit_names(&self) -> fn(usize) -> &'static str {
+        |_| "?"
     }
 }

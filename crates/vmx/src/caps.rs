@@ -641,10 +641,11 @@ mod policy {
     /// Interrupts and NMIs are not intercepted: the guest owns the hardware.
     pub const PIN: (u32, u32) = (0, 0);
     /// HLT is the idle point; MSR bitmaps keep all but protected MSRs at
-    /// full speed; EPT and friends live in the secondary word. No I/O exits.
+    /// full speed; I/O bitmaps let only the few ports thinvisor watches
+    /// exit; EPT and friends live in the secondary word.
     pub const PRIMARY: (u32, u32) = (
         0,
-        proc::HLT_EXITING | proc::USE_MSR_BITMAPS | proc::ACTIVATE_SECONDARY,
+        proc::HLT_EXITING | proc::USE_MSR_BITMAPS | proc::USE_IO_BITMAPS | proc::ACTIVATE_SECONDARY,
     );
     /// EPT protects the hypervisor's memory; unrestricted guest lets the
     /// guest start in protected mode with paging off (or in real mode). The

@@ -148,6 +148,8 @@ pub struct VmcsSetup<'a> {
     pub ept_root: u64,
     /// A zeroed 4 KiB MSR bitmap, filled by [`msr_bitmap::init`].
     pub msr_bitmap_pa: u64,
+    /// 8 KiB of I/O bitmaps A and B, contiguous (see thinvisor_vmm::iomap).
+    pub io_bitmap_pa: u64,
     /// The MSR areas for the EFER fallback (used when
     /// `controls.efer == EferPath::MsrAreas`), with their physical address.
     pub efer_areas: Option<(&'static mut EferAreas, u64)>,
@@ -156,6 +158,9 @@ pub struct VmcsSetup<'a> {
     pub initial: &'a InitialState,
     /// Which exits the guest needs.
     pub kind: GuestKind,
+    /// Start in the wait-for-SIPI activity state (an application processor
+    /// the guest has not started yet): INIT and SIPI then exit.
+    pub wait_for_sipi: bool,
 }
 
 /// Build the VMCS for a guest that starts in `s.initial` and make it
@@ -215,6 +220,8 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::PAGE_FAULT_ERROR_CODE_MATCH, 0),
         (F::CR3_TARGET_COUNT, 0),
         (F::MSR_BITMAP, s.msr_bitmap_pa),
+        (F::IO_BITMAP_A, s.io_bitmap_pa),
+        (F::IO_BITMAP_B, s.io_bitmap_pa + 4096),
         (F::EPT_POINTER, eptp),
         (F::CR0_GUEST_HOST_MASK, policy.cr0_mask()),
         (F::CR4_GUEST_HOST_MASK, policy.cr4_mask()),
@@ -286,8 +293,8 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::GUEST_TR_BASE, 0),
         (F::GUEST_TR_LIMIT, 0x67),
         (F::GUEST_TR_AR_BYTES, 0x8B),
-        (F::GUEST_GDTR_BASE, 0),
-        (F::GUEST_GDTR_LIMIT, 0),
+        (F::GUEST_GDTR_BASE, s.initial.gdt.0),
+        (F::GUEST_GDTR_LIMIT, s.initial.gdt.1.into()),
         (F::GUEST_IDTR_BASE, 0),
         // The real-mode IVT at 0; protected-mode starts load their own IDT.
         (F::GUEST_IDTR_LIMIT, 0x3FF),
@@ -355,6 +362,9 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
     // The guest starts outside IA-32e mode.
     entry &= !caps::entry::IA32E_MODE_GUEST;
     vmw(F::VM_ENTRY_CONTROLS, entry.into())?;
+    if s.wait_for_sipi {
+        vmw(F::GUEST_ACTIVITY_STATE, vcpu::ACTIVITY_WAIT_FOR_SIPI)?;
+    }
     Ok((policy, efer))
 }
 

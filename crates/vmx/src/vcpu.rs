@@ -14,8 +14,11 @@ use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, InitialState, NestedFault, Vcpu};
 pub mod exit_reason {
     pub const EXCEPTION_OR_NMI: u32 = 0;
     pub const TRIPLE_FAULT: u32 = 2;
+    pub const INIT_SIGNAL: u32 = 3;
+    pub const SIPI: u32 = 4;
     pub const INTERRUPT_WINDOW: u32 = 7;
     pub const CPUID: u32 = 10;
+    pub const IO_INSTRUCTION: u32 = 30;
     pub const HLT: u32 = 12;
     pub const VMCALL: u32 = 18;
     pub const VMCLEAR: u32 = 19;
@@ -49,6 +52,9 @@ const INTR_TYPE_EXTERNAL: u32 = 0;
 const INTR_TYPE_NMI: u32 = 2 << 8;
 const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
 const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
+/// Guest activity states (SDM vol. 3C, 24.4.2).
+const ACTIVITY_ACTIVE: u64 = 0;
+pub const ACTIVITY_WAIT_FOR_SIPI: u64 = 3;
 /// Guest interruptibility state bits (SDM vol. 3C, table 24-3).
 const BLOCKING_BY_STI: u64 = 1 << 0;
 const BLOCKING_BY_MOV_SS: u64 = 1 << 1;
@@ -794,6 +800,22 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 return None;
             }
             r::VMCALL => Exit::VmmCall,
+            // Exit qualification for I/O (SDM vol. 3C, table 28-5).
+            r::IO_INSTRUCTION => {
+                let q = read(F::EXIT_QUALIFICATION);
+                Exit::Io {
+                    port: (q >> 16) as u16,
+                    size: (q & 7) as u8 + 1,
+                    input: q & (1 << 3) != 0,
+                    string: q & (1 << 4) != 0,
+                }
+            }
+            r::INIT_SIGNAL => Exit::Init,
+            // The qualification's low byte is the SIPI's vector (SDM vol.
+            // 3C, table 28-1).
+            r::SIPI => Exit::Sipi {
+                vector: read(F::EXIT_QUALIFICATION) as u8,
+            },
             r::CPUID => Exit::Cpuid,
             r::HLT => Exit::Hlt,
             r::TRIPLE_FAULT => Exit::Shutdown,
@@ -850,8 +872,8 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         Some(&self.stats)
     }
 
-    fn exit_name(&self, slot: usize) -> &'static str {
-        exit_name(slot)
+    fn exit_names(&self) -> fn(usize) -> &'static str {
+        exit_name
     }
 
     fn gpr(&self, reg: Gpr) -> u64 {
@@ -899,6 +921,84 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
 
     fn memory(&self) -> &dyn GuestPhysMemory {
         self.memory
+    }
+
+    fn reset(&mut self, initial: &InitialState) {
+        let code = initial.code_segment();
+        let data = initial.data_segment();
+        let cr0 = initial.cr0();
+        write(F::GUEST_CR0, self.cr.real_cr0(cr0));
+        write(F::CR0_READ_SHADOW, cr0);
+        write(F::GUEST_CR3, 0);
+        write(F::GUEST_CR4, self.cr.real_cr4(0));
+        write(F::CR4_READ_SHADOW, 0);
+        write(F::GUEST_DR7, 0x400);
+        write(F::GUEST_RSP, initial.gpr(Gpr::Rsp));
+        write(F::GUEST_RIP, initial.rip());
+        write(F::GUEST_RFLAGS, InitialState::RFLAGS);
+        write(F::GUEST_CS_SELECTOR, code.selector.into());
+        write(F::GUEST_CS_BASE, code.base);
+        write(F::GUEST_CS_LIMIT, code.limit.into());
+        write(F::GUEST_CS_AR_BYTES, code.access.into());
+        for (sel, base, limit, ar) in [
+            (
+                F::GUEST_SS_SELECTOR,
+                F::GUEST_SS_BASE,
+                F::GUEST_SS_LIMIT,
+                F::GUEST_SS_AR_BYTES,
+            ),
+            (
+                F::GUEST_DS_SELECTOR,
+                F::GUEST_DS_BASE,
+                F::GUEST_DS_LIMIT,
+                F::GUEST_DS_AR_BYTES,
+            ),
+            (
+                F::GUEST_ES_SELECTOR,
+                F::GUEST_ES_BASE,
+                F::GUEST_ES_LIMIT,
+                F::GUEST_ES_AR_BYTES,
+            ),
+            (
+                F::GUEST_FS_SELECTOR,
+                F::GUEST_FS_BASE,
+                F::GUEST_FS_LIMIT,
+                F::GUEST_FS_AR_BYTES,
+            ),
+            (
+                F::GUEST_GS_SELECTOR,
+                F::GUEST_GS_BASE,
+                F::GUEST_GS_LIMIT,
+                F::GUEST_GS_AR_BYTES,
+            ),
+        ] {
+            write(sel, data.selector.into());
+            write(base, data.base);
+            write(limit, data.limit.into());
+            write(ar, data.access.into());
+        }
+        // After INIT: GDTR and IDTR base 0, limit 0xFFFF (SDM vol. 3A,
+        // table 9-1).
+        write(F::GUEST_GDTR_BASE, 0);
+        write(F::GUEST_GDTR_LIMIT, 0xFFFF);
+        write(F::GUEST_IDTR_BASE, 0);
+        write(F::GUEST_IDTR_LIMIT, 0xFFFF);
+        write(F::GUEST_INTERRUPTIBILITY_INFO, 0);
+        write(F::GUEST_PENDING_DBG_EXCEPTIONS, 0);
+        self.set_guest_efer(0);
+        let entry = read(F::VM_ENTRY_CONTROLS);
+        write(F::VM_ENTRY_CONTROLS, entry & !ENTRY_IA32E_MODE_GUEST);
+        write(F::VM_ENTRY_INTR_INFO, 0);
+        self.deferred = None;
+        // RSP lives in the VMCS; its slot here is unused.
+        self.regs = GuestRegs(initial.gprs);
+        write(F::GUEST_ACTIVITY_STATE, ACTIVITY_ACTIVE);
+    }
+
+    fn wait_for_sipi(&mut self) {
+        write(F::VM_ENTRY_INTR_INFO, 0);
+        self.deferred = None;
+        write(F::GUEST_ACTIVITY_STATE, ACTIVITY_WAIT_FOR_SIPI);
     }
 
     fn skip_instruction(&mut self) {

@@ -31,6 +31,8 @@ impl VmcsField {
     pub const HOST_GS_SELECTOR: Self = Self(0x0C0A);
     pub const HOST_TR_SELECTOR: Self = Self(0x0C0C);
     // 64-bit control (B.2.1)
+    pub const IO_BITMAP_A: Self = Self(0x2000);
+    pub const IO_BITMAP_B: Self = Self(0x2002);
     pub const MSR_BITMAP: Self = Self(0x2004);
     pub const VM_EXIT_MSR_STORE_ADDR: Self = Self(0x2006);
     pub const VM_EXIT_MSR_LOAD_ADDR: Self = Self(0x2008);

@@ -389,3 +389,219 @@ pub fn get32(b: &[u8], at: usize) -> u32 {
 pub fn get64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
+
+// ------------------------------------------------------------ pass-through
+
+use std::collections::BTreeMap;
+use thinvisor_boot::phys::{PhysWrite, PhysWriteError};
+
+/// Sparse physical memory for the pass-through loaders: every address is
+/// writable (reads of unwritten bytes give zero) unless it is in `refuse`;
+/// every write is recorded.
+#[derive(Default, Clone, Debug)]
+pub struct Sparse {
+    pub pages: BTreeMap<u64, Vec<u8>>,
+    /// `[start, end)` of every write and zeroing, in order.
+    pub writes: Vec<(u64, u64)>,
+    /// Ranges whose writes fail (an unmapped hole in the direct map).
+    pub refuse: Vec<(u64, u64)>,
+}
+
+impl Sparse {
+    pub fn byte(&self, pa: u64) -> u8 {
+        self.pages
+            .get(&(pa & !0xfff))
+            .map_or(0, |p| p[(pa & 0xfff) as usize])
+    }
+
+    pub fn bytes(&self, pa: u64, len: usize) -> Vec<u8> {
+        (0..len as u64).map(|i| self.byte(pa + i)).collect()
+    }
+
+    pub fn r32(&self, pa: u64) -> u32 {
+        u32::from_le_bytes(self.bytes(pa, 4).try_into().unwrap())
+    }
+
+    fn store(
+        &mut self,
+        pa: u64,
+        len: u64,
+        mut f: impl FnMut(u64) -> u8,
+    ) -> Result<(), PhysWriteError> {
+        let end = pa
+            .checked_add(len)
+            .ok_or(PhysWriteError { addr: pa, len })?;
+        if self.refuse.iter().any(|&(s, e)| s < end && pa < e) {
+            return Err(PhysWriteError { addr: pa, len });
+        }
+        let mut a = pa;
+        while a < end {
+            let page = a & !0xfff;
+            let chunk = page.saturating_add(0x1000).min(end) - a;
+            let p = self.pages.entry(page).or_insert_with(|| vec![0; 4096]);
+            for i in 0..chunk {
+                p[((a & 0xfff) + i) as usize] = f(a - pa + i);
+            }
+            a += chunk;
+        }
+        if len > 0 {
+            self.writes.push((pa, end));
+        }
+        Ok(())
+    }
+}
+
+impl PhysWrite for Sparse {
+    fn write(&mut self, pa: u64, bytes: &[u8]) -> Result<(), PhysWriteError> {
+        self.store(pa, bytes.len() as u64, |i| bytes[i as usize])
+    }
+
+    /// Unwritten bytes read as zero already, so only pages that exist are
+    /// cleared (a hostile bss of hundreds of MiB stays cheap).
+    fn zero(&mut self, pa: u64, len: u64) -> Result<(), PhysWriteError> {
+        let end = pa
+            .checked_add(len)
+            .ok_or(PhysWriteError { addr: pa, len })?;
+        if self.refuse.iter().any(|&(s, e)| s < end && pa < e) {
+            return Err(PhysWriteError { addr: pa, len });
+        }
+        for (&page, bytes) in self.pages.range_mut(pa & !0xfff..end) {
+            for (i, b) in bytes.iter_mut().enumerate() {
+                let a = page + i as u64;
+                if pa <= a && a < end {
+                    *b = 0;
+                }
+            }
+        }
+        if len > 0 {
+            self.writes.push((pa, end));
+        }
+        Ok(())
+    }
+}
+
+impl PhysRead for Sparse {
+    fn read(&self, pa: u64, buf: &mut [u8]) -> bool {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = self.byte(pa + i as u64);
+        }
+        true
+    }
+}
+
+/// The fields of a synthetic bzImage.
+#[derive(Clone, Debug)]
+pub struct Bz {
+    pub setup_sects: u8,
+    pub boot_flag: u16,
+    pub magic: u32,
+    pub version: u16,
+    pub jump_len: u8,
+    pub loadflags: u8,
+    pub initrd_addr_max: u32,
+    pub kernel_alignment: u32,
+    pub relocatable: bool,
+    pub min_alignment: u8,
+    pub xloadflags: u16,
+    pub cmdline_size: u32,
+    pub pref_address: u64,
+    pub init_size: u32,
+    pub kernel_len: usize,
+    /// `None`: the kernel's length in paragraphs.
+    pub syssize: Option<u32>,
+}
+
+impl Default for Bz {
+    /// Like a current x86-64 distribution kernel, small.
+    fn default() -> Self {
+        Bz {
+            setup_sects: 4,
+            boot_flag: 0xAA55,
+            magic: 0x5372_6448,
+            version: 0x020F,
+            jump_len: 0x6A,
+            loadflags: 0x01,
+            initrd_addr_max: 0x7FFF_FFFF,
+            kernel_alignment: 0x20_0000,
+            relocatable: true,
+            min_alignment: 21,
+            xloadflags: 0x03,
+            cmdline_size: 2047,
+            pref_address: 0x100_0000,
+            init_size: 0x200_0000,
+            kernel_len: 0x3000,
+            syssize: None,
+        }
+    }
+}
+
+/// The byte at offset `i` of a synthetic protected-mode kernel.
+pub fn kernel_byte(i: usize) -> u8 {
+    (i % 251) as u8 ^ 0x5A
+}
+
+impl Bz {
+    pub fn build(&self) -> Vec<u8> {
+        let sects = if self.setup_sects == 0 {
+            4
+        } else {
+            self.setup_sects
+        };
+        let setup = (usize::from(sects) + 1) * 512;
+        let mut b: Vec<u8> = (0..setup).map(|i| (i % 7) as u8 + 0xC0).collect();
+        b.extend((0..self.kernel_len).map(kernel_byte));
+        b[0x1F1] = self.setup_sects;
+        let syssize = self.syssize.unwrap_or((self.kernel_len / 16) as u32);
+        put32(&mut b, 0x1F4, syssize);
+        put16(&mut b, 0x1FA, 0xFFFF); // vid_mode
+        put16(&mut b, 0x1FE, self.boot_flag);
+        b[0x200] = 0xEB;
+        b[0x201] = self.jump_len;
+        put32(&mut b, 0x202, self.magic);
+        put16(&mut b, 0x206, self.version);
+        put16(&mut b, 0x20E, 0x1234); // kernel_version: copied as is
+        b[0x210] = 0;
+        b[0x211] = self.loadflags;
+        put32(&mut b, 0x214, 0x10_0000);
+        put32(&mut b, 0x218, 0);
+        put32(&mut b, 0x21C, 0);
+        put16(&mut b, 0x224, 0);
+        put32(&mut b, 0x228, 0);
+        put32(&mut b, 0x22C, self.initrd_addr_max);
+        put32(&mut b, 0x230, self.kernel_alignment);
+        b[0x234] = u8::from(self.relocatable);
+        b[0x235] = self.min_alignment;
+        put16(&mut b, 0x236, self.xloadflags);
+        put32(&mut b, 0x238, self.cmdline_size);
+        put32(&mut b, 0x23C, 0); // hardware_subarch
+        put64(&mut b, 0x250, 0); // setup_data
+        put64(&mut b, 0x258, self.pref_address);
+        put32(&mut b, 0x260, self.init_size);
+        put32(&mut b, 0x264, 0x4242); // handover_offset: copied as is
+        b
+    }
+}
+
+/// QEMU's map for `-m 512` as `MemRegion`s.
+pub fn qemu_map() -> Vec<thinvisor_boot::MemRegion> {
+    QEMU_E820
+        .iter()
+        .map(|&(start, len, ty)| thinvisor_boot::MemRegion {
+            start,
+            len,
+            kind: thinvisor_boot::MemKind::from_multiboot(ty),
+        })
+        .collect()
+}
+
+pub fn region(start: u64, len: u64, ty: u32) -> thinvisor_boot::MemRegion {
+    thinvisor_boot::MemRegion {
+        start,
+        len,
+        kind: thinvisor_boot::MemKind::from_multiboot(ty),
+    }
+}
+
+pub fn get16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+}

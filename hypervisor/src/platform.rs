@@ -1,0 +1,156 @@
+//! The machine around the guest, as thinvisor's exit handlers see it: the
+//! few I/O ports it intercepts (those that end or reset the run), the exit
+//! tables of every processor, and a canary in thinvisor's own memory that
+//! proves at the end of a run that the guest never wrote there.
+
+use core::sync::atomic::{AtomicPtr, AtomicU16, AtomicU64, Ordering};
+
+use log::{error, info};
+use thinvisor_vmm::stats::ExitStats;
+use thinvisor_vmm::Platform;
+use x86_64::instructions::port::Port;
+
+use crate::mem;
+
+/// Processors whose exit tables are reported.
+const MAX_CPUS: usize = 64;
+
+/// Each processor's exit counts and their names, registered when its vCPU
+/// starts; the vCPU lives as long as the run.
+static STATS: [AtomicPtr<ExitStats>; MAX_CPUS] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS];
+static NAMES: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The guest's ACPI PM1a control port (from the FADT), 0 when unknown.
+pub static PM1A_CONTROL: AtomicU16 = AtomicU16::new(0);
+
+/// A page of thinvisor's heap filled with a pattern at boot.
+static CANARY: AtomicU64 = AtomicU64::new(0);
+const CANARY_WORD: u64 = 0x7468_696E_7669_736F; // "thinviso"
+
+/// Register processor `cpu`'s exit counts for the end-of-run report.
+pub fn register_stats(cpu: u32, stats: &ExitStats, names: fn(usize) -> &'static str) {
+    if let Some(slot) = STATS.get(cpu as usize) {
+        slot.store(
+            stats as *const ExitStats as *mut ExitStats,
+            Ordering::Release,
+        );
+    }
+    NAMES.store(names as *mut (), Ordering::Release);
+}
+
+/// Log every registered processor's exit table.
+pub fn log_exit_tables() {
+    let names = NAMES.load(Ordering::Acquire);
+    if names.is_null() {
+        return;
+    }
+    // SAFETY: only ever stored from a `fn(usize) -> &'static str`.
+    let names: fn(usize) -> &'static str = unsafe { core::mem::transmute(names) };
+    for (cpu, slot) in STATS.iter().enumerate() {
+        let p = slot.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: registered from a vCPU that lives until the run ends
+            // (its processor never returns from running the guest but to
+            // end the run); the counts are atomics.
+            thinvisor_vmm::stats::log_table(cpu as u32, unsafe { &*p }, names);
+        }
+    }
+}
+
+/// Fill a heap page with the canary pattern.
+pub fn plant_canary() {
+    let Some(page) = mem::alloc_zeroed(crate::PAGE, crate::PAGE) else {
+        return;
+    };
+    let words = mem::phys_to_virt(page) as *mut u64;
+    for i in 0..512 {
+        // SAFETY: a fresh heap page, used only as the canary.
+        unsafe { words.add(i).write_volatile(CANARY_WORD ^ i as u64) };
+    }
+    CANARY.store(page, Ordering::Release);
+}
+
+/// Check the canary and say so.
+pub fn check_canary() {
+    let page = CANARY.load(Ordering::Acquire);
+    if page == 0 {
+        return;
+    }
+    let words = mem::phys_to_virt(page) as *const u64;
+    // SAFETY: the canary page planted above, never freed.
+    let intact =
+        (0..512).all(|i| unsafe { words.add(i).read_volatile() } == CANARY_WORD ^ i as u64);
+    if intact {
+        info!("canary in thinvisor's memory at {page:#x}: intact");
+    } else {
+        error!("canary in thinvisor's memory at {page:#x}: OVERWRITTEN");
+    }
+}
+
+/// What a write to an intercepted port means for the run, if anything.
+fn power_event(port: u16, value: u32) -> Option<&'static str> {
+    match port {
+        thinvisor_abi::QEMU_EXIT_PORT => Some("ends the run through QEMU's exit device"),
+        // "Shutdown" arrives one byte at a time; report on its first.
+        thinvisor_abi::BOCHS_SHUTDOWN_PORT if value == u32::from(b'S') => {
+            Some("ends the run through Bochs' shutdown port")
+        }
+        0xCF9 if value & 0x4 != 0 => Some("resets the machine (port 0xCF9)"),
+        0x64 if value == 0xFE => Some("resets the machine (keyboard controller)"),
+        p if p != 0 && p == PM1A_CONTROL.load(Ordering::Relaxed) && value & (1 << 13) != 0 => {
+            Some("enters an ACPI sleep state (powers off)")
+        }
+        _ => None,
+    }
+}
+
+/// The platform thinvisor's exit handlers use.
+pub struct Machine;
+
+impl Platform for Machine {
+    fn io_write(&self, port: u16, size: u8, value: u32) {
+        if let Some(what) = power_event(port, value) {
+            info!("the guest {what} (port {port:#x}, value {value:#x})");
+            log_exit_tables();
+            check_canary();
+            crate::serial::Console::drain();
+        }
+        // SAFETY: a port the guest owns, written as the guest asked.
+        unsafe {
+            match size {
+                1 => Port::<u8>::new(port).write(value as u8),
+                2 => Port::<u16>::new(port).write(value as u16),
+                _ => Port::<u32>::new(port).write(value),
+            }
+        }
+    }
+
+    fn io_read(&self, port: u16, size: u8) -> u32 {
+        // SAFETY: a port the guest owns, read as the guest asked.
+        unsafe {
+            match size {
+                1 => u32::from(Port::<u8>::new(port).read()),
+                2 => u32::from(Port::<u16>::new(port).read()),
+                _ => Port::<u32>::new(port).read(),
+            }
+        }
+    }
+}
+
+/// An I/O bitmap (8 KiB, or 12 KiB for SVM) intercepting the power ports.
+pub fn io_bitmap(bytes: u64) -> u64 {
+    let Some(map) = mem::alloc_zeroed(bytes, crate::PAGE) else {
+        boot_error!("out of memory for the I/O bitmap")
+    };
+    // SAFETY: a fresh heap block of `bytes` bytes used only as this map.
+    let bits = unsafe { core::slice::from_raw_parts_mut(mem::phys_to_virt(map), bytes as usize) };
+    for port in thinvisor_vmm::POWER_PORTS {
+        thinvisor_vmm::iomap::intercept_port(bits, port);
+    }
+    let pm1a = PM1A_CONTROL.load(Ordering::Relaxed);
+    if pm1a != 0 {
+        thinvisor_vmm::iomap::intercept_port(bits, pm1a);
+    }
+    map
+}

@@ -1,0 +1,664 @@
+//! Debian's Linux as a test guest: the assets (Debian's stock kernel, an
+//! initramfs with busybox and `thinvisor-probe`, a SYSLINUX boot disk) and
+//! `cargo xtask linux`, which boots them on bare QEMU (or under thinvisor)
+//! and times the boot.
+//!
+//! The guest's `/init` prints lines the integration cases look for:
+//!
+//! ```text
+//! thinvisor-init: marker
+//! thinvisor-init: cpus N
+//! thinvisor-init: hypervisor-flag yes|no
+//! probe: cpuid-signature ...            (thinvisor-probe)
+//! probe: lookup log_read = N | probe: no thinvisor
+//! thinvisor-init: done
+//! ```
+//!
+//! and then powers the machine off, which ends a bare QEMU by itself.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::cpio::Cpio;
+use crate::debian::{self, Unpacked};
+use crate::disk::{self, DiskInputs};
+use crate::emu::{self, Boot, QemuOpts};
+use crate::images::{self, Module};
+use crate::setup;
+use crate::util::{self, Context, Ctx, Result};
+
+/// The kernel command line of every Linux boot: the console on COM1 (where
+/// the tests read), and a panic ends the run at once (with `-no-reboot`
+/// QEMU exits on the reboot) instead of hanging until the time-out.
+macro_rules! kernel_args {
+    () => {
+        "console=ttyS0 panic=-1"
+    };
+}
+
+/// The kernel command line (see `kernel_args!`).
+pub const KERNEL_ARGS: &str = kernel_args!();
+/// The kernel's file name, in `target/linux`, in module strings and on
+/// the disk.
+pub const KERNEL_FILE: &str = "vmlinuz";
+/// The initramfs' file name.
+pub const INITRD_FILE: &str = "initrd.img";
+/// The boot disk's file name.
+pub const DISK_FILE: &str = "disk.img";
+/// The module string of the kernel under `boot=linux`: the file name, then
+/// the kernel's command line (thinvisor drops the first word).
+pub const KERNEL_MODULE: &str = concat!("vmlinuz ", kernel_args!());
+/// The module string of the initramfs under `boot=linux`.
+pub const INITRD_MODULE: &str = "initrd.img";
+
+/// thinvisor's command line for a Linux guest from modules. Linux runs in
+/// the pass-through layout (the machine's memory, minus thinvisor's), so
+/// the machine's size matters: Debian's bzImage unpacks 63.6 MiB
+/// (`init_size`) at 16 MiB and dies silently in its decompressor with 64
+/// MiB (seen on bare QEMU `-m 64`; 96 MiB boots). The runs use 512 MiB.
+pub const LINUX_HV_ARGS: &str = "boot=linux log=info";
+/// thinvisor's command line for the BIOS boot of the first hard disk.
+pub const CHAIN_HV_ARGS: &str = "boot=chain log=info";
+
+/// The line `/init` prints first; the boot time is measured to it.
+pub const MARKER: &str = "thinvisor-init: marker";
+/// The line `/init` prints last, before powering off.
+pub const DONE: &str = "thinvisor-init: done";
+
+/// The Rust target of the programs in the initramfs: static, no libc
+/// needed in the guest.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+/// The probe's package and binary.
+const PROBE_PACKAGE: &str = "guest-tools";
+const PROBE_BIN: &str = "thinvisor-probe";
+/// The cargo profile of guest programs (stripped release, see Cargo.toml).
+const GUEST_PROFILE: &str = "guest";
+
+/// The built assets.
+#[derive(Debug, Clone)]
+pub struct LinuxAssets {
+    /// `target/linux/vmlinuz`: Debian's bzImage.
+    pub kernel: PathBuf,
+    /// `target/linux/initrd.img`: uncompressed newc cpio.
+    pub initrd: PathBuf,
+    /// `target/linux/disk.img`, when asked for.
+    pub disk: Option<PathBuf>,
+    /// Which kernel: `linux-image-6.1.0-NN-amd64 VERSION`.
+    pub kernel_package: String,
+}
+
+/// The directory of the assets.
+pub fn dir(ctx: &Ctx) -> PathBuf {
+    ctx.out().join("linux")
+}
+
+/// Fetches (or takes from the cache) the Debian packages, builds the probe
+/// and the initramfs and, with `with_disk`, the boot disk. Files are
+/// rewritten only when their contents change; the disk is rebuilt only
+/// when one of its inputs changed.
+pub fn build(ctx: &Ctx, with_disk: bool) -> Result<LinuxAssets> {
+    let out = dir(ctx);
+    fs::create_dir_all(&out).context(format_args!("creating {}", out.display()))?;
+
+    let kernel_members = ["./boot/vmlinuz-*"];
+    let kernel_pkg = debian::kernel_package(&kernel_members)?;
+    let kernel_deb = debian::fetch(&kernel_pkg, &kernel_members)?;
+    let vmlinuz = kernel_deb
+        .files_starting("boot", "vmlinuz-")?
+        .pop()
+        .ok_or_else(|| format!("{kernel_pkg} holds no boot/vmlinuz-*"))?;
+    let kernel = out.join(KERNEL_FILE);
+    write_if_changed(
+        &kernel,
+        &fs::read(&vmlinuz).context(format_args!("reading {}", vmlinuz.display()))?,
+    )?;
+
+    let busybox_deb = debian::fetch("busybox-static", &["./bin/busybox"])?;
+    let busybox = busybox_deb.file("bin/busybox")?;
+    let applets = busybox_applets(&busybox)?;
+    let probe = build_probe(ctx)?;
+    let initrd = out.join(INITRD_FILE);
+    let archive = initramfs(
+        &fs::read(&busybox).context("reading busybox")?,
+        &applets,
+        &fs::read(&probe).context("reading thinvisor-probe")?,
+    );
+    write_if_changed(&initrd, &archive)?;
+
+    let disk = if with_disk {
+        Some(build_disk(&out, &kernel, &initrd)?)
+    } else {
+        None
+    };
+    Ok(LinuxAssets {
+        kernel,
+        initrd,
+        disk,
+        kernel_package: format!("{} {}", kernel_deb.package, kernel_deb.version),
+    })
+}
+
+/// `cargo build` of thinvisor-probe for the musl target; its path.
+fn build_probe(ctx: &Ctx) -> Result<PathBuf> {
+    setup::ensure_target(ctx, MUSL_TARGET)?;
+    util::run(ctx.cargo().args([
+        "build",
+        "-p",
+        PROBE_PACKAGE,
+        "--bin",
+        PROBE_BIN,
+        "--profile",
+        GUEST_PROFILE,
+        "--target",
+        MUSL_TARGET,
+    ]))
+    .context("building thinvisor-probe")?;
+    let path = images::cargo_target_dir(ctx)?
+        .join(MUSL_TARGET)
+        .join(GUEST_PROFILE)
+        .join(PROBE_BIN);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("cargo built no {}", path.display()))
+    }
+}
+
+/// The applet paths busybox installs (`bin/sh`, `usr/bin/nproc`, ...),
+/// from `busybox --list-full` (the binary is static x86-64, so the host
+/// runs it).
+fn busybox_applets(busybox: &Path) -> Result<Vec<String>> {
+    let output = util::run_captured(Command::new(busybox).arg("--list-full"))
+        .context("listing busybox's applets")?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::trim)
+        // Top-level names (`linuxrc`) would sit beside /init; skip them.
+        .filter(|l| l.contains('/') && *l != "bin/busybox")
+        .map(str::to_string)
+        .collect())
+}
+
+/// The guest's `/init`: mounts the pseudo file systems, prints the lines
+/// the tests look for, runs the probe and powers off (`-f`: no init system
+/// to ask). `nproc` counts the CPUs Linux brought online; the `hypervisor`
+/// flag alone proves nothing (QEMU TCG sets it with no hypervisor), hence
+/// the probe.
+pub const INIT_SCRIPT: &str = r#"#!/bin/sh
+# thinvisor test guest: report what this Linux sees, then power off.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "thinvisor-init: marker"
+echo "thinvisor-init: kernel $(uname -r)"
+echo "thinvisor-init: cpus $(nproc)"
+if grep '^flags' /proc/cpuinfo | grep -qw hypervisor; then
+    echo "thinvisor-init: hypervisor-flag yes"
+else
+    echo "thinvisor-init: hypervisor-flag no"
+fi
+/bin/thinvisor-probe || echo "thinvisor-init: probe failed with status $?"
+echo "thinvisor-init: done"
+poweroff -f
+"#;
+
+/// The initramfs: busybox and its applet links, the probe, `/init`, and
+/// the device nodes init needs before devtmpfs is mounted.
+pub fn initramfs(busybox: &[u8], applets: &[String], probe: &[u8]) -> Vec<u8> {
+    let mut cpio = Cpio::new();
+    for dir in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root", "etc",
+    ] {
+        cpio.dir(dir, 0o755);
+    }
+    cpio.char_dev("dev/console", 0o600, 5, 1);
+    cpio.char_dev("dev/null", 0o666, 1, 3);
+    cpio.char_dev("dev/ttyS0", 0o660, 4, 64);
+    cpio.file("bin/busybox", 0o755, busybox);
+    for applet in applets {
+        cpio.symlink(applet, "/bin/busybox");
+    }
+    cpio.file(&format!("bin/{PROBE_BIN}"), 0o755, probe);
+    cpio.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    cpio.finish()
+}
+
+/// `syslinux.cfg`: boot the kernel at once with the same command line as
+/// the `-kernel` and `boot=linux` paths.
+pub fn syslinux_cfg() -> String {
+    format!(
+        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nSERIAL 0 115200\n\
+         LABEL linux\n  KERNEL {KERNEL_FILE}\n  APPEND {KERNEL_ARGS} initrd={INITRD_FILE}\n"
+    )
+}
+
+/// The boot disk, rebuilt when the fingerprint of its inputs changed.
+fn build_disk(out: &Path, kernel: &Path, initrd: &Path) -> Result<PathBuf> {
+    let syslinux = debian::fetch("syslinux", &["./usr/bin/syslinux"])?;
+    let common = debian::fetch("syslinux-common", &["./usr/lib/syslinux/mbr/mbr.bin"])?;
+    let inputs = DiskInputs {
+        mbr_bin: common.file("usr/lib/syslinux/mbr/mbr.bin")?,
+        syslinux: syslinux.file("usr/bin/syslinux")?,
+        files: vec![
+            (kernel.to_path_buf(), KERNEL_FILE.to_string()),
+            (initrd.to_path_buf(), INITRD_FILE.to_string()),
+        ],
+        syslinux_cfg: syslinux_cfg(),
+    };
+    let image = out.join(DISK_FILE);
+    let stamp = out.join(format!("{DISK_FILE}.inputs"));
+    let fingerprint = disk_fingerprint(&inputs, &[&syslinux, &common])?;
+    if image.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s == fingerprint) {
+        return Ok(image);
+    }
+    eprintln!("linux: building {}", image.display());
+    let _ = fs::remove_file(&stamp);
+    disk::build(&image, &inputs)?;
+    fs::write(&stamp, fingerprint).context("writing the disk's input stamp")?;
+    Ok(image)
+}
+
+/// What the disk is made of: package versions, the configuration, and a
+/// hash of each file's contents.
+fn disk_fingerprint(inputs: &DiskInputs, packages: &[&Unpacked]) -> Result<String> {
+    let mut text = format!("disk {} MiB\n", disk::DISK_MIB);
+    for p in packages {
+        text += &format!("package {} {}\n", p.package, p.version);
+    }
+    text += &format!("cfg {:016x}\n", fnv1a(inputs.syslinux_cfg.as_bytes()));
+    for (path, name) in &inputs.files {
+        let data = fs::read(path).context(format_args!("reading {}", path.display()))?;
+        text += &format!("file {name} {:016x}\n", fnv1a(&data));
+    }
+    Ok(text)
+}
+
+/// 64-bit FNV-1a: a cheap content hash for change detection (not for
+/// security).
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Writes `data` to `path` unless it already holds exactly that (keeps the
+/// file's time stamp for tools that look at it).
+fn write_if_changed(path: &Path, data: &[u8]) -> Result {
+    if fs::read(path).is_ok_and(|old| old == data) {
+        return Ok(());
+    }
+    fs::write(path, data).context(format_args!("writing {}", path.display()))
+}
+
+const USAGE: &str = "\
+usage: cargo xtask linux [--bare] [--disk] [--smp N] [--timeout SECS] [--build-only] [-- HV_ARGS...]
+  Builds Debian's kernel, the initramfs (busybox, /init, thinvisor-probe) and, with --disk,
+  the SYSLINUX boot disk into target/linux/, then boots them in QEMU TCG (-cpu max, pc
+  machine with SMM, -m 512) with the serial console here, and reports the wall time to
+  the `thinvisor-init: marker` line.
+  --bare          without thinvisor: QEMU -kernel vmlinuz -initrd initrd.img, or the disk
+                  (default: under thinvisor with boot=linux, or boot=chain with --disk)
+  --disk          boot the disk (SYSLINUX) instead of the kernel directly
+  --smp N         processors (default 2)
+  --timeout SECS  wall-clock limit (default 120)
+  --build-only    only build the assets
+  HV_ARGS         thinvisor's command line (default `boot=linux log=info`, or
+                  `boot=chain log=info` with --disk)
+Debian packages are cached in $THINVISOR_CACHE or ~/.cache/thinvisor/debian.
+Exits 0 when the guest printed `thinvisor-init: done` and QEMU ended by itself.";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Options {
+    bare: bool,
+    disk: bool,
+    smp: u32,
+    timeout: u64,
+    build_only: bool,
+    hv_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            bare: false,
+            disk: false,
+            smp: 2,
+            timeout: 120,
+            build_only: false,
+            hv_args: Vec::new(),
+        }
+    }
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut opts = Options::default();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut number = |name: &str| -> Result<u64> {
+            let v = args
+                .next()
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))?;
+            v.parse().map_err(|_| format!("bad {name} `{v}`"))
+        };
+        match arg.as_str() {
+            "--bare" => opts.bare = true,
+            "--disk" => opts.disk = true,
+            "--smp" => {
+                let n = number("--smp")?;
+                opts.smp = u32::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=255).contains(n))
+                    .ok_or_else(|| format!("--smp {n}: 1 to 255"))?;
+            }
+            "--timeout" => opts.timeout = number("--timeout")?,
+            "--build-only" => opts.build_only = true,
+            "--" => {
+                opts.hv_args = args.cloned().collect();
+                break;
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown option `{other}`\n{USAGE}")),
+        }
+    }
+    Ok(opts)
+}
+
+/// `cargo xtask linux`.
+pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
+    let opts = parse(args)?;
+    setup::ensure(ctx)?;
+    let assets = build(ctx, opts.disk)?;
+    eprintln!(
+        "linux: {} in {}: {KERNEL_FILE}, {INITRD_FILE}{}",
+        assets.kernel_package,
+        ctx.show(&dir(ctx)),
+        if opts.disk {
+            format!(", {DISK_FILE}")
+        } else {
+            String::new()
+        }
+    );
+    if opts.build_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let run_dir = ctx.fresh_dir("linux-run")?;
+    let mut cmd = if opts.bare {
+        bare_command(&assets, opts.disk, opts.smp)?
+    } else {
+        let images = images::build(ctx)?;
+        let (default_args, modules) = if opts.disk {
+            (CHAIN_HV_ARGS, vec![])
+        } else {
+            (
+                LINUX_HV_ARGS,
+                vec![
+                    Module::new(&assets.kernel, KERNEL_MODULE),
+                    Module::new(&assets.initrd, INITRD_MODULE),
+                ],
+            )
+        };
+        let boot = Boot {
+            kernel32: images.hv32.clone(),
+            kernel64: images.hv.clone(),
+            args: if opts.hv_args.is_empty() {
+                default_args.to_string()
+            } else {
+                opts.hv_args.join(" ")
+            },
+            modules,
+        };
+        let qemu = QemuOpts {
+            interactive: true,
+            smp: opts.smp,
+            machine: Some("pc".into()),
+            drives: assets.disk.iter().cloned().collect(),
+            ..QemuOpts::default()
+        };
+        emu::qemu_command(&run_dir, &boot, &qemu)?
+    };
+    cmd.current_dir(&run_dir);
+    eprintln!("$ {}", util::describe(&cmd));
+    let watched = watch(cmd, Duration::from_secs(opts.timeout))?;
+    fs::write(run_dir.join("serial.log"), &watched.serial).context("writing serial.log")?;
+    println!();
+    println!("linux: {}", watched.summary(!opts.bare));
+    Ok(if watched.succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// QEMU without thinvisor: the kernel by `-kernel`, or the disk.
+pub fn bare_command(assets: &LinuxAssets, from_disk: bool, smp: u32) -> Result<Command> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "pc", "-cpu", "max", "-m", "512M"])
+        .args(["-smp", &smp.to_string()])
+        .args(["-display", "none", "-no-reboot", "-serial", "stdio"]);
+    if from_disk {
+        let disk = assets.disk.as_ref().ok_or("the disk was not built")?;
+        cmd.arg("-drive").arg(emu::raw_drive(disk));
+    } else {
+        cmd.arg("-kernel")
+            .arg(&assets.kernel)
+            .arg("-initrd")
+            .arg(&assets.initrd)
+            .arg("-append")
+            .arg(KERNEL_ARGS);
+    }
+    Ok(cmd)
+}
+
+/// A QEMU run whose serial console was on its stdout.
+#[derive(Debug)]
+pub struct Watched {
+    pub serial: String,
+    /// Wall time from QEMU's start to the marker line, if it came.
+    pub marker_at: Option<Duration>,
+    pub elapsed: Duration,
+    /// QEMU's status when it ended by itself.
+    pub status: Option<ExitStatus>,
+    /// Why it was stopped otherwise.
+    pub stopped: Option<String>,
+}
+
+impl Watched {
+    /// The guest reached the end of `/init` and QEMU then ended by itself.
+    pub fn succeeded(&self) -> bool {
+        self.serial.contains(DONE) && self.status.is_some()
+    }
+
+    /// One line: the time to the marker, whether init finished, how QEMU
+    /// ended (with thinvisor's exit code when `under_thinvisor`).
+    pub fn summary(&self, under_thinvisor: bool) -> String {
+        let marker = match self.marker_at {
+            Some(t) => format!("`{MARKER}` after {}", util::secs(t)),
+            None => format!("no `{MARKER}` line"),
+        };
+        let end = match (&self.status, &self.stopped) {
+            (_, Some(reason)) => format!("QEMU was stopped: {reason}"),
+            (Some(status), None) => format!(
+                "QEMU ended by itself after {} ({})",
+                util::secs(self.elapsed),
+                if under_thinvisor {
+                    emu::describe_qemu_status(status)
+                } else {
+                    status.to_string()
+                }
+            ),
+            (None, None) => "QEMU ended".to_string(),
+        };
+        let done = if self.serial.contains(DONE) {
+            "init finished"
+        } else {
+            "init did not finish"
+        };
+        format!("{marker}; {done}; {end}")
+    }
+}
+
+/// Runs `cmd` (whose serial console is its stdout) for at most `timeout`,
+/// copying its output here as it comes and noting when the marker line
+/// appeared.
+pub fn watch(mut cmd: Command, timeout: Duration) -> Result<Watched> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
+    let mut stdout = child.stdout.take().ok_or("no stdout from QEMU")?;
+    let reader = thread::spawn(move || {
+        let mut serial = Vec::new();
+        let mut marker_at = None;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            serial.extend_from_slice(&buf[..n]);
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(&buf[..n]);
+            let _ = out.flush();
+            if marker_at.is_none() && contains(&serial, MARKER.as_bytes()) {
+                marker_at = Some(start.elapsed());
+            }
+        }
+        (serial, marker_at)
+    });
+    let ended = util::supervise(&mut child, timeout, || None).context("waiting for QEMU")?;
+    let elapsed = start.elapsed();
+    let (serial, marker_at) = reader.join().map_err(|_| "the output reader panicked")?;
+    let (status, stopped) = match ended {
+        util::Ended::Exited(status) => (Some(status), None),
+        util::Ended::TimedOut => (None, Some(format!("timeout after {}", util::secs(timeout)))),
+        util::Ended::Stopped(reason) => (None, Some(reason)),
+    };
+    Ok(Watched {
+        serial: String::from_utf8_lossy(&serial).into_owned(),
+        marker_at,
+        elapsed,
+        status,
+        stopped,
+    })
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpio::read::entries;
+
+    #[test]
+    fn initramfs_contents() {
+        let applets = vec!["bin/sh".to_string(), "sbin/poweroff".to_string()];
+        let all = entries(&initramfs(b"BB", &applets, b"PROBE"));
+        let find = |name: &str| {
+            all.iter()
+                .find(|e| e.name == name)
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert_eq!(find("init").data, INIT_SCRIPT.as_bytes());
+        assert_eq!(find("init").mode, 0o100_755);
+        assert_eq!(find("bin/busybox").data, b"BB");
+        assert_eq!(find("bin/thinvisor-probe").data, b"PROBE");
+        assert_eq!(find("bin/sh").data, b"/bin/busybox");
+        assert_eq!(find("sbin/poweroff").mode, 0o120_777);
+        assert_eq!(find("dev/console").rdev, (5, 1));
+        // Every entry's parent directory comes before it.
+        for (i, e) in all.iter().enumerate() {
+            if let Some((parent, _)) = e.name.rsplit_once('/') {
+                assert!(
+                    all[..i].iter().any(|p| p.name == parent),
+                    "{} before its directory",
+                    e.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn init_prints_the_expected_lines() {
+        for line in [MARKER, DONE, "thinvisor-init: cpus $(nproc)"] {
+            assert!(INIT_SCRIPT.contains(line), "{line}");
+        }
+        assert!(INIT_SCRIPT.contains("hypervisor-flag yes"));
+        assert!(INIT_SCRIPT.contains("hypervisor-flag no"));
+        assert!(INIT_SCRIPT.trim_end().ends_with("poweroff -f"));
+    }
+
+    #[test]
+    fn command_lines_agree() {
+        assert_eq!(KERNEL_MODULE, format!("{KERNEL_FILE} {KERNEL_ARGS}"));
+        let cfg = syslinux_cfg();
+        assert!(cfg.starts_with("DEFAULT linux\nPROMPT 0\n"));
+        assert!(cfg.contains(&format!("KERNEL {KERNEL_FILE}\n")));
+        assert!(cfg.contains(&format!("APPEND {KERNEL_ARGS} initrd={INITRD_FILE}\n")));
+    }
+
+    #[test]
+    fn fnv_known_values() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    /// Boots the built assets on bare QEMU through the runner the
+    /// integration cases use (`emu::run_qemu`: QEMU loads a bzImage given as
+    /// `-kernel` itself), checking the timed marker line and the CPU count.
+    /// Needs `cargo xtask linux --build-only` first and about 20 s:
+    /// `cargo test -p xtask -- --ignored bare_boot`.
+    #[test]
+    #[ignore]
+    fn bare_boot_through_the_case_runner() {
+        let ctx = Ctx::new();
+        let kernel = dir(&ctx).join(KERNEL_FILE);
+        let initrd = dir(&ctx).join(INITRD_FILE);
+        assert!(
+            kernel.exists() && initrd.exists(),
+            "run cargo xtask linux --build-only"
+        );
+        let boot = Boot {
+            kernel32: kernel.clone(),
+            kernel64: kernel,
+            args: KERNEL_ARGS.to_string(),
+            modules: vec![Module::new(initrd, INITRD_MODULE)],
+        };
+        let opts = QemuOpts {
+            timeout: Duration::from_secs(120),
+            smp: 2,
+            machine: Some("pc".into()),
+            time_line: Some(MARKER.to_string()),
+            ..QemuOpts::default()
+        };
+        let run_dir = ctx.fresh_dir("linux-runner-test").unwrap();
+        let outcome = emu::run_qemu(&run_dir, &boot, &opts).unwrap();
+        assert!(outcome.stopped.is_none(), "{:?}", outcome.stopped);
+        assert!(outcome.serial.contains("thinvisor-init: cpus 2"));
+        assert!(outcome.serial.contains("probe: no thinvisor"));
+        assert!(outcome.serial.contains(DONE));
+        let marker = outcome.line_at.expect("the marker line was timed");
+        assert!(marker <= outcome.elapsed);
+        eprintln!(
+            "marker after {}, QEMU ended after {}",
+            util::secs(marker),
+            util::secs(outcome.elapsed)
+        );
+    }
+
+    #[test]
+    fn options() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(parse(&[]).unwrap(), Options::default());
+        let o = parse(&args("--bare --disk --smp 4 --timeout 9 -- log=debug x")).unwrap();
+        assert!(o.bare && o.disk && !o.build_only);
+        assert_eq!((o.smp, o.timeout), (4, 9));
+        assert_eq!(o.hv_args, vec!["log=debug", "x"]);
+        assert!(parse(&args("--smp 0")).is_err());
+        assert!(parse(&args("--smp")).is_err());
+        assert!(parse(&args("--what")).is_err());
+    }
+}
