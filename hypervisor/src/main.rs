@@ -12,6 +12,7 @@ macro_rules! boot_error {
     }};
 }
 
+mod apic;
 mod entry;
 mod idt;
 mod mem;
@@ -79,6 +80,12 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         frames.free_bytes() >> 20
     );
 
+    if let Err(e) = mem::init_rust_heap() {
+        boot_error!("{e}");
+    }
+    // The decoder's tables, built now rather than on the first emulated
+    // write.
+    thinvisor_vmm::emulate::prepare();
     let backend = pick_backend();
 
     let (guest, ram) = match options.boot {
@@ -108,7 +115,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     let mut vmm = Vmm::new(vm);
     platform::plant_canary();
     match backend {
-        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm),
+        Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm, &boot),
         Backend::Vmx(caps) => {
             let efer = match options.efer {
                 EferMode::Auto => EferPreference::Auto,

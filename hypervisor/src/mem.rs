@@ -33,9 +33,10 @@ const HUGE: u64 = 0x83;
 
 /// Memory thinvisor keeps for itself beyond its image: page tables, the
 /// per-processor areas (stacks, VMCB/VMCS, host save areas), nested page
-/// tables. About 100 KiB per processor (docs/architecture.md, "Memory");
-/// the block is rounded up to 2 MiB, so the heap gets what the image leaves.
-pub const HEAP_SIZE: u64 = 1 << 20;
+/// tables, the Rust heap ([`RUST_HEAP_SIZE`]). About 100 KiB per processor
+/// (docs/architecture.md, "Memory"); the block is rounded up to 2 MiB, so
+/// the heap gets what the image leaves.
+pub const HEAP_SIZE: u64 = 3 << 20;
 
 extern "C" {
     static __image_start: u8;
@@ -333,4 +334,26 @@ pub fn map_low_identity(on: bool) {
         tables.table(HostPhysAddr::new(pml4))[0] = 0;
     }
     x86_64::instructions::tlb::flush_all();
+}
+
+/// The Rust heap, for the few things that need `alloc`: the instruction
+/// decoder's tables (iced-x86 builds them once, about 360 KiB). Carved out
+/// of thinvisor's heap at boot; nothing on an exit path allocates.
+#[global_allocator]
+static ALLOCATOR: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+
+/// Bytes of thinvisor's heap given to the Rust allocator.
+pub const RUST_HEAP_SIZE: u64 = 512 * 1024;
+
+/// Give the Rust allocator its memory (once, after [`relocate`]).
+pub fn init_rust_heap() -> Result<(), &'static str> {
+    let pa = alloc_zeroed(RUST_HEAP_SIZE, PAGE).ok_or("out of memory for the Rust heap")?;
+    // SAFETY: a fresh block of thinvisor's heap, used by nothing else, for
+    // as long as thinvisor runs.
+    unsafe {
+        ALLOCATOR
+            .lock()
+            .init(phys_to_virt(pa), RUST_HEAP_SIZE as usize)
+    };
+    Ok(())
 }

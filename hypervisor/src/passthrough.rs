@@ -334,6 +334,18 @@ pub fn build_tables(
     root
 }
 
+/// Make the page at `pa` read-only to the guest (its writes exit).
+pub fn write_protect(pa: u64) -> Result<(), &'static str> {
+    let tables = TABLES.get().ok_or("no pass-through tables")?;
+    tables
+        .lock()
+        .write_protect(
+            &mut mem::HeapTables,
+            thinvisor_memory::GuestPhysAddr::new(pa),
+        )
+        .map_err(|_| "the page is not mapped")
+}
+
 /// Nested page faults in the pass-through layout.
 pub struct PassthroughFaults;
 
@@ -342,6 +354,9 @@ impl NestedFaults for PassthroughFaults {
         let Some(tables) = TABLES.get() else {
             return FaultVerdict::Outside;
         };
+        if fault.write && crate::apic::is_apic_page(fault.gpa) {
+            return FaultVerdict::Device(&crate::apic::APIC);
+        }
         let mut tables = tables.lock();
         if tables.is_hidden(fault.gpa) {
             return if fault.write {

@@ -18,7 +18,7 @@ use crate::util::{self, Context, Ctx, Result};
 
 const USAGE: &str = "usage: cargo xtask bench [--no-valgrind] [--exits-only | --copy-only]";
 
-/// BitVisor's figures on the same emulator (../shared/TESTING.md): the
+/// BitVisor's figures on the same emulator (README, Benchmarks): the
 /// anchors the exit-path costs are compared with.
 const BITVISOR_CPUID_EXIT: f64 = 351.0;
 const BITVISOR_LOOKUP: f64 = 23_170.0;

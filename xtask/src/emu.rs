@@ -90,6 +90,8 @@ pub struct BochsOpts {
     pub ips: u64,
     /// Copy the serial log to stdout while it grows.
     pub follow: bool,
+    /// Processors (`cpu: count=N`); 1 = Bochs' default, one.
+    pub cpus: u32,
 }
 
 impl BochsOpts {
@@ -100,6 +102,7 @@ impl BochsOpts {
             timeout: Duration::from_secs(120),
             ips: 2_000_000,
             follow: false,
+            cpus: 1,
         }
     }
 }
@@ -310,6 +313,7 @@ pub fn bochsrc(opts: &BochsOpts, iso: &str) -> Result<String> {
     Ok(format!(
         "cpu: model={model}\n\
          cpu: ips={ips}\n\
+         {cpus}\
          memory: guest={mem}, host={mem}\n\
          romimage: file={bios}\n\
          vgaromimage: file={vga}\n\
@@ -326,6 +330,13 @@ pub fn bochsrc(opts: &BochsOpts, iso: &str) -> Result<String> {
          mouse: enabled=0\n",
         model = opts.model,
         ips = opts.ips,
+        // Several processors: a short quantum interleaves them finely, as
+        // Bochs' documentation suggests for SMP guests.
+        cpus = if opts.cpus > 1 {
+            format!("cpu: count={}, quantum=16\n", opts.cpus)
+        } else {
+            String::new()
+        },
         mem = opts.mem_mb,
         bios = bios.display(),
         vga = vga.display(),

@@ -367,16 +367,16 @@ fn run_case(
             outcome
         }
         Emulator::Bochs { model } => {
-            if case.smp > 1 || !drives.is_empty() {
+            if !drives.is_empty() {
                 return Err(format!(
-                    "{}: Bochs cases take neither -smp nor disks (the runner boots a GRUB \
-                     CD with one processor)",
+                    "{}: Bochs cases take no disks (the runner boots a GRUB CD)",
                     case.name
                 ));
             }
             let opts = BochsOpts {
                 mem_mb: case.mem_mb,
                 timeout: case.timeout(),
+                cpus: case.smp,
                 ..BochsOpts::new(model)
             };
             let outcome = emu::run_bochs(ctx, case.name, &boot, &opts)?;

@@ -1,4 +1,4 @@
-//! The guest-visible ABI of thinvisor (SPEC.md section 3), byte-compatible
+//! The guest-visible ABI of thinvisor (docs/vmm-call.md), byte-compatible
 //! with BitVisor's VMM calls.
 //!
 //! A guest executes VMCALL (`0F 01 C1`, Intel) or VMMCALL (`0F 01 D9`, AMD)
@@ -30,7 +30,7 @@ pub mod names {
     pub const GET_VMMCALL_NUMBER: &str = "get_vmmcall_number";
 }
 
-/// Values of the dbgsh mailbox (SPEC.md section 3).
+/// Values of the dbgsh mailbox (docs/vmm-call.md, Functions).
 pub mod dbgsh {
     /// Returned when the VMM has nothing pending; also the "no answer" input.
     pub const NOTHING: u64 = u64::MAX;

@@ -317,6 +317,55 @@ impl PassThroughTables {
         Err(NptError::AlreadyMapped)
     }
 
+    /// Makes the 4 KiB page at `gpa` read-only (identity still), splitting
+    /// the large page that maps it: writes to it then exit, reads do not.
+    /// For device pages whose writes the hypervisor must see (the local
+    /// APIC's interrupt command register, on SVM). The caller flushes the
+    /// guest's TLB if the guest ran already.
+    ///
+    /// Errors: `Hidden` (already read-only, as filler), `OutOfRange` (not
+    /// mapped), `OutOfMemory`.
+    pub fn write_protect(
+        &mut self,
+        alloc: &mut dyn TableAllocator,
+        gpa: GuestPhysAddr,
+    ) -> Result<(), NptError> {
+        let g = gpa.as_u64();
+        if self.is_hidden(gpa) {
+            return Err(NptError::Hidden);
+        }
+        let mut table = self.root.as_u64();
+        for level in (0..4).rev() {
+            let i = index(g, level);
+            let entry = alloc.table(HostPhysAddr::new(table))[i];
+            if entry & PRESENT == 0 {
+                return Err(NptError::OutOfRange);
+            }
+            if level == 0 {
+                alloc.table(HostPhysAddr::new(table))[i] = entry & !WRITE;
+                return Ok(());
+            }
+            if entry & HUGE == 0 {
+                table = entry & ADDR_MASK;
+                continue;
+            }
+            // Split the large leaf into 512 of the next size, same bits.
+            // A 4 KiB leaf has no page-size bit (bit 7 is PAT there, and a
+            // large leaf's PAT bit 12 is part of the address field in a
+            // 4 KiB one: this builder never sets either).
+            let next = self.alloc(alloc)?;
+            let child = entry_size(level - 1);
+            let base = entry & ADDR_MASK & !(entry_size(level) - 1);
+            let flags = entry & !ADDR_MASK & if level == 1 { !HUGE } else { u64::MAX };
+            for (j, e) in alloc.table(HostPhysAddr::new(next)).iter_mut().enumerate() {
+                *e = (base + j as u64 * child) | flags;
+            }
+            alloc.table(HostPhysAddr::new(table))[i] = next | TABLE;
+            table = next;
+        }
+        Err(NptError::OutOfRange)
+    }
+
     /// A zeroed table, counted.
     fn alloc(&mut self, alloc: &mut dyn TableAllocator) -> Result<u64, NptError> {
         let t = alloc.alloc_table().ok_or(NptError::OutOfMemory)?;

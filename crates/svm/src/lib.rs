@@ -677,6 +677,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 write: c.exit_info1 & npf_info::WRITE != 0,
                 fetch: c.exit_info1 & npf_info::FETCH != 0,
                 linear: None,
+                in_page_walk: c.exit_info1 & npf_info::IN_PAGE_WALK != 0,
             }),
             exit_code::VMRUN
             | exit_code::VMLOAD
@@ -777,6 +778,21 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
 
     fn memory(&self) -> &dyn GuestPhysMemory {
         self.memory
+    }
+
+    fn cs_access(&self) -> u16 {
+        // SVM packs bits 15:12 of the access rights into 11:8.
+        let a = self.vmcb.save.cs.attrib;
+        (a & 0xFF) | ((a & 0xF00) << 4)
+    }
+
+    fn rflags(&self) -> u64 {
+        self.vmcb.save.rflags
+    }
+
+    fn complete_instruction(&mut self, next_rip: u64) {
+        self.vmcb.save.rip = next_rip;
+        self.vmcb.control.interrupt_shadow = 0;
     }
 
     fn skip_instruction(&mut self) {

@@ -213,6 +213,9 @@ pub mod ioio_info {
 pub mod npf_info {
     pub const WRITE: u64 = 1 << 1;
     pub const FETCH: u64 = 1 << 4;
+    /// The fault hit the guest's page tables during its walk (APM vol. 2,
+    /// 15.25.6).
+    pub const IN_PAGE_WALK: u64 = 1 << 33;
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use thinvisor_memory::pagetable::{PageTables, RW, SIZE_4K};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, IsolatedMemory, PagingMode, PagingRegs};
-use thinvisor_vmm::emulate::{decode_write, EmulateError, EmulationContext, MemWrite};
+use thinvisor_vmm::emulate::{decode_write, EmulateError, MemWrite};
 use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, Vcpu};
 
 /// Counts the bytes allocated, to report iced-x86's table size.
@@ -86,21 +86,24 @@ impl Vcpu for Guest {
         self.mem
     }
     fn skip_instruction(&mut self) {}
-    fn inject(&mut self, _: Event) {}
-    fn run(&mut self) -> Exit {
-        Exit::Hlt
-    }
-}
-
-impl EmulationContext for Guest {
     fn cs_access(&self) -> u16 {
-        self.cs_access
+        self.cs_access_bits()
     }
     fn rflags(&self) -> u64 {
         2
     }
     fn complete_instruction(&mut self, next_rip: u64) {
         self.rip = next_rip;
+    }
+    fn inject(&mut self, _: Event) {}
+    fn run(&mut self) -> Exit {
+        Exit::Hlt
+    }
+}
+
+impl Guest {
+    fn cs_access_bits(&self) -> u16 {
+        self.cs_access
     }
 }
 

@@ -101,7 +101,9 @@ const RFLAGS_DF: u64 = 1 << 10;
 /// RFLAGS.VM: virtual-8086 mode.
 const RFLAGS_VM: u64 = 1 << 17;
 
-/// What decoding needs from a backend beyond [`Vcpu`].
+/// What decoding needs from a backend: [`Vcpu::cs_access`],
+/// [`Vcpu::rflags`] and [`Vcpu::complete_instruction`], which every
+/// backend provides.
 ///
 /// - `cs_access`: SVM `vmcb.save.cs.attrib` unpacked to this layout (bits
 ///   11:8 move to 15:12), VMX `GUEST_CS_AR_BYTES`;
@@ -109,16 +111,9 @@ const RFLAGS_VM: u64 = 1 << 17;
 /// - `complete_instruction`: the exit gave no usable length (SVM without
 ///   NRIPS), so the core computes the next RIP and the backend stores it
 ///   and ends any STI/MOV SS interrupt shadow, as `skip_instruction` does.
-pub trait EmulationContext: Vcpu {
-    /// The code segment's access rights; only [`cs_access::L`] and
-    /// [`cs_access::DB`] are read.
-    fn cs_access(&self) -> u16;
-    /// The guest's RFLAGS (VM and DF are read).
-    fn rflags(&self) -> u64;
-    /// Set RIP to `next_rip` after an emulated instruction, ending an
-    /// interrupt shadow as the instruction's retirement would.
-    fn complete_instruction(&mut self, next_rip: u64);
-}
+pub trait EmulationContext: Vcpu {}
+
+impl<T: Vcpu + ?Sized> EmulationContext for T {}
 
 /// The size the processor decodes instructions in.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -2,6 +2,7 @@
 
 use crate::vcpu::{Event, Exit, Gpr, NestedFault, Vcpu};
 use crate::{vmmcall, Vmm};
+use thinvisor_memory::GuestPhysAddr;
 
 /// What the backend should do after an exit has been handled.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -73,11 +74,12 @@ fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
 }
 
 /// CPUID: the real processor's answer, edited by the policy (hypervisor
-/// bit, thinvisor's leaf 0x40000000, no nested virtualization).
+/// bit, thinvisor's leaf 0x40000000, no nested virtualization, the
+/// guest's own CR4.OSXSAVE and CR4.PKE).
 fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let leaf = vcpu.gpr(Gpr::Rax) as u32;
     let subleaf = vcpu.gpr(Gpr::Rcx) as u32;
-    let r = vmm.vm.cpuid.query(leaf, subleaf);
+    let r = vmm.vm.cpuid.query(leaf, subleaf, vcpu.paging().cr4);
     // CPUID writes the full 64-bit registers with zero-extended values.
     vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
     vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));
@@ -178,17 +180,84 @@ fn on_shutdown<V: Vcpu>(vcpu: &mut V) -> Action {
     Action::Stop(StopReason::Shutdown { rip: vcpu.rip() })
 }
 
+/// Carry out the store behind a refused write: decode the instruction,
+/// hand its value to `device` (or drop it), retire it. A store during the
+/// guest's own page walk or an instruction thinvisor does not emulate stops
+/// the guest with the fault reported.
+#[cfg(feature = "emulate")]
+fn emulate_write<V: Vcpu>(
+    vcpu: &mut V,
+    fault: NestedFault,
+    device: Option<&dyn DeviceWrite>,
+) -> Action {
+    use crate::emulate::{decode_write, EmulateError};
+    use thinvisor_memory::TranslateError;
+    let stop = |vcpu: &V| {
+        Action::Stop(StopReason::BadMemory {
+            fault,
+            rip: vcpu.rip(),
+        })
+    };
+    if !fault.write || fault.fetch || fault.in_page_walk {
+        return stop(vcpu);
+    }
+    match decode_write(vcpu) {
+        Ok(w) => {
+            let old = device.map_or(0, |d| d.write(fault.gpa, w.size, w.value));
+            w.finish(vcpu, old);
+            Action::Resume
+        }
+        Err(EmulateError::Fetch(TranslateError::PageFault { la, error_code })) => {
+            vcpu.inject(Event::PageFault {
+                error_code,
+                address: la.as_u64(),
+            });
+            Action::Resume
+        }
+        Err(e) => {
+            log::error!(
+                "write to guest-physical {:#x} not emulated: {e}",
+                fault.gpa.as_u64()
+            );
+            stop(vcpu)
+        }
+    }
+}
+
+/// Without the decoder, a refused write stops the guest.
+#[cfg(not(feature = "emulate"))]
+fn emulate_write<V: Vcpu>(
+    vcpu: &mut V,
+    fault: NestedFault,
+    _device: Option<&dyn DeviceWrite>,
+) -> Action {
+    Action::Stop(StopReason::BadMemory {
+        fault,
+        rip: vcpu.rip(),
+    })
+}
+
 /// What the layout makes of a nested page fault.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy)]
 pub enum FaultVerdict {
     /// The address was ordinary guest-physical space not mapped yet (a
     /// 64-bit BAR above the memory map): it is mapped now; run again.
     Mapped,
     /// A write into the hypervisor's own memory, which the guest sees as
-    /// read-only filler.
+    /// read-only filler: the write is dropped and the instruction skipped.
     HiddenWrite,
+    /// A write to a device page the hypervisor watches: the instruction is
+    /// emulated, its store handed to the device.
+    Device(&'static dyn DeviceWrite),
     /// Nothing the guest may reach.
     Outside,
+}
+
+/// A device page whose writes the hypervisor carries out itself.
+pub trait DeviceWrite: Sync {
+    /// Store `value` (`size` bytes) at `gpa` for the guest; return what
+    /// the location held before (for XCHG).
+    fn write(&self, gpa: GuestPhysAddr, size: u8, value: u64) -> u64;
 }
 
 /// The guest-physical layout behind nested page faults. The isolated
@@ -209,16 +278,14 @@ fn on_nested_page_fault<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, fault: NestedFault
     match verdict {
         FaultVerdict::Mapped => Action::Resume,
         FaultVerdict::HiddenWrite => {
-            log::error!(
-                "guest write into thinvisor's memory at {:#x} (rip {:#x})",
+            log::warn!(
+                "guest write into thinvisor's memory at {:#x} (rip {:#x}) dropped",
                 fault.gpa.as_u64(),
                 vcpu.rip()
             );
-            Action::Stop(StopReason::BadMemory {
-                fault,
-                rip: vcpu.rip(),
-            })
+            emulate_write(vcpu, fault, None)
         }
+        FaultVerdict::Device(device) => emulate_write(vcpu, fault, Some(device)),
         FaultVerdict::Outside => Action::Stop(StopReason::BadMemory {
             fault,
             rip: vcpu.rip(),

@@ -24,7 +24,8 @@ pub mod vmmcall;
 mod tests;
 
 pub use exit::{
-    handle_exit, run_guest, Action, FaultVerdict, NestedFaults, Platform, StopReason, POWER_PORTS,
+    handle_exit, run_guest, Action, DeviceWrite, FaultVerdict, NestedFaults, Platform, StopReason,
+    POWER_PORTS,
 };
 pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};

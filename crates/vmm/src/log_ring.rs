@@ -1,5 +1,5 @@
 //! The VMM's log, kept in memory from boot on so guests can read it
-//! (`log_read`, SPEC.md section 3).
+//! (`log_read`, docs/vmm-call.md).
 //!
 //! A ring of the last `N` bytes of an endless byte stream: every byte has
 //! a stream offset (bytes since boot), so a reader that asks for an offset

@@ -1,4 +1,4 @@
-//! The services behind the standard VMM calls (SPEC.md section 3).
+//! The services behind the standard VMM calls (docs/vmm-call.md, Functions).
 
 use crate::log_ring::LogRing;
 use crate::vcpu::Gpr;
@@ -73,6 +73,15 @@ pub const LOG_READ_REFUSED: u64 = u64::MAX;
 /// the first byte copied; RAX = all ones when the caller may not write the
 /// buffer. A not-present page is faulted in through the guest: the call
 /// asks the core to inject the #PF and run the VMCALL again.
+///
+/// The log's lock is never held while guest memory is walked: logging
+/// takes the same (spin) lock, so a log line written on that path (by the
+/// walker, the backend, a debug message) would deadlock. The bytes are
+/// copied out of the ring under the lock one guest page at a time into a
+/// buffer on the stack, and written to the guest without it. Lines logged
+/// during the call may push the next page's bytes out of the ring; the
+/// call then ends short, after the bytes it copied, and the reader's next
+/// call (from RBX + RAX) learns what it missed as usual.
 fn log_read_call(ctx: &mut CallContext<'_>) -> CallOutcome {
     let mode = ctx.vcpu.mode();
     let width = if mode.long64 { u64::MAX } else { 0xFFFF_FFFF };
@@ -85,11 +94,20 @@ fn log_read_call(ctx: &mut CallContext<'_>) -> CallOutcome {
         user: mode.cpl == 3,
         fetch: false,
     };
-    let log = ctx.services.log.lock();
-    let first = from.max(log.start()).min(log.end());
-    let n = (log.end() - first).min(len);
+    let mut page = [0u8; PAGE_SIZE];
+    // Where the stream starts for this reader, how much it gets, and the
+    // first piece (up to the end of the buffer's first page), decided
+    // under one lock so that the piece is the bytes at `first`.
+    let (first, n, mut piece) = {
+        let log = ctx.services.log.lock();
+        let first = from.max(log.start()).min(log.end());
+        let n = (log.end() - first).min(len);
+        let piece = piece_len(buffer, n);
+        let (_, got) = log.read(first, &mut page[..piece]);
+        (first, n, got)
+    };
+    let mut done = 0;
     if n > 0 {
-        let paging = ctx.vcpu.paging();
         // Every page is checked before any byte is written, so a fault
         // part-way leaves the buffer untouched and the retry starts afresh.
         if let Err(e) = check_writable(ctx, buffer, n, access, width) {
@@ -99,28 +117,47 @@ fn log_read_call(ctx: &mut CallContext<'_>) -> CallOutcome {
                 {
                     CallOutcome::PageFault { la, error_code }
                 }
-                _ => {
-                    ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
-                    CallOutcome::Return
-                }
+                _ => refuse(ctx),
             };
         }
-        let Some((head, tail)) = log.runs(first, n) else {
-            ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
-            return CallOutcome::Return;
-        };
-        let memory = ctx.vcpu.memory();
-        let tail_at = buffer.wrapping_add(head.len() as u64) & width;
-        if write_linear(memory, &paging, GuestLinearAddr::new(buffer), head, access).is_err()
-            || write_linear(memory, &paging, GuestLinearAddr::new(tail_at), tail, access).is_err()
-        {
-            ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
-            return CallOutcome::Return;
+        let paging = ctx.vcpu.paging();
+        loop {
+            let at = GuestLinearAddr::new(buffer.wrapping_add(done) & width);
+            let memory = ctx.vcpu.memory();
+            if write_linear(memory, &paging, at, &page[..piece], access).is_err() {
+                return refuse(ctx);
+            }
+            done += piece as u64;
+            if done == n {
+                break;
+            }
+            piece = piece_len(buffer.wrapping_add(done), n - done);
+            let log = ctx.services.log.lock();
+            if log.read(first + done, &mut page[..piece]) != (first + done, piece) {
+                // Overwritten since the call began: end short.
+                break;
+            }
         }
     }
-    drop(log);
-    ctx.vcpu.set_gpr(Gpr::Rax, n);
+    ctx.vcpu.set_gpr(Gpr::Rax, done);
     ctx.vcpu.set_gpr(Gpr::Rbx, first);
+    CallOutcome::Return
+}
+
+/// Bytes `log_read` copies at a time: one guest page.
+const PAGE_SIZE: usize = 4096;
+
+/// How many of the `left` bytes still to copy go to the guest page that
+/// holds linear address `at`.
+fn piece_len(at: u64, left: u64) -> usize {
+    let to_page_end = PAGE_SIZE as u64 - (at & (PAGE_SIZE as u64 - 1));
+    // At most PAGE_SIZE, so the conversion is exact.
+    left.min(to_page_end) as usize
+}
+
+/// `log_read`'s answer for a buffer the caller may not write.
+fn refuse(ctx: &mut CallContext<'_>) -> CallOutcome {
+    ctx.vcpu.set_gpr(Gpr::Rax, LOG_READ_REFUSED);
     CallOutcome::Return
 }
 

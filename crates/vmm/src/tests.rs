@@ -22,6 +22,10 @@ struct FakeVcpu {
     mem: &'static IsolatedMemory<'static>,
     injected: Option<Event>,
     skipped: u32,
+    /// A log that every guest-memory access writes a line of this many
+    /// bytes to, as a log message on the walk would; the access panics
+    /// if the lock is held (with a spin lock that is a deadlock).
+    log_on_access: Option<(&'static VmmLog, usize)>,
 }
 
 const RAM: usize = 1 << 20;
@@ -41,6 +45,17 @@ impl FakeVcpu {
             ))),
             injected: None,
             skipped: 0,
+            log_on_access: None,
+        }
+    }
+
+    /// Writes the line `log_on_access` asks for.
+    fn log_access(&self) {
+        if let Some((log, len)) = self.log_on_access {
+            let Some(mut ring) = log.try_lock() else {
+                panic!("guest memory accessed with the log locked: a log line here deadlocks");
+            };
+            ring.push(&std::vec![b'-'; len]);
         }
     }
 
@@ -69,11 +84,22 @@ impl Vcpu for FakeVcpu {
         self.mode
     }
     fn memory(&self) -> &dyn GuestPhysMemory {
+        self.log_access();
         self.mem
     }
     fn skip_instruction(&mut self) {
         self.skipped += 1;
         self.rip += 3;
+    }
+    fn cs_access(&self) -> u16 {
+        // 64-bit code (L).
+        0xA09B
+    }
+    fn rflags(&self) -> u64 {
+        0x2
+    }
+    fn complete_instruction(&mut self, next_rip: u64) {
+        self.rip = next_rip;
     }
     fn inject(&mut self, event: Event) {
         self.injected = Some(event);
@@ -265,6 +291,29 @@ fn cpuid_exit_writes_zero_extended_results() {
 }
 
 #[test]
+fn cpuid_exit_reports_the_guests_osxsave() {
+    // A host with XSAVE and CR4.OSXSAVE set (as thinvisor sets it on VT-x).
+    fn host(leaf: u32, _: u32) -> CpuidResult {
+        CpuidResult {
+            ecx: if leaf == 1 { (1 << 26) | (1 << 27) } else { 0 },
+            ..CpuidResult::default()
+        }
+    }
+    let vm = std::boxed::Box::leak(std::boxed::Box::new(Vm::new(
+        CpuidPolicy::new(host),
+        new_log(),
+    )));
+    let mut vmm = Vmm::new(vm);
+    let mut vcpu = FakeVcpu::new();
+    for (cr4, osxsave) in [(0, 0), (1 << 18, 1 << 27), (!(1u64 << 18), 0)] {
+        vcpu.paging.cr4 = cr4;
+        vcpu.set_gpr(Gpr::Rax, 1);
+        handle_exit(&mut vmm, &mut vcpu, Exit::Cpuid);
+        assert_eq!(vcpu.gpr(Gpr::Rcx) & (1 << 27), osxsave, "CR4 {cr4:#x}");
+    }
+}
+
+#[test]
 fn terminal_exits_stop_the_guest() {
     let mut vmm = vmm();
     let mut vcpu = FakeVcpu::new();
@@ -281,6 +330,7 @@ fn terminal_exits_stop_the_guest() {
         write: false,
         fetch: false,
         linear: None,
+        in_page_walk: false,
     };
     assert_eq!(
         handle_exit(&mut vmm, &mut vcpu, Exit::NestedPageFault(fault)),
@@ -389,6 +439,32 @@ fn log_read_copies_across_pages_and_reports_the_stream_offset() {
     assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 100, 99_999), (0, 10_000));
     // A short buffer gets what fits.
     assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 5, 9_998), (2, 9_998));
+}
+
+#[test]
+fn log_read_does_not_hold_the_log_across_guest_memory_accesses() {
+    let mut vmm = vmm();
+    let text: std::vec::Vec<u8> = (0..9000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    vmm.vm.services.log.lock().push(&text);
+    let (mut vcpu, _) = paged_vcpu(true, RW | US);
+    vcpu.log_on_access = Some((vmm.vm.services.log, 20));
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 9000, 0), (9000, 0));
+    assert_eq!(guest_bytes(&vcpu, 0x10000, 9000), text);
+}
+
+#[test]
+fn log_read_ends_short_when_logging_during_the_call_overwrites_its_bytes() {
+    let mut vmm = vmm();
+    let size = crate::services::LOG_RING_SIZE;
+    let text: std::vec::Vec<u8> = (0..size + 500).map(|i| b'a' + (i % 26) as u8).collect();
+    vmm.vm.services.log.lock().push(&text);
+    let (mut vcpu, _) = paged_vcpu(true, RW | US);
+    // Each access logs 5000 bytes: by the time the second page is copied
+    // its bytes (stream offsets 4596..) have left the ring.
+    vcpu.log_on_access = Some((vmm.vm.services.log, 5000));
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 9000, 0), (4096, 500));
+    assert_eq!(guest_bytes(&vcpu, 0x10000, 4096), &text[500..4596]);
+    assert_eq!(guest_bytes(&vcpu, 0x11000, 16), [0u8; 16]);
 }
 
 #[test]

@@ -88,7 +88,7 @@ impl Event {
 /// Why the guest exited, in vendor-neutral terms.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Exit {
-    /// VMCALL or VMMCALL: a call into the VMM (SPEC.md section 3).
+    /// VMCALL or VMMCALL: a call into the VMM (docs/vmm-call.md).
     VmmCall,
     /// CPUID.
     Cpuid,
@@ -136,6 +136,11 @@ pub struct NestedFault {
     /// The guest-linear address being translated, when the processor
     /// reports it (VT-x does, SVM does not).
     pub linear: Option<GuestLinearAddr>,
+    /// The access was to the guest's own paging structures during its page
+    /// walk, not to the final page (SVM EXITINFO1 bit 33, APM vol. 2,
+    /// 15.25.6; VT-x exit qualification bits 7 and 8, SDM vol. 3C, table
+    /// 28-7): no instruction's store to emulate.
+    pub in_page_walk: bool,
 }
 
 /// One virtual processor, as the core sees it.
@@ -161,6 +166,14 @@ pub trait Vcpu {
     fn memory(&self) -> &dyn GuestPhysMemory;
     /// Advance RIP past the instruction that caused the current exit.
     fn skip_instruction(&mut self);
+    /// The code segment's access rights in [`crate::SegmentState`]'s layout
+    /// (L is bit 13, D/B bit 14): which size instructions decode in.
+    fn cs_access(&self) -> u16;
+    /// The guest's RFLAGS.
+    fn rflags(&self) -> u64;
+    /// Set RIP to `next_rip` after an instruction the core emulated,
+    /// ending an STI/MOV SS interrupt shadow as its retirement would.
+    fn complete_instruction(&mut self, next_rip: u64);
     /// Deliver `event` to the guest on the next entry. An event the
     /// processor was delivering when the exit happened is never lost: the
     /// backend combines the two as the processor would

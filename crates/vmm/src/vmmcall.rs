@@ -1,4 +1,4 @@
-//! The VMM-call dispatcher (SPEC.md section 3): function 0 looks a name
+//! The VMM-call dispatcher (docs/vmm-call.md): function 0 looks a name
 //! up, numbers from 1 on are the functions registered at start-up.
 
 use crate::services::Services;
@@ -21,7 +21,7 @@ pub enum CallOutcome {
     Return,
     /// A guest page the call needs is not present: deliver this #PF to the
     /// guest (CR2 = `la`) and run the call instruction again once the
-    /// guest OS has paged it in (SPEC.md section 4).
+    /// guest OS has paged it in (docs/vmm-call.md, `log_read`).
     PageFault {
         la: GuestLinearAddr,
         error_code: u32,
@@ -224,7 +224,7 @@ fn lookup_by_name<V: Vcpu>(registry: &Registry, vcpu: &V) -> u64 {
 /// Whether the instruction at the guest's RIP is VMCALL or VMMCALL. Either
 /// vendor's instruction raises #UD on the other vendor's processor; the
 /// backends intercept #UD and ask this, so one guest binary works on both
-/// (SPEC.md section 7). The bytes are fetched as the guest would fetch
+/// (docs/vmm-call.md, Calling). The bytes are fetched as the guest would fetch
 /// them (its paging, its privilege).
 pub fn is_vmm_call_at_rip(vcpu: &dyn Vcpu) -> bool {
     let mode = vcpu.mode();

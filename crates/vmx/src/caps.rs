@@ -481,7 +481,8 @@ pub fn cr_fixed(value: u64, fixed0: u64, fixed1: u64) -> u64 {
     (value | fixed0) & fixed1
 }
 
-/// How the guest's IA32_EFER is switched on entry and exit (SPEC 1).
+/// How the guest's IA32_EFER is switched on entry and exit
+/// (docs/architecture.md, VT-x specifics; `efer=` on the command line).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EferPath {
     /// VM-entry "load IA32_EFER", VM-exit "save/load IA32_EFER" with the
@@ -665,7 +666,8 @@ mod policy {
     pub const EXIT: (u32, u32) = (exit::SAVE_DEBUG_CONTROLS, exit::HOST_ADDRESS_SPACE_SIZE);
     /// ...and load them back on entry.
     pub const ENTRY: (u32, u32) = (entry::LOAD_DEBUG_CONTROLS, 0);
-    /// The dedicated EFER switch (SPEC 1; SDM 27.3.2.1, 28.3.1, 28.5.1).
+    /// The dedicated EFER switch (docs/architecture.md, VT-x
+    /// specifics; SDM 27.3.2.1, 28.3.1, 28.5.1).
     pub const EFER_EXIT: u32 = exit::SAVE_IA32_EFER | exit::LOAD_IA32_EFER;
     pub const EFER_ENTRY: u32 = entry::LOAD_IA32_EFER;
     /// EPT as the hypervisor builds it (SDM 29.3, A.10): 4-level tables in
@@ -674,9 +676,10 @@ mod policy {
         super::ept_vpid::PAGE_WALK_4 | super::ept_vpid::MEMORY_TYPE_WB | super::ept_vpid::INVEPT;
 }
 
-/// Negotiate every control word from the capabilities (policy in SPEC 1;
-/// SDM A.2-A.5, A.10). Fails when a control the hypervisor cannot run
-/// without is missing; desired controls the CPU lacks are just left out.
+/// Negotiate every control word from the capabilities (policy in
+/// docs/architecture.md, VT-x specifics; SDM A.2-A.5, A.10). Fails when
+/// a control the hypervisor cannot run without is missing; desired
+/// controls the CPU lacks are just left out.
 pub fn negotiate(
     caps: &VmxCapabilities,
     efer: EferPreference,

@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod caps;
+pub mod cr_write;
 pub mod guest_check;
 pub mod msr_bitmap;
 pub mod vcpu;

@@ -1,6 +1,7 @@
 //! One virtual processor on VT-x: the world switch, exit decoding, and the
 //! exits the backend settles itself (control-register writes).
 
+use crate::cr_write::{mov_to_cr, CrLimits, GuestCrs};
 use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -639,19 +640,36 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
 
     /// MOV to CR0/CR3/CR4 that exited because it touched a bit the
     /// hypervisor owns (or CR3-load exiting is forced on). Emulated as the
-    /// processor would: the real register keeps the fixed bits, the read
-    /// shadow shows the guest's value, and turning paging on or off with
-    /// EFER.LME set switches IA-32e mode (SDM vol. 3A, 10.8.5).
+    /// processor would: first its #GP(0) checks ([`crate::cr_write`]; the
+    /// exit came before them), then the real register keeps the fixed
+    /// bits, the read shadow shows the guest's value, and turning paging
+    /// on or off with EFER.LME set switches IA-32e mode (SDM vol. 3A,
+    /// 10.8.5).
     fn on_cr_access(&mut self) -> Result<(), ()> {
         let q = read(F::EXIT_QUALIFICATION);
         let cr = q & 0xF;
         let access = (q >> 4) & 3;
         let gpr = Gpr::ALL[((q >> 8) & 0xF) as usize];
-        if access != 0 {
+        if access != 0 || !matches!(cr, 0 | 3 | 4) {
             // MOV from CR, CLTS and LMSW only exit for bits we do not mask.
             return Err(());
         }
-        let value = self.gpr(gpr);
+        let paging = self.paging();
+        let cur = GuestCrs {
+            cr0: paging.cr0,
+            cr3: paging.cr3,
+            cr4: paging.cr4,
+            efer: paging.efer,
+            long64: self.mode().long64,
+        };
+        let value = match mov_to_cr(cr as u8, self.gpr(gpr), &cur, &self.cr_limits()) {
+            Ok(value) => value,
+            Err(fault) => {
+                log::debug!("guest MOV to CR{cr}: {fault}: #GP(0)");
+                self.inject(Event::GP0);
+                return Ok(());
+            }
+        };
         match cr {
             0 => {
                 let old = read(F::GUEST_CR0);
@@ -680,6 +698,15 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         self.load_pdptes_if_pae();
         self.skip_instruction();
         Ok(())
+    }
+
+    /// What this processor allows in CR3 and CR4. Asked at each CR exit
+    /// (they are rare: only writes of the bits the hypervisor owns exit).
+    fn cr_limits(&self) -> CrLimits {
+        // Leaf 0x80000008 exists on every processor with VMX and IA-32e
+        // mode; EAX[7:0] is MAXPHYADDR.
+        let maxphyaddr = core::arch::x86_64::__cpuid(0x8000_0008).eax as u8;
+        CrLimits::new(self.cr.cr4_may1, maxphyaddr)
     }
 
     /// The fields [`crate::guest_check`] looks at.
@@ -830,6 +857,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                     linear: q
                         .linear_valid()
                         .then(|| GuestLinearAddr::new(read(F::GUEST_LINEAR_ADDRESS))),
+                    in_page_walk: q.linear_valid() && !q.final_translation(),
                 })
             }
             r::RDMSR | r::WRMSR => Exit::Msr {
@@ -999,6 +1027,22 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         write(F::VM_ENTRY_INTR_INFO, 0);
         self.deferred = None;
         write(F::GUEST_ACTIVITY_STATE, ACTIVITY_WAIT_FOR_SIPI);
+    }
+
+    fn cs_access(&self) -> u16 {
+        read(F::GUEST_CS_AR_BYTES) as u16
+    }
+
+    fn rflags(&self) -> u64 {
+        read(F::GUEST_RFLAGS)
+    }
+
+    fn complete_instruction(&mut self, next_rip: u64) {
+        write(F::GUEST_RIP, next_rip);
+        let blocking = read(F::GUEST_INTERRUPTIBILITY_INFO);
+        if blocking & 3 != 0 {
+            write(F::GUEST_INTERRUPTIBILITY_INFO, blocking & !3);
+        }
     }
 
     fn skip_instruction(&mut self) {

@@ -12,7 +12,8 @@ use crate::cpu;
 use core::arch::asm;
 use thinvisor_abi as abi;
 
-fn rdtsc() -> u64 {
+/// The time-stamp counter (also used by `smi_storm`).
+pub(crate) fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: RDTSC only reads the time-stamp counter.
     unsafe {
@@ -37,7 +38,7 @@ fn measure(body: Body, iterations: u64, nop: bool) -> u64 {
     let start = rdtsc();
     // SAFETY: each loop changes only the registers declared; RBX is saved
     // and restored around it (LLVM reserves it). A VMM call preserves every
-    // register but RAX (and RBX, reloaded each iteration; SPEC.md section 3).
+    // register but RAX (and RBX, reloaded each iteration; docs/vmm-call.md).
     unsafe {
         match (body, nop) {
             (Body::Cpuid, false) => asm!(

@@ -65,8 +65,9 @@ pub fn vendor() -> [u8; 12] {
 /// True when the VMM call is VMCALL (Intel), false for VMMCALL.
 static USE_VMCALL: AtomicBool = AtomicBool::new(false);
 
-/// Chooses the call instruction from the CPUID vendor, as SPEC.md section 3
-/// asks of a guest: "GenuineIntel" uses VMCALL, everything else VMMCALL.
+/// Chooses the processor's own call instruction from the CPUID vendor
+/// (docs/vmm-call.md, Calling): "GenuineIntel" uses VMCALL, everything
+/// else VMMCALL.
 pub fn detect_vendor() {
     USE_VMCALL.store(&vendor() == b"GenuineIntel", Relaxed);
 }
@@ -355,6 +356,30 @@ pub fn read_cr0() -> u64 {
     // SAFETY: reading CR0 has no side effects at CPL 0.
     unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) }
     v
+}
+
+/// CR4.
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effects at CPL 0.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// The processor's brand string (CPUID 0x80000002-0x80000004), or zeros
+/// when the processor has none.
+pub fn brand() -> [u8; 48] {
+    let mut out = [0u8; 48];
+    if cpuid(0x8000_0000, 0)[0] < 0x8000_0004 {
+        return out;
+    }
+    for (i, leaf) in (0x8000_0002..=0x8000_0004).enumerate() {
+        for (j, reg) in cpuid(leaf, 0).into_iter().enumerate() {
+            let at = 16 * i + 4 * j;
+            out[at..at + 4].copy_from_slice(&reg.to_le_bytes());
+        }
+    }
+    out
 }
 
 /// Writes CR0.

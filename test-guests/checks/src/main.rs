@@ -1,6 +1,6 @@
 //! thinvisor's test guest: a small bare-metal kernel, booted like a
-//! multiboot v1 kernel, that exercises the VMM-call interface (SPEC.md
-//! section 3) and reports one `PASS`/`FAIL` line per check on COM1 and
+//! multiboot v1 kernel, that exercises the VMM-call interface
+//! (docs/vmm-call.md) and reports one `PASS`/`FAIL` line per check on COM1 and
 //! port 0xE9, then ends the run through QEMU's and Bochs' exit ports.
 //!
 //! The real guest only exists for `x86_64-unknown-none`; on any other target
@@ -31,7 +31,13 @@ mod modes;
 #[cfg(target_os = "none")]
 mod paging;
 #[cfg(target_os = "none")]
+mod passthrough;
+#[cfg(target_os = "none")]
 mod recover;
+#[cfg(target_os = "none")]
+mod smp;
+#[cfg(target_os = "none")]
+mod timer;
 #[cfg(target_os = "none")]
 mod user;
 

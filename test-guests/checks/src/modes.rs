@@ -17,15 +17,18 @@ pub enum Mode {
     Triple,
     /// Measure the exit path (for `cargo xtask bench` under `-icount`).
     Bench,
+    /// The pass-through layout's checks (`passthrough.rs`).
+    Passthrough,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 6] = [
         Mode::Checks,
         Mode::Npf,
         Mode::Halt,
         Mode::Triple,
         Mode::Bench,
+        Mode::Passthrough,
     ];
 
     /// The name used on the command line and in the mode line.
@@ -36,6 +39,7 @@ impl Mode {
             Mode::Halt => "halt",
             Mode::Triple => "triple",
             Mode::Bench => "bench",
+            Mode::Passthrough => "passthrough",
         }
     }
 
@@ -53,6 +57,7 @@ impl Mode {
         global::set_current_check(self.name());
         match self {
             Mode::Checks => checks::run_all(boot),
+            Mode::Passthrough => crate::passthrough::run_all(boot),
             Mode::Npf => {
                 say!(
                     "test-guest: touching guest-physical {:#X} (outside guest RAM)",

@@ -6,8 +6,9 @@
 //! exception was taken (the handler's frame is restored by IRETQ), so the
 //! `asm!` block simply falls through. Any other exception is still fatal.
 //!
-//! The wrappers below (`rdmsr`, `wrmsr`, `call_at`, `vmm_call4`) are the
-//! only places that arm; each disarms before returning.
+//! The wrappers below (`rdmsr`, `wrmsr`, `call_at`, `vmm_call4`, `ud2`,
+//! `xsetbv`, `write_cr`) are the only places that arm; each disarms before
+//! returning.
 
 use crate::interrupts::ExceptionFrame;
 use core::arch::asm;
@@ -255,6 +256,44 @@ pub unsafe fn xsetbv(value: u64, vector: u8) -> Result<(), Caught> {
             in("edx") (value >> 32) as u32,
             options(nostack, preserves_flags),
         )
+    }
+    disarm()
+}
+
+/// MOV to CR0 (`CR = 0`) or CR4 (`CR = 4`) of `value` that may raise
+/// `vector`.
+///
+/// # Safety
+/// Either the write must fault, or `value` must keep the guest running.
+pub unsafe fn write_cr<const CR: u8>(value: u64, vector: u8) -> Result<(), Caught> {
+    arm(vector);
+    // SAFETY: the caller vouches for the value; a fault resumes at label 2
+    // with every register restored. Not `nomem`: memory accesses must not
+    // move across a change of paging or protection.
+    unsafe {
+        match CR {
+            0 => asm!(
+                "lea {t}, [rip + 2f]",
+                "mov qword ptr [rip + {resume}], {t}",
+                "mov cr0, {v}",
+                "2:",
+                t = out(reg) _,
+                resume = sym RESUME_RIP,
+                v = in(reg) value,
+                options(nostack, preserves_flags),
+            ),
+            4 => asm!(
+                "lea {t}, [rip + 2f]",
+                "mov qword ptr [rip + {resume}], {t}",
+                "mov cr4, {v}",
+                "2:",
+                t = out(reg) _,
+                resume = sym RESUME_RIP,
+                v = in(reg) value,
+                options(nostack, preserves_flags),
+            ),
+            _ => unreachable!("write_cr::<{CR}>: only CR0 and CR4"),
+        }
     }
     disarm()
 }

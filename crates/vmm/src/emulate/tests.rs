@@ -82,6 +82,16 @@ impl FakeVcpu {
 }
 
 impl Vcpu for FakeVcpu {
+    fn cs_access(&self) -> u16 {
+        self.cs_access
+    }
+    fn rflags(&self) -> u64 {
+        self.rflags
+    }
+    fn complete_instruction(&mut self, next_rip: u64) {
+        self.completed = Some(next_rip);
+        self.rip = next_rip;
+    }
     fn gpr(&self, reg: Gpr) -> u64 {
         self.regs[reg as usize]
     }
@@ -117,19 +127,6 @@ impl Vcpu for FakeVcpu {
     fn inject(&mut self, _: Event) {}
     fn run(&mut self) -> Exit {
         Exit::Hlt
-    }
-}
-
-impl EmulationContext for FakeVcpu {
-    fn cs_access(&self) -> u16 {
-        self.cs_access
-    }
-    fn rflags(&self) -> u64 {
-        self.rflags
-    }
-    fn complete_instruction(&mut self, next_rip: u64) {
-        self.completed = Some(next_rip);
-        self.rip = next_rip;
     }
 }
 
