@@ -153,33 +153,39 @@ impl PhysWindow<'_> {
         let dst = dst.get_mut(..n)?;
         // Conservative for the test hook: the scan may stop earlier.
         record(self.addr(0), n);
-        let mut done = 0;
-        // Word by word where aligned: the common short name ends in the
-        // first word or two, so little is copied past the NUL.
-        while done < n {
-            let p = self.ptr.wrapping_add(done);
-            if p.addr().is_multiple_of(8) && n - done >= 8 {
-                // SAFETY: done + 8 <= n <= self.len: inside the window,
-                // and aligned.
-                let w = unsafe { load64(p) };
-                dst.get_mut(done..done + 8)?
-                    .copy_from_slice(&w.to_ne_bytes());
-                // A zero byte in the word (the classic bit trick: only a
-                // zero byte borrows into its own top bit first).
-                let zero = w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080;
-                if zero != 0 {
-                    // Little-endian: the lowest flagged byte comes first.
-                    return Some(done + (zero.trailing_zeros() / 8) as usize);
-                }
-                done += 8;
-            } else {
-                // SAFETY: done < n <= self.len: inside the window.
-                let b = unsafe { load8(p) };
-                *dst.get_mut(done)? = b;
-                if b == 0 {
-                    return Some(done);
-                }
-                done += 1;
+        // Split like `copy_out`: bytes up to the first 8-byte boundary,
+        // aligned words, the last bytes. A short name ends in the first
+        // word or two, so little is copied past the NUL.
+        let head = head_len(self.ptr, n);
+        let (first, rest) = dst.split_at_mut(head);
+        for (i, b) in first.iter_mut().enumerate() {
+            // SAFETY: i < head <= n <= self.len: inside the window.
+            *b = unsafe { load8(self.ptr.wrapping_add(i)) };
+            if *b == 0 {
+                return Some(i);
+            }
+        }
+        let mut done = head;
+        let mut words = rest.chunks_exact_mut(8);
+        for d in &mut words {
+            // SAFETY: done + 8 <= n: inside the window; aligned, as
+            // `head` bytes took p to an 8-byte boundary.
+            let w = unsafe { load64(self.ptr.wrapping_add(done)) };
+            d.copy_from_slice(&w.to_ne_bytes());
+            // A zero byte in the word (the classic bit trick: only a zero
+            // byte borrows into its own top bit first).
+            let zero = w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080;
+            if zero != 0 {
+                // Little-endian: the lowest flagged byte comes first.
+                return Some(done + (zero.trailing_zeros() / 8) as usize);
+            }
+            done += 8;
+        }
+        for (i, b) in words.into_remainder().iter_mut().enumerate() {
+            // SAFETY: done + i < n: the last bytes of the window.
+            *b = unsafe { load8(self.ptr.wrapping_add(done + i)) };
+            if *b == 0 {
+                return Some(done + i);
             }
         }
         None
