@@ -220,7 +220,8 @@ pub enum GuestMemory {
 }
 
 impl GuestPhysMemory for GuestMemory {
-    #[inline]
+    // Always inlined: every page-walk entry read goes through here.
+    #[inline(always)]
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
         match self {
             Self::Isolated(m) => m.map(gpa, len),
