@@ -1,8 +1,9 @@
-//! The local APIC seen from the guest on SVM: its page is read-only in the
-//! nested tables, so every guest write to it exits and is carried out here
-//! on the real APIC, except the INIT and SIPI IPIs addressed to processors
-//! thinvisor holds, which it delivers itself (SVM has no wait-for-SIPI
-//! state to leave them in; AMD APM vol. 2, 15.29 discusses INIT).
+//! The local APIC seen from the guest: its page is read-only in the nested
+//! tables (and the x2APIC ICR MSR's writes are intercepted), so every
+//! guest write to it exits and is carried out here on the real APIC,
+//! except the INIT and SIPI IPIs addressed to processors thinvisor holds,
+//! which it delivers itself: the application processors wait in the host
+//! until then, on both vendors (docs/architecture.md, "All processors").
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -39,7 +40,7 @@ pub fn watch_icr() {
     // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC.
     let base = unsafe { Msr::new(IA32_APIC_BASE).read() };
     if base & X2APIC_ENABLE != 0 {
-        warn!("x2APIC is on: the guest's INIT/SIPI go to the hardware (not yet intercepted)");
+        info!("local APIC in x2APIC mode: the ICR MSR's writes are watched");
         return;
     }
     let page = base & 0xF_FFFF_F000;
@@ -70,17 +71,36 @@ fn hold(apic_id: u32) -> Option<&'static AtomicU32> {
 
 /// Wait (in the host) until the guest sends this processor INIT and then
 /// SIPI; the SIPI's vector.
+///
+/// The processor sleeps in HLT with interrupts off; the boot processor
+/// wakes it with an NMI once the SIPI is posted (an NMI ends HLT whatever
+/// RFLAGS.IF says). A spinning processor would take a whole host core from
+/// an emulator, or power on real hardware, for as long as the OS boots.
 pub fn wait_for_sipi(apic_id: u32) -> u8 {
     let Some(slot) = hold(apic_id) else {
         crate::smp::stop_this_cpu("APIC ID too large for thinvisor's table")
     };
+    let cpu = percpu::current();
     loop {
         let v = slot.load(Ordering::Acquire);
         if v & STARTED != 0 {
+            // The wake-up NMIs were thinvisor's, not the guest's.
+            cpu.nmi_pending.store(0, Ordering::Release);
             return v as u8;
         }
-        core::hint::spin_loop();
+        // Bounded sleep: the NMI may have come between the load and HLT;
+        // then the next timer-free wake-up is the next NMI, so the boot
+        // processor sends one per SIPI it posts (two per start-up).
+        x86_64::instructions::hlt();
     }
+}
+
+/// Wake processor `apic_id` from its HLT with an NMI IPI (SDM vol. 3A,
+/// 11.6.1: delivery mode NMI, physical destination).
+fn wake(apic_id: u32) {
+    const NMI: u32 = 4 << 8;
+    const ASSERT: u32 = 1 << 14;
+    crate::smp::send_ipi_to(apic_id, ASSERT | NMI);
 }
 
 /// Writes to the APIC page.
@@ -112,6 +132,16 @@ impl DeviceWrite for ApicPage {
     }
 }
 
+/// A guest write to the x2APIC ICR MSR: start a held processor, or send.
+pub fn x2apic_icr_write(value: u64) {
+    if startup_ipi(&Icr::x2apic(value)) {
+        return;
+    }
+    // SAFETY: the guest's own IPI, as it asked (the MSR exists: the guest
+    // reached it in x2APIC mode).
+    unsafe { Msr::new(thinvisor_vmm::apic::X2APIC_ICR_MSR).write(value) };
+}
+
 /// INIT/SIPI to processors thinvisor holds: delivered here, not sent.
 /// True when the IPI concerned only such processors.
 fn startup_ipi(icr: &Icr) -> bool {
@@ -141,7 +171,8 @@ fn startup_ipi(icr: &Icr) -> bool {
                 slot.store(HELD | INIT_SEEN, Ordering::Release)
             }
             DeliveryMode::Startup if state == HELD | INIT_SEEN => {
-                slot.store(HELD | STARTED | u32::from(icr.vector()), Ordering::Release)
+                slot.store(HELD | STARTED | u32::from(icr.vector()), Ordering::Release);
+                wake(id);
             }
             DeliveryMode::Init if state & STARTED != 0 => {
                 warn!("INIT to running processor {id} (APIC ID) not supported yet: ignored")

@@ -114,6 +114,13 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     }
     let mut vmm = Vmm::new(vm);
     platform::plant_canary();
+    match thinvisor_boot::acpi::pm1a_control_port(&mem::DirectMapReader) {
+        Some(port) => {
+            log::debug!("ACPI PM1a control register at port {port:#x}: watched for power-off");
+            platform::PM1A_CONTROL.store(port, core::sync::atomic::Ordering::Relaxed);
+        }
+        None => log::debug!("no ACPI PM1a control port found"),
+    }
     match backend {
         Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm, &boot),
         Backend::Vmx(caps) => {
@@ -301,6 +308,25 @@ impl GuestSetup {
             }
         }
     }
+}
+
+/// Run `vcpu` on this processor until its guest stops, and end the run: the
+/// common tail of every processor's start on both vendors.
+pub(crate) fn enter_guest<V: thinvisor_vmm::Vcpu>(
+    cpu: &percpu::PerCpu,
+    vcpu: &mut V,
+    vmm: &mut Vmm<'_>,
+    initial: &InitialState,
+) -> ! {
+    if cpu.index == 0 {
+        mem::log_heap_use();
+        info!("entering the guest at {:#x}", initial.rip());
+    }
+    if let Some(stats) = vcpu.exit_stats() {
+        platform::register_stats(cpu.index, stats, vcpu.exit_names());
+    }
+    // The run ends here, with the vCPU (and its registered counts) alive.
+    report_stop(thinvisor_vmm::run_guest(vmm, vcpu))
 }
 
 /// The virtualization extension this processor offers.

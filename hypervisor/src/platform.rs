@@ -126,6 +126,10 @@ impl Platform for Machine {
         }
     }
 
+    fn x2apic_icr_write(&self, value: u64) {
+        crate::apic::x2apic_icr_write(value);
+    }
+
     fn io_read(&self, port: u16, size: u8) -> u32 {
         // SAFETY: a port the guest owns, read as the guest asked.
         unsafe {

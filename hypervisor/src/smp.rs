@@ -297,6 +297,23 @@ extern "sysv64" fn ap_start() -> ! {
     }
 }
 
+/// A held application processor: wait in the host for the SIPI the guest
+/// sends it (apic.rs); where it starts and its view of the VM.
+pub fn wait_for_guest_start(
+    cpu: &percpu::PerCpu,
+) -> (thinvisor_vmm::InitialState, thinvisor_vmm::Vmm<'static>) {
+    let Some(vm) = crate::VM.get() else {
+        stop_this_cpu("no virtual machine")
+    };
+    log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
+    let vector = crate::apic::wait_for_sipi(cpu.apic_id);
+    log::debug!("CPU {}: SIPI {vector:#x}", cpu.index);
+    (
+        thinvisor_vmm::InitialState::sipi(vector),
+        thinvisor_vmm::Vmm::new(vm),
+    )
+}
+
 /// Park this processor for good, saying why.
 pub fn stop_this_cpu(why: &str) -> ! {
     log::error!("CPU stopped: {why}");
@@ -306,25 +323,33 @@ pub fn stop_this_cpu(why: &str) -> ! {
     }
 }
 
-/// Send an IPI through this processor's local APIC: the x2APIC ICR MSR
-/// when x2APIC is on, else the xAPIC registers (Intel SDM vol. 3A, 11.6.1,
-/// 11.12.9).
+/// Send an IPI to all other processors (the shorthand is in `low`).
 fn send_ipi(low: u32) {
+    send_ipi_to(0, low)
+}
+
+/// Send an IPI through this processor's local APIC to `dest` (physical
+/// APIC ID, unless `low` has a shorthand): the x2APIC ICR MSR when x2APIC
+/// is on, else the xAPIC registers (Intel SDM vol. 3A, 11.6.1, 11.12.9).
+pub fn send_ipi_to(dest: u32, low: u32) {
     const IA32_APIC_BASE: u32 = 0x1B;
     const X2APIC_ENABLE: u64 = 1 << 10;
     // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC.
     let base = unsafe { Msr::new(IA32_APIC_BASE).read() };
     if base & X2APIC_ENABLE != 0 {
-        // SAFETY: the x2APIC ICR; the IPI goes to the other processors,
-        // which are still in their firmware's wait state.
-        unsafe { Msr::new(0x830).write(u64::from(low)) };
+        // SAFETY: the x2APIC ICR; the IPI goes to processors thinvisor
+        // starts or holds.
+        unsafe { Msr::new(0x830).write((u64::from(dest) << 32) | u64::from(low)) };
         return;
     }
     let apic = mem::phys_to_virt(base & 0xF_FFFF_F000);
     // SAFETY: the xAPIC page is inside the direct map (below 4 GiB); the
     // ICR high then low registers, volatile as device registers are.
     unsafe {
-        (apic.add(0x310) as *mut u32).write_volatile(0);
+        // ICR high may hold a destination the guest wrote for its own next
+        // IPI: put it back afterwards.
+        let guest_high = (apic.add(0x310) as *const u32).read_volatile();
+        (apic.add(0x310) as *mut u32).write_volatile(dest << 24);
         (apic.add(0x300) as *mut u32).write_volatile(low);
         // Wait for the delivery status to clear.
         for _ in 0..100_000 {
@@ -333,6 +358,7 @@ fn send_ipi(low: u32) {
             }
             core::hint::spin_loop();
         }
+        (apic.add(0x310) as *mut u32).write_volatile(guest_high);
     }
 }
 

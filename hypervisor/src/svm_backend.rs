@@ -15,7 +15,7 @@ use thinvisor_memory::HostPhysAddr;
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
 use thinvisor_svm::{SvmFeatures, SvmVcpu};
-use thinvisor_vmm::{run_guest, GuestKind, InitialState, Vcpu, Vmm};
+use thinvisor_vmm::{GuestKind, InitialState, Vmm};
 
 /// What every processor's VMCB shares.
 struct Shared {
@@ -73,16 +73,13 @@ pub fn run(
 /// An application processor: SVM on, then wait in the host for the SIPI
 /// the guest sends it, and enter the guest there.
 fn ap_main(cpu: &'static percpu::PerCpu) -> ! {
-    let (Some(shared), Some(vm)) = (SHARED.get(), crate::VM.get()) else {
+    let Some(shared) = SHARED.get() else {
         crate::smp::stop_this_cpu("SVM state missing")
     };
-    log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
-    let vector = crate::apic::wait_for_sipi(cpu.apic_id);
-    log::debug!("CPU {}: SIPI {vector:#x}", cpu.index);
-    let mut vmm = Vmm::new(vm);
+    let (initial, mut vmm) = crate::smp::wait_for_guest_start(cpu);
     virtualize_cpu(
         shared,
-        &InitialState::sipi(vector),
+        &initial,
         crate::passthrough::vcpu_memory(),
         &mut vmm,
     )
@@ -127,13 +124,5 @@ fn virtualize_cpu(
     };
     let cpu = percpu::current();
     vcpu.take_host_nmis_from(&cpu.nmi_pending);
-    if cpu.index == 0 {
-        mem::log_heap_use();
-        info!("entering the guest at {:#x}", initial.rip());
-    }
-    if let Some(stats) = vcpu.exit_stats() {
-        crate::platform::register_stats(cpu.index, stats, vcpu.exit_names());
-    }
-    // The run ends here, with the vCPU (and its registered counts) alive.
-    crate::report_stop(run_guest(vmm, &mut vcpu))
+    crate::enter_guest(cpu, &mut vcpu, vmm, initial)
 }

@@ -3,7 +3,7 @@
 use crate::{mem, percpu, GuestMemory, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::BootInfo;
-use thinvisor_vmm::{run_guest, GuestKind, InitialState, Vcpu, Vmm};
+use thinvisor_vmm::{GuestKind, InitialState, Vmm};
 use thinvisor_vmx::caps::{self, Controls, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
 use thinvisor_vmx::{EferAreas, HostState, VmcsSetup, VmxVcpu};
@@ -57,24 +57,30 @@ pub fn run(
         kind: guest.kind(),
     });
     if guest.kind() == GuestKind::Passthrough {
-        // The other processors wait for the guest's INIT and SIPI in the
-        // wait-for-SIPI activity state, under thinvisor.
+        // The other processors wait in the host for the INIT and SIPI the
+        // guest sends them, as on SVM (apic.rs).
+        crate::apic::watch_icr();
         crate::smp::start_aps(boot, ap_main);
     }
     virtualize_cpu(shared, &guest.initial, false, memory, vmm)
 }
 
-/// An application processor: VMX on, the guest waiting for its SIPI.
+/// An application processor: wait in the host for the SIPI the guest
+/// sends it, then VMX on and the guest entered there.
+///
+/// (Leaving it in the guest in the wait-for-SIPI activity state would let
+/// the guest's INIT and SIPI work natively, but an INIT sent to a processor
+/// already waiting is held pending and arrives after the SIPI — and Bochs
+/// never retires it; docs/architecture.md, "All processors".)
 fn ap_main(cpu: &'static percpu::PerCpu) -> ! {
-    let (Some(shared), Some(vm)) = (SHARED.get(), crate::VM.get()) else {
+    let Some(shared) = SHARED.get() else {
         crate::smp::stop_this_cpu("VT-x state missing")
     };
-    let mut vmm = Vmm::new(vm);
-    log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
+    let (initial, mut vmm) = crate::smp::wait_for_guest_start(cpu);
     virtualize_cpu(
         shared,
-        &InitialState::sipi(0),
-        true,
+        &initial,
+        false,
         crate::passthrough::vcpu_memory(),
         &mut vmm,
     )
@@ -151,13 +157,5 @@ fn virtualize_cpu(
     // else loads another on this processor.
     let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, initial) };
     vcpu.take_host_nmis_from(&cpu.nmi_pending);
-    if cpu.index == 0 {
-        mem::log_heap_use();
-        info!("entering the guest at {:#x}", initial.rip());
-    }
-    if let Some(stats) = vcpu.exit_stats() {
-        crate::platform::register_stats(cpu.index, stats, vcpu.exit_names());
-    }
-    // The run ends here, with the vCPU (and its registered counts) alive.
-    crate::report_stop(run_guest(vmm, &mut vcpu))
+    crate::enter_guest(cpu, &mut vcpu, vmm, initial)
 }

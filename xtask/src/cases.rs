@@ -83,6 +83,83 @@ pub struct Case {
     pub machine: &'static str,
     /// A raw disk image, as the BIOS's first hard disk. QEMU only.
     pub disk: Option<Disk>,
+    /// Checks that read the log as a whole.
+    pub checks: &'static [Check],
+}
+
+/// A judgement over the whole serial log, beyond substrings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The E820 map Linux prints (`BIOS-e820: [mem 0xS-0xE] TYPE`) has
+    /// thinvisor's block (`thinvisor reserves N KiB at 0xA..0xB`) reserved,
+    /// and no usable line overlaps it.
+    E820HidesThinvisor,
+}
+
+impl Check {
+    /// What is wrong with `serial`, if anything.
+    pub fn problem(self, serial: &str) -> Option<String> {
+        match self {
+            Check::E820HidesThinvisor => e820_hides_thinvisor(serial),
+        }
+    }
+}
+
+fn parse_hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// thinvisor's block from its boot log.
+fn reserved_block(serial: &str) -> Option<(u64, u64)> {
+    let line = serial.lines().find(|l| l.contains("thinvisor reserves "))?;
+    let at = line.split(" at ").nth(1)?;
+    let range = at.split_whitespace().next()?;
+    let (a, b) = range.split_once("..")?;
+    Some((
+        parse_hex(a)?,
+        parse_hex(b.trim_end_matches(|c: char| !c.is_ascii_hexdigit()))?,
+    ))
+}
+
+fn e820_hides_thinvisor(serial: &str) -> Option<String> {
+    let Some((start, end)) = reserved_block(serial) else {
+        return Some("no `thinvisor reserves` line in the log".into());
+    };
+    let mut covered = false;
+    let mut seen = 0;
+    for line in serial.lines() {
+        let Some(rest) = line.split("BIOS-e820: [mem ").nth(1) else {
+            continue;
+        };
+        let Some((range, kind)) = rest.split_once(']') else {
+            continue;
+        };
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Some(s), Some(e)) = (parse_hex(s), parse_hex(e)) else {
+            continue;
+        };
+        seen += 1;
+        let kind = kind.trim();
+        // Linux prints the last byte, inclusive.
+        let overlaps = s < end && e >= start;
+        if kind == "usable" && overlaps {
+            return Some(format!(
+                "E820 entry {s:#x}-{e:#x} usable overlaps thinvisor's {start:#x}..{end:#x}"
+            ));
+        }
+        if kind == "reserved" && s <= start && e >= end - 1 {
+            covered = true;
+        }
+    }
+    match (seen, covered) {
+        (0, _) => Some("no BIOS-e820 lines in the log".into()),
+        (_, false) => Some(format!(
+            "no reserved E820 entry covers thinvisor's {start:#x}..{end:#x}"
+        )),
+        _ => None,
+    }
 }
 
 /// Defaults for a QEMU case; Bochs cases override `emulator`.
@@ -99,6 +176,7 @@ const QEMU: Case = Case {
     smp: 1,
     machine: "pc",
     disk: None,
+    checks: &[],
 };
 
 const RYZEN: Emulator = Emulator::Bochs { model: "ryzen" };
@@ -435,6 +513,79 @@ pub const CASES: &[Case] = &[
         must_not_contain: LINUX_TROUBLE,
         smp: 2,
         timeout_s: 120,
+        checks: &[Check::E820HidesThinvisor],
+        ..QEMU
+    },
+    Case {
+        name: "qemu-passthrough-guest",
+        hv_args: "log=info layout=passthrough",
+        modules: PASSTHROUGH_GUEST,
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: PASSTHROUGH_PASSED,
+        must_not_contain: NO_FAIL,
+        smp: 2,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-passthrough-guest",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info layout=passthrough",
+        modules: PASSTHROUGH_GUEST,
+        must_contain: PASSTHROUGH_PASSED,
+        must_not_contain: NO_FAIL,
+        smp: 2,
+        ..QEMU
+    },
+    Case {
+        // The same kernel and initramfs on Bochs' Intel model: VT-x with
+        // EPT, unrestricted guest, 2 processors. About 5-6 G instructions.
+        name: "bochs-skylake-x-linux",
+        emulator: SKYLAKE_X,
+        hv_args: linux::LINUX_HV_ARGS,
+        modules: &[
+            (Image::LinuxKernel, linux::KERNEL_MODULE),
+            (Image::LinuxInitrd, linux::INITRD_MODULE),
+        ],
+        must_contain: LINUX_UNDER_THINVISOR,
+        must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 600,
+        checks: &[Check::E820HidesThinvisor],
+        ..QEMU
+    },
+    Case {
+        // A keyboard-controller reset: thinvisor reports the run, then the
+        // reset acts (QEMU runs with -no-reboot and exits with status 0).
+        name: "qemu-passthrough-reboot",
+        hv_args: "log=info layout=passthrough",
+        modules: &[(Image::TestGuest, "test-guest.elf reboot")],
+        // QEMU's status after a reset with -no-reboot is 0, which no
+        // exit code maps to: the log is the judge.
+        exit: None,
+        must_contain: &[
+            "test-guest: resetting the machine",
+            "the guest resets the machine (keyboard controller) (port 0x64, value 0xfe)",
+            "VM exits on CPU 0:",
+            "canary in thinvisor's memory at",
+            ": intact",
+        ],
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        // A triple fault of the machine's own OS ends the run with the
+        // documented status, the stop reason and the exit table.
+        name: "qemu-passthrough-triple",
+        hv_args: "log=info layout=passthrough",
+        modules: &[(Image::TestGuest, "test-guest.elf triple")],
+        exit: Some(exit_code::GUEST_SHUTDOWN),
+        must_contain: &[
+            "guest shutdown (triple fault)",
+            "VM exits on CPU 0:",
+            "SHUTDOWN",
+            ": intact",
+        ],
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
 ];
@@ -448,6 +599,13 @@ const LINUX_UNDER_THINVISOR: &[&str] = &[
     "probe: cpuid-signature thinvisor",
     "probe: lookup log_read = 3",
     linux::DONE,
+    // Both processors ran the guest under thinvisor (each has an exit
+    // table), the power-off was seen, thinvisor's memory was untouched.
+    "1 application processor(s) under thinvisor",
+    "the guest enters an ACPI sleep state (powers off)",
+    "VM exits on CPU 0:",
+    "VM exits on CPU 1:",
+    ": intact",
 ];
 /// Signs of a Linux boot gone wrong.
 const LINUX_TROUBLE: &[&str] = &["Kernel panic", "probe failed", "probe: no thinvisor"];
@@ -485,26 +643,6 @@ pub const PENDING_CASES: &[Case] = &[
     // drops the guest's writes into its block, skipping the instruction
     // (without that the first store of `hidden_writes_dropped` stops the
     // run). `cargo xtask test --pending --filter passthrough-guest`.
-    Case {
-        name: "qemu-passthrough-guest",
-        hv_args: "log=info layout=passthrough",
-        modules: PASSTHROUGH_GUEST,
-        exit: Some(exit_code::GUEST_PASSED),
-        must_contain: PASSTHROUGH_PASSED,
-        must_not_contain: NO_FAIL,
-        smp: 2,
-        ..QEMU
-    },
-    Case {
-        name: "bochs-skylake-x-passthrough-guest",
-        emulator: SKYLAKE_X,
-        hv_args: "log=info layout=passthrough",
-        modules: PASSTHROUGH_GUEST,
-        must_contain: PASSTHROUGH_PASSED,
-        must_not_contain: NO_FAIL,
-        smp: 2,
-        ..QEMU
-    },
 ];
 
 /// Every case, the pending ones too.
@@ -569,6 +707,7 @@ impl Case {
         if !present.is_empty() {
             problems.push(format!("serial log contains {}", present.join(", ")));
         }
+        problems.extend(self.checks.iter().filter_map(|c| c.problem(serial)));
         problems
     }
 }
@@ -705,6 +844,10 @@ mod tests {
     /// What the Linux guest prints under thinvisor once it boots, as the
     /// init script and the probe write it (the console adds `\r`).
     const LINUX_SERIAL_UNDER_THINVISOR: &str = concat!(
+        "thinvisor: [INFO ] thinvisor reserves 4096 KiB at 0x1fa00000..0x1fe00000 (image 508 KiB, heap 3588 KiB)\r\n",
+        "thinvisor: [INFO ] 1 application processor(s) under thinvisor (trampoline at 0x8000, 56 KiB each)\r\n",
+        "[    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000001f9fffff] usable\r\n",
+        "[    0.000000] BIOS-e820: [mem 0x000000001fa00000-0x000000001fdfffff] reserved\r\n",
         "[    2.636637] Run /init as init process\r\n",
         "thinvisor-init: marker\r\n",
         "thinvisor-init: kernel 6.1.0-57-amd64\r\n",
@@ -714,6 +857,10 @@ mod tests {
         "\r\n",
         "probe: lookup log_read = 3\r\n",
         "thinvisor-init: done\r\n",
+        "thinvisor: [INFO ] the guest enters an ACPI sleep state (powers off) (port 0x604, value 0x2001)\r\n",
+        "thinvisor: [INFO ] VM exits on CPU 0: 19480 in all\r\n",
+        "thinvisor: [INFO ] VM exits on CPU 1: 2455 in all\r\n",
+        "thinvisor: [INFO ] canary in thinvisor's memory at 0x1fb05000: intact\r\n",
     );
 
     fn find(name: &str) -> &'static Case {
@@ -725,8 +872,28 @@ mod tests {
     }
 
     #[test]
+    fn e820_check() {
+        let log = "thinvisor: [INFO ] thinvisor reserves 4096 KiB at 0x1fa00000..0x1fe00000 (image 1 KiB)\n\
+            [    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000001f9fffff] usable\n\
+            [    0.000000] BIOS-e820: [mem 0x000000001fa00000-0x000000001fdfffff] reserved\n\
+            [    0.000000] BIOS-e820: [mem 0x000000001fe00000-0x000000001ffdffff] usable\n";
+        assert_eq!(Check::E820HidesThinvisor.problem(log), None);
+        let bad = log.replace("0x000000001f9fffff] usable", "0x000000001fa00fff] usable");
+        assert!(Check::E820HidesThinvisor
+            .problem(&bad)
+            .unwrap()
+            .contains("overlaps"));
+        let none = log.replace("reserved", "ACPI data");
+        assert!(Check::E820HidesThinvisor
+            .problem(&none)
+            .unwrap()
+            .contains("no reserved"));
+        assert!(Check::E820HidesThinvisor.problem("").is_some());
+    }
+
+    #[test]
     fn passthrough_guest_cases() {
-        let cases: Vec<&Case> = PENDING_CASES
+        let cases: Vec<&Case> = CASES
             .iter()
             .filter(|c| c.name.ends_with("passthrough-guest"))
             .collect();

@@ -13,6 +13,7 @@
 
 #![no_std]
 
+pub mod acpi;
 pub mod alloc;
 pub mod cmdline;
 pub mod e820;

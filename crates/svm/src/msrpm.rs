@@ -58,6 +58,8 @@ pub fn init(map: &mut [u8; MSRPM_SIZE]) {
         intercept(map, msr, true, true);
     }
     intercept(map, crate::efer::MSR_EFER, true, true);
+    // The x2APIC ICR: thinvisor starts the processors it holds.
+    intercept(map, thinvisor_vmm::apic::X2APIC_ICR_MSR, false, true);
 }
 
 #[cfg(test)]
@@ -99,6 +101,9 @@ mod tests {
         assert!(is_intercepted(&map, 0x4000_0000, false));
         assert!(is_intercepted(&map, crate::efer::MSR_EFER, false));
         assert!(is_intercepted(&map, crate::efer::MSR_EFER, true));
-        assert_eq!(map.iter().map(|b| b.count_ones()).sum::<u32>(), 12);
+        // The x2APIC ICR: writes only.
+        assert!(is_intercepted(&map, 0x830, true));
+        assert!(!is_intercepted(&map, 0x830, false));
+        assert_eq!(map.iter().map(|b| b.count_ones()).sum::<u32>(), 13);
     }
 }

@@ -48,6 +48,10 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Acti
         Exit::Hlt => on_hlt(vcpu),
         Exit::Shutdown => on_shutdown(vcpu),
         Exit::NestedPageFault(fault) => on_nested_page_fault(vmm, vcpu, fault),
+        Exit::Msr {
+            msr: crate::apic::X2APIC_ICR_MSR,
+            write: true,
+        } => on_x2apic_icr(vmm, vcpu),
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction | Exit::InvalidOpcode => on_invalid_opcode(vcpu),
         Exit::Io {
@@ -98,13 +102,14 @@ fn on_hlt<V: Vcpu>(vcpu: &mut V) -> Action {
 /// The I/O ports thinvisor intercepts: those through which the guest ends
 /// or resets the machine, so that thinvisor reports the run (its exit
 /// table) before they act: the keyboard controller's command port (0xFE
-/// pulses reset), the reset control register 0xCF9, and the emulators' exit
-/// devices (QEMU's isa-debug-exit, Bochs' shutdown port). The guest's
-/// ACPI PM1a control port, found in the FADT, is added at boot. Everything
-/// else runs on the hardware.
-pub const POWER_PORTS: [u16; 4] = [
+/// pulses reset) and the emulators' exit devices (QEMU's isa-debug-exit,
+/// Bochs' shutdown port). The guest's ACPI PM1a control port, found in the
+/// FADT, is added at boot. Everything else runs on the hardware. The reset
+/// control register 0xCF9 is not watched: the bitmaps work per byte, and
+/// every 32-bit PCI configuration access at 0xCF8 covers 0xCF9 (thousands
+/// of exits in a Linux boot); a reset through it goes unreported.
+pub const POWER_PORTS: [u16; 3] = [
     0x64,
-    0xCF9,
     thinvisor_abi::QEMU_EXIT_PORT,
     thinvisor_abi::BOCHS_SHUTDOWN_PORT,
 ];
@@ -117,6 +122,10 @@ pub trait Platform: Sync {
     fn io_write(&self, port: u16, size: u8, value: u32);
     /// IN of `size` bytes from `port`, on the guest's behalf.
     fn io_read(&self, port: u16, size: u8) -> u32;
+    /// WRMSR of the x2APIC interrupt command register (the one MSR write
+    /// thinvisor watches outside its own: it starts processors), on the
+    /// guest's behalf.
+    fn x2apic_icr_write(&self, value: u64);
 }
 
 /// IN/OUT of an intercepted port: done for the guest through the platform,
@@ -162,6 +171,7 @@ fn on_io<V: Vcpu>(
 /// INIT: the processor stops and waits for a SIPI (Intel SDM vol. 3A,
 /// 9.4.4.1: how an operating system starts application processors).
 fn on_init<V: Vcpu>(vcpu: &mut V) -> Action {
+    log::debug!("INIT at rip {:#x}: waiting for a SIPI", vcpu.rip());
     vcpu.wait_for_sipi();
     Action::Resume
 }
@@ -291,6 +301,18 @@ fn on_nested_page_fault<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, fault: NestedFault
             rip: vcpu.rip(),
         }),
     }
+}
+
+/// WRMSR to the x2APIC ICR (SDM vol. 3A, 11.12.9): EDX:EAX is the whole
+/// command; the platform sends it, or starts a processor thinvisor holds.
+fn on_x2apic_icr<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V) -> Action {
+    let value = (vcpu.gpr(Gpr::Rdx) << 32) | (vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF);
+    match vmm.vm.platform {
+        Some(p) => p.x2apic_icr_write(value),
+        None => return on_protected_msr(vcpu, crate::apic::X2APIC_ICR_MSR, true),
+    }
+    vcpu.skip_instruction();
+    Action::Resume
 }
 
 /// The intercepted MSRs belong to the virtualization extension (its host

@@ -364,7 +364,12 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
     entry &= !caps::entry::IA32E_MODE_GUEST;
     vmw(F::VM_ENTRY_CONTROLS, entry.into())?;
     if s.wait_for_sipi {
-        vmw(F::GUEST_ACTIVITY_STATE, vcpu::ACTIVITY_WAIT_FOR_SIPI)?;
+        // Halted with interrupts off rather than in wait-for-SIPI: in
+        // wait-for-SIPI an INIT is blocked and stays pending (SDM vol. 3C,
+        // 26.4.2), so the guest's INIT would arrive after the SIPI it
+        // precedes; from HLT it exits at once, and the INIT exit puts the
+        // processor in wait-for-SIPI for the SIPI that follows.
+        vmw(F::GUEST_ACTIVITY_STATE, vcpu::ACTIVITY_HLT)?;
     }
     Ok((policy, efer))
 }

@@ -52,6 +52,8 @@ pub fn init(map: &mut [u8; MSR_BITMAP_SIZE]) {
     for msr in WRITE_PROTECTED_MSRS {
         intercept(map, msr, false, true);
     }
+    // The x2APIC ICR: thinvisor starts the processors it holds.
+    intercept(map, thinvisor_vmm::apic::X2APIC_ICR_MSR, false, true);
 }
 
 #[cfg(test)]
@@ -91,5 +93,8 @@ mod tests {
             assert!(!is_intercepted(&map, msr, true), "{msr:#x}");
         }
         assert!(is_intercepted(&map, 0x4000_0000, false));
+        // The x2APIC ICR: writes only.
+        assert!(is_intercepted(&map, 0x830, true));
+        assert!(!is_intercepted(&map, 0x830, false));
     }
 }

@@ -55,6 +55,7 @@ const INTR_TYPE_HW_EXCEPTION: u32 = 3 << 8;
 const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
 /// Guest activity states (SDM vol. 3C, 24.4.2).
 const ACTIVITY_ACTIVE: u64 = 0;
+pub const ACTIVITY_HLT: u64 = 1;
 pub const ACTIVITY_WAIT_FOR_SIPI: u64 = 3;
 /// Guest interruptibility state bits (SDM vol. 3C, table 24-3).
 const BLOCKING_BY_STI: u64 = 1 << 0;
@@ -339,6 +340,10 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     host_nmis: Option<&'static AtomicU32>,
     /// A fault arose while a double fault was delivered.
     shutdown: bool,
+    /// The last exit was a SIPI and the guest has not run since.
+    just_started: bool,
+    /// The state the last SIPI (or reset) started the guest in.
+    started_at: Option<InitialState>,
 }
 
 /// The statistics slot of failed VM entries.
@@ -524,6 +529,8 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             deferred: None,
             host_nmis: None,
             shutdown: false,
+            just_started: false,
+            started_at: None,
         }
     }
 
@@ -814,6 +821,8 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         }
         self.reason = raw_reason & 0xFFFF;
         self.insn_len = None;
+        let just_started = core::mem::take(&mut self.just_started);
+        self.just_started = just_started && self.reason == exit_reason::INIT_SIGNAL;
         Some(match self.reason {
             // Only #UD is intercepted (exception bitmap), to accept AMD's
             // VMMCALL as a VMM call too; it is three bytes long.
@@ -836,6 +845,23 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                     input: q & (1 << 3) != 0,
                     string: q & (1 << 4) != 0,
                 }
+            }
+            // In the wait-for-SIPI state INIT is blocked, not dropped (SDM
+            // vol. 3C, 26.4.2): an INIT the guest sent to a processor that
+            // was already waiting (as thinvisor leaves application
+            // processors) is delivered right after the SIPI that follows
+            // it, before the processor runs an instruction. It belongs to
+            // the start-up sequence the SIPI completed: ignore it.
+            r::INIT_SIGNAL if self.just_started => {
+                log::debug!(
+                    "INIT held back by wait-for-SIPI: part of the start-up sequence, ignored"
+                );
+                // The exit saved the state of an INIT (Bochs even blocks SMIs
+                // and NMIs): put back the start the SIPI gave.
+                if let Some(start) = self.started_at {
+                    self.reset(&start);
+                }
+                return None;
             }
             r::INIT_SIGNAL => Exit::Init,
             // The qualification's low byte is the SIPI's vector (SDM vol.
@@ -1021,11 +1047,16 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         // RSP lives in the VMCS; its slot here is unused.
         self.regs = GuestRegs(initial.gprs);
         write(F::GUEST_ACTIVITY_STATE, ACTIVITY_ACTIVE);
+        self.just_started = true;
+        self.started_at = Some(*initial);
     }
 
     fn wait_for_sipi(&mut self) {
         write(F::VM_ENTRY_INTR_INFO, 0);
         self.deferred = None;
+        // INIT leaves no blocking behind; blocking by SMI outside SMM would
+        // fail the entry (SDM vol. 3C, 27.3.1.5).
+        write(F::GUEST_INTERRUPTIBILITY_INFO, 0);
         write(F::GUEST_ACTIVITY_STATE, ACTIVITY_WAIT_FOR_SIPI);
     }
 

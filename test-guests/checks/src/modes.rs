@@ -19,16 +19,20 @@ pub enum Mode {
     Bench,
     /// The pass-through layout's checks (`passthrough.rs`).
     Passthrough,
+    /// Reset the machine through the keyboard controller (0xFE to port
+    /// 0x64), as an OS reboot does: thinvisor reports and lets it act.
+    Reboot,
 }
 
 impl Mode {
-    const ALL: [Mode; 6] = [
+    const ALL: [Mode; 7] = [
         Mode::Checks,
         Mode::Npf,
         Mode::Halt,
         Mode::Triple,
         Mode::Bench,
         Mode::Passthrough,
+        Mode::Reboot,
     ];
 
     /// The name used on the command line and in the mode line.
@@ -40,6 +44,7 @@ impl Mode {
             Mode::Triple => "triple",
             Mode::Bench => "bench",
             Mode::Passthrough => "passthrough",
+            Mode::Reboot => "reboot",
         }
     }
 
@@ -80,6 +85,14 @@ impl Mode {
             Mode::Bench => {
                 crate::bench::run();
                 end_run(true)
+            }
+            Mode::Reboot => {
+                say!("test-guest: resetting the machine (0xFE to port 0x64)");
+                crate::console::drain();
+                // The keyboard controller's command port; 0xFE pulses the
+                // reset line (the machine restarts).
+                cpu::outb(0x64, 0xFE);
+                cpu::halt_forever()
             }
             Mode::Triple => {
                 say!("test-guest: triple fault (int3 with a zero-limit IDT)");
