@@ -1,33 +1,36 @@
 //! The page-by-page copies (`read_linear`, `write_linear`, `read_cstr`)
-//! and `map` on hostile tables, holes and ranges: they must not panic and
-//! must agree with a byte-by-byte loop over `translate`.
+//! and the physical accesses under them (`read_phys`,
+//! `read_until_nul_phys`) on hostile tables, holes and ranges: they must
+//! not panic and must agree with a byte-by-byte loop over `translate`.
 
 #![no_main]
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use thinvisor_memory::{
     read_cstr_with_access, read_linear, translate, write_linear, Access, CStrError,
-    GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PhysAccessError, SliceMemory, TranslateError,
+    GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, IsolatedMemory, PhysAccessError, PhysWindow,
+    TranslateError,
 };
 use thinvisor_memory_fuzz::Setup;
 
-/// Guest memory that remembers every range read through it (the walk's
+/// Guest memory that remembers every range mapped through it (the walk's
 /// entry reads), to know whether a write could change a translation.
+/// Refuses writes.
 struct Recorder<'m, M> {
     inner: &'m M,
-    reads: RefCell<Vec<(u64, usize)>>,
+    reads: Mutex<Vec<(u64, usize)>>,
 }
 
 impl<M: GuestPhysMemory> GuestPhysMemory for Recorder<'_, M> {
-    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError> {
-        self.reads.borrow_mut().push((gpa.0, len));
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        self.reads.lock().unwrap().push((gpa.0, len));
         self.inner.map(gpa, len)
     }
 
-    fn map_mut(&mut self, gpa: GuestPhysAddr, _len: usize) -> Result<&mut [u8], PhysAccessError> {
+    fn write_phys(&self, gpa: GuestPhysAddr, _data: &[u8]) -> Result<(), PhysAccessError> {
         Err(PhysAccessError { gpa })
     }
 }
@@ -52,7 +55,23 @@ fn byte_at<M: GuestPhysMemory + ?Sized>(mem: &M, gpa: u64) -> Result<u8, Transla
     Ok(b[0])
 }
 
-fn check_read(mem: &SliceMemory<'_>, s: &Setup) {
+/// All of RAM as the guest-reachable bytes see it, holes read as 0xEE
+/// (their contents cannot change: nothing reaches them).
+fn snapshot(mem: &IsolatedMemory<'_>) -> Vec<u8> {
+    let mut out = vec![0xEEu8; mem.len() as usize];
+    for (i, chunk) in out.chunks_mut(4096).enumerate() {
+        let at = i as u64 * 4096;
+        // A page with a hole in it, byte by byte.
+        if mem.read_phys(GuestPhysAddr(at), chunk).is_err() {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = byte_at(mem, at + j as u64).unwrap_or(0xEE);
+            }
+        }
+    }
+    out
+}
+
+fn check_read(mem: &IsolatedMemory<'_>, s: &Setup) {
     let want: Result<Vec<u8>, _> = (0..s.len)
         .map(|i| byte_at(mem, byte_gpa(mem, s, s.access, i)?))
         .collect();
@@ -61,7 +80,7 @@ fn check_read(mem: &SliceMemory<'_>, s: &Setup) {
     assert_eq!(got, want, "read_linear {:#x}+{:#x}", s.la, s.len);
 }
 
-fn check_cstr(mem: &SliceMemory<'_>, s: &Setup) {
+fn check_cstr(mem: &IsolatedMemory<'_>, s: &Setup) {
     let limit = s.len.min(300);
     let mut want = Err(CStrError::TooLong);
     let mut name = Vec::new();
@@ -87,18 +106,45 @@ fn check_cstr(mem: &SliceMemory<'_>, s: &Setup) {
     }
 }
 
-fn check_map(mem: &SliceMemory<'_>, s: &Setup) {
-    // The linear address doubles as a guest-physical one here.
-    let gpa = GuestPhysAddr(s.la & 0xFFFF);
+fn check_phys(mem: &IsolatedMemory<'_>, s: &Setup) {
+    // The linear address doubles as a guest-physical one here. A range
+    // read must equal its bytes read one at a time, and fail at the first
+    // unreadable one; the NUL scan must agree with the same bytes.
+    let gpa = s.la & 0xFFFF;
+    let mut want = Ok(());
+    let mut bytes = Vec::with_capacity(s.len);
+    for i in 0..s.len as u64 {
+        match byte_at(mem, gpa + i) {
+            Ok(b) => bytes.push(b),
+            Err(_) => {
+                want = Err(PhysAccessError {
+                    gpa: GuestPhysAddr(gpa + i),
+                });
+                break;
+            }
+        }
+    }
     let mut buf = vec![0u8; s.len];
-    match (mem.map(gpa, s.len), mem.read_phys(gpa, &mut buf)) {
-        (Ok(view), Ok(())) => assert_eq!(view, &buf[..]),
-        (Err(a), Err(b)) => assert_eq!(a, b),
-        (a, b) => panic!("map {a:?} but read_phys {b:?}"),
+    let got = mem.read_phys(GuestPhysAddr(gpa), &mut buf);
+    assert_eq!(got, want, "read_phys {gpa:#x}+{:#x}", s.len);
+    if got.is_ok() {
+        assert_eq!(buf, bytes);
+    }
+    let nul = bytes.iter().position(|&b| b == 0);
+    let want = match (nul, want) {
+        (Some(n), _) => Ok(Some(n)),
+        (None, Ok(())) => Ok(None),
+        (None, Err(e)) => Err(e),
+    };
+    let mut buf = vec![0xFFu8; s.len];
+    let got = mem.read_until_nul_phys(GuestPhysAddr(gpa), &mut buf);
+    assert_eq!(got, want, "read_until_nul_phys {gpa:#x}+{:#x}", s.len);
+    if let Ok(Some(n)) = got {
+        assert_eq!(&buf[..=n], &bytes[..=n]);
     }
 }
 
-fn check_write(mem: &mut SliceMemory<'_>, s: &Setup) {
+fn check_write(mem: &IsolatedMemory<'_>, s: &Setup) {
     let data: Vec<u8> = (0..s.len)
         .map(|i| (i as u8).wrapping_mul(13) ^ 0x5A)
         .collect();
@@ -106,19 +152,20 @@ fn check_write(mem: &mut SliceMemory<'_>, s: &Setup) {
     // Per byte: translate everything first (write_linear promises nothing
     // is written on a translation error), recording the entries read.
     let recorder = Recorder {
-        inner: &*mem,
-        reads: RefCell::new(Vec::new()),
+        inner: mem,
+        reads: Mutex::new(Vec::new()),
     };
     let gpas: Result<Vec<u64>, _> = (0..s.len)
         .map(|i| byte_gpa(&recorder, s, access, i))
         .collect();
-    let table_reads = recorder.reads.into_inner();
-    let before = mem.as_slice().to_vec();
+    let table_reads = recorder.reads.into_inner().unwrap();
+    let before = snapshot(mem);
     let mut want_ram = before.clone();
     let want = gpas.as_ref().map_err(|e| *e).and_then(|gpas| {
         for (&g, &b) in gpas.iter().zip(&data) {
             // Same reachability as the memory itself (RAM minus holes).
             mem.map(GuestPhysAddr(g), 1)
+                .map(|_| ())
                 .map_err(|e| TranslateError::PhysUnreadable { gpa: e.gpa })?;
             want_ram[g as usize] = b;
         }
@@ -144,8 +191,8 @@ fn check_write(mem: &mut SliceMemory<'_>, s: &Setup) {
     match got {
         // The failing page is all-or-nothing, the model byte by byte.
         Err(TranslateError::PhysUnreadable { .. }) => {}
-        Ok(()) => assert!(mem.as_slice() == &want_ram[..], "memory after write"),
-        Err(_) => assert!(mem.as_slice() == &before[..], "written despite a fault"),
+        Ok(()) => assert!(snapshot(mem) == want_ram, "memory after write"),
+        Err(_) => assert!(snapshot(mem) == before, "written despite a fault"),
     }
 }
 
@@ -156,9 +203,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut ram = std::mem::take(&mut s.ram);
     let holes = s.holes.clone();
-    let mut mem = SliceMemory::with_holes(&mut ram, &holes);
+    let mem = IsolatedMemory::with_holes(&mut ram, &holes);
     check_read(&mem, &s);
     check_cstr(&mem, &s);
-    check_map(&mem, &s);
-    check_write(&mut mem, &s);
+    check_phys(&mem, &s);
+    check_write(&mem, &s);
 });

@@ -8,8 +8,8 @@
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use thinvisor_memory::{
-    read_linear, reference, translate, GuestLinearAddr, GuestPhysAddr, PagingMode, SliceMemory,
-    TranslateError,
+    read_linear, reference, translate, GuestLinearAddr, GuestPhysAddr, GuestPhysMemory,
+    IsolatedMemory, PagingMode, TranslateError,
 };
 use thinvisor_memory_fuzz::Setup;
 
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let la = s.la & s.linear_mask();
     let want = reference::translate(&s.ram, &regs, s.la, access);
     let ram_len = s.ram.len() as u64;
-    let mem = SliceMemory::new(&mut s.ram);
+    let mem = IsolatedMemory::new(&mut s.ram);
     let got = translate(&mem, &regs, GuestLinearAddr(s.la), access);
     assert_eq!(got, want, "translate {:#x} {:?} {:?}", s.la, regs, access);
     let Ok(t) = got else {
@@ -60,7 +60,9 @@ fuzz_target!(|data: &[u8]| {
     let read = read_linear(&mem, &regs, GuestLinearAddr(s.la), &mut byte, access);
     if t.gpa.0 < ram_len {
         assert_eq!(read, Ok(()));
-        assert_eq!(byte[0], mem.as_slice()[t.gpa.0 as usize]);
+        let mut direct = [0u8; 1];
+        mem.read_phys(t.gpa, &mut direct).unwrap();
+        assert_eq!(byte[0], direct[0]);
     } else {
         assert_eq!(
             read,

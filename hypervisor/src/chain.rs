@@ -27,10 +27,10 @@
 use core::arch::global_asm;
 use core::ptr;
 
+use crate::GuestMemory;
 use log::info;
 use thinvisor_boot::e820::GuestMap;
 use thinvisor_boot::BootInfo;
-use thinvisor_memory::SliceMemory;
 use thinvisor_vmm::bios::{self, stub, E820Entry, E820Table};
 use thinvisor_vmm::{InitialState, StartMode};
 
@@ -311,7 +311,7 @@ fn write_u32(pa: u64, value: u32) {
 
 /// The chain-boot guest: the BIOS's memory answers patched to hide
 /// `hidden`, and the guest starting in real mode at the stub's boot loader.
-pub fn bios_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, SliceMemory<'static>) {
+pub fn bios_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, &'static GuestMemory) {
     let (code, int15_at, boot_at) = stub_code();
 
     // Where the stub goes: whole pages below the BIOS's top of base memory,

@@ -34,7 +34,10 @@ use thinvisor_boot::cmdline::{BootMode, EferMode, Layout};
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK, NPT};
-use thinvisor_memory::{GuestPhysAddr, HostPhysAddr, SliceMemory};
+use thinvisor_memory::{
+    GuestPhysAddr, GuestPhysMemory, HostPhysAddr, IsolatedMemory, PassthroughMemory,
+    PhysAccessError, PhysWindow,
+};
 use thinvisor_vmm::cpuid::{CpuidPolicy, CpuidResult};
 use thinvisor_vmm::{GuestKind, InitialState, StopReason, Vm, Vmm};
 use thinvisor_vmx::caps::EferPreference;
@@ -170,7 +173,7 @@ fn isolated_guest(
     options: &cmdline::Options,
     image: &[u8],
     cmdline: &str,
-) -> (GuestSetup, SliceMemory<'static>) {
+) -> (GuestSetup, &'static GuestMemory) {
     let ram_size = options.guest_mem;
     // 1 GiB alignment lets nested paging use 1 GiB pages; 2 MiB will do.
     let aligned_1g = (ram_size >= SIZE_1G).then(|| frames.alloc(ram_size, SIZE_1G));
@@ -211,7 +214,42 @@ fn isolated_guest(
         memory: GuestLayout::Isolated { ram_base, ram_size },
         initial: InitialState::multiboot(kernel.entry, multiboot1::MAGIC, mbi),
     };
-    (guest, SliceMemory::new(ram))
+    (
+        guest,
+        guest_memory(GuestMemory::Isolated(IsolatedMemory::new(ram))),
+    )
+}
+
+/// The guest's memory as the VMM reaches it, in either layout: one object
+/// for the whole run, shared by reference with every vCPU.
+pub enum GuestMemory {
+    Isolated(IsolatedMemory<'static>),
+    Passthrough(PassthroughMemory<'static>),
+}
+
+impl GuestPhysMemory for GuestMemory {
+    // Always inlined: every page-walk entry read goes through here.
+    #[inline(always)]
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        match self {
+            Self::Isolated(m) => m.map(gpa, len),
+            Self::Passthrough(m) => m.map(gpa, len),
+        }
+    }
+}
+
+/// The guest's memory: one VM, so one object for the whole run.
+static GUEST_MEMORY: spin::Once<GuestMemory> = spin::Once::new();
+
+/// Keeps `memory` for the rest of the run (there is one VM).
+pub fn guest_memory(memory: GuestMemory) -> &'static GuestMemory {
+    GUEST_MEMORY.call_once(|| memory)
+}
+
+/// The guest's memory, once [`guest_memory`] has kept it: what every
+/// further vCPU shares.
+pub fn shared_guest_memory() -> Option<&'static GuestMemory> {
+    GUEST_MEMORY.get()
 }
 
 /// How guest-physical memory is laid out.

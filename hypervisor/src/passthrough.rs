@@ -10,15 +10,15 @@ use spin::{Mutex, Once};
 use thinvisor_boot::e820::GuestMap;
 use thinvisor_boot::entry::Entry32;
 use thinvisor_boot::phys::{PhysWrite, PhysWriteError};
-use thinvisor_boot::{guest, linux, BootInfo, MemKind, MAX_MODULES};
+use thinvisor_boot::{guest, linux, BootInfo, MemKind, MAX_MODULES, MAX_REGIONS};
 use thinvisor_memory::mtrr::{MtrrMsrs, Mtrrs};
 use thinvisor_memory::nested::NptError;
 use thinvisor_memory::passthrough::{Format, Layout, PassThroughTables};
-use thinvisor_memory::{HostPhysAddr, SliceMemory};
+use thinvisor_memory::{HostPhysAddr, PassthroughMemory};
 use thinvisor_vmm::{FaultVerdict, Gpr, InitialState, NestedFault, NestedFaults, StartMode};
 use x86_64::registers::model_specific::Msr;
 
-use crate::{mem, GuestLayout, GuestSetup, PAGE};
+use crate::{mem, GuestLayout, GuestMemory, GuestSetup, PAGE};
 
 const SIZE_2M: u64 = 2 << 20;
 const SIZE_4G: u64 = 4 << 30;
@@ -29,39 +29,49 @@ const LEGACY_HOLE: Range<u64> = 0xA_0000..0x10_0000;
 
 /// Guest-physical ranges the VMM refuses to reach for the guest.
 static HOLES: Once<[Range<u64>; 2]> = Once::new();
-/// The end of the RAM the VMM reaches for the guest.
-static RAM_END: Once<u64> = Once::new();
 
-/// The guest's memory for another processor's vCPU.
-// TODO(mem-model): one shared, Sync object for all vCPUs; today each vCPU
-// gets its own slice over the same RAM.
-pub fn vcpu_memory() -> SliceMemory<'static> {
-    let end = RAM_END.get().copied().unwrap_or(0);
-    // SAFETY: as in guest_memory: mapped RAM, holes exclude thinvisor.
-    let ram = unsafe { mem::phys_slice_mut(0, end) };
-    SliceMemory::with_holes(ram, HOLES.get().map_or(&[], |h| &h[..]))
+/// The guest's memory for another processor's vCPU: the one object the
+/// first vCPU uses too (it is shared and `Sync`).
+pub fn vcpu_memory() -> &'static GuestMemory {
+    match crate::shared_guest_memory() {
+        Some(memory) => memory,
+        None => boot_error!("internal error: a vCPU before the guest's memory"),
+    }
 }
 
-/// The guest's memory for the VMM: all RAM below the end of available
-/// memory, minus thinvisor's block and the legacy area.
-pub(crate) fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, SliceMemory<'static>) {
-    let ram_end = boot
-        .memory_map()
-        .iter()
-        .filter(|r| r.kind == MemKind::Available)
-        .map(|r| r.end())
-        .max()
-        .unwrap_or(0);
+/// The RAM the VMM may reach for the guest: the firmware's available
+/// regions (so never MMIO, firmware tables or holes between), and how many.
+static RAM: Once<([Range<u64>; MAX_REGIONS], usize)> = Once::new();
+
+/// The guest's memory for the VMM: the available RAM of the firmware's
+/// map, minus thinvisor's block and the legacy area; and `top`, the end of
+/// the guest-physical space the tables map.
+pub(crate) fn guest_memory(boot: &BootInfo, hidden: mem::Reserved) -> (u64, &'static GuestMemory) {
+    let ram = RAM.call_once(|| {
+        let mut ram = [const { 0..0 }; MAX_REGIONS];
+        let mut n = 0;
+        let available = boot
+            .memory_map()
+            .iter()
+            .filter(|r| r.kind == MemKind::Available);
+        for (slot, r) in ram.iter_mut().zip(available) {
+            *slot = r.start..r.end();
+            n += 1;
+        }
+        (ram, n)
+    });
+    let ram = &ram.0[..ram.1];
+    let ram_end = ram.iter().map(|r| r.end).max().unwrap_or(0);
     let holes = HOLES.call_once(|| [hidden.start..hidden.end, LEGACY_HOLE]);
-    RAM_END.call_once(|| ram_end);
-    // SAFETY: [0, ram_end) is inside the direct map (relocate mapped all
-    // available memory); the holes keep every VMM access out of
-    // thinvisor's own memory.
-    let ram = unsafe { mem::phys_slice_mut(0, ram_end) };
+    // SAFETY: all available memory is inside the direct map (relocate
+    // mapped it), and the VMM reaches it only through this object: the
+    // holes keep every access out of thinvisor's own memory, and nothing
+    // outside the available regions (MMIO) is ever touched.
+    let memory = unsafe { PassthroughMemory::new(mem::phys_to_virt(0), ram, holes) };
     // Everything up to 4 GiB (the PCI hole, the local APIC, the I/O APIC,
     // HPET, firmware) and all RAM above it is the guest's.
     let top = ram_end.max(SIZE_4G).next_multiple_of(SIZE_2M);
-    (top, SliceMemory::with_holes(ram, holes))
+    (top, crate::guest_memory(GuestMemory::Passthrough(memory)))
 }
 
 /// Writes into the machine's memory for the loaders, through the direct
@@ -160,7 +170,7 @@ pub fn multiboot_guest(
     hidden: mem::Reserved,
     image: &[u8],
     cmdline: &str,
-) -> (GuestSetup, SliceMemory<'static>) {
+) -> (GuestSetup, &'static GuestMemory) {
     let (top, memory) = guest_memory(boot, hidden);
     let map = guest_map(boot, hidden);
     let (avoid, n) = module_ranges(boot);
@@ -190,7 +200,7 @@ pub fn multiboot_guest(
 /// bzImage, whose module string after its path is the kernel's command
 /// line; the second, if any, the initrd. Loaded by the 32-bit boot
 /// protocol with an E820 table in which thinvisor's block is reserved.
-pub fn linux_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, SliceMemory<'static>) {
+pub fn linux_guest(boot: &BootInfo, hidden: mem::Reserved) -> (GuestSetup, &'static GuestMemory) {
     let (top, memory) = guest_memory(boot, hidden);
     let map = guest_map(boot, hidden);
     let (avoid, n) = module_ranges(boot);

@@ -8,10 +8,10 @@
 //! then enters the guest in real mode at the SIPI's vector
 //! (docs/architecture.md, "All processors").
 
-use crate::{mem, percpu, GuestSetup, PAGE};
+use crate::{mem, percpu, GuestMemory, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::BootInfo;
-use thinvisor_memory::{HostPhysAddr, SliceMemory};
+use thinvisor_memory::HostPhysAddr;
 use thinvisor_svm::msrpm::{self, MSRPM_SIZE};
 use thinvisor_svm::vmcb::Vmcb;
 use thinvisor_svm::{SvmFeatures, SvmVcpu};
@@ -31,7 +31,7 @@ static SHARED: spin::Once<Shared> = spin::Once::new();
 pub fn run(
     features: &SvmFeatures,
     guest: &GuestSetup,
-    memory: SliceMemory<'static>,
+    memory: &'static GuestMemory,
     vmm: &mut Vmm<'_>,
     boot: &BootInfo,
 ) -> ! {
@@ -90,7 +90,7 @@ fn ap_main(cpu: &'static percpu::PerCpu) -> ! {
 fn virtualize_cpu(
     shared: &Shared,
     initial: &InitialState,
-    memory: SliceMemory<'static>,
+    memory: &'static GuestMemory,
     vmm: &mut Vmm<'_>,
 ) -> ! {
     let (Some(vmcb), Some(hsave), Some(host_save)) = (

@@ -1,9 +1,8 @@
 //! Running the guest on Intel VT-x.
 
-use crate::{mem, percpu, GuestSetup, PAGE};
+use crate::{mem, percpu, GuestMemory, GuestSetup, PAGE};
 use log::info;
 use thinvisor_boot::BootInfo;
-use thinvisor_memory::SliceMemory;
 use thinvisor_vmm::{GuestKind, InitialState, Vmm};
 use thinvisor_vmx::caps::{self, Controls, EferPreference, VmxCapabilities};
 use thinvisor_vmx::msr_bitmap::{self, MSR_BITMAP_SIZE};
@@ -26,7 +25,7 @@ pub fn run(
     caps: &VmxCapabilities,
     efer: EferPreference,
     guest: &GuestSetup,
-    memory: SliceMemory<'static>,
+    memory: &'static GuestMemory,
     vmm: &mut Vmm<'_>,
     boot: &BootInfo,
 ) -> ! {
@@ -94,7 +93,7 @@ fn virtualize_cpu(
     shared: &Shared,
     initial: &InitialState,
     wait_for_sipi: bool,
-    memory: SliceMemory<'static>,
+    memory: &'static GuestMemory,
     vmm: &mut Vmm<'_>,
 ) -> ! {
     let (Some(vmxon), Some(vmcs), Some(areas)) = (

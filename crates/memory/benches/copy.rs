@@ -4,7 +4,8 @@
 //! - `page`: [`read_linear`], one walk per 4 KiB page (thinvisor's method);
 //! - `byte`: one walk per byte, then a one-byte read (BitVisor's method);
 //! - `memcpy`: `copy_from_slice` of as many bytes of contiguous host memory
-//!   (the floor any method pays).
+//!   (the floor any method pays; guest memory itself is copied with atomic
+//!   word loads, which the compiler may not turn into vector moves).
 //!
 //! The guest has 8 MiB of RAM and 4-level paging; the source range is
 //! mapped with 4 KiB pages onto frames scattered over the upper 6 MiB in
@@ -25,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use thinvisor_memory::pagetable::{PageTables, RW, SIZE_4K};
 use thinvisor_memory::{
-    read_linear, translate, Access, GuestLinearAddr, GuestPhysMemory, PagingMode, PagingRegs,
-    SliceMemory, TranslateError,
+    read_linear, translate, Access, GuestLinearAddr, GuestPhysMemory, IsolatedMemory, PagingMode,
+    PagingRegs, TranslateError,
 };
 
 const RAM: usize = 8 << 20;
@@ -85,9 +86,9 @@ fn pattern(i: usize) -> u8 {
 /// Guest RAM with the source range mapped and filled, and its registers.
 fn guest() -> (Vec<u8>, PagingRegs) {
     let mut ram = vec![0u8; RAM];
-    let mut mem = SliceMemory::new(&mut ram);
+    let mem = IsolatedMemory::new(&mut ram);
     let mut pt =
-        PageTables::new(&mut mem, PagingMode::Level4, TABLES.0, TABLES.1).expect("page tables");
+        PageTables::new(&mem, PagingMode::Level4, TABLES.0, TABLES.1).expect("page tables");
     let mut frames: Vec<u64> = (DATA.0 / SIZE_4K..DATA.1 / SIZE_4K).collect();
     let mut rng = Rng(4);
     for i in (1..frames.len()).rev() {
@@ -96,7 +97,7 @@ fn guest() -> (Vec<u8>, PagingRegs) {
     let max = SIZES[SIZES.len() - 1];
     for (page, &frame) in frames.iter().take(max / SIZE_4K as usize).enumerate() {
         pt.map(
-            &mut mem,
+            &mem,
             BASE + page as u64 * SIZE_4K,
             frame * SIZE_4K,
             SIZE_4K,
@@ -106,7 +107,7 @@ fn guest() -> (Vec<u8>, PagingRegs) {
     }
     let regs = pt.regs();
     let data: Vec<u8> = (0..max).map(pattern).collect();
-    thinvisor_memory::write_linear(&mut mem, &regs, GuestLinearAddr(BASE), &data, Access::WRITE)
+    thinvisor_memory::write_linear(&mem, &regs, GuestLinearAddr(BASE), &data, Access::WRITE)
         .expect("fill");
     (ram, regs)
 }
@@ -134,7 +135,7 @@ fn per_byte<M: GuestPhysMemory + ?Sized>(
 }
 
 struct Bench<'a> {
-    mem: SliceMemory<'a>,
+    mem: IsolatedMemory<'a>,
     regs: PagingRegs,
     /// Contiguous host memory holding the same bytes, for `memcpy`.
     host: Vec<u8>,
@@ -221,7 +222,7 @@ fn main() -> ExitCode {
     let (mut ram, regs) = guest();
     let host: Vec<u8> = (0..SIZES[SIZES.len() - 1]).map(pattern).collect();
     let bench = Bench {
-        mem: SliceMemory::new(&mut ram),
+        mem: IsolatedMemory::new(&mut ram),
         regs,
         host,
     };

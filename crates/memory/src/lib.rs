@@ -1,11 +1,17 @@
 //! How thinvisor reads and writes guest memory.
 //!
-//! Guest-physical memory is reached through [`GuestPhysMemory`] (copies,
-//! or a borrowed view of a range, `map`/`map_mut`, unmapped by dropping
-//! it); guest-linear memory is reached by walking the guest's own page
-//! tables ([`translate`]) in whichever paging mode it is in, and copying
-//! page by page ([`read_linear`], [`write_linear`], [`read_cstr`], and the
-//! typed [`read_linear_u64`] and friends built on them).
+//! Guest-physical memory is reached through [`GuestPhysMemory`]: one
+//! object per VM, shared by its vCPUs, that checks each range and copies
+//! in and out with atomic accesses through a [`PhysWindow`] (never a Rust
+//! slice: other vCPUs, the guest and devices write the same memory; see
+//! [`PhysWindow`] for why atomics). Two layouts implement it:
+//! [`IsolatedMemory`] (one block at guest-physical 0) and
+//! [`PassthroughMemory`] (guest-physical = host-physical, usable RAM minus
+//! the hypervisor's own). Guest-linear memory is reached by walking the
+//! guest's own page tables ([`translate`]) in whichever paging mode it is
+//! in, and copying page by page ([`read_linear`], [`write_linear`],
+//! [`read_cstr`], and the typed [`read_linear_u64`] and friends built on
+//! them).
 //!
 //! The guest's physical memory itself is built here too: second-level
 //! tables (AMD NPT, Intel EPT) in [`nested`] for guest RAM at an offset,
@@ -29,6 +35,7 @@ pub mod nested;
 mod paging;
 pub mod passthrough;
 mod phys;
+mod window;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod pagetable;
@@ -47,4 +54,5 @@ pub use linear::{
 pub use paging::{
     pf_error, translate, Access, PagingMode, PagingRegs, TranslateError, Translation, MAXPHYADDR,
 };
-pub use phys::{GuestPhysMemory, PhysAccessError, SliceMemory};
+pub use phys::{GuestPhysMemory, IsolatedMemory, PassthroughMemory, PhysAccessError};
+pub use window::PhysWindow;

@@ -3,8 +3,8 @@
 use core::fmt;
 
 use crate::{
-    translate, Access, GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingMode, PagingRegs,
-    TranslateError, Translation,
+    translate, Access, GuestLinearAddr, GuestPhysMemory, PagingMode, PagingRegs, TranslateError,
+    Translation,
 };
 
 /// How the linear address space of `mode` wraps: 32 bits outside long
@@ -68,7 +68,7 @@ pub fn read_linear<M: GuestPhysMemory + ?Sized>(
 /// guest can page the range in and retry). Only a
 /// [`TranslateError::PhysUnreadable`] can leave a prefix written.
 pub fn write_linear<M: GuestPhysMemory + ?Sized>(
-    mem: &mut M,
+    mem: &M,
     regs: &PagingRegs,
     la: GuestLinearAddr,
     data: &[u8],
@@ -141,7 +141,7 @@ macro_rules! typed_linear {
         #[doc = "`la` (see [`write_linear`]: all pages are checked before any byte is"]
         #[doc = "written)."]
         pub fn $write<M: GuestPhysMemory + ?Sized>(
-            mem: &mut M,
+            mem: &M,
             regs: &PagingRegs,
             la: GuestLinearAddr,
             value: $ty,
@@ -204,9 +204,11 @@ pub fn read_cstr<M: GuestPhysMemory + ?Sized>(
 
 /// Find the NUL-terminated name at `la`, at most `N` bytes including the
 /// NUL, and hand it (without the NUL) to `f`: the VMM-call lookup's path.
-/// A name that ends in the page it starts in, the usual case, is passed
-/// in place, with no copy and no buffer to clear; one that crosses pages
-/// is gathered by [`read_cstr_with_access`] into an `N`-byte buffer.
+/// A name that ends in the page it starts in, the usual case, costs one
+/// translation and one scan that stops at the NUL: a short one is copied
+/// into a small buffer (no `N`-byte buffer to clear), a longer one goes on
+/// into an `N`-byte buffer; one that crosses pages is gathered by
+/// [`read_cstr_with_access`].
 pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     mem: &M,
     regs: &PagingRegs,
@@ -214,14 +216,35 @@ pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     access: Access,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, CStrError> {
+    /// Names shorter than this take the shortest path (the standard names
+    /// are at most 11 bytes).
+    const SHORT: usize = 32;
     let la = GuestLinearAddr(la.0 & linear_mask(regs.mode()));
     let t = translate(mem, regs, la, access).map_err(CStrError::Unreadable)?;
+    // The name's bytes in this page, at most N.
     let n = chunk_len(la.0, &t, N);
-    if let Ok(src) = mem.map(t.gpa, n) {
-        if let Some(pos) = src.iter().position(|&b| b == 0) {
-            return Ok(f(&src[..pos]));
+    let first = n.min(SHORT);
+    let mut short = [0u8; SHORT];
+    if let Some(head) = short.get_mut(..first) {
+        match mem.read_until_nul_phys(t.gpa, head) {
+            Ok(Some(pos)) => return Ok(f(head.get(..pos).unwrap_or(&[]))),
+            // No NUL yet and more of the page to scan: go on from there.
+            Ok(None) if first < n => {
+                let mut buf = [0u8; N];
+                let rest_gpa = t.gpa.checked_add(first as u64);
+                if let (Some(page), Some(at)) = (buf.get_mut(..n), rest_gpa) {
+                    let (done, rest) = page.split_at_mut(first);
+                    done.copy_from_slice(head);
+                    if let Ok(Some(pos)) = mem.read_until_nul_phys(at, rest) {
+                        return Ok(f(buf.get(..first + pos).unwrap_or(&[])));
+                    }
+                }
+            }
+            _ => {}
         }
     }
+    // Crosses a page, too long, or unreadable: the general path, which
+    // also finds the right error.
     let mut buf = [0u8; N];
     let len = read_cstr_with_access(mem, regs, la, &mut buf, access)?;
     Ok(f(buf.get(..len).unwrap_or(&[])))
@@ -245,59 +268,18 @@ pub fn read_cstr_with_access<M: GuestPhysMemory + ?Sized>(
             translate(mem, regs, GuestLinearAddr(cur), access).map_err(CStrError::Unreadable)?;
         let n = chunk_len(cur, &t, rest.len());
         let (head, tail) = rest.split_at_mut(n);
-        // Scan guest memory in place and copy only the name: most names
-        // are a few bytes long, the buffer is the 256-byte maximum.
-        if let Ok(src) = mem.map(t.gpa, n) {
-            if let Some(pos) = src.iter().position(|&b| b == 0) {
-                head[..=pos].copy_from_slice(&src[..=pos]);
-                return Ok(done + pos);
-            }
-            head.copy_from_slice(src);
-            done += n;
-            rest = tail;
-            cur = cur.wrapping_add(n as u64) & mask;
-            continue;
-        }
-        // If the page runs out of RAM part-way, the bytes before the first
-        // unbacked one may still hold the NUL.
-        let (usable, failure) = match mem.read_phys(t.gpa, head) {
-            Ok(()) => (n, None),
-            Err(e) => (readable_prefix(mem, t.gpa, head, e), Some(e)),
-        };
-        let (valid, _) = head.split_at(usable);
-        if let Some(pos) = valid.iter().position(|&b| b == 0) {
-            return Ok(done + pos);
-        }
-        if let Some(e) = failure {
-            return Err(CStrError::Unreadable(phys_error(e)));
+        // Copy only up to the NUL: most names are a few bytes long, the
+        // buffer is the 256-byte maximum. If the page runs out of RAM
+        // part-way, the bytes before the first unbacked one may still
+        // hold the NUL (read_until_nul_phys looks there).
+        match mem.read_until_nul_phys(t.gpa, head) {
+            Ok(Some(pos)) => return Ok(done + pos),
+            Ok(None) => {}
+            Err(e) => return Err(CStrError::Unreadable(phys_error(e))),
         }
         done += n;
         rest = tail;
         cur = cur.wrapping_add(n as u64) & mask;
     }
     Err(CStrError::TooLong)
-}
-
-/// After `read_phys(gpa, head)` failed with `e`, reads the part of `head`
-/// before the first unbacked byte and returns its length (0 if none).
-fn readable_prefix<M: GuestPhysMemory + ?Sized>(
-    mem: &M,
-    gpa: GuestPhysAddr,
-    head: &mut [u8],
-    e: crate::PhysAccessError,
-) -> usize {
-    let Some(len) = e.gpa.0.checked_sub(gpa.0) else {
-        return 0;
-    };
-    let len = usize::try_from(len).map_or(0, |l| l.min(head.len()));
-    if len == 0 || len == head.len() {
-        // Nothing readable, or an implementor blaming a byte outside the
-        // access: trust nothing.
-        return 0;
-    }
-    let (prefix, _) = head.split_at_mut(len);
-    match mem.read_phys(gpa, prefix) {
-        Ok(()) => len,
-        Err(_) => 0,
-    }
 }

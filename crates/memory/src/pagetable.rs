@@ -64,7 +64,7 @@ impl PageTables {
     /// Starts an empty tree whose table pages come from
     /// `area_start..area_end` (4 KiB aligned) of `mem`.
     pub fn new<M: GuestPhysMemory + ?Sized>(
-        mem: &mut M,
+        mem: &M,
         mode: PagingMode,
         area_start: u64,
         area_end: u64,
@@ -162,7 +162,7 @@ impl PageTables {
         }
     }
 
-    fn alloc<M: GuestPhysMemory + ?Sized>(&mut self, mem: &mut M) -> Result<u64, BuildError> {
+    fn alloc<M: GuestPhysMemory + ?Sized>(&mut self, mem: &M) -> Result<u64, BuildError> {
         let page = self.next;
         let next = page.checked_add(SIZE_4K).ok_or(BuildError::OutOfTables)?;
         if next > self.end {
@@ -184,7 +184,7 @@ impl PageTables {
 
     fn write<M: GuestPhysMemory + ?Sized>(
         &self,
-        mem: &mut M,
+        mem: &M,
         at: u64,
         value: u64,
     ) -> Result<(), BuildError> {
@@ -212,7 +212,7 @@ impl PageTables {
     /// 4 MiB pages above 4 GiB). Missing tables are created permissive.
     pub fn map<M: GuestPhysMemory + ?Sized>(
         &mut self,
-        mem: &mut M,
+        mem: &M,
         la: u64,
         pa: u64,
         size: u64,
@@ -252,7 +252,7 @@ impl PageTables {
     /// pages.
     pub fn map_range<M: GuestPhysMemory + ?Sized>(
         &mut self,
-        mem: &mut M,
+        mem: &M,
         la: u64,
         pa: u64,
         len: u64,
@@ -307,7 +307,7 @@ impl PageTables {
     /// Overwrites the entry at `level` for `la`.
     pub fn write_entry<M: GuestPhysMemory + ?Sized>(
         &self,
-        mem: &mut M,
+        mem: &M,
         la: u64,
         level: u32,
         value: u64,
@@ -319,7 +319,7 @@ impl PageTables {
     /// Rewrites the entry at `level` for `la` through `f`.
     pub fn update_entry<M: GuestPhysMemory + ?Sized>(
         &self,
-        mem: &mut M,
+        mem: &M,
         la: u64,
         level: u32,
         f: impl FnOnce(u64) -> u64,

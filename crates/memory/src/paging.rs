@@ -6,9 +6,11 @@
 //! [`TranslateError`].
 //!
 //! Not modelled: SMEP/SMAP/protection keys (the VMM acts for the guest with
-//! the rights the caller asks for), accessed/dirty bit updates (would need
-//! atomic read-modify-write of guest memory), the PDPTE registers of PAE
-//! paging (the PDPTEs are read from memory on every walk).
+//! the rights the caller asks for), accessed/dirty bit updates (the
+//! primitive is there, [`GuestPhysMemory::compare_exchange_u64_phys`]), the
+//! PDPTE registers of PAE paging (the PDPTEs are read from memory on every
+//! walk). Each entry is read with one atomic load, so an entry the guest
+//! or another vCPU changes meanwhile is seen whole, old or new.
 
 use core::fmt;
 

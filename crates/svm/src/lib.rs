@@ -256,12 +256,13 @@ impl Segment {
 }
 
 /// One virtual processor on SVM.
-pub struct SvmVcpu<M: GuestPhysMemory> {
+pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     vmcb: &'static mut Vmcb,
     vmcb_pa: HostPhysAddr,
     host_save_pa: HostPhysAddr,
     regs: GuestRegs,
-    memory: M,
+    /// The VM's memory, shared with its other vCPUs.
+    memory: &'static M,
     nrips: bool,
     /// Length of the instruction behind the current exit, for CPUs
     /// without NRIPS; 0 when unknown.
@@ -420,7 +421,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         ncr3: HostPhysAddr,
         msrpm: HostPhysAddr,
         iopm: HostPhysAddr,
-        memory: M,
+        memory: &'static M,
         initial: &InitialState,
         kind: GuestKind,
     ) -> Self {
@@ -790,11 +791,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn memory(&self) -> &dyn GuestPhysMemory {
-        &self.memory
-    }
-
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
-        &mut self.memory
+        self.memory
     }
 
     fn cs_access(&self) -> u16 {

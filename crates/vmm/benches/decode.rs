@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use thinvisor_memory::pagetable::{PageTables, RW, SIZE_4K};
-use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingMode, PagingRegs, SliceMemory};
+use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, IsolatedMemory, PagingMode, PagingRegs};
 use thinvisor_vmm::emulate::{decode_write, EmulateError, MemWrite};
 use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, Vcpu};
 
@@ -57,7 +57,7 @@ struct Guest {
     rip: u64,
     cs_access: u16,
     paging: PagingRegs,
-    mem: SliceMemory<'static>,
+    mem: &'static IsolatedMemory<'static>,
 }
 
 impl Vcpu for Guest {
@@ -83,10 +83,7 @@ impl Vcpu for Guest {
         }
     }
     fn memory(&self) -> &dyn GuestPhysMemory {
-        &self.mem
-    }
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
-        &mut self.mem
+        self.mem
     }
     fn skip_instruction(&mut self) {}
     fn cs_access(&self) -> u16 {
@@ -113,7 +110,8 @@ impl Guest {
 const CASES: [&str; 5] = ["mov64", "imm32", "xchg64", "straddle64", "unsupported64"];
 
 fn guest(case: &str) -> Option<Guest> {
-    let mut mem = SliceMemory::new(vec![0u8; RAM].leak());
+    let mem: &'static IsolatedMemory<'static> =
+        Box::leak(Box::new(IsolatedMemory::new(vec![0u8; RAM].leak())));
     let (bytes, long): (&[u8], bool) = match case {
         "mov64" => (&[0x89, 0x02], true),
         "imm32" => (&[0xC7, 0x05, 0xB0, 0x00, 0xE0, 0xFE, 0, 0, 0, 0], false),
@@ -140,9 +138,9 @@ fn guest(case: &str) -> Option<Guest> {
             mem,
         });
     }
-    let mut pt = PageTables::new(&mut mem, PagingMode::Level4, TABLES.0, TABLES.1).ok()?;
-    pt.map(&mut mem, CODE, 0x3000, SIZE_4K, RW).ok()?;
-    pt.map(&mut mem, CODE + SIZE_4K, 0x8000, SIZE_4K, RW).ok()?;
+    let mut pt = PageTables::new(mem, PagingMode::Level4, TABLES.0, TABLES.1).ok()?;
+    pt.map(mem, CODE, 0x3000, SIZE_4K, RW).ok()?;
+    pt.map(mem, CODE + SIZE_4K, 0x8000, SIZE_4K, RW).ok()?;
     let rip = if case == "straddle64" {
         let split = 5;
         mem.write_phys(GuestPhysAddr::new(0x4000 - split), &bytes[..5])

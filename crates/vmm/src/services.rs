@@ -123,7 +123,7 @@ fn log_read_call(ctx: &mut CallContext<'_>) -> CallOutcome {
         let paging = ctx.vcpu.paging();
         loop {
             let at = GuestLinearAddr::new(buffer.wrapping_add(done) & width);
-            let memory = ctx.vcpu.memory_mut();
+            let memory = ctx.vcpu.memory();
             if write_linear(memory, &paging, at, &page[..piece], access).is_err() {
                 return refuse(ctx);
             }

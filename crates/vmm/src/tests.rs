@@ -10,7 +10,7 @@ use crate::vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 use crate::vmmcall::{FAULTS_UNRESOLVED, MAX_FAULTS_PER_PAGE};
 use crate::{handle_exit, Action, StopReason, Vm, Vmm};
 use thinvisor_abi::{dbgsh, names, NO_FUNCTION};
-use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, PagingRegs, SliceMemory};
+use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, IsolatedMemory, PagingRegs};
 
 /// A vCPU with 1 MiB of guest RAM, paging off, in 64-bit mode unless told.
 struct FakeVcpu {
@@ -18,7 +18,8 @@ struct FakeVcpu {
     rip: u64,
     mode: CpuMode,
     paging: PagingRegs,
-    mem: SliceMemory<'static>,
+    /// Shared, as the VM's memory is between its vCPUs.
+    mem: &'static IsolatedMemory<'static>,
     injected: Option<Event>,
     skipped: u32,
     /// A log that every guest-memory access writes a line of this many
@@ -39,7 +40,9 @@ impl FakeVcpu {
                 long64: true,
             },
             paging: PagingRegs::default(),
-            mem: SliceMemory::new(vec![0u8; RAM].leak()),
+            mem: std::boxed::Box::leak(std::boxed::Box::new(IsolatedMemory::new(
+                vec![0u8; RAM].leak(),
+            ))),
             injected: None,
             skipped: 0,
             log_on_access: None,
@@ -56,7 +59,7 @@ impl FakeVcpu {
         }
     }
 
-    fn put(&mut self, gpa: u64, bytes: &[u8]) {
+    fn put(&self, gpa: u64, bytes: &[u8]) {
         self.mem.write_phys(GuestPhysAddr::new(gpa), bytes).unwrap();
     }
 }
@@ -82,11 +85,7 @@ impl Vcpu for FakeVcpu {
     }
     fn memory(&self) -> &dyn GuestPhysMemory {
         self.log_access();
-        &self.mem
-    }
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
-        self.log_access();
-        &mut self.mem
+        self.mem
     }
     fn skip_instruction(&mut self) {
         self.skipped += 1;
@@ -382,11 +381,11 @@ const BUF: u64 = 0xFFFF_8000_0010_0000;
 
 fn paged_vcpu(map_middle: bool, flags: u64) -> (FakeVcpu, PageTables) {
     let mut vcpu = FakeVcpu::new();
-    let mut pt = PageTables::new(&mut vcpu.mem, PagingMode::Level4, TABLES.0, TABLES.1).unwrap();
+    let mut pt = PageTables::new(vcpu.mem, PagingMode::Level4, TABLES.0, TABLES.1).unwrap();
     for i in 0..3u64 {
         if i != 1 || map_middle {
             pt.map(
-                &mut vcpu.mem,
+                vcpu.mem,
                 BUF + i * SIZE_4K,
                 0x10000 + i * SIZE_4K,
                 SIZE_4K,
@@ -499,7 +498,7 @@ fn log_read_faults_not_present_pages_in_through_the_guest() {
     );
     assert_eq!(guest_bytes(&vcpu, 0x10000, 16), [0u8; 16]);
     // The guest OS maps the page and the instruction runs again.
-    pt.map(&mut vcpu.mem, BUF + SIZE_4K, 0x11000, SIZE_4K, RW | US)
+    pt.map(vcpu.mem, BUF + SIZE_4K, 0x11000, SIZE_4K, RW | US)
         .unwrap();
     vcpu.injected = None;
     assert_eq!(log_read(&mut vmm, &mut vcpu, BUF, 9000, 0), (9000, 0));
@@ -699,4 +698,36 @@ fn lookup_reads_the_name_with_the_callers_privilege() {
     vcpu.mode.cpl = 3;
     vcpu.put(0x10000 + SIZE_4K - 3, b"dbgsh\0");
     assert_eq!(call(&mut vmm, &mut vcpu, 0, BUF + SIZE_4K - 3), 1);
+}
+
+#[test]
+fn vcpus_share_one_memory() {
+    // Two vCPUs of one VM (one Vm, one memory object), each on its own
+    // thread: log_read from both at once, into different buffers, then a
+    // lookup on one of a name the other wrote.
+    let first = FakeVcpu::new();
+    let mut second = FakeVcpu::new();
+    second.mem = first.mem;
+    let vm = vmm().vm;
+    let text: std::vec::Vec<u8> = (0..3000u32).map(|i| b'A' + (i % 26) as u8).collect();
+    vm.services.log.lock().push(&text);
+    let (mut first, second) = std::thread::scope(|s| {
+        let run = |mut vcpu: FakeVcpu, buf: u64| {
+            move || {
+                let mut vmm = Vmm::new(vm);
+                for _ in 0..50 {
+                    assert_eq!(log_read(&mut vmm, &mut vcpu, buf, 3000, 0), (3000, 0));
+                }
+                vcpu
+            }
+        };
+        let a = s.spawn(run(first, 0x20000));
+        let b = s.spawn(run(second, 0x30000));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(guest_bytes(&first, 0x20000, 3000), text);
+    assert_eq!(guest_bytes(&second, 0x30000, 3000), text);
+    second.put(0x8000, b"log_read\0");
+    let mut vmm = Vmm::new(vm);
+    assert_eq!(call(&mut vmm, &mut first, 0, 0x8000), LOG_READ);
 }

@@ -160,10 +160,10 @@ pub trait Vcpu {
     fn paging(&self) -> PagingRegs;
     /// Privilege and operating mode.
     fn mode(&self) -> CpuMode;
-    /// The guest's physical memory.
+    /// The guest's physical memory: the VM's one memory object, shared
+    /// with its other vCPUs, so reads and writes both go through `&self`
+    /// (see [`GuestPhysMemory`]).
     fn memory(&self) -> &dyn GuestPhysMemory;
-    /// The guest's physical memory, for writing.
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory;
     /// Advance RIP past the instruction that caused the current exit.
     fn skip_instruction(&mut self);
     /// The code segment's access rights in [`crate::SegmentState`]'s layout

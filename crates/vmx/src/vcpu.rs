@@ -317,10 +317,11 @@ pub enum GuestEfer {
 
 /// One virtual processor on VT-x. Its VMCS must be current on this CPU
 /// whenever a method is called.
-pub struct VmxVcpu<M: GuestPhysMemory> {
+pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     regs: GuestRegs,
     launched: bool,
-    memory: M,
+    /// The VM's memory, shared with its other vCPUs.
+    memory: &'static M,
     efer: GuestEfer,
     cr: CrPolicy,
     /// Basic exit reason and qualification of the current exit.
@@ -510,7 +511,12 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     ///
     /// # Safety
     /// That VMCS must be current and stay current while this vCPU is used.
-    pub unsafe fn new(memory: M, efer: GuestEfer, cr: CrPolicy, initial: &InitialState) -> Self {
+    pub unsafe fn new(
+        memory: &'static M,
+        efer: GuestEfer,
+        cr: CrPolicy,
+        initial: &InitialState,
+    ) -> Self {
         // RSP lives in the VMCS; its slot here is unused.
         let regs = GuestRegs(initial.gprs);
         Self {
@@ -978,11 +984,7 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     }
 
     fn memory(&self) -> &dyn GuestPhysMemory {
-        &self.memory
-    }
-
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
-        &mut self.memory
+        self.memory
     }
 
     fn reset(&mut self, initial: &InitialState) {

@@ -43,12 +43,11 @@ fn name_crossing_into_a_non_adjacent_page() {
         (PagingMode::Level5, 0xFFFF_FF00_0000_0FFE),
     ] {
         let mut ram = guest_ram();
-        let mut mem = SliceMemory::new(&mut ram);
-        let mut pt = tables(&mut mem, mode);
+        let mem = IsolatedMemory::new(&mut ram);
+        let mut pt = tables(&mem, mode);
         let page = la & !0xFFF;
-        pt.map(&mut mem, page, 0x60_0000, SIZE_4K, 0).unwrap();
-        pt.map(&mut mem, page + SIZE_4K, 0x20_3000, SIZE_4K, 0)
-            .unwrap();
+        pt.map(&mem, page, 0x60_0000, SIZE_4K, 0).unwrap();
+        pt.map(&mem, page + SIZE_4K, 0x20_3000, SIZE_4K, 0).unwrap();
         mem.write_phys(GuestPhysAddr(0x60_0FFE), b"db").unwrap();
         mem.write_phys(GuestPhysAddr(0x20_3000), b"gsh\0junk")
             .unwrap();
@@ -60,14 +59,14 @@ fn name_crossing_into_a_non_adjacent_page() {
 #[test]
 fn length_limits() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
     // Three consecutive pages, names placed to cross between them.
-    pt.map_range(&mut mem, 0x40_0000, 0x40_0000, 3 * SIZE_4K, 0)
+    pt.map_range(&mem, 0x40_0000, 0x40_0000, 3 * SIZE_4K, 0)
         .unwrap();
     let regs = pt.regs();
     let at = 0x40_0F80u64;
-    let name = |mem: &mut SliceMemory<'_>, len: usize, nul: bool| {
+    let name = |mem: &IsolatedMemory<'_>, len: usize, nul: bool| {
         let mut bytes = vec![b'a'; len];
         if nul {
             bytes.push(0);
@@ -75,13 +74,13 @@ fn length_limits() {
         bytes.push(b'z'); // something non-NUL after it
         mem.write_phys(GuestPhysAddr(at), &bytes).unwrap();
     };
-    name(&mut mem, 255, true);
+    name(&mem, 255, true);
     assert_eq!(cstr(&mem, &regs, at).map(|s| s.len()), Ok(255));
-    name(&mut mem, 256, false);
+    name(&mem, 256, false);
     assert_eq!(cstr(&mem, &regs, at), Err(CStrError::TooLong));
-    name(&mut mem, 256, true);
+    name(&mem, 256, true);
     assert_eq!(cstr(&mem, &regs, at), Err(CStrError::TooLong));
-    name(&mut mem, 0, true);
+    name(&mem, 0, true);
     assert_eq!(cstr(&mem, &regs, at), Ok("".into()));
     // No room even for the NUL.
     assert_eq!(
@@ -89,7 +88,7 @@ fn length_limits() {
         Err(CStrError::TooLong)
     );
     // A smaller limit.
-    name(&mut mem, 4, true);
+    name(&mem, 4, true);
     let mut small = [0u8; 4];
     assert_eq!(
         read_cstr(&mem, &regs, GuestLinearAddr(at), &mut small),
@@ -105,9 +104,9 @@ fn length_limits() {
 #[test]
 fn stops_at_the_nul_before_unmapped_memory() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
-    pt.map(&mut mem, 0x40_0000, 0x50_0000, SIZE_4K, 0).unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
+    pt.map(&mem, 0x40_0000, 0x50_0000, SIZE_4K, 0).unwrap();
     let regs = pt.regs();
     // Ends two bytes before the unmapped page 0x40_1000.
     mem.write_phys(GuestPhysAddr(0x50_0FF8), b"abcdef\0\0")
@@ -154,9 +153,9 @@ fn stops_at_the_nul_before_unmapped_memory() {
 fn stops_at_the_nul_before_the_end_of_ram() {
     // RAM that ends 3 bytes into a page.
     let mut ram = vec![0u8; 0x3003];
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = PageTables::new(&mut mem, PagingMode::Bits32, 0, 0x2000).unwrap();
-    pt.map(&mut mem, 0x1000, 0x3000, SIZE_4K, 0).unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = PageTables::new(&mem, PagingMode::Bits32, 0, 0x2000).unwrap();
+    pt.map(&mem, 0x1000, 0x3000, SIZE_4K, 0).unwrap();
     let regs = pt.regs();
     mem.write_phys(GuestPhysAddr(0x3000), b"ab\0").unwrap();
     assert_eq!(cstr(&mem, &regs, 0x1000), Ok("ab".into()));
@@ -179,11 +178,10 @@ fn stops_at_the_nul_before_the_end_of_ram() {
 #[test]
 fn name_wrapping_at_4_gib() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Pae);
-    pt.map(&mut mem, 0xFFFF_F000, 0x50_0000, SIZE_4K, 0)
-        .unwrap();
-    pt.map(&mut mem, 0, 0x51_0000, SIZE_4K, 0).unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Pae);
+    pt.map(&mem, 0xFFFF_F000, 0x50_0000, SIZE_4K, 0).unwrap();
+    pt.map(&mem, 0, 0x51_0000, SIZE_4K, 0).unwrap();
     mem.write_phys(GuestPhysAddr(0x50_0FFE), b"lo").unwrap();
     mem.write_phys(GuestPhysAddr(0x51_0000), b"g_read\0")
         .unwrap();

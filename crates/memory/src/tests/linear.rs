@@ -29,12 +29,12 @@ fn crosses_into_a_non_adjacent_page() {
         (PagingMode::Level5, 0xFF80_0000_0000_0FFE),
     ] {
         let mut ram = guest_ram();
-        let mut mem = SliceMemory::new(&mut ram);
-        let mut pt = tables(&mut mem, mode);
+        let mem = IsolatedMemory::new(&mut ram);
+        let mut pt = tables(&mem, mode);
         let page = la & !0xFFF;
         // The second linear page lies *below* the first physically.
-        pt.map(&mut mem, page, 0x50_0000, SIZE_4K, RW).unwrap();
-        pt.map(&mut mem, page + SIZE_4K, 0x30_7000, SIZE_4K, RW)
+        pt.map(&mem, page, 0x50_0000, SIZE_4K, RW).unwrap();
+        pt.map(&mem, page + SIZE_4K, 0x30_7000, SIZE_4K, RW)
             .unwrap();
         mem.write_phys(GuestPhysAddr(0x50_0FFE), &[1, 2]).unwrap();
         mem.write_phys(GuestPhysAddr(0x30_7000), &[3, 4, 5])
@@ -49,27 +49,27 @@ fn crosses_into_a_non_adjacent_page() {
         );
 
         write_linear(
-            &mut mem,
+            &mem,
             &regs,
             GuestLinearAddr(la),
             &[9, 8, 7, 6],
             Access::WRITE,
         )
         .unwrap();
-        assert_eq!(&mem.as_slice()[0x50_0FFE..0x50_1000], &[9, 8]);
-        assert_eq!(&mem.as_slice()[0x30_7000..0x30_7003], &[7, 6, 5]);
-        assert_eq!(&mem.as_slice()[0x50_1000..0x50_1002], &[0xEE, 0xEE]);
+        assert_eq!(&mem.snapshot()[0x50_0FFE..0x50_1000], &[9, 8]);
+        assert_eq!(&mem.snapshot()[0x30_7000..0x30_7003], &[7, 6, 5]);
+        assert_eq!(&mem.snapshot()[0x50_1000..0x50_1002], &[0xEE, 0xEE]);
     }
 }
 
 #[test]
 fn translates_once_per_page() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
-    pt.map_range(&mut mem, 0x10_0000_0000, 0x40_0000, 4 * SIZE_4K, RW)
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
+    pt.map_range(&mem, 0x10_0000_0000, 0x40_0000, 4 * SIZE_4K, RW)
         .unwrap();
-    pt.map(&mut mem, 0x20_0000_0000, 0x60_0000, SIZE_2M, RW)
+    pt.map(&mem, 0x20_0000_0000, 0x60_0000, SIZE_2M, RW)
         .unwrap();
     let regs = pt.regs();
     let counting = Counting {
@@ -117,11 +117,10 @@ fn translates_once_per_page() {
 fn wraps_at_4_gib_outside_long_mode() {
     for mode in [PagingMode::Bits32, PagingMode::Pae] {
         let mut ram = guest_ram();
-        let mut mem = SliceMemory::new(&mut ram);
-        let mut pt = tables(&mut mem, mode);
-        pt.map(&mut mem, 0xFFFF_F000, 0x50_0000, SIZE_4K, RW)
-            .unwrap();
-        pt.map(&mut mem, 0, 0x60_0000, SIZE_4K, RW).unwrap();
+        let mem = IsolatedMemory::new(&mut ram);
+        let mut pt = tables(&mem, mode);
+        pt.map(&mem, 0xFFFF_F000, 0x50_0000, SIZE_4K, RW).unwrap();
+        pt.map(&mem, 0, 0x60_0000, SIZE_4K, RW).unwrap();
         mem.write_phys(GuestPhysAddr(0x50_0FFD), &[1, 2, 3])
             .unwrap();
         mem.write_phys(GuestPhysAddr(0x60_0000), &[4, 5]).unwrap();
@@ -141,7 +140,7 @@ fn wraps_at_4_gib_outside_long_mode() {
         assert_eq!(read(&mem, &regs, 0xFFFF_FFFF, 0x1002), pf(0x1000, 0));
     }
     // Paging off: physical = linear mod 4 GiB.
-    let mut mem = Windows::new(&[(0, 0x1000), (0xFFFF_F000, 0x1000)]);
+    let mem = Windows::new(&[(0, 0x1000), (0xFFFF_F000, 0x1000)]);
     mem.write_phys(GuestPhysAddr(0xFFFF_FFFE), &[1, 2]).unwrap();
     mem.write_phys(GuestPhysAddr(0), &[3, 4]).unwrap();
     let off = PagingRegs::default();
@@ -152,13 +151,13 @@ fn wraps_at_4_gib_outside_long_mode() {
 #[test]
 fn long_mode_canonical_hole_and_top_wrap() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
-    pt.map(&mut mem, 0x7FFF_FFFF_F000, 0x50_0000, SIZE_4K, RW)
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
+    pt.map(&mem, 0x7FFF_FFFF_F000, 0x50_0000, SIZE_4K, RW)
         .unwrap();
-    pt.map(&mut mem, 0xFFFF_FFFF_FFFF_F000, 0x51_0000, SIZE_4K, RW)
+    pt.map(&mem, 0xFFFF_FFFF_FFFF_F000, 0x51_0000, SIZE_4K, RW)
         .unwrap();
-    pt.map(&mut mem, 0, 0x52_0000, SIZE_4K, RW).unwrap();
+    pt.map(&mem, 0, 0x52_0000, SIZE_4K, RW).unwrap();
     mem.write_phys(GuestPhysAddr(0x51_0FFF), &[1]).unwrap();
     mem.write_phys(GuestPhysAddr(0x52_0000), &[2]).unwrap();
     let regs = pt.regs();
@@ -169,14 +168,14 @@ fn long_mode_canonical_hole_and_top_wrap() {
     assert!(read(&mem, &regs, 0x7FFF_FFFF_FFFC, 4).is_ok());
     assert_eq!(read(&mem, &regs, 0x8000_0000_0000, 1), hole);
     let hole_write = write_linear(
-        &mut mem,
+        &mem,
         &regs,
         GuestLinearAddr(0x7FFF_FFFF_FFFC),
         &[0xAA; 8],
         Access::WRITE,
     );
     assert_eq!(hole_write, hole.map(|_| ()));
-    assert_eq!(&mem.as_slice()[0x50_0FFC..0x50_1000], &[0; 4]);
+    assert_eq!(&mem.snapshot()[0x50_0FFC..0x50_1000], &[0; 4]);
     // The top of the address space continues at 0 (both canonical).
     assert_eq!(read(&mem, &regs, u64::MAX, 2), Ok(vec![1, 2]));
 }
@@ -184,13 +183,13 @@ fn long_mode_canonical_hole_and_top_wrap() {
 #[test]
 fn data_outside_guest_ram() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
     let ram_end = RAM as u64;
-    pt.map(&mut mem, 0x1000, ram_end - SIZE_4K, SIZE_4K, RW)
+    pt.map(&mem, 0x1000, ram_end - SIZE_4K, SIZE_4K, RW)
         .unwrap();
-    pt.map(&mut mem, 0x2000, ram_end, SIZE_4K, RW).unwrap();
-    pt.map(&mut mem, 0x3000, 0xF_FFFF_FFFF_F000, SIZE_4K, RW)
+    pt.map(&mem, 0x2000, ram_end, SIZE_4K, RW).unwrap();
+    pt.map(&mem, 0x3000, 0xF_FFFF_FFFF_F000, SIZE_4K, RW)
         .unwrap();
     let regs = pt.regs();
     fn unbacked<T>(gpa: u64) -> Result<T, TranslateError> {
@@ -202,13 +201,7 @@ fn data_outside_guest_ram() {
     assert_eq!(read(&mem, &regs, 0x1FF0, 0x20), unbacked(ram_end));
     assert_eq!(read(&mem, &regs, 0x3008, 1), unbacked(0xF_FFFF_FFFF_F008));
     assert_eq!(
-        write_linear(
-            &mut mem,
-            &regs,
-            GuestLinearAddr(0x2004),
-            &[1],
-            Access::WRITE
-        ),
+        write_linear(&mem, &regs, GuestLinearAddr(0x2004), &[1], Access::WRITE),
         unbacked(ram_end + 4)
     );
 }
@@ -216,21 +209,14 @@ fn data_outside_guest_ram() {
 #[test]
 fn write_checks_every_page_before_writing() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Pae);
-    pt.map(&mut mem, 0x1000, 0x50_0000, SIZE_4K, RW | US)
-        .unwrap();
-    pt.map(&mut mem, 0x2000, 0x51_0000, SIZE_4K, US).unwrap();
-    pt.map(&mut mem, 0x3000, 0x52_0000, SIZE_4K, RW).unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Pae);
+    pt.map(&mem, 0x1000, 0x50_0000, SIZE_4K, RW | US).unwrap();
+    pt.map(&mem, 0x2000, 0x51_0000, SIZE_4K, US).unwrap();
+    pt.map(&mem, 0x3000, 0x52_0000, SIZE_4K, RW).unwrap();
     let regs = pt.regs();
-    let mut write = |la: u64, len: usize, access| {
-        write_linear(
-            &mut mem,
-            &regs,
-            GuestLinearAddr(la),
-            &vec![0x5A; len],
-            access,
-        )
+    let write = |la: u64, len: usize, access| {
+        write_linear(&mem, &regs, GuestLinearAddr(la), &vec![0x5A; len], access)
     };
     // The second page is read-only: nothing is written, not even page 1.
     assert_eq!(write(0x1800, 0x1000, Access::WRITE), pf(0x2000, PR | W));
@@ -242,22 +228,22 @@ fn write_checks_every_page_before_writing() {
     // A missing page after good ones.
     assert_eq!(write(0x1000, 0x4000, Access::WRITE), pf(0x2000, PR | W));
     assert_eq!(write(0x3FFF, 2, Access::WRITE), pf(0x4000, W));
-    assert!(mem.as_slice()[0x50_0000..0x53_0000].iter().all(|&b| b == 0));
+    assert!(mem.snapshot()[0x50_0000..0x53_0000].iter().all(|&b| b == 0));
     // WP off: supervisor writes pass read-only pages.
     let no_wp = PagingRegs {
         cr0: regs.cr0 & !PagingRegs::CR0_WP,
         ..regs
     };
     write_linear(
-        &mut mem,
+        &mem,
         &no_wp,
         GuestLinearAddr(0x1FFF),
         &[1, 2, 3],
         Access::WRITE,
     )
     .unwrap();
-    assert_eq!(mem.as_slice()[0x50_0FFF], 1);
-    assert_eq!(&mem.as_slice()[0x51_0000..0x51_0002], &[2, 3]);
+    assert_eq!(mem.snapshot()[0x50_0FFF], 1);
+    assert_eq!(&mem.snapshot()[0x51_0000..0x51_0002], &[2, 3]);
 }
 
 #[test]
@@ -269,17 +255,17 @@ fn typed_access_crosses_pages() {
         PagingMode::Level5,
     ] {
         let mut ram = guest_ram();
-        let mut mem = SliceMemory::new(&mut ram);
-        let mut pt = tables(&mut mem, mode);
+        let mem = IsolatedMemory::new(&mut ram);
+        let mut pt = tables(&mem, mode);
         // Two linear pages, physically apart and in reverse order; a
         // read-only page after them.
-        pt.map(&mut mem, 0x40_0000, 0x50_0000, SIZE_4K, RW).unwrap();
-        pt.map(&mut mem, 0x40_1000, 0x30_7000, SIZE_4K, RW).unwrap();
-        pt.map(&mut mem, 0x40_2000, 0x31_0000, SIZE_4K, 0).unwrap();
+        pt.map(&mem, 0x40_0000, 0x50_0000, SIZE_4K, RW).unwrap();
+        pt.map(&mem, 0x40_1000, 0x30_7000, SIZE_4K, RW).unwrap();
+        pt.map(&mem, 0x40_2000, 0x31_0000, SIZE_4K, 0).unwrap();
         let regs = pt.regs();
         let la = GuestLinearAddr;
         let bytes: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
-        write_linear(&mut mem, &regs, la(0x40_0FFB), &bytes, Access::WRITE).unwrap();
+        write_linear(&mem, &regs, la(0x40_0FFB), &bytes, Access::WRITE).unwrap();
 
         assert_eq!(
             read_linear_u8(&mem, &regs, la(0x40_0FFB), Access::READ),
@@ -302,18 +288,18 @@ fn typed_access_crosses_pages() {
             Ok([4, 5, 6])
         );
 
-        write_linear_u64(&mut mem, &regs, la(0x40_0FFC), u64::MAX - 1, Access::WRITE).unwrap();
+        write_linear_u64(&mem, &regs, la(0x40_0FFC), u64::MAX - 1, Access::WRITE).unwrap();
         assert_eq!(
-            &mem.as_slice()[0x50_0FFC..0x50_1000],
+            &mem.snapshot()[0x50_0FFC..0x50_1000],
             &[0xFE, 0xFF, 0xFF, 0xFF]
         );
         assert_eq!(
-            &mem.as_slice()[0x30_7000..0x30_7005],
+            &mem.snapshot()[0x30_7000..0x30_7005],
             &[0xFF, 0xFF, 0xFF, 0xFF, 0]
         );
-        write_linear_u32(&mut mem, &regs, la(0x40_0FFE), 0x0A0B_0C0D, Access::WRITE).unwrap();
-        write_linear_u16(&mut mem, &regs, la(0x40_0FFF), 0x1122, Access::WRITE).unwrap();
-        write_linear_u8(&mut mem, &regs, la(0x40_1002), 0x33, Access::WRITE).unwrap();
+        write_linear_u32(&mem, &regs, la(0x40_0FFE), 0x0A0B_0C0D, Access::WRITE).unwrap();
+        write_linear_u16(&mem, &regs, la(0x40_0FFF), 0x1122, Access::WRITE).unwrap();
+        write_linear_u8(&mem, &regs, la(0x40_1002), 0x33, Access::WRITE).unwrap();
         assert_eq!(
             read_linear_u64(&mem, &regs, la(0x40_0FFC), Access::READ),
             Ok(0xFF33_0A11_220D_FFFE),
@@ -328,10 +314,10 @@ fn typed_access_crosses_pages() {
             pf(0x40_3000, 0)
         );
         assert_eq!(
-            write_linear_u32(&mut mem, &regs, la(0x40_1FFE), 0, Access::WRITE),
+            write_linear_u32(&mem, &regs, la(0x40_1FFE), 0, Access::WRITE),
             pf_at(0x40_2000, PR | W)
         );
-        assert_eq!(&mem.as_slice()[0x30_7FFE..0x30_8000], &[0, 0]);
+        assert_eq!(&mem.snapshot()[0x30_7FFE..0x30_8000], &[0, 0]);
         assert_eq!(
             read_linear_u16(&mem, &regs, la(0x40_0000), Access::USER_READ),
             pf(0x40_0000, PR | U)

@@ -1,11 +1,11 @@
 //! Tests: unit tests per mode and edge case, and property tests against a
 //! deliberately simple reference walker.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::vec;
 use std::vec::Vec;
 
-use crate::{GuestPhysAddr, GuestPhysMemory, PhysAccessError};
+use crate::{GuestPhysAddr, GuestPhysMemory, IsolatedMemory, PhysAccessError, PhysWindow};
 
 mod cstr;
 mod linear;
@@ -25,55 +25,64 @@ fn guest_ram() -> Vec<u8> {
 }
 
 /// Guest memory made of a few separate windows, for tests that need RAM at
-/// addresses a flat buffer cannot reach (e.g. just below 4 GiB).
+/// addresses a flat buffer cannot reach (e.g. just below 4 GiB). An access
+/// must lie inside one window.
 struct Windows {
-    windows: Vec<(u64, Vec<u8>)>,
+    windows: Vec<(u64, IsolatedMemory<'static>)>,
 }
 
 impl Windows {
     fn new(windows: &[(u64, usize)]) -> Self {
         Self {
-            windows: windows.iter().map(|&(b, l)| (b, vec![0; l])).collect(),
+            windows: windows
+                .iter()
+                .map(|&(b, l)| (b, IsolatedMemory::new(vec![0; l].leak())))
+                .collect(),
         }
-    }
-
-    fn find(&self, gpa: u64, len: usize) -> Option<(usize, usize)> {
-        self.windows.iter().enumerate().find_map(|(i, (base, w))| {
-            let off = usize::try_from(gpa.checked_sub(*base)?).ok()?;
-            (off.checked_add(len)? <= w.len()).then_some((i, off))
-        })
     }
 }
 
 impl GuestPhysMemory for Windows {
-    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError> {
-        let (i, off) = self.find(gpa.0, len).ok_or(PhysAccessError { gpa })?;
-        Ok(&self.windows[i].1[off..off + len])
-    }
-
-    fn map_mut(&mut self, gpa: GuestPhysAddr, len: usize) -> Result<&mut [u8], PhysAccessError> {
-        let (i, off) = self.find(gpa.0, len).ok_or(PhysAccessError { gpa })?;
-        Ok(&mut self.windows[i].1[off..off + len])
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        self.windows
+            .iter()
+            .find_map(|(base, w)| {
+                let off = gpa.0.checked_sub(*base)?;
+                w.map(GuestPhysAddr(off), len).ok()
+            })
+            .ok_or(PhysAccessError { gpa })
     }
 }
 
-/// Counts `read_phys` calls, to check the once-per-page promise.
+/// A count the tests read and reset (shared memory must be `Sync`, hence
+/// atomic).
+#[derive(Default)]
+struct Count(AtomicUsize);
+
+impl Count {
+    fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, v: usize) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Counts the ranges mapped for reading (entries and data), to check the
+/// once-per-page promise; refuses writes.
 struct Counting<'m, M> {
     inner: &'m M,
-    reads: Cell<usize>,
+    reads: Count,
 }
 
 impl<M: GuestPhysMemory> GuestPhysMemory for Counting<'_, M> {
-    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<&[u8], PhysAccessError> {
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        self.reads.set(self.reads.get() + 1);
         self.inner.map(gpa, len)
     }
 
-    fn map_mut(&mut self, gpa: GuestPhysAddr, _len: usize) -> Result<&mut [u8], PhysAccessError> {
+    fn write_phys(&self, gpa: GuestPhysAddr, _data: &[u8]) -> Result<(), PhysAccessError> {
         Err(PhysAccessError { gpa })
-    }
-
-    fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError> {
-        self.reads.set(self.reads.get() + 1);
-        self.inner.read_phys(gpa, buf)
     }
 }

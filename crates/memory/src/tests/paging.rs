@@ -9,12 +9,12 @@ use crate::paging::translate_with_maxphyaddr;
 use crate::pf_error::{FETCH as I, PRESENT as PR, RESERVED as R, USER as U, WRITE as W};
 use crate::*;
 
-pub(super) fn tables(mem: &mut SliceMemory<'_>, mode: PagingMode) -> PageTables {
+pub(super) fn tables(mem: &IsolatedMemory<'_>, mode: PagingMode) -> PageTables {
     PageTables::new(mem, mode, TABLES, TABLES_END).unwrap()
 }
 
 pub(super) fn tr(
-    mem: &SliceMemory<'_>,
+    mem: &IsolatedMemory<'_>,
     regs: &PagingRegs,
     la: u64,
     access: Access,
@@ -23,7 +23,7 @@ pub(super) fn tr(
 }
 
 pub(super) fn gpa(
-    mem: &SliceMemory<'_>,
+    mem: &IsolatedMemory<'_>,
     regs: &PagingRegs,
     la: u64,
     access: Access,
@@ -41,7 +41,7 @@ pub(super) fn pf<T>(la: u64, error_code: u32) -> Result<T, TranslateError> {
 #[test]
 fn disabled_is_identity_on_32_bits() {
     let mut ram = guest_ram();
-    let mem = SliceMemory::new(&mut ram);
+    let mem = IsolatedMemory::new(&mut ram);
     let regs = PagingRegs::default();
     let t = tr(&mem, &regs, 0x1_2345_6789, Access::USER_WRITE).unwrap();
     assert_eq!(
@@ -68,12 +68,11 @@ fn disabled_is_identity_on_32_bits() {
 #[test]
 fn bits32_4k_pages() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Bits32);
-    pt.map(&mut mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW | US)
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Bits32);
+    pt.map(&mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW | US)
         .unwrap();
-    pt.map(&mut mem, 0xC000_2000, 0x7F_F000, SIZE_4K, 0)
-        .unwrap();
+    pt.map(&mem, 0xC000_2000, 0x7F_F000, SIZE_4K, 0).unwrap();
     let regs = pt.regs();
     let t = tr(&mem, &regs, 0xC000_0123, Access::USER_WRITE).unwrap();
     assert_eq!(
@@ -108,11 +107,10 @@ fn bits32_4k_pages() {
 #[test]
 fn bits32_4m_pages_and_pse36() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Bits32);
-    pt.map(&mut mem, 0x8000_0000, 0x40_0000, SIZE_4M, RW)
-        .unwrap();
-    pt.map(&mut mem, 0x4000_0000, 0xAB_C040_0000, SIZE_4M, US)
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Bits32);
+    pt.map(&mem, 0x8000_0000, 0x40_0000, SIZE_4M, RW).unwrap();
+    pt.map(&mem, 0x4000_0000, 0xAB_C040_0000, SIZE_4M, US)
         .unwrap();
     assert_eq!(
         pt.read_entry(&mem, 0x4000_0000, 2),
@@ -129,7 +127,7 @@ fn bits32_4m_pages_and_pse36() {
         Ok((0xAB_C07F_FFFF, SIZE_4M))
     );
     // Bit 21 of a 4 MiB PDE is reserved.
-    pt.update_entry(&mut mem, 0x8000_0000, 2, |e| e | 1 << 21)
+    pt.update_entry(&mem, 0x8000_0000, 2, |e| e | 1 << 21)
         .unwrap();
     assert_eq!(
         gpa(&mem, &regs, 0x8000_0000, Access::READ),
@@ -148,12 +146,10 @@ fn bits32_4m_pages_and_pse36() {
 #[test]
 fn bits32_ps_ignored_without_cr4_pse() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Bits32);
-    pt.map(&mut mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW)
-        .unwrap();
-    pt.update_entry(&mut mem, 0xC000_0000, 2, |e| e | PS)
-        .unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Bits32);
+    pt.map(&mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW).unwrap();
+    pt.update_entry(&mem, 0xC000_0000, 2, |e| e | PS).unwrap();
     let pt_addr = pt.read_entry(&mem, 0xC000_0000, 2).unwrap() & 0xFFFF_F000;
     assert_eq!(pt_addr, TABLES + SIZE_4K);
     let mut regs = pt.regs();
@@ -174,9 +170,9 @@ fn bits32_ps_ignored_without_cr4_pse() {
 #[test]
 fn bits32_has_no_nx() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Bits32);
-    pt.map(&mut mem, 0x40_0000, 0x30_0000, SIZE_4K, US).unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Bits32);
+    pt.map(&mem, 0x40_0000, 0x30_0000, SIZE_4K, US).unwrap();
     let mut regs = pt.regs();
     regs.efer |= PagingRegs::EFER_NXE;
     let t = tr(&mem, &regs, 0x40_0000, Access::USER_FETCH).unwrap();
@@ -205,11 +201,11 @@ fn bits32_has_no_nx() {
 #[test]
 fn pae_4k_and_2m_pages() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Pae);
-    pt.map(&mut mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW | US)
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Pae);
+    pt.map(&mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW | US)
         .unwrap();
-    pt.map(&mut mem, 0x4020_0000, 0xF_FFE0_0000, SIZE_2M, RW)
+    pt.map(&mem, 0x4020_0000, 0xF_FFE0_0000, SIZE_2M, RW)
         .unwrap();
     let mut regs = pt.regs();
     assert_eq!(
@@ -239,10 +235,9 @@ fn pae_4k_and_2m_pages() {
 #[test]
 fn pae_pdpt_is_32_byte_aligned() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Pae);
-    pt.map(&mut mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW)
-        .unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Pae);
+    pt.map(&mem, 0xC000_0000, 0x30_0000, SIZE_4K, RW).unwrap();
     // Move the four PDPTEs to offset 0x60 of another page.
     let mut pdpt = [0u8; 32];
     mem.read_phys(pt.root(), &mut pdpt).unwrap();
@@ -260,11 +255,10 @@ fn pae_pdpt_is_32_byte_aligned() {
 #[test]
 fn pae_nx_and_reserved_bits() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Pae);
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Pae);
     let la = 0xC000_0000;
-    pt.map(&mut mem, la, 0x30_0000, SIZE_4K, RW | US | NX)
-        .unwrap();
+    pt.map(&mem, la, 0x30_0000, SIZE_4K, RW | US | NX).unwrap();
     let mut regs = pt.regs();
     let t = tr(&mem, &regs, la, Access::USER_READ).unwrap();
     assert!(!t.executable && t.writable && t.user);
@@ -282,14 +276,12 @@ fn pae_nx_and_reserved_bits() {
     regs.efer |= PagingRegs::EFER_NXE;
 
     // PAE: bits 62:MAXPHYADDR are reserved in PDEs and PTEs.
-    pt.update_entry(&mut mem, la, 1, |e| e & !NX | 1 << 52)
-        .unwrap();
+    pt.update_entry(&mem, la, 1, |e| e & !NX | 1 << 52).unwrap();
     assert_eq!(gpa(&mem, &regs, la, Access::READ), pf(la, PR | R));
-    pt.update_entry(&mut mem, la, 1, |e| e & !(1 << 52) | 1 << 62)
+    pt.update_entry(&mem, la, 1, |e| e & !(1 << 52) | 1 << 62)
         .unwrap();
     assert_eq!(gpa(&mem, &regs, la, Access::WRITE), pf(la, PR | R | W));
-    pt.update_entry(&mut mem, la, 1, |e| e & !(1 << 62))
-        .unwrap();
+    pt.update_entry(&mem, la, 1, |e| e & !(1 << 62)).unwrap();
     assert_eq!(
         gpa(&mem, &regs, la, Access::FETCH),
         Ok((0x30_0000, SIZE_4K))
@@ -297,60 +289,58 @@ fn pae_nx_and_reserved_bits() {
     // PDPTE: bits 2:1 and 63:M are reserved (no R/W, U/S, NX there); 8:5
     // are Intel-reserved but AMD's A bit, which QEMU sets: not checked.
     for bit in [1, 2, 52, 63] {
-        pt.update_entry(&mut mem, la, 3, |e| e | 1 << bit).unwrap();
+        pt.update_entry(&mem, la, 3, |e| e | 1 << bit).unwrap();
         assert_eq!(
             gpa(&mem, &regs, la, Access::READ),
             pf(la, PR | R),
             "bit {bit}"
         );
-        pt.update_entry(&mut mem, la, 3, |e| e & !(1 << bit))
-            .unwrap();
+        pt.update_entry(&mem, la, 3, |e| e & !(1 << bit)).unwrap();
     }
     // PWT/PCD, bits 8:5 and the ignored bits 11:9 are fine.
-    pt.update_entry(&mut mem, la, 3, |e| e | 0xFF8).unwrap();
+    pt.update_entry(&mem, la, 3, |e| e | 0xFF8).unwrap();
     assert_eq!(gpa(&mem, &regs, la, Access::READ), Ok((0x30_0000, SIZE_4K)));
     // A not-present PDPTE.
-    pt.update_entry(&mut mem, la, 3, |e| e & !P).unwrap();
+    pt.update_entry(&mem, la, 3, |e| e & !P).unwrap();
     assert_eq!(gpa(&mem, &regs, la, Access::USER_WRITE), pf(la, U | W));
 }
 
 #[test]
 fn pae_2m_reserved_and_pat_bits() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Pae);
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Pae);
     let la = 0x8000_0000;
-    pt.map(&mut mem, la, 0x40_0000, SIZE_2M, RW).unwrap();
+    pt.map(&mem, la, 0x40_0000, SIZE_2M, RW).unwrap();
     let regs = pt.regs();
     // Bit 12 is PAT, not an address bit.
-    pt.update_entry(&mut mem, la, 2, |e| e | 1 << 12).unwrap();
+    pt.update_entry(&mem, la, 2, |e| e | 1 << 12).unwrap();
     assert_eq!(
         gpa(&mem, &regs, la + 5, Access::READ),
         Ok((0x40_0005, SIZE_2M))
     );
     for bit in [13, 20] {
-        pt.update_entry(&mut mem, la, 2, |e| e | 1 << bit).unwrap();
+        pt.update_entry(&mem, la, 2, |e| e | 1 << bit).unwrap();
         assert_eq!(
             gpa(&mem, &regs, la, Access::READ),
             pf(la, PR | R),
             "bit {bit}"
         );
-        pt.update_entry(&mut mem, la, 2, |e| e & !(1 << bit))
-            .unwrap();
+        pt.update_entry(&mem, la, 2, |e| e & !(1 << bit)).unwrap();
     }
 }
 
 #[test]
 fn level4_page_sizes() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
-    pt.map(&mut mem, 0xFFFF_8000_0000_1000, 0x30_0000, SIZE_4K, RW)
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
+    pt.map(&mem, 0xFFFF_8000_0000_1000, 0x30_0000, SIZE_4K, RW)
         .unwrap();
-    pt.map(&mut mem, 0x0000_7F00_0020_0000, 0x40_0000, SIZE_2M, US)
+    pt.map(&mem, 0x0000_7F00_0020_0000, 0x40_0000, SIZE_2M, US)
         .unwrap();
     pt.map(
-        &mut mem,
+        &mem,
         0xFFFF_FFFF_C000_0000,
         0xF_FFFF_C000_0000,
         SIZE_1G,
@@ -377,7 +367,7 @@ fn level4_page_sizes() {
         Ok((0xF_FFFF_DEAD_BEEF, SIZE_1G))
     );
     // Bits 62:52 are ignored (software/protection-key bits), not reserved.
-    pt.update_entry(&mut mem, 0xFFFF_8000_0000_1000, 1, |e| {
+    pt.update_entry(&mem, 0xFFFF_8000_0000_1000, 1, |e| {
         e | 0x7FF0_0000_0000_0000
     })
     .unwrap();
@@ -386,7 +376,7 @@ fn level4_page_sizes() {
         Ok((0x30_0000, SIZE_4K))
     );
     // PAT (bit 12) in large pages is not an address bit.
-    pt.update_entry(&mut mem, 0xFFFF_FFFF_C000_0000, 3, |e| e | 1 << 12)
+    pt.update_entry(&mem, 0xFFFF_FFFF_C000_0000, 3, |e| e | 1 << 12)
         .unwrap();
     assert_eq!(
         gpa(&mem, &regs, 0xFFFF_FFFF_C000_0000, Access::READ),
@@ -406,71 +396,66 @@ fn level4_page_sizes() {
 #[test]
 fn level4_reserved_bits() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
     let (la4k, la2m, la1g) = (0x1000, 0x4000_0000, 0x80_0000_0000);
-    pt.map(&mut mem, la4k, 0x30_0000, SIZE_4K, RW).unwrap();
-    pt.map(&mut mem, la2m, 0x40_0000, SIZE_2M, RW).unwrap();
-    pt.map(&mut mem, la1g, 0x4000_0000, SIZE_1G, RW).unwrap();
+    pt.map(&mem, la4k, 0x30_0000, SIZE_4K, RW).unwrap();
+    pt.map(&mem, la2m, 0x40_0000, SIZE_2M, RW).unwrap();
+    pt.map(&mem, la1g, 0x4000_0000, SIZE_1G, RW).unwrap();
     let mut regs = pt.regs();
-    let rsvd = |mem: &SliceMemory<'_>, regs: &PagingRegs, la| {
+    let rsvd = |mem: &IsolatedMemory<'_>, regs: &PagingRegs, la| {
         gpa(mem, regs, la, Access::READ) == pf(la, PR | R)
     };
     // PS in a PML4E.
-    pt.update_entry(&mut mem, la4k, 4, |e| e | PS).unwrap();
+    pt.update_entry(&mem, la4k, 4, |e| e | PS).unwrap();
     assert!(rsvd(&mem, &regs, la4k));
-    pt.update_entry(&mut mem, la4k, 4, |e| e & !PS).unwrap();
+    pt.update_entry(&mem, la4k, 4, |e| e & !PS).unwrap();
     // Bits 20:13 of a 2 MiB PDE, 29:13 of a 1 GiB PDPTE.
     for bit in [13, 20] {
-        pt.update_entry(&mut mem, la2m, 2, |e| e | 1 << bit)
-            .unwrap();
+        pt.update_entry(&mem, la2m, 2, |e| e | 1 << bit).unwrap();
         assert!(rsvd(&mem, &regs, la2m), "2M bit {bit}");
-        pt.update_entry(&mut mem, la2m, 2, |e| e & !(1 << bit))
-            .unwrap();
+        pt.update_entry(&mem, la2m, 2, |e| e & !(1 << bit)).unwrap();
     }
     for bit in [13, 21, 29] {
-        pt.update_entry(&mut mem, la1g, 3, |e| e | 1 << bit)
-            .unwrap();
+        pt.update_entry(&mem, la1g, 3, |e| e | 1 << bit).unwrap();
         assert!(rsvd(&mem, &regs, la1g), "1G bit {bit}");
-        pt.update_entry(&mut mem, la1g, 3, |e| e & !(1 << bit))
-            .unwrap();
+        pt.update_entry(&mem, la1g, 3, |e| e & !(1 << bit)).unwrap();
     }
     // The same bits are address bits in a non-leaf PDE.
     assert!(gpa(&mem, &regs, la4k, Access::READ).is_ok());
     // NX without EFER.NXE, at any level.
     regs.efer &= !PagingRegs::EFER_NXE;
     for level in 1..=4 {
-        pt.update_entry(&mut mem, la4k, level, |e| e | NX).unwrap();
+        pt.update_entry(&mem, la4k, level, |e| e | NX).unwrap();
         assert!(rsvd(&mem, &regs, la4k), "level {level}");
-        pt.update_entry(&mut mem, la4k, level, |e| e & !NX).unwrap();
+        pt.update_entry(&mem, la4k, level, |e| e & !NX).unwrap();
     }
     // Physical-address bits at or above MAXPHYADDR (52 here, so try 40).
-    pt.update_entry(&mut mem, la4k, 1, |e| e | 1 << 45).unwrap();
+    pt.update_entry(&mem, la4k, 1, |e| e | 1 << 45).unwrap();
     assert_eq!(
         gpa(&mem, &regs, la4k, Access::READ),
         Ok((0x30_0000 | 1 << 45, SIZE_4K))
     );
-    let narrow = |mem: &SliceMemory<'_>| {
+    let narrow = |mem: &IsolatedMemory<'_>| {
         translate_with_maxphyaddr(mem, &regs, GuestLinearAddr(la4k), Access::USER_READ, 40)
     };
     assert_eq!(narrow(&mem), pf(la4k, PR | R | U));
-    pt.update_entry(&mut mem, la4k, 1, |e| e & !(1 << 45))
-        .unwrap();
+    pt.update_entry(&mem, la4k, 1, |e| e & !(1 << 45)).unwrap();
     assert_eq!(narrow(&mem), pf(la4k, PR | U)); // back to a plain U/S violation
-    pt.update_entry(&mut mem, la4k, 3, |e| e | 1 << 40).unwrap();
+    pt.update_entry(&mem, la4k, 3, |e| e | 1 << 40).unwrap();
     assert_eq!(narrow(&mem), pf(la4k, PR | R | U));
 }
 
 #[test]
 fn level5_page_sizes_and_canonical() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level5);
-    pt.map(&mut mem, 0xFF00_0000_0000_1000, 0x30_0000, SIZE_4K, RW | US)
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level5);
+    pt.map(&mem, 0xFF00_0000_0000_1000, 0x30_0000, SIZE_4K, RW | US)
         .unwrap();
-    pt.map(&mut mem, 0x00FF_FFFF_FFE0_0000, 0x60_0000, SIZE_2M, RW)
+    pt.map(&mem, 0x00FF_FFFF_FFE0_0000, 0x60_0000, SIZE_2M, RW)
         .unwrap();
-    pt.map(&mut mem, 0x0001_0000_4000_0000, 0x8000_0000, SIZE_1G, 0)
+    pt.map(&mem, 0x0001_0000_4000_0000, 0x8000_0000, SIZE_1G, 0)
         .unwrap();
     let regs = pt.regs();
     assert_eq!(
@@ -504,7 +489,7 @@ fn level5_page_sizes_and_canonical() {
         );
     }
     // PS is reserved in a PML5E.
-    pt.update_entry(&mut mem, 0xFF00_0000_0000_1000, 5, |e| e | PS)
+    pt.update_entry(&mem, 0xFF00_0000_0000_1000, 5, |e| e | PS)
         .unwrap();
     assert_eq!(
         gpa(&mem, &regs, 0xFF00_0000_0000_1000, Access::READ),
@@ -515,8 +500,8 @@ fn level5_page_sizes_and_canonical() {
 #[test]
 fn level4_canonical() {
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let pt = tables(&mut mem, PagingMode::Level4);
+    let mem = IsolatedMemory::new(&mut ram);
+    let pt = tables(&mem, PagingMode::Level4);
     let regs = pt.regs();
     for la in [
         0x0000_8000_0000_0000,
@@ -541,13 +526,13 @@ fn level4_canonical() {
 fn outcome(flags: [u64; 4], wp: bool, nxe: bool, access: Access) -> Result<(), u32> {
     let la = 0x7000_1000;
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let mut pt = tables(&mut mem, PagingMode::Level4);
-    pt.map(&mut mem, la, 0x30_0000, SIZE_4K, 0).unwrap();
+    let mem = IsolatedMemory::new(&mut ram);
+    let mut pt = tables(&mem, PagingMode::Level4);
+    pt.map(&mem, la, 0x30_0000, SIZE_4K, 0).unwrap();
     // Bottom up, so the path to each entry is intact when it is changed.
     for (i, f) in flags.iter().enumerate().rev() {
         let level = 4 - i as u32;
-        pt.update_entry(&mut mem, la, level, |e| e & 0x000F_FFFF_FFFF_F000 | f)
+        pt.update_entry(&mem, la, level, |e| e & 0x000F_FFFF_FFFF_F000 | f)
             .unwrap();
     }
     let mut regs = pt.regs();
@@ -636,8 +621,8 @@ fn permissions_with_exact_error_codes() {
     );
     // SMEP makes I/D reported even without NXE.
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let pt = tables(&mut mem, PagingMode::Level4);
+    let mem = IsolatedMemory::new(&mut ram);
+    let pt = tables(&mem, PagingMode::Level4);
     let mut regs = pt.regs();
     regs.efer &= !PagingRegs::EFER_NXE;
     regs.cr4 |= PagingRegs::CR4_SMEP;
@@ -660,10 +645,10 @@ fn tables_outside_guest_ram() {
         PagingMode::Level5,
     ] {
         let mut ram = guest_ram();
-        let mut mem = SliceMemory::new(&mut ram);
-        let mut pt = tables(&mut mem, mode);
+        let mem = IsolatedMemory::new(&mut ram);
+        let mut pt = tables(&mem, mode);
         let la = 0x40_0000;
-        pt.map(&mut mem, la, 0x30_0000, SIZE_4K, RW).unwrap();
+        pt.map(&mem, la, 0x30_0000, SIZE_4K, RW).unwrap();
         let mut regs = pt.regs();
         // CR3 beyond RAM. PAE reads PDPTE 0, the others index 0 / 1.
         regs.cr3 = ram_end;
@@ -675,7 +660,7 @@ fn tables_outside_guest_ram() {
         );
         // The page table beyond RAM.
         regs.cr3 = pt.root().0;
-        pt.update_entry(&mut mem, la, 2, |e| e & 0xFFF | 0xC000_0000)
+        pt.update_entry(&mem, la, 2, |e| e & 0xFFF | 0xC000_0000)
             .unwrap();
         // PTE index 0 in every mode.
         assert_eq!(
@@ -686,7 +671,7 @@ fn tables_outside_guest_ram() {
     }
     // An entry straddling the end of RAM is unreadable too.
     let mut small = vec![0u8; 0x2004];
-    let mem = SliceMemory::new(&mut small);
+    let mem = IsolatedMemory::new(&mut small);
     let regs = PagingRegs {
         cr0: PagingRegs::CR0_PG,
         cr3: 0x1000,
@@ -706,8 +691,8 @@ fn tables_outside_guest_ram() {
 fn self_referencing_tables_terminate() {
     // 4-level: PML4[0] points at the PML4 itself, at every level.
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let pt = tables(&mut mem, PagingMode::Level4);
+    let mem = IsolatedMemory::new(&mut ram);
+    let pt = tables(&mem, PagingMode::Level4);
     let root = pt.root().0;
     mem.write_u64_phys(pt.root(), root | P | RW | US).unwrap();
     // The recursive slot 511 as well.
@@ -745,8 +730,8 @@ fn self_referencing_tables_terminate() {
 
     // 5-level, fully self-referencing.
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let pt = tables(&mut mem, PagingMode::Level5);
+    let mem = IsolatedMemory::new(&mut ram);
+    let pt = tables(&mem, PagingMode::Level5);
     let root = pt.root().0;
     mem.write_u64_phys(pt.root(), root | P).unwrap();
     let counting = Counting {
@@ -761,8 +746,8 @@ fn self_referencing_tables_terminate() {
 
     // 32-bit: PD[0] points at the PD.
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let pt = tables(&mut mem, PagingMode::Bits32);
+    let mem = IsolatedMemory::new(&mut ram);
+    let pt = tables(&mem, PagingMode::Bits32);
     let root = pt.root().0;
     mem.write_u32_phys(pt.root(), root as u32 | 1).unwrap();
     assert_eq!(
@@ -772,8 +757,8 @@ fn self_referencing_tables_terminate() {
 
     // PAE: the PDPT page is also the PD and the PT.
     let mut ram = guest_ram();
-    let mut mem = SliceMemory::new(&mut ram);
-    let pt = tables(&mut mem, PagingMode::Pae);
+    let mem = IsolatedMemory::new(&mut ram);
+    let pt = tables(&mem, PagingMode::Pae);
     let root = pt.root().0;
     mem.write_u64_phys(pt.root(), root | P).unwrap();
     assert_eq!(

@@ -341,9 +341,9 @@ fn check(mode: PagingMode, case: &Case) -> Result<(), TestCaseError> {
     let (mut ram, regs) = build(mode, case);
 
     for &(la, bits) in &case.probes {
-        let mem = SliceMemory::new(&mut ram);
+        let want = reference::translate(&ram, &regs, la, access(bits));
+        let mem = IsolatedMemory::new(&mut ram);
         let got = translate(&mem, &regs, GuestLinearAddr(la), access(bits));
-        let want = reference::translate(mem.as_slice(), &regs, la, access(bits));
         prop_assert_eq!(got, want, "translate {:#x} {:?}", la, access(bits));
     }
 
@@ -352,7 +352,7 @@ fn check(mode: PagingMode, case: &Case) -> Result<(), TestCaseError> {
         let want: Result<Vec<u8>, _> = (0..len)
             .map(|i| load(&ram, walker.gpa(&ram, la, i)?))
             .collect();
-        let mem = SliceMemory::new(&mut ram);
+        let mem = IsolatedMemory::new(&mut ram);
         let mut buf = vec![0u8; len];
         let got =
             read_linear(&mem, &regs, GuestLinearAddr(la), &mut buf, Access::READ).map(|()| buf);
@@ -380,8 +380,8 @@ fn check(mode: PagingMode, case: &Case) -> Result<(), TestCaseError> {
             }
             Ok(())
         });
-        let mut mem = SliceMemory::new(&mut ram);
-        let got = write_linear(&mut mem, &regs, GuestLinearAddr(la), &data, acc);
+        let mem = IsolatedMemory::new(&mut ram);
+        let got = write_linear(&mem, &regs, GuestLinearAddr(la), &data, acc);
         prop_assert_eq!(got, want, "write_linear {:#x}+{:#x} {:?}", la, len, acc);
         match got {
             // On an unbacked byte the failing page's copy is all-or-nothing
@@ -398,7 +398,7 @@ fn check(mode: PagingMode, case: &Case) -> Result<(), TestCaseError> {
     }
 
     for &la in &case.names {
-        let mem = SliceMemory::new(&mut ram);
+        let mem = IsolatedMemory::new(&mut ram);
         let mut buf = [0u8; 256];
         let got = read_cstr(&mem, &regs, GuestLinearAddr(la), &mut buf);
         // Reference: byte by byte until a NUL, an unreadable byte or the
@@ -407,9 +407,7 @@ fn check(mode: PagingMode, case: &Case) -> Result<(), TestCaseError> {
         let mut name = Vec::new();
         let mut walker = ByteWalker::new(&regs, Access::READ);
         for i in 0..256 {
-            let byte = walker
-                .gpa(mem.as_slice(), la, i)
-                .and_then(|g| load(mem.as_slice(), g));
+            let byte = walker.gpa(&ram, la, i).and_then(|g| load(&ram, g));
             match byte {
                 Err(e) => {
                     want = Err(CStrError::Unreadable(e));

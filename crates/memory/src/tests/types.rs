@@ -1,4 +1,4 @@
-//! Address types, `SliceMemory`, mode selection.
+//! Address types, `IsolatedMemory`, mode selection.
 
 use std::format;
 use std::string::ToString;
@@ -31,7 +31,7 @@ fn address_formatting_and_arithmetic() {
 #[test]
 fn slice_memory_bounds() {
     let mut ram = [0u8; 16];
-    let mut mem = SliceMemory::new(&mut ram);
+    let mem = IsolatedMemory::new(&mut ram);
     assert_eq!(mem.len(), 16);
     assert!(!mem.is_empty());
     mem.write_phys(GuestPhysAddr(4), &[1, 2, 3, 4]).unwrap();
@@ -42,8 +42,8 @@ fn slice_memory_bounds() {
         mem.read_u64_phys(GuestPhysAddr(8)),
         Ok(0x1122_3344_5566_7788)
     );
-    assert_eq!(mem.as_slice()[8], 0x88);
-    mem.as_mut_slice()[0] = 9;
+    assert_eq!(mem.snapshot()[8], 0x88);
+    mem.write_phys(GuestPhysAddr(0), &[9]).unwrap();
 
     let mut buf = [0u8; 4];
     // Straddling the end: the first unbacked byte is the end of RAM.
@@ -65,14 +65,14 @@ fn slice_memory_bounds() {
         err(u64::MAX - 1)
     );
     // Nothing was written by the failed write.
-    assert_eq!(&mem.as_slice()[12..], &[0x44, 0x33, 0x22, 0x11]);
+    assert_eq!(&mem.snapshot()[12..], &[0x44, 0x33, 0x22, 0x11]);
     // Empty accesses touch nothing.
     assert_eq!(mem.read_phys(GuestPhysAddr(u64::MAX), &mut []), Ok(()));
     assert_eq!(mem.read_phys(GuestPhysAddr(0), &mut buf), Ok(()));
     assert_eq!(buf, [9, 0, 0, 0]);
 
     let mut none: [u8; 0] = [];
-    let empty = SliceMemory::new(&mut none);
+    let empty = IsolatedMemory::new(&mut none);
     assert!(empty.is_empty());
     assert_eq!(
         empty.read_u32_phys(GuestPhysAddr(0)),

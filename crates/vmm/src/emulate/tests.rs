@@ -7,7 +7,7 @@ use std::vec;
 use super::*;
 use crate::vcpu::{CpuMode, Event, Exit};
 use thinvisor_memory::pagetable::{PageTables, NX, RW, SIZE_4K, US};
-use thinvisor_memory::{pf_error, GuestPhysAddr, GuestPhysMemory, PagingMode, SliceMemory};
+use thinvisor_memory::{pf_error, GuestPhysAddr, GuestPhysMemory, IsolatedMemory, PagingMode};
 
 const RAM: usize = 1 << 20;
 /// Flat 32-bit code segment access rights (G, D, P, S, type B).
@@ -25,7 +25,8 @@ struct FakeVcpu {
     rflags: u64,
     cpl: u8,
     paging: PagingRegs,
-    mem: SliceMemory<'static>,
+    /// Shared, as the VM's memory is between its vCPUs.
+    mem: &'static IsolatedMemory<'static>,
     completed: Option<u64>,
 }
 
@@ -57,7 +58,9 @@ impl FakeVcpu {
                 cr4: 0,
                 efer,
             },
-            mem: SliceMemory::new(vec![0u8; RAM].leak()),
+            mem: std::boxed::Box::leak(std::boxed::Box::new(IsolatedMemory::new(
+                vec![0u8; RAM].leak(),
+            ))),
             completed: None,
         }
     }
@@ -116,10 +119,7 @@ impl Vcpu for FakeVcpu {
         }
     }
     fn memory(&self) -> &dyn GuestPhysMemory {
-        &self.mem
-    }
-    fn memory_mut(&mut self) -> &mut dyn GuestPhysMemory {
-        &mut self.mem
+        self.mem
     }
     fn skip_instruction(&mut self) {
         panic!("the emulator must not use skip_instruction: the exit has no length");
@@ -135,8 +135,8 @@ impl Vcpu for FakeVcpu {
 const TABLES: (u64, u64) = (0xC0000, 0x100000);
 
 fn paged(mut vcpu: FakeVcpu) -> (FakeVcpu, PageTables) {
-    let mut pt = PageTables::new(&mut vcpu.mem, PagingMode::Level4, TABLES.0, TABLES.1).unwrap();
-    pt.map_range(&mut vcpu.mem, 0, 0, 0x80000, RW).unwrap();
+    let mut pt = PageTables::new(vcpu.mem, PagingMode::Level4, TABLES.0, TABLES.1).unwrap();
+    pt.map_range(vcpu.mem, 0, 0, 0x80000, RW).unwrap();
     vcpu.paging = PagingRegs {
         efer: vcpu.paging.efer | pt.regs().efer,
         ..pt.regs()
@@ -623,9 +623,9 @@ fn outside_64_bit_mode_rip_and_linear_addresses_are_32_bits() {
 const LA: u64 = 0x40_0000;
 
 fn split_pages(flags: u64) -> FakeVcpu {
-    let (mut v, mut pt) = paged(FakeVcpu::new(CodeBits::Bits64));
-    pt.map(&mut v.mem, LA, 0x30000, SIZE_4K, flags).unwrap();
-    pt.map(&mut v.mem, LA + SIZE_4K, 0x50000, SIZE_4K, flags)
+    let (v, mut pt) = paged(FakeVcpu::new(CodeBits::Bits64));
+    pt.map(v.mem, LA, 0x30000, SIZE_4K, flags).unwrap();
+    pt.map(v.mem, LA + SIZE_4K, 0x50000, SIZE_4K, flags)
         .unwrap();
     v
 }
