@@ -554,6 +554,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
 
     /// Fill an empty EVENTINJ with a deferred event or an NMI the host
     /// caught, just before VMRUN.
+    #[inline(always)]
     fn pick_next_event(&mut self) {
         if self.vmcb.control.event_inj & event_inj::VALID != 0 {
             return;
@@ -561,8 +562,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         if let Some(event) = self.deferred.take() {
             self.vmcb.control.event_inj = encode_event(event);
         } else if let Some(n) = self.host_nmis {
-            if n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
+            // A plain load first: the locked update only when an NMI waits.
+            if n.load(Ordering::Relaxed) != 0
+                && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
             {
                 self.vmcb.control.event_inj = encode_event(Event::Nmi);
             }

@@ -582,7 +582,20 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     /// Fill an empty VM-entry event with a deferred event or an NMI the
     /// host caught, when the guest can take it; an interrupt that must
     /// wait asks for an interrupt-window exit (SDM vol. 3C, 25.7.5).
+    #[inline(always)]
     fn pick_next_event(&mut self) {
+        // The common case costs no VMREAD: nothing waits.
+        let nmi_waiting = self
+            .host_nmis
+            .is_some_and(|n| n.load(Ordering::Relaxed) != 0);
+        if self.deferred.is_none() && !nmi_waiting {
+            return;
+        }
+        self.pick_waiting_event();
+    }
+
+    #[cold]
+    fn pick_waiting_event(&mut self) {
         if read(F::VM_ENTRY_INTR_INFO) & u64::from(INTR_INFO_VALID) != 0 {
             return;
         }
