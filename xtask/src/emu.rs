@@ -189,8 +189,8 @@ pub fn describe_qemu_status(status: &ExitStatus) -> String {
         return format!("status {raw} = {what} (exit code {code:#x})");
     }
     match raw {
-        0 => "status 0 = QEMU ended without an exit code (machine reset or power-off; \
-              a triple fault of the hypervisor itself?)"
+        0 => "status 0 = QEMU ended without an exit code (the guest powered off or reset \
+              the machine; with -no-reboot also a triple fault of thinvisor itself)"
             .to_string(),
         1 => "status 1 = QEMU error (or exit code 0 written)".to_string(),
         n if n % 2 == 1 => format!("status {n} = unknown exit code {:#x}", (n - 1) / 2),
