@@ -600,10 +600,16 @@ pub const CASES: &[Case] = &[
             "probe: cpuid-signature thinvisor",
             "probe: lookup log_read = 3",
             linux::DONE,
+            "1 application processor(s) under thinvisor",
+            "the guest enters an ACPI sleep state (powers off)",
+            "VM exits on CPU 0:",
+            "VM exits on CPU 1:",
+            ": intact",
         ],
         must_not_contain: LINUX_TROUBLE,
         smp: 2,
         timeout_s: 120,
+        checks: &[Check::E820HidesThinvisor],
         ..QEMU
     },
     Case {
