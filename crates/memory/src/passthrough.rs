@@ -320,8 +320,8 @@ impl PassThroughTables {
     /// Makes the 4 KiB page at `gpa` read-only (identity still), splitting
     /// the large page that maps it: writes to it then exit, reads do not.
     /// For device pages whose writes the hypervisor must see (the local
-    /// APIC's interrupt command register, on SVM). The caller flushes the
-    /// guest's TLB if the guest ran already.
+    /// APIC's interrupt command register). The caller flushes the guest's
+    /// TLB if the guest ran already.
     ///
     /// Errors: `Hidden` (already read-only, as filler), `OutOfRange` (not
     /// mapped), `OutOfMemory`.
@@ -330,6 +330,33 @@ impl PassThroughTables {
         alloc: &mut dyn TableAllocator,
         gpa: GuestPhysAddr,
     ) -> Result<(), NptError> {
+        let (table, i) = self.leaf_entry(alloc, gpa, true)?;
+        alloc.table(HostPhysAddr::new(table))[i] &= !WRITE;
+        Ok(())
+    }
+
+    /// Gives a page [`write_protect`](Self::write_protect)ed back its write
+    /// permission (it stays a 4 KiB page). The caller flushes the guests'
+    /// TLBs: they may hold the read-only translation.
+    pub fn write_unprotect(
+        &mut self,
+        alloc: &mut dyn TableAllocator,
+        gpa: GuestPhysAddr,
+    ) -> Result<(), NptError> {
+        let (table, i) = self.leaf_entry(alloc, gpa, false)?;
+        alloc.table(HostPhysAddr::new(table))[i] |= WRITE;
+        Ok(())
+    }
+
+    /// The table and index of the leaf entry that maps `gpa`, splitting
+    /// large leaves down to a 4 KiB one when `split` (same bits, so every
+    /// translation stays as it was).
+    fn leaf_entry(
+        &mut self,
+        alloc: &mut dyn TableAllocator,
+        gpa: GuestPhysAddr,
+        split: bool,
+    ) -> Result<(u64, usize), NptError> {
         let g = gpa.as_u64();
         if self.is_hidden(gpa) {
             return Err(NptError::Hidden);
@@ -341,9 +368,8 @@ impl PassThroughTables {
             if entry & PRESENT == 0 {
                 return Err(NptError::OutOfRange);
             }
-            if level == 0 {
-                alloc.table(HostPhysAddr::new(table))[i] = entry & !WRITE;
-                return Ok(());
+            if level == 0 || (entry & HUGE != 0 && !split) {
+                return Ok((table, i));
             }
             if entry & HUGE == 0 {
                 table = entry & ADDR_MASK;
@@ -362,34 +388,6 @@ impl PassThroughTables {
             }
             alloc.table(HostPhysAddr::new(table))[i] = next | TABLE;
             table = next;
-        }
-        Err(NptError::OutOfRange)
-    }
-
-    /// Gives a page [`write_protect`](Self::write_protect)ed back its write
-    /// permission (it stays a 4 KiB page). The caller flushes the guests'
-    /// TLBs: they may hold the read-only translation.
-    pub fn write_unprotect(
-        &mut self,
-        alloc: &mut dyn TableAllocator,
-        gpa: GuestPhysAddr,
-    ) -> Result<(), NptError> {
-        let g = gpa.as_u64();
-        if self.is_hidden(gpa) {
-            return Err(NptError::Hidden);
-        }
-        let mut table = self.root.as_u64();
-        for level in (0..4).rev() {
-            let i = index(g, level);
-            let entry = alloc.table(HostPhysAddr::new(table))[i];
-            if entry & PRESENT == 0 {
-                return Err(NptError::OutOfRange);
-            }
-            if level == 0 || entry & HUGE != 0 {
-                alloc.table(HostPhysAddr::new(table))[i] = entry | WRITE;
-                return Ok(());
-            }
-            table = entry & ADDR_MASK;
         }
         Err(NptError::OutOfRange)
     }
