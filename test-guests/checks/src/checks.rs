@@ -30,7 +30,7 @@ impl Why {
         }
     }
 
-    fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         core::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("(unprintable reason)")
     }
 }
@@ -51,13 +51,13 @@ impl fmt::Write for Why {
 }
 
 /// Formats a reason.
-fn why(args: fmt::Arguments<'_>) -> Why {
+pub fn why(args: fmt::Arguments<'_>) -> Why {
     let mut w = Why::new();
     let _ = fmt::write(&mut w, args);
     w
 }
 
-type CheckResult = Result<(), Why>;
+pub type CheckResult = Result<(), Why>;
 
 /// One check: its reported name and its body.
 type Check = (&'static str, fn(&BootInfo) -> CheckResult);

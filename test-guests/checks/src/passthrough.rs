@@ -17,51 +17,11 @@ use crate::entry::{self, Page, TG_PML4};
 use crate::{global, recover, smp, timer};
 use core::arch::asm;
 use core::cell::UnsafeCell;
-use core::fmt;
 use core::ptr::addr_of_mut;
 use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use thinvisor_abi as abi;
 
-/// Longest reason kept.
-const WHY_MAX: usize = 120;
-
-/// A failure reason: a fixed-size, truncating text buffer (no allocator).
-pub struct Why {
-    buf: [u8; WHY_MAX],
-    len: u8,
-}
-
-impl Why {
-    fn as_str(&self) -> &str {
-        core::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("(unprintable reason)")
-    }
-}
-
-impl fmt::Write for Why {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for &b in s.as_bytes() {
-            let len = usize::from(self.len);
-            if len == WHY_MAX {
-                break;
-            }
-            self.buf[len] = if b.is_ascii() { b } else { b'?' };
-            self.len += 1;
-        }
-        Ok(())
-    }
-}
-
-/// Formats a reason.
-pub fn why(args: fmt::Arguments<'_>) -> Why {
-    let mut w = Why {
-        buf: [0; WHY_MAX],
-        len: 0,
-    };
-    let _ = fmt::write(&mut w, args);
-    w
-}
-
-pub type CheckResult = Result<(), Why>;
+pub use crate::checks::{why, CheckResult, Why};
 
 /// Returns from the check with a formatted reason.
 macro_rules! fail {
