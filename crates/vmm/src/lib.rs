@@ -9,6 +9,7 @@
 pub mod apic;
 pub mod bios;
 pub mod cpuid;
+pub mod dbgsh;
 #[cfg(feature = "emulate")]
 pub mod emulate;
 pub mod events;

@@ -1,5 +1,6 @@
 //! The services behind the standard VMM calls (docs/vmm-call.md, Functions).
 
+use crate::dbgsh::{Dbgsh, NoInfo, ShellEnv, ShellInfo};
 use crate::log_ring::LogRing;
 use crate::vcpu::Gpr;
 use crate::vmmcall::{CallContext, CallOutcome, Registry};
@@ -22,6 +23,10 @@ pub struct Services {
     pub log_buf: Mutex<Option<(u64, u64)>>,
     /// The log `log_read` reads.
     pub log: &'static VmmLog,
+    /// The debug shell: one session, shared by every caller.
+    pub dbgsh: Mutex<Dbgsh>,
+    /// What the shell's `stat` and `cpu` print.
+    pub shell_info: &'static dyn ShellInfo,
 }
 
 impl Services {
@@ -29,7 +34,17 @@ impl Services {
         Self {
             log_buf: Mutex::new(None),
             log,
+            dbgsh: Mutex::new(Dbgsh::new(true)),
+            shell_info: &NoInfo,
         }
+    }
+
+    /// The same with the shell's `stat`/`cpu` lines from `info`, and the
+    /// shell disabled (`dbgsh=off`) unless `enabled`.
+    pub fn with_shell(mut self, info: &'static dyn ShellInfo, enabled: bool) -> Self {
+        self.shell_info = info;
+        self.dbgsh = Mutex::new(Dbgsh::new(enabled));
+        self
     }
 }
 
@@ -46,9 +61,26 @@ pub fn register_all(registry: &mut Registry) {
     }
 }
 
-/// dbgsh: the shell has nothing to say yet, whatever the client answers.
+/// dbgsh: RBX = the client's answer (-1 = none), RAX = the shell's
+/// pending value (crate::dbgsh). Every register but RAX is kept. The
+/// shell's lock is held for the call; it takes the log's lock (`log`) and
+/// reads guest memory (`mem`) under it, and nothing takes them the other
+/// way round.
 fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
-    ctx.vcpu.set_gpr(Gpr::Rax, dbgsh::NOTHING);
+    let answer = ctx.vcpu.gpr(Gpr::Rbx);
+    // Outside 64-bit mode RBX is 32 bits: -1 is 0xFFFF_FFFF there.
+    let answer = match ctx.vcpu.mode().long64 {
+        true => answer,
+        false if answer as u32 == u32::MAX => dbgsh::NOTHING,
+        false => answer & 0xFFFF_FFFF,
+    };
+    let env = ShellEnv {
+        log: ctx.services.log,
+        memory: ctx.vcpu.memory(),
+        info: ctx.services.shell_info,
+    };
+    let rax = ctx.services.dbgsh.lock().call(answer, &env);
+    ctx.vcpu.set_gpr(Gpr::Rax, rax);
     CallOutcome::Return
 }
 

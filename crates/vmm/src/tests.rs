@@ -731,3 +731,50 @@ fn vcpus_share_one_memory() {
     let mut vmm = Vmm::new(vm);
     assert_eq!(call(&mut vmm, &mut first, 0, 0x8000), LOG_READ);
 }
+
+/// dbgsh through the VMM call: BitVisor's first call of -1 starts the
+/// session and returns -1; the banner is pending from the next call, and
+/// only RAX changes. A mem command dumps the caller's memory.
+#[test]
+fn dbgsh_session_through_the_call() {
+    use crate::dbgsh::{BANNER, PROMPT};
+    let mut vmm = vmm();
+    let mut vcpu = FakeVcpu::new();
+    vcpu.put(0x20, b"ABCD");
+    let n = lookup(&mut vmm, &mut vcpu, b"dbgsh\0");
+    assert_eq!(call(&mut vmm, &mut vcpu, n, dbgsh::NOTHING), dbgsh::NOTHING);
+    vcpu.set_gpr(Gpr::Rcx, 0x1234);
+    let before = vcpu.regs;
+    let first = u64::from(BANNER.as_bytes()[0]);
+    assert_eq!(call(&mut vmm, &mut vcpu, n, dbgsh::NOTHING), first);
+    assert_eq!(vcpu.regs[1..], before[1..]);
+    // 32-bit callers poll with 0xFFFF_FFFF.
+    vcpu.mode.long64 = false;
+    assert_eq!(call(&mut vmm, &mut vcpu, n, 0xFFFF_FFFF), first);
+    vcpu.mode.long64 = true;
+    // Drain the banner and the prompt, type the command, read the dump.
+    let mut out = std::vec::Vec::new();
+    let mut keys = b"mem 20 4\n".iter();
+    let mut answer = dbgsh::ACK;
+    out.push(first as u8);
+    loop {
+        let r = call(&mut vmm, &mut vcpu, n, answer);
+        if r == dbgsh::WANT_INPUT {
+            match keys.next() {
+                Some(&k) => answer = u64::from(k),
+                None => break,
+            }
+        } else {
+            out.push(r as u8);
+            answer = dbgsh::ACK;
+        }
+    }
+    let text = std::string::String::from_utf8(out).unwrap();
+    assert_eq!(
+        text,
+        std::format!(
+            "{BANNER}{PROMPT}mem 20 4\n0000000000000020: 41 42 43 44{}  ABCD\n{PROMPT}",
+            " ".repeat(36)
+        )
+    );
+}
