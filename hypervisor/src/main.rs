@@ -104,6 +104,11 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     };
     let vm: &'static Vm = VM.call_once(|| {
         let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
+        if !options.dbgsh {
+            vm.services = thinvisor_vmm::services::Services::new(&serial::LOG)
+                .with_shell(&thinvisor_vmm::dbgsh::NoInfo, false);
+            info!("dbgsh=off: the debug shell is disabled");
+        }
         if let GuestLayout::Passthrough { .. } = guest.memory {
             vm.nested_faults = Some(&passthrough::PassthroughFaults);
         }

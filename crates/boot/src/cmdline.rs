@@ -33,6 +33,9 @@ pub struct Options {
     pub boot: BootMode,
     /// `layout=`: how guest-physical memory relates to the machine's.
     pub layout: Layout,
+    /// `dbgsh=on|off`: whether the VMM's debug shell answers the `dbgsh`
+    /// call (off: the call streams "dbgsh is disabled", as BitVisor does).
+    pub dbgsh: bool,
 }
 
 /// `boot=module|linux|chain`.
@@ -78,6 +81,7 @@ impl Default for Options {
             efer: EferMode::Auto,
             boot: BootMode::Module,
             layout: Layout::Isolated,
+            dbgsh: true,
         }
     }
 }
@@ -97,6 +101,8 @@ pub enum CmdlineErrorKind {
     BadBoot,
     /// `layout=` is not isolated or passthrough.
     BadLayout,
+    /// `dbgsh=` is not on or off.
+    BadDbgsh,
     /// `layout=isolated` with a `boot=` that needs the machine's memory.
     IsolatedNeedsModule,
     /// `guest_mem=` is below 2 MiB.
@@ -136,6 +142,7 @@ impl fmt::Display for CmdlineError<'_> {
             CmdlineErrorKind::BadLayout => {
                 write!(f, "{t}: expected layout=isolated or layout=passthrough")
             }
+            CmdlineErrorKind::BadDbgsh => write!(f, "{t}: expected dbgsh=on or dbgsh=off"),
             CmdlineErrorKind::IsolatedNeedsModule => write!(
                 f,
                 "{t}: only boot=module runs in the isolated layout; boot=linux and boot=chain start the machine's own OS (layout=passthrough)"
@@ -184,6 +191,13 @@ pub fn parse<'a>(
                     "linux" => BootMode::Linux,
                     "chain" => BootMode::Chain,
                     _ => return Err(err(CmdlineErrorKind::BadBoot)),
+                }
+            }
+            "dbgsh" => {
+                opts.dbgsh = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(err(CmdlineErrorKind::BadDbgsh)),
                 }
             }
             "layout" => {

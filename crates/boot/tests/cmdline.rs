@@ -52,8 +52,22 @@ fn all_options() {
             efer: EferMode::MsrArea,
             boot: BootMode::Module,
             layout: Layout::Isolated,
+            dbgsh: true,
         }
     );
+}
+
+#[test]
+fn dbgsh_switch() {
+    assert!(ok("").dbgsh);
+    assert!(ok("dbgsh=on").dbgsh);
+    assert!(!ok("dbgsh=off").dbgsh);
+    for bad in ["dbgsh=", "dbgsh=OFF", "dbgsh=0"] {
+        assert_eq!(err(bad).kind, CmdlineErrorKind::BadDbgsh, "{bad}");
+    }
+    assert!(err("dbgsh=no")
+        .to_string()
+        .contains("dbgsh=on or dbgsh=off"));
 }
 
 #[test]
