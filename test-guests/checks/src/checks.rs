@@ -1583,18 +1583,29 @@ const CHECKS: [Check; 26] = [
 /// Runs every check, prints the summary and ends the run.
 pub fn run_all(boot: &BootInfo) -> ! {
     for (name, check) in CHECKS {
-        global::set_current_check(name);
-        match check(boot) {
-            Ok(()) => {
-                say!("PASS {name}");
-                global::record(true);
-            }
-            Err(w) => {
-                say!("FAIL {name}: {}", w.as_str());
-                global::record(false);
-            }
+        run_one(name, || check(boot));
+    }
+    finish()
+}
+
+/// Runs one check and prints `PASS name` or `FAIL name: why` (every mode
+/// reports this way).
+pub fn run_one(name: &'static str, check: impl FnOnce() -> CheckResult) {
+    global::set_current_check(name);
+    match check() {
+        Ok(()) => {
+            say!("PASS {name}");
+            global::record(true);
+        }
+        Err(w) => {
+            say!("FAIL {name}: {}", w.as_str());
+            global::record(false);
         }
     }
+}
+
+/// Prints the summary and ends the run with its verdict.
+pub fn finish() -> ! {
     global::set_current_check("summary");
     let (passed, failed) = global::tally();
     say!("SUMMARY: {passed} passed, {failed} failed");

@@ -11,10 +11,9 @@
 //! `thinvisor reserves N KiB at 0xSTART..0xEND`.
 
 use crate::boot::BootInfo;
-use crate::console::end_run;
 use crate::cpu::{self, vmm_call, Regs};
 use crate::entry::{self, Page, TG_PML4};
-use crate::{global, recover, smp, timer};
+use crate::{recover, smp, timer};
 use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::ptr::addr_of_mut;
@@ -412,20 +411,7 @@ const CHECKS: [Check; 5] = [
 /// Runs every check, prints the summary and ends the run.
 pub fn run_all(_boot: &BootInfo) -> ! {
     for (name, check) in CHECKS {
-        global::set_current_check(name);
-        match check() {
-            Ok(()) => {
-                say!("PASS {name}");
-                global::record(true);
-            }
-            Err(w) => {
-                say!("FAIL {name}: {}", w.as_str());
-                global::record(false);
-            }
-        }
+        crate::checks::run_one(name, check);
     }
-    global::set_current_check("summary");
-    let (passed, failed) = global::tally();
-    say!("SUMMARY: {passed} passed, {failed} failed");
-    end_run(failed == 0)
+    crate::checks::finish()
 }
