@@ -19,7 +19,9 @@ pub const STACK_SIZE: usize = 64 * 1024;
 global_asm!(
     // Multiboot v1 header (Multiboot Specification 0.6.96, 3.1.1): flags
     // 0x3 = page-align modules, provide the memory map.
-    ".section .multiboot, \"a\"",
+    // Each block of module-level assembly restores the section it found
+    // (rustc concatenates them in no promised order).
+    ".pushsection .multiboot, \"a\"",
     ".align 8",
     ".long 0x1BADB002",
     ".long 0x00000003",
@@ -166,6 +168,7 @@ global_asm!(
     "mov rax, offset {main}",
     "call rax",
     "ud2",
+    ".popsection",
     stack_size = const STACK_SIZE,
     main = sym crate::thinvisor_main,
 );

@@ -53,7 +53,7 @@ global_asm!(
     "push \\n",
     "jmp exc_common",
     ".endm",
-    ".section .text",
+    ".pushsection .text",
     "exc_stub 0, 0", "exc_stub 1, 0", "exc_stub 2, 0", "exc_stub 3, 0",
     "exc_stub 4, 0", "exc_stub 5, 0", "exc_stub 6, 0", "exc_stub 7, 0",
     "exc_stub 8, 1", "exc_stub 9, 0", "exc_stub 10, 1", "exc_stub 11, 1",
@@ -82,6 +82,7 @@ global_asm!(
     ".quad exc_stub_16, exc_stub_17, exc_stub_18, exc_stub_19, exc_stub_20, exc_stub_21, exc_stub_22, exc_stub_23",
     ".quad exc_stub_24, exc_stub_25, exc_stub_26, exc_stub_27, exc_stub_28, exc_stub_29, exc_stub_30, exc_stub_31",
     ".section .text",
+    ".popsection",
     handler = sym exception_handler,
     nmi_pending = const crate::percpu::NMI_PENDING_OFFSET,
 );

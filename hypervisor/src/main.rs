@@ -22,6 +22,7 @@ mod percpu;
 mod platform;
 mod power;
 mod serial;
+mod shell;
 mod smp;
 mod svm_backend;
 mod vmx_backend;
@@ -104,12 +105,19 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     };
     let vm: &'static Vm = VM.call_once(|| {
         let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
+        shell::calibrate_clock();
+        vm.services = thinvisor_vmm::services::Services::new(&serial::LOG).with_shell(
+            &shell::INFO,
+            options.dbgsh,
+            shell::clock,
+            shell::takeover_ticks(),
+        );
         if !options.dbgsh {
-            vm.services = thinvisor_vmm::services::Services::new(&serial::LOG)
-                .with_shell(&thinvisor_vmm::dbgsh::NoInfo, false);
             info!("dbgsh=off: the debug shell is disabled");
         }
-        if let GuestLayout::Passthrough { .. } = guest.memory {
+        let in_guest_space = matches!(guest.memory, GuestLayout::Passthrough { .. });
+        shell::set_reserved(reserved.start, reserved.end, in_guest_space);
+        if in_guest_space {
             vm.nested_faults = Some(&passthrough::PassthroughFaults);
         }
         vm.platform = Some(&platform::Machine);

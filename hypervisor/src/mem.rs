@@ -148,6 +148,9 @@ pub fn relocate(frames: &mut FrameAllocator, top: u64) -> Result<Reserved, &'sta
 //
 // extern "sysv64" fn(dst: *mut u8, src: *const u8, len: usize, cr3: u64)
 core::arch::global_asm!(
+    // In the image's own text, never the low entry code's (the section
+    // named here, whatever section the previous block left current).
+    ".pushsection .text.thinvisor_relocate, \"ax\"",
     ".global thinvisor_relocate",
     "thinvisor_relocate:",
     "mov rax, rcx",
@@ -155,6 +158,7 @@ core::arch::global_asm!(
     "rep movsb",
     "mov cr3, rax",
     "ret",
+    ".popsection",
 );
 
 extern "sysv64" {

@@ -13,7 +13,7 @@ use x86_64::instructions::port::Port;
 use crate::mem;
 
 /// Processors whose exit tables are reported.
-const MAX_CPUS: usize = 64;
+pub const MAX_CPUS: usize = 64;
 
 /// Each processor's exit counts and their names, registered when its vCPU
 /// starts; the vCPU lives as long as the run.
@@ -37,6 +37,22 @@ pub fn register_stats(cpu: u32, stats: &ExitStats, names: fn(usize) -> &'static 
         );
     }
     NAMES.store(names as *mut (), Ordering::Release);
+}
+
+/// Processor `cpu`'s exit counts, once its vCPU runs.
+pub fn exit_stats(cpu: usize) -> Option<&'static ExitStats> {
+    let p = STATS.get(cpu)?.load(Ordering::Acquire);
+    // SAFETY: registered from a vCPU that lives until the run ends (see
+    // `log_exit_tables`); the counts are atomics.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// The names of the exit slots, once a vCPU registered them.
+pub fn exit_names() -> Option<fn(usize) -> &'static str> {
+    let names = NAMES.load(Ordering::Acquire);
+    // SAFETY: only ever stored from a `fn(usize) -> &'static str`.
+    (!names.is_null())
+        .then(|| unsafe { core::mem::transmute::<*mut (), fn(usize) -> &'static str>(names) })
 }
 
 /// Log every registered processor's exit table.

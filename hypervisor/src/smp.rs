@@ -33,7 +33,7 @@ pub const AP_STACK_SIZE: u64 = 32 * 1024;
 // processor before the SIPIs. Processors take it one at a time (the lock)
 // because they share its stack until Rust gives them their own.
 core::arch::global_asm!(
-    ".section .rodata.ap_trampoline, \"a\"",
+    ".pushsection .rodata.ap_trampoline, \"a\"",
     ".global thinvisor_ap_trampoline",
     ".global thinvisor_ap_trampoline_end",
     ".global thinvisor_ap_pm32",
@@ -121,6 +121,7 @@ core::arch::global_asm!(
     "ud2",
     "thinvisor_ap_trampoline_end:",
     ".text",
+    ".popsection",
 );
 
 /// Offsets of the trampoline's data (see the assembly above).

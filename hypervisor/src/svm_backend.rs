@@ -50,6 +50,23 @@ pub fn run(
         "nested paging: 2 MiB pages, 1 GiB pages {}",
         crate::yes_no(huge_1g)
     );
+    crate::shell::note_processor();
+    crate::shell::note(format_args!(
+        "backend: AMD SVM (revision {}), nested paging with 4 KiB, 2 MiB{} pages",
+        features.revision,
+        if huge_1g { ", 1 GiB" } else { "" }
+    ));
+    crate::shell::note(format_args!(
+        "ASID {} for the guest (of {}); NRIPS {}; VMCB clean bits {}; decode assists {}",
+        thinvisor_svm::GUEST_ASID,
+        features.asids,
+        crate::yes_no(features.nrips),
+        crate::yes_no(features.vmcb_clean),
+        crate::yes_no(features.decode_assists)
+    ));
+    crate::shell::note(format_args!(
+        "EFER: guest writes intercepted (SVME kept set under the guest)"
+    ));
     let npt_root = guest.nested_tables(crate::passthrough::TableKind::Npt, huge_1g);
     let Some(msrpm) = mem::alloc_zeroed(MSRPM_SIZE as u64, PAGE) else {
         boot_error!("out of memory for the MSR permission map")

@@ -41,6 +41,25 @@ pub fn run(
     if !controls.ept_2m {
         boot_error!("VT-x: EPT without 2 MiB pages is not supported yet");
     }
+    crate::shell::note_processor();
+    crate::shell::note(format_args!(
+        "backend: Intel VT-x (VMCS revision {:#x}), EPT with 4 KiB, 2 MiB{} pages, accessed/dirty flags {}",
+        caps.revision_id(),
+        if controls.ept_1g { ", 1 GiB" } else { "" },
+        crate::yes_no(controls.ept_ad)
+    ));
+    crate::shell::note(format_args!(
+        "VPID {}; unrestricted guest {}",
+        if controls.vpid { "on" } else { "off" },
+        crate::yes_no(controls.procbased2 & thinvisor_vmx::caps::proc2::UNRESTRICTED_GUEST != 0)
+    ));
+    crate::shell::note(format_args!(
+        "EFER: {}",
+        match controls.efer {
+            thinvisor_vmx::caps::EferPath::VmcsControls => "loaded and saved by VMCS controls",
+            thinvisor_vmx::caps::EferPath::MsrAreas => "switched through the MSR-load/store areas",
+        }
+    ));
 
     let ept_root = guest.nested_tables(crate::passthrough::TableKind::Ept, controls.ept_1g);
     let Some(bitmap) = mem::alloc_zeroed(PAGE, PAGE) else {

@@ -230,7 +230,7 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS lookup_overlong",
     "PASS lookup_unknown",
     "PASS lookup_empty",
-    "PASS dbgsh_nothing_pending",
+    "PASS dbgsh_session",
     "PASS log_set_buf_accepted",
     "PASS efer_is_guests",
     "PASS syscall_sysret",
@@ -647,6 +647,34 @@ pub const CASES: &[Case] = &[
         smp: 2,
         timeout_s: 900,
         checks: &[Check::E820HidesThinvisor],
+        ..QEMU
+    },
+    Case {
+        // `dbgsh=off`: the call streams the one-line message and ends
+        // each session (the test guest reads it twice).
+        name: "qemu-dbgsh-off",
+        hv_args: "log=info dbgsh=off",
+        modules: &[(Image::TestGuest, "test-guest.elf dbgsh-off")],
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: &[
+            "dbgsh=off: the debug shell is disabled",
+            "PASS dbgsh_disabled",
+            "SUMMARY: 1 passed, 0 failed",
+        ],
+        must_not_contain: NO_FAIL,
+        ..QEMU
+    },
+    Case {
+        name: "bochs-skylake-x-dbgsh-off",
+        emulator: SKYLAKE_X,
+        hv_args: "log=info dbgsh=off",
+        modules: &[(Image::TestGuest, "test-guest.elf dbgsh-off")],
+        must_contain: &[
+            "dbgsh=off: the debug shell is disabled",
+            "PASS dbgsh_disabled",
+            "SUMMARY: 1 passed, 0 failed",
+        ],
+        must_not_contain: NO_FAIL,
         ..QEMU
     },
     Case {

@@ -42,6 +42,14 @@ pub mod dbgsh {
     pub const SESSION_END: u64 = 0x10A;
     /// The client's answer after printing a byte.
     pub const ACK: u64 = 0;
+    /// What thinvisor's shell prints when a session starts, before the
+    /// first prompt.
+    pub const BANNER: &str = "thinvisor dbgsh; type help for the commands\n";
+    /// thinvisor's shell prompt.
+    pub const PROMPT: &str = "dbgsh> ";
+    /// What the call streams (then 0x10A) when the shell is disabled
+    /// (`dbgsh=off`).
+    pub const DISABLED: &str = "dbgsh is disabled\n";
 }
 
 /// The instruction bytes of the two vendors' VMM-call instructions.

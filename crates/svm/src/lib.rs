@@ -42,7 +42,7 @@ const SVM_FEATURE_DECODE_ASSISTS: u32 = 1 << 7;
 
 /// The guest's ASID. 0 belongs to the host; any other tags guest TLB
 /// entries so VMRUN/#VMEXIT need not flush (APM 15.16).
-const GUEST_ASID: u32 = 1;
+pub const GUEST_ASID: u32 = 1;
 
 /// Invalid opcode, the exception VMCALL raises on AMD processors.
 const UD_VECTOR: u64 = 6;
@@ -177,6 +177,7 @@ pub struct GuestRegs {
 //
 // extern "sysv64" fn(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64)
 global_asm!(
+    ".pushsection .text.thinvisor_svm_run, \"ax\"",
     ".global thinvisor_svm_run",
     "thinvisor_svm_run:",
     "push rbx",
@@ -238,6 +239,7 @@ global_asm!(
     "pop rbp",
     "pop rbx",
     "ret",
+    ".popsection",
 );
 
 extern "sysv64" {

@@ -6,12 +6,17 @@
 //! 0x10A (the session ended) or -1 (nothing pending). A pending value is
 //! returned again by every call until it is answered.
 //!
-//! One session is shared by every caller: the state lives behind one lock
-//! in `Services`, each answer is applied to the one pending value, and the
-//! value is consumed exactly once. Two clients that interleave therefore
-//! see one stream between them: no byte is lost or sent twice, and each
-//! typed byte goes to the one line editor, in the order the calls reach
-//! the lock.
+//! One session at a time, owned by one client: the guest address space
+//! that made the session's first call (CR3 without its flag and PCID
+//! bits, so every thread of a process, on any CPU, is the same client).
+//! Another client that calls meanwhile waits: it gets -1, "nothing
+//! pending", which BitVisor's client answers by polling again, and its
+//! answers are ignored, so two sessions never mix. The session passes on
+//! when its client answers the 0x10A that ends it, or when the owner has
+//! made no call for [`Dbgsh::new`]'s `takeover_after` ticks (a client
+//! killed mid-session must not lock the shell up for good; thinvisor's
+//! own client answers "no key yet" while it waits for one, so only a dead
+//! or blocked client goes quiet that long).
 //!
 //! Output goes through a bounded queue ([`QUEUE_SIZE`] bytes). A command
 //! never writes more than fits: it produces its output a line at a time
@@ -20,6 +25,8 @@
 //! drains the queue.
 
 use crate::services::VmmLog;
+use crate::stats::{ExitStats, CALL_SLOTS, CALL_SLOT_UNKNOWN};
+use crate::vmmcall::Registry;
 use core::fmt::Write;
 use thinvisor_abi::dbgsh::{NOTHING, NUL_BYTE, SESSION_END, WANT_INPUT};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory};
@@ -30,31 +37,41 @@ pub const QUEUE_SIZE: usize = 4096;
 pub const LINE_MAX: usize = 128;
 /// The longest command line; further bytes are ignored.
 pub const INPUT_MAX: usize = 80;
-/// The prompt.
-pub const PROMPT: &str = "dbgsh> ";
-/// What a new session prints before its first prompt.
-pub const BANNER: &str = "thinvisor dbgsh; type help for the commands\n";
-/// What the disabled shell streams before ending the session.
-pub const DISABLED: &str = "dbgsh is disabled\n";
-/// Calls that return NOTHING before the first session's banner is
-/// pending, the first call included (see [`Dbgsh::call`]).
-pub const STARTUP_CALLS: u32 = 4096;
+pub use thinvisor_abi::dbgsh::{BANNER, DISABLED, PROMPT};
 /// Lines `log` prints without an argument.
 pub const LOG_DEFAULT_LINES: u64 = 10;
 /// Bytes `mem` dumps without a length.
 pub const MEM_DEFAULT_LEN: u64 = 64;
 /// The most bytes one `mem` dumps.
 pub const MEM_MAX_LEN: u64 = 64 * 1024;
+/// `takeover_after` for a shell whose owner is never replaced.
+pub const NEVER: u64 = u64::MAX;
 
 /// The help text, one line per command.
 pub const HELP: &[&str] = &[
     "help          this list",
     "log [N]       the last N lines of the VMM log (default 10)",
-    "stat          VM exits per reason and per CPU",
-    "cpu           the CPUs",
+    "stat          VM exits per reason and per CPU, VMM calls per function",
+    "cpu           the processor, the backend and the features in use",
     "mem ADDR [N]  hex dump of N bytes (default 64) at guest-physical ADDR (hex)",
     "exit          end the session",
 ];
+
+/// Who makes a call, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The calling address space (CR3 without bits 11:0).
+    pub client: u64,
+    /// The VMM's clock, in the ticks of `takeover_after`.
+    pub now: u64,
+}
+
+/// The client a session belongs to and its last call.
+#[derive(Clone, Copy, Debug)]
+struct Owner {
+    client: u64,
+    last: u64,
+}
 
 /// One line of text, formatted without allocating.
 pub struct Line {
@@ -93,26 +110,34 @@ impl Write for Line {
     }
 }
 
-/// What the hypervisor tells the shell about itself. Each method writes
-/// line `index` (without its newline) and returns true, or returns false
-/// when there is no such line; the shell asks for lines 0, 1, 2, ... as
-/// its queue has room.
+/// What the hypervisor tells the shell about itself.
 pub trait ShellInfo: Sync {
-    /// `stat`: VM exits per reason and per CPU.
-    fn stat_line(&self, index: usize, out: &mut Line) -> bool {
-        not_available("stat", index, out)
+    /// How many processors may have exit counts (`stat` asks for
+    /// 0..cpus()).
+    fn cpus(&self) -> usize {
+        0
     }
-    /// `cpu`: the CPUs.
+    /// Processor `cpu`'s exit and call counts, if it runs a guest.
+    fn exit_stats(&self, _cpu: usize) -> Option<&ExitStats> {
+        None
+    }
+    /// The name of exit slot `slot` (the backend's own reason names).
+    fn exit_name(&self, _slot: usize) -> &'static str {
+        "?"
+    }
+    /// `cpu`: writes line `index` (without its newline) and returns true,
+    /// or returns false when there is no such line; the shell asks for
+    /// lines 0, 1, 2, ... as its queue has room.
     fn cpu_line(&self, index: usize, out: &mut Line) -> bool {
-        not_available("cpu", index, out)
+        if index == 0 {
+            let _ = out.write_str("cpu: not available");
+        }
+        index == 0
     }
-}
-
-fn not_available(what: &str, index: usize, out: &mut Line) -> bool {
-    if index == 0 {
-        let _ = write!(out, "{what}: not available");
+    /// thinvisor's own memory [start, end), which `mem` refuses by name.
+    fn reserved(&self) -> Option<(u64, u64)> {
+        None
     }
-    index == 0
 }
 
 /// A `ShellInfo` that knows nothing.
@@ -127,6 +152,10 @@ pub struct ShellEnv<'a> {
     pub memory: &'a dyn GuestPhysMemory,
     /// The hypervisor's own lines (`stat`, `cpu`).
     pub info: &'a dyn ShellInfo,
+    /// The VMM-call functions, for `stat`'s names.
+    pub registry: &'a Registry,
+    /// `stat`'s last line (the log_set_buf buffer's state), if any.
+    pub extra_stat: Option<&'a dyn Fn(&mut Line)>,
 }
 
 /// The output a command still has to produce.
@@ -141,14 +170,34 @@ enum Job {
     /// Log bytes from stream offset `from` up to `end`; with `end` =
     /// u64::MAX, `from` is the number of lines still to be located.
     Log { from: u64, end: u64 },
-    /// Line `i` of `stat` or `cpu`.
-    Info { stat: bool, i: usize },
+    /// The next line of `stat`.
+    Stat(StatPos),
+    /// Line `i` of `cpu`.
+    Cpu(usize),
     /// `left` bytes of guest memory at `at`.
     Mem { at: u64, left: u64 },
     /// One error line, then the prompt.
     Error(Line2),
     /// The session ends once the queue is drained.
     End,
+}
+
+/// Where `stat` is: it walks the processors' exit counts in slot order
+/// (so counts that change meanwhile never repeat or skip a reason), then
+/// the VMM calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StatPos {
+    /// The heading line.
+    Heading,
+    /// Processor `cpu`: its total line (`slot` None), then its nonzero
+    /// exit slots from `slot` on.
+    Exits { cpu: usize, slot: Option<usize> },
+    /// The VMM calls' heading.
+    CallsHeading,
+    /// The calls of function number `slot` (and on).
+    Calls(usize),
+    /// The line from `ShellEnv::extra_stat`.
+    Extra,
 }
 
 /// The error lines, kept as values so a `Job` stays `Copy`.
@@ -161,8 +210,12 @@ enum Line2 {
 /// The shell's state: one session at a time.
 pub struct Dbgsh {
     enabled: bool,
-    /// Calls still to answer NOTHING before the first session shows.
-    starting: u32,
+    /// Ticks of silence after which another client may take the session.
+    takeover_after: u64,
+    /// The session's client (None: the next caller takes it).
+    owner: Option<Owner>,
+    /// Sessions started since boot.
+    sessions: u64,
     /// The value the client has been given and not answered (NOTHING
     /// when none).
     pending: u64,
@@ -180,11 +233,15 @@ pub struct Dbgsh {
 
 impl Dbgsh {
     /// A shell; `enabled` false is `dbgsh=off`, which streams
-    /// [`DISABLED`] and ends every session at once.
-    pub const fn new(enabled: bool) -> Self {
-        Self {
+    /// [`DISABLED`] and ends every session at once. A session whose
+    /// client has not called for `takeover_after` ticks of [`Caller::now`]
+    /// may be taken by another client ([`NEVER`]: it may not).
+    pub fn new(enabled: bool, takeover_after: u64) -> Self {
+        let mut shell = Self {
             enabled,
-            starting: STARTUP_CALLS,
+            takeover_after,
+            owner: None,
+            sessions: 0,
             pending: NOTHING,
             queue: [0; QUEUE_SIZE],
             head: 0,
@@ -194,33 +251,61 @@ impl Dbgsh {
             input_len: 0,
             after_cr: false,
             disabled_at: 0,
-        }
+        };
+        shell.begin();
+        shell
     }
 
     /// One call: `answer` is RBX, the result is RAX.
-    ///
-    /// The first session starts with the first call but shows only after
-    /// [`STARTUP_CALLS`] calls (answers ignored), which all return
-    /// NOTHING. BitVisor's first call starts the shell's thread, which
-    /// runs some time later: its client polls with -1 until it sees a
-    /// value, so it works here unchanged after a few milliseconds of
-    /// polls, while a guest that only probes the call with a few polls
-    /// sees "nothing pending" (thinvisor's test guest checks exactly
-    /// that). Later sessions (after an `exit`) show at once.
-    pub fn call(&mut self, answer: u64, env: &ShellEnv<'_>) -> u64 {
+    pub fn call(&mut self, answer: u64, caller: Caller, env: &ShellEnv<'_>) -> u64 {
         if !self.enabled {
             return self.call_disabled(answer);
         }
-        if self.starting > 0 {
-            self.starting -= 1;
-            if self.starting == 0 {
+        match &mut self.owner {
+            Some(owner) if owner.client == caller.client => owner.last = caller.now,
+            Some(owner) => {
+                // A clock that reads earlier on this CPU counts as no
+                // time at all.
+                let idle = caller.now.saturating_sub(owner.last);
+                if idle < self.takeover_after {
+                    // Busy: this client waits, its answers unheard.
+                    return NOTHING;
+                }
+                log::info!(
+                    "dbgsh: client {:#x} made no call for {idle} ticks; client {:#x} takes the shell",
+                    owner.client,
+                    caller.client
+                );
+                // A fresh session; the caller's answer was to a value of
+                // the old one.
                 self.begin();
+                self.claim(caller);
+                return self.poll(env);
             }
-            return NOTHING;
+            None => self.claim(caller),
         }
         if answer != NOTHING && self.pending != NOTHING {
             self.answer(answer);
         }
+        self.poll(env)
+    }
+
+    /// The caller owns the session from now on.
+    fn claim(&mut self, caller: Caller) {
+        self.sessions += 1;
+        self.owner = Some(Owner {
+            client: caller.client,
+            last: caller.now,
+        });
+        log::info!(
+            "dbgsh: session {} started (client {:#x})",
+            self.sessions,
+            caller.client
+        );
+    }
+
+    /// The pending value, producing output first if there is none.
+    fn poll(&mut self, env: &ShellEnv<'_>) -> u64 {
         if self.pending == NOTHING {
             self.fill(env);
             self.pending = if self.len > 0 {
@@ -266,8 +351,11 @@ impl Dbgsh {
     fn answer(&mut self, answer: u64) {
         match self.pending {
             SESSION_END => {
-                // The shell restarts for the next client.
+                // The shell restarts for the next client, whoever calls
+                // first.
+                log::info!("dbgsh: session {} ended", self.sessions);
                 self.begin();
+                self.owner = None;
                 return;
             }
             WANT_INPUT => {
@@ -338,8 +426,8 @@ impl Dbgsh {
                 },
                 Err(_) => Job::Error(Line2::BadArgs("usage: log [N]")),
             },
-            (Some("stat"), None, ..) => Job::Info { stat: true, i: 0 },
-            (Some("cpu"), None, ..) => Job::Info { stat: false, i: 0 },
+            (Some("stat"), None, ..) => Job::Stat(StatPos::Heading),
+            (Some("cpu"), None, ..) => Job::Cpu(0),
             (Some("mem"), Some(at), len, false) => match (parse_hex(at), len.map(parse_len)) {
                 (Some(at), None) => Job::Mem {
                     at,
@@ -394,20 +482,27 @@ impl Dbgsh {
                     self.push(b"\n");
                     self.job = Job::Prompt;
                 }
-                Job::Info { stat, i } => {
+                Job::Stat(pos) => {
                     if room < LINE_MAX + 1 {
                         return;
                     }
                     let mut line = Line::new();
-                    let more = if stat {
-                        env.info.stat_line(i, &mut line)
-                    } else {
-                        env.info.cpu_line(i, &mut line)
-                    };
-                    if more {
+                    let (wrote, next) = stat_step(pos, env, &mut line);
+                    if wrote {
                         self.push(line.as_bytes());
                         self.push(b"\n");
-                        self.job = Job::Info { stat, i: i + 1 };
+                    }
+                    self.job = next.map_or(Job::Prompt, Job::Stat);
+                }
+                Job::Cpu(i) => {
+                    if room < LINE_MAX + 1 {
+                        return;
+                    }
+                    let mut line = Line::new();
+                    if env.info.cpu_line(i, &mut line) {
+                        self.push(line.as_bytes());
+                        self.push(b"\n");
+                        self.job = Job::Cpu(i + 1);
                     } else {
                         self.job = Job::Prompt;
                     }
@@ -423,6 +518,17 @@ impl Dbgsh {
                     let mut line = Line::new();
                     let n = left.min(16) as usize;
                     let mut bytes = [0u8; 16];
+                    let own = env.info.reserved().and_then(|(start, end)| {
+                        let last = at.saturating_add(n as u64 - 1);
+                        (at < end && last >= start).then_some(at.max(start))
+                    });
+                    if let Some(first) = own {
+                        let _ = write!(line, "mem: {first:#x} is thinvisor's own memory: refused");
+                        self.job = Job::Prompt;
+                        self.push(line.as_bytes());
+                        self.push(b"\n");
+                        continue;
+                    }
                     match env
                         .memory
                         .read_phys(GuestPhysAddr::new(at), &mut bytes[..n])
@@ -486,6 +592,99 @@ impl Dbgsh {
             self.len += 1;
         }
     }
+}
+
+/// One step of `stat`: writes at most one line into `out` (says whether
+/// it did) and returns where to go on (None: done).
+fn stat_step(pos: StatPos, env: &ShellEnv<'_>, out: &mut Line) -> (bool, Option<StatPos>) {
+    let info = env.info;
+    // The first processor at or after `cpu` that has counts.
+    let next_cpu = |cpu: usize| (cpu..info.cpus()).find(|&c| info.exit_stats(c).is_some());
+    match pos {
+        StatPos::Heading => {
+            let _ = out.write_str("VM exits since boot, per CPU and reason:");
+            let next = match next_cpu(0) {
+                Some(cpu) => StatPos::Exits { cpu, slot: None },
+                None => StatPos::CallsHeading,
+            };
+            (true, Some(next))
+        }
+        StatPos::Exits { cpu, slot } => {
+            let Some(stats) = info.exit_stats(cpu) else {
+                return (false, Some(StatPos::CallsHeading));
+            };
+            let from = match slot {
+                None => {
+                    let _ = write!(out, "CPU {cpu}: {} exits", stats.total());
+                    return (true, Some(StatPos::Exits { cpu, slot: Some(0) }));
+                }
+                Some(from) => from,
+            };
+            match stats.next_nonzero(from) {
+                Some((slot, count)) => {
+                    let _ = write!(out, "  {:<28} {count:>12}", info.exit_name(slot));
+                    (
+                        true,
+                        Some(StatPos::Exits {
+                            cpu,
+                            slot: Some(slot + 1),
+                        }),
+                    )
+                }
+                None => {
+                    let next = match next_cpu(cpu + 1) {
+                        Some(cpu) => StatPos::Exits { cpu, slot: None },
+                        None => StatPos::CallsHeading,
+                    };
+                    (false, Some(next))
+                }
+            }
+        }
+        StatPos::CallsHeading => {
+            let _ = out.write_str("VMM calls since boot, all CPUs:");
+            (true, Some(StatPos::Calls(0)))
+        }
+        StatPos::Calls(slot) if slot < CALL_SLOT_UNKNOWN => {
+            // Numbers no function has are counted with the unknown ones.
+            let name = match slot {
+                0 => Some("(look up a name)"),
+                n => env.registry.name(n as u64),
+            };
+            if let Some(name) = name {
+                let _ = write!(
+                    out,
+                    "  {slot:>2} {name:<25} {:>12}",
+                    call_count(info, |s| s.calls(slot))
+                );
+            }
+            (name.is_some(), Some(StatPos::Calls(slot + 1)))
+        }
+        StatPos::Calls(_) => {
+            let unknown = call_count(info, |s| {
+                (1..CALL_SLOTS)
+                    .filter(|&n| n == CALL_SLOT_UNKNOWN || env.registry.name(n as u64).is_none())
+                    .map(|n| s.calls(n))
+                    .sum()
+            });
+            let _ = write!(out, "  {:<28} {unknown:>12}", "numbers of no function");
+            (true, Some(StatPos::Extra))
+        }
+        StatPos::Extra => match env.extra_stat {
+            Some(line) => {
+                line(out);
+                (true, None)
+            }
+            None => (false, None),
+        },
+    }
+}
+
+/// `count` of every processor's counts, added up.
+fn call_count(info: &dyn ShellInfo, count: impl Fn(&ExitStats) -> u64) -> u64 {
+    (0..info.cpus())
+        .filter_map(|c| info.exit_stats(c))
+        .map(count)
+        .fold(0, u64::wrapping_add)
 }
 
 /// Stream offset where the last `lines` lines of the log begin (a final
@@ -562,7 +761,16 @@ mod tests {
     struct Env {
         log: &'static VmmLog,
         mem: IsolatedMemory<'static>,
+        registry: Registry,
     }
+
+    /// The one client of most tests.
+    const ME: Caller = Caller {
+        client: 0x1000,
+        now: 0,
+    };
+    /// Another address space.
+    const OTHER: u64 = 0x2000;
 
     impl Env {
         fn new() -> Self {
@@ -573,16 +781,24 @@ mod tests {
             ram[0x10..0x15].copy_from_slice(b"hello");
             let log = std::boxed::Box::leak(std::boxed::Box::new(spin::Mutex::new(LogRing::new())));
             log.lock().push(b"one\ntwo\nthree\n");
+            let mut registry = Registry::new();
+            crate::services::register_all(&mut registry);
             Self {
                 log,
                 mem: IsolatedMemory::new(ram),
+                registry,
             }
         }
         fn shell(&self) -> ShellEnv<'_> {
+            self.shell_with(&NoInfo)
+        }
+        fn shell_with<'a>(&'a self, info: &'a dyn ShellInfo) -> ShellEnv<'a> {
             ShellEnv {
                 log: self.log,
                 memory: &self.mem,
-                info: &NoInfo,
+                info,
+                registry: &self.registry,
+                extra_stat: None,
             }
         }
     }
@@ -591,16 +807,21 @@ mod tests {
     /// one per input request. Returns what it printed and whether the
     /// session ended (false: it ran out of keys).
     fn client(sh: &mut Dbgsh, env: &ShellEnv<'_>, keys: &[u64]) -> (Vec<u8>, bool) {
+        client_as(sh, env, ME, keys)
+    }
+
+    /// The same as client `who`.
+    fn client_as(sh: &mut Dbgsh, env: &ShellEnv<'_>, who: Caller, keys: &[u64]) -> (Vec<u8>, bool) {
         let mut out = Vec::new();
         let mut keys = keys.iter();
-        sh.call(NOTHING, env);
+        sh.call(NOTHING, who, env);
         let mut s = NOTHING;
         for _ in 0..1_000_000 {
-            let r = sh.call(s, env);
+            let r = sh.call(s, who, env);
             s = NOTHING;
             match r {
                 SESSION_END => {
-                    sh.call(ACK, env);
+                    sh.call(ACK, who, env);
                     return (out, true);
                 }
                 WANT_INPUT => match keys.next() {
@@ -628,7 +849,7 @@ mod tests {
 
     fn session_text(keys: &str) -> String {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         let (out, ended) = client(&mut sh, &env.shell(), &typed(keys));
         assert!(ended);
         String::from_utf8(out).unwrap()
@@ -654,30 +875,24 @@ mod tests {
     }
 
     #[test]
-    fn first_session_shows_after_the_startup_calls() {
+    fn the_first_poll_sees_the_banner_and_repeats_it() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
-        // The test guest polls 1 + 1 + 1000 times (register_preservation,
-        // dbgsh_nothing_pending, efer_is_guests) and expects NOTHING each
-        // time.
-        const _: () = assert!(STARTUP_CALLS > 1002);
-        for i in 0..STARTUP_CALLS {
-            // Answers are ignored meanwhile.
-            let answer = if i % 2 == 0 { NOTHING } else { u64::from(b'x') };
-            assert_eq!(sh.call(answer, &env.shell()), NOTHING, "call {i}");
-        }
-        // The banner's first byte is pending from then on, whatever the
-        // number of polls.
+        let mut sh = Dbgsh::new(true, NEVER);
+        // The banner's first byte is pending from the first call on,
+        // whatever the number of polls.
         for _ in 0..5 {
             assert_eq!(
-                sh.call(NOTHING, &env.shell()),
+                sh.call(NOTHING, ME, &env.shell()),
                 u64::from(BANNER.as_bytes()[0])
             );
         }
         // An answer consumes it; the next byte is pending.
-        assert_eq!(sh.call(ACK, &env.shell()), u64::from(BANNER.as_bytes()[1]));
         assert_eq!(
-            sh.call(NOTHING, &env.shell()),
+            sh.call(ACK, ME, &env.shell()),
+            u64::from(BANNER.as_bytes()[1])
+        );
+        assert_eq!(
+            sh.call(NOTHING, ME, &env.shell()),
             u64::from(BANNER.as_bytes()[1])
         );
     }
@@ -685,21 +900,21 @@ mod tests {
     #[test]
     fn input_request_stays_pending_and_zero_asks_again() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         let (_, ended) = client(&mut sh, &env.shell(), &[]);
         assert!(!ended);
         for _ in 0..3 {
-            assert_eq!(sh.call(NOTHING, &env.shell()), WANT_INPUT);
+            assert_eq!(sh.call(NOTHING, ME, &env.shell()), WANT_INPUT);
         }
         // 0 = no key: still asking.
-        assert_eq!(sh.call(0, &env.shell()), WANT_INPUT);
-        assert_eq!(sh.call(u64::from(b'x'), &env.shell()), u64::from(b'x'));
+        assert_eq!(sh.call(0, ME, &env.shell()), WANT_INPUT);
+        assert_eq!(sh.call(u64::from(b'x'), ME, &env.shell()), u64::from(b'x'));
     }
 
     #[test]
     fn nul_goes_both_ways_as_0x100() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         // Memory byte 0 is NUL; the log holds a NUL too.
         env.log.lock().push(b"a\0b\n");
         let (out, _) = client(&mut sh, &env.shell(), &typed("log 1\n"));
@@ -707,7 +922,7 @@ mod tests {
         assert_eq!(text, b"a\0b");
         // A NUL typed is ignored by the line editor (a control byte).
         let (out, ended) = client(
-            &mut Dbgsh::new(true),
+            &mut Dbgsh::new(true, NEVER),
             &env.shell(),
             &[
                 NUL_BYTE,
@@ -726,13 +941,16 @@ mod tests {
     fn a_pending_nul_is_0x100() {
         let env = Env::new();
         env.log.lock().push(b"\0\n");
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         let (_, _) = client(&mut sh, &env.shell(), &typed("log 1"));
         // Enter, then the echo "\n", then the NUL.
-        assert_eq!(sh.call(u64::from(b'\n'), &env.shell()), u64::from(b'\n'));
-        assert_eq!(sh.call(ACK, &env.shell()), NUL_BYTE);
-        assert_eq!(sh.call(NOTHING, &env.shell()), NUL_BYTE);
-        assert_eq!(sh.call(ACK, &env.shell()), u64::from(b'\n'));
+        assert_eq!(
+            sh.call(u64::from(b'\n'), ME, &env.shell()),
+            u64::from(b'\n')
+        );
+        assert_eq!(sh.call(ACK, ME, &env.shell()), NUL_BYTE);
+        assert_eq!(sh.call(NOTHING, ME, &env.shell()), NUL_BYTE);
+        assert_eq!(sh.call(ACK, ME, &env.shell()), u64::from(b'\n'));
     }
 
     #[test]
@@ -770,13 +988,109 @@ mod tests {
             "dbgsh> help me",
             "wrong arguments; try help",
             "dbgsh> stat",
-            "stat: not available",
+            "VM exits since boot, per CPU and reason:",
+            "VMM calls since boot, all CPUs:",
+            "   0 (look up a name)                     0",
+            "   1 dbgsh                                0",
+            "   2 log_set_buf                          0",
+            "   3 log_read                             0",
+            "  numbers of no function                  0",
             "dbgsh> cpu",
             "cpu: not available",
             "dbgsh> exit",
         ];
         let lines: Vec<&str> = text.lines().skip(1).collect();
         assert_eq!(lines, want);
+    }
+
+    /// Two processors' counts, a CPU report and a reserved range.
+    struct TwoCpus {
+        stats: [ExitStats; 2],
+    }
+
+    impl ShellInfo for TwoCpus {
+        fn cpus(&self) -> usize {
+            4
+        }
+        fn exit_stats(&self, cpu: usize) -> Option<&ExitStats> {
+            // CPU 1 runs no guest.
+            [Some(&self.stats[0]), None, Some(&self.stats[1])]
+                .get(cpu)
+                .copied()
+                .flatten()
+        }
+        fn exit_name(&self, slot: usize) -> &'static str {
+            ["ZERO", "CPUID", "VMMCALL"]
+                .get(slot)
+                .copied()
+                .unwrap_or("?")
+        }
+        fn cpu_line(&self, index: usize, out: &mut Line) -> bool {
+            match index {
+                0 => out.write_str("vendor AuthenticAMD, backend SVM").is_ok(),
+                1 => out.write_str("2 CPUs under thinvisor").is_ok(),
+                _ => false,
+            }
+        }
+        fn reserved(&self) -> Option<(u64, u64)> {
+            Some((0x800, 0x900))
+        }
+    }
+
+    #[test]
+    fn stat_cpu_and_reserved_memory() {
+        let env = Env::new();
+        let info = TwoCpus {
+            stats: Default::default(),
+        };
+        for _ in 0..3 {
+            info.stats[0].record(1);
+        }
+        info.stats[0].record(2);
+        info.stats[1].record(2);
+        info.stats[0].record_call(0);
+        info.stats[1].record_call(1);
+        info.stats[1].record_call(1);
+        info.stats[1].record_call(7);
+        info.stats[1].record_call(999);
+        let extra = |out: &mut Line| {
+            let _ = out.write_str("log_set_buf: none");
+        };
+        let mut shell = env.shell_with(&info);
+        shell.extra_stat = Some(&extra);
+        let mut sh = Dbgsh::new(true, NEVER);
+        let (out, ended) = client(
+            &mut sh,
+            &shell,
+            &typed("stat\ncpu\nmem 7f0 32\nmem 8ff\nexit\n"),
+        );
+        assert!(ended);
+        let text = String::from_utf8(out).unwrap();
+        let want = "dbgsh> stat
+VM exits since boot, per CPU and reason:
+CPU 0: 4 exits
+  CPUID                                   3
+  VMMCALL                                 1
+CPU 2: 1 exits
+  VMMCALL                                 1
+VMM calls since boot, all CPUs:
+   0 (look up a name)                     1
+   1 dbgsh                                2
+   2 log_set_buf                          0
+   3 log_read                             0
+  numbers of no function                  2
+log_set_buf: none
+dbgsh> cpu
+vendor AuthenticAMD, backend SVM
+2 CPUs under thinvisor
+dbgsh> mem 7f0 32
+00000000000007f0: f0 f1 f2 f3 f4 f5 f6 f7 f8 f9 fa fb fc fd fe ff  ................
+mem: 0x800 is thinvisor's own memory: refused
+dbgsh> mem 8ff
+mem: 0x8ff is thinvisor's own memory: refused
+dbgsh> exit
+";
+        assert_eq!(&text[BANNER.len() + PROMPT.len() - "dbgsh> ".len()..], want);
     }
 
     #[test]
@@ -802,7 +1116,7 @@ mod tests {
             env.log.lock().push(l.as_bytes());
             all += &l;
         }
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         let (out, ended) = client(
             &mut sh,
             &env.shell(),
@@ -831,9 +1145,9 @@ mod tests {
     #[test]
     fn the_queue_holds_only_what_fits_until_drained() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         client(&mut sh, &env.shell(), &typed("mem 0 4096"));
-        sh.call(u64::from(b'\n'), &env.shell());
+        sh.call(u64::from(b'\n'), ME, &env.shell());
         assert!(sh.len <= QUEUE_SIZE && sh.len > QUEUE_SIZE - LINE_MAX - 1);
         assert!(matches!(sh.job, Job::Mem { .. }));
     }
@@ -841,7 +1155,7 @@ mod tests {
     #[test]
     fn restart_after_exit() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         let (first, ended) = client(&mut sh, &env.shell(), &typed("exit\n"));
         assert!(ended);
         // The end stays pending until answered: a second client's polls
@@ -856,54 +1170,150 @@ mod tests {
     #[test]
     fn session_end_is_repeated_until_answered() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
+        let mut sh = Dbgsh::new(true, NEVER);
         client(&mut sh, &env.shell(), &typed("exit"));
-        let mut r = sh.call(u64::from(b'\n'), &env.shell());
+        let mut r = sh.call(u64::from(b'\n'), ME, &env.shell());
         while r != SESSION_END {
-            r = sh.call(ACK, &env.shell());
+            r = sh.call(ACK, ME, &env.shell());
         }
-        assert_eq!(sh.call(NOTHING, &env.shell()), SESSION_END);
-        assert_eq!(sh.call(NOTHING, &env.shell()), SESSION_END);
-        assert_eq!(sh.call(ACK, &env.shell()), u64::from(BANNER.as_bytes()[0]));
+        assert_eq!(sh.call(NOTHING, ME, &env.shell()), SESSION_END);
+        assert_eq!(sh.call(NOTHING, ME, &env.shell()), SESSION_END);
+        assert_eq!(
+            sh.call(ACK, ME, &env.shell()),
+            u64::from(BANNER.as_bytes()[0])
+        );
     }
 
     #[test]
-    fn two_interleaved_clients_share_one_stream() {
+    fn a_second_client_waits_until_the_session_ends() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(true);
-        let mut got = Vec::new();
-        // Two clients take turns; each prints what it receives and acks.
-        let mut answers = [NOTHING, NOTHING];
-        for turn in 0..2 * BANNER.len() + 40 + STARTUP_CALLS as usize {
-            let who = turn % 2;
-            let r = sh.call(answers[who], &env.shell());
-            answers[who] = NOTHING;
-            if r == WANT_INPUT {
-                break;
+        let mut sh = Dbgsh::new(true, 100);
+        let other = Caller {
+            client: OTHER,
+            now: 50,
+        };
+        // The first client takes the shell and reads to the prompt.
+        let (first, ended) = client(&mut sh, &env.shell(), &[]);
+        assert!(!ended);
+        assert_eq!(first, std::format!("{BANNER}{PROMPT}").as_bytes());
+        // The other's polls and answers go unheard: it waits.
+        for answer in [NOTHING, ACK, u64::from(b'x'), u64::from(b'\n')] {
+            assert_eq!(sh.call(answer, other, &env.shell()), NOTHING);
+        }
+        // The first client's session is untouched by them: it types on.
+        let (_, ended) = client_as(&mut sh, &env.shell(), ME, &typed("help\nexit\n"));
+        assert!(ended);
+        // Ended: the other client now gets a session of its own.
+        let (second, ended) = client_as(&mut sh, &env.shell(), other, &typed("exit\n"));
+        assert!(ended);
+        assert_eq!(second, std::format!("{BANNER}{PROMPT}exit\n").as_bytes());
+    }
+
+    #[test]
+    fn interleaved_clients_never_mix_sessions() {
+        // Two clients take turns call by call, each typing its own
+        // command; whoever holds the shell finishes before the other
+        // starts, and each sees exactly one whole session.
+        let env = Env::new();
+        let mut sh = Dbgsh::new(true, NEVER);
+        let who = [
+            Caller {
+                client: 0x1000,
+                now: 0,
+            },
+            Caller {
+                client: OTHER,
+                now: 0,
+            },
+        ];
+        let keys = [typed("help\nexit\n"), typed("log 1\nexit\n")];
+        let mut next_key = [0usize; 2];
+        let mut answer = [NOTHING; 2];
+        let mut out = [Vec::new(), Vec::new()];
+        let mut done = [false; 2];
+        for turn in 0..200_000 {
+            let c = turn % 2;
+            if done[c] {
+                if done[1 - c] {
+                    break;
+                }
+                continue;
             }
-            if r != NOTHING && answers[1 - who] == NOTHING {
-                // Only one of them may answer a value: the other saw it
-                // pending too but answers first only if it got it first.
-                got.push(r as u8);
-                answers[who] = ACK;
+            let r = sh.call(answer[c], who[c], &env.shell());
+            answer[c] = NOTHING;
+            match r {
+                SESSION_END => {
+                    sh.call(ACK, who[c], &env.shell());
+                    done[c] = true;
+                }
+                WANT_INPUT => {
+                    answer[c] = keys[c][next_key[c]];
+                    next_key[c] += 1;
+                }
+                NOTHING => {}
+                b => {
+                    out[c].push(b as u8);
+                    answer[c] = ACK;
+                }
             }
         }
-        let text = String::from_utf8(got).unwrap();
-        assert_eq!(text, std::format!("{BANNER}{PROMPT}"));
+        assert!(done[0] && done[1]);
+        let a = String::from_utf8(out[0].clone()).unwrap();
+        let b = String::from_utf8(out[1].clone()).unwrap();
+        assert!(
+            a.starts_with(BANNER) && a.ends_with("dbgsh> exit\n"),
+            "{a:?}"
+        );
+        assert!(a.contains("dbgsh> help\nhelp "), "{a:?}");
+        assert!(!a.contains("log 1"), "{a:?}");
+        assert!(
+            b.starts_with(BANNER) && b.ends_with("dbgsh> exit\n"),
+            "{b:?}"
+        );
+        assert!(b.contains("dbgsh> log 1\n"), "{b:?}");
+        assert!(!b.contains("dbgsh> help"), "{b:?}");
+    }
+
+    #[test]
+    fn an_idle_session_is_taken_over() {
+        let env = Env::new();
+        let mut sh = Dbgsh::new(true, 100);
+        let at = |client, now| Caller { client, now };
+        // The owner reads half the banner, then goes quiet at time 10.
+        let mut r = sh.call(NOTHING, at(0x1000, 0), &env.shell());
+        for _ in 0..5 {
+            r = sh.call(ACK, at(0x1000, 10), &env.shell());
+        }
+        assert_eq!(r, u64::from(BANNER.as_bytes()[5]));
+        // Within the limit the other waits; a clock that went backwards
+        // (another CPU's) is no time at all.
+        assert_eq!(sh.call(NOTHING, at(OTHER, 109), &env.shell()), NOTHING);
+        assert_eq!(sh.call(NOTHING, at(OTHER, 3), &env.shell()), NOTHING);
+        // At the limit it gets a fresh session, from the banner's start,
+        // and its stray answer is not taken as one.
+        assert_eq!(
+            sh.call(ACK, at(OTHER, 110), &env.shell()),
+            u64::from(BANNER.as_bytes()[0])
+        );
+        // The old owner now waits in turn.
+        assert_eq!(sh.call(ACK, at(0x1000, 111), &env.shell()), NOTHING);
+        let (out, ended) = client_as(&mut sh, &env.shell(), at(OTHER, 112), &typed("exit\n"));
+        assert!(ended);
+        assert_eq!(out, std::format!("{BANNER}{PROMPT}exit\n").as_bytes());
     }
 
     #[test]
     fn disabled_streams_the_message_then_ends() {
         let env = Env::new();
-        let mut sh = Dbgsh::new(false);
+        let mut sh = Dbgsh::new(false, NEVER);
         for round in 0..2 {
             let (out, ended) = client(&mut sh, &env.shell(), &[]);
             assert!(ended, "round {round}");
             assert_eq!(out, DISABLED.as_bytes(), "round {round}");
         }
         // Polls repeat the pending byte.
-        assert_eq!(sh.call(NOTHING, &env.shell()), u64::from(b'd'));
-        assert_eq!(sh.call(NOTHING, &env.shell()), u64::from(b'd'));
+        assert_eq!(sh.call(NOTHING, ME, &env.shell()), u64::from(b'd'));
+        assert_eq!(sh.call(NOTHING, ME, &env.shell()), u64::from(b'd'));
     }
 
     proptest::proptest! {
@@ -917,14 +1327,11 @@ mod tests {
                 proptest::sample::select(std::vec![10u64, 13, 8, 0x7F, 0x100, 0x10A]),
             ], 0..2000), enabled in proptest::prelude::any::<bool>()) {
             let env = Env::new();
-            let mut sh = Dbgsh::new(enabled);
-            if enabled {
-                for _ in 0..STARTUP_CALLS {
-                    proptest::prop_assert_eq!(sh.call(NOTHING, &env.shell()), NOTHING);
-                }
-            }
-            for a in answers {
-                let r = sh.call(a, &env.shell());
+            let mut sh = Dbgsh::new(enabled, 3);
+            for (i, a) in answers.into_iter().enumerate() {
+                // Three clients and a clock that jumps about.
+                let who = Caller { client: (a % 3) << 12, now: (i as u64 * 7) % 13 };
+                let r = sh.call(a, who, &env.shell());
                 proptest::prop_assert!(r < 0x100 || r == NUL_BYTE || r == SESSION_END || r == NOTHING, "{:#x}", r);
                 proptest::prop_assert!(sh.len <= QUEUE_SIZE);
             }

@@ -1,6 +1,6 @@
 //! The services behind the standard VMM calls (docs/vmm-call.md, Functions).
 
-use crate::dbgsh::{Dbgsh, NoInfo, ShellEnv, ShellInfo};
+use crate::dbgsh::{Caller, Dbgsh, NoInfo, ShellEnv, ShellInfo, NEVER};
 use crate::log_ring::LogRing;
 use crate::vcpu::Gpr;
 use crate::vmmcall::{CallContext, CallOutcome, Registry};
@@ -27,6 +27,13 @@ pub struct Services {
     pub dbgsh: Mutex<Dbgsh>,
     /// What the shell's `stat` and `cpu` print.
     pub shell_info: &'static dyn ShellInfo,
+    /// The clock of the shell's takeover rule (crate::dbgsh).
+    pub clock: fn() -> u64,
+}
+
+/// A clock that never moves (no takeovers).
+fn no_clock() -> u64 {
+    0
 }
 
 impl Services {
@@ -34,16 +41,26 @@ impl Services {
         Self {
             log_buf: Mutex::new(None),
             log,
-            dbgsh: Mutex::new(Dbgsh::new(true)),
+            dbgsh: Mutex::new(Dbgsh::new(true, NEVER)),
             shell_info: &NoInfo,
+            clock: no_clock,
         }
     }
 
-    /// The same with the shell's `stat`/`cpu` lines from `info`, and the
-    /// shell disabled (`dbgsh=off`) unless `enabled`.
-    pub fn with_shell(mut self, info: &'static dyn ShellInfo, enabled: bool) -> Self {
+    /// The same with the shell's `stat`/`cpu` lines from `info`, the
+    /// shell disabled (`dbgsh=off`) unless `enabled`, and a session left
+    /// without calls for `takeover_after` ticks of `clock` open to
+    /// another client.
+    pub fn with_shell(
+        mut self,
+        info: &'static dyn ShellInfo,
+        enabled: bool,
+        clock: fn() -> u64,
+        takeover_after: u64,
+    ) -> Self {
         self.shell_info = info;
-        self.dbgsh = Mutex::new(Dbgsh::new(enabled));
+        self.clock = clock;
+        self.dbgsh = Mutex::new(Dbgsh::new(enabled, takeover_after));
         self
     }
 }
@@ -62,7 +79,9 @@ pub fn register_all(registry: &mut Registry) {
 }
 
 /// dbgsh: RBX = the client's answer (-1 = none), RAX = the shell's
-/// pending value (crate::dbgsh). Every register but RAX is kept. The
+/// pending value (crate::dbgsh). The client is the caller's address space
+/// (CR3 without the PCID and cache-control bits). Every register but RAX
+/// is kept. The
 /// shell's lock is held for the call; it takes the log's lock (`log`) and
 /// reads guest memory (`mem`) under it, and nothing takes them the other
 /// way round.
@@ -74,12 +93,18 @@ fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
         false if answer as u32 == u32::MAX => dbgsh::NOTHING,
         false => answer & 0xFFFF_FFFF,
     };
+    let caller = Caller {
+        client: ctx.vcpu.paging().cr3 & !0xFFF,
+        now: (ctx.services.clock)(),
+    };
     let env = ShellEnv {
         log: ctx.services.log,
         memory: ctx.vcpu.memory(),
         info: ctx.services.shell_info,
+        registry: ctx.registry,
+        extra_stat: None,
     };
-    let rax = ctx.services.dbgsh.lock().call(answer, &env);
+    let rax = ctx.services.dbgsh.lock().call(answer, caller, &env);
     ctx.vcpu.set_gpr(Gpr::Rax, rax);
     CallOutcome::Return
 }

@@ -13,16 +13,24 @@ use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// SVM's exit codes below 0x90 plus a few folded ones.
 pub const EXIT_SLOTS: usize = 160;
 
-/// Exit counts of one vCPU.
+/// VMM-call slots per vCPU: function 0 (the lookup), every number the
+/// registry can hand out, and one for numbers that name no function.
+pub const CALL_SLOTS: usize = crate::vmmcall::MAX_FUNCTIONS + 2;
+/// The slot that counts calls of numbers no function has.
+pub const CALL_SLOT_UNKNOWN: usize = CALL_SLOTS - 1;
+
+/// Exit counts of one vCPU, and the VMM calls among them by function.
 #[derive(Debug)]
 pub struct ExitStats {
     counts: [AtomicU64; EXIT_SLOTS],
+    calls: [AtomicU64; CALL_SLOTS],
 }
 
 impl Default for ExitStats {
     fn default() -> Self {
         Self {
             counts: [const { AtomicU64::new(0) }; EXIT_SLOTS],
+            calls: [const { AtomicU64::new(0) }; CALL_SLOTS],
         }
     }
 }
@@ -37,6 +45,29 @@ impl ExitStats {
         if let Some(c) = self.counts.get(slot) {
             c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
         }
+    }
+
+    /// Count one VMM call of function `number` (as the dispatcher read it
+    /// from RAX); numbers past the registry's range count as unknown.
+    #[inline(always)]
+    pub fn record_call(&self, number: u64) {
+        let slot = usize::try_from(number).map_or(CALL_SLOT_UNKNOWN, |n| n.min(CALL_SLOT_UNKNOWN));
+        if let Some(c) = self.calls.get(slot) {
+            c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
+        }
+    }
+
+    /// The calls counted in call slot `slot` (function `slot`, or
+    /// [`CALL_SLOT_UNKNOWN`]).
+    pub fn calls(&self, slot: usize) -> u64 {
+        self.calls.get(slot).map_or(0, |c| c.load(Relaxed))
+    }
+
+    /// The first slot at or after `from` that counted an exit.
+    pub fn next_nonzero(&self, from: usize) -> Option<(usize, u64)> {
+        (from..EXIT_SLOTS)
+            .map(|s| (s, self.count(s)))
+            .find(|&(_, c)| c != 0)
     }
 
     /// The count in `slot`.
@@ -94,5 +125,26 @@ mod tests {
         assert_eq!(v[0], (10, 3));
         assert_eq!(v.len(), 3);
         assert_eq!(ExitStats::default().nonzero().count(), 0);
+        assert_eq!(s.next_nonzero(0), Some((2, 1)));
+        assert_eq!(s.next_nonzero(3), Some((10, 3)));
+        assert_eq!(s.next_nonzero(EXIT_SLOTS), None);
+    }
+
+    #[test]
+    fn counts_calls_by_number() {
+        let s = ExitStats::default();
+        s.record_call(0);
+        s.record_call(1);
+        s.record_call(1);
+        s.record_call(crate::vmmcall::MAX_FUNCTIONS as u64);
+        s.record_call(crate::vmmcall::MAX_FUNCTIONS as u64 + 1);
+        s.record_call(u64::MAX);
+        assert_eq!(s.calls(0), 1);
+        assert_eq!(s.calls(1), 2);
+        assert_eq!(s.calls(crate::vmmcall::MAX_FUNCTIONS), 1);
+        assert_eq!(s.calls(CALL_SLOT_UNKNOWN), 2);
+        assert_eq!(s.calls(CALL_SLOTS), 0);
+        // Calls are not exits of their own: the backend counts the exit.
+        assert_eq!(s.total(), 0);
     }
 }

@@ -11,6 +11,8 @@ use thinvisor_memory::{read_linear, with_cstr, Access, GuestLinearAddr};
 pub struct CallContext<'a> {
     pub vcpu: &'a mut dyn Vcpu,
     pub services: &'a Services,
+    /// The functions, by number (for services that name them).
+    pub registry: &'a Registry,
 }
 
 /// How a VMM-call function finished.
@@ -150,6 +152,9 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) {
     } else {
         rax & 0xFFFF_FFFF
     };
+    if let Some(stats) = vcpu.exit_stats() {
+        stats.record_call(number);
+    }
     let outcome = if number == FN_LOOKUP {
         let result = lookup_by_name(&vmm.vm.registry, vcpu);
         vcpu.set_gpr(Gpr::Rax, result);
@@ -159,6 +164,7 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) {
             Some(function) => function(&mut CallContext {
                 vcpu,
                 services: &vmm.vm.services,
+                registry: &vmm.vm.registry,
             }),
             None => {
                 vcpu.set_gpr(Gpr::Rax, NO_FUNCTION);

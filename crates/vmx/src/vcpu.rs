@@ -232,6 +232,7 @@ pub struct GuestRegs(pub [u64; 16]);
 // extern "sysv64" fn(regs: *mut GuestRegs, launched: u64) -> u64
 //   0 = the guest ran and exited, 1 = VMfailInvalid, 2 = VMfailValid
 global_asm!(
+    ".pushsection .text.thinvisor_vmx_run, \"ax\"",
     ".global thinvisor_vmx_run",
     ".global thinvisor_vmx_exit",
     "thinvisor_vmx_run:",
@@ -299,6 +300,7 @@ global_asm!(
     "pop qword ptr [rdi + 56]",
     "xor eax, eax",
     "jmp 4b",
+    ".popsection",
 );
 
 extern "sysv64" {

@@ -22,10 +22,12 @@ pub enum Mode {
     /// Reset the machine through the keyboard controller (0xFE to port
     /// 0x64), as an OS reboot does: thinvisor reports and lets it act.
     Reboot,
+    /// Only the disabled shell's check (thinvisor runs with `dbgsh=off`).
+    DbgshOff,
 }
 
 impl Mode {
-    const ALL: [Mode; 7] = [
+    const ALL: [Mode; 8] = [
         Mode::Checks,
         Mode::Npf,
         Mode::Halt,
@@ -33,6 +35,7 @@ impl Mode {
         Mode::Bench,
         Mode::Passthrough,
         Mode::Reboot,
+        Mode::DbgshOff,
     ];
 
     /// The name used on the command line and in the mode line.
@@ -45,6 +48,7 @@ impl Mode {
             Mode::Bench => "bench",
             Mode::Passthrough => "passthrough",
             Mode::Reboot => "reboot",
+            Mode::DbgshOff => "dbgsh-off",
         }
     }
 
@@ -63,6 +67,10 @@ impl Mode {
         match self {
             Mode::Checks => checks::run_all(boot),
             Mode::Passthrough => crate::passthrough::run_all(boot),
+            Mode::DbgshOff => {
+                checks::run_one("dbgsh_disabled", || checks::dbgsh_disabled(boot));
+                checks::finish()
+            }
             Mode::Npf => {
                 say!(
                     "test-guest: touching guest-physical {:#X} (outside guest RAM)",
