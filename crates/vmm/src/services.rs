@@ -94,7 +94,7 @@ fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
         false => answer & 0xFFFF_FFFF,
     };
     let caller = Caller {
-        client: ctx.vcpu.paging().cr3 & !0xFFF,
+        client: ctx.vcpu.cr3() & !0xFFF,
         now: (ctx.services.clock)(),
     };
     let env = ShellEnv {

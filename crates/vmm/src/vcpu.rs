@@ -158,6 +158,11 @@ pub trait Vcpu {
     fn rip_linear(&self) -> u64;
     /// CR0, CR3, CR4 and EFER: what guest-linear translation needs.
     fn paging(&self) -> PagingRegs;
+    /// CR3 alone (a backend whose fields cost a read each answers it with
+    /// one).
+    fn cr3(&self) -> u64 {
+        self.paging().cr3
+    }
     /// Privilege and operating mode.
     fn mode(&self) -> CpuMode;
     /// The guest's physical memory: the VM's one memory object, shared
