@@ -15,8 +15,10 @@
 
 use std::arch::asm;
 use std::arch::x86_64::__cpuid;
+use std::cell::UnsafeCell;
 use std::fmt;
 use std::io;
+use std::mem::MaybeUninit;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -265,11 +267,33 @@ static TRIAL_RIP: AtomicUsize = AtomicUsize::new(0);
 /// Set by the handler when the trial's instruction faulted.
 static FAULTED: AtomicBool = AtomicBool::new(false);
 
+/// The actions of SIGILL and SIGSEGV before the trial's handler, for the
+/// handler to hand foreign signals back to. Written only by `lookup_with`
+/// under `TRIAL`, before the handler is installed (the sigaction system
+/// call orders the write before any delivery), read by the handler.
+struct Saved(UnsafeCell<[MaybeUninit<libc::sigaction>; 2]>);
+
+// SAFETY: see the type's comment: one writer under the TRIAL lock while no
+// handler can read, readers only while it is installed.
+unsafe impl Sync for Saved {}
+
+static SAVED: Saved = Saved(UnsafeCell::new([
+    MaybeUninit::uninit(),
+    MaybeUninit::uninit(),
+]));
+
+/// The slot of `sig` in `SAVED`.
+fn saved_slot(sig: libc::c_int) -> usize {
+    usize::from(sig == libc::SIGSEGV)
+}
+
 /// The SIGILL/SIGSEGV handler of a trial: a fault at the trial's call
-/// instruction is skipped (RIP += 3, RAX = 0) and noted; any other fault
-/// is not ours, so the default action is restored and the instruction
-/// faults again, killing the program as it would have without us.
-extern "C" fn on_fault(sig: libc::c_int, _info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+/// instruction is skipped (RIP += 3, RAX = 0) and noted. Any other signal
+/// is not ours: the program's own action is put back, and the faulting
+/// instruction faults again into it (a signal sent by a process rather
+/// than by a fault is raised again instead), so the program fares as it
+/// would have without the trial.
+extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     let uc = context.cast::<libc::ucontext_t>();
     // SAFETY: with SA_SIGINFO the kernel passes a valid ucontext_t for the
     // interrupted thread as the third argument; it is ours to change until
@@ -277,14 +301,22 @@ extern "C" fn on_fault(sig: libc::c_int, _info: *mut libc::siginfo_t, context: *
     let gregs = unsafe { &mut (*uc).uc_mcontext.gregs };
     let rip = gregs[libc::REG_RIP as usize] as usize;
     let expected = TRIAL_RIP.load(Ordering::SeqCst);
-    if expected != 0 && rip == expected {
+    // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO.
+    let sent = unsafe { (*info).si_code } <= 0;
+    if expected != 0 && rip == expected && !sent {
         gregs[libc::REG_RIP as usize] += 3;
         gregs[libc::REG_RAX as usize] = 0;
         FAULTED.store(true, Ordering::SeqCst);
-    } else {
-        // SAFETY: signal() is async-signal-safe; SIG_DFL is a valid action.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
+        return;
+    }
+    // SAFETY: SAVED holds the action sigaction returned for this signal
+    // before this handler was installed (see `Saved`); sigaction and raise
+    // are async-signal-safe.
+    unsafe {
+        let old = (*SAVED.0.get())[saved_slot(sig)].as_ptr();
+        libc::sigaction(sig, old, ptr::null_mut());
+        if sent {
+            libc::raise(sig);
         }
     }
 }
@@ -333,17 +365,23 @@ fn page_size() -> usize {
         .unwrap_or(4096)
 }
 
-/// Installs `on_fault` for `sig`, returning the old action.
+/// Installs `on_fault` for `sig`, returning the old action (also kept in
+/// `SAVED`). Called only under the TRIAL lock.
 fn install(sig: libc::c_int) -> io::Result<libc::sigaction> {
     // SAFETY: zeroed is a valid sigaction (no flags, empty mask); the
-    // handler has the SA_SIGINFO signature.
+    // handler has the SA_SIGINFO signature. SAVED is written before the
+    // handler that reads it is installed, under the TRIAL lock.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_fault as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut action.sa_mask);
         let mut old: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(sig, &action, &mut old) != 0 {
+        if libc::sigaction(sig, ptr::null(), &mut old) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        (*SAVED.0.get())[saved_slot(sig)] = MaybeUninit::new(old);
+        if libc::sigaction(sig, &action, ptr::null_mut()) != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(old)
@@ -456,6 +494,7 @@ mod tests {
     /// on, and the handlers are put back.
     #[test]
     fn a_faulting_trial_is_caught() {
+        let _one = SIGNAL_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let result = lookup_raw(&[0x0f, 0x0b, 0x90]);
         assert!(matches!(result, Err(Trial::Faulted)), "{result:?}");
         // A stub whose "instruction" is harmless runs to its end.
@@ -468,6 +507,47 @@ mod tests {
             old.sa_sigaction
         };
         assert_ne!(current, on_fault as *const () as usize);
+    }
+
+    /// The signal tests change process-wide actions: one at a time.
+    static SIGNAL_TESTS: Mutex<()> = Mutex::new(());
+    static OWN_HANDLER_RAN: AtomicBool = AtomicBool::new(false);
+
+    /// The program's own SIGILL handler in the next test: skips a UD2.
+    extern "C" fn own_handler(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut libc::c_void) {
+        // SAFETY: as in `on_fault`.
+        let gregs = unsafe { &mut (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+        gregs[libc::REG_RIP as usize] += 2;
+        OWN_HANDLER_RAN.store(true, Ordering::SeqCst);
+    }
+
+    /// A fault that is not the trial's instruction reaches the program's
+    /// own handler, and the program's action is in place afterwards.
+    #[test]
+    fn foreign_faults_reach_the_programs_handler() {
+        let _one = SIGNAL_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: installs a valid SA_SIGINFO handler, and later puts the
+        // previous action back.
+        let previous = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = own_handler as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            let mut previous: libc::sigaction = std::mem::zeroed();
+            assert_eq!(libc::sigaction(libc::SIGILL, &action, &mut previous), 0);
+            previous
+        };
+        OWN_HANDLER_RAN.store(false, Ordering::SeqCst);
+        // NOP, then UD2 one byte after the place of the call instruction.
+        let result = lookup_raw(&[0x90, 0x0f, 0x0b]);
+        assert!(result.is_ok(), "{result:?}");
+        assert!(OWN_HANDLER_RAN.load(Ordering::SeqCst));
+        // SAFETY: reads the current action, then restores the previous one.
+        unsafe {
+            let mut now: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGILL, ptr::null(), &mut now);
+            assert_eq!(now.sa_sigaction, own_handler as *const () as usize);
+            libc::sigaction(libc::SIGILL, &previous, ptr::null_mut());
+        }
     }
 
     /// `lookup_with` with `insn` replaced by three other bytes.
