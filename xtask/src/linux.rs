@@ -1,5 +1,6 @@
 //! Debian's Linux as a test guest: the assets (Debian's stock kernel, an
-//! initramfs with busybox and `thinvisor-probe`, a SYSLINUX boot disk) and
+//! initramfs with busybox, `thinvisor-probe` and the guest tools, a
+//! SYSLINUX boot disk) and
 //! `cargo xtask linux`, which boots them on bare QEMU (or under thinvisor)
 //! and times the boot.
 //!
@@ -11,6 +12,9 @@
 //! thinvisor-init: hypervisor-flag yes|no
 //! probe: cpuid-signature ...            (thinvisor-probe)
 //! probe: lookup log_read = N | probe: no thinvisor
+//! thinvisor-init: STEP ok | thinvisor-init: STEP FAILED (why)  (the guest tools,
+//!                                                  under thinvisor; see INIT_SCRIPT)
+//! thinvisor-init: no-vmm TOOL status 2                (elsewhere)
 //! thinvisor-init: done
 //! ```
 //!
@@ -223,17 +227,16 @@ fn build_c_example(ctx: &Ctx) -> Result<PathBuf> {
     // The linker's warnings about getaddrinfo and getpwuid_r in a static
     // glibc program concern code of Rust's std the library never calls:
     // the output is shown only when cc fails.
-    util::run_captured(
-        Command::new("cc")
-            .args(["-static", "-O2", "-s", "-Wall", "-Wl,--gc-sections", "-I"])
-            .arg(tools.join("include"))
-            .arg(tools.join("c").join("example.c"))
-            .arg(&lib)
-            .args(C_LIBS)
-            .arg("-o")
-            .arg(&exe),
-    )
-    .context("compiling the C example (guest-tools/c/example.c)")?;
+    let mut cc = Command::new("cc");
+    cc.args(["-static", "-O2", "-s", "-Wall", "-Wl,--gc-sections", "-I"])
+        .arg(tools.join("include"))
+        .arg(tools.join("c").join("example.c"))
+        .arg(&lib)
+        .args(C_LIBS)
+        .arg("-o")
+        .arg(&exe);
+    eprintln!("$ {}", util::describe(&cc));
+    util::run_captured(&mut cc).context("compiling the C example (guest-tools/c/example.c)")?;
     Ok(exe)
 }
 
@@ -500,7 +503,7 @@ fn write_if_changed(path: &Path, data: &[u8]) -> Result {
 
 const USAGE: &str = "\
 usage: cargo xtask linux [--bare] [--disk] [--smp N] [--timeout SECS] [--build-only] [-- HV_ARGS...]
-  Builds Debian's kernel, the initramfs (busybox, /init, thinvisor-probe) and, with --disk,
+  Builds Debian's kernel, the initramfs (busybox, /init, the guest tools) and, with --disk,
   the SYSLINUX boot disk into target/linux/, then boots them in QEMU TCG (-cpu max, pc
   machine with SMM, -m 512) with the serial console here, and reports the wall time to
   the `thinvisor-init: marker` line.

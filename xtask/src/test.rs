@@ -263,8 +263,8 @@ fn host_checks(ctx: &Ctx, tally: &mut Tally) {
         Ok(programs) => {
             for (name, path) in &programs {
                 match no_vmm_here(name, path) {
-                    Ok(()) => {
-                        println!("{name}: no thinvisor, status 2 ... ok");
+                    Ok(status) => {
+                        println!("{name}: no thinvisor, status {status} ... ok");
                         tally.pass();
                     }
                     Err(e) => {
@@ -308,7 +308,7 @@ fn host_checks(ctx: &Ctx, tally: &mut Tally) {
 /// the tools from being fooled): it must end within 10 s with the "no
 /// thinvisor" status 2 and say so. The probe has no such status: it
 /// prints `probe: no thinvisor` and ends with 0.
-fn no_vmm_here(name: &str, path: &std::path::Path) -> Result {
+fn no_vmm_here(name: &str, path: &std::path::Path) -> Result<i32> {
     let (args, status): (&[&str], i32) = match name {
         "thinvisor-probe" => (&[], 0),
         "vmmcall" => (&["log_read", "0", "0", "0"], 2),
@@ -336,7 +336,7 @@ fn no_vmm_here(name: &str, path: &std::path::Path) -> Result {
     }
     let said = ["no thinvisor", "no VMM"].iter().any(|m| text.contains(m));
     if said {
-        Ok(())
+        Ok(status)
     } else {
         Err(format!("it did not say there is no thinvisor: {text}"))
     }
