@@ -722,6 +722,28 @@ const LINUX_UNDER_THINVISOR: &[&str] = &[
     "thinvisor-init: hypervisor-flag yes",
     "probe: cpuid-signature thinvisor",
     "probe: lookup log_read = 3",
+    // The guest tools (guest-tools, run by the init script): the VMM log
+    // from user space, also followed; the debug shell from a pipe, each
+    // answer checked; the C program on BitVisor's call_vmm API; the
+    // documented status of an unknown name; the shell from CPU 1.
+    "thinvisor-init: vmmlog ok",
+    "thinvisor-init: dbgsh ok",
+    "thinvisor-init: dbgsh-help ok",
+    "thinvisor-init: dbgsh-log ok",
+    "thinvisor-init: dbgsh-mem ok",
+    "dbgsh| 0000000000001000: ",
+    "thinvisor-init: dbgsh-mem-refused ok",
+    "is not guest RAM",
+    "thinvisor-init: dbgsh-unknown ok",
+    "thinvisor-init: vmmlog-follow ok",
+    "c-example: dbgsh banner ok",
+    "c-example: log_read ok",
+    "c-example: done",
+    "thinvisor-init: c-example ok",
+    "thinvisor-init: vmmcall no_such_function status 3",
+    "thinvisor-init: vmmcall ok",
+    "thinvisor-init: taskset -c 1 runs on CPU 1",
+    "thinvisor-init: dbgsh-cpu1 ok",
     linux::DONE,
     // Both processors ran the guest under thinvisor (each has an exit
     // table), the power-off was seen, thinvisor's memory was untouched.
@@ -732,7 +754,14 @@ const LINUX_UNDER_THINVISOR: &[&str] = &[
     ": intact",
 ];
 /// Signs of a Linux boot gone wrong.
-const LINUX_TROUBLE: &[&str] = &["Kernel panic", "probe failed", "probe: no thinvisor"];
+/// (` FAILED (` is how the init script and the C example report a failed
+/// step.)
+const LINUX_TROUBLE: &[&str] = &[
+    "Kernel panic",
+    "probe failed",
+    "probe: no thinvisor",
+    " FAILED (",
+];
 
 /// Cases that wait for hypervisor features still being written: run only
 /// with `cargo xtask test --pending` (e.g. `--filter linux --pending`). A
@@ -963,6 +992,37 @@ mod tests {
         r"probe: cpuid-signature thinvisor\x00\x00\x00",
         "\r\n",
         "probe: lookup log_read = 3\r\n",
+        "thinvisor-init: vmmlog ok (6120 bytes, thinvisor reserves 0x1fa00000)\r\n",
+        "dbgsh| thinvisor dbgsh; type help for the commands\r\n",
+        "dbgsh| dbgsh> help\r\n",
+        "dbgsh| mem ADDR [N]  hex dump of N bytes (default 64) at guest-physical ADDR (hex)\r\n",
+        "dbgsh| dbgsh> mem 1000 32\r\n",
+        "dbgsh| 0000000000001000: 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00  ................\r\n",
+        "dbgsh| 0000000000001010: 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00  ................\r\n",
+        "dbgsh| dbgsh> mem 0x1fa00000 16\r\n",
+        "dbgsh| mem: 0x1fa00000 is not guest RAM\r\n",
+        "dbgsh| dbgsh> bogus\r\n",
+        "dbgsh| unknown command; try help\r\n",
+        "dbgsh| dbgsh> exit\r\n",
+        "thinvisor-init: dbgsh ok\r\n",
+        "thinvisor-init: dbgsh-help ok\r\n",
+        "thinvisor-init: dbgsh-log ok\r\n",
+        "thinvisor-init: dbgsh-mem ok\r\n",
+        "thinvisor-init: dbgsh-mem-refused ok (0x1fa00000)\r\n",
+        "thinvisor-init: dbgsh-unknown ok\r\n",
+        "thinvisor-init: vmmlog-follow ok (0 bytes logged after it caught up)\r\n",
+        "c-example: dbgsh = 1, log_read = 3\r\n",
+        "c-example: dbgsh banner ok\r\n",
+        "c-example: dbgsh session ended\r\n",
+        "c-example: log_read ok (4095 bytes from offset 0)\r\n",
+        "c-example: done\r\n",
+        "thinvisor-init: c-example ok\r\n",
+        "vmmcall: thinvisor has no function named `no_such_function`\r\n",
+        "thinvisor-init: vmmcall no_such_function status 3\r\n",
+        "vmmcall| rax=0x0000000000000000 rbx=0x0000000000000000 rcx=0x0000000000000000 rdx=0x0000000000000000 rsi=0x0000000000000000 rdi=0x0000000000000000\r\n",
+        "thinvisor-init: vmmcall ok\r\n",
+        "thinvisor-init: taskset -c 1 runs on CPU 1\r\n",
+        "thinvisor-init: dbgsh-cpu1 ok\r\n",
         "thinvisor-init: done\r\n",
         "thinvisor: [INFO ] the guest enters an ACPI sleep state (powers off) (port 0x604, value 0x2001)\r\n",
         "thinvisor: [INFO ] VM exits on CPU 0: 19480 in all\r\n",
@@ -1038,6 +1098,18 @@ mod tests {
         );
         assert!(problems[1].contains("probe: no thinvisor"), "{problems:?}");
         assert!(!chain.check_serial(&bare).is_empty());
+        // A failed step of the tools fails the case, even with every
+        // other line there.
+        let failed = format!(
+            "{LINUX_SERIAL_UNDER_THINVISOR}thinvisor-init: dbgsh-log FAILED (4 lines for log 5)\r\n"
+        );
+        let problems = direct.check_serial(&failed);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("FAILED"), "{problems:?}");
+        // So does a missing step.
+        let missing = LINUX_SERIAL_UNDER_THINVISOR.replace("thinvisor-init: c-example ok\r\n", "");
+        let problems = direct.check_serial(&missing);
+        assert!(problems[0].contains("c-example ok"), "{problems:?}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Debian's Linux as a test guest: the assets (Debian's stock kernel, an
-//! initramfs with busybox and `thinvisor-probe`, a SYSLINUX boot disk) and
+//! initramfs with busybox, `thinvisor-probe` and the guest tools, a
+//! SYSLINUX boot disk) and
 //! `cargo xtask linux`, which boots them on bare QEMU (or under thinvisor)
 //! and times the boot.
 //!
@@ -11,6 +12,9 @@
 //! thinvisor-init: hypervisor-flag yes|no
 //! probe: cpuid-signature ...            (thinvisor-probe)
 //! probe: lookup log_read = N | probe: no thinvisor
+//! thinvisor-init: STEP ok | thinvisor-init: STEP FAILED (why)  (the guest tools,
+//!                                                  under thinvisor; see INIT_SCRIPT)
+//! thinvisor-init: no-vmm TOOL status 2                (elsewhere)
 //! thinvisor-init: done
 //! ```
 //!
@@ -72,11 +76,26 @@ pub const DONE: &str = "thinvisor-init: done";
 /// The Rust target of the programs in the initramfs: static, no libc
 /// needed in the guest.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
-/// The probe's package and binary.
-const PROBE_PACKAGE: &str = "guest-tools";
+/// The package of the guest programs.
+const TOOLS_PACKAGE: &str = "guest-tools";
+/// The probe's binary.
 const PROBE_BIN: &str = "thinvisor-probe";
+/// The Rust programs of `guest-tools` that go into the initramfs' `/bin`.
+pub const TOOLS_BINS: &[&str] = &[PROBE_BIN, "dbgsh", "vmmlog", "vmmcall"];
 /// The cargo profile of guest programs (stripped release, see Cargo.toml).
 const GUEST_PROFILE: &str = "guest";
+/// The package of BitVisor's `call_vmm` C API (a Rust staticlib) and the
+/// library it builds.
+const CAPI_PACKAGE: &str = "thinvisor-call-vmm";
+const CAPI_LIB: &str = "libthinvisor_call_vmm.a";
+/// The C library's target: glibc, so that a plain `cc -static` links it.
+pub const GNU_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The C example program (guest-tools/c/example.c), in `/bin`.
+pub const C_EXAMPLE: &str = "call-vmm-example";
+/// What a Rust staticlib needs from the C libraries when linked statically
+/// (`rustc --print native-static-libs` less `-lgcc_s`, which has no static
+/// form; `cc -static` adds libgcc_eh and libc itself).
+pub const C_LIBS: &[&str] = &["-lpthread", "-lm", "-ldl", "-lrt", "-lutil"];
 
 /// The built assets.
 #[derive(Debug, Clone)]
@@ -120,12 +139,18 @@ pub fn build(ctx: &Ctx, with_disk: bool) -> Result<LinuxAssets> {
     let busybox_deb = debian::fetch("busybox-static", &["./bin/busybox"])?;
     let busybox = busybox_deb.file("bin/busybox")?;
     let applets = busybox_applets(&busybox)?;
-    let probe = build_probe(ctx)?;
+    let programs = build_tools(ctx)?
+        .into_iter()
+        .map(|(name, path)| {
+            let data = fs::read(&path).context(format_args!("reading {}", path.display()))?;
+            Ok((name, data))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let initrd = out.join(INITRD_FILE);
     let archive = initramfs(
         &fs::read(&busybox).context("reading busybox")?,
         &applets,
-        &fs::read(&probe).context("reading thinvisor-probe")?,
+        &programs,
     );
     write_if_changed(&initrd, &archive)?;
 
@@ -142,30 +167,77 @@ pub fn build(ctx: &Ctx, with_disk: bool) -> Result<LinuxAssets> {
     })
 }
 
-/// `cargo build` of thinvisor-probe for the musl target; its path.
-fn build_probe(ctx: &Ctx) -> Result<PathBuf> {
+/// Builds the guest programs: the Rust ones (`TOOLS_BINS`, static musl
+/// binaries) and the C example, linked statically against the `call_vmm`
+/// library. Their names in `/bin` and their paths.
+pub fn build_tools(ctx: &Ctx) -> Result<Vec<(String, PathBuf)>> {
     setup::ensure_target(ctx, MUSL_TARGET)?;
+    let mut cmd = ctx.cargo();
+    cmd.args(["build", "-p", TOOLS_PACKAGE]);
+    for bin in TOOLS_BINS {
+        cmd.args(["--bin", bin]);
+    }
+    cmd.args(["--profile", GUEST_PROFILE, "--target", MUSL_TARGET]);
+    util::run(&mut cmd).context("building the guest tools")?;
+    let dir = images::cargo_target_dir(ctx)?
+        .join(MUSL_TARGET)
+        .join(GUEST_PROFILE);
+    let mut programs = Vec::new();
+    for bin in TOOLS_BINS {
+        let path = dir.join(bin);
+        if !path.exists() {
+            return Err(format!("cargo built no {}", path.display()));
+        }
+        programs.push((bin.to_string(), path));
+    }
+    programs.push((C_EXAMPLE.to_string(), build_c_example(ctx)?));
+    Ok(programs)
+}
+
+/// The `call_vmm` static library (for the glibc target) and, with `cc`,
+/// the C example linked statically against it, in `target/linux/`.
+fn build_c_example(ctx: &Ctx) -> Result<PathBuf> {
+    setup::ensure_target(ctx, GNU_TARGET)?;
     util::run(ctx.cargo().args([
         "build",
         "-p",
-        PROBE_PACKAGE,
-        "--bin",
-        PROBE_BIN,
+        CAPI_PACKAGE,
+        "--lib",
         "--profile",
         GUEST_PROFILE,
         "--target",
-        MUSL_TARGET,
+        GNU_TARGET,
     ]))
-    .context("building thinvisor-probe")?;
-    let path = images::cargo_target_dir(ctx)?
-        .join(MUSL_TARGET)
+    .context("building the call_vmm library")?;
+    let lib = images::cargo_target_dir(ctx)?
+        .join(GNU_TARGET)
         .join(GUEST_PROFILE)
-        .join(PROBE_BIN);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!("cargo built no {}", path.display()))
+        .join(CAPI_LIB);
+    if util::which("cc").is_none() {
+        return Err(format!(
+            "no C compiler (cc) for the guest tools' C example; install one as root with:\n    \
+             apt-get install -y {}",
+            ["gcc", "libc6-dev"].join(" ")
+        ));
     }
+    let out = dir(ctx);
+    fs::create_dir_all(&out).context(format_args!("creating {}", out.display()))?;
+    let exe = out.join(C_EXAMPLE);
+    let tools = ctx.root.join("guest-tools");
+    // The linker's warnings about getaddrinfo and getpwuid_r in a static
+    // glibc program concern code of Rust's std the library never calls:
+    // the output is shown only when cc fails.
+    let mut cc = Command::new("cc");
+    cc.args(["-static", "-O2", "-s", "-Wall", "-Wl,--gc-sections", "-I"])
+        .arg(tools.join("include"))
+        .arg(tools.join("c").join("example.c"))
+        .arg(&lib)
+        .args(C_LIBS)
+        .arg("-o")
+        .arg(&exe);
+    eprintln!("$ {}", util::describe(&cc));
+    util::run_captured(&mut cc).context("compiling the C example (guest-tools/c/example.c)")?;
+    Ok(exe)
 }
 
 /// The applet paths busybox installs (`bin/sh`, `usr/bin/nproc`, ...),
@@ -184,10 +256,17 @@ fn busybox_applets(busybox: &Path) -> Result<Vec<String>> {
 }
 
 /// The guest's `/init`: mounts the pseudo file systems, prints the lines
-/// the tests look for, runs the probe and powers off (`-f`: no init system
-/// to ask). `nproc` counts the CPUs Linux brought online; the `hypervisor`
-/// flag alone proves nothing (QEMU TCG sets it with no hypervisor), hence
-/// the probe.
+/// the tests look for, runs the probe, exercises the guest tools and
+/// powers off (`-f`: no init system to ask). `nproc` counts the CPUs Linux
+/// brought online; the `hypervisor` flag alone proves nothing (QEMU TCG
+/// sets it with no hypervisor), hence the probe.
+///
+/// Under thinvisor (the probe found it) each step of the tools prints
+/// `thinvisor-init: STEP ok` or `thinvisor-init: STEP FAILED (why)`, and
+/// what the tools printed is shown with a `TOOL| ` prefix; elsewhere each
+/// tool must end at once with the "no thinvisor" status 2
+/// (`thinvisor-init: no-vmm TOOL status N`). Every tool runs under
+/// `timeout`, so a hang costs seconds, not the case's time limit.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 # thinvisor test guest: report what this Linux sees, then power off.
 mount -t proc proc /proc
@@ -201,14 +280,140 @@ if grep '^flags' /proc/cpuinfo | grep -qw hypervisor; then
 else
     echo "thinvisor-init: hypervisor-flag no"
 fi
-/bin/thinvisor-probe || echo "thinvisor-init: probe failed with status $?"
+/bin/thinvisor-probe > /tmp/probe
+st=$?
+cat /tmp/probe
+[ $st = 0 ] || echo "thinvisor-init: probe failed with status $st"
+
+ok() { echo "thinvisor-init: $1 ok${2:+ ($2)}"; }
+failed() { echo "thinvisor-init: $1 FAILED ($2)"; }
+# show TOOL FILE: the file on the console, each line prefixed "TOOL| ".
+show() { sed "s/^/$1| /" "$2"; }
+# wait_for FILE TEXT: up to 5 s for TEXT to appear in FILE.
+wait_for() {
+    i=0
+    while [ $i -lt 50 ]; do
+        grep -qF "$2" "$1" 2>/dev/null && return 0
+        usleep 100000
+        i=$((i + 1))
+    done
+    return 1
+}
+
+if grep -q '^probe: lookup' /tmp/probe; then
+    # vmmlog: thinvisor's boot log, from user space.
+    timeout 30 vmmlog > /tmp/vmmlog 2> /tmp/vmmlog.err
+    st=$?
+    show vmmlog-stderr /tmp/vmmlog.err
+    res=$(sed -n 's/.*thinvisor reserves [0-9]* KiB at \(0x[0-9a-f]*\)\.\..*/\1/p' /tmp/vmmlog | head -n 1)
+    if [ $st = 0 ] && [ -n "$res" ]; then
+        ok vmmlog "$(wc -c < /tmp/vmmlog) bytes, thinvisor reserves $res"
+    else
+        failed vmmlog "status $st, $(wc -c < /tmp/vmmlog) bytes, no reserve line"
+        res=0x0
+    fi
+
+    # vmmlog -f follows from here on: once it has caught up with the boot
+    # log, everything thinvisor logs later must reach it too.
+    vmmlog -f > /tmp/follow 2> /tmp/follow.err &
+    follower=$!
+    wait_for /tmp/follow 'thinvisor reserves' || failed vmmlog-follow "it did not print the boot log"
+    caught_up=$(wc -c < /tmp/follow)
+
+    # dbgsh from a pipe: every command's answer is checked.
+    printf 'help\nlog 5\nstat\ncpu\nmem 1000 32\nmem %s 16\nbogus\nexit\n' "$res" \
+        | timeout 60 dbgsh > /tmp/dbgsh 2> /tmp/dbgsh.err
+    st=$?
+    show dbgsh /tmp/dbgsh
+    show dbgsh-stderr /tmp/dbgsh.err
+    if [ $st = 0 ] && grep -q '^dbgsh> exit$' /tmp/dbgsh; then ok dbgsh; else failed dbgsh "status $st"; fi
+    if grep -q '^mem ADDR \[N\] ' /tmp/dbgsh && grep -q '^exit  *end the session' /tmp/dbgsh; then
+        ok dbgsh-help
+    else
+        failed dbgsh-help "no help lines"
+    fi
+    n=$(awk '/^dbgsh> log 5$/ { on = 1; next } /^dbgsh> / { on = 0 } on { n++ } END { print n + 0 }' /tmp/dbgsh)
+    if [ "$n" = 5 ]; then ok dbgsh-log; else failed dbgsh-log "$n lines for log 5"; fi
+    if grep -q '^0000000000001000: ' /tmp/dbgsh && grep -q '^0000000000001010: ' /tmp/dbgsh; then
+        ok dbgsh-mem
+    else
+        failed dbgsh-mem "no dump of 0x1000"
+    fi
+    if grep -qF "mem: $res is not guest RAM" /tmp/dbgsh; then
+        ok dbgsh-mem-refused "$res"
+    else
+        failed dbgsh-mem-refused "no refusal for $res"
+    fi
+    if grep -q '^unknown command; try help' /tmp/dbgsh; then ok dbgsh-unknown; else failed dbgsh-unknown "no error line"; fi
+
+    # The follower has everything the log holds now (a fresh read from
+    # the start is a prefix of what the follower printed).
+    timeout 30 vmmlog > /tmp/vmmlog2 2>/dev/null
+    size=$(wc -c < /tmp/vmmlog2)
+    i=0
+    until head -c "$size" /tmp/follow | cmp -s - /tmp/vmmlog2; do
+        i=$((i + 1))
+        [ $i -gt 50 ] && break
+        usleep 100000
+    done
+    if [ $i -le 50 ]; then
+        ok vmmlog-follow "$((size - caught_up)) bytes logged after it caught up"
+    else
+        failed vmmlog-follow "it has $(wc -c < /tmp/follow) bytes of $size"
+    fi
+    if grep -q 'dbgsh: session started' /tmp/vmmlog2; then
+        if grep -q 'dbgsh: session started' /tmp/follow; then
+            ok vmmlog-follow-session "saw dbgsh: session started"
+        else
+            failed vmmlog-follow-session "no session line"
+        fi
+    fi
+    kill $follower
+    show vmmlog-f-stderr /tmp/follow.err
+
+    # The C program on BitVisor's call_vmm API.
+    timeout 60 call-vmm-example
+    st=$?
+    if [ $st = 0 ]; then ok c-example; else failed c-example "status $st"; fi
+
+    # vmmcall: an unknown name has its own status (3); a real call.
+    timeout 10 vmmcall no_such_function 2> /tmp/vmmcall.err
+    echo "thinvisor-init: vmmcall no_such_function status $?"
+    show vmmcall-stderr /tmp/vmmcall.err
+    timeout 10 vmmcall log_read 0 0 0 > /tmp/vmmcall
+    st=$?
+    show vmmcall /tmp/vmmcall
+    if [ $st = 0 ] && grep -q '^rax=0x0000000000000000 rbx=0x' /tmp/vmmcall; then
+        ok vmmcall
+    else
+        failed vmmcall "status $st"
+    fi
+
+    # dbgsh from the second processor.
+    echo "thinvisor-init: taskset -c 1 runs on CPU $(taskset -c 1 awk '{ print $39 }' /proc/self/stat)"
+    printf 'help\nexit\n' | timeout 60 taskset -c 1 dbgsh > /tmp/dbgsh1 2>&1
+    st=$?
+    if [ $st = 0 ] && grep -q '^mem ADDR \[N\] ' /tmp/dbgsh1 && grep -q '^dbgsh> exit$' /tmp/dbgsh1; then
+        ok dbgsh-cpu1
+    else
+        show dbgsh-cpu1 /tmp/dbgsh1
+        failed dbgsh-cpu1 "status $st"
+    fi
+else
+    # No thinvisor: every tool says so at once, with status 2.
+    for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example; do
+        timeout 10 $tool < /dev/null > /dev/null 2>&1
+        echo "thinvisor-init: no-vmm ${tool%% *} status $?"
+    done
+fi
 echo "thinvisor-init: done"
 poweroff -f
 "#;
 
-/// The initramfs: busybox and its applet links, the probe, `/init`, and
-/// the device nodes init needs before devtmpfs is mounted.
-pub fn initramfs(busybox: &[u8], applets: &[String], probe: &[u8]) -> Vec<u8> {
+/// The initramfs: busybox and its applet links, the guest programs (in
+/// `/bin`), `/init`, and the device nodes init needs before devtmpfs is
+/// mounted.
+pub fn initramfs(busybox: &[u8], applets: &[String], programs: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut cpio = Cpio::new();
     for dir in [
         "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root", "etc",
@@ -222,7 +427,9 @@ pub fn initramfs(busybox: &[u8], applets: &[String], probe: &[u8]) -> Vec<u8> {
     for applet in applets {
         cpio.symlink(applet, "/bin/busybox");
     }
-    cpio.file(&format!("bin/{PROBE_BIN}"), 0o755, probe);
+    for (name, data) in programs {
+        cpio.file(&format!("bin/{name}"), 0o755, data);
+    }
     cpio.file("init", 0o755, INIT_SCRIPT.as_bytes());
     cpio.finish()
 }
@@ -296,7 +503,7 @@ fn write_if_changed(path: &Path, data: &[u8]) -> Result {
 
 const USAGE: &str = "\
 usage: cargo xtask linux [--bare] [--disk] [--smp N] [--timeout SECS] [--build-only] [-- HV_ARGS...]
-  Builds Debian's kernel, the initramfs (busybox, /init, thinvisor-probe) and, with --disk,
+  Builds Debian's kernel, the initramfs (busybox, /init, the guest tools) and, with --disk,
   the SYSLINUX boot disk into target/linux/, then boots them in QEMU TCG (-cpu max, pc
   machine with SMM, -m 512) with the serial console here, and reports the wall time to
   the `thinvisor-init: marker` line.
@@ -556,7 +763,11 @@ mod tests {
     #[test]
     fn initramfs_contents() {
         let applets = vec!["bin/sh".to_string(), "sbin/poweroff".to_string()];
-        let all = entries(&initramfs(b"BB", &applets, b"PROBE"));
+        let programs = vec![
+            ("thinvisor-probe".to_string(), b"PROBE".to_vec()),
+            ("dbgsh".to_string(), b"DBGSH".to_vec()),
+        ];
+        let all = entries(&initramfs(b"BB", &applets, &programs));
         let find = |name: &str| {
             all.iter()
                 .find(|e| e.name == name)
@@ -566,6 +777,8 @@ mod tests {
         assert_eq!(find("init").mode, 0o100_755);
         assert_eq!(find("bin/busybox").data, b"BB");
         assert_eq!(find("bin/thinvisor-probe").data, b"PROBE");
+        assert_eq!(find("bin/dbgsh").data, b"DBGSH");
+        assert_eq!(find("bin/dbgsh").mode, 0o100_755);
         assert_eq!(find("bin/sh").data, b"/bin/busybox");
         assert_eq!(find("sbin/poweroff").mode, 0o120_777);
         assert_eq!(find("dev/console").rdev, (5, 1));
@@ -589,6 +802,23 @@ mod tests {
         assert!(INIT_SCRIPT.contains("hypervisor-flag yes"));
         assert!(INIT_SCRIPT.contains("hypervisor-flag no"));
         assert!(INIT_SCRIPT.trim_end().ends_with("poweroff -f"));
+        // Every guest program is run, under thinvisor and without it, and
+        // under `timeout` (the follower is killed), so a hang costs seconds.
+        for run in [
+            "timeout 30 vmmlog > /tmp/vmmlog",
+            "vmmlog -f > /tmp/follow",
+            "kill $follower",
+            "| timeout 60 dbgsh > /tmp/dbgsh",
+            "timeout 60 call-vmm-example",
+            "timeout 10 vmmcall no_such_function",
+            "timeout 10 vmmcall log_read 0 0 0",
+            "| timeout 60 taskset -c 1 dbgsh",
+            r#"for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example; do"#,
+            "timeout 10 $tool < /dev/null",
+        ] {
+            assert!(INIT_SCRIPT.contains(run), "{run}");
+        }
+        assert!(INIT_SCRIPT.contains(r#"failed() { echo "thinvisor-init: $1 FAILED ($2)"; }"#));
     }
 
     #[test]
@@ -639,6 +869,10 @@ mod tests {
         assert!(outcome.stopped.is_none(), "{:?}", outcome.stopped);
         assert!(outcome.serial.contains("thinvisor-init: cpus 2"));
         assert!(outcome.serial.contains("probe: no thinvisor"));
+        for tool in ["dbgsh", "vmmlog", "vmmcall", C_EXAMPLE] {
+            let line = format!("thinvisor-init: no-vmm {tool} status 2");
+            assert!(outcome.serial.contains(&line), "{line}");
+        }
         assert!(outcome.serial.contains(DONE));
         let marker = outcome.line_at.expect("the marker line was timed");
         assert!(marker <= outcome.elapsed);

@@ -18,6 +18,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "xorriso",
     "mtools",
     "binutils",
+    "gcc",
+    "libc6-dev",
 ];
 
 /// The bare-metal Rust target of the hypervisor and its test guests.
@@ -34,6 +36,13 @@ const VGA_BIOS: &[&str] = &[
 const BOCHS_SDL2: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sdl2_gui.so",
     "/usr/lib/bochs/plugins/libbx_sdl2_gui.so",
+];
+/// glibc's static library: the C example of the guest tools is linked
+/// statically (`cc -static`) against it.
+const LIBC_A: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/libc.a",
+    "/usr/lib64/libc.a",
+    "/usr/lib/libc.a",
 ];
 /// GRUB's BIOS platform files, needed by grub-mkrescue.
 const GRUB_I386_PC: &[&str] = &["/usr/lib/grub/i386-pc"];
@@ -101,6 +110,18 @@ const REQUIREMENTS: &[Requirement] = &[
         what: "objcopy",
         need: Need::Tool("objcopy"),
         package: "binutils",
+    },
+    // The C example of the guest tools (guest-tools/c) and its static
+    // library's link.
+    Requirement {
+        what: "C compiler (cc)",
+        need: Need::Tool("cc"),
+        package: "gcc",
+    },
+    Requirement {
+        what: "static glibc (libc.a)",
+        need: Need::Path(LIBC_A),
+        package: "libc6-dev",
     },
 ];
 
