@@ -339,12 +339,26 @@ if grep -q '^probe: lookup' /tmp/probe; then
     else
         failed dbgsh-mem "no dump of 0x1000"
     fi
-    if grep -qF "mem: $res is not guest RAM" /tmp/dbgsh; then
+    if grep -qF "mem: $res is thinvisor's own memory: refused" /tmp/dbgsh; then
         ok dbgsh-mem-refused "$res"
     else
         failed dbgsh-mem-refused "no refusal for $res"
     fi
     if grep -q '^unknown command; try help' /tmp/dbgsh; then ok dbgsh-unknown; else failed dbgsh-unknown "no error line"; fi
+    # stat: both CPUs' exit tables and this session's calls of dbgsh.
+    if grep -q '^CPU 0: [0-9]* exits$' /tmp/dbgsh && grep -q '^CPU 1: [0-9]* exits$' /tmp/dbgsh \
+        && grep -q '^   1 dbgsh  *[1-9][0-9]*$' /tmp/dbgsh; then
+        ok dbgsh-stat
+    else
+        failed dbgsh-stat "no exit tables for CPUs 0 and 1 or no dbgsh calls"
+    fi
+    # cpu: the backend, both CPUs, thinvisor's memory.
+    if grep -q '^backend: ' /tmp/dbgsh && grep -q '^CPUs under thinvisor: 2$' /tmp/dbgsh \
+        && grep -q "^thinvisor's memory: [0-9]* KiB at $res\.\." /tmp/dbgsh; then
+        ok dbgsh-cpu
+    else
+        failed dbgsh-cpu "no backend, CPU count or memory line"
+    fi
 
     # The follower has everything the log holds now (a fresh read from
     # the start is a prefix of what the follower printed).
@@ -361,9 +375,9 @@ if grep -q '^probe: lookup' /tmp/probe; then
     else
         failed vmmlog-follow "it has $(wc -c < /tmp/follow) bytes of $size"
     fi
-    if grep -q 'dbgsh: session started' /tmp/vmmlog2; then
-        if grep -q 'dbgsh: session started' /tmp/follow; then
-            ok vmmlog-follow-session "saw dbgsh: session started"
+    if grep -q 'dbgsh: session [0-9]* started' /tmp/vmmlog2; then
+        if grep -q 'dbgsh: session [0-9]* started' /tmp/follow; then
+            ok vmmlog-follow-session "saw a dbgsh session start"
         else
             failed vmmlog-follow-session "no session line"
         fi
