@@ -1,6 +1,7 @@
 //! The services behind the standard VMM calls (docs/vmm-call.md, Functions).
 
 use crate::dbgsh::{Dbgsh, NoInfo, ShellEnv, ShellInfo};
+use crate::guest_log::{GuestLog, GuestLogBuffer};
 use crate::log_ring::LogRing;
 use crate::vcpu::Gpr;
 use crate::vmmcall::{CallContext, CallOutcome, Registry};
@@ -18,9 +19,10 @@ pub type VmmLog = Mutex<LogRing<LOG_RING_SIZE>>;
 
 /// State shared by the services of one VMM.
 pub struct Services {
-    /// Guest-physical address and size of the buffer `log_set_buf`
-    /// registered (None = none).
-    pub log_buf: Mutex<Option<(u64, u64)>>,
+    /// The buffer `log_set_buf` registered, its write position and drop
+    /// accounting. The hypervisor's logging path writes every log line
+    /// into it (`GuestLogBuffer::write`) with the VM's guest memory.
+    pub guest_log: GuestLog,
     /// The log `log_read` reads.
     pub log: &'static VmmLog,
     /// The debug shell: one session, shared by every caller.
@@ -32,7 +34,7 @@ pub struct Services {
 impl Services {
     pub fn new(log: &'static VmmLog) -> Self {
         Self {
-            log_buf: Mutex::new(None),
+            guest_log: Mutex::new(GuestLogBuffer::new()),
             log,
             dbgsh: Mutex::new(Dbgsh::new(true)),
             shell_info: &NoInfo,
@@ -84,16 +86,48 @@ fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
     CallOutcome::Return
 }
 
-/// log_set_buf: CPL 0 only (ignored otherwise); RBX = guest-physical
-/// address (0 unregisters), RCX = size. Recorded; the log does not write
-/// to it yet.
+/// What `log_set_buf` returns when it refuses a buffer (all ones; the
+/// registration stays as it was).
+pub const LOG_SET_BUF_REFUSED: u64 = u64::MAX;
+
+/// log_set_buf: CPL 0 only (ignored otherwise: no register changes, no
+/// log line); RBX = guest-physical address of the buffer (0 unregisters),
+/// RCX = its size (32-bit registers outside 64-bit mode). RAX = 0 when the
+/// buffer is registered (its counter set to 0) or unregistered,
+/// [`LOG_SET_BUF_REFUSED`] when it is refused (crate::guest_log::Refusal).
+/// Every call at CPL 0 logs one info line saying what happened; it is
+/// logged after the lock is released (logging takes it), so a newly
+/// registered buffer receives it as its first line.
 fn log_set_buf_call(ctx: &mut CallContext<'_>) -> CallOutcome {
-    if ctx.vcpu.mode().cpl != 0 {
+    let mode = ctx.vcpu.mode();
+    if mode.cpl != 0 {
         return CallOutcome::Return;
     }
-    let address = ctx.vcpu.gpr(Gpr::Rbx);
-    let size = ctx.vcpu.gpr(Gpr::Rcx);
-    *ctx.services.log_buf.lock() = (address != 0).then_some((address, size));
+    let width = if mode.long64 { u64::MAX } else { 0xFFFF_FFFF };
+    let address = ctx.vcpu.gpr(Gpr::Rbx) & width;
+    let size = ctx.vcpu.gpr(Gpr::Rcx) & width;
+    if address == 0 {
+        ctx.services.guest_log.lock().unregister();
+        ctx.vcpu.set_gpr(Gpr::Rax, 0);
+        log::info!("log_set_buf: unregistered");
+        return CallOutcome::Return;
+    }
+    let memory = ctx.vcpu.memory();
+    let result = ctx
+        .services
+        .guest_log
+        .lock()
+        .register(memory, address, size);
+    match result {
+        Ok(()) => {
+            ctx.vcpu.set_gpr(Gpr::Rax, 0);
+            log::info!("log_set_buf: registered {address:#x}, {size} bytes");
+        }
+        Err(why) => {
+            ctx.vcpu.set_gpr(Gpr::Rax, LOG_SET_BUF_REFUSED);
+            log::info!("log_set_buf: refused {address:#x}, {size} bytes: {why}");
+        }
+    }
     CallOutcome::Return
 }
 
