@@ -240,24 +240,29 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS log_read_pae",
     "PASS log_read_4level",
     "PASS log_read_refused",
+    "PASS log_set_buf_refused",
+    "PASS log_set_buf_cpl3_ignored",
+    "PASS log_set_buf_dropped",
+    "PASS log_set_buf_stream",
     "PASS cross_vendor_call",
     "PASS hostile_calls",
     "PASS smi_storm",
     "PASS cr0_writes",
     "PASS xsetbv",
     "PASS cr_writes_gp",
-    "SUMMARY: 26 passed, 0 failed",
+    "SUMMARY: 30 passed, 0 failed",
 ];
 /// The test guest's `passthrough` mode (`test-guests/checks/src/passthrough.rs`).
 const PASSTHROUGH_GUEST: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf passthrough")];
 /// Its run passed.
 const PASSTHROUGH_PASSED: &[&str] = &[
     "PASS mmap_hides_thinvisor",
+    "PASS log_set_buf_refused",
     "PASS hidden_reads_filler",
     "PASS timer_wakes_hlt",
     "PASS aps_start",
     "PASS hidden_writes_dropped",
-    "SUMMARY: 5 passed, 0 failed",
+    "SUMMARY: 6 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -386,7 +391,7 @@ pub const CASES: &[Case] = &[
             "guest RAM: 1024 MiB",
             "1 GiB pages yes",
             "PASS cross_vendor_call",
-            "SUMMARY: 26 passed, 0 failed",
+            "SUMMARY: 30 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 3072,
@@ -402,7 +407,7 @@ pub const CASES: &[Case] = &[
         must_contain: &[
             "direct map: 8 GiB",
             "guest RAM: 3072 MiB at host-physical 0x100000000",
-            "SUMMARY: 26 passed, 0 failed",
+            "SUMMARY: 30 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 7168,

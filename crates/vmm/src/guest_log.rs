@@ -182,7 +182,7 @@ impl GuestLogBuffer {
         if size > MAX_SIZE {
             return Err(Refusal::TooLarge);
         }
-        if gpa % 4 != 0 {
+        if !gpa.is_multiple_of(4) {
             return Err(Refusal::Misaligned);
         }
         // size <= 16 MiB, so the conversion is exact.

@@ -395,13 +395,32 @@ fn hidden_writes_dropped() -> CheckResult {
     Ok(())
 }
 
+/// `log_set_buf_refused`: the checks mode's refusals (`logbuf.rs`), and
+/// buffers over thinvisor's block: straddling its start, inside it,
+/// straddling its end.
+fn log_set_buf_refused() -> CheckResult {
+    let (start, end) = thinvisor_block()?;
+    crate::logbuf::refused(&[
+        (start - 0x100, 0x1000, "over the start of thinvisor's block"),
+        (start, 0x1000, "inside thinvisor's block"),
+        (start + 0x2000, 0x200, "inside thinvisor's block"),
+        (end - 0x100, 0x1000, "over the end of thinvisor's block"),
+        (
+            start - 0x1000,
+            end - start + 0x2000,
+            "around thinvisor's block",
+        ),
+    ])
+}
+
 /// One check: its reported name and its body.
 type Check = (&'static str, fn() -> CheckResult);
 
 /// The checks, in report order; the writes last (see
 /// `hidden_writes_dropped`).
-const CHECKS: [Check; 5] = [
+const CHECKS: [Check; 6] = [
     ("mmap_hides_thinvisor", mmap_hides_thinvisor),
+    ("log_set_buf_refused", log_set_buf_refused),
     ("hidden_reads_filler", hidden_reads_filler),
     ("timer_wakes_hlt", timer::timer_wakes_hlt),
     ("aps_start", smp::aps_start),
