@@ -1582,7 +1582,7 @@ const CHECKS: [Check; 30] = [
     ("log_read_pae", log_read_pae),
     ("log_read_4level", log_read_4level),
     ("log_read_refused", log_read_refused),
-    ("log_set_buf_refused", |_| logbuf::refused(&[])),
+    ("log_set_buf_refused", |_| logbuf::refused_around_block()),
     ("log_set_buf_cpl3_ignored", |_| logbuf::cpl3_ignored()),
     ("log_set_buf_dropped", |_| logbuf::dropped()),
     ("log_set_buf_stream", |_| logbuf::stream()),

@@ -219,6 +219,58 @@ pub fn refused(extra: &[(u64, u64, &str)]) -> CheckResult {
     Ok(())
 }
 
+/// `log_set_buf_refused` with thinvisor's block (from its log line
+/// `thinvisor reserves N KiB at 0xSTART..0xEND`): when the guest's memory
+/// map offers no byte of it as RAM (the pass-through layout, where it lies
+/// inside the machine's RAM and is hidden; or an isolated guest whose RAM
+/// ends below it), buffers over its start, inside it, over its end and
+/// around it are refused too; a buffer ending right below it is accepted
+/// when that memory is available RAM.
+pub fn refused_around_block() -> CheckResult {
+    let (start, end) = crate::passthrough::thinvisor_block()?;
+    let (entries, n) = crate::passthrough::memory_map()?;
+    let available = |from: u64, to: u64| {
+        entries[..n]
+            .iter()
+            .any(|e| e.2 == crate::passthrough::MMAP_AVAILABLE && e.0 <= from && to <= e.0 + e.1)
+    };
+    let offered = entries[..n]
+        .iter()
+        .any(|e| e.2 == crate::passthrough::MMAP_AVAILABLE && e.0 < end && start < e.0 + e.1);
+    if offered {
+        say!("NOTE log_set_buf_refused: thinvisor's block {start:#x}..{end:#x} is guest RAM here (isolated layout); not tried");
+        return refused(&[]);
+    }
+    refused(&[
+        (start - 0x100, 0x1000, "over the start of thinvisor's block"),
+        (start, 0x1000, "inside thinvisor's block"),
+        (start + 0x2000, MIN_SIZE, "inside thinvisor's block"),
+        (end - 0x100, 0x1000, "over the end of thinvisor's block"),
+        (
+            start - 0x1000,
+            end - start + 0x2000,
+            "around thinvisor's block",
+        ),
+    ])?;
+    if available(start - 0x1000, start) {
+        let number = set_buf_number()?;
+        let rax = set_buf(number, start - 0x1000, 0x1000)?;
+        ensure!(
+            rax == 0,
+            "log_set_buf({:#x}, 0x1000), right below thinvisor's block, returned {rax:#x}",
+            start - 0x1000
+        );
+        let rax = set_buf(number, 0, 0)?;
+        ensure!(rax == 0, "log_set_buf(0, 0) returned {rax:#x}");
+        say!("NOTE log_set_buf_refused: buffers over thinvisor's block {start:#x}..{end:#x} refused, the page below it accepted");
+    } else {
+        say!(
+            "NOTE log_set_buf_refused: buffers over thinvisor's block {start:#x}..{end:#x} refused"
+        );
+    }
+    Ok(())
+}
+
 /// `log_set_buf_cpl3_ignored`: from CPL 3 neither a registration nor an
 /// unregistration happens, and RAX and RBX come back unchanged.
 pub fn cpl3_ignored() -> CheckResult {

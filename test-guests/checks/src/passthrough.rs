@@ -395,22 +395,9 @@ fn hidden_writes_dropped() -> CheckResult {
     Ok(())
 }
 
-/// `log_set_buf_refused`: the checks mode's refusals (`logbuf.rs`), and
-/// buffers over thinvisor's block: straddling its start, inside it,
-/// straddling its end.
+/// `log_set_buf_refused`: see `logbuf::refused_around_block`.
 fn log_set_buf_refused() -> CheckResult {
-    let (start, end) = thinvisor_block()?;
-    crate::logbuf::refused(&[
-        (start - 0x100, 0x1000, "over the start of thinvisor's block"),
-        (start, 0x1000, "inside thinvisor's block"),
-        (start + 0x2000, 0x200, "inside thinvisor's block"),
-        (end - 0x100, 0x1000, "over the end of thinvisor's block"),
-        (
-            start - 0x1000,
-            end - start + 0x2000,
-            "around thinvisor's block",
-        ),
-    ])
+    crate::logbuf::refused_around_block()
 }
 
 /// One check: its reported name and its body.
