@@ -1585,7 +1585,7 @@ const CHECKS: [Check; 30] = [
     ("log_set_buf_refused", |_| logbuf::refused_around_block()),
     ("log_set_buf_cpl3_ignored", |_| logbuf::cpl3_ignored()),
     ("log_set_buf_dropped", |_| logbuf::dropped()),
-    ("log_set_buf_stream", |_| logbuf::stream()),
+    ("log_set_buf_stream", |boot| logbuf::stream(boot.cmdline())),
     ("efer_is_guests", efer_is_guests),
     ("syscall_sysret", syscall_sysret),
     ("protected_msr", protected_msr),
