@@ -996,7 +996,8 @@ mod tests {
         for case in cases {
             assert!(case.smp >= 2 && case.hv_args.contains("layout=passthrough"));
             assert_eq!(case.modules, PASSTHROUGH_GUEST);
-            assert!(case.must_contain.contains(&"SUMMARY: 5 passed, 0 failed"));
+            assert!(case.must_contain.contains(&"SUMMARY: 6 passed, 0 failed"));
+            assert!(case.must_contain.contains(&"PASS log_set_buf_refused"));
         }
     }
 

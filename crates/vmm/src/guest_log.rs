@@ -538,8 +538,8 @@ mod tests {
         );
         assert_eq!(g.status().buffer, None);
         // Holes (thinvisor's block in the pass-through layout) too.
-        let holes = std::boxed::Box::leak(std::boxed::Box::new([0x8000u64..0x9000]));
-        let holed = IsolatedMemory::with_holes(std::vec![0u8; RAM].leak(), &holes[..]);
+        let holes = std::vec![0x8000u64..0x9000].leak();
+        let holed = IsolatedMemory::with_holes(std::vec![0u8; RAM].leak(), holes);
         assert_eq!(
             g.register(&holed, 0x7F00, 0x200),
             Err(Refusal::NotRam(GuestPhysAddr::new(0x8000)))
