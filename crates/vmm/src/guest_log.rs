@@ -707,6 +707,53 @@ mod tests {
         assert_eq!(got.len() as u64, s.written);
     }
 
+    #[test]
+    fn registrations_racing_with_the_log_keep_the_counter_right() {
+        // One thread logs lines in pieces; another registers the buffer
+        // again and again (resetting it), reads a little, and unregisters
+        // at the end. Every time, the counter must be what the VMM
+        // published since the registration minus what was read.
+        let m = memory();
+        let size = 4 + 300;
+        let g = spin::Mutex::new(GuestLogBuffer::new());
+        let done = core::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut i = 0u64;
+                while !done.load(core::sync::atomic::Ordering::Acquire) {
+                    let line = std::format!("line {i} {}\n", "w".repeat((i % 90) as usize));
+                    let (a, b) = line.as_bytes().split_at(line.len() / 3);
+                    g.lock().write(m, a);
+                    g.lock().write(m, b);
+                    i += 1;
+                }
+            });
+            for round in 0..2000u64 {
+                let mut r = Reader::new(BUF, size);
+                {
+                    let mut g = g.lock();
+                    g.register(m, BUF, size).unwrap();
+                    assert_eq!(r.counter(m), 0);
+                }
+                r.consume(m, round % 200);
+                let g = g.lock();
+                assert_eq!(
+                    u64::from(r.counter(m)),
+                    g.status().written - r.got.len() as u64
+                );
+                // Whatever was read starts at a line's beginning.
+                assert!(
+                    r.got.is_empty()
+                        || r.got.starts_with(b"line ")
+                        || r.got.starts_with(DROP_PREFIX.as_bytes())
+                );
+            }
+            g.lock().unregister();
+            done.store(true, core::sync::atomic::Ordering::Release);
+        });
+        assert_eq!(g.lock().status().buffer, None);
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
