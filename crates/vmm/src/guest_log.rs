@@ -54,6 +54,9 @@ pub const MAX_SIZE: u64 = 16 << 20;
 /// Bytes of the longest drop line (a 20-digit count).
 pub const DROP_LINE_MAX: usize = DROP_PREFIX.len() + 20 + DROP_SUFFIX.len();
 
+// The longest drop line fits the smallest ring.
+const _: () = assert!(DROP_LINE_MAX as u64 <= MIN_SIZE - COUNTER_LEN);
+
 const DROP_PREFIX: &str = "thinvisor: log_set_buf: ";
 const DROP_SUFFIX: &str = " bytes dropped while the reader was behind\n";
 
@@ -243,13 +246,14 @@ impl GuestLogBuffer {
     }
 
     /// One line for the debug shell's `stat`, e.g. `log_set_buf: 0x1000
-    /// (4100 bytes): 123 bytes written, 0 dropped (0 not yet reported)` or
-    /// `log_set_buf: no buffer (...)`.
+    /// (4100 bytes): 123 bytes written, 0 dropped (0 not yet reported), 0
+    /// drop lines`, or `log_set_buf: no buffer; the last one had ...`
+    /// (all 0 before the first registration).
     pub fn stat_line(&self, out: &mut crate::dbgsh::Line) {
         let s = self.status();
         let _ = match s.buffer {
             Some(b) => write!(out, "log_set_buf: {:#x} ({} bytes):", b.gpa, b.size),
-            None => write!(out, "log_set_buf: no buffer; last:"),
+            None => write!(out, "log_set_buf: no buffer; the last one had"),
         };
         let _ = write!(
             out,
