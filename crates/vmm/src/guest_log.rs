@@ -245,19 +245,20 @@ impl GuestLogBuffer {
         }
     }
 
-    /// One line for the debug shell's `stat`, e.g. `log_set_buf: 0x1000
-    /// (4100 bytes): 123 bytes written, 0 dropped (0 not yet reported), 0
-    /// drop lines`, or `log_set_buf: no buffer; the last one had ...`
-    /// (all 0 before the first registration).
+    /// One line for the debug shell's `stat`, e.g. `log_set_buf: 0x1000,
+    /// 4100 bytes: written 123, dropped 0 (unreported 0), drop lines 0`,
+    /// or `log_set_buf: none; the last buffer had written ...` (all 0
+    /// before the first registration). Byte counts since the buffer's
+    /// registration; realistic values fit the shell's 128-byte line.
     pub fn stat_line(&self, out: &mut crate::dbgsh::Line) {
         let s = self.status();
         let _ = match s.buffer {
-            Some(b) => write!(out, "log_set_buf: {:#x} ({} bytes):", b.gpa, b.size),
-            None => write!(out, "log_set_buf: no buffer; the last one had"),
+            Some(b) => write!(out, "log_set_buf: {:#x}, {} bytes:", b.gpa, b.size),
+            None => write!(out, "log_set_buf: none; the last buffer had"),
         };
         let _ = write!(
             out,
-            " {} bytes written, {} dropped ({} not yet reported), {} drop lines",
+            " written {}, dropped {} (unreported {}), drop lines {}",
             s.written, s.dropped, s.unreported, s.drop_lines
         );
     }
@@ -656,7 +657,7 @@ mod tests {
         assert_eq!(
             stat.as_bytes(),
             std::format!(
-                "log_set_buf: {BUF:#x} ({size} bytes): {} bytes written, 461 dropped (301 not yet reported), 1 drop lines",
+                "log_set_buf: {BUF:#x}, {size} bytes: written {}, dropped 461 (unreported 301), drop lines 1",
                 200 + 40 + drop_text(160).len()
             )
             .as_bytes()
