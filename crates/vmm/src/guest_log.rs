@@ -580,6 +580,12 @@ mod tests {
         assert_eq!(r.got, b"one\n");
         assert_eq!(g.status().buffer, None);
         assert_eq!(g.status().written, 4);
+        let mut stat = crate::dbgsh::Line::new();
+        g.stat_line(&mut stat);
+        assert_eq!(
+            stat.as_bytes(),
+            b"log_set_buf: none; the last buffer had written 4, dropped 0 (unreported 0), drop lines 0"
+        );
     }
 
     #[test]
