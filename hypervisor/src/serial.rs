@@ -77,12 +77,22 @@ impl Write for Console {
 /// The log kept in memory from boot on, for `log_read`.
 pub static LOG: VmmLog = spin::Mutex::new(LogRing::new());
 
-/// Writes to the console and to [`LOG`].
+/// Writes to the console, to [`LOG`] and to the guest's `log_set_buf`
+/// buffer, if one is registered.
+///
+/// Lock order: the caller holds [`CONSOLE_LOCK`]; [`LOG`]'s lock is
+/// released before the guest buffer's lock is taken, and neither path
+/// logs (the guest buffer's writer reaches guest memory only through
+/// `GuestPhysMemory`, whose accesses fail instead of faulting).
 struct Tee;
 
 impl Write for Tee {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         LOG.lock().push(s.as_bytes());
+        // Before the VM and its memory exist nothing can be registered.
+        if let (Some(vm), Some(memory)) = (crate::VM.get(), crate::shared_guest_memory()) {
+            vm.services.guest_log.lock().write(memory, s.as_bytes());
+        }
         Console.write_str(s)
     }
 }

@@ -240,24 +240,29 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS log_read_pae",
     "PASS log_read_4level",
     "PASS log_read_refused",
+    "PASS log_set_buf_refused",
+    "PASS log_set_buf_cpl3_ignored",
+    "PASS log_set_buf_dropped",
+    "PASS log_set_buf_stream",
     "PASS cross_vendor_call",
     "PASS hostile_calls",
     "PASS smi_storm",
     "PASS cr0_writes",
     "PASS xsetbv",
     "PASS cr_writes_gp",
-    "SUMMARY: 26 passed, 0 failed",
+    "SUMMARY: 30 passed, 0 failed",
 ];
 /// The test guest's `passthrough` mode (`test-guests/checks/src/passthrough.rs`).
 const PASSTHROUGH_GUEST: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf passthrough")];
 /// Its run passed.
 const PASSTHROUGH_PASSED: &[&str] = &[
     "PASS mmap_hides_thinvisor",
+    "PASS log_set_buf_refused",
     "PASS hidden_reads_filler",
     "PASS timer_wakes_hlt",
     "PASS aps_start",
     "PASS hidden_writes_dropped",
-    "SUMMARY: 5 passed, 0 failed",
+    "SUMMARY: 6 passed, 0 failed",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -314,14 +319,25 @@ const CHAIN_BOOTSECTOR: &[&str] = &[
 ];
 
 const CHECKS: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf checks")];
+/// The same with the full 1 MiB `log_set_buf_stream` (every byte of it also
+/// goes to COM1 and port 0xE9, which costs QEMU about 5 s and Bochs about
+/// 10 s; the other checks runs stream the default 128 KiB): one case per
+/// vendor, whose expectations include [`FULL_STREAM`].
+const CHECKS_FULL_STREAM: &[(Image, &str)] =
+    &[(Image::TestGuest, "test-guest.elf checks stream_kib=1024")];
+/// The full stream ran (the guest's note names its goal).
+const FULL_STREAM: &[&str] = &["NOTE log_set_buf_stream: goal 1048576 bytes, "];
+/// A `checks` run that passed with the full stream.
+const CHECKS_PASSED_FULL_STREAM: [&str; CHECKS_PASSED.len() + FULL_STREAM.len()] =
+    concat(CHECKS_PASSED, FULL_STREAM);
 const NPF: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf npf")];
 
 pub const CASES: &[Case] = &[
     Case {
         name: "qemu-checks",
-        modules: CHECKS,
+        modules: CHECKS_FULL_STREAM,
         exit: Some(exit_code::GUEST_PASSED),
-        must_contain: CHECKS_PASSED,
+        must_contain: &CHECKS_PASSED_FULL_STREAM,
         must_not_contain: NO_FAIL,
         ..QEMU
     },
@@ -386,7 +402,7 @@ pub const CASES: &[Case] = &[
             "guest RAM: 1024 MiB",
             "1 GiB pages yes",
             "PASS cross_vendor_call",
-            "SUMMARY: 26 passed, 0 failed",
+            "SUMMARY: 30 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 3072,
@@ -402,7 +418,7 @@ pub const CASES: &[Case] = &[
         must_contain: &[
             "direct map: 8 GiB",
             "guest RAM: 3072 MiB at host-physical 0x100000000",
-            "SUMMARY: 26 passed, 0 failed",
+            "SUMMARY: 30 passed, 0 failed",
         ],
         must_not_contain: NO_FAIL,
         mem_mb: 7168,
@@ -505,8 +521,8 @@ pub const CASES: &[Case] = &[
     Case {
         name: "bochs-skylake-x-checks",
         emulator: SKYLAKE_X,
-        modules: CHECKS,
-        must_contain: CHECKS_PASSED,
+        modules: CHECKS_FULL_STREAM,
+        must_contain: &CHECKS_PASSED_FULL_STREAM,
         must_not_contain: NO_FAIL,
         ..QEMU
     },
@@ -1077,7 +1093,8 @@ mod tests {
         for case in cases {
             assert!(case.smp >= 2 && case.hv_args.contains("layout=passthrough"));
             assert_eq!(case.modules, PASSTHROUGH_GUEST);
-            assert!(case.must_contain.contains(&"SUMMARY: 5 passed, 0 failed"));
+            assert!(case.must_contain.contains(&"SUMMARY: 6 passed, 0 failed"));
+            assert!(case.must_contain.contains(&"PASS log_set_buf_refused"));
         }
     }
 

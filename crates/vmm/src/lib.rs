@@ -14,6 +14,7 @@ pub mod dbgsh;
 pub mod emulate;
 pub mod events;
 pub mod exit;
+pub mod guest_log;
 pub mod initial;
 pub mod iomap;
 pub mod log_ring;

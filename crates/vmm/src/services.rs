@@ -1,6 +1,7 @@
 //! The services behind the standard VMM calls (docs/vmm-call.md, Functions).
 
 use crate::dbgsh::{Caller, Dbgsh, NoInfo, ShellEnv, ShellInfo, NEVER};
+use crate::guest_log::{GuestLog, GuestLogBuffer};
 use crate::log_ring::LogRing;
 use crate::vcpu::Gpr;
 use crate::vmmcall::{CallContext, CallOutcome, Registry};
@@ -18,9 +19,10 @@ pub type VmmLog = Mutex<LogRing<LOG_RING_SIZE>>;
 
 /// State shared by the services of one VMM.
 pub struct Services {
-    /// Guest-physical address and size of the buffer `log_set_buf`
-    /// registered (None = none).
-    pub log_buf: Mutex<Option<(u64, u64)>>,
+    /// The buffer `log_set_buf` registered, its write position and drop
+    /// accounting. The hypervisor's logging path writes every log line
+    /// into it (`GuestLogBuffer::write`) with the VM's guest memory.
+    pub guest_log: GuestLog,
     /// The log `log_read` reads.
     pub log: &'static VmmLog,
     /// The debug shell: one session, shared by every caller.
@@ -39,7 +41,7 @@ fn no_clock() -> u64 {
 impl Services {
     pub fn new(log: &'static VmmLog) -> Self {
         Self {
-            log_buf: Mutex::new(None),
+            guest_log: Mutex::new(GuestLogBuffer::new()),
             log,
             dbgsh: Mutex::new(Dbgsh::new(true, NEVER)),
             shell_info: &NoInfo,
@@ -81,10 +83,10 @@ pub fn register_all(registry: &mut Registry) {
 /// dbgsh: RBX = the client's answer (-1 = none), RAX = the shell's
 /// pending value (crate::dbgsh). The client is the caller's address space
 /// (CR3 without the PCID and cache-control bits). Every register but RAX
-/// is kept. The
-/// shell's lock is held for the call; it takes the log's lock (`log`) and
-/// reads guest memory (`mem`) under it, and nothing takes them the other
-/// way round.
+/// is kept. The shell's lock is held for the call; it takes the log's
+/// lock (`log`), the log_set_buf buffer's (`stat`, and logging a session's
+/// start) and reads guest memory (`mem`) under it, and nothing takes them
+/// the other way round.
 fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
     let answer = ctx.vcpu.gpr(Gpr::Rbx);
     // Outside 64-bit mode RBX is 32 bits: -1 is 0xFFFF_FFFF there.
@@ -97,28 +99,62 @@ fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
         client: ctx.vcpu.cr3() & !0xFFF,
         now: (ctx.services.clock)(),
     };
+    let guest_log = &ctx.services.guest_log;
+    let log_buffer_line = |out: &mut crate::dbgsh::Line| guest_log.lock().stat_line(out);
     let env = ShellEnv {
         log: ctx.services.log,
         memory: ctx.vcpu.memory(),
         info: ctx.services.shell_info,
         registry: ctx.registry,
-        extra_stat: None,
+        extra_stat: Some(&log_buffer_line),
     };
     let rax = ctx.services.dbgsh.lock().call(answer, caller, &env);
     ctx.vcpu.set_gpr(Gpr::Rax, rax);
     CallOutcome::Return
 }
 
-/// log_set_buf: CPL 0 only (ignored otherwise); RBX = guest-physical
-/// address (0 unregisters), RCX = size. Recorded; the log does not write
-/// to it yet.
+/// What `log_set_buf` returns when it refuses a buffer (all ones; the
+/// registration stays as it was).
+pub const LOG_SET_BUF_REFUSED: u64 = u64::MAX;
+
+/// log_set_buf: CPL 0 only (ignored otherwise: no register changes, no
+/// log line); RBX = guest-physical address of the buffer (0 unregisters),
+/// RCX = its size (32-bit registers outside 64-bit mode). RAX = 0 when the
+/// buffer is registered (its counter set to 0) or unregistered,
+/// [`LOG_SET_BUF_REFUSED`] when it is refused (crate::guest_log::Refusal).
+/// Every call at CPL 0 logs one info line saying what happened; it is
+/// logged after the lock is released (logging takes it), so a newly
+/// registered buffer receives it as its first line.
 fn log_set_buf_call(ctx: &mut CallContext<'_>) -> CallOutcome {
-    if ctx.vcpu.mode().cpl != 0 {
+    let mode = ctx.vcpu.mode();
+    if mode.cpl != 0 {
         return CallOutcome::Return;
     }
-    let address = ctx.vcpu.gpr(Gpr::Rbx);
-    let size = ctx.vcpu.gpr(Gpr::Rcx);
-    *ctx.services.log_buf.lock() = (address != 0).then_some((address, size));
+    let width = if mode.long64 { u64::MAX } else { 0xFFFF_FFFF };
+    let address = ctx.vcpu.gpr(Gpr::Rbx) & width;
+    let size = ctx.vcpu.gpr(Gpr::Rcx) & width;
+    if address == 0 {
+        ctx.services.guest_log.lock().unregister();
+        ctx.vcpu.set_gpr(Gpr::Rax, 0);
+        log::info!("log_set_buf: unregistered");
+        return CallOutcome::Return;
+    }
+    let memory = ctx.vcpu.memory();
+    let result = ctx
+        .services
+        .guest_log
+        .lock()
+        .register(memory, address, size);
+    match result {
+        Ok(()) => {
+            ctx.vcpu.set_gpr(Gpr::Rax, 0);
+            log::info!("log_set_buf: registered {address:#x}, {size} bytes");
+        }
+        Err(why) => {
+            ctx.vcpu.set_gpr(Gpr::Rax, LOG_SET_BUF_REFUSED);
+            log::info!("log_set_buf: refused {address:#x}, {size} bytes: {why}");
+        }
+    }
     CallOutcome::Return
 }
 

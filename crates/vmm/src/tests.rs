@@ -4,8 +4,9 @@ extern crate std;
 use std::vec;
 
 use crate::cpuid::{CpuidPolicy, CpuidResult};
+use crate::guest_log::{Registered, MAX_SIZE, MIN_SIZE};
 use crate::log_ring::LogRing;
-use crate::services::{VmmLog, LOG_READ_REFUSED};
+use crate::services::{VmmLog, LOG_READ_REFUSED, LOG_SET_BUF_REFUSED};
 use crate::vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 use crate::vmmcall::{FAULTS_UNRESOLVED, MAX_FAULTS_PER_PAGE};
 use crate::{handle_exit, Action, StopReason, Vm, Vmm};
@@ -247,13 +248,101 @@ fn log_set_buf_is_cpl0_only() {
     let mut vcpu = FakeVcpu::new();
     vcpu.set_gpr(Gpr::Rcx, 4096);
     vcpu.mode.cpl = 3;
+    vcpu.set_gpr(Gpr::Rbx, 0x5000);
+    let before = vcpu.regs;
     call(&mut vmm, &mut vcpu, 2, 0x5000);
-    assert_eq!(*vmm.vm.services.log_buf.lock(), None);
+    assert_eq!(vcpu.regs[1..], before[1..]);
+    assert_eq!(vcpu.gpr(Gpr::Rax), 2, "RAX changed at CPL 3");
+    assert_eq!(vmm.vm.services.guest_log.lock().status().buffer, None);
     vcpu.mode.cpl = 0;
-    call(&mut vmm, &mut vcpu, 2, 0x5000);
-    assert_eq!(*vmm.vm.services.log_buf.lock(), Some((0x5000, 4096)));
+    vcpu.put(0x5000, &[0xFF; 4]);
+    assert_eq!(call(&mut vmm, &mut vcpu, 2, 0x5000), 0);
+    assert_eq!(
+        vmm.vm.services.guest_log.lock().status().buffer,
+        Some(Registered {
+            gpa: 0x5000,
+            size: 4096
+        })
+    );
+    // The counter starts at 0.
+    assert_eq!(guest_bytes(&vcpu, 0x5000, 4), [0; 4]);
+    // CPL 3 cannot unregister either.
+    vcpu.mode.cpl = 3;
     call(&mut vmm, &mut vcpu, 2, 0);
-    assert_eq!(*vmm.vm.services.log_buf.lock(), None);
+    assert!(vmm.vm.services.guest_log.lock().status().buffer.is_some());
+    vcpu.mode.cpl = 0;
+    assert_eq!(call(&mut vmm, &mut vcpu, 2, 0), 0);
+    assert_eq!(vmm.vm.services.guest_log.lock().status().buffer, None);
+}
+
+#[test]
+fn log_set_buf_refuses_bad_buffers_and_keeps_the_registration() {
+    let mut vmm = vmm();
+    let vm = vmm.vm;
+    let mut vcpu = FakeVcpu::new();
+    let mut set = |vcpu: &mut FakeVcpu, gpa: u64, size: u64| {
+        vcpu.set_gpr(Gpr::Rcx, size);
+        vcpu.set_gpr(Gpr::Rbx, gpa);
+        let before = vcpu.regs;
+        let rax = call(&mut vmm, vcpu, 2, gpa);
+        assert_eq!(vcpu.regs[1..], before[1..], "log_set_buf({gpa:#x}, {size})");
+        rax
+    };
+    assert_eq!(set(&mut vcpu, 0x5000, 0x1000), 0);
+    for (gpa, size) in [
+        (0x6000, 0),
+        (0x6000, 7),
+        (0x6000, MIN_SIZE - 1),
+        (0x6000, MAX_SIZE + 1),
+        (0x6000, u64::MAX),
+        (0x6002, 0x1000),
+        (0x6001, 0x1000),
+        (RAM as u64 - 0x80, 0x100),
+        (RAM as u64, 0x100),
+        (!3, 0x100),
+    ] {
+        assert_eq!(
+            set(&mut vcpu, gpa, size),
+            LOG_SET_BUF_REFUSED,
+            "{gpa:#x} {size}"
+        );
+    }
+    assert_eq!(
+        vm.services.guest_log.lock().status().buffer,
+        Some(Registered {
+            gpa: 0x5000,
+            size: 0x1000
+        })
+    );
+    // Outside 64-bit mode only the low 32 bits count.
+    vcpu.mode.long64 = false;
+    assert_eq!(set(&mut vcpu, 0xFFFF_FFFF_0000_7000, 0x1_0000_0100), 0);
+    assert_eq!(
+        vm.services.guest_log.lock().status().buffer,
+        Some(Registered {
+            gpa: 0x7000,
+            size: 0x100
+        })
+    );
+}
+
+#[test]
+fn log_set_buf_buffer_receives_the_log() {
+    let mut vmm = vmm();
+    let mut vcpu = FakeVcpu::new();
+    vcpu.set_gpr(Gpr::Rcx, 0x100);
+    assert_eq!(call(&mut vmm, &mut vcpu, 2, 0x5000), 0);
+    // What the hypervisor's logging path does with every line.
+    vmm.vm
+        .services
+        .guest_log
+        .lock()
+        .write(vcpu.mem, b"thinvisor: [INFO ] hello\n");
+    assert_eq!(guest_bytes(&vcpu, 0x5000, 4), 25u32.to_le_bytes());
+    assert_eq!(
+        guest_bytes(&vcpu, 0x5004, 25),
+        b"thinvisor: [INFO ] hello\n"
+    );
 }
 
 #[test]

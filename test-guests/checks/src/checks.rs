@@ -8,7 +8,7 @@ use crate::entry::{self, LOG32_BUF, LOG32_VA};
 use crate::global;
 use crate::paging::{self, HIGH_2M, HIGH_4K, NON_CANONICAL, OUTSIDE_RAM, UNMAPPED};
 use crate::{demand, demand::WINDOW};
-use crate::{recover, user};
+use crate::{logbuf, recover, user};
 use core::cell::UnsafeCell;
 use core::fmt;
 use thinvisor_abi as abi;
@@ -407,8 +407,8 @@ fn register_preservation(_: &BootInfo) -> CheckResult {
     ensure_preserved(&before, &after, "a dbgsh poll")
 }
 
-/// `log_set_buf_accepted`: unregistering returns normally and keeps the
-/// registers (RAX is unspecified).
+/// `log_set_buf_accepted`: unregistering returns RAX = 0 and keeps the
+/// other registers.
 fn log_set_buf_accepted(_: &BootInfo) -> CheckResult {
     let f = lookup(abi::names::LOG_SET_BUF.as_bytes());
     ensure!(f != 0, "\"log_set_buf\" returned 0");
@@ -416,6 +416,11 @@ fn log_set_buf_accepted(_: &BootInfo) -> CheckResult {
     before.rcx = 0;
     let mut after = before;
     vmm_call(&mut after);
+    ensure!(
+        after.rax == 0,
+        "log_set_buf(0, 0) returned {:#x}, not 0",
+        after.rax
+    );
     ensure_preserved(&before, &after, "log_set_buf(0, 0)")
 }
 
@@ -1499,6 +1504,15 @@ fn hostile_calls(_: &BootInfo) -> CheckResult {
         dbgsh_number()? == own,
         "dbgsh's number changed after the hostile calls"
     );
+    // A random call may have registered part of the scratch memory as the
+    // log buffer: unregister it.
+    let set_buf = lookup(abi::names::LOG_SET_BUF.as_bytes());
+    let mut r = Regs {
+        rax: set_buf,
+        ..Regs::default()
+    };
+    vmm_call(&mut r);
+    ensure!(r.rax == 0, "log_set_buf(0, 0) returned {:#x}", r.rax);
     Ok(())
 }
 
@@ -1544,7 +1558,7 @@ fn many_exits(_: &BootInfo) -> CheckResult {
 }
 
 /// The checks, in report order.
-const CHECKS: [Check; 26] = [
+const CHECKS: [Check; 30] = [
     ("lookup_paging_off", lookup_paging_off),
     ("cpuid_signature", cpuid_signature),
     ("lookup_known", lookup_known),
@@ -1561,6 +1575,10 @@ const CHECKS: [Check; 26] = [
     ("log_read_pae", log_read_pae),
     ("log_read_4level", log_read_4level),
     ("log_read_refused", log_read_refused),
+    ("log_set_buf_refused", |_| logbuf::refused_around_block()),
+    ("log_set_buf_cpl3_ignored", |_| logbuf::cpl3_ignored()),
+    ("log_set_buf_dropped", |_| logbuf::dropped()),
+    ("log_set_buf_stream", |boot| logbuf::stream(boot.cmdline())),
     ("efer_is_guests", efer_is_guests),
     ("syscall_sysret", syscall_sysret),
     ("protected_msr", protected_msr),

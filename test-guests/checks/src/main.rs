@@ -27,6 +27,8 @@ mod global;
 #[cfg(target_os = "none")]
 mod interrupts;
 #[cfg(target_os = "none")]
+mod logbuf;
+#[cfg(target_os = "none")]
 mod modes;
 #[cfg(target_os = "none")]
 mod paging;

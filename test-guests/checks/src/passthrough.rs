@@ -395,13 +395,19 @@ fn hidden_writes_dropped() -> CheckResult {
     Ok(())
 }
 
+/// `log_set_buf_refused`: see `logbuf::refused_around_block`.
+fn log_set_buf_refused() -> CheckResult {
+    crate::logbuf::refused_around_block()
+}
+
 /// One check: its reported name and its body.
 type Check = (&'static str, fn() -> CheckResult);
 
 /// The checks, in report order; the writes last (see
 /// `hidden_writes_dropped`).
-const CHECKS: [Check; 5] = [
+const CHECKS: [Check; 6] = [
     ("mmap_hides_thinvisor", mmap_hides_thinvisor),
+    ("log_set_buf_refused", log_set_buf_refused),
     ("hidden_reads_filler", hidden_reads_filler),
     ("timer_wakes_hlt", timer::timer_wakes_hlt),
     ("aps_start", smp::aps_start),
