@@ -764,6 +764,7 @@ const LINUX_UNDER_THINVISOR: &[&str] = &[
     "thinvisor-init: vmmcall ok",
     "thinvisor-init: taskset -c 1 runs on CPU 1",
     "thinvisor-init: dbgsh-cpu1 ok",
+    "thinvisor-init: dbgsh-busy ok",
     linux::DONE,
     // Both processors ran the guest under thinvisor (each has an exit
     // table), the power-off was seen, thinvisor's memory was untouched.
@@ -1048,6 +1049,7 @@ mod tests {
         "thinvisor-init: vmmcall ok\r\n",
         "thinvisor-init: taskset -c 1 runs on CPU 1\r\n",
         "thinvisor-init: dbgsh-cpu1 ok\r\n",
+        "thinvisor-init: dbgsh-busy ok (the second client waited)\r\n",
         "thinvisor-init: done\r\n",
         "thinvisor: [INFO ] the guest enters an ACPI sleep state (powers off) (port 0x604, value 0x2001)\r\n",
         "thinvisor: [INFO ] VM exits on CPU 0: 19480 in all\r\n",

@@ -413,6 +413,29 @@ if grep -q '^probe: lookup' /tmp/probe; then
         show dbgsh-cpu1 /tmp/dbgsh1
         failed dbgsh-cpu1 "status $st"
     fi
+
+    # Two clients at once: the first (on CPU 0) holds the shell while its
+    # input is 2 s late; the second (on CPU 1) waits, then gets a session
+    # of its own. Neither sees the other's bytes.
+    (sleep 2; printf 'log 1\nexit\n') | timeout 60 taskset -c 0 dbgsh > /tmp/dbgsh-a 2>&1 &
+    first=$!
+    usleep 500000
+    printf 'exit\n' | timeout 60 taskset -c 1 dbgsh > /tmp/dbgsh-b 2> /tmp/dbgsh-b.err
+    st_b=$?
+    wait $first
+    st_a=$?
+    if [ $st_a = 0 ] && [ $st_b = 0 ] \
+        && grep -q '^dbgsh> log 1$' /tmp/dbgsh-a && grep -q '^dbgsh> exit$' /tmp/dbgsh-a \
+        && grep -q 'another client has the shell' /tmp/dbgsh-b.err \
+        && [ "$(grep -c '^dbgsh> ' /tmp/dbgsh-b)" = 1 ] && grep -q '^dbgsh> exit$' /tmp/dbgsh-b \
+        && ! grep -q 'log 1' /tmp/dbgsh-b; then
+        ok dbgsh-busy "the second client waited"
+    else
+        show dbgsh-a /tmp/dbgsh-a
+        show dbgsh-b /tmp/dbgsh-b
+        show dbgsh-b-stderr /tmp/dbgsh-b.err
+        failed dbgsh-busy "status $st_a and $st_b"
+    fi
 else
     # No thinvisor: every tool says so at once, with status 2.
     for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example; do
