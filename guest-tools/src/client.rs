@@ -49,8 +49,8 @@ pub enum Ended {
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     /// Consecutive "nothing pending" answers polled back to back before
-    /// the client sleeps between polls (the first session of the shell
-    /// shows after 4096 polls; a busy shell may stay busy for long).
+    /// the client sleeps between polls (a shell another client holds may
+    /// stay busy for long).
     pub spin_polls: u64,
     /// The sleep between polls after that.
     pub poll_sleep: Duration,
