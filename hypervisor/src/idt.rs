@@ -1,5 +1,6 @@
 //! CPU exceptions in the hypervisor: report and stop, never hang or
-//! triple-fault silently. NMIs are the exception: thinvisor does not
+//! triple-fault silently. The one recovered exception is a #GP from the
+//! RDMSR/WRMSR thinvisor does with a guest's value (msr.rs). NMIs are the exception: thinvisor does not
 //! intercept them, so one that arrives while thinvisor runs belongs to the
 //! guest; the handler counts it in the processor's area and the exit path
 //! injects it before the next entry. NMIs, double faults and machine checks
@@ -57,11 +58,35 @@ global_asm!(
     "exc_stub 0, 0", "exc_stub 1, 0", "exc_stub 2, 0", "exc_stub 3, 0",
     "exc_stub 4, 0", "exc_stub 5, 0", "exc_stub 6, 0", "exc_stub 7, 0",
     "exc_stub 8, 1", "exc_stub 9, 0", "exc_stub 10, 1", "exc_stub 11, 1",
-    "exc_stub 12, 1", "exc_stub 13, 1", "exc_stub 14, 1", "exc_stub 15, 0",
+    "exc_stub 12, 1", "exc_stub 14, 1", "exc_stub 15, 0",
     "exc_stub 16, 0", "exc_stub 17, 1", "exc_stub 18, 0", "exc_stub 19, 0",
     "exc_stub 20, 0", "exc_stub 21, 1", "exc_stub 22, 0", "exc_stub 23, 0",
     "exc_stub 24, 0", "exc_stub 25, 0", "exc_stub 26, 0", "exc_stub 27, 0",
     "exc_stub 28, 0", "exc_stub 29, 1", "exc_stub 30, 1", "exc_stub 31, 0",
+    // #GP: at one of msr.rs's two guest-chosen RDMSR/WRMSRs, resume at
+    // its failure exit (the error code popped); anywhere else, report.
+    // The frame: [rsp] error code, [rsp + 8] RIP.
+    "gp_stub:",
+    "push rax",
+    "lea rax, [rip + thinvisor_rdmsr_insn]",
+    "cmp rax, [rsp + 16]",
+    "je 2f",
+    "lea rax, [rip + thinvisor_wrmsr_insn]",
+    "cmp rax, [rsp + 16]",
+    "je 3f",
+    "pop rax",
+    "push 13",
+    "jmp exc_common",
+    "2:",
+    "lea rax, [rip + thinvisor_rdmsr_failed]",
+    "jmp 4f",
+    "3:",
+    "lea rax, [rip + thinvisor_wrmsr_failed]",
+    "4:",
+    "mov [rsp + 16], rax",
+    "pop rax",
+    "add rsp, 8",
+    "iretq",
     // NMI: count it for the guest and return (no register is touched).
     "nmi_stub:",
     "lock inc dword ptr gs:[{nmi_pending}]",
@@ -78,7 +103,7 @@ global_asm!(
     ".global thinvisor_exception_stubs",
     "thinvisor_exception_stubs:",
     ".quad exc_stub_0, exc_stub_1, nmi_stub, exc_stub_3, exc_stub_4, exc_stub_5, exc_stub_6, exc_stub_7",
-    ".quad exc_stub_8, exc_stub_9, exc_stub_10, exc_stub_11, exc_stub_12, exc_stub_13, exc_stub_14, exc_stub_15",
+    ".quad exc_stub_8, exc_stub_9, exc_stub_10, exc_stub_11, exc_stub_12, gp_stub, exc_stub_14, exc_stub_15",
     ".quad exc_stub_16, exc_stub_17, exc_stub_18, exc_stub_19, exc_stub_20, exc_stub_21, exc_stub_22, exc_stub_23",
     ".quad exc_stub_24, exc_stub_25, exc_stub_26, exc_stub_27, exc_stub_28, exc_stub_29, exc_stub_30, exc_stub_31",
     ".section .text",

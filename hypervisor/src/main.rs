@@ -17,6 +17,7 @@ mod chain;
 mod entry;
 mod idt;
 mod mem;
+mod msr;
 mod passthrough;
 mod percpu;
 mod platform;
@@ -121,6 +122,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             vm.nested_faults = Some(&passthrough::PassthroughFaults);
         }
         vm.platform = Some(&platform::Machine);
+        vm.reserved = Some((reserved.start, reserved.end));
         vm
     });
     for (number, name) in vm.registry.iter() {

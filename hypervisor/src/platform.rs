@@ -146,6 +146,25 @@ impl Platform for Machine {
         crate::apic::x2apic_icr_write(value);
     }
 
+    fn msr_read(&self, msr: u32) -> Option<u64> {
+        crate::msr::read(msr)
+    }
+
+    fn msr_write(&self, msr: u32, value: u64) -> bool {
+        // SAFETY: only guarded MSRs come here (the APIC base and the
+        // MTRRs), with values `thinvisor_vmm::guard` let through.
+        unsafe { crate::msr::write(msr, value) }
+    }
+
+    fn max_phys_addr(&self) -> u8 {
+        let leaf = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+        if leaf >= 0x8000_0008 {
+            core::arch::x86_64::__cpuid(0x8000_0008).eax as u8
+        } else {
+            36
+        }
+    }
+
     fn io_read(&self, port: u16, size: u8) -> u32 {
         // SAFETY: a port the guest owns, read as the guest asked.
         unsafe {

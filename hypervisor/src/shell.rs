@@ -88,13 +88,40 @@ pub fn set_reserved(start: u64, end: u64, in_guest_space: bool) {
     RESERVED_VISIBLE.store(u64::from(in_guest_space), Ordering::Release);
 }
 
-/// Measure the TSC against the PIT (10 ms) for the shell's clock. Boot
+/// The TSC's frequency for the shell's clock: what CPUID says (leaf 0x15,
+/// the TSC/crystal ratio times the crystal, or leaf 0x16's base
+/// frequency; SDM vol. 2A, CPUID), which is also what the OS goes by, or
+/// else measured against the PIT (10 ms). Emulators show why the OS's
+/// value comes first: Bochs' TSC runs at its instructions-per-second
+/// setting against its PIT while its CPUID (and so Linux) says 3.5 GHz,
+/// and a guest's "half a second" would be hundreds of PIT seconds. Boot
 /// processor only, before the guest runs (the PIT is still thinvisor's).
 pub fn calibrate_clock() {
-    let t0 = rdtsc();
-    crate::smp::delay_us(10_000);
-    let ticks = rdtsc().wrapping_sub(t0);
-    TSC_HZ.store(ticks.saturating_mul(100), Ordering::Relaxed);
+    use core::arch::x86_64::__cpuid;
+    let max_leaf = __cpuid(0).eax;
+    let from_cpuid = if max_leaf >= 0x15 {
+        let l = __cpuid(0x15);
+        (l.eax != 0 && l.ecx != 0)
+            .then(|| u64::from(l.ecx) * u64::from(l.ebx) / u64::from(l.eax))
+            .filter(|&hz| hz != 0)
+    } else {
+        None
+    }
+    .or_else(|| {
+        (max_leaf >= 0x16)
+            .then(|| u64::from(__cpuid(0x16).eax & 0xFFFF) * 1_000_000)
+            .filter(|&hz| hz != 0)
+    });
+    let (hz, source) = match from_cpuid {
+        Some(hz) => (hz, "CPUID"),
+        None => {
+            let t0 = rdtsc();
+            crate::smp::delay_us(10_000);
+            (rdtsc().wrapping_sub(t0).saturating_mul(100), "the PIT")
+        }
+    };
+    TSC_HZ.store(hz, Ordering::Relaxed);
+    log::debug!("TSC: {} MHz ({source})", hz / 1_000_000);
 }
 
 /// The shell's clock: the time-stamp counter.

@@ -686,10 +686,14 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             }
             EXIT_UD => Exit::InvalidOpcode,
             // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
-            exit_code::MSR => Exit::Msr {
-                msr: self.regs.rcx as u32,
-                write: c.exit_info1 & 1 != 0,
-            },
+            exit_code::MSR => {
+                // Without NRIPS the step over RDMSR/WRMSR is their length.
+                self.exit_insn_len = MSR_INSN_LEN;
+                Exit::Msr {
+                    msr: self.regs.rcx as u32,
+                    write: c.exit_info1 & 1 != 0,
+                }
+            }
             exit_code::SHUTDOWN => Exit::Shutdown,
             exit_code::NPF => Exit::NestedPageFault(NestedFault {
                 gpa: GuestPhysAddr::new(c.exit_info2),

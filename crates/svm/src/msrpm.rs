@@ -60,6 +60,11 @@ pub fn init(map: &mut [u8; MSRPM_SIZE]) {
     intercept(map, crate::efer::MSR_EFER, true, true);
     // The x2APIC ICR: thinvisor starts the processors it holds.
     intercept(map, thinvisor_vmm::apic::X2APIC_ICR_MSR, false, true);
+    // The APIC base and the MTRRs: their writes are checked
+    // (thinvisor_vmm::guard).
+    for msr in thinvisor_vmm::guard::GUARDED_MSRS {
+        intercept(map, msr, false, true);
+    }
 }
 
 #[cfg(test)]
@@ -88,7 +93,6 @@ mod tests {
         }
         for msr in [
             0x10,
-            0x1B,
             0x277,
             0xC000_0081,
             0xC000_0100,
@@ -104,6 +108,14 @@ mod tests {
         // The x2APIC ICR: writes only.
         assert!(is_intercepted(&map, 0x830, true));
         assert!(!is_intercepted(&map, 0x830, false));
-        assert_eq!(map.iter().map(|b| b.count_ones()).sum::<u32>(), 13);
+        // The guarded MSRs (APIC base, MTRRs): writes only.
+        for msr in thinvisor_vmm::guard::GUARDED_MSRS {
+            assert!(is_intercepted(&map, msr, true), "{msr:#x}");
+            assert!(!is_intercepted(&map, msr, false), "{msr:#x}");
+        }
+        assert_eq!(
+            map.iter().map(|b| b.count_ones()).sum::<u32>(),
+            13 + thinvisor_vmm::guard::GUARDED_MSRS.len() as u32
+        );
     }
 }

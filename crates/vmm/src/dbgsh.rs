@@ -282,7 +282,13 @@ impl Dbgsh {
                 self.claim(caller);
                 return self.poll(env);
             }
-            None => self.claim(caller),
+            None => {
+                // The caller's answer was to a value of another session
+                // (a waiting client's last one): the new session starts
+                // with its first byte unanswered.
+                self.claim(caller);
+                return self.poll(env);
+            }
         }
         if answer != NOTHING && self.pending != NOTHING {
             self.answer(answer);
@@ -1272,6 +1278,28 @@ dbgsh> exit
         );
         assert!(b.contains("dbgsh> log 1\n"), "{b:?}");
         assert!(!b.contains("dbgsh> help"), "{b:?}");
+    }
+
+    #[test]
+    fn a_waiting_clients_stale_answer_is_not_applied() {
+        let env = Env::new();
+        let mut sh = Dbgsh::new(true, NEVER);
+        let other = Caller {
+            client: OTHER,
+            now: 0,
+        };
+        let (_, ended) = client(&mut sh, &env.shell(), &typed("exit\n"));
+        assert!(ended);
+        // The first client's last call (ACK to the end) left the next
+        // session's first byte pending and nobody owning it. The other
+        // client, which was answering a byte of its own when it was
+        // told to wait, claims it with that answer: the byte stays.
+        let first = u64::from(BANNER.as_bytes()[0]);
+        assert_eq!(sh.call(ACK, other, &env.shell()), first);
+        assert_eq!(sh.call(NOTHING, other, &env.shell()), first);
+        let (out, ended) = client_as(&mut sh, &env.shell(), other, &typed("exit\n"));
+        assert!(ended);
+        assert_eq!(out, std::format!("{BANNER}{PROMPT}exit\n").as_bytes());
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Acti
             msr: crate::apic::X2APIC_ICR_MSR,
             write: true,
         } => on_x2apic_icr(vmm, vcpu),
+        Exit::Msr { msr, write: true } if crate::guard::is_guarded(msr) => {
+            on_guarded_msr_write(vmm, vcpu, msr)
+        }
         Exit::Msr { msr, write } => on_protected_msr(vcpu, msr, write),
         Exit::VirtualizationInstruction | Exit::InvalidOpcode => on_invalid_opcode(vcpu),
         Exit::Io {
@@ -126,6 +129,13 @@ pub trait Platform: Sync {
     /// thinvisor watches outside its own: it starts processors), on the
     /// guest's behalf.
     fn x2apic_icr_write(&self, value: u64);
+    /// RDMSR on this processor; None when it raises #GP.
+    fn msr_read(&self, msr: u32) -> Option<u64>;
+    /// WRMSR on this processor, on the guest's behalf, of a value
+    /// [`crate::guard`] let through; false when the processor raises #GP.
+    fn msr_write(&self, msr: u32, value: u64) -> bool;
+    /// MAXPHYADDR (CPUID 0x8000_0008 EAX[7:0]).
+    fn max_phys_addr(&self) -> u8;
 }
 
 /// IN/OUT of an intercepted port: done for the guest through the platform,
@@ -312,6 +322,46 @@ fn on_x2apic_icr<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V) -> Action {
         None => return on_protected_msr(vcpu, crate::apic::X2APIC_ICR_MSR, true),
     }
     vcpu.skip_instruction();
+    Action::Resume
+}
+
+/// A write of an MSR that decides how the processor reaches physical
+/// memory, thinvisor's included (crate::guard): done for the guest unless
+/// it would put the APIC window over thinvisor's block or change the
+/// block's memory type; then #GP(0), as for a value the processor does
+/// not support. Refusals are logged, the first few and then at powers of
+/// two (a guest must not be able to flood the log).
+fn on_guarded_msr_write<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, msr: u32) -> Action {
+    use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    let value = (vcpu.gpr(Gpr::Rdx) << 32) | (vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF);
+    let Some(p) = vmm.vm.platform else {
+        return on_protected_msr(vcpu, msr, true);
+    };
+    if let Some(reserved) = vmm.vm.reserved {
+        let checked = crate::guard::check_write(
+            msr,
+            value,
+            reserved,
+            &mut |m| p.msr_read(m),
+            p.max_phys_addr(),
+        );
+        if let Err(why) = checked {
+            let n = REFUSED.fetch_add(1, Relaxed) + 1;
+            if n <= 8 || n.is_power_of_two() {
+                log::warn!(
+                    "guest WRMSR {msr:#x} = {value:#x} refused with #GP ({n} so far): {why}"
+                );
+            }
+            vcpu.inject(Event::GP0);
+            return Action::Resume;
+        }
+    }
+    if p.msr_write(msr, value) {
+        vcpu.skip_instruction();
+    } else {
+        vcpu.inject(Event::GP0);
+    }
     Action::Resume
 }
 

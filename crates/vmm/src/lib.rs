@@ -14,6 +14,7 @@ pub mod dbgsh;
 pub mod emulate;
 pub mod events;
 pub mod exit;
+pub mod guard;
 pub mod guest_log;
 pub mod initial;
 pub mod iomap;
@@ -51,6 +52,9 @@ pub struct Vm {
     pub nested_faults: Option<&'static dyn NestedFaults>,
     /// The intercepted ports' side (None: they are stepped over).
     pub platform: Option<&'static dyn Platform>,
+    /// thinvisor's own block [start, end) of host-physical memory, which
+    /// guest MSR writes must leave alone (crate::guard).
+    pub reserved: Option<(u64, u64)>,
 }
 
 impl Vm {
@@ -64,6 +68,7 @@ impl Vm {
             cpuid,
             nested_faults: None,
             platform: None,
+            reserved: None,
         }
     }
 }

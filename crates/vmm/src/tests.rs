@@ -869,3 +869,98 @@ fn dbgsh_session_through_the_call() {
         )
     );
 }
+
+/// A machine whose MSRs are a table: APIC base at 0xFEE00000, MTRRs on
+/// with default WB and one spare variable pair; writes are recorded, and
+/// MSR 0x201 (a mask) raises #GP for a value with bit 63 set.
+struct FakeMsrs {
+    writes: spin::Mutex<std::vec::Vec<(u32, u64)>>,
+}
+
+impl crate::Platform for FakeMsrs {
+    fn io_write(&self, _: u16, _: u8, _: u32) {}
+    fn io_read(&self, _: u16, _: u8) -> u32 {
+        0
+    }
+    fn x2apic_icr_write(&self, _: u64) {}
+    fn msr_read(&self, msr: u32) -> Option<u64> {
+        let written = self
+            .writes
+            .lock()
+            .iter()
+            .rev()
+            .find(|w| w.0 == msr)
+            .map(|w| w.1);
+        if written.is_some() {
+            return written;
+        }
+        match msr {
+            0x1B => Some(0xFEE0_0900),
+            0xFE => Some(1),
+            0x2FF => Some((1 << 11) | 6),
+            0x200 | 0x201 => Some(0),
+            _ => None,
+        }
+    }
+    fn msr_write(&self, msr: u32, value: u64) -> bool {
+        if msr == 0x201 && value >> 63 != 0 {
+            return false;
+        }
+        self.writes.lock().push((msr, value));
+        true
+    }
+    fn max_phys_addr(&self) -> u8 {
+        36
+    }
+}
+
+/// Guarded MSR writes: done for the guest when they leave thinvisor's
+/// block alone, #GP when they would not, and #GP when the processor
+/// refuses the value itself.
+#[test]
+fn guarded_msr_writes() {
+    let platform: &'static FakeMsrs = std::boxed::Box::leak(std::boxed::Box::new(FakeMsrs {
+        writes: spin::Mutex::new(std::vec::Vec::new()),
+    }));
+    let mut vm = Vm::new(CpuidPolicy::new(fake_cpuid), new_log());
+    vm.platform = Some(platform);
+    vm.reserved = Some((0x1FC0_0000, 0x2000_0000));
+    let vm: &'static Vm = std::boxed::Box::leak(std::boxed::Box::new(vm));
+    let mut vmm = Vmm::new(vm);
+    let mut vcpu = FakeVcpu::new();
+    let mut wrmsr = |vcpu: &mut FakeVcpu, msr: u32, value: u64| {
+        vcpu.injected = None;
+        vcpu.set_gpr(Gpr::Rax, value & 0xFFFF_FFFF);
+        vcpu.set_gpr(Gpr::Rdx, value >> 32);
+        let rip = vcpu.rip;
+        assert_eq!(
+            handle_exit(&mut vmm, vcpu, Exit::Msr { msr, write: true }),
+            Action::Resume
+        );
+        (vcpu.injected, vcpu.rip - rip)
+    };
+    // The APIC window elsewhere: written, the instruction skipped.
+    assert_eq!(wrmsr(&mut vcpu, 0x1B, 0xFEC0_0900), (None, 3));
+    // Over thinvisor's block: #GP, nothing written.
+    assert_eq!(wrmsr(&mut vcpu, 0x1B, 0x1FC0_0900), (Some(Event::GP0), 0));
+    // An MTRR pair making the block write-combining: the base passes (the
+    // mask is not valid yet), the mask does not.
+    assert_eq!(wrmsr(&mut vcpu, 0x200, 0x1FC0_0001), (None, 3));
+    assert_eq!(
+        wrmsr(&mut vcpu, 0x201, 0xF_FFC0_0000 | (1 << 11)),
+        (Some(Event::GP0), 0)
+    );
+    // Default write-combining: refused; MTRRs off for an update (all
+    // uncached): done.
+    assert_eq!(
+        wrmsr(&mut vcpu, 0x2FF, (1 << 11) | 1),
+        (Some(Event::GP0), 0)
+    );
+    assert_eq!(wrmsr(&mut vcpu, 0x2FF, 6), (None, 3));
+    // A value the processor refuses: its #GP is the guest's.
+    assert_eq!(wrmsr(&mut vcpu, 0x201, 1 << 63), (Some(Event::GP0), 0));
+    assert_eq!(
+        *platform.writes.lock(),
+        [(0x1B, 0xFEC0_0900), (0x200, 0x1FC0_0001), (0x2FF, 6)]
+    );
+}

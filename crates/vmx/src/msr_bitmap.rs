@@ -54,6 +54,11 @@ pub fn init(map: &mut [u8; MSR_BITMAP_SIZE]) {
     }
     // The x2APIC ICR: thinvisor starts the processors it holds.
     intercept(map, thinvisor_vmm::apic::X2APIC_ICR_MSR, false, true);
+    // The APIC base and the MTRRs: their writes are checked
+    // (thinvisor_vmm::guard).
+    for msr in thinvisor_vmm::guard::GUARDED_MSRS {
+        intercept(map, msr, false, true);
+    }
 }
 
 #[cfg(test)]
@@ -80,7 +85,6 @@ mod tests {
         assert!(is_intercepted(&map, 0x3A, true));
         for msr in [
             0x10,
-            0x1B,
             0x174,
             0x277,
             0x47F,
@@ -96,5 +100,10 @@ mod tests {
         // The x2APIC ICR: writes only.
         assert!(is_intercepted(&map, 0x830, true));
         assert!(!is_intercepted(&map, 0x830, false));
+        // The guarded MSRs (APIC base, MTRRs): writes only.
+        for msr in thinvisor_vmm::guard::GUARDED_MSRS {
+            assert!(is_intercepted(&map, msr, true), "{msr:#x}");
+            assert!(!is_intercepted(&map, msr, false), "{msr:#x}");
+        }
     }
 }

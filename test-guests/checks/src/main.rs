@@ -24,6 +24,7 @@ mod demand;
 mod entry;
 #[cfg(target_os = "none")]
 mod global;
+mod guarded;
 #[cfg(target_os = "none")]
 mod interrupts;
 #[cfg(target_os = "none")]
