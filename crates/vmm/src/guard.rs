@@ -17,6 +17,14 @@
 //!   moment whenever they change the MTRRs (MTRRdefType.E cleared, SDM
 //!   vol. 3A, 11.11.7.2), so it must pass.
 //!
+//! - IA32_PAT gives the memory type of each page-table cache setting
+//!   (SDM vol. 3A, 11.12). thinvisor maps its memory with entry 0 (PAT,
+//!   PCD, PWT all 0), so entry 0 must not become write-combining either.
+//!   Under SVM with nested paging the guest has a PAT of its own (G_PAT,
+//!   APM vol. 2, 15.25.8) and its writes are not intercepted; VT-x
+//!   without the PAT load/save controls shares the processor's PAT with
+//!   thinvisor, so there its writes are checked ([`VMX_GUARDED_MSRS`]).
+//!
 //! Their writes exit; a write that keeps thinvisor's block clear of the
 //! APIC window and of write-combining is done for the guest, any other
 //! raises #GP(0), as a processor refuses a value it does not support.
@@ -48,9 +56,16 @@ pub const GUARDED_MSRS: [u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS] = {
     all
 };
 
-/// Whether writes of `msr` are checked here.
+/// IA32_PAT (SDM vol. 4, table 2-2).
+pub const IA32_PAT: u32 = 0x277;
+
+/// What VT-x also checks: the PAT, which it shares with thinvisor.
+pub const VMX_GUARDED_MSRS: [u32; 1] = [IA32_PAT];
+
+/// Whether writes of `msr` are checked here (when intercepted).
 pub fn is_guarded(msr: u32) -> bool {
     msr == IA32_APIC_BASE
+        || msr == IA32_PAT
         || msr == IA32_MTRR_DEF_TYPE
         || FIXED_MTRR_MSRS.contains(&msr)
         || (IA32_MTRR_PHYSBASE0..IA32_MTRR_PHYSBASE0 + 2 * MAX_VARIABLE_MTRRS as u32).contains(&msr)
@@ -63,6 +78,8 @@ pub enum Refusal {
     ApicOverThinvisor { base: u64 },
     /// The MTRRs would make (part of) thinvisor's block write-combining.
     WriteCombining { at: u64 },
+    /// PAT entry 0, thinvisor's mappings' type, would be write-combining.
+    PatEntry0WriteCombining,
 }
 
 impl core::fmt::Display for Refusal {
@@ -73,6 +90,9 @@ impl core::fmt::Display for Refusal {
                     f,
                     "the local APIC window at {base:#x} would cover thinvisor's memory"
                 )
+            }
+            Refusal::PatEntry0WriteCombining => {
+                f.write_str("PAT entry 0, which thinvisor's mappings use, would be write-combining")
             }
             Refusal::WriteCombining { at } => write!(
                 f,
@@ -102,6 +122,14 @@ pub fn check_write(
         let base = value & ((1u64 << width) - 1) & !0xFFF;
         return if base < end && base + 0x1000 > start {
             Err(Refusal::ApicOverThinvisor { base })
+        } else {
+            Ok(())
+        };
+    }
+    if msr == IA32_PAT {
+        // Entry 0 is bits 2:0; 1 = WC (SDM vol. 3A, table 11-10).
+        return if value & 0x7 == 1 {
+            Err(Refusal::PatEntry0WriteCombining)
         } else {
             Ok(())
         };
@@ -253,7 +281,22 @@ mod tests {
     }
 
     #[test]
+    fn pat_entry_0_stays_ordered() {
+        // Linux's PAT: WB, WC, UC-, UC in entries 0-3, again in 4-7.
+        assert_eq!(
+            check(IA32_PAT, 0x0007_0106_0007_0106 & !0xFF | 0x06),
+            Ok(())
+        );
+        assert_eq!(check(IA32_PAT, 0x0007_0406_0007_0400), Ok(()));
+        assert_eq!(
+            check(IA32_PAT, 0x0007_0406_0007_0401),
+            Err(Refusal::PatEntry0WriteCombining)
+        );
+    }
+
+    #[test]
     fn the_list_matches_the_predicate() {
+        assert!(is_guarded(IA32_PAT));
         for msr in GUARDED_MSRS {
             assert!(is_guarded(msr), "{msr:#x}");
         }
@@ -263,7 +306,7 @@ mod tests {
             0x1C,
             0x1FF,
             0x220,
-            0x277,
+            0x276,
             0x2FE,
             0x300,
             0xC000_0080,

@@ -59,6 +59,11 @@ pub fn init(map: &mut [u8; MSR_BITMAP_SIZE]) {
     for msr in thinvisor_vmm::guard::GUARDED_MSRS {
         intercept(map, msr, false, true);
     }
+    // The PAT is shared with thinvisor under VT-x (no PAT load/save
+    // controls in use): its writes are checked too.
+    for msr in thinvisor_vmm::guard::VMX_GUARDED_MSRS {
+        intercept(map, msr, false, true);
+    }
 }
 
 #[cfg(test)]
@@ -86,7 +91,6 @@ mod tests {
         for msr in [
             0x10,
             0x174,
-            0x277,
             0x47F,
             0x492,
             0xC000_0080,

@@ -159,3 +159,33 @@ pub fn mtrr_guarded() -> CheckResult {
     }
     Ok(())
 }
+
+const IA32_PAT: u32 = 0x277;
+
+/// `pat_guarded`: PAT entry 0 (the type of every mapping with PAT, PCD
+/// and PWT clear, thinvisor's own under VT-x) set to write-combining.
+/// Under VT-x the processor's PAT is thinvisor's too: refused with #GP.
+/// Under SVM the guest has its own (G_PAT): accepted, and thinvisor runs
+/// on. Either way the PAT is put back.
+pub fn pat_guarded() -> CheckResult {
+    let pat = rdmsr(IA32_PAT)?;
+    let wc0 = (pat & !0x7) | 1;
+    let [_, b, c, d] = cpu::cpuid(0, 0);
+    let intel = [b, d, c] == [0x756E_6547, 0x4965_6E69, 0x6C65_746E]; // "GenuineIntel"
+    if intel {
+        // SAFETY: refused by thinvisor; if not, put back at once.
+        unsafe { expect_refused(IA32_PAT, wc0, pat, "PAT entry 0 WC under VT-x") }?;
+    } else {
+        // SAFETY: the guest's own PAT: its memory is write-combining for
+        // a moment (this processor only, nothing shared is written).
+        let set = unsafe { recover::wrmsr(IA32_PAT, wc0, GP) };
+        let answered = thinvisor_answers("PAT entry 0 WC under SVM");
+        // SAFETY: the value it held.
+        let back = unsafe { recover::wrmsr(IA32_PAT, pat, GP) };
+        set.map_err(|c| why(format_args!("PAT entry 0 WC raised vector {}", c.vector)))?;
+        back.map_err(|c| why(format_args!("restoring the PAT raised vector {}", c.vector)))?;
+        answered?;
+    }
+    ensure!(rdmsr(IA32_PAT)? == pat, "the PAT is not as it was");
+    Ok(())
+}
