@@ -661,6 +661,30 @@ fn log_read_refuses_buffers_the_caller_may_not_write() {
 }
 
 #[test]
+fn log_read_writes_nothing_when_a_later_page_is_not_guest_ram() {
+    // Found by the hostile test guest: the first page translated to RAM,
+    // the second to a device (beyond RAM here); every page translated, so
+    // the first was written before the second failed.
+    let mut vmm = vmm();
+    vmm.vm.services.log.lock().push(&[b'x'; 600]);
+    let mut vcpu = FakeVcpu::new();
+    let mut pt = PageTables::new(vcpu.mem, PagingMode::Level4, TABLES.0, TABLES.1).unwrap();
+    pt.map(vcpu.mem, BUF, 0x10000, SIZE_4K, RW).unwrap();
+    pt.map(vcpu.mem, BUF + SIZE_4K, RAM as u64 + 0x1000, SIZE_4K, RW)
+        .unwrap();
+    vcpu.paging = pt.regs();
+    assert_eq!(
+        log_read(&mut vmm, &mut vcpu, BUF + 0xF00, 0x200, 0).0,
+        LOG_READ_REFUSED
+    );
+    assert_eq!(vcpu.injected, None);
+    assert_eq!(guest_bytes(&vcpu, 0x10F00, 0x100), [0u8; 0x100]);
+    // The same buffer ending at the good page's end is written.
+    assert_eq!(log_read(&mut vmm, &mut vcpu, BUF + 0xF00, 0x100, 0), (0x100, 0));
+    assert_eq!(guest_bytes(&vcpu, 0x10F00, 0x100), [b'x'; 0x100]);
+}
+
+#[test]
 fn log_read_uses_32_bit_registers_outside_64_bit_mode() {
     let mut vmm = vmm();
     vmm.vm.services.log.lock().push(b"0123456789");

@@ -178,6 +178,9 @@ const NAMES: [&str; 32] = [
 /// other one is reported and ends the run.
 pub extern "sysv64" fn exception_entry(frame: &mut ExceptionFrame) {
     let cr2 = cpu::read_cr2();
+    if crate::hostile::try_recover(frame, cr2) {
+        return;
+    }
     if demand::try_handle(frame, cr2) || recover::try_recover(frame, cr2) {
         return;
     }

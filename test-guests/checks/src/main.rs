@@ -25,6 +25,8 @@ mod entry;
 #[cfg(target_os = "none")]
 mod global;
 #[cfg(target_os = "none")]
+mod hostile;
+#[cfg(target_os = "none")]
 mod interrupts;
 #[cfg(target_os = "none")]
 mod logbuf;
