@@ -104,7 +104,9 @@ impl Rng {
     /// function of both, so an operation interrupted by INIT is the same
     /// when it runs again.
     fn for_op(seed: u64, op: u64) -> Rng {
-        Rng(mix(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ mix(op.wrapping_add(0x1234_5678))))
+        Rng(mix(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ mix(op.wrapping_add(0x1234_5678))
+        ))
     }
 
     fn next(&mut self) -> u64 {
@@ -170,18 +172,18 @@ struct Cpu {
 
 const fn new_cpu() -> Cpu {
     Cpu {
-    ops: AtomicU64::new(0),
-    counts: [const { AtomicU64::new(0) }; COUNTERS],
-    entries: AtomicU64::new(0),
-    ipis: AtomicU64::new(0),
-    failures: AtomicU64::new(0),
-    done: AtomicU64::new(0),
-    last_lookup: AtomicU64::new(0),
-    armed: AtomicU64::new(0),
-    resume: AtomicU64::new(0),
-    caught: AtomicU64::new(0),
-    caught_error: AtomicU64::new(0),
-    caught_cr2: AtomicU64::new(0),
+        ops: AtomicU64::new(0),
+        counts: [const { AtomicU64::new(0) }; COUNTERS],
+        entries: AtomicU64::new(0),
+        ipis: AtomicU64::new(0),
+        failures: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        last_lookup: AtomicU64::new(0),
+        armed: AtomicU64::new(0),
+        resume: AtomicU64::new(0),
+        caught: AtomicU64::new(0),
+        caught_error: AtomicU64::new(0),
+        caught_cr2: AtomicU64::new(0),
     }
 }
 
@@ -194,7 +196,9 @@ struct FirstFailures(UnsafeCell<[[Option<Why>; KEPT_FAILURES]; MAX_CPUS]>);
 // `failures` counter picks it), and read by the BSP after that CPU is
 // done.
 unsafe impl Sync for FirstFailures {}
-static FIRST: FirstFailures = FirstFailures(UnsafeCell::new([const { [const { None }; KEPT_FAILURES] }; MAX_CPUS]));
+static FIRST: FirstFailures = FirstFailures(UnsafeCell::new(
+    [const { [const { None }; KEPT_FAILURES] }; MAX_CPUS],
+));
 /// Failures described in the report, per CPU.
 const KEPT_FAILURES: usize = 4;
 
@@ -371,7 +375,10 @@ const PT_SELF: u64 = 500;
 
 /// A linear address from its four table indices and page offset.
 fn va(p4: u64, p3: u64, p2: u64, p1: u64, off: u64) -> u64 {
-    let raw = (p4 & 0x1FF) << 39 | (p3 & 0x1FF) << 30 | (p2 & 0x1FF) << 21 | (p1 & 0x1FF) << 12
+    let raw = (p4 & 0x1FF) << 39
+        | (p3 & 0x1FF) << 30
+        | (p2 & 0x1FF) << 21
+        | (p1 & 0x1FF) << 12
         | (off & 0xFFF);
     // Sign-extend bit 47.
     ((raw << 16) as i64 >> 16) as u64
@@ -433,7 +440,7 @@ fn build_tables(block: (u64, u64)) {
         set(pdpt, 6, 0xC000_0000 | 0x2000 | P | W | PS); // reserved bit 13
         set(pdpt, 7, pd as u64 | P | W | RSVD);
         set(pdpt, 8, pdpt as u64 | P); // PDPT -> itself
-        // PD: 2 MiB pages in bad places, loops.
+                                       // PD: 2 MiB pages in bad places, loops.
         set(pd, 0, (block.0 & !0x1F_FFFF) | P | W | PS);
         set(pd, 1, LAPIC | P | W | PS);
         set(pd, 2, IOAPIC | P | W | PS);
@@ -443,7 +450,7 @@ fn build_tables(block: (u64, u64)) {
         set(pd, 6, block.0 | P | W); // PT in thinvisor's block
         set(pd, 7, pd as u64 | P); // PD -> itself
         set(pd, 8, pml4_pa | P); // PD -> PML4
-        // PT: per CPU, its name page before bad pages.
+                                 // PT: per CPU, its name page before bad pages.
         for cpu in 0..MAX_CPUS as u64 {
             let b = PT_GROUP * cpu;
             let name = name_page(cpu as usize);
@@ -518,7 +525,13 @@ fn read_va(rng: &mut Rng, cx: &Ctx) -> u64 {
         0 => va(SLOT_SELF, any(rng), any(rng), any(rng), off),
         1 => va(SLOT_TREE, 0, any(rng), any(rng), off),
         2 => va(SLOT_TREE, rng.below(3), any(rng), any(rng), off),
-        3 => va(rng.pick(&[SLOT_MMIO, SLOT_BLOCK, SLOT_RSVD]), any(rng), any(rng), any(rng), off),
+        3 => va(
+            rng.pick(&[SLOT_MMIO, SLOT_BLOCK, SLOT_RSVD]),
+            any(rng),
+            any(rng),
+            any(rng),
+            off,
+        ),
         4 => block_in_gib(rng, cx),
         5 => va(SLOT_TREE, rng.pick(&[5, 6, 7, 8]), any(rng), any(rng), off),
         6 => va(SLOT_TREE, 4, rng.below(4), any(rng), off),
@@ -526,7 +539,11 @@ fn read_va(rng: &mut Rng, cx: &Ctx) -> u64 {
         8 => va(SLOT_TREE, 4, 5 + rng.below(4), any(rng), off),
         9 => TOP_PAGE + off,
         10 => rng.pick(&[LAPIC, IOAPIC, PCI_HOLE, cx.block.0, cx.block.1 - 64]) + rng.below(56),
-        11 => rng.pick(&[0x0000_8000_0000_0000, 0xFFFF_7FFF_FFFF_FFF0, 0x0000_7FFF_FFFF_FFFD]),
+        11 => rng.pick(&[
+            0x0000_8000_0000_0000,
+            0xFFFF_7FFF_FFFF_FFF0,
+            0x0000_7FFF_FFFF_FFFD,
+        ]),
         12 => rng.next(),
         _ => va(any(rng), any(rng), any(rng), any(rng), off),
     }
@@ -550,8 +567,20 @@ fn write_va(rng: &mut Rng, cx: &Ctx, cpu: usize) -> (u64, bool) {
     let bad = match rng.below(16) {
         0..=3 => return (scratch(cpu) + rng.below(4090), true),
         4 => va(SLOT_SELF, any(rng), any(rng), any(rng), off),
-        5 => va(SLOT_TREE, rng.pick(&[0, 1, 2, 5, 6, 7, 8]), any(rng), any(rng), off),
-        6 => va(rng.pick(&[SLOT_MMIO, SLOT_BLOCK, SLOT_RSVD]), any(rng), any(rng), any(rng), off),
+        5 => va(
+            SLOT_TREE,
+            rng.pick(&[0, 1, 2, 5, 6, 7, 8]),
+            any(rng),
+            any(rng),
+            off,
+        ),
+        6 => va(
+            rng.pick(&[SLOT_MMIO, SLOT_BLOCK, SLOT_RSVD]),
+            any(rng),
+            any(rng),
+            any(rng),
+            off,
+        ),
         7 => block_in_gib(rng, cx),
         8 => va(SLOT_TREE, 4, rng.below(4), any(rng), off),
         9 => va(SLOT_TREE, 4, 5 + rng.below(4), any(rng), off),
@@ -565,8 +594,18 @@ fn write_va(rng: &mut Rng, cx: &Ctx, cpu: usize) -> (u64, bool) {
         11 => va(SLOT_TREE, 4, 4, rng.pick(&[PT_SELF, 200, 511]), off),
         12 => return (TOP_PAGE + off, true),
         13 => rng.pick(&[LAPIC, IOAPIC, PCI_HOLE, cx.block.0, cx.block.1 - 64]) + rng.below(56),
-        14 => rng.pick(&[0x0000_8000_0000_0000, 0xFFFF_7FFF_FFFF_FFF0, 0x8000_0000_0000_0000]),
-        _ => va(rng.pick(&[128, 200, 300, 405, 510]), any(rng), any(rng), any(rng), off),
+        14 => rng.pick(&[
+            0x0000_8000_0000_0000,
+            0xFFFF_7FFF_FFFF_FFF0,
+            0x8000_0000_0000_0000,
+        ]),
+        _ => va(
+            rng.pick(&[128, 200, 300, 405, 510]),
+            any(rng),
+            any(rng),
+            any(rng),
+            off,
+        ),
     };
     (bad, false)
 }
@@ -617,7 +656,8 @@ pub fn try_recover(frame: &mut ExceptionFrame, cr2: u64) -> bool {
         return false;
     }
     c.caught_error.store(frame.error, Relaxed);
-    c.caught_cr2.store(if frame.vector == PF { cr2 } else { 0 }, Relaxed);
+    c.caught_cr2
+        .store(if frame.vector == PF { cr2 } else { 0 }, Relaxed);
     c.caught.store(frame.vector + 1, Relaxed);
     c.armed.store(0, Relaxed);
     c.resume.store(0, Relaxed);
@@ -1103,7 +1143,10 @@ fn run_stream(cpu: usize, cx: &Ctx, bsp: bool) {
             break;
         }
         let mut rng = Rng::for_op(seed, k);
-        if storm_every != 0 && k > 0 && k % storm_every == 0 && c.counts[C_INIT].load(Relaxed) < cx.storm
+        if storm_every != 0
+            && k > 0
+            && k % storm_every == 0
+            && c.counts[C_INIT].load(Relaxed) < cx.storm
         {
             init_cycle(cpu, cx);
         }
@@ -1186,7 +1229,13 @@ fn unknown_number(rng: &mut Rng) -> u64 {
 /// Makes the call and checks what thinvisor must preserve: every register
 /// but RAX (and RBX for `log_read`) after a return, every register after
 /// an injected #PF. Returns the outcome.
-fn checked_call(cpu: usize, cx: &Ctx, rng: &mut Rng, regs: Regs, what: &str) -> (Regs, Result<(), Caught>) {
+fn checked_call(
+    cpu: usize,
+    cx: &Ctx,
+    rng: &mut Rng,
+    regs: Regs,
+    what: &str,
+) -> (Regs, Result<(), Caught>) {
     let vmcall = rng.chance(50);
     let mut out = regs;
     let r = call(cpu, vmcall, &mut out);
@@ -1243,7 +1292,11 @@ fn random_call(cpu: usize, cx: &Ctx, rng: &mut Rng) {
     match rng.below(100) {
         0..=29 => {
             regs.rax = abi::FN_LOOKUP;
-            regs.rbx = if rng.chance(50) { read_va(rng, cx) } else { regs.rbx };
+            regs.rbx = if rng.chance(50) {
+                read_va(rng, cx)
+            } else {
+                regs.rbx
+            };
             let _ = checked_call(cpu, cx, rng, regs, "lookup");
         }
         30..=44 => {
@@ -1322,7 +1375,11 @@ fn logset_pick(rng: &mut Rng, cx: &Ctx) -> (u64, u64, bool) {
         3 => (area + (rng.below(LOGSET_LEN as u64 - 256) | 1), 128, false),
         4 => (area, rng.below(128), false),
         5 => (area, (16 << 20) + 1 + rng.below(1 << 40), false),
-        6 => (cx.block.0 + (rng.below(cx.block.1 - cx.block.0) & !3), 128 + rng.below(4096), false),
+        6 => (
+            cx.block.0 + (rng.below(cx.block.1 - cx.block.0) & !3),
+            128 + rng.below(4096),
+            false,
+        ),
         7 => (cx.block.0 - 64, 4096, false),
         8 => (rng.pick(&[LAPIC, IOAPIC, PCI_HOLE, 0xA0000]), 4096, false),
         9 => (u64::MAX - 63, 4096, false),
@@ -1394,7 +1451,10 @@ fn name_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
         match call(cpu, vmcall, &mut r) {
             Ok(()) => r.rax,
             Err(c) => {
-                failed(cpu, format_args!("lookup at {addr:#x} raised vector {}", c.vector));
+                failed(
+                    cpu,
+                    format_args!("lookup at {addr:#x} raised vector {}", c.vector),
+                );
                 0
             }
         }
@@ -1421,7 +1481,10 @@ fn name_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
     let base = va(SLOT_TREE, 4, 4, group + first, 0);
     if rng.chance(50) {
         // SAFETY: the name page is this CPU's (see above).
-        unsafe { page.add(0xFFA).copy_from_nonoverlapping(b"dbgsh\0".as_ptr(), 6) };
+        unsafe {
+            page.add(0xFFA)
+                .copy_from_nonoverlapping(b"dbgsh\0".as_ptr(), 6)
+        };
         let got = lookup(base + 0xFFA);
         expect!(
             cpu,
@@ -1434,7 +1497,11 @@ fn name_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
     // log_read from 0xF00 of the name page into the next one; or into the
     // read-only mapping.
     let (buf, len, next) = if rng.chance(15) {
-        (va(SLOT_TREE, 4, 4, group + PT_READ_ONLY, 0x800), 0x100, Next::Refused)
+        (
+            va(SLOT_TREE, 4, 4, group + PT_READ_ONLY, 0x800),
+            0x100,
+            Next::Refused,
+        )
     } else {
         (base + 0xF00, 0x200, next)
     };
@@ -1482,8 +1549,18 @@ fn name_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
 
 /// Leaves worth asking for.
 const LEAVES: [u32; 12] = [
-    0, 1, 7, 0xB, 0xD, 0x4000_0000, 0x4000_0001, 0x4000_00FF, 0x8000_0000, 0x8000_0001,
-    0x8000_0008, 0x8000_000A,
+    0,
+    1,
+    7,
+    0xB,
+    0xD,
+    0x4000_0000,
+    0x4000_0001,
+    0x4000_00FF,
+    0x8000_0000,
+    0x8000_0001,
+    0x8000_0008,
+    0x8000_000A,
 ];
 
 fn cpuid_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
@@ -1494,25 +1571,46 @@ fn cpuid_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
         2 => rng.below(0x20) as u32,
         3 => 0x4000_0000 + rng.below(0x100) as u32,
         4 => 0x8000_0000 + rng.below(0x30) as u32,
-        _ => rng.pick(&[0xFFFF_FFFF, 0x8FFF_FFFF, 0x4FFF_FFFF, 0xC000_0000, 0x2000_0000]),
+        _ => rng.pick(&[
+            0xFFFF_FFFF,
+            0x8FFF_FFFF,
+            0x4FFF_FFFF,
+            0xC000_0000,
+            0x2000_0000,
+        ]),
     };
-    let sub = if rng.chance(50) { rng.below(4) as u32 } else { rng.next() as u32 };
+    let sub = if rng.chance(50) {
+        rng.below(4) as u32
+    } else {
+        rng.next() as u32
+    };
     match cpuid(cpu, leaf, sub) {
-        Err(c) => failed(cpu, format_args!("CPUID {leaf:#x}/{sub:#x} raised vector {}", c.vector)),
+        Err(c) => failed(
+            cpu,
+            format_args!("CPUID {leaf:#x}/{sub:#x} raised vector {}", c.vector),
+        ),
         Ok([_, b, c, d]) => match leaf {
             0x4000_0000 => {
                 let mut sig = [0u8; 12];
                 for (i, w) in [b, c, d].iter().enumerate() {
                     sig[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
                 }
-                expect!(cpu, sig == abi::CPUID_SIGNATURE, "CPUID 0x40000000/{sub:#x}: not thinvisor's signature");
+                expect!(
+                    cpu,
+                    sig == abi::CPUID_SIGNATURE,
+                    "CPUID 0x40000000/{sub:#x}: not thinvisor's signature"
+                );
             }
             1 => expect!(
                 cpu,
                 c & (1 << 31) != 0 && c & (1 << 5) == 0,
                 "CPUID 1: ECX {c:#x} (hypervisor bit clear or VMX shown)"
             ),
-            0x8000_0001 if !cx.intel => expect!(cpu, c & (1 << 2) == 0, "CPUID 0x80000001: SVM shown (ECX {c:#x})"),
+            0x8000_0001 if !cx.intel => expect!(
+                cpu,
+                c & (1 << 2) == 0,
+                "CPUID 0x80000001: SVM shown (ECX {c:#x})"
+            ),
             _ => {}
         },
     }
@@ -1553,12 +1651,20 @@ enum MsrKind {
 
 /// The MSRs and ranges (inclusive) the ops pick from.
 const MSRS: [(u32, u32, MsrKind); 25] = [
-    (0xC001_0114, 0xC001_0114, MsrKind::Protected { intel: false }), // VM_CR
-    (0xC001_0117, 0xC001_0117, MsrKind::Protected { intel: false }), // VM_HSAVE_PA
-    (0x480, 0x491, MsrKind::Protected { intel: true }),              // IA32_VMX_*
+    (
+        0xC001_0114,
+        0xC001_0114,
+        MsrKind::Protected { intel: false },
+    ), // VM_CR
+    (
+        0xC001_0117,
+        0xC001_0117,
+        MsrKind::Protected { intel: false },
+    ), // VM_HSAVE_PA
+    (0x480, 0x491, MsrKind::Protected { intel: true }), // IA32_VMX_*
     (0x3A, 0x3A, MsrKind::FeatureControl),
     (0xC000_0080, 0xC000_0080, MsrKind::Efer),
-    (0x1B, 0x1B, MsrKind::WriteBack), // APIC_BASE
+    (0x1B, 0x1B, MsrKind::WriteBack),       // APIC_BASE
     (0x200, 0x20F, MsrKind::RandomRestore), // variable MTRRs
     (0x250, 0x250, MsrKind::WriteBack),
     (0x258, 0x259, MsrKind::WriteBack),
@@ -1569,8 +1675,8 @@ const MSRS: [(u32, u32, MsrKind); 25] = [
     (0x1F2, 0x1F3, MsrKind::WriteBack),     // SMRR
     (0xC001_0112, 0xC001_0113, MsrKind::WriteBack), // TSEG
     (0x800, 0x8FF, MsrKind::X2apic),
-    (0x10, 0x10, MsrKind::WriteBack), // TSC
-    (0x174, 0x176, MsrKind::RandomRestore), // SYSENTER
+    (0x10, 0x10, MsrKind::WriteBack),                   // TSC
+    (0x174, 0x176, MsrKind::RandomRestore),             // SYSENTER
     (0xC000_0081, 0xC000_0084, MsrKind::RandomRestore), // STAR..SFMASK
     (0xC000_0100, 0xC000_0103, MsrKind::RandomRestore), // FS/GS/KGS base, TSC_AUX
     (0x1D9, 0x1D9, MsrKind::ReadOnly),                  // DEBUGCTL
@@ -1607,7 +1713,10 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
     let read = rdmsr(cpu, msr);
     match read {
         Err(c) if c.vector == GP => count(cpu, C_GP),
-        Err(c) => failed(cpu, format_args!("RDMSR {msr:#x} raised vector {}", c.vector)),
+        Err(c) => failed(
+            cpu,
+            format_args!("RDMSR {msr:#x} raised vector {}", c.vector),
+        ),
         Ok(_) => {}
     }
     let value = rng.next();
@@ -1618,10 +1727,19 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
             let _ = unsafe { wrmsr(cpu, msr, value) };
         }
         MsrKind::Protected { .. } => {
-            expect!(cpu, read.is_err(), "RDMSR {msr:#x} (protected) returned {:#x}", read.unwrap_or(0));
+            expect!(
+                cpu,
+                read.is_err(),
+                "RDMSR {msr:#x} (protected) returned {:#x}",
+                read.unwrap_or(0)
+            );
             // SAFETY: a write this MSR's kind allows (see MsrKind).
             let w = unsafe { wrmsr(cpu, msr, value) };
-            expect!(cpu, w.is_err(), "WRMSR {msr:#x} (protected) of {value:#x} succeeded");
+            expect!(
+                cpu,
+                w.is_err(),
+                "WRMSR {msr:#x} (protected) of {value:#x} succeeded"
+            );
             if w.is_err() {
                 count(cpu, C_GP);
             }
@@ -1629,7 +1747,11 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
         MsrKind::FeatureControl => {
             // SAFETY: a write this MSR's kind allows (see MsrKind).
             let w = unsafe { wrmsr(cpu, msr, value) };
-            expect!(cpu, !cx.intel || w.is_err(), "WRMSR IA32_FEATURE_CONTROL of {value:#x} succeeded");
+            expect!(
+                cpu,
+                !cx.intel || w.is_err(),
+                "WRMSR IA32_FEATURE_CONTROL of {value:#x} succeeded"
+            );
         }
         MsrKind::Efer => {
             let Ok(old) = read else {
@@ -1642,7 +1764,12 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
             // SAFETY: a write this MSR's kind allows (see MsrKind).
             let w = unsafe { wrmsr(cpu, msr, old ^ 1 << bit) };
             if bit == 12 {
-                expect!(cpu, w.is_err(), "WRMSR EFER {:#x} (SVME) succeeded", old ^ 1 << bit);
+                expect!(
+                    cpu,
+                    w.is_err(),
+                    "WRMSR EFER {:#x} (SVME) succeeded",
+                    old ^ 1 << bit
+                );
             }
             // SAFETY: a write this MSR's kind allows (see MsrKind).
             let back = unsafe { wrmsr(cpu, msr, old) };
@@ -1660,7 +1787,11 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
                 let _ = unsafe { wrmsr(cpu, msr, v) };
                 // SAFETY: a write this MSR's kind allows (see MsrKind).
                 let back = unsafe { wrmsr(cpu, msr, old) };
-                expect!(cpu, back.is_ok(), "WRMSR {msr:#x} back to {old:#x} raised #GP");
+                expect!(
+                    cpu,
+                    back.is_ok(),
+                    "WRMSR {msr:#x} back to {old:#x} raised #GP"
+                );
             }
         }
         MsrKind::WriteBack => {
@@ -1668,12 +1799,19 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
                 // SAFETY: a write this MSR's kind allows (see MsrKind).
                 let w = unsafe { wrmsr(cpu, msr, old) };
                 if msr == 0x1B {
-                    expect!(cpu, w.is_ok(), "WRMSR APIC_BASE of its own value {old:#x} raised #GP");
+                    expect!(
+                        cpu,
+                        w.is_ok(),
+                        "WRMSR APIC_BASE of its own value {old:#x} raised #GP"
+                    );
                 }
             }
         }
         MsrKind::ReadOnly => {
-            if read.is_err() && !NEVER_WRITE.contains(&msr) && !MSRS.iter().any(|&(lo, hi, _)| (lo..=hi).contains(&msr)) {
+            if read.is_err()
+                && !NEVER_WRITE.contains(&msr)
+                && !MSRS.iter().any(|&(lo, hi, _)| (lo..=hi).contains(&msr))
+            {
                 // SAFETY: a write this MSR's kind allows (see MsrKind).
                 let _ = unsafe { wrmsr(cpu, msr, value) };
             }
@@ -1688,7 +1826,11 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
                 };
                 // SAFETY: a write this MSR's kind allows (see MsrKind).
                 let w = unsafe { wrmsr(cpu, msr, v) };
-                expect!(cpu, w.is_err(), "WRMSR {msr:#x} of {v:#x} in xAPIC mode succeeded");
+                expect!(
+                    cpu,
+                    w.is_err(),
+                    "WRMSR {msr:#x} of {v:#x} in xAPIC mode succeeded"
+                );
             }
         }
     }
@@ -1762,7 +1904,11 @@ fn io_op(cpu: usize, rng: &mut Rng) {
     if let Err(c) = r {
         failed(
             cpu,
-            format_args!("{} port {port:#x} ({size} bytes) raised vector {}", if write { "OUT" } else { "IN" }, c.vector),
+            format_args!(
+                "{} port {port:#x} ({size} bytes) raised vector {}",
+                if write { "OUT" } else { "IN" },
+                c.vector
+            ),
         );
     }
 }
@@ -1789,7 +1935,11 @@ fn self_ipi(cpu: usize, cx: &Ctx, rng: &mut Rng) {
         cpu,
         sent && arrived,
         "self-IPI on vector {vector:#x} {}",
-        if sent { "never arrived" } else { "stayed pending" }
+        if sent {
+            "never arrived"
+        } else {
+            "stayed pending"
+        }
     );
 }
 
@@ -1822,7 +1972,11 @@ fn init_cycle(cpu: usize, cx: &Ctx) {
             pit_delay_us(1000);
             TG_HOSTILE_CPUS[ap].entries.load(SeqCst) > before[ap]
         });
-        expect!(cpu, back, "APIC ID {ap} did not come back within 500 ms of INIT-SIPI-SIPI");
+        expect!(
+            cpu,
+            back,
+            "APIC ID {ap} did not come back within 500 ms of INIT-SIPI-SIPI"
+        );
     }
 }
 
@@ -1853,7 +2007,10 @@ fn hostile(boot: &BootInfo) -> CheckResult {
     let storm = arg(cmdline, "storm").unwrap_or(if intel { DEFAULT_STORM_VMX } else { 0 });
     let block = passthrough::thinvisor_block()?;
     let lapic = Lapic::find()?;
-    passthrough::ensure!(!lapic.x2apic, "the local APIC is in x2APIC mode (the mode needs xAPIC)");
+    passthrough::ensure!(
+        !lapic.x2apic,
+        "the local APIC is in x2APIC mode (the mode needs xAPIC)"
+    );
     passthrough::ensure!(lapic.bsp, "not the BSP");
     let dbgsh = passthrough::lookup(abi::names::DBGSH);
     let log_set_buf = passthrough::lookup(abi::names::LOG_SET_BUF);
@@ -1871,9 +2028,11 @@ fn hostile(boot: &BootInfo) -> CheckResult {
         .unwrap_or(0)
         .max(1 << 32);
     passthrough::ensure!(
-        map[..n].iter().any(|&(base, len, kind)| kind == passthrough::MMAP_AVAILABLE
-            && base <= TRAMPOLINE
-            && base + len >= TRAMPOLINE + 4096),
+        map[..n]
+            .iter()
+            .any(|&(base, len, kind)| kind == passthrough::MMAP_AVAILABLE
+                && base <= TRAMPOLINE
+                && base + len >= TRAMPOLINE + 4096),
         "the memory map does not offer the trampoline's page {TRAMPOLINE:#x}"
     );
     say!(
@@ -1919,8 +2078,11 @@ fn hostile(boot: &BootInfo) -> CheckResult {
     run_stream(bsp, &cx, true);
     finish_cpu(bsp);
     // Wait for the APs (bounded: 120 s of PIT time).
-    let started: [bool; MAX_CPUS] = core::array::from_fn(|i| TG_HOSTILE_CPUS[i].entries.load(SeqCst) > 0);
-    let all_done = |s: &[bool; MAX_CPUS]| (0..MAX_CPUS).all(|i| !s[i] || TG_HOSTILE_CPUS[i].done.load(SeqCst) != 0);
+    let started: [bool; MAX_CPUS] =
+        core::array::from_fn(|i| TG_HOSTILE_CPUS[i].entries.load(SeqCst) > 0);
+    let all_done = |s: &[bool; MAX_CPUS]| {
+        (0..MAX_CPUS).all(|i| !s[i] || TG_HOSTILE_CPUS[i].done.load(SeqCst) != 0)
+    };
     for _ in 0..120_000 {
         if all_done(&started) {
             break;
@@ -1937,8 +2099,13 @@ fn start_aps(cx: &Ctx) -> CheckResult {
     let len = addr_of!(tg_hostile_trampoline_end) as u64 - start;
     // SAFETY: the trampoline page is low RAM the memory map offers (checked
     // by the caller), identity-mapped; no AP runs yet.
-    unsafe { core::ptr::copy_nonoverlapping(start as *const u8, TRAMPOLINE as *mut u8, len as usize) };
-    passthrough::ensure!(send_ipi(cx.lapic, 0x000C_4500, 0), "the INIT IPI stayed pending");
+    unsafe {
+        core::ptr::copy_nonoverlapping(start as *const u8, TRAMPOLINE as *mut u8, len as usize)
+    };
+    passthrough::ensure!(
+        send_ipi(cx.lapic, 0x000C_4500, 0),
+        "the INIT IPI stayed pending"
+    );
     pit_delay_us(10_000);
     for _ in 0..2 {
         passthrough::ensure!(
@@ -2002,12 +2169,19 @@ fn report(cx: &Ctx, started: &[bool; MAX_CPUS]) -> CheckResult {
             // fails anyway and the text is only printed).
             say!("test-guest: hostile CPU {cpu}: {f} failures, the first:");
             for i in 0..KEPT_FAILURES.min(f as usize) {
-                let first = unsafe { (*FIRST.0.get())[cpu][i].as_ref().map_or("?", |w| w.as_str()) };
+                let first = unsafe {
+                    (*FIRST.0.get())[cpu][i]
+                        .as_ref()
+                        .map_or("?", |w| w.as_str())
+                };
                 say!("test-guest: hostile CPU {cpu}:   {first}");
             }
         }
     }
-    say!("test-guest: hostile: {total} operations on {cpus} CPUs, seed {}", cx.seed);
+    say!(
+        "test-guest: hostile: {total} operations on {cpus} CPUs, seed {}",
+        cx.seed
+    );
     passthrough::ensure!(failures == 0, "{failures} failures (see above)");
     for cpu in (0..MAX_CPUS).filter(|&i| started[i]) {
         let c = &TG_HOSTILE_CPUS[cpu];
@@ -2019,8 +2193,14 @@ fn report(cx: &Ctx, started: &[bool; MAX_CPUS]) -> CheckResult {
             cx.dbgsh
         );
     }
-    passthrough::ensure!(cpus >= 2, "only {cpus} CPU ran (the mode needs -smp 2 or more)");
-    passthrough::ensure!(total >= MIN_TOTAL_OPS.min(cx.ops * cpus), "only {total} operations");
+    passthrough::ensure!(
+        cpus >= 2,
+        "only {cpus} CPU ran (the mode needs -smp 2 or more)"
+    );
+    passthrough::ensure!(
+        total >= MIN_TOTAL_OPS.min(cx.ops * cpus),
+        "only {total} operations"
+    );
     let m = mem();
     // SAFETY: every CPU is done; only thinvisor could have written these.
     unsafe {
@@ -2030,12 +2210,21 @@ fn report(cx: &Ctx, started: &[bool; MAX_CPUS]) -> CheckResult {
                 "the guard after CPU {cpu}'s scratch was written"
             );
         }
-        passthrough::ensure!((*m).logset_guard.iter().all(|&b| b == 0xA5), "the guard after the log_set_buf area was written");
+        passthrough::ensure!(
+            (*m).logset_guard.iter().all(|&b| b == 0xA5),
+            "the guard after the log_set_buf area was written"
+        );
         let mut now = [0u8; 4096];
         copy_page0(now.as_mut_ptr());
         let copy = core::slice::from_raw_parts(addr_of!((*m).page0).cast::<u8>(), 4096);
-        passthrough::ensure!(now[..] == copy[..], "physical page 0 changed (a wrapping write?)");
+        passthrough::ensure!(
+            now[..] == copy[..],
+            "physical page 0 changed (a wrapping write?)"
+        );
     }
-    say!("test-guest: hostile: thinvisor answered every CPU's last lookup with {}", cx.dbgsh);
+    say!(
+        "test-guest: hostile: thinvisor answered every CPU's last lookup with {}",
+        cx.dbgsh
+    );
     Ok(())
 }
