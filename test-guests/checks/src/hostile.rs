@@ -1150,7 +1150,7 @@ fn run_stream(cpu: usize, cx: &Ctx, bsp: bool) {
         let mut rng = Rng::for_op(seed, k);
         if storm_every != 0
             && k > 0
-            && k % storm_every == 0
+            && k.is_multiple_of(storm_every)
             && c.counts[C_INIT].load(Relaxed) < cx.storm
         {
             init_cycle(cpu, cx);
@@ -1390,7 +1390,7 @@ fn logset_pick(rng: &mut Rng, cx: &Ctx) -> (u64, u64, bool) {
         9 => (u64::MAX - 63, 4096, false),
         10 => (0, rng.next(), true),
         _ => {
-            let at = cx.ram_top + (rng.next() % (1 << 46)) & !3;
+            let at = (cx.ram_top + (rng.next() % (1 << 46))) & !3;
             (at.max(cx.ram_top), 128 + rng.below(8192), false)
         }
     }
@@ -1471,7 +1471,7 @@ fn name_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
         // during this CPU's own calls.
         unsafe {
             page.add(0xFFD).copy_from_nonoverlapping(b"dbg".as_ptr(), 3);
-            page.copy_from_nonoverlapping(b"sh\0".as_ptr(), 3);
+            page.copy_from_nonoverlapping(c"sh".as_ptr().cast(), 3);
         }
         let addr = va(SLOT_TREE, 4, 4, group + PT_TWICE, 0xFFD);
         let got = lookup(addr);
@@ -1488,7 +1488,7 @@ fn name_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
         // SAFETY: the name page is this CPU's (see above).
         unsafe {
             page.add(0xFFA)
-                .copy_from_nonoverlapping(b"dbgsh\0".as_ptr(), 6)
+                .copy_from_nonoverlapping(c"dbgsh".as_ptr().cast(), 6)
         };
         let got = lookup(base + 0xFFA);
         expect!(
@@ -1825,7 +1825,7 @@ fn msr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
             if read.is_err() {
                 let v = if msr == 0x830 {
                     // Fixed, edge, to self, a handled vector.
-                    (1 << 18) | u64::from(IPI_BASE) + rng.below(u64::from(IPI_VECTORS))
+                    (1 << 18) | (u64::from(IPI_BASE) + rng.below(u64::from(IPI_VECTORS)))
                 } else {
                     value
                 };
@@ -2170,10 +2170,10 @@ fn report(cx: &Ctx, started: &[bool; MAX_CPUS]) -> CheckResult {
         let f = c.failures.load(SeqCst);
         failures += f;
         if f > 0 {
-            // SAFETY: see `FirstFailures`; the CPU is done (or the run
-            // fails anyway and the text is only printed).
             say!("test-guest: hostile CPU {cpu}: {f} failures, the first:");
             for i in 0..KEPT_FAILURES.min(f as usize) {
+                // SAFETY: see `FirstFailures`; the CPU is done (or the run
+                // fails anyway and the text is only printed).
                 let first = unsafe {
                     (*FIRST.0.get())[cpu][i]
                         .as_ref()
