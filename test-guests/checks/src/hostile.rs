@@ -149,7 +149,10 @@ const C_GP: usize = 9;
 const C_REFUSED: usize = 10;
 const C_LOGSET: usize = 11;
 const C_INIT: usize = 12;
-const COUNTERS: usize = 13;
+const C_IPI_OTHERS: usize = 13;
+const C_NMI: usize = 14;
+const C_SHELL: usize = 15;
+const COUNTERS: usize = 16;
 
 /// One processor's state. Written by that processor (the counters, its
 /// progress), read by the BSP for the report once it is done.
@@ -161,6 +164,8 @@ struct Cpu {
     entries: AtomicU64,
     /// Self-IPIs its handler counted.
     ipis: AtomicU64,
+    /// NMIs its handler counted.
+    nmis: AtomicU64,
     /// Failures, and the first one's description in `first`.
     failures: AtomicU64,
     /// 1 when it finished and made its last lookup (in `last_lookup`).
@@ -181,6 +186,7 @@ const fn new_cpu() -> Cpu {
         counts: [const { AtomicU64::new(0) }; COUNTERS],
         entries: AtomicU64::new(0),
         ipis: AtomicU64::new(0),
+        nmis: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         done: AtomicU64::new(0),
         last_lookup: AtomicU64::new(0),
@@ -903,6 +909,7 @@ static TG_HOSTILE_LAPIC: AtomicU64 = AtomicU64::new(LAPIC);
 unsafe extern "C" {
     fn tg_hostile_ipi_isr();
     fn tg_hostile_ignore_isr();
+    fn tg_hostile_nmi_isr();
     static tg_hostile_trampoline: u8;
     static tg_hostile_trampoline_end: u8;
 }
@@ -934,10 +941,28 @@ tg_hostile_ipi_isr:
 .global tg_hostile_ignore_isr
 tg_hostile_ignore_isr:
     iretq
+/* NMIs: counted like the IPIs, no EOI (SDM vol. 3A, 11.8.5). */
+.global tg_hostile_nmi_isr
+tg_hostile_nmi_isr:
+    push rax
+    push rcx
+    mov rax, qword ptr [rip + TG_HOSTILE_LAPIC]
+    mov eax, dword ptr [rax + 0x20]
+    shr eax, 24
+    cmp eax, {max}
+    jae 1f
+    imul eax, eax, {cpu_size}
+    lea rcx, [rip + TG_HOSTILE_CPUS]
+    lock inc qword ptr [rcx + rax + {nmis}]
+1:
+    pop rcx
+    pop rax
+    iretq
 "#,
     max = const MAX_CPUS,
     cpu_size = const core::mem::size_of::<Cpu>(),
     ipis = const offset_of!(Cpu, ipis),
+    nmis = const offset_of!(Cpu, nmis),
 );
 
 /// A 64-bit interrupt gate, selector 0x08, DPL 0, no IST.
@@ -966,6 +991,7 @@ fn build_idt() {
             set(usize::from(v), tg_hostile_ipi_isr as *const () as u64);
         }
         set(0xFF, tg_hostile_ignore_isr as *const () as u64);
+        set(2, tg_hostile_nmi_isr as *const () as u64);
     }
 }
 
@@ -1173,7 +1199,10 @@ fn one_op(cpu: usize, cx: &Ctx, rng: &mut Rng, bsp: bool) {
         600..=719 => cpuid_op(cpu, cx, rng),
         720..=849 => msr_op(cpu, cx, rng),
         850..=949 => io_op(cpu, rng),
-        950..=989 => self_ipi(cpu, cx, rng),
+        950..=974 => self_ipi(cpu, cx, rng),
+        975..=984 => ipi_others(cpu, cx, rng),
+        985..=989 => nmi_all(cpu, cx),
+        990..=994 => shell_op(cpu, cx, rng),
         _ if bsp => stray_sipi(cpu, cx, rng),
         _ => cpuid_op(cpu, cx, rng),
     }
@@ -1948,6 +1977,126 @@ fn self_ipi(cpu: usize, cx: &Ctx, rng: &mut Rng) {
     );
 }
 
+/// A fixed IPI on a handled vector to every other CPU: it arrives whenever
+/// the target next enables interrupts, maybe while thinvisor handles one
+/// of its exits (then it must stay pending for the guest).
+fn ipi_others(cpu: usize, cx: &Ctx, rng: &mut Rng) {
+    count(cpu, C_IPI_OTHERS);
+    let vector = u32::from(IPI_BASE) + rng.below(u64::from(IPI_VECTORS)) as u32;
+    // Fixed, edge, all excluding self.
+    let sent = send_ipi(cx.lapic, 0x000C_0000 | vector, 0);
+    expect!(cpu, sent, "an IPI to the other CPUs stayed pending");
+}
+
+/// An NMI to every CPU, this one included: it lands in the guest, or in
+/// thinvisor while it handles an exit (which must hand it to the guest).
+/// The handler counts it; at the end every CPU must have seen one.
+fn nmi_all(cpu: usize, cx: &Ctx) {
+    count(cpu, C_NMI);
+    // NMI, level assert, all including self.
+    let sent = send_ipi(cx.lapic, 0x0008_4400, 0);
+    expect!(cpu, sent, "an NMI IPI stayed pending");
+}
+
+/// Commands typed into the debug shell: its memory dump at thinvisor's
+/// block, devices, the top of the address space; lengths past the limit;
+/// junk, backspaces, NULs, an overlong line.
+fn shell_command(rng: &mut Rng, cx: &Ctx, out: &mut [u16; 160]) -> usize {
+    use core::fmt::Write;
+    struct Buf<'a>(&'a mut [u16; 160], usize);
+    impl Write for Buf<'_> {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            for b in s.bytes() {
+                if self.1 < self.0.len() {
+                    self.0[self.1] = u16::from(b);
+                    self.1 += 1;
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut b = Buf(out, 0);
+    let (start, end) = cx.block;
+    let _ = match rng.below(16) {
+        0 => write!(b, "mem {start:#x}"),
+        1 => write!(b, "mem {:#x} 64", start - 16),
+        2 => write!(b, "mem {:#x} 32", end - 8),
+        3 => write!(b, "mem {LAPIC:#x} 64"),
+        4 => write!(b, "mem 0xffffffffffffffff 65536"),
+        5 => write!(b, "mem 0xfffffffffffffff0 65536"),
+        6 => write!(b, "mem 0 65537"),
+        7 => write!(b, "mem {:#x} 48", cx.ram_top - 16),
+        8 => write!(b, "log 18446744073709551615"),
+        9 => write!(b, "log {}", rng.below(40)),
+        10 => write!(
+            b,
+            "{}",
+            rng.pick(&["stat", "cpu", "help", "exit", "mem", "log x", "mem 0x 1"])
+        ),
+        11 => write!(b, "mem 0x{:x} {}", rng.next(), rng.next()),
+        _ => {
+            // Junk: any byte (NUL as 0x100), backspaces, overlong.
+            let n = if rng.chance(20) {
+                150
+            } else {
+                rng.below(40) as usize
+            };
+            for _ in 0..n {
+                let c = match rng.below(8) {
+                    0 => 0x08,
+                    1 => 0x7F,
+                    2 => 0x100,
+                    _ => 1 + rng.below(0xFF) as u16,
+                };
+                if b.1 < b.0.len() {
+                    b.0[b.1] = c;
+                    b.1 += 1;
+                }
+            }
+            Ok(())
+        }
+    };
+    let n = b.1.min(159);
+    out[n] = u16::from(if rng.chance(50) { b'\n' } else { b'\r' });
+    n + 1
+}
+
+/// A bounded conversation with the debug shell: answer what it sends, type
+/// a command when it asks. What is left pending stays for later calls
+/// (this CPU's, the other's, the random ones). Every answer the shell
+/// gives must be one the ABI knows.
+fn shell_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
+    count(cpu, C_SHELL);
+    let mut cmd = [0u16; 160];
+    let len = shell_command(rng, cx, &mut cmd);
+    let mut typed = 0;
+    let mut answer = u64::MAX;
+    for _ in 0..60 {
+        let mut r = Regs {
+            rax: cx.dbgsh,
+            rbx: answer,
+            ..Regs::default()
+        };
+        if let Err(c) = call(cpu, rng.chance(50), &mut r) {
+            failed(cpu, format_args!("dbgsh raised vector {}", c.vector));
+            return;
+        }
+        answer = match r.rax {
+            0 if typed < len => {
+                typed += 1;
+                u64::from(cmd[typed - 1])
+            }
+            0 => 0,
+            1..=0x100 | 0x10A => 0,
+            u64::MAX => u64::MAX,
+            v => {
+                failed(cpu, format_args!("dbgsh returned {v:#x}"));
+                return;
+            }
+        };
+    }
+}
+
 /// A lone SIPI to the APs: running processors ignore it (SDM vol. 3A,
 /// 9.4.4.1), so nothing may happen; its vector is the trampoline's, so
 /// that even a wrong start re-enters the stream.
@@ -2148,7 +2297,7 @@ fn report(cx: &Ctx, started: &[bool; MAX_CPUS]) -> CheckResult {
         let ops = c.ops.load(SeqCst);
         total += ops;
         say!(
-            "test-guest: hostile CPU {cpu}: {ops} operations: {} VMM calls ({} log_set_buf), {} through hostile tables, {} name checks, {} CPUID, {} MSR, {} port I/O, {} self-IPIs ({} arrived), {} stray SIPIs, {} INIT cycles sent; {} #PF injected, {} #GP, {} refused; entered {} times; last lookup of \"dbgsh\" = {}{}",
+            "test-guest: hostile CPU {cpu}: {ops} operations: {} VMM calls ({} log_set_buf), {} through hostile tables, {} name checks, {} CPUID, {} MSR, {} port I/O, {} self-IPIs, {} IPIs to the others ({} interrupts taken), {} NMIs sent ({} taken), {} shell conversations, {} stray SIPIs, {} INIT cycles sent; {} #PF injected, {} #GP, {} refused; entered {} times; last lookup of \"dbgsh\" = {}{}",
             n(C_CALLS),
             n(C_LOGSET),
             n(C_WALKS),
@@ -2157,7 +2306,11 @@ fn report(cx: &Ctx, started: &[bool; MAX_CPUS]) -> CheckResult {
             n(C_MSR),
             n(C_IO),
             n(C_IPI),
+            n(C_IPI_OTHERS),
             c.ipis.load(SeqCst),
+            n(C_NMI),
+            c.nmis.load(SeqCst),
+            n(C_SHELL),
             n(C_SIPI),
             n(C_INIT),
             n(C_PF),
@@ -2188,9 +2341,16 @@ fn report(cx: &Ctx, started: &[bool; MAX_CPUS]) -> CheckResult {
         cx.seed
     );
     passthrough::ensure!(failures == 0, "{failures} failures (see above)");
+    let nmis_sent: u64 = (0..MAX_CPUS)
+        .map(|i| TG_HOSTILE_CPUS[i].counts[C_NMI].load(SeqCst))
+        .sum();
     for cpu in (0..MAX_CPUS).filter(|&i| started[i]) {
         let c = &TG_HOSTILE_CPUS[cpu];
         passthrough::ensure!(c.done.load(SeqCst) != 0, "CPU {cpu} did not finish");
+        passthrough::ensure!(
+            nmis_sent == 0 || c.nmis.load(SeqCst) > 0,
+            "{nmis_sent} NMIs sent to every CPU, none reached CPU {cpu}"
+        );
         passthrough::ensure!(
             c.last_lookup.load(SeqCst) == cx.dbgsh,
             "CPU {cpu}'s last lookup of \"dbgsh\" returned {}, not {}",
