@@ -733,6 +733,7 @@ pub const CASES: &[Case] = &[
     // (test-guests/checks/src/hostile.rs).
     HOSTILE_QEMU,
     HOSTILE_BOCHS,
+    HOSTILE_RYZEN,
 ];
 
 /// The `hostile` mode's module string: seed 1 (see the mode's docs to
@@ -769,6 +770,13 @@ const HOSTILE_BOCHS: Case = Case {
     must_not_contain: NO_FAIL,
     smp: 2,
     ..QEMU
+};
+/// On Bochs' AMD model: its CPUID offers EFER.TCE, which its VMRUN
+/// refuses (the guest's write must raise #GP, not stop the machine).
+const HOSTILE_RYZEN: Case = Case {
+    name: "bochs-ryzen-hostile",
+    emulator: RYZEN,
+    ..HOSTILE_BOCHS
 };
 
 /// What every Linux boot prints, under thinvisor, with two processors
