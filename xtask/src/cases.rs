@@ -1150,6 +1150,22 @@ mod tests {
     }
 
     #[test]
+    fn hostile_cases() {
+        let cases: Vec<&Case> = CASES
+            .iter()
+            .filter(|c| c.name.ends_with("-hostile"))
+            .collect();
+        assert_eq!(cases.len(), 3);
+        for case in cases {
+            assert!(case.smp >= 2 && case.hv_args.contains("layout=passthrough"));
+            assert_eq!(case.modules, HOSTILE_GUEST);
+            assert!(case.must_contain.contains(&"PASS hostile"));
+            assert!(case.must_contain.contains(&": intact"));
+            assert_eq!(case.must_not_contain, NO_FAIL);
+        }
+    }
+
+    #[test]
     fn linux_serial_judged() {
         let direct = find("qemu-linux");
         assert_eq!(
