@@ -31,13 +31,20 @@
 //! - names and buffers crossing from a good page into a bad one, with the
 //!   expected answer checked ([`name_op`]);
 //! - random CPUID leaves and subleaves (thinvisor's leaves checked);
+//! - CR0/CR4 bit flips ([`cr_op`]: the invalid ones must raise #GP; on
+//!   VT-x often with CR0.NE/CR4.VMXE, so that thinvisor's checks decide);
 //! - RDMSR/WRMSR from [`MSRS`] and random numbers, #GP caught (thinvisor's
 //!   protected MSRs must raise it); writes that would break the guest
 //!   itself are never made (see [`MsrKind`]);
 //! - port I/O: reads anywhere but the ports the run needs, writes only to
 //!   [`SAFE_WRITE_PORTS`];
-//! - self-IPIs on vectors 0x40-0x4F (handled, counted), stray SIPIs to the
-//!   APs (ignored by running processors), and the INIT storm.
+//! - self-IPIs on vectors 0x40-0x4F (handled, counted), IPIs to the other
+//!   CPUs, NMIs to all, stray SIPIs to the APs (ignored by running
+//!   processors), and the INIT storm;
+//! - conversations with the debug shell ([`shell_op`]): hostile `mem` and
+//!   `log` commands, junk, overlong lines.
+//!
+//! `only=KIND` runs one kind of operation of the stream (see [`ONLY`]).
 //!
 //! Pass: no failure recorded, at least `MIN_TOTAL_OPS` operations, every
 //! CPU's last lookup of "dbgsh" returns the number the BSP found first,
