@@ -169,14 +169,24 @@ impl DeviceWrite for ApicPage {
     }
 }
 
-/// A guest write to the x2APIC ICR MSR: start a held processor, or send.
-pub fn x2apic_icr_write(value: u64) {
-    if startup_ipi(&Icr::x2apic(value)) {
-        return;
+/// A guest write to the x2APIC ICR MSR (reserved bits already refused by
+/// the core): start a held processor, or send. False when the APIC is not
+/// in x2APIC mode (the MSR does not exist then: the guest gets #GP).
+pub fn x2apic_icr_write(value: u64) -> bool {
+    const IA32_APIC_BASE: u32 = 0x1B;
+    const X2APIC_ENABLE: u64 = 1 << 10;
+    // SAFETY: IA32_APIC_BASE exists on every processor with a local APIC;
+    // the guest's APIC is this processor's own (pass-through).
+    if unsafe { Msr::new(IA32_APIC_BASE).read() } & X2APIC_ENABLE == 0 {
+        return false;
     }
-    // SAFETY: the guest's own IPI, as it asked (the MSR exists: the guest
-    // reached it in x2APIC mode).
+    if startup_ipi(&Icr::x2apic(value)) {
+        return true;
+    }
+    // SAFETY: the guest's own IPI, as it asked: x2APIC mode is on (checked
+    // above) and no reserved bit is set (checked by the core).
     unsafe { Msr::new(thinvisor_vmm::apic::X2APIC_ICR_MSR).write(value) };
+    true
 }
 
 /// INIT/SIPI to processors thinvisor holds: delivered here, not sent.

@@ -142,8 +142,8 @@ impl Platform for Machine {
         }
     }
 
-    fn x2apic_icr_write(&self, value: u64) {
-        crate::apic::x2apic_icr_write(value);
+    fn x2apic_icr_write(&self, value: u64) -> bool {
+        crate::apic::x2apic_icr_write(value)
     }
 
     fn msr_read(&self, msr: u32) -> Option<u64> {

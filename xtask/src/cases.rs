@@ -731,7 +731,56 @@ pub const CASES: &[Case] = &[
         must_not_contain: NO_FAIL,
         ..QEMU
     },
+    // The hostile guest (issue 9): random VMM calls, hostile page tables,
+    // CPUID, MSRs, port I/O and IPIs on both processors at once, seeded
+    // (test-guests/checks/src/hostile.rs).
+    HOSTILE_QEMU,
+    HOSTILE_BOCHS,
+    HOSTILE_RYZEN,
 ];
+
+/// The `hostile` mode's module string: seed 1 (see the mode's docs to
+/// reproduce another seed).
+const HOSTILE_GUEST: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf hostile seed=1")];
+/// Its run passed: the guest's own verdict, both CPUs' last lookups, and
+/// thinvisor's canary.
+const HOSTILE_PASSED: &[&str] = &[
+    "test-guest: hostile: 1 APs started",
+    "test-guest: hostile CPU 0: ",
+    "test-guest: hostile CPU 1: ",
+    "test-guest: hostile: thinvisor answered every CPU's last lookup",
+    "PASS hostile",
+    "SUMMARY: 1 passed, 0 failed",
+    "canary in thinvisor's memory at",
+    ": intact",
+];
+const HOSTILE_QEMU: Case = Case {
+    name: "qemu-hostile",
+    hv_args: "log=info layout=passthrough",
+    modules: HOSTILE_GUEST,
+    exit: Some(exit_code::GUEST_PASSED),
+    must_contain: HOSTILE_PASSED,
+    must_not_contain: NO_FAIL,
+    smp: 2,
+    ..QEMU
+};
+const HOSTILE_BOCHS: Case = Case {
+    name: "bochs-skylake-x-hostile",
+    emulator: SKYLAKE_X,
+    hv_args: "log=info layout=passthrough",
+    modules: HOSTILE_GUEST,
+    must_contain: HOSTILE_PASSED,
+    must_not_contain: NO_FAIL,
+    smp: 2,
+    ..QEMU
+};
+/// On Bochs' AMD model: its CPUID offers EFER.TCE, which its VMRUN
+/// refuses (the guest's write must raise #GP, not stop the machine).
+const HOSTILE_RYZEN: Case = Case {
+    name: "bochs-ryzen-hostile",
+    emulator: RYZEN,
+    ..HOSTILE_BOCHS
+};
 
 /// What every Linux boot prints, under thinvisor, with two processors
 /// (see `linux::INIT_SCRIPT` and the probe in `guest-tools`).
@@ -1100,6 +1149,22 @@ mod tests {
             assert_eq!(case.modules, PASSTHROUGH_GUEST);
             assert!(case.must_contain.contains(&"SUMMARY: 9 passed, 0 failed"));
             assert!(case.must_contain.contains(&"PASS log_set_buf_refused"));
+        }
+    }
+
+    #[test]
+    fn hostile_cases() {
+        let cases: Vec<&Case> = CASES
+            .iter()
+            .filter(|c| c.name.ends_with("-hostile"))
+            .collect();
+        assert_eq!(cases.len(), 3);
+        for case in cases {
+            assert!(case.smp >= 2 && case.hv_args.contains("layout=passthrough"));
+            assert_eq!(case.modules, HOSTILE_GUEST);
+            assert!(case.must_contain.contains(&"PASS hostile"));
+            assert!(case.must_contain.contains(&": intact"));
+            assert_eq!(case.must_not_contain, NO_FAIL);
         }
     }
 

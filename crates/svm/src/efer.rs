@@ -53,6 +53,14 @@ pub fn after_write(real: u64, value: u64, writable: u64, paging: bool) -> Option
     Some((value & writable) | (real & LMA) | SVME)
 }
 
+/// The bits an EFER write set that VMRUN then refused (the entry failed
+/// with VMEXIT_INVALID right after it): the bits it turned on, SVME and LMA
+/// aside (thinvisor's and the processor's). The guest may not set them any
+/// more; the write is answered with #GP.
+pub fn refused_by_vmrun(before: u64, after: u64) -> u64 {
+    after & !before & !(SVME | LMA)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +95,19 @@ mod tests {
         assert_eq!(after_write(SVME, LME, ALL, true), None);
         assert_eq!(after_write(SVME | LME | LMA, 0, ALL, true), None);
         assert_eq!(after_write(SVME, LME, ALL, false), Some(SVME | LME));
+    }
+
+    #[test]
+    fn bits_refused_by_vmrun_are_the_ones_turned_on() {
+        let before = SVME | LME | LMA | NXE;
+        assert_eq!(refused_by_vmrun(before, before | TCE), TCE);
+        assert_eq!(
+            refused_by_vmrun(before, (before | TCE | SCE) & !NXE),
+            TCE | SCE
+        );
+        // Bits turned off, SVME and LMA are never blamed.
+        assert_eq!(refused_by_vmrun(before, SVME | LME | LMA), 0);
+        assert_eq!(refused_by_vmrun(LME, LME | LMA | SVME), 0);
     }
 
     #[test]

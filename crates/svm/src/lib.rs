@@ -271,8 +271,12 @@ pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     exit_insn_len: u64,
     /// CR2 for an injected page fault, written to the processor too.
     pending_cr2: Option<u64>,
-    /// EFER bits the guest may write ([`efer::writable_bits`]).
+    /// EFER bits the guest may write ([`efer::writable_bits`], less any
+    /// that VMRUN refused since).
     efer_writable: u64,
+    /// The EFER and RIP from before the last emulated EFER write, until
+    /// the next VMRUN accepts the new value ([`efer::refused_by_vmrun`]).
+    efer_undo: Option<(u64, u64)>,
     /// Exits by [`exit_slot`].
     stats: ExitStats,
     /// An event to deliver at the first entry that has no other one.
@@ -534,6 +538,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 let ext1 = core::arch::x86_64::__cpuid(0x8000_0001);
                 efer::writable_bits(ext1.ecx, ext1.edx)
             },
+            efer_undo: None,
             stats: ExitStats::default(),
             deferred: None,
             host_nmis: None,
@@ -616,7 +621,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             let value = (self.regs.rdx << 32) | (s.rax & 0xFFFF_FFFF);
             let paging = s.cr0 & (1 << 31) != 0;
             match efer::after_write(s.efer, value, self.efer_writable, paging) {
-                Some(new) => s.efer = new,
+                Some(new) => {
+                    self.efer_undo = Some((s.efer, s.rip));
+                    s.efer = new;
+                }
                 None => return self.inject(Event::GP0),
             }
         }
@@ -894,6 +902,9 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                     core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
                 };
             }
+            // After an emulated EFER write the entry may fail: keep the
+            // guest state to go back to (below).
+            let before = self.efer_undo.map(|_| self.vmcb.save);
             // SAFETY: the VMCB and host save area are this vCPU's own pages
             // (constructor contract), SVM is enabled, and the stub preserves
             // every callee-saved register of the host.
@@ -908,6 +919,31 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
             // EFER, SVME clear (SeaBIOS loads its saved 32-bit context);
             // the next VMRUN needs it set, and the guest never sees it.
             self.vmcb.save.efer |= EFER_SVME;
+            if let (Some((old, rip)), Some(before)) = (self.efer_undo.take(), before) {
+                let code = self.vmcb.control.exit_code;
+                if code == exit_code::INVALID || code == u64::from(u32::MAX) {
+                    // The guest's EFER write set a bit CPUID offers but
+                    // this processor refuses (Bochs' ryzen model reports
+                    // TCE yet rejects EFER.TCE): the write raises #GP, as
+                    // on that processor, and the bit stays refused. The
+                    // hostile test guest found that VMRUN failed instead
+                    // and took the whole machine down. (Bochs then leaves
+                    // the host's state in the save area: restore ours.)
+                    self.vmcb.save = before;
+                    let s = &mut self.vmcb.save;
+                    let refused = efer::refused_by_vmrun(old, s.efer);
+                    log::warn!(
+                        "VMRUN refused the guest's EFER {:#x}: bits {refused:#x} raise #GP from now on",
+                        s.efer
+                    );
+                    self.efer_writable &= !refused;
+                    s.efer = old;
+                    s.rip = rip;
+                    self.vmcb.control.event_inj = 0;
+                    self.inject(Event::GP0);
+                    continue;
+                }
+            }
             let c = &mut self.vmcb.control;
             self.stats.record(exit_slot(c.exit_code));
             c.tlb_control = tlb_control::DO_NOTHING;

@@ -87,7 +87,10 @@ pub struct ControlArea {
 }
 
 /// State save area, offsets 0x400..0x698 of the VMCB (APM vol. 2, table B-2).
+/// Copy: a failed VMRUN may leave other state in it (Bochs stores the
+/// host's), so the backend keeps a copy when it expects a failure.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct StateSaveArea {
     pub es: Segment,
     pub cs: Segment,

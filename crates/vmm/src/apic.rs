@@ -24,6 +24,13 @@ pub const XAPIC_ICR_HIGH: u64 = 0x310;
 /// The x2APIC ICR MSR: one 64-bit write sends the IPI (SDM vol. 3A,
 /// 11.12.9).
 pub const X2APIC_ICR_MSR: u32 = 0x830;
+
+/// Bits of the x2APIC ICR's low dword that are reserved (SDM vol. 3A,
+/// 11.12.9: bit 12, delivery status, is gone in x2APIC mode; 13, 16-17 and
+/// 20-31 are reserved as in the xAPIC). WRMSR with any of them set raises
+/// #GP(0), so thinvisor must not make that write itself (it would fault in
+/// the host).
+pub const X2APIC_ICR_RESERVED: u64 = 0xFFF3_3000;
 /// The local APIC's default physical base (IA32_APIC_BASE after reset).
 pub const DEFAULT_APIC_BASE: u64 = 0xFEE0_0000;
 

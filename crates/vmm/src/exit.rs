@@ -127,8 +127,10 @@ pub trait Platform: Sync {
     fn io_read(&self, port: u16, size: u8) -> u32;
     /// WRMSR of the x2APIC interrupt command register (the one MSR write
     /// thinvisor watches outside its own: it starts processors), on the
-    /// guest's behalf.
-    fn x2apic_icr_write(&self, value: u64);
+    /// guest's behalf. False, with nothing done, when the local APIC is not
+    /// in x2APIC mode: the processor raises #GP(0) for the MSR then (the
+    /// intercept fires in either mode).
+    fn x2apic_icr_write(&self, value: u64) -> bool;
     /// RDMSR on this processor; None when it raises #GP.
     fn msr_read(&self, msr: u32) -> Option<u64>;
     /// WRMSR on this processor, on the guest's behalf, of a value
@@ -315,11 +317,18 @@ fn on_nested_page_fault<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, fault: NestedFault
 
 /// WRMSR to the x2APIC ICR (SDM vol. 3A, 11.12.9): EDX:EAX is the whole
 /// command; the platform sends it, or starts a processor thinvisor holds.
+/// The write raises #GP(0) as the processor's would when a reserved bit is
+/// set or the APIC is in xAPIC mode (x2APIC MSRs exist only in x2APIC
+/// mode): the hostile test guest's random WRMSR 0x830 in xAPIC mode made
+/// thinvisor execute it in the host, where it faulted.
 fn on_x2apic_icr<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V) -> Action {
     let value = (vcpu.gpr(Gpr::Rdx) << 32) | (vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF);
-    match vmm.vm.platform {
-        Some(p) => p.x2apic_icr_write(value),
-        None => return on_protected_msr(vcpu, crate::apic::X2APIC_ICR_MSR, true),
+    let sent = match vmm.vm.platform {
+        Some(p) if value & crate::apic::X2APIC_ICR_RESERVED == 0 => p.x2apic_icr_write(value),
+        _ => false,
+    };
+    if !sent {
+        return on_protected_msr(vcpu, crate::apic::X2APIC_ICR_MSR, true);
     }
     vcpu.skip_instruction();
     Action::Resume

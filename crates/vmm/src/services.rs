@@ -254,7 +254,12 @@ fn refuse(ctx: &mut CallContext<'_>) -> CallOutcome {
     CallOutcome::Return
 }
 
-/// Translate every page of [la, la + len) for `access`; the first failure.
+/// Translate every page of [la, la + len) for `access` and check that
+/// the guest-physical bytes behind it are memory the VMM may write (not
+/// MMIO, a hole, or thinvisor's own block); the first failure. A page that
+/// translates but lies outside guest RAM must fail here, before any byte
+/// of an earlier page is written (the hostile test guest found buffers
+/// running from a good page into the local APIC half-written).
 fn check_writable(
     ctx: &CallContext<'_>,
     la: u64,
@@ -277,7 +282,12 @@ fn check_writable(
         // The first page is checked at the buffer's own address so a
         // fault reports it as CR2.
         let at = if i == 0 { la } else { page };
-        translate(memory, &paging, GuestLinearAddr::new(at), access)?;
+        let t = translate(memory, &paging, GuestLinearAddr::new(at), access)?;
+        // The bytes of the buffer in this page (at most to the page's end).
+        let in_page = (4096 - (at & 0xFFF)).min(la.wrapping_add(len).wrapping_sub(at));
+        memory
+            .map(t.gpa, in_page as usize)
+            .map_err(|e| TranslateError::PhysUnreadable { gpa: e.gpa })?;
     }
     Ok(())
 }

@@ -446,6 +446,84 @@ fn protected_msrs_raise_gp_without_stepping() {
     assert_eq!(vcpu.skipped, 0);
 }
 
+/// A platform whose APIC is in x2APIC mode or not, recording the ICR
+/// writes it was asked to make.
+struct FakeIcrPlatform {
+    x2apic: bool,
+    sent: spin::Mutex<vec::Vec<u64>>,
+}
+
+impl crate::Platform for FakeIcrPlatform {
+    fn io_write(&self, _: u16, _: u8, _: u32) {}
+    fn io_read(&self, _: u16, _: u8) -> u32 {
+        0
+    }
+    fn x2apic_icr_write(&self, value: u64) -> bool {
+        if self.x2apic {
+            self.sent.lock().push(value);
+        }
+        self.x2apic
+    }
+    fn msr_read(&self, _: u32) -> Option<u64> {
+        None
+    }
+    fn msr_write(&self, _: u32, _: u64) -> bool {
+        false
+    }
+    fn max_phys_addr(&self) -> u8 {
+        36
+    }
+}
+
+fn icr_write(x2apic: bool, value: u64) -> (FakeVcpu, vec::Vec<u64>) {
+    let platform: &'static FakeIcrPlatform =
+        std::boxed::Box::leak(std::boxed::Box::new(FakeIcrPlatform {
+            x2apic,
+            sent: spin::Mutex::new(vec::Vec::new()),
+        }));
+    let mut vm = Vm::new(CpuidPolicy::new(fake_cpuid), new_log());
+    vm.platform = Some(platform);
+    let mut vmm = Vmm::new(std::boxed::Box::leak(std::boxed::Box::new(vm)));
+    let mut vcpu = FakeVcpu::new();
+    vcpu.set_gpr(Gpr::Rcx, 0x830);
+    vcpu.set_gpr(Gpr::Rax, value & 0xFFFF_FFFF);
+    vcpu.set_gpr(Gpr::Rdx, value >> 32);
+    let exit = Exit::Msr {
+        msr: 0x830,
+        write: true,
+    };
+    assert_eq!(handle_exit(&mut vmm, &mut vcpu, exit), Action::Resume);
+    let sent = platform.sent.lock().clone();
+    (vcpu, sent)
+}
+
+#[test]
+fn x2apic_icr_writes_are_sent_in_x2apic_mode() {
+    // Fixed IPI, vector 0x40, to APIC ID 1.
+    let (vcpu, sent) = icr_write(true, 1 << 32 | 0x40);
+    assert_eq!(sent, [1 << 32 | 0x40]);
+    assert_eq!(vcpu.injected, None);
+    assert_eq!(vcpu.skipped, 1);
+}
+
+#[test]
+fn x2apic_icr_writes_raise_gp_in_xapic_mode_or_with_reserved_bits() {
+    // Found by the hostile test guest: WRMSR 0x830 in xAPIC mode exits
+    // (the intercept does not look at the mode), and thinvisor made the
+    // write itself, in the host, where it raised #GP.
+    let (vcpu, sent) = icr_write(false, 0x4004B);
+    assert_eq!(sent, []);
+    assert_eq!(vcpu.injected, Some(Event::GP0));
+    assert_eq!(vcpu.skipped, 0);
+    // Reserved bits (12, 13, 16, 17, 20-31) in x2APIC mode: #GP, not sent.
+    for bit in [12, 13, 16, 17, 20, 31] {
+        let (vcpu, sent) = icr_write(true, 0x40 | 1 << bit);
+        assert_eq!(sent, [], "bit {bit}");
+        assert_eq!(vcpu.injected, Some(Event::GP0), "bit {bit}");
+        assert_eq!(vcpu.skipped, 0);
+    }
+}
+
 #[test]
 fn virtualization_instructions_raise_ud() {
     let mut vmm = vmm();
@@ -658,6 +736,33 @@ fn log_read_refuses_buffers_the_caller_may_not_write() {
         LOG_READ_REFUSED
     );
     assert_eq!(vcpu.injected, None);
+}
+
+#[test]
+fn log_read_writes_nothing_when_a_later_page_is_not_guest_ram() {
+    // Found by the hostile test guest: the first page translated to RAM,
+    // the second to a device (beyond RAM here); every page translated, so
+    // the first was written before the second failed.
+    let mut vmm = vmm();
+    vmm.vm.services.log.lock().push(&[b'x'; 600]);
+    let mut vcpu = FakeVcpu::new();
+    let mut pt = PageTables::new(vcpu.mem, PagingMode::Level4, TABLES.0, TABLES.1).unwrap();
+    pt.map(vcpu.mem, BUF, 0x10000, SIZE_4K, RW).unwrap();
+    pt.map(vcpu.mem, BUF + SIZE_4K, RAM as u64 + 0x1000, SIZE_4K, RW)
+        .unwrap();
+    vcpu.paging = pt.regs();
+    assert_eq!(
+        log_read(&mut vmm, &mut vcpu, BUF + 0xF00, 0x200, 0).0,
+        LOG_READ_REFUSED
+    );
+    assert_eq!(vcpu.injected, None);
+    assert_eq!(guest_bytes(&vcpu, 0x10F00, 0x100), [0u8; 0x100]);
+    // The same buffer ending at the good page's end is written.
+    assert_eq!(
+        log_read(&mut vmm, &mut vcpu, BUF + 0xF00, 0x100, 0),
+        (0x100, 0)
+    );
+    assert_eq!(guest_bytes(&vcpu, 0x10F00, 0x100), [b'x'; 0x100]);
 }
 
 #[test]
@@ -882,7 +987,9 @@ impl crate::Platform for FakeMsrs {
     fn io_read(&self, _: u16, _: u8) -> u32 {
         0
     }
-    fn x2apic_icr_write(&self, _: u64) {}
+    fn x2apic_icr_write(&self, _: u64) -> bool {
+        false
+    }
     fn msr_read(&self, msr: u32) -> Option<u64> {
         let written = self
             .writes

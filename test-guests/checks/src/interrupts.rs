@@ -171,13 +171,18 @@ const NAMES: [&str; 32] = [
     "RSVD27", "HV", "VC", "SX", "RSVD31",
 ];
 
-/// Called by `tg_exc64_common` on the IST stack. A page fault the demand
-/// pager handles, or an exception a check armed (`recover.rs`), returns
+/// Called by `tg_exc64_common` on the IST stack (on the interrupted stack
+/// in the `hostile` mode, whose IDT has no IST). An exception the hostile
+/// mode's running CPU armed (`hostile::try_recover`), a page fault the
+/// demand pager handles, or an exception a check armed (`recover.rs`), returns
 /// here, and the stub resumes the guest with the frame as changed (or, for
 /// the demand pager, unchanged: the faulting instruction runs again); any
 /// other one is reported and ends the run.
 pub extern "sysv64" fn exception_entry(frame: &mut ExceptionFrame) {
     let cr2 = cpu::read_cr2();
+    if crate::hostile::try_recover(frame, cr2) {
+        return;
+    }
     if demand::try_handle(frame, cr2) || recover::try_recover(frame, cr2) {
         return;
     }

@@ -26,6 +26,8 @@ mod entry;
 mod global;
 mod guarded;
 #[cfg(target_os = "none")]
+mod hostile;
+#[cfg(target_os = "none")]
 mod interrupts;
 #[cfg(target_os = "none")]
 mod logbuf;

@@ -322,7 +322,7 @@ fn install_gates() -> DescriptorPtr {
 
 /// Moves the 8259 PICs to vectors 0x20-0x2F and masks every line (ICW1-4,
 /// then OCW1; 8259A data sheet): only the local APIC timer may interrupt.
-fn mask_pics() {
+pub fn mask_pics() {
     let io_wait = || outb(0x80, 0);
     for (cmd, data, base, cascade) in [(0x20, 0x21, PIC_BASE, 4), (0xA0, 0xA1, PIC_BASE + 8, 2)] {
         outb(cmd, 0x11); // ICW1: edge, cascade, ICW4 follows
