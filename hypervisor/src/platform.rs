@@ -128,6 +128,7 @@ impl Platform for Machine {
     fn io_write(&self, port: u16, size: u8, value: u32) {
         if let Some(what) = power_event(port, value) {
             info!("the guest {what} (port {port:#x}, value {value:#x})");
+            crate::iommu::final_report();
             log_exit_tables();
             check_canary();
             crate::serial::Console::drain();
@@ -144,6 +145,10 @@ impl Platform for Machine {
 
     fn x2apic_icr_write(&self, value: u64) {
         crate::apic::x2apic_icr_write(value);
+    }
+
+    fn poll_devices(&self) {
+        crate::iommu::poll();
     }
 
     fn io_read(&self, port: u16, size: u8) -> u32 {
