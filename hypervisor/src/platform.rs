@@ -85,6 +85,8 @@ pub fn plant_canary() {
         unsafe { words.add(i).write_volatile(CANARY_WORD ^ i as u64) };
     }
     CANARY.store(page, Ordering::Release);
+    // Tests aim device DMA at it (test-guests/checks/src/dma.rs).
+    info!("canary planted in thinvisor's memory at {page:#x}");
 }
 
 /// Check the canary and say so.

@@ -6,7 +6,7 @@ use core::ops::Range;
 use thinvisor_iommu::amdvi::{self as spec, Event};
 use thinvisor_iommu::ivrs::Ivhd;
 use thinvisor_iommu::tables::{self, Format, Identity};
-use thinvisor_iommu::DmaFault;
+use thinvisor_iommu::{DmaFault, SourceId};
 
 use super::{wait_for, Regs};
 use crate::mem;
@@ -25,6 +25,10 @@ struct Unit {
     /// An 8-byte word COMPLETION_WAIT stores to.
     completion: u64,
     efr: u64,
+    /// The IOMMU's own PCI function: its ID and the physical address of
+    /// its PCI Status register in ECAM space, when the MCFG gave one.
+    pci: SourceId,
+    pci_status: Option<u64>,
 }
 
 /// The IOMMUs, once translation is on.
@@ -77,7 +81,12 @@ impl Unit {
 }
 
 /// Builds the tables and the device table, and switches every IOMMU on.
-pub fn enable(units: &[Ivhd], top: u64, hidden: &[Range<u64>]) -> Result<Units, &'static str> {
+pub fn enable(
+    units: &[Ivhd],
+    top: u64,
+    hidden: &[Range<u64>],
+    ecam: Option<super::Ecam>,
+) -> Result<Units, &'static str> {
     let levels = if top <= 1 << 39 { 3 } else { 4 };
     let built = tables::build(
         &mut mem::HeapTables,
@@ -119,6 +128,11 @@ pub fn enable(units: &[Ivhd], top: u64, hidden: &[Range<u64>]) -> Result<Units, 
             event_head: 0,
             completion: page()?,
             efr: regs.read64(spec::EXTENDED_FEATURE),
+            pci: SourceId(u.device_id),
+            pci_status: ecam
+                .filter(|_| u.segment == 0)
+                .and_then(|e| e.config(u.device_id))
+                .map(|config| config + 6),
         };
         if unit.efr == u64::MAX {
             return Err("an IOMMU's registers read as all ones");
@@ -228,6 +242,7 @@ impl Unit {
             self.event_head = (self.event_head + spec::EVENT_LEN) % spec::RING_BYTES;
             seen += 1;
         }
+        self.poll_pci_status();
         let r = self.regs;
         if seen > 0 {
             r.write64(spec::EVENT_HEAD, self.event_head as u64);
@@ -244,6 +259,32 @@ impl Unit {
             unsafe { core::ptr::write_bytes(log, 0, spec::RING_BYTES) };
             r.write64(spec::CONTROL, control | spec::CONTROL_EVENT_LOG_EN);
             log::warn!("iommu: an AMD-Vi event log overflowed; some faults were not recorded");
+        }
+    }
+}
+
+impl Unit {
+    /// The IOMMU's PCI Status register: Signaled Target Abort (bit 11,
+    /// write 1 to clear) means it refused a device's request. That is
+    /// the only trace a blocked DMA leaves on QEMU 7.2's AMD-Vi model,
+    /// which never writes its event log (its `amdvi_test_mask` ORs where
+    /// it should AND, so every event counts as an overflow); on hardware
+    /// the event log has the details and this line comes as well.
+    fn poll_pci_status(&mut self) {
+        const SIGNALED_TARGET_ABORT: u16 = 1 << 11;
+        let Some(status) = self.pci_status else {
+            return;
+        };
+        let reg = mem::phys_to_virt(status) as *mut u16;
+        // SAFETY: the IOMMU's PCI Status register in the ECAM window
+        // (checked mapped at discovery); a 16-bit volatile access touches
+        // no other register, and writing 1 to the abort bit only clears it
+        // (the other write-1-to-clear bits are written 0).
+        let value = unsafe { reg.read_volatile() };
+        if value != u16::MAX && value & SIGNALED_TARGET_ABORT != 0 {
+            // SAFETY: as above.
+            unsafe { reg.write_volatile(SIGNALED_TARGET_ABORT) };
+            super::report_abort(self.pci);
         }
     }
 }

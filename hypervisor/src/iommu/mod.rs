@@ -45,8 +45,51 @@ const MAX_MMIO: usize = dmar::MAX_UNITS;
 
 /// What [`discover`] found.
 enum Found {
-    VtD { dmar: dmar::Dmar, table: u64 },
-    AmdVi { ivrs: ivrs::Ivrs, table: u64 },
+    VtD {
+        dmar: dmar::Dmar,
+        table: u64,
+    },
+    AmdVi {
+        ivrs: ivrs::Ivrs,
+        table: u64,
+        ecam: Option<Ecam>,
+    },
+}
+
+/// PCI Express configuration space of segment 0 (from the MCFG, ACPI's
+/// "PCI Express memory mapped configuration space base address
+/// description table": base u64, segment u16, start bus, end bus, in
+/// 16-byte entries from byte 44).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ecam {
+    base: u64,
+    start_bus: u8,
+    end_bus: u8,
+}
+
+impl Ecam {
+    /// The configuration space of requester `id` (bus << 8 | devfn).
+    pub fn config(&self, id: u16) -> Option<u64> {
+        let bus = (id >> 8) as u8;
+        if !(self.start_bus..=self.end_bus).contains(&bus) {
+            return None;
+        }
+        let at = self.base + (u64::from(bus - self.start_bus) << 20) + (u64::from(id & 0xFF) << 12);
+        mem::is_mapped(at, 4096).then_some(at)
+    }
+
+    /// Segment 0's entry of an MCFG table.
+    fn from_mcfg(table: &[u8]) -> Option<Ecam> {
+        table.get(44..)?.chunks_exact(16).find_map(|e| {
+            let base = u64::from_le_bytes(e[..8].try_into().ok()?);
+            let segment = u16::from_le_bytes([e[8], e[9]]);
+            (segment == 0 && base != 0 && e[10] <= e[11]).then_some(Ecam {
+                base,
+                start_bus: e[10],
+                end_bus: e[11],
+            })
+        })
+    }
 }
 
 /// What discovery decided, for the rest of the boot.
@@ -97,18 +140,23 @@ impl AcpiHandler for DirectMapAcpi {
     fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
 }
 
+/// Which table [`Sdt`] stands for.
+const DMAR: u8 = 0;
+const IVRS: u8 = 1;
+const MCFG: u8 = 2;
+
 /// A table found by signature: only its header is typed; the body is
-/// read as bytes.
+/// read as bytes (the crate's own MCFG type trusts the header's length).
 #[repr(transparent)]
-struct Sdt<const DMAR: bool>(acpi::sdt::SdtHeader);
+struct Sdt<const KIND: u8>(acpi::sdt::SdtHeader);
 
 // SAFETY: `Sdt` is exactly an SDT header (repr(transparent)), which is
 // what the trait requires; the signature is the table's own.
-unsafe impl<const DMAR: bool> AcpiTable for Sdt<DMAR> {
-    const SIGNATURE: acpi::sdt::Signature = if DMAR {
-        acpi::sdt::Signature::DMAR
-    } else {
-        acpi::sdt::Signature::IVRS
+unsafe impl<const KIND: u8> AcpiTable for Sdt<KIND> {
+    const SIGNATURE: acpi::sdt::Signature = match KIND {
+        DMAR => acpi::sdt::Signature::DMAR,
+        IVRS => acpi::sdt::Signature::IVRS,
+        _ => acpi::sdt::Signature::MCFG,
     };
 
     fn header(&self) -> &acpi::sdt::SdtHeader {
@@ -120,8 +168,8 @@ unsafe impl<const DMAR: bool> AcpiTable for Sdt<DMAR> {
 const MAX_TABLE_LEN: usize = 64 * 1024;
 
 /// The table `T` (checksum verified by the crate): its address and bytes.
-fn find<const DMAR: bool>(tables: &AcpiTables<DirectMapAcpi>) -> Option<(u64, &'static [u8])> {
-    let mapping = tables.find_table::<Sdt<DMAR>>().ok()?;
+fn find<const KIND: u8>(tables: &AcpiTables<DirectMapAcpi>) -> Option<(u64, &'static [u8])> {
+    let mapping = tables.find_table::<Sdt<KIND>>().ok()?;
     let (pa, len) = (mapping.physical_start() as u64, mapping.region_length());
     if !(thinvisor_iommu::SDT_HEADER_LEN..=MAX_TABLE_LEN).contains(&len)
         || !mem::is_mapped(pa, len as u64)
@@ -184,7 +232,7 @@ fn find_units() -> Result<Found, &'static str> {
         Ok(t) => t,
         Err(_) => return Err("none found (no ACPI tables)"),
     };
-    if let Some((pa, bytes)) = find::<true>(&tables) {
+    if let Some((pa, bytes)) = find::<DMAR>(&tables) {
         return match dmar::parse(bytes) {
             Ok(d) if d.units_dropped > 0 => {
                 Err("the DMAR table lists more remapping units than thinvisor handles")
@@ -196,12 +244,16 @@ fn find_units() -> Result<Found, &'static str> {
             }
         };
     }
-    if let Some((pa, bytes)) = find::<false>(&tables) {
+    if let Some((pa, bytes)) = find::<IVRS>(&tables) {
         return match ivrs::parse(bytes) {
             Ok(i) if i.units_dropped > 0 => {
                 Err("the IVRS table lists more IOMMUs than thinvisor handles")
             }
-            Ok(ivrs) => Ok(Found::AmdVi { ivrs, table: pa }),
+            Ok(ivrs) => Ok(Found::AmdVi {
+                ivrs,
+                table: pa,
+                ecam: find::<MCFG>(&tables).and_then(|(_, t)| Ecam::from_mcfg(t)),
+            }),
             Err(e) => {
                 warn!("iommu: IVRS at {pa:#x}: {e}");
                 Err("the IVRS table is unusable")
@@ -271,7 +323,9 @@ pub fn protect(top: u64, hidden: mem::Reserved) {
             }
             vtd::enable(dmar.units(), top, no_dma).map(Active::VtD)
         }
-        Found::AmdVi { ivrs, .. } => amdvi::enable(ivrs.units(), top, no_dma).map(Active::AmdVi),
+        Found::AmdVi { ivrs, ecam, .. } => {
+            amdvi::enable(ivrs.units(), top, no_dma, *ecam).map(Active::AmdVi)
+        }
     };
     let active = match result {
         Ok(a) => a,
@@ -338,6 +392,18 @@ fn report(fault: &DmaFault) {
         }
     } else if n.is_multiple_of(SUMMARY_EVERY) {
         warn!("iommu: {n} DMA faults so far; the latest: {fault}");
+    }
+}
+
+/// Logs a request an AMD-Vi unit aborted without an event (see
+/// `amdvi::Unit::poll_pci_status`), counted and rate-limited like the
+/// others.
+fn report_abort(unit: thinvisor_iommu::SourceId) {
+    let n = FAULTS.fetch_add(1, Ordering::Relaxed) + 1;
+    if n <= LOGGED_FAULTS || n.is_multiple_of(SUMMARY_EVERY) {
+        warn!(
+            "iommu: DMA fault: the AMD-Vi unit {unit} aborted a device's request (Signaled Target Abort; its event log names no device)"
+        );
     }
 }
 

@@ -24,10 +24,12 @@ pub enum Mode {
     Reboot,
     /// Only the disabled shell's check (thinvisor runs with `dbgsh=off`).
     DbgshOff,
+    /// Device DMA against thinvisor's IOMMU protection (`dma.rs`).
+    Dma,
 }
 
 impl Mode {
-    const ALL: [Mode; 8] = [
+    const ALL: [Mode; 9] = [
         Mode::Checks,
         Mode::Npf,
         Mode::Halt,
@@ -36,6 +38,7 @@ impl Mode {
         Mode::Passthrough,
         Mode::Reboot,
         Mode::DbgshOff,
+        Mode::Dma,
     ];
 
     /// The name used on the command line and in the mode line.
@@ -49,6 +52,7 @@ impl Mode {
             Mode::Passthrough => "passthrough",
             Mode::Reboot => "reboot",
             Mode::DbgshOff => "dbgsh-off",
+            Mode::Dma => "dma",
         }
     }
 
@@ -67,6 +71,7 @@ impl Mode {
         match self {
             Mode::Checks => checks::run_all(boot),
             Mode::Passthrough => crate::passthrough::run_all(boot),
+            Mode::Dma => crate::dma::run_all(),
             Mode::DbgshOff => {
                 checks::run_one("dbgsh_disabled", || checks::dbgsh_disabled(boot));
                 checks::finish()
