@@ -303,6 +303,7 @@ pub(crate) mod tests {
     fn four_gib_with_a_block() {
         for format in [Format::VtdSecondLevel, Format::AmdVi] {
             let mut t = Tables(Vec::new());
+            #[allow(clippy::single_range_in_vec_init)] // one hidden range, as a slice
             let hidden = [BLOCK];
             let layout = Identity {
                 top: 4 << 30,
@@ -328,6 +329,7 @@ pub(crate) mod tests {
     #[test]
     fn entry_bits() {
         let mut t = Tables(Vec::new());
+        #[allow(clippy::single_range_in_vec_init)] // one hidden range, as a slice
         let hidden = [0x20_1000..0x20_2000];
         let layout = Identity {
             top: 1 << 30,

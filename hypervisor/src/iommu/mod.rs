@@ -104,6 +104,8 @@ static PLAN: Once<Plan> = Once::new();
 static MMIO: Once<([Range<u64>; MAX_MMIO], usize)> = Once::new();
 
 /// The units being polled for faults, once protection is on.
+// One instance, in a static, never moved: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Active {
     VtD(vtd::Units),
     AmdVi(amdvi::Units),
