@@ -227,42 +227,56 @@ fn unprotected(mode: IommuMode, why: impl core::fmt::Display) {
     warn!("iommu: {why}, DMA protection off (iommu=auto)");
 }
 
-fn find_units() -> Result<Found, &'static str> {
+/// Why no IOMMU can be used: the one line's reason.
+enum NotFound {
+    NoAcpi,
+    NoTable,
+    TooManyUnits(&'static str),
+    BadDmar(u64, dmar::DmarError),
+    BadIvrs(u64, ivrs::IvrsError),
+}
+
+impl core::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoAcpi => write!(f, "none found (no ACPI tables)"),
+            Self::NoTable => write!(f, "none found (no DMAR or IVRS table)"),
+            Self::TooManyUnits(t) => write!(
+                f,
+                "the {t} table lists more than {MAX_MMIO} units, more than thinvisor handles"
+            ),
+            Self::BadDmar(pa, e) => write!(f, "the DMAR table at {pa:#x} is unusable: {e}"),
+            Self::BadIvrs(pa, e) => write!(f, "the IVRS table at {pa:#x} is unusable: {e}"),
+        }
+    }
+}
+
+fn find_units() -> Result<Found, NotFound> {
     // SAFETY: thinvisor boots from a BIOS loader (multiboot): the BIOS
     // areas the search reads are identity-mapped memory, read only.
     let tables = match unsafe { AcpiTables::search_for_rsdp_bios(DirectMapAcpi) } {
         Ok(t) => t,
-        Err(_) => return Err("none found (no ACPI tables)"),
+        Err(_) => return Err(NotFound::NoAcpi),
     };
     if let Some((pa, bytes)) = find::<DMAR>(&tables) {
         return match dmar::parse(bytes) {
-            Ok(d) if d.units_dropped > 0 => {
-                Err("the DMAR table lists more remapping units than thinvisor handles")
-            }
+            Ok(d) if d.units_dropped > 0 => Err(NotFound::TooManyUnits("DMAR")),
             Ok(dmar) => Ok(Found::VtD { dmar, table: pa }),
-            Err(e) => {
-                warn!("iommu: DMAR at {pa:#x}: {e}");
-                Err("the DMAR table is unusable")
-            }
+            Err(e) => Err(NotFound::BadDmar(pa, e)),
         };
     }
     if let Some((pa, bytes)) = find::<IVRS>(&tables) {
         return match ivrs::parse(bytes) {
-            Ok(i) if i.units_dropped > 0 => {
-                Err("the IVRS table lists more IOMMUs than thinvisor handles")
-            }
+            Ok(i) if i.units_dropped > 0 => Err(NotFound::TooManyUnits("IVRS")),
             Ok(ivrs) => Ok(Found::AmdVi {
                 ivrs,
                 table: pa,
                 ecam: find::<MCFG>(&tables).and_then(|(_, t)| Ecam::from_mcfg(t)),
             }),
-            Err(e) => {
-                warn!("iommu: IVRS at {pa:#x}: {e}");
-                Err("the IVRS table is unusable")
-            }
+            Err(e) => Err(NotFound::BadIvrs(pa, e)),
         };
     }
-    Err("none found (no DMAR or IVRS table)")
+    Err(NotFound::NoTable)
 }
 
 /// Switches DMA remapping on: every device reaches [0, `top`) 1:1 except

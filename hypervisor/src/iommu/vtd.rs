@@ -3,6 +3,11 @@
 //! register-based invalidation (the units are left in the state the
 //! spec's reset describes: no queued invalidation, no interrupt
 //! remapping, so the Context Command and IOTLB registers work).
+//!
+//! Caching mode (CAP.CM, set by virtual IOMMUs) lets a unit cache
+//! not-present entries, which software must then invalidate when it makes
+//! them present; thinvisor never changes the tables once translation is
+//! on, and the global invalidations before TE cover the rest.
 
 use core::ops::Range;
 
