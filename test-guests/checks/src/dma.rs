@@ -14,7 +14,8 @@
 //! transfer here is [`COUNT`] bytes, half the buffer.
 //!
 //! The checks: DMA into ordinary guest memory works both ways (the guest
-//! sees the bytes); DMA into thinvisor's memory (its canary page, learnt
+//! sees the bytes); the IOMMU's registers read as zeros and the guest's
+//! attempt to switch translation off is dropped; DMA into thinvisor's memory (its canary page, learnt
 //! from thinvisor's log, or the block's first page) does not land (the
 //! run's end says the canary is intact) and thinvisor logs the fault with
 //! edu's bus:device.function; a DMA read of thinvisor's memory brings none
@@ -160,6 +161,39 @@ fn dma_to_guest_memory() -> CheckResult {
     Ok(())
 }
 
+/// `dma_iommu_registers_hidden`: the IOMMU's register window (from
+/// thinvisor's line `iommu: ..., N unit(s) at 0xBASE: DMA remapping on`)
+/// reads as zeros, and a write of 0 to offset 0x18 (VT-d GCMD: TE clear;
+/// AMD-Vi Control: IommuEn clear, both "translation off") is dropped:
+/// the checks after this one prove DMA is still blocked.
+fn dma_iommu_registers_hidden() -> CheckResult {
+    const KEY: &[u8] = b" unit(s) at ";
+    let log = passthrough::read_log()?;
+    let Some(at) = log.windows(KEY.len()).position(|w| w == KEY) else {
+        fail!("no \"unit(s) at\" line in thinvisor's log: no IOMMU in use")
+    };
+    let Some((base, _)) = passthrough::hex(&log[at + KEY.len()..]) else {
+        fail!("cannot parse the IOMMU's base in thinvisor's log")
+    };
+    map_identity_2m(base, true);
+    for off in (0..0x40).step_by(8) {
+        // SAFETY: the IOMMU's register window, identity-mapped uncached;
+        // thinvisor shows the guest a zero page there.
+        let v = unsafe { ((base + off) as *const u64).read_volatile() };
+        ensure!(
+            v == 0,
+            "the IOMMU's register at {:#x} reads {v:#x}",
+            base + off
+        );
+    }
+    // SAFETY: as above; the write is meant to be dropped.
+    unsafe { ((base + 0x18) as *mut u32).write_volatile(0) };
+    say!(
+        "test-guest: the IOMMU's registers at {base:#x} read as zeros; translation-off write sent"
+    );
+    Ok(())
+}
+
 /// thinvisor's canary page (from `canary planted in thinvisor's memory at
 /// 0x...` in its log), or the first page of its block.
 fn thinvisor_target() -> Result<u64, Why> {
@@ -300,9 +334,10 @@ fn dma_read_of_thinvisor_blocked() -> CheckResult {
 /// One check: its name and body.
 type Check = (&'static str, fn() -> CheckResult);
 
-const CHECKS: [Check; 4] = [
+const CHECKS: [Check; 5] = [
     ("dma_finds_edu", dma_finds_edu),
     ("dma_to_guest_memory", dma_to_guest_memory),
+    ("dma_iommu_registers_hidden", dma_iommu_registers_hidden),
     ("dma_into_thinvisor_blocked", dma_into_thinvisor_blocked),
     (
         "dma_read_of_thinvisor_blocked",
