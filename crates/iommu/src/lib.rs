@@ -14,6 +14,7 @@
 //! `fuzz/`).
 #![no_std]
 
+pub mod acpi;
 pub mod amdvi;
 pub mod dmar;
 pub mod ivrs;

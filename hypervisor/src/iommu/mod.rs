@@ -80,14 +80,11 @@ impl Ecam {
 
     /// Segment 0's entry of an MCFG table.
     fn from_mcfg(table: &[u8]) -> Option<Ecam> {
-        table.get(44..)?.chunks_exact(16).find_map(|e| {
-            let base = u64::from_le_bytes(e[..8].try_into().ok()?);
-            let segment = u16::from_le_bytes([e[8], e[9]]);
-            (segment == 0 && base != 0 && e[10] <= e[11]).then_some(Ecam {
-                base,
-                start_bus: e[10],
-                end_bus: e[11],
-            })
+        let (base, start_bus, end_bus) = thinvisor_iommu::acpi::mcfg_segment0(table)?;
+        Some(Ecam {
+            base,
+            start_bus,
+            end_bus,
         })
     }
 }
@@ -371,23 +368,28 @@ pub fn mmio_ranges() -> &'static [Range<u64>] {
 }
 
 /// Renames the table's signature (first letter to 'X': "XMAR", "XVRS")
-/// and fixes its checksum, as BitVisor does: an OS looking for a DMAR or
-/// IVRS finds none and never tries to drive the IOMMU thinvisor owns.
+/// and fixes its checksum (`thinvisor_iommu::acpi::hide_table`), as
+/// BitVisor does: an OS looking for a DMAR or IVRS finds none and never
+/// tries to drive the IOMMU thinvisor owns.
 fn hide_table(pa: u64, sig: &[u8; 4]) {
     // SAFETY: the table was found, checksum-verified and bounds-checked
-    // (mapped) by `find`; the guest does not run yet, so nothing else
-    // reads or writes it now.
-    let header = unsafe { mem::phys_slice_mut(pa, 36) };
-    if &header[..4] != sig {
+    // (mapped, at most 64 KiB) by `find`; the guest does not run yet, so
+    // nothing else reads or writes it now.
+    let header = unsafe { mem::phys_slice_mut(pa, 8) };
+    let len = u64::from(u32::from_le_bytes([
+        header[4], header[5], header[6], header[7],
+    ]));
+    if !mem::is_mapped(pa, len) || len > MAX_TABLE_LEN as u64 {
         return;
     }
-    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as u64;
-    header[0] = b'X';
-    // SAFETY: as above; `len` was checked against the mapping by `find`.
+    // SAFETY: as above, `len` checked.
     let table = unsafe { mem::phys_slice_mut(pa, len) };
-    table[9] = 0;
-    let sum = table.iter().fold(0u8, |s, &b| s.wrapping_add(b));
-    table[9] = 0u8.wrapping_sub(sum);
+    if !thinvisor_iommu::acpi::hide_table(table, sig) {
+        warn!(
+            "iommu: could not hide the {} table from the guest",
+            core::str::from_utf8(sig).unwrap_or("?")
+        );
+    }
 }
 
 /// Device faults seen so far.
