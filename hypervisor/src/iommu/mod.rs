@@ -74,7 +74,9 @@ impl Ecam {
         if !(self.start_bus..=self.end_bus).contains(&bus) {
             return None;
         }
-        let at = self.base + (u64::from(bus - self.start_bus) << 20) + (u64::from(id & 0xFF) << 12);
+        let at = self
+            .base
+            .checked_add((u64::from(bus - self.start_bus) << 20) | (u64::from(id & 0xFF) << 12))?;
         mem::is_mapped(at, 4096).then_some(at)
     }
 
@@ -296,13 +298,13 @@ pub fn protect(top: u64, hidden: mem::Reserved) {
     match found {
         Found::VtD { dmar, .. } => {
             for u in dmar.units() {
-                mmio[n] = u.register_base..u.register_base + u.register_len;
+                mmio[n] = u.register_base..u.register_base.saturating_add(u.register_len);
                 n += 1;
             }
         }
         Found::AmdVi { ivrs, .. } => {
             for u in ivrs.units() {
-                mmio[n] = u.base..u.base + amdvi::mmio_len(u);
+                mmio[n] = u.base..u.base.saturating_add(amdvi::mmio_len(u));
                 n += 1;
             }
         }
