@@ -16,6 +16,7 @@ mod apic;
 mod chain;
 mod entry;
 mod idt;
+mod iommu;
 mod mem;
 mod msr;
 mod passthrough;
@@ -68,8 +69,10 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     info!("command line: \"{}\"", boot.cmdline());
     log_memory_map(&boot);
 
+    // Before relocation: an AMD-Vi device table grows thinvisor's block.
+    let iommu_extra = iommu::discover(options.iommu);
     let mut frames = frame_allocator(&boot);
-    let reserved = match mem::relocate(&mut frames, available_end(&boot)) {
+    let reserved = match mem::relocate(&mut frames, available_end(&boot), iommu_extra) {
         Ok(r) => r,
         Err(e) => boot_error!("{e}"),
     };
@@ -104,6 +107,12 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             }
         }
     };
+    // Devices: all memory but thinvisor's block, before the guest runs.
+    let dma_top = match guest.memory {
+        GuestLayout::Passthrough { top, .. } => top,
+        GuestLayout::Isolated { .. } => available_end(&boot).max(4 << 30).next_multiple_of(SIZE_2M),
+    };
+    iommu::protect(dma_top, reserved);
     let vm: &'static Vm = VM.call_once(|| {
         let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
         shell::calibrate_clock();
@@ -448,6 +457,7 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
 
 /// Say how the guest ended and end the run with the matching status.
 pub(crate) fn report_stop(reason: StopReason) -> ! {
+    iommu::final_report();
     platform::log_exit_tables();
     platform::check_canary();
     let code = match reason {

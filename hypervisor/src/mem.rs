@@ -100,10 +100,15 @@ static HEAP_TOTAL: AtomicU64 = AtomicU64::new(0);
 /// processor has them, and the image at its linked addresses), switch to
 /// them. Every virtual address stays the same; only the physical pages
 /// behind the image change. From then on the old load area is ordinary
-/// memory and [`alloc_zeroed`] hands out pages of the block.
-pub fn relocate(frames: &mut FrameAllocator, top: u64) -> Result<Reserved, &'static str> {
+/// memory and [`alloc_zeroed`] hands out pages of the block. `extra`
+/// bytes are added to the heap (an AMD-Vi device table).
+pub fn relocate(
+    frames: &mut FrameAllocator,
+    top: u64,
+    extra: u64,
+) -> Result<Reserved, &'static str> {
     let image = image_size();
-    let size = (image + HEAP_SIZE).next_multiple_of(SIZE_2M);
+    let size = (image + HEAP_SIZE + extra).next_multiple_of(SIZE_2M);
     let base = frames
         .alloc_high(size, SIZE_2M, BOOT_MAP_SIZE)
         .ok_or("no room below 4 GiB for thinvisor's memory")?;

@@ -286,15 +286,20 @@ pub fn build_tables(
     let Some(filler) = mem::alloc_zeroed(PAGE, PAGE) else {
         boot_error!("out of memory for the filler page")
     };
-    #[allow(clippy::single_range_in_vec_init)] // one hidden range, as a slice
-    let own = [hidden.start..hidden.end];
+    // thinvisor's block, and the IOMMUs' registers (docs/architecture.md,
+    // "IOMMU"): the guest reads zeros there and its writes are dropped.
+    let mut own = [const { 0..0 }; 1 + thinvisor_iommu::dmar::MAX_UNITS];
+    own[0] = hidden.start..hidden.end;
+    let mmio = crate::iommu::mmio_ranges();
+    own[1..=mmio.len()].clone_from_slice(mmio);
+    let own = &own[..=mmio.len()];
     let max_phys_addr = match core::arch::x86_64::__cpuid(0x8000_0000).eax {
         e if e >= 0x8000_0008 => core::arch::x86_64::__cpuid(0x8000_0008).eax as u8,
         _ => 36,
     };
     let layout = Layout {
         top,
-        hidden: &own,
+        hidden: own,
         filler: HostPhysAddr::new(filler),
         huge_1g,
         max_phys_addr,

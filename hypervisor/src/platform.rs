@@ -85,6 +85,8 @@ pub fn plant_canary() {
         unsafe { words.add(i).write_volatile(CANARY_WORD ^ i as u64) };
     }
     CANARY.store(page, Ordering::Release);
+    // Tests aim device DMA at it (test-guests/checks/src/dma.rs).
+    info!("canary planted in thinvisor's memory at {page:#x}");
 }
 
 /// Check the canary and say so.
@@ -128,6 +130,7 @@ impl Platform for Machine {
     fn io_write(&self, port: u16, size: u8, value: u32) {
         if let Some(what) = power_event(port, value) {
             info!("the guest {what} (port {port:#x}, value {value:#x})");
+            crate::iommu::final_report();
             log_exit_tables();
             check_canary();
             crate::serial::Console::drain();
@@ -163,6 +166,10 @@ impl Platform for Machine {
         } else {
             36
         }
+    }
+
+    fn poll_devices(&self) {
+        crate::iommu::poll();
     }
 
     fn io_read(&self, port: u16, size: u8) -> u32 {

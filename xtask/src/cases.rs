@@ -95,6 +95,8 @@ pub struct Case {
     pub disk: Option<Disk>,
     /// Checks that read the log as a whole.
     pub checks: &'static [Check],
+    /// More QEMU arguments (QEMU only), e.g. `-device intel-iommu`.
+    pub qemu_args: &'static [&'static str],
 }
 
 /// A judgement over the whole serial log, beyond substrings.
@@ -209,6 +211,7 @@ const QEMU: Case = Case {
     machine: "pc",
     disk: None,
     checks: &[],
+    qemu_args: &[],
 };
 
 const RYZEN: Emulator = Emulator::Bochs { model: "ryzen" };
@@ -252,6 +255,40 @@ const CHECKS_PASSED: &[&str] = &[
     "PASS cr_writes_gp",
     "SUMMARY: 30 passed, 0 failed",
 ];
+/// Two constant lists of substrings as one.
+macro_rules! joined {
+    ($a:expr, $b:expr) => {{
+        const A: &[&str] = $a;
+        const B: &[&str] = $b;
+        const ALL: [&str; A.len() + B.len()] = {
+            let mut all = [""; A.len() + B.len()];
+            let mut i = 0;
+            while i < A.len() {
+                all[i] = A[i];
+                i += 1;
+            }
+            while i < A.len() + B.len() {
+                all[i] = B[i - A.len()];
+                i += 1;
+            }
+            all
+        };
+        &ALL
+    }};
+}
+
+/// [`CHECKS_PASSED`], on a machine without an IOMMU (the default
+/// `iommu=auto` says so and goes on).
+const CHECKS_PASSED_NO_IOMMU: &[&str] = joined!(CHECKS_PASSED, &[NO_IOMMU_AUTO]);
+/// The test guest's `dma` mode (`test-guests/checks/src/dma.rs`).
+const DMA_GUEST: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf dma")];
+/// QEMU's `edu` at a fixed slot (so the fault lines name 00:05.0), with a
+/// DMA mask that reaches thinvisor's block (the default, 28 bits, would
+/// clamp addresses above 256 MiB).
+const EDU: &str = "edu,addr=05.0,dma_mask=0xffffffffffff";
+/// The line of a machine without an IOMMU under the default `iommu=auto`.
+const NO_IOMMU_AUTO: &str =
+    "iommu: none found (no DMAR or IVRS table), DMA protection off (iommu=auto)";
 /// The test guest's `passthrough` mode (`test-guests/checks/src/passthrough.rs`).
 const PASSTHROUGH_GUEST: &[(Image, &str)] = &[(Image::TestGuest, "test-guest.elf passthrough")];
 /// Its run passed.
@@ -429,6 +466,74 @@ pub const CASES: &[Case] = &[
         ..QEMU
     },
     Case {
+        // DMA remapping with Intel VT-d (QEMU's intel-iommu; the CPU is
+        // still QEMU's AMD model with SVM: QEMU TCG has no VT-x).
+        name: "qemu-vtd-dma",
+        machine: "q35",
+        hv_args: "log=info layout=passthrough iommu=required",
+        modules: DMA_GUEST,
+        qemu_args: &["-device", "intel-iommu", "-device", EDU],
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: &[
+            "iommu: Intel VT-d, 1 unit(s) at 0xfed90000: DMA remapping on",
+            "the DMAR table and the registers hidden from the guest",
+            "iommu: DMA fault: device 00:05.0 write at 0x",
+            // The guest's "translation off" (GCMD = 0), dropped.
+            "guest write into thinvisor's memory at 0xfed90018 (rip",
+            "iommu: DMA fault: device 00:05.0 read at 0x",
+            "test-guest: thinvisor's log names edu and 0x",
+            "PASS dma_finds_edu",
+            "PASS dma_to_guest_memory",
+            "PASS dma_iommu_registers_hidden",
+            "PASS dma_into_thinvisor_blocked",
+            "PASS dma_read_of_thinvisor_blocked",
+            "SUMMARY: 5 passed, 0 failed",
+            "iommu: 2 DMA fault(s) blocked during the run",
+            ": intact",
+        ],
+        must_not_contain: &["FAIL", "OVERWRITTEN"],
+        ..QEMU
+    },
+    Case {
+        // DMA remapping with AMD-Vi (QEMU's amd-iommu, which writes no
+        // event log in 7.2: the fault shows as the IOMMU's aborted request).
+        name: "qemu-amdvi-dma",
+        machine: "q35",
+        hv_args: "log=info layout=passthrough iommu=required",
+        modules: DMA_GUEST,
+        qemu_args: &["-device", "amd-iommu", "-device", EDU],
+        exit: Some(exit_code::GUEST_PASSED),
+        must_contain: &[
+            "iommu: AMD-Vi, 1 unit(s) at 0xfed80000: DMA remapping on",
+            "the IVRS table and the registers hidden from the guest",
+            "iommu: DMA fault: the AMD-Vi unit 00:03.0 aborted a device's request",
+            // The guest's "IOMMU off" (Control = 0), dropped.
+            "guest write into thinvisor's memory at 0xfed80018 (rip",
+            "PASS dma_finds_edu",
+            "PASS dma_to_guest_memory",
+            "PASS dma_iommu_registers_hidden",
+            "PASS dma_into_thinvisor_blocked",
+            "PASS dma_read_of_thinvisor_blocked",
+            "SUMMARY: 5 passed, 0 failed",
+            "iommu: 2 DMA fault(s) blocked during the run",
+            ": intact",
+        ],
+        must_not_contain: &["FAIL", "OVERWRITTEN"],
+        ..QEMU
+    },
+    Case {
+        // iommu=required on a machine without one: a boot error, one line.
+        name: "qemu-iommu-required-none",
+        hv_args: "log=info layout=passthrough iommu=required",
+        modules: CHECKS,
+        exit: Some(exit_code::BOOT_ERROR),
+        must_contain: &[
+            "iommu: none found (no DMAR or IVRS table); iommu=required: refusing to start the guest without DMA protection",
+        ],
+        must_not_contain: &["entering the guest"],
+        ..QEMU
+    },
+    Case {
         name: "qemu-mem-too-big",
         hv_args: "log=info guest_mem=8G",
         modules: CHECKS,
@@ -473,7 +578,7 @@ pub const CASES: &[Case] = &[
         hv_args: "log=info layout=passthrough",
         modules: CHECKS,
         exit: Some(exit_code::GUEST_PASSED),
-        must_contain: CHECKS_PASSED,
+        must_contain: CHECKS_PASSED_NO_IOMMU,
         must_not_contain: NO_FAIL,
         ..QEMU
     },
@@ -611,6 +716,34 @@ pub const CASES: &[Case] = &[
         ],
         must_contain: LINUX_UNDER_THINVISOR,
         must_not_contain: LINUX_TROUBLE,
+        smp: 2,
+        timeout_s: 120,
+        checks: &[Check::E820HidesThinvisor],
+        ..QEMU
+    },
+    Case {
+        // Linux with DMA remapping on (Intel VT-d on q35): its devices
+        // work, it finds no DMAR (renamed XMAR) and so never touches the
+        // IOMMU; no device faults.
+        name: "qemu-linux-vtd",
+        machine: "q35",
+        hv_args: "boot=linux log=info iommu=required",
+        modules: &[
+            (Image::LinuxKernel, linux::KERNEL_MODULE),
+            (Image::LinuxInitrd, linux::INITRD_MODULE),
+        ],
+        qemu_args: &["-device", "intel-iommu"],
+        must_contain: joined!(
+            LINUX_UNDER_THINVISOR,
+            &[
+                "iommu: Intel VT-d, 1 unit(s) at 0xfed90000: DMA remapping on",
+                "the DMAR table and the registers hidden from the guest",
+                "iommu: 0 DMA fault(s) blocked during the run",
+                // Linux lists the renamed table and ignores it.
+                "ACPI: XMAR 0x",
+            ]
+        ),
+        must_not_contain: joined!(LINUX_TROUBLE, &["DMAR: Host address width", "DMAR: IOMMU enabled"]),
         smp: 2,
         timeout_s: 120,
         checks: &[Check::E820HidesThinvisor],
@@ -1135,6 +1268,25 @@ mod tests {
             .unwrap()
             .contains("no reserved"));
         assert!(Check::E820HidesThinvisor.problem("").is_some());
+    }
+
+    #[test]
+    fn qemu_args_only_on_qemu() {
+        for case in CASES.iter().chain(PENDING_CASES) {
+            assert!(
+                case.qemu_args.is_empty() || case.emulator == Emulator::Qemu,
+                "{}",
+                case.name
+            );
+        }
+        let vtd = CASES.iter().find(|c| c.name == "qemu-vtd-dma").unwrap();
+        assert!(vtd.qemu_args.contains(&"intel-iommu") && vtd.machine == "q35");
+        let passthrough = CASES
+            .iter()
+            .find(|c| c.name == "qemu-passthrough-checks")
+            .unwrap();
+        assert!(passthrough.must_contain.contains(&NO_IOMMU_AUTO));
+        assert!(passthrough.must_contain.contains(&"PASS lookup_known"));
     }
 
     #[test]

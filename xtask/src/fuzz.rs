@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz`: builds and runs the libFuzzer targets in `fuzz/`
-//! (thinvisor-memory's page-table walker and copies).
+//! (thinvisor-memory's page-table walker and copies; thinvisor-iommu's
+//! DMAR and IVRS parsers).
 //!
 //! The targets are built with plain `cargo build` and the instrumentation
 //! flags cargo-fuzz passes for `--sanitizer none`, all of which stable
@@ -17,14 +18,14 @@ use std::process::{Command, ExitCode};
 use crate::util::{self, Context, Ctx, Result};
 
 /// The targets, as named in `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["walker", "copy"];
+pub const TARGETS: &[&str] = &["walker", "copy", "dmar", "ivrs"];
 
 const DEFAULT_SECONDS: u64 = 60;
 
 const USAGE: &str = "\
 usage: cargo xtask fuzz [TARGET] [--seconds N] [-- LIBFUZZER_ARGS...]
 
-Runs TARGET (walker or copy; default: each in turn) for N seconds (default
+Runs TARGET (walker, copy, dmar or ivrs; default: each in turn) for N seconds (default
 60) with the corpus in fuzz/corpus/TARGET; crashes are written to
 fuzz/artifacts/TARGET/.";
 

@@ -439,7 +439,10 @@ fn run_case(
                         format!("{},if=virtio", emu::raw_drive(path)),
                     ],
                     _ => Vec::new(),
-                },
+                }
+                .into_iter()
+                .chain(case.qemu_args.iter().map(|a| a.to_string()))
+                .collect(),
                 // Linux's boot time to its init, for comparison with bare
                 // QEMU (`cargo xtask linux --bare`).
                 time_line: case.needs_linux().then(|| linux::MARKER.to_string()),

@@ -36,6 +36,25 @@ pub struct Options {
     /// `dbgsh=on|off`: whether the VMM's debug shell answers the `dbgsh`
     /// call (off: the call streams "dbgsh is disabled", as BitVisor does).
     pub dbgsh: bool,
+    /// `iommu=`: whether devices are kept out of thinvisor's memory by
+    /// the IOMMU (docs/architecture.md, "IOMMU").
+    pub iommu: IommuMode,
+}
+
+/// `iommu=required|auto|off`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IommuMode {
+    /// Refuse to start the guest unless an IOMMU protects thinvisor's
+    /// memory from every device.
+    Required,
+    /// Protect when the machine has a usable IOMMU; otherwise say so in
+    /// one line and run unprotected. The default: most machines thinvisor
+    /// is tried on (emulators, CI) have none, and a hypervisor that
+    /// refused to start there would be of no use to them.
+    #[default]
+    Auto,
+    /// Leave the IOMMU (and its ACPI table) to the guest.
+    Off,
 }
 
 /// `boot=module|linux|chain`.
@@ -82,6 +101,7 @@ impl Default for Options {
             boot: BootMode::Module,
             layout: Layout::Isolated,
             dbgsh: true,
+            iommu: IommuMode::Auto,
         }
     }
 }
@@ -103,6 +123,8 @@ pub enum CmdlineErrorKind {
     BadLayout,
     /// `dbgsh=` is not on or off.
     BadDbgsh,
+    /// `iommu=` is not required, auto or off.
+    BadIommu,
     /// `layout=isolated` with a `boot=` that needs the machine's memory.
     IsolatedNeedsModule,
     /// `guest_mem=` is below 2 MiB.
@@ -143,6 +165,9 @@ impl fmt::Display for CmdlineError<'_> {
                 write!(f, "{t}: expected layout=isolated or layout=passthrough")
             }
             CmdlineErrorKind::BadDbgsh => write!(f, "{t}: expected dbgsh=on or dbgsh=off"),
+            CmdlineErrorKind::BadIommu => {
+                write!(f, "{t}: expected iommu=required, iommu=auto or iommu=off")
+            }
             CmdlineErrorKind::IsolatedNeedsModule => write!(
                 f,
                 "{t}: only boot=module runs in the isolated layout; boot=linux and boot=chain start the machine's own OS (layout=passthrough)"
@@ -198,6 +223,14 @@ pub fn parse<'a>(
                     "on" => true,
                     "off" => false,
                     _ => return Err(err(CmdlineErrorKind::BadDbgsh)),
+                }
+            }
+            "iommu" => {
+                opts.iommu = match value {
+                    "required" => IommuMode::Required,
+                    "auto" => IommuMode::Auto,
+                    "off" => IommuMode::Off,
+                    _ => return Err(err(CmdlineErrorKind::BadIommu)),
                 }
             }
             "layout" => {

@@ -1,6 +1,6 @@
 use log::LevelFilter;
 use thinvisor_boot::cmdline::{
-    parse, BootMode, CmdlineError, CmdlineErrorKind, EferMode, Layout, Options,
+    parse, BootMode, CmdlineError, CmdlineErrorKind, EferMode, IommuMode, Layout, Options,
 };
 
 /// Parses and collects warnings.
@@ -42,7 +42,7 @@ fn kernel_path_and_flags_are_skipped() {
 
 #[test]
 fn all_options() {
-    let o = ok("thinvisor log=trace guest=2 guest_mem=128M efer=msr-area");
+    let o = ok("thinvisor log=trace guest=2 guest_mem=128M efer=msr-area iommu=required");
     assert_eq!(
         o,
         Options {
@@ -53,8 +53,23 @@ fn all_options() {
             boot: BootMode::Module,
             layout: Layout::Isolated,
             dbgsh: true,
+            iommu: IommuMode::Required,
         }
     );
+}
+
+#[test]
+fn iommu_modes() {
+    assert_eq!(ok("").iommu, IommuMode::Auto);
+    assert_eq!(ok("iommu=auto").iommu, IommuMode::Auto);
+    assert_eq!(ok("iommu=off").iommu, IommuMode::Off);
+    assert_eq!(ok("iommu=required").iommu, IommuMode::Required);
+    for bad in ["iommu=", "iommu=on", "iommu=REQUIRED"] {
+        assert_eq!(err(bad).kind, CmdlineErrorKind::BadIommu, "{bad}");
+    }
+    assert!(err("iommu=yes")
+        .to_string()
+        .contains("iommu=required, iommu=auto or iommu=off"));
 }
 
 #[test]

@@ -31,8 +31,16 @@ pub enum StopReason {
 
 /// Run `vcpu` until its guest stops, handling every exit on the way.
 pub fn run_guest<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> StopReason {
+    let mut until_poll = POLL_EVERY;
     loop {
         let exit = vcpu.run();
+        until_poll -= 1;
+        if until_poll == 0 {
+            until_poll = POLL_EVERY;
+            if let Some(p) = vmm.vm.platform {
+                p.poll_devices();
+            }
+        }
         if let Action::Stop(reason) = handle_exit(vmm, vcpu, exit) {
             return reason;
         }
@@ -76,6 +84,9 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Acti
 /// VMCALL/VMMCALL: dispatch on the function number; the dispatcher steps
 /// over the instruction, or leaves it to run again after a page fault.
 fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
+    if let Some(p) = vmm.vm.platform {
+        p.poll_devices();
+    }
     vmmcall::dispatch(vmm, vcpu);
     Action::Resume
 }
@@ -138,7 +149,16 @@ pub trait Platform: Sync {
     fn msr_write(&self, msr: u32, value: u64) -> bool;
     /// MAXPHYADDR (CPUID 0x8000_0008 EAX[7:0]).
     fn max_phys_addr(&self) -> u8;
+    /// Look at what devices reported (thinvisor: the IOMMUs' fault
+    /// records), without blocking. thinvisor takes no interrupts of its
+    /// own, so this is called from the exit path: before every VMM call
+    /// (so a guest reading the log sees the faults its devices caused)
+    /// and every [`POLL_EVERY`] exits of each processor.
+    fn poll_devices(&self) {}
 }
+
+/// Exits of one processor between two [`Platform::poll_devices`] calls.
+pub const POLL_EVERY: u32 = 4096;
 
 /// IN/OUT of an intercepted port: done for the guest through the platform,
 /// so thinvisor can act first (its exit table before a power-off). String

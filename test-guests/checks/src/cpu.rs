@@ -32,6 +32,17 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Reads a 32-bit value from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`; the guest reads PCI configuration space
+    // (0xCFC), which has no memory side effects.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 /// CPUID with a subleaf: [EAX, EBX, ECX, EDX].
 pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     let (eax, ebx, ecx, edx): (u32, u64, u32, u32);

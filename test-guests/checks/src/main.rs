@@ -21,6 +21,8 @@ mod cpu;
 #[cfg(target_os = "none")]
 mod demand;
 #[cfg(target_os = "none")]
+mod dma;
+#[cfg(target_os = "none")]
 mod entry;
 #[cfg(target_os = "none")]
 mod global;

@@ -26,10 +26,12 @@ pub enum Mode {
     DbgshOff,
     /// Random hostile operations on every CPU at once (`hostile.rs`).
     Hostile,
+    /// Device DMA against thinvisor's IOMMU protection (`dma.rs`).
+    Dma,
 }
 
 impl Mode {
-    const ALL: [Mode; 9] = [
+    const ALL: [Mode; 10] = [
         Mode::Checks,
         Mode::Npf,
         Mode::Halt,
@@ -39,6 +41,7 @@ impl Mode {
         Mode::Reboot,
         Mode::DbgshOff,
         Mode::Hostile,
+        Mode::Dma,
     ];
 
     /// The name used on the command line and in the mode line.
@@ -53,6 +56,7 @@ impl Mode {
             Mode::Reboot => "reboot",
             Mode::DbgshOff => "dbgsh-off",
             Mode::Hostile => "hostile",
+            Mode::Dma => "dma",
         }
     }
 
@@ -72,6 +76,7 @@ impl Mode {
             Mode::Checks => checks::run_all(boot),
             Mode::Passthrough => crate::passthrough::run_all(boot),
             Mode::Hostile => crate::hostile::run(boot),
+            Mode::Dma => crate::dma::run_all(),
             Mode::DbgshOff => {
                 checks::run_one("dbgsh_disabled", || checks::dbgsh_disabled(boot));
                 checks::finish()

@@ -118,7 +118,7 @@ pub fn lookup(name: &str) -> u64 {
 }
 
 /// thinvisor's log from the start of the stream (as much as fits).
-fn read_log() -> Result<&'static [u8], Why> {
+pub fn read_log() -> Result<&'static [u8], Why> {
     let number = lookup(abi::names::LOG_READ);
     ensure!(number != 0, "lookup of \"log_read\" returned 0");
     let buf = LOG_BUF.0.get() as u64;
@@ -144,7 +144,7 @@ fn read_log() -> Result<&'static [u8], Why> {
 }
 
 /// Parses `0x` and hex digits at the start of `s`: (value, rest).
-fn hex(s: &[u8]) -> Option<(u64, &[u8])> {
+pub fn hex(s: &[u8]) -> Option<(u64, &[u8])> {
     let digits = s.strip_prefix(b"0x")?;
     let n = digits.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     let text = core::str::from_utf8(&digits[..n]).ok()?;
