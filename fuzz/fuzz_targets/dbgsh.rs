@@ -8,7 +8,9 @@
 //! 0x10A (session end) or -1 (nothing pending); a client that is not the
 //! session's owner gets -1 while the owner has called within the takeover
 //! delay, and the owner (or a client that takes the session over) never
-//! does; a takeover starts a new session with its banner; the disabled
+//! does; a takeover, and a client taking a free shell, start a new
+//! session with its whole banner (no byte of it acknowledged by an answer
+//! meant for an earlier session); the disabled
 //! shell streams only its message; no `mem` line dumps a byte of the
 //! reserved block; no log line is written under the log's lock.
 
@@ -226,6 +228,16 @@ fn run(u: &mut Unstructured<'_>, mem: &dyn GuestPhysMemory, ram_len: u64) -> Res
                             r,
                             u64::from(BANNER.as_bytes()[0]),
                             "a takeover without a banner"
+                        );
+                    }
+                    if owner.is_none() {
+                        // A free shell: the new owner's session starts with
+                        // the whole banner, whatever it answers (its answer
+                        // was to a value of its own earlier session).
+                        assert_eq!(
+                            r,
+                            u64::from(BANNER.as_bytes()[0]),
+                            "a new session without its banner's first byte"
                         );
                     }
                     let ends = !took_over && answer != NOTHING && pending == SESSION_END;
