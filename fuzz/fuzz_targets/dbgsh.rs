@@ -40,7 +40,7 @@ impl ShellInfo for Info {
         self.stats.get(cpu)
     }
     fn exit_name(&self, slot: usize) -> &'static str {
-        if slot % 2 == 0 {
+        if slot.is_multiple_of(2) {
             "EVEN"
         } else {
             "odd"

@@ -123,18 +123,15 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             return Ok(());
         };
         let mut mem = Sparse::default();
-        match load_multiboot_passthrough(&image, &cmdline, &gm, &avoid, &mut mem) {
-            Ok(boot) => {
-                assert_writes_allowed(&mem, &gm, &avoid);
-                let k = boot.kernel;
-                assert!(k.start <= u64::from(k.entry) && u64::from(k.entry) < k.end);
-                let info = multiboot1::parse(boot.info.into(), &mem).expect("own info unreadable");
-                assert_eq!(info.memory_map().len(), gm.e820().len());
-                assert_eq!(info.cmdline().as_bytes(), &cmdline[..]);
-                let (lo, hi) = info.info_range();
-                assert!(hi <= k.start || k.end <= lo);
-            }
-            Err(_) => {}
+        if let Ok(boot) = load_multiboot_passthrough(&image, &cmdline, &gm, &avoid, &mut mem) {
+            assert_writes_allowed(&mem, &gm, &avoid);
+            let k = boot.kernel;
+            assert!(k.start <= u64::from(k.entry) && u64::from(k.entry) < k.end);
+            let info = multiboot1::parse(boot.info.into(), &mem).expect("own info unreadable");
+            assert_eq!(info.memory_map().len(), gm.e820().len());
+            assert_eq!(info.cmdline().as_bytes(), &cmdline[..]);
+            let (lo, hi) = info.info_range();
+            assert!(hi <= k.start || k.end <= lo);
         }
     }
     // The isolated layout's information writer.

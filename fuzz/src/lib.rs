@@ -18,6 +18,7 @@ pub mod vmm;
 /// thinvisor-boot's test builders (multiboot information, ELF and a.out
 /// images, bzImages, sparse physical memory), shared rather than copied.
 #[path = "../../crates/boot/tests/common/mod.rs"]
+#[allow(clippy::new_without_default)]
 pub mod common;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
