@@ -926,7 +926,7 @@ mod tests {
         assert!(outcome.stopped.is_none(), "{:?}", outcome.stopped);
         assert!(outcome.serial.contains("thinvisor-init: cpus 2"));
         assert!(outcome.serial.contains("probe: no thinvisor"));
-        for tool in ["dbgsh", "vmmlog", "vmmcall", C_EXAMPLE] {
+        for tool in ["dbgsh", "vmmlog", "vmmcall", C_EXAMPLE, "memscan"] {
             let line = format!("thinvisor-init: no-vmm {tool} status 2");
             assert!(outcome.serial.contains(&line), "{line}");
         }
