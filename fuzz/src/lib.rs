@@ -1,6 +1,8 @@
 //! Shared input decoding for the fuzz targets: guest RAM, paging
 //! registers, holes, a linear range and an access, all from the fuzzer's
-//! bytes.
+//! bytes ([`Setup`]); memory maps and boot images ([`boot`], which reuses
+//! the builders of thinvisor-boot's own tests); the VMM's log and a logger
+//! that checks its locks ([`vmm`]).
 //!
 //! Inputs are shaped so that short ones already make real walks: RAM is
 //! small (at most 64 KiB), memory is written as a list of (slot, value)
@@ -9,6 +11,15 @@
 //! into RAM. Unfolded values stay fully hostile.
 
 use std::ops::Range;
+
+pub mod boot;
+pub mod vmm;
+
+/// thinvisor-boot's test builders (multiboot information, ELF and a.out
+/// images, bzImages, sparse physical memory), shared rather than copied.
+#[path = "../../crates/boot/tests/common/mod.rs"]
+#[allow(clippy::new_without_default)]
+pub mod common;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use thinvisor_memory::{Access, PagingMode, PagingRegs};

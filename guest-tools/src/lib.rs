@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod memscan;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod vmm;
 

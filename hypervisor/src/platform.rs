@@ -24,9 +24,14 @@ static NAMES: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
 /// The guest's ACPI PM1a control port (from the FADT), 0 when unknown.
 pub static PM1A_CONTROL: AtomicU16 = AtomicU16::new(0);
 
-/// A page of thinvisor's heap filled with a pattern at boot.
+/// A page of thinvisor's heap filled with a pattern at boot: word i is
+/// `CANARY_VALUE ^ i`.
 static CANARY: AtomicU64 = AtomicU64::new(0);
-const CANARY_WORD: u64 = 0x7468_696E_7669_736F; // "thinviso"
+/// The canary's 64-bit value, random for each boot, so that no copy of it
+/// can exist in the guest's memory by chance or from an earlier run: a
+/// guest that finds it (the `memscan` guest tool) has read thinvisor's
+/// memory.
+static CANARY_VALUE: AtomicU64 = AtomicU64::new(0);
 
 /// Register processor `cpu`'s exit counts for the end-of-run report.
 pub fn register_stats(cpu: u32, stats: &ExitStats, names: fn(usize) -> &'static str) {
@@ -74,19 +79,94 @@ pub fn log_exit_tables() {
     }
 }
 
-/// Fill a heap page with the canary pattern.
+/// Fill a heap page with the canary pattern and log the canary's value.
+///
+/// The value goes into the log, which the guest can read (`log_read`):
+/// the canary is no secret. It proves that the guest cannot *read*
+/// thinvisor's memory (the guest finds its 8 bytes in no page it can
+/// read), and that it did not write there (the page is intact at the end
+/// of the run); the guest learning the value as text changes neither.
+/// Logging it is what lets the in-guest scanner know what to look for
+/// without a side channel.
 pub fn plant_canary() {
     let Some(page) = mem::alloc_zeroed(crate::PAGE, crate::PAGE) else {
         return;
     };
+    let (value, source) = random_canary(page);
     let words = mem::phys_to_virt(page) as *mut u64;
     for i in 0..512 {
         // SAFETY: a fresh heap page, used only as the canary.
-        unsafe { words.add(i).write_volatile(CANARY_WORD ^ i as u64) };
+        unsafe { words.add(i).write_volatile(value ^ i as u64) };
     }
+    CANARY_VALUE.store(value, Ordering::Relaxed);
     CANARY.store(page, Ordering::Release);
-    // Tests aim device DMA at it (test-guests/checks/src/dma.rs).
-    info!("canary planted in thinvisor's memory at {page:#x}");
+    // Tests aim device DMA at the page (test-guests/checks/src/dma.rs) and
+    // scan the guest's memory for its words (guest-tools memscan).
+    info!(
+        "canary planted in thinvisor's memory at {page:#x}: words {value:#018x} ^ i, i = 0..512 ({source})"
+    );
+}
+
+/// A fresh 64-bit canary for this boot and where its randomness came
+/// from: RDRAND when CPUID says the processor has it (leaf 1, ECX bit 30)
+/// and it delivers, else the TSC mixed with the page's address (unique per
+/// boot in practice; the canary needs to be unpredictable to nothing but
+/// chance). The value is kept far from the words memory is full of (0,
+/// all ones, small numbers): its high and low halves both have bits set,
+/// so `value ^ i` never equals such a word.
+fn random_canary(page: u64) -> (u64, &'static str) {
+    let has_rdrand = core::arch::x86_64::__cpuid(1).ecx & (1 << 30) != 0;
+    let mut state = page;
+    for attempt in 0..64u64 {
+        let (raw, source) = match has_rdrand.then(rdrand).flatten() {
+            Some(v) => (v, "rdrand"),
+            None => {
+                // SAFETY: RDTSC is available on every x86-64 processor
+                // and has no side effects.
+                let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+                state = splitmix64(state ^ tsc ^ attempt);
+                (state, "rdtsc")
+            }
+        };
+        let plausible = |half: u64| half.count_ones() >= 4 && half.count_ones() <= 28;
+        if plausible(raw >> 32) && plausible(raw & 0xFFFF_FFFF) {
+            return (raw, source);
+        }
+    }
+    // Unreachable in practice (64 draws without one of ~99.99%).
+    (0x7468_696E_7669_736F ^ page, "fixed")
+}
+
+/// One RDRAND, retried as Intel recommends (10 times) when it reports no
+/// value.
+fn rdrand() -> Option<u64> {
+    for _ in 0..10 {
+        let value: u64;
+        let ok: u8;
+        // SAFETY: only called when CPUID reports RDRAND; it writes the
+        // two registers named and the flags.
+        unsafe {
+            core::arch::asm!(
+                "rdrand {v}",
+                "setc {ok}",
+                v = out(reg) value,
+                ok = out(reg_byte) ok,
+                options(nomem, nostack),
+            );
+        }
+        if ok != 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// splitmix64's finaliser: spreads every input bit over the output.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Check the canary and say so.
@@ -95,10 +175,10 @@ pub fn check_canary() {
     if page == 0 {
         return;
     }
+    let value = CANARY_VALUE.load(Ordering::Relaxed);
     let words = mem::phys_to_virt(page) as *const u64;
     // SAFETY: the canary page planted above, never freed.
-    let intact =
-        (0..512).all(|i| unsafe { words.add(i).read_volatile() } == CANARY_WORD ^ i as u64);
+    let intact = (0..512).all(|i| unsafe { words.add(i).read_volatile() } == value ^ i as u64);
     if intact {
         info!("canary in thinvisor's memory at {page:#x}: intact");
     } else {

@@ -1,6 +1,10 @@
-//! `cargo xtask fuzz`: builds and runs the libFuzzer targets in `fuzz/`
-//! (thinvisor-memory's page-table walker and copies; thinvisor-iommu's
-//! DMAR and IVRS parsers).
+//! `cargo xtask fuzz`: builds and runs the libFuzzer targets in `fuzz/`:
+//! thinvisor-memory's page-table walker and copies, the VMM-call
+//! dispatcher and its services on a fake vCPU, the debug shell, every
+//! parser of boot input (bzImage, multiboot kernels and information, the
+//! command line, the E820 map, ACPI) and thinvisor-iommu's DMAR and IVRS
+//! parsers. `cargo xtask test` builds them and runs each for a few seconds
+//! ([`smoke`]).
 //!
 //! The targets are built with plain `cargo build` and the instrumentation
 //! flags cargo-fuzz passes for `--sanitizer none`, all of which stable
@@ -18,16 +22,34 @@ use std::process::{Command, ExitCode};
 use crate::util::{self, Context, Ctx, Result};
 
 /// The targets, as named in `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["walker", "copy", "dmar", "ivrs"];
+pub const TARGETS: &[&str] = &[
+    "walker",
+    "copy",
+    "vmmcall",
+    "dbgsh",
+    "bzimage",
+    "multiboot",
+    "bootinfo",
+    "cmdline",
+    "e820",
+    "acpi",
+    "dmar",
+    "ivrs",
+];
+
+/// Seconds `cargo xtask test` runs each target (all of them in about 50 s).
+pub const SMOKE_SECONDS: u64 = 4;
 
 const DEFAULT_SECONDS: u64 = 60;
 
 const USAGE: &str = "\
 usage: cargo xtask fuzz [TARGET] [--seconds N] [-- LIBFUZZER_ARGS...]
 
-Runs TARGET (walker, copy, dmar or ivrs; default: each in turn) for N seconds (default
-60) with the corpus in fuzz/corpus/TARGET; crashes are written to
-fuzz/artifacts/TARGET/.";
+Runs TARGET (walker, copy, vmmcall, dbgsh, bzimage, multiboot, bootinfo,
+cmdline, e820, acpi, dmar or ivrs; default: each in turn) for N seconds
+(default 60) with the corpus in fuzz/corpus/TARGET; crashes are written to
+fuzz/artifacts/TARGET/. The last line of each run is libFuzzer's final
+statistics (`Done N runs in S second(s)`).";
 
 /// cargo-fuzz's coverage flags (`cargo fuzz build --sanitizer none`), with
 /// debug assertions and overflow checks on, as it does.
@@ -128,6 +150,51 @@ fn parse(args: &[String]) -> Result<Options> {
     Ok(opts)
 }
 
+/// Runs every target for [`SMOKE_SECONDS`] from its corpus (grown in
+/// `fuzz/corpus/`, which git ignores): the smoke test of `cargo xtask
+/// test`. Ok(names and executions) or the first failure.
+pub fn smoke(ctx: &Ctx, bins: &std::path::Path) -> Result<Vec<(String, u64)>> {
+    let dir = fuzz_dir(ctx);
+    let mut done = Vec::new();
+    for target in TARGETS {
+        let corpus = dir.join("corpus").join(target);
+        let artifacts = dir.join("artifacts").join(target);
+        for d in [&corpus, &artifacts] {
+            fs::create_dir_all(d).context(format_args!("creating {}", d.display()))?;
+        }
+        let out = util::run_captured(
+            Command::new(bins.join(target))
+                .current_dir(&ctx.root)
+                .arg(&corpus)
+                .arg(format!("-max_total_time={SMOKE_SECONDS}"))
+                .arg(format!("-artifact_prefix={}/", artifacts.display())),
+        )
+        .map_err(|e| {
+            format!(
+                "fuzz target {target}: {e}\nthe failing input is in {}",
+                ctx.show(&artifacts)
+            )
+        })?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let runs = executions(&text)
+            .ok_or_else(|| format!("fuzz target {target}: no final statistics line"))?;
+        done.push((target.to_string(), runs));
+    }
+    Ok(done)
+}
+
+/// The executions of libFuzzer's final line, `Done N runs in S second(s)`.
+pub fn executions(stderr: &str) -> Option<u64> {
+    stderr.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix("Done ")?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     let opts = parse(args)?;
     let bins = build(ctx)?;
@@ -176,6 +243,24 @@ mod tests {
         assert_eq!(o.extra, args(&["-jobs=2"]));
         assert_eq!(parse(&args(&["--seconds=7"])).unwrap().seconds, 7);
         assert!(parse(&args(&["nosuch"])).is_err());
+        for t in TARGETS {
+            assert_eq!(parse(&args(&[t])).unwrap().targets, args(&[t]));
+        }
         assert!(parse(&args(&["--seconds", "x"])).is_err());
+    }
+
+    #[test]
+    fn final_statistics() {
+        let log = "#1024\tpulse  cov: 10\nDone 123456 runs in 4 second(s)\nstat::number_of_executed_units: 123456\n";
+        assert_eq!(executions(log), Some(123456));
+        assert_eq!(executions("no stats"), None);
+    }
+
+    #[test]
+    fn every_target_is_a_bin() {
+        let manifest = include_str!("../../fuzz/Cargo.toml");
+        for t in TARGETS {
+            assert!(manifest.contains(&format!("name = \"{t}\"")), "{t}");
+        }
     }
 }

@@ -38,9 +38,13 @@ use crate::util::{self, Context, Ctx, Result};
 /// The kernel command line of every Linux boot: the console on COM1 (where
 /// the tests read), and a panic ends the run at once (with `-no-reboot`
 /// QEMU exits on the reboot) instead of hanging until the time-out.
+/// `iomem=relaxed` lets `/dev/mem` read memory ranges a driver claimed
+/// (Debian's kernel has `CONFIG_IO_STRICT_DEVMEM`), so `memscan` reads
+/// every reserved range; System RAM stays closed to `/dev/mem`
+/// (`CONFIG_STRICT_DEVMEM`) and memscan reads it through `/proc/kcore`.
 macro_rules! kernel_args {
     () => {
-        "console=ttyS0 panic=-1"
+        "console=ttyS0 panic=-1 iomem=relaxed"
     };
 }
 
@@ -81,7 +85,7 @@ const TOOLS_PACKAGE: &str = "guest-tools";
 /// The probe's binary.
 const PROBE_BIN: &str = "thinvisor-probe";
 /// The Rust programs of `guest-tools` that go into the initramfs' `/bin`.
-pub const TOOLS_BINS: &[&str] = &[PROBE_BIN, "dbgsh", "vmmlog", "vmmcall"];
+pub const TOOLS_BINS: &[&str] = &[PROBE_BIN, "dbgsh", "vmmlog", "vmmcall", "memscan"];
 /// The cargo profile of guest programs (stripped release, see Cargo.toml).
 const GUEST_PROFILE: &str = "guest";
 /// The package of BitVisor's `call_vmm` C API (a Rust staticlib) and the
@@ -436,9 +440,24 @@ if grep -q '^probe: lookup' /tmp/probe; then
         show dbgsh-b-stderr /tmp/dbgsh-b.err
         failed dbgsh-busy "status $st_a and $st_b"
     fi
+
+    # memscan: no page the guest can read (all of RAM through /proc/kcore,
+    # every reserved range, thinvisor's block among them, through
+    # /dev/mem) holds a word of thinvisor's canary page; a pattern memscan
+    # plants in its own memory is found.
+    canary=$(sed -n "s/.*canary planted in thinvisor's memory at 0x[0-9a-f]*: words \(0x[0-9a-f]*\) .*/\1/p" /tmp/vmmlog | head -n 1)
+    if [ -n "$canary" ]; then
+        timeout 600 memscan "$canary" > /tmp/memscan 2>&1
+        st=$?
+        show memscan /tmp/memscan
+        result=$(sed -n 's/^memscan: result: //p' /tmp/memscan)
+        if [ $st = 0 ]; then ok memscan "$result"; else failed memscan "status $st: $result"; fi
+    else
+        failed memscan "no canary line in the log"
+    fi
 else
     # No thinvisor: every tool says so at once, with status 2.
-    for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example; do
+    for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan; do
         timeout 10 $tool < /dev/null > /dev/null 2>&1
         echo "thinvisor-init: no-vmm ${tool%% *} status $?"
     done
@@ -850,7 +869,8 @@ mod tests {
             "timeout 10 vmmcall no_such_function",
             "timeout 10 vmmcall log_read 0 0 0",
             "| timeout 60 taskset -c 1 dbgsh",
-            r#"for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example; do"#,
+            r#"for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan; do"#,
+            "timeout 600 memscan \"$canary\" > /tmp/memscan",
             "timeout 10 $tool < /dev/null",
         ] {
             assert!(INIT_SCRIPT.contains(run), "{run}");
@@ -906,7 +926,7 @@ mod tests {
         assert!(outcome.stopped.is_none(), "{:?}", outcome.stopped);
         assert!(outcome.serial.contains("thinvisor-init: cpus 2"));
         assert!(outcome.serial.contains("probe: no thinvisor"));
-        for tool in ["dbgsh", "vmmlog", "vmmcall", C_EXAMPLE] {
+        for tool in ["dbgsh", "vmmlog", "vmmcall", C_EXAMPLE, "memscan"] {
             let line = format!("thinvisor-init: no-vmm {tool} status 2");
             assert!(outcome.serial.contains(&line), "{line}");
         }

@@ -226,12 +226,20 @@ fn host_checks(ctx: &Ctx, tally: &mut Tally) {
         }
     }
 
-    step("fuzz targets (build only; `cargo xtask fuzz` runs them)");
-    match crate::fuzz::build(ctx) {
-        Ok(_) => tally.pass(),
+    step(&format!(
+        "fuzz targets: build, {} s of each (`cargo xtask fuzz` runs them longer)",
+        crate::fuzz::SMOKE_SECONDS
+    ));
+    match crate::fuzz::build(ctx).and_then(|bins| crate::fuzz::smoke(ctx, &bins)) {
+        Ok(done) => {
+            for (target, runs) in done {
+                println!("fuzz {target}: {runs} runs ... ok");
+            }
+            tally.pass();
+        }
         Err(e) => {
-            println!("fuzz build FAILED: {e}");
-            tally.fail("fuzz build");
+            println!("fuzz FAILED: {e}");
+            tally.fail("fuzz targets");
         }
     }
 

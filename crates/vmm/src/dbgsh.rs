@@ -283,9 +283,11 @@ impl Dbgsh {
                 return self.poll(env);
             }
             None => {
-                // The caller's answer was to a value of another session
-                // (a waiting client's last one): the new session starts
-                // with its first byte unanswered.
+                // A free shell: its pending value is the first byte of the
+                // next session's banner, which the caller has not seen.
+                // Its answer was to a value of its own earlier session
+                // (e.g. "no key yet" from a client that waited), and must
+                // not acknowledge that byte.
                 self.claim(caller);
                 return self.poll(env);
             }
@@ -1213,6 +1215,39 @@ dbgsh> exit
         let (second, ended) = client_as(&mut sh, &env.shell(), other, &typed("exit\n"));
         assert!(ended);
         assert_eq!(second, std::format!("{BANNER}{PROMPT}exit\n").as_bytes());
+    }
+
+    /// Regression (found by the `dbgsh` fuzz target, and seen in
+    /// `bochs-skylake-x-linux` as "hinvisor dbgsh"): a client that waited
+    /// answering "no key yet" (0) got the free shell with that answer,
+    /// which acknowledged the first byte of the new session's banner.
+    #[test]
+    fn a_new_owner_sees_the_whole_banner_whatever_it_answers() {
+        let env = Env::new();
+        let mut sh = Dbgsh::new(true, NEVER);
+        let other = Caller {
+            client: OTHER,
+            now: 0,
+        };
+        let (_, ended) = client_as(&mut sh, &env.shell(), other, &typed("exit\n"));
+        assert!(ended);
+        for first_answer in [ACK, u64::from(b'x'), NOTHING] {
+            let mut out = Vec::new();
+            let mut r = sh.call(first_answer, ME, &env.shell());
+            while r != WANT_INPUT {
+                assert!(r < 0x100, "{r:#x}");
+                out.push(r as u8);
+                r = sh.call(ACK, ME, &env.shell());
+            }
+            assert_eq!(out, std::format!("{BANNER}{PROMPT}").as_bytes());
+            // End this session for the next round.
+            assert_eq!(
+                sh.call(u64::from(b'\n'), ME, &env.shell()),
+                u64::from(b'\n')
+            );
+            let (_, ended) = client_as(&mut sh, &env.shell(), ME, &typed("exit\n"));
+            assert!(ended);
+        }
     }
 
     #[test]

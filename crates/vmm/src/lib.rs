@@ -14,6 +14,8 @@ pub mod dbgsh;
 pub mod emulate;
 pub mod events;
 pub mod exit;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 pub mod guard;
 pub mod guest_log;
 pub mod initial;

@@ -1071,3 +1071,30 @@ fn guarded_msr_writes() {
         [(0x1B, 0xFEC0_0900), (0x200, 0x1FC0_0001), (0x2FF, 6)]
     );
 }
+
+/// The reusable fake of `crate::fake` (feature `test-util`, used by the
+/// fuzz targets) drives the dispatcher like the one above.
+#[test]
+fn the_shared_fake_vcpu_dispatches_calls() {
+    let mem = IsolatedMemory::new(vec![0u8; 0x10000].leak());
+    mem.write_phys(GuestPhysAddr::new(0x2000), b"log_read\0")
+        .unwrap();
+    let mut vcpu = crate::fake::FakeVcpu::new(&mem);
+    let mut vmm = vmm();
+    vcpu.regs[Gpr::Rbx as usize] = 0x2000;
+    assert_eq!(
+        handle_exit(&mut vmm, &mut vcpu, Exit::VmmCall),
+        Action::Resume
+    );
+    assert_eq!(vcpu.regs[Gpr::Rax as usize], 3);
+    assert_eq!((vcpu.skipped, vcpu.rip), (1, 0x1003));
+    // 32-bit mode: the upper half of RAX does not pick a function.
+    vcpu.mode.long64 = false;
+    vcpu.regs[Gpr::Rax as usize] = 0xFFFF_FFFF_0000_0000;
+    assert_eq!(
+        handle_exit(&mut vmm, &mut vcpu, Exit::VmmCall),
+        Action::Resume
+    );
+    assert_eq!(vcpu.regs[Gpr::Rax as usize], 3);
+    assert_eq!(vcpu.last_injected(), None);
+}
