@@ -140,18 +140,23 @@ impl Regs {
     }
 }
 
-/// Generates a naked function that loads all of `Regs` from `*regs`
-/// (RDI), executes `$insn`, and stores all registers back. Being naked, it
-/// owns every register, including RBX and RBP which `asm!` cannot name.
+/// Generates a naked function that stores its resume address into
+/// `*resume` (RSI), loads all of `Regs` from `*regs` (RDI), executes
+/// `$insn`, and stores all registers back. Being naked, it owns every
+/// register, including RBX and RBP which `asm!` cannot name. A fault on
+/// the instruction that an exception handler recovers (the hostile mode's)
+/// resumes right after it, with the registers as they were at the fault,
+/// and stores those.
 macro_rules! vmm_call_fn {
     ($name:ident, $insn:literal) => {
         /// Executes the VMM call with every register taken from and
-        /// returned into `*regs`.
+        /// returned into `*regs`; `*resume` receives the address a
+        /// recovered fault resumes at.
         ///
         /// # Safety
-        /// `regs` must be valid for reads and writes.
+        /// `regs` must be valid for reads and writes, `resume` for writes.
         #[unsafe(naked)]
-        unsafe extern "sysv64" fn $name(regs: *mut Regs) {
+        pub unsafe extern "sysv64" fn $name(regs: *mut Regs, resume: *mut u64) {
             // The callee-saved registers are pushed, the pointer kept on the
             // stack while RDI carries a call argument.
             naked_asm!(
@@ -162,6 +167,8 @@ macro_rules! vmm_call_fn {
                 "push r14",
                 "push r15",
                 "push rdi",
+                "lea rax, [rip + 2f]",
+                "mov [rsi], rax",
                 "mov rax, [rdi + {rax}]",
                 "mov rbx, [rdi + {rbx}]",
                 "mov rcx, [rdi + {rcx}]",
@@ -178,6 +185,7 @@ macro_rules! vmm_call_fn {
                 "mov r15, [rdi + {r15}]",
                 "mov rdi, [rdi + {rdi}]",
                 $insn,
+                "2:",
                 "xchg rdi, [rsp]",
                 "mov [rdi + {rax}], rax",
                 "mov [rdi + {rbx}], rbx",
@@ -229,13 +237,14 @@ vmm_call_fn!(vmmcall_regs, "vmmcall");
 /// holds every register as the VMM left it. Without a VMM the instruction
 /// raises #UD, which the exception handler reports (and ends the run).
 pub fn vmm_call(regs: &mut Regs) {
+    let mut resume = 0u64;
     if USE_VMCALL.load(Relaxed) {
-        // SAFETY: `regs` is a valid exclusive reference; the stub restores
-        // every callee-saved register and the stack.
-        unsafe { vmcall_regs(regs) }
+        // SAFETY: `regs` and `resume` are valid exclusive references; the
+        // stub restores every callee-saved register and the stack.
+        unsafe { vmcall_regs(regs, &mut resume) }
     } else {
         // SAFETY: as above.
-        unsafe { vmmcall_regs(regs) }
+        unsafe { vmmcall_regs(regs, &mut resume) }
     }
 }
 

@@ -59,7 +59,7 @@ use crate::entry::{Page, EXC64_STUB_SIZE, TG_EXC64_STUBS, TG_PML4};
 use crate::interrupts::ExceptionFrame;
 use crate::passthrough::{self, map_identity_2m};
 use crate::timer::{self, pit_delay_us, Lapic};
-use core::arch::{asm, global_asm, naked_asm};
+use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::mem::offset_of;
 use core::ptr::{addr_of, addr_of_mut};
@@ -687,92 +687,6 @@ pub fn try_recover(frame: &mut ExceptionFrame, cr2: u64) -> bool {
     true
 }
 
-/// Generates a naked function that stores its resume address into
-/// `*resume` (RSI), loads every register from `*regs` (RDI), executes the
-/// call instruction and stores every register back. A fault on the
-/// instruction that the handler recovers resumes right after it, with the
-/// registers as they were at the fault, and stores those.
-macro_rules! call_fn {
-    ($name:ident, $insn:literal) => {
-        /// # Safety
-        /// `regs` and `resume` must be valid for writes; the call must not
-        /// make thinvisor write memory the guest needs.
-        #[unsafe(naked)]
-        unsafe extern "sysv64" fn $name(regs: *mut Regs, resume: *mut u64) {
-            naked_asm!(
-                "push rbx",
-                "push rbp",
-                "push r12",
-                "push r13",
-                "push r14",
-                "push r15",
-                "push rdi",
-                "lea rax, [rip + 2f]",
-                "mov [rsi], rax",
-                "mov rax, [rdi + {rax}]",
-                "mov rbx, [rdi + {rbx}]",
-                "mov rcx, [rdi + {rcx}]",
-                "mov rdx, [rdi + {rdx}]",
-                "mov rsi, [rdi + {rsi}]",
-                "mov rbp, [rdi + {rbp}]",
-                "mov r8, [rdi + {r8}]",
-                "mov r9, [rdi + {r9}]",
-                "mov r10, [rdi + {r10}]",
-                "mov r11, [rdi + {r11}]",
-                "mov r12, [rdi + {r12}]",
-                "mov r13, [rdi + {r13}]",
-                "mov r14, [rdi + {r14}]",
-                "mov r15, [rdi + {r15}]",
-                "mov rdi, [rdi + {rdi}]",
-                $insn,
-                "2:",
-                "xchg rdi, [rsp]",
-                "mov [rdi + {rax}], rax",
-                "mov [rdi + {rbx}], rbx",
-                "mov [rdi + {rcx}], rcx",
-                "mov [rdi + {rdx}], rdx",
-                "mov [rdi + {rsi}], rsi",
-                "mov [rdi + {rbp}], rbp",
-                "mov [rdi + {r8}], r8",
-                "mov [rdi + {r9}], r9",
-                "mov [rdi + {r10}], r10",
-                "mov [rdi + {r11}], r11",
-                "mov [rdi + {r12}], r12",
-                "mov [rdi + {r13}], r13",
-                "mov [rdi + {r14}], r14",
-                "mov [rdi + {r15}], r15",
-                "pop rax",
-                "mov [rdi + {rdi}], rax",
-                "pop r15",
-                "pop r14",
-                "pop r13",
-                "pop r12",
-                "pop rbp",
-                "pop rbx",
-                "ret",
-                rax = const offset_of!(Regs, rax),
-                rbx = const offset_of!(Regs, rbx),
-                rcx = const offset_of!(Regs, rcx),
-                rdx = const offset_of!(Regs, rdx),
-                rsi = const offset_of!(Regs, rsi),
-                rdi = const offset_of!(Regs, rdi),
-                rbp = const offset_of!(Regs, rbp),
-                r8 = const offset_of!(Regs, r8),
-                r9 = const offset_of!(Regs, r9),
-                r10 = const offset_of!(Regs, r10),
-                r11 = const offset_of!(Regs, r11),
-                r12 = const offset_of!(Regs, r12),
-                r13 = const offset_of!(Regs, r13),
-                r14 = const offset_of!(Regs, r14),
-                r15 = const offset_of!(Regs, r15),
-            )
-        }
-    };
-}
-
-call_fn!(vmcall_all, "vmcall");
-call_fn!(vmmcall_all, "vmmcall");
-
 /// A VMM call with every register from `regs` (and back into it), #PF,
 /// #GP and #UD caught.
 fn call(cpu: usize, vmcall: bool, regs: &mut Regs) -> Result<(), Caught> {
@@ -783,9 +697,9 @@ fn call(cpu: usize, vmcall: bool, regs: &mut Regs) -> Result<(), Caught> {
     // `logset_pick`).
     unsafe {
         if vmcall {
-            vmcall_all(regs, resume)
+            crate::cpu::vmcall_regs(regs, resume)
         } else {
-            vmmcall_all(regs, resume)
+            crate::cpu::vmmcall_regs(regs, resume)
         }
     }
     disarm(cpu)
