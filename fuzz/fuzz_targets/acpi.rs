@@ -182,9 +182,13 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     if !raw && tables_ok && entries.len() <= 64 {
         // The first FACP listed wins; the harness's FADT is the only one
         // unless it placed other FACPs, or tables overlap.
+        // The EBDA pointer (0x40E) is written after the tables: a table
+        // over it is corrupted by it.
+        let ebda_pointer = in_ebda.then_some((0x40E, 2));
         let ranges: Vec<(u64, u64)> = std::iter::once((rsdp_at, 36))
             .chain(std::iter::once((sdt_at, sdt.len() as u64)))
             .chain(std::iter::once((fadt_at, fadt.len() as u64)))
+            .chain(ebda_pointer)
             .collect();
         let overlap = ranges.iter().enumerate().any(|(i, a)| {
             ranges[i + 1..]
