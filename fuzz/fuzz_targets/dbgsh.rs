@@ -85,11 +85,9 @@ struct Client {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 3 {
+    let Some((calls, rest)) = thinvisor_memory_fuzz::split_calls(data) else {
         return;
-    }
-    let split = usize::from(u16::from_le_bytes([data[0], data[1]])) % (data.len() - 1);
-    let (calls, rest) = data[2..].split_at(split.min(data.len() - 2));
+    };
     let mut u = Unstructured::new(rest);
     let Ok(mut s) = Setup::new(&mut u, 16) else {
         return;

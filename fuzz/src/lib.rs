@@ -166,3 +166,14 @@ impl Setup {
         }
     }
 }
+
+/// Split a fuzz input the way the call-driving targets do: the first two
+/// bytes say where the calls end; the calls, then the bytes [`Setup`]
+/// builds guest memory from. None when the input is too short.
+pub fn split_calls(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    if data.len() < 3 {
+        return None;
+    }
+    let split = usize::from(u16::from_le_bytes([data[0], data[1]])) % (data.len() - 1);
+    Some(data[2..].split_at(split.min(data.len() - 2)))
+}
