@@ -339,36 +339,28 @@ pub fn build_tables(
     root
 }
 
-/// Make the page at `pa` read-only to the guest (its writes exit).
-pub fn write_protect(pa: u64) -> Result<(), &'static str> {
+/// Map the page at `pa` if the guest has not touched it yet, and make it
+/// read-only to the guest; every vCPU drops its translations of it at its
+/// next entry (one may hold a writable one).
+pub fn write_protect_mapped(pa: u64) -> Result<(), &'static str> {
     let tables = TABLES.get().ok_or("no pass-through tables")?;
+    let mut tables = tables.lock();
+    let gpa = thinvisor_memory::GuestPhysAddr::new(pa);
+    match tables.map_fault(&mut mem::HeapTables, gpa) {
+        Ok(_) | Err(NptError::AlreadyMapped) => {}
+        Err(NptError::Hidden) => return Err("thinvisor's own memory"),
+        Err(_) => return Err("the page cannot be mapped"),
+    }
     tables
-        .lock()
-        .write_protect(
-            &mut mem::HeapTables,
-            thinvisor_memory::GuestPhysAddr::new(pa),
-        )
-        .map_err(|_| "the page is not mapped")
-}
-
-/// Bumped whenever the tables gain a permission: every vCPU flushes its
-/// nested TLB at its next entry when it sees a new value.
-pub static GENERATION: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
-
-/// Give the page at `pa` its write permission back, and make every vCPU
-/// flush its translations.
-pub fn write_unprotect(pa: u64) -> Result<(), &'static str> {
-    let tables = TABLES.get().ok_or("no pass-through tables")?;
-    tables
-        .lock()
-        .write_unprotect(
-            &mut mem::HeapTables,
-            thinvisor_memory::GuestPhysAddr::new(pa),
-        )
+        .write_protect(&mut mem::HeapTables, gpa)
         .map_err(|_| "the page is not mapped")?;
     GENERATION.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
     Ok(())
 }
+
+/// Bumped whenever a page's permissions change: every vCPU flushes its
+/// nested TLB at its next entry when it sees a new value.
+pub static GENERATION: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
 /// Nested page faults in the pass-through layout.
 pub struct PassthroughFaults;
@@ -390,13 +382,6 @@ impl NestedFaults for PassthroughFaults {
             };
         }
         match tables.map_fault(&mut mem::HeapTables, fault.gpa) {
-            // A translation this vCPU cached before the page got its write
-            // permission back; the flush at the next entry drops it.
-            Err(NptError::AlreadyMapped)
-                if fault.write && crate::apic::was_apic_page(fault.gpa) =>
-            {
-                FaultVerdict::Mapped
-            }
             Ok(range) => {
                 log::debug!(
                     "pass-through: mapped {:#x}..{:#x} on first access",

@@ -9,7 +9,7 @@
 //! it from HOST_GS_BASE), and the area starts with a pointer to itself.
 
 use core::mem::offset_of;
-use core::sync::atomic::AtomicU32;
+use thinvisor_vmm::HostSignals;
 
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
@@ -38,11 +38,11 @@ pub struct Selectors {
 pub struct PerCpu {
     /// The area's own address: `mov rax, gs:[0]` finds it.
     this: *const PerCpu,
-    /// NMIs the host took on this processor that belong to the guest: the
-    /// exit path injects them (thinvisor does not intercept NMIs, so an NMI
-    /// that reaches the host arrived while this processor ran thinvisor's
-    /// code on the guest's behalf).
-    pub nmi_pending: AtomicU32,
+    /// What the host tells this processor's vCPU: NMIs the host took that
+    /// belong to the guest (an NMI that reaches the host arrived while
+    /// this processor ran thinvisor's code on the guest's behalf, or
+    /// exited), and an INIT the guest sent it (apic.rs emulates INIT).
+    pub signals: HostSignals,
     /// 0 for the boot processor, then in the order processors came up.
     pub index: u32,
     /// The local APIC ID (CPUID leaf 1, EBX bits 31:24).
@@ -52,8 +52,8 @@ pub struct PerCpu {
     selectors: Option<Selectors>,
 }
 
-/// Offset of [`PerCpu::nmi_pending`], for the NMI stub.
-pub const NMI_PENDING_OFFSET: usize = offset_of!(PerCpu, nmi_pending);
+/// Offset of the NMI count in [`PerCpu::signals`], for the NMI stub.
+pub const NMI_PENDING_OFFSET: usize = offset_of!(PerCpu, signals.nmis);
 
 /// The boot processor's area and interrupt stacks (the others come from
 /// the heap).
@@ -64,7 +64,7 @@ impl PerCpu {
     const fn empty() -> Self {
         Self {
             this: core::ptr::null(),
-            nmi_pending: AtomicU32::new(0),
+            signals: HostSignals::new(),
             index: 0,
             apic_id: 0,
             gdt: GlobalDescriptorTable::new(),

@@ -234,9 +234,17 @@ impl Platform for Machine {
     }
 
     fn msr_write(&self, msr: u32, value: u64) -> bool {
-        // SAFETY: only guarded MSRs come here (the APIC base and the
-        // MTRRs), with values `thinvisor_vmm::guard` let through.
+        if msr == thinvisor_vmm::guard::IA32_APIC_BASE {
+            return crate::apic::write_apic_base(value);
+        }
+        // SAFETY: only guarded MSRs come here (the APIC base, handled
+        // above, and the MTRRs), with values `thinvisor_vmm::guard` let
+        // through.
         unsafe { crate::msr::write(msr, value) }
+    }
+
+    fn wait_for_sipi(&self) -> Option<u8> {
+        crate::apic::wait_for_sipi()
     }
 
     fn max_phys_addr(&self) -> u8 {

@@ -307,7 +307,7 @@ pub fn wait_for_guest_start(
         stop_this_cpu("no virtual machine")
     };
     log::debug!("CPU {}: waiting for the guest's SIPI", cpu.index);
-    let vector = crate::apic::wait_for_sipi(cpu.apic_id);
+    let vector = crate::apic::wait_for_first_sipi(cpu.apic_id);
     log::debug!("CPU {}: SIPI {vector:#x}", cpu.index);
     (
         thinvisor_vmm::InitialState::sipi(vector),

@@ -140,7 +140,7 @@ fn virtualize_cpu(
         )
     };
     let cpu = percpu::current();
-    vcpu.take_host_nmis_from(&cpu.nmi_pending);
+    vcpu.take_host_signals_from(&cpu.signals);
     vcpu.watch_nested_generation(&crate::passthrough::GENERATION);
     crate::enter_guest(cpu, &mut vcpu, vmm, initial)
 }

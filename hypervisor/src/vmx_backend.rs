@@ -175,7 +175,7 @@ fn virtualize_cpu(
     // SAFETY: setup_vmcs left this processor's VMCS current, and nothing
     // else loads another on this processor.
     let mut vcpu = unsafe { VmxVcpu::new(memory, guest_efer, policy, initial) };
-    vcpu.take_host_nmis_from(&cpu.nmi_pending);
+    vcpu.take_host_signals_from(&cpu.signals);
     vcpu.watch_nested_generation(&crate::passthrough::GENERATION);
     crate::enter_guest(cpu, &mut vcpu, vmm, initial)
 }

@@ -884,6 +884,11 @@ const HOSTILE_PASSED: &[&str] = &[
     "test-guest: hostile: 120000 operations on 2 CPUs",
     "test-guest: hostile CPU 0: ",
     "test-guest: hostile CPU 1: ",
+    // The INIT storm (8 INIT-SIPI-SIPI cycles from the BSP, the guest's
+    // default): the AP came back under thinvisor after each one.
+    " 8 INIT cycles sent;",
+    "; entered 9 times;",
+    "restarting at 0x9000",
     "test-guest: hostile: thinvisor answered every CPU's last lookup",
     "PASS hostile",
     "SUMMARY: 1 passed, 0 failed",
@@ -953,6 +958,11 @@ const LINUX_UNDER_THINVISOR: &[&str] = &[
     "thinvisor-init: taskset -c 1 runs on CPU 1",
     "thinvisor-init: dbgsh-cpu1 ok",
     "thinvisor-init: dbgsh-busy ok",
+    // CPU 1 offline and online again: Linux's INIT and SIPI, emulated by
+    // thinvisor, brought it back under thinvisor.
+    "thinvisor-init: cpu1-restart ok",
+    "CPU 1 (APIC ID 1): INIT from the guest, waiting for a SIPI",
+    "CPU 1: SIPI ",
     // memscan read the guest's whole physical memory and found no word of
     // thinvisor's canary page, but the pattern it planted in its own.
     "thinvisor-init: memscan ok (",

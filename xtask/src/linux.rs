@@ -441,6 +441,28 @@ if grep -q '^probe: lookup' /tmp/probe; then
         failed dbgsh-busy "status $st_a and $st_b"
     fi
 
+    # CPU 1 taken offline and brought back: Linux restarts it with INIT
+    # and SIPI, which thinvisor emulates (a real INIT would reset it out
+    # of thinvisor). It must come back under thinvisor: a VMM call from it
+    # answers.
+    if [ -w /sys/devices/system/cpu/cpu1/online ]; then
+        echo 0 > /sys/devices/system/cpu/cpu1/online
+        off=$(cat /sys/devices/system/cpu/cpu1/online)
+        echo 1 > /sys/devices/system/cpu/cpu1/online
+        on=$(cat /sys/devices/system/cpu/cpu1/online)
+        timeout 10 taskset -c 1 vmmcall log_read 0 0 0 > /tmp/vmmcall1 2>&1
+        st=$?
+        if [ "$off$on" = 01 ] && [ $st = 0 ] && [ "$(nproc)" = 2 ] \
+            && grep -q '^rax=0x0000000000000000 rbx=0x' /tmp/vmmcall1; then
+            ok cpu1-restart "offline, online again, answered"
+        else
+            show cpu1-vmmcall /tmp/vmmcall1
+            failed cpu1-restart "online $off then $on, vmmcall status $st"
+        fi
+    else
+        failed cpu1-restart "no /sys/devices/system/cpu/cpu1/online"
+    fi
+
     # memscan: no page the guest can read (all of RAM through /proc/kcore,
     # every reserved range, thinvisor's block among them, through
     # /dev/mem) holds a word of thinvisor's canary page; a pattern memscan

@@ -16,7 +16,8 @@ use thinvisor_vmm::events::{combine, Combined};
 use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{
-    CpuMode, Event, Exit, Gpr, GuestKind, InitialState, NestedFault, SegmentState, Vcpu,
+    CpuMode, Event, Exit, Gpr, GuestKind, HostSignals, InitialState, NestedFault, SegmentState,
+    Vcpu,
 };
 use vmcb::{
     attrib, event_inj, exit_code, ioio_info, misc1, misc2, npf_info, tlb_control, Segment, Vmcb,
@@ -281,8 +282,9 @@ pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     stats: ExitStats,
     /// An event to deliver at the first entry that has no other one.
     deferred: Option<Event>,
-    /// NMIs the host caught on this processor, for the guest.
-    host_nmis: Option<&'static AtomicU32>,
+    /// NMIs the host caught on this processor, for the guest, and an
+    /// INIT another processor sent it.
+    signals: Option<&'static HostSignals>,
     /// A fault arose while a double fault was delivered.
     shutdown: bool,
     /// The nested tables' generation, and the one this vCPU last saw: a
@@ -409,6 +411,73 @@ pub fn exit_name(slot: usize) -> &'static str {
     }
 }
 
+/// The save area of a guest that starts in `initial`: at power-on (the
+/// constructor) or after INIT and SIPI ([`SvmVcpu::reset`]; the values
+/// of Intel SDM vol. 3A, table 9-1, which AMD APM vol. 2, 14.1.3 matches).
+fn load_initial(s: &mut vmcb::StateSaveArea, initial: &InitialState) {
+    s.cs = Segment::from_state(initial.code_segment());
+    let data = Segment::from_state(initial.data_segment());
+    for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
+        *seg = data;
+    }
+    s.gdtr = Segment {
+        base: initial.gdt.0,
+        limit: initial.gdt.1.into(),
+        ..Segment::default()
+    };
+    s.idtr = Segment {
+        // The real-mode IVT at 0 (a no-op for protected-mode starts,
+        // which load their own IDT before enabling interrupts).
+        limit: 0x3FF,
+        ..Segment::default()
+    };
+    s.ldtr = Segment {
+        attrib: attrib::LDT,
+        ..Segment::default()
+    };
+    s.tr = Segment {
+        attrib: attrib::TSS_BUSY,
+        limit: 0x67,
+        ..Segment::default()
+    };
+    s.cpl = 0;
+    // The guest's EFER must keep SVME (VMRUN consistency check, APM
+    // 15.5.1).
+    s.cr0 = initial.cr0();
+    s.cr3 = 0;
+    s.cr4 = 0;
+    s.efer = EFER_SVME;
+    s.rflags = InitialState::RFLAGS;
+    s.rip = initial.rip();
+    s.rax = initial.gpr(Gpr::Rax);
+    s.rsp = initial.gpr(Gpr::Rsp);
+    s.dr6 = 0xFFFF_0FF0;
+    s.dr7 = 0x400;
+    s.cr2 = 0;
+}
+
+/// The general registers of a guest that starts in `initial` (RAX and RSP
+/// live in the save area).
+fn regs_from(initial: &InitialState) -> GuestRegs {
+    let g = |r| initial.gpr(r);
+    GuestRegs {
+        rbx: g(Gpr::Rbx),
+        rcx: g(Gpr::Rcx),
+        rdx: g(Gpr::Rdx),
+        rsi: g(Gpr::Rsi),
+        rdi: g(Gpr::Rdi),
+        rbp: g(Gpr::Rbp),
+        r8: g(Gpr::R8),
+        r9: g(Gpr::R9),
+        r10: g(Gpr::R10),
+        r11: g(Gpr::R11),
+        r12: g(Gpr::R12),
+        r13: g(Gpr::R13),
+        r14: g(Gpr::R14),
+        r15: g(Gpr::R15),
+    }
+}
+
 impl<M: GuestPhysMemory> SvmVcpu<M> {
     /// Set up a VMCB for a guest that starts in `initial`.
     ///
@@ -441,7 +510,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         // identity: SeaBIOS's 16-bit disk services switch modes through
         // SMM (its call32_smm rewrites the interrupted context's saved
         // state), and that context must be the guest's, not the host's.
-        c.intercept_misc1 = misc1::CPUID | misc1::SHUTDOWN | misc1::MSR_PROT;
+        // NMIs exit so that another processor can stop this one with an
+        // NMI when the guest sends it INIT (crate::HostSignals explains
+        // why INIT is emulated); the host's handler takes the NMI and the
+        // next entry gives it to the guest.
+        c.intercept_misc1 = misc1::CPUID | misc1::SHUTDOWN | misc1::MSR_PROT | misc1::NMI;
         if kind == GuestKind::Isolated {
             c.intercept_misc1 |= misc1::HLT | misc1::SMI;
         }
@@ -466,65 +539,12 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         c.ncr3 = ncr3.as_u64();
         c.vmcb_clean = 0;
 
-        let s = &mut vmcb_virt.save;
-        s.cs = Segment::from_state(initial.code_segment());
-        let data = Segment::from_state(initial.data_segment());
-        for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
-            *seg = data;
-        }
-        s.gdtr = Segment {
-            base: initial.gdt.0,
-            limit: initial.gdt.1.into(),
-            ..Segment::default()
-        };
-        s.idtr = Segment {
-            // The real-mode IVT at 0 (a no-op for protected-mode starts,
-            // which load their own IDT before enabling interrupts).
-            limit: 0x3FF,
-            ..Segment::default()
-        };
-        s.ldtr = Segment {
-            attrib: attrib::LDT,
-            ..Segment::default()
-        };
-        s.tr = Segment {
-            attrib: attrib::TSS_BUSY,
-            limit: 0x67,
-            ..Segment::default()
-        };
-        s.cpl = 0;
-        // The guest's EFER must keep SVME (VMRUN consistency check, APM
-        // 15.5.1).
-        s.cr0 = initial.cr0();
-        s.cr3 = 0;
-        s.cr4 = 0;
-        s.efer = EFER_SVME;
-        s.rflags = InitialState::RFLAGS;
-        s.rip = initial.rip();
-        s.rax = initial.gpr(Gpr::Rax);
-        s.rsp = initial.gpr(Gpr::Rsp);
-        s.dr6 = 0xFFFF_0FF0;
-        s.dr7 = 0x400;
-        // Power-on PAT: write-back for index 0, as firmware leaves it.
-        s.g_pat = 0x0007_0406_0007_0406;
+        load_initial(&mut vmcb_virt.save, initial);
 
-        let g = |r| initial.gpr(r);
-        let regs = GuestRegs {
-            rbx: g(Gpr::Rbx),
-            rcx: g(Gpr::Rcx),
-            rdx: g(Gpr::Rdx),
-            rsi: g(Gpr::Rsi),
-            rdi: g(Gpr::Rdi),
-            rbp: g(Gpr::Rbp),
-            r8: g(Gpr::R8),
-            r9: g(Gpr::R9),
-            r10: g(Gpr::R10),
-            r11: g(Gpr::R11),
-            r12: g(Gpr::R12),
-            r13: g(Gpr::R13),
-            r14: g(Gpr::R14),
-            r15: g(Gpr::R15),
-        };
+        // Power-on PAT: write-back for index 0, as firmware leaves it
+        // (INIT leaves it alone, so only here).
+        vmcb_virt.save.g_pat = 0x0007_0406_0007_0406;
+        let regs = regs_from(initial);
         Self {
             vmcb: vmcb_virt,
             vmcb_pa: vmcb,
@@ -541,16 +561,16 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             efer_undo: None,
             stats: ExitStats::default(),
             deferred: None,
-            host_nmis: None,
+            signals: None,
             shutdown: false,
             nested_gen: None,
         }
     }
 
-    /// Deliver the NMIs the host counts in `counter` (its NMI handler's) to
-    /// this guest.
-    pub fn take_host_nmis_from(&mut self, counter: &'static AtomicU32) {
-        self.host_nmis = Some(counter);
+    /// Deliver the NMIs the host counts in `signals` (its NMI handler's)
+    /// to this guest, and stop it when `signals` says INIT.
+    pub fn take_host_signals_from(&mut self, signals: &'static HostSignals) {
+        self.signals = Some(signals);
     }
 
     /// Flush this guest's TLB before the next entry whenever `generation`
@@ -560,23 +580,31 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
     }
 
     /// Fill an empty EVENTINJ with a deferred event or an NMI the host
-    /// caught, just before VMRUN.
+    /// caught, just before VMRUN; `Exit::Init` instead of an entry when
+    /// another processor sent this one INIT (looked at only when NMIs
+    /// wait: the sender's kick is one, see [`HostSignals`]).
     #[inline(always)]
-    fn pick_next_event(&mut self) {
-        if self.vmcb.control.event_inj & event_inj::VALID != 0 {
-            return;
-        }
-        if let Some(event) = self.deferred.take() {
-            self.vmcb.control.event_inj = encode_event(event);
-        } else if let Some(n) = self.host_nmis {
-            // A plain load first: the locked update only when an NMI waits.
-            if n.load(Ordering::Relaxed) != 0
-                && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_ok()
-            {
-                self.vmcb.control.event_inj = encode_event(Event::Nmi);
+    fn pick_next_event(&mut self) -> Option<Exit> {
+        if let Some(signals) = self.signals {
+            // A plain load first: the rest only when an NMI waits.
+            if signals.nmis.load(Ordering::Relaxed) != 0 {
+                if signals.init_posted() {
+                    return Some(Exit::Init);
+                }
+                if self.vmcb.control.event_inj & event_inj::VALID == 0
+                    && self.deferred.is_none()
+                    && signals.take_nmi()
+                {
+                    self.vmcb.control.event_inj = encode_event(Event::Nmi);
+                }
             }
         }
+        if self.vmcb.control.event_inj & event_inj::VALID == 0 {
+            if let Some(event) = self.deferred.take() {
+                self.vmcb.control.event_inj = encode_event(event);
+            }
+        }
+        None
     }
 
     /// The raw VMCB, for diagnostics.
@@ -642,6 +670,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 self.on_efer(c.exit_info1 & 1 != 0);
                 true
             }
+            // The NMI stays pending through #VMEXIT (GIF is 0, APM vol. 2,
+            // 15.17); the world switch's STGI has let the host's NMI handler
+            // take it since, which counted it for the guest: the entry path
+            // injects it, or finds the INIT it announced.
+            exit_code::NMI => true,
             exit_code::SMI => {
                 // STGI in the world switch has let the SMI in by now; the
                 // firmware may have returned with EFER.SVME clear (QEMU's
@@ -839,6 +872,25 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         self.vmcb.control.interrupt_shadow = 0;
     }
 
+    /// INIT and SIPI (Intel SDM vol. 3A, 9.1.1 and table 9-1; APM vol. 2,
+    /// 14.1.3): the registers of `initial`, nothing to deliver, no
+    /// interrupt shadow, and a fresh TLB (the guest's paging is off now).
+    /// MSRs the save area holds (STAR, LSTAR, KernelGSBase, G_PAT, ...)
+    /// keep their values, as INIT leaves them.
+    fn reset(&mut self, initial: &InitialState) {
+        load_initial(&mut self.vmcb.save, initial);
+        self.regs = regs_from(initial);
+        let c = &mut self.vmcb.control;
+        c.event_inj = 0;
+        c.interrupt_shadow = 0;
+        c.tlb_control = tlb_control::FLUSH_ALL;
+        c.vmcb_clean = 0;
+        self.deferred = None;
+        self.pending_cr2 = None;
+        self.efer_undo = None;
+        self.shutdown = false;
+    }
+
     fn inject(&mut self, event: Event) {
         let pending = self.vmcb.control.event_inj;
         let event = if pending & event_inj::VALID == 0 {
@@ -887,7 +939,9 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
             return Exit::Shutdown;
         }
         loop {
-            self.pick_next_event();
+            if let Some(exit) = self.pick_next_event() {
+                return exit;
+            }
             if let Some((generation, seen)) = &mut self.nested_gen {
                 let now = generation.load(Ordering::Acquire);
                 if now != *seen {

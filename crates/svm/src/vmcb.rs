@@ -148,6 +148,7 @@ pub struct Vmcb {
 
 /// Intercept vector 3 bits (APM vol. 2, table B-1, offset 0x0C).
 pub mod misc1 {
+    pub const NMI: u32 = 1 << 1;
     pub const SMI: u32 = 1 << 2;
     pub const CPUID: u32 = 1 << 18;
     pub const HLT: u32 = 1 << 24;
@@ -170,6 +171,7 @@ pub mod misc2 {
 
 /// #VMEXIT codes (APM vol. 2, appendix C).
 pub mod exit_code {
+    pub const NMI: u64 = 0x61;
     pub const SMI: u64 = 0x62;
     pub const IOIO: u64 = 0x7B;
     pub const CPUID: u64 = 0x72;

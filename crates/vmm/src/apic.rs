@@ -21,6 +21,10 @@ pub const XAPIC_ICR_LOW: u64 = 0x300;
 /// Offset of the ICR's high half (the destination) in the xAPIC page:
 /// writing it sends nothing.
 pub const XAPIC_ICR_HIGH: u64 = 0x310;
+/// Offset of the logical destination register (SDM vol. 3A, table 11-1).
+pub const XAPIC_LDR: u64 = 0xD0;
+/// Offset of the destination format register.
+pub const XAPIC_DFR: u64 = 0xE0;
 /// The x2APIC ICR MSR: one 64-bit write sends the IPI (SDM vol. 3A,
 /// 11.12.9).
 pub const X2APIC_ICR_MSR: u32 = 0x830;
@@ -94,6 +98,22 @@ pub enum ApicKind {
     /// x2APIC: 32-bit destination in ICR bits 63:32, broadcast ID
     /// 0xFFFF_FFFF.
     X2Apic,
+}
+
+/// A receiver's xAPIC logical destination: what the guest wrote to its
+/// LDR (offset 0xD0) and DFR (offset 0xE0).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct LogicalId {
+    pub ldr: u32,
+    pub dfr: u32,
+}
+
+impl LogicalId {
+    /// After reset: logical ID 0, flat model (SDM vol. 3A, 11.4.7.1).
+    pub const RESET: Self = Self {
+        ldr: 0,
+        dfr: u32::MAX,
+    };
 }
 
 /// A decoded interrupt command, as the guest wrote it.
@@ -214,6 +234,42 @@ impl Icr {
         }
     }
 
+    /// [`targets`](Self::targets), with logical destinations resolved
+    /// against the receiver's logical ID: `logical` is its xAPIC logical
+    /// destination and destination format registers as the guest last
+    /// wrote them (LDR bits 31:24, DFR model bits 31:28), ignored on
+    /// x2APIC, where the logical ID follows from the APIC ID (SDM vol. 3A,
+    /// 11.6.2.2 flat and cluster models; 11.12.10 x2APIC logical IDs).
+    pub const fn reaches(&self, apic_id: u32, self_id: u32, logical: LogicalId) -> bool {
+        if !matches!(self.shorthand(), Shorthand::None)
+            || matches!(self.destination_mode(), DestinationMode::Physical)
+        {
+            return self.targets(apic_id, self_id);
+        }
+        let dest = self.destination();
+        match self.kind {
+            ApicKind::X2Apic => {
+                // Cluster in bits 31:16, one bit per member in 15:0.
+                let cluster = apic_id >> 4;
+                let member = 1u32 << (apic_id & 0xF);
+                dest == u32::MAX || (dest >> 16 == cluster && dest & member != 0)
+            }
+            ApicKind::XApic => {
+                let id = logical.ldr >> 24;
+                if dest == 0xFF {
+                    true
+                } else if logical.dfr >> 28 == 0xF {
+                    // Flat: one bit per processor.
+                    id & dest != 0
+                } else {
+                    // Cluster: the high nibble names the cluster, the low
+                    // one its members.
+                    id >> 4 == dest >> 4 && id & dest & 0xF != 0
+                }
+            }
+        }
+    }
+
     /// Whether this is one of the IPIs that start a processor (INIT,
     /// STARTUP) rather than an interrupt the real APIC should deliver.
     pub const fn is_startup_sequence(&self) -> bool {
@@ -227,6 +283,48 @@ impl Icr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logical_destinations() {
+        let flat = |id: u32| LogicalId {
+            ldr: id << 24,
+            dfr: u32::MAX,
+        };
+        let cluster = |id: u32| LogicalId {
+            ldr: id << 24,
+            dfr: 0x0FFF_FFFF,
+        };
+        // xAPIC flat: INIT to logical 0b0110.
+        let icr = Icr::xapic(0x4D00, 0x06 << 24);
+        assert!(!icr.targets(1, 0), "logical needs the receiver's LDR");
+        assert!(icr.reaches(1, 0, flat(0x02)));
+        assert!(icr.reaches(2, 0, flat(0x04)));
+        assert!(!icr.reaches(3, 0, flat(0x08)));
+        assert!(!icr.reaches(3, 0, LogicalId::RESET));
+        // xAPIC cluster: cluster 2, members 0b0011.
+        let icr = Icr::xapic(0x4D00, 0x23 << 24);
+        assert!(icr.reaches(5, 0, cluster(0x21)));
+        assert!(icr.reaches(5, 0, cluster(0x22)));
+        assert!(!icr.reaches(5, 0, cluster(0x24)));
+        assert!(!icr.reaches(5, 0, cluster(0x11)));
+        // Broadcast reaches everyone, in either model.
+        let icr = Icr::xapic(0x4D00, 0xFF << 24);
+        assert!(icr.reaches(9, 0, LogicalId::RESET));
+        // x2APIC: cluster 0, members 1 and 2 (APIC IDs 1 and 2); cluster 1
+        // member 0 is APIC ID 16.
+        let icr = Icr::x2apic(0x4D00 | (0x0000_0006 << 32));
+        assert!(icr.reaches(1, 0, LogicalId::RESET));
+        assert!(icr.reaches(2, 0, LogicalId::RESET));
+        assert!(!icr.reaches(3, 0, LogicalId::RESET));
+        assert!(!icr.reaches(17, 0, LogicalId::RESET));
+        let icr = Icr::x2apic(0x4D00 | (0x0001_0001 << 32));
+        assert!(icr.reaches(16, 0, LogicalId::RESET));
+        assert!(!icr.reaches(0, 0, LogicalId::RESET));
+        // Physical and shorthands are as `targets` says, whatever the LDR.
+        let icr = Icr::xapic(0x000C_4500, 0);
+        assert!(icr.reaches(1, 0, flat(0)));
+        assert!(!icr.reaches(0, 0, flat(0xFF)));
+    }
 
     /// Linux's INIT to all but itself (`APIC_DEST_ALLBUT | APIC_INT_ASSERT
     /// | APIC_DM_INIT`).

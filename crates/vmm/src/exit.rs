@@ -71,7 +71,7 @@ pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Acti
             input,
             string,
         } => on_io(vmm, vcpu, port, size, input, string),
-        Exit::Init => on_init(vcpu),
+        Exit::Init => on_init(vmm, vcpu),
         Exit::Sipi { vector } => on_sipi(vcpu, vector),
         Exit::EntryFailed { code } => Action::Stop(StopReason::EntryFailed { code }),
         Exit::Unknown { code } => Action::Stop(StopReason::Unhandled {
@@ -155,6 +155,14 @@ pub trait Platform: Sync {
     /// (so a guest reading the log sees the faults its devices caused)
     /// and every [`POLL_EVERY`] exits of each processor.
     fn poll_devices(&self) {}
+    /// This processor received INIT (another processor's IPI, which
+    /// thinvisor emulates, or the hardware's INIT exit): wait in the host
+    /// until the guest sends it a SIPI, and return its vector. None: the
+    /// processor goes on where it was (thinvisor ignores INIT to the boot
+    /// processor, see docs/security.md).
+    fn wait_for_sipi(&self) -> Option<u8> {
+        None
+    }
 }
 
 /// Exits of one processor between two [`Platform::poll_devices`] calls.
@@ -201,10 +209,24 @@ fn on_io<V: Vcpu>(
 }
 
 /// INIT: the processor stops and waits for a SIPI (Intel SDM vol. 3A,
-/// 9.4.4.1: how an operating system starts application processors).
-fn on_init<V: Vcpu>(vcpu: &mut V) -> Action {
-    log::debug!("INIT at rip {:#x}: waiting for a SIPI", vcpu.rip());
-    vcpu.wait_for_sipi();
+/// 9.4.4.1: how an operating system starts application processors, and
+/// restarts one it took offline).
+///
+/// In the pass-through layout the platform does the waiting, in the host:
+/// thinvisor emulates the guest's INIT and SIPI IPIs (the target learns of
+/// the INIT through [`crate::HostSignals`]), so the SIPI never reaches the
+/// hardware and only the host can say when it came. An isolated guest
+/// waits in the hardware's own wait-for-SIPI state (VT-x), whose SIPI
+/// exits.
+fn on_init<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V) -> Action {
+    let Some(platform) = vmm.vm.platform else {
+        log::debug!("INIT at rip {:#x}: waiting for a SIPI", vcpu.rip());
+        vcpu.wait_for_sipi();
+        return Action::Resume;
+    };
+    if let Some(vector) = platform.wait_for_sipi() {
+        vcpu.reset(&crate::InitialState::sipi(vector));
+    }
     Action::Resume
 }
 

@@ -22,6 +22,7 @@ pub mod initial;
 pub mod iomap;
 pub mod log_ring;
 pub mod services;
+pub mod signals;
 pub mod stats;
 pub mod vcpu;
 pub mod vmmcall;
@@ -34,6 +35,7 @@ pub use exit::{
     POWER_PORTS,
 };
 pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
+pub use signals::HostSignals;
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};
 

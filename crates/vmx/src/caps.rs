@@ -637,10 +637,15 @@ impl core::error::Error for NegotiationError {}
 
 /// The hypervisor's policy, as (desired, required) per word.
 mod policy {
-    use super::{entry, exit, proc, proc2};
+    use super::{entry, exit, pin, proc, proc2};
 
-    /// Interrupts and NMIs are not intercepted: the guest owns the hardware.
-    pub const PIN: (u32, u32) = (0, 0);
+    /// External interrupts are not intercepted: the guest owns the
+    /// hardware. NMIs exit, so that another processor can stop this one
+    /// with an NMI when the guest sends it INIT (thinvisor_vmm::HostSignals
+    /// says why INIT is emulated); virtual NMIs then let the hypervisor
+    /// give the guest its own NMIs with the blocking the guest expects
+    /// and wait for an NMI window (SDM vol. 3C, 25.3, 26.7.1).
+    pub const PIN: (u32, u32) = (pin::VIRTUAL_NMIS, pin::NMI_EXITING);
     /// HLT is the idle point; MSR bitmaps keep all but protected MSRs at
     /// full speed; I/O bitmaps let only the few ports thinvisor watches
     /// exit; EPT and friends live in the secondary word.

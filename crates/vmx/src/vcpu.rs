@@ -9,7 +9,34 @@ use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRe
 use thinvisor_vmm::events::{combine, Combined};
 use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
-use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, InitialState, NestedFault, Vcpu};
+use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, HostSignals, InitialState, NestedFault, Vcpu};
+
+/// An IRET to the next instruction, on the host's own stack: a VM exit
+/// caused by an NMI leaves NMIs blocked until an IRET (SDM vol. 3A, 6.7.1,
+/// and vol. 3C, chapter "VM Exits"), and the host took no NMI through its
+/// IDT that would end with one.
+fn unblock_nmis() {
+    // SAFETY: builds a 64-bit IRET frame of the current SS, RSP, RFLAGS
+    // and CS that returns to the next instruction; nothing but RFLAGS'
+    // NMI-blocking side effect changes. The target has no red zone.
+    unsafe {
+        core::arch::asm!(
+            "mov {ss:e}, ss",
+            "mov {rsp}, rsp",
+            "push {ss}",
+            "push {rsp}",
+            "pushfq",
+            "mov {ss:e}, cs",
+            "push {ss}",
+            "lea {rsp}, [rip + 2f]",
+            "push {rsp}",
+            "iretq",
+            "2:",
+            ss = out(reg) _,
+            rsp = out(reg) _,
+        );
+    }
+}
 
 /// Basic exit reasons (Intel SDM vol. 3D, appendix C).
 pub mod exit_reason {
@@ -18,6 +45,7 @@ pub mod exit_reason {
     pub const INIT_SIGNAL: u32 = 3;
     pub const SIPI: u32 = 4;
     pub const INTERRUPT_WINDOW: u32 = 7;
+    pub const NMI_WINDOW: u32 = 8;
     pub const CPUID: u32 = 10;
     pub const IO_INSTRUCTION: u32 = 30;
     pub const HLT: u32 = 12;
@@ -338,8 +366,9 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     /// An event to deliver at the first entry that has no other one and
     /// whose guest state accepts it.
     deferred: Option<Event>,
-    /// NMIs the host caught on this processor, for the guest.
-    host_nmis: Option<&'static AtomicU32>,
+    /// NMIs the host caught on this processor (or that exited), for the
+    /// guest, and an INIT another processor sent it.
+    signals: Option<&'static HostSignals>,
     /// A fault arose while a double fault was delivered.
     shutdown: bool,
     /// The last exit was a SIPI and the guest has not run since.
@@ -532,7 +561,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             insn_len: None,
             stats: ExitStats::default(),
             deferred: None,
-            host_nmis: None,
+            signals: None,
             shutdown: false,
             just_started: false,
             started_at: None,
@@ -546,10 +575,11 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         self.nested_gen = Some((generation, generation.load(Ordering::Acquire)));
     }
 
-    /// Deliver the NMIs the host counts in `counter` (its NMI handler's) to
-    /// this guest.
-    pub fn take_host_nmis_from(&mut self, counter: &'static AtomicU32) {
-        self.host_nmis = Some(counter);
+    /// Deliver the NMIs the host counts in `signals` (its NMI handler's,
+    /// and the ones that exited) to this guest, and stop it when `signals`
+    /// says INIT.
+    pub fn take_host_signals_from(&mut self, signals: &'static HostSignals) {
+        self.signals = Some(signals);
     }
 
     /// Whether the guest can take `event` now: VM entry refuses an external
@@ -562,7 +592,9 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 read(F::GUEST_RFLAGS) & RFLAGS_IF != 0
                     && blocking & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) == 0
             }
-            Event::Nmi => blocking & (BLOCKING_BY_NMI | BLOCKING_BY_MOV_SS) == 0,
+            // Some processors also refuse an NMI under STI blocking (the
+            // entry fails), so wait for that too.
+            Event::Nmi => blocking & (BLOCKING_BY_NMI | BLOCKING_BY_MOV_SS | BLOCKING_BY_STI) == 0,
             _ => true,
         }
     }
@@ -582,47 +614,62 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     }
 
     /// Fill an empty VM-entry event with a deferred event or an NMI the
-    /// host caught, when the guest can take it; an interrupt that must
-    /// wait asks for an interrupt-window exit (SDM vol. 3C, 25.7.5).
+    /// host caught, when the guest can take it; an event that must wait
+    /// asks for an interrupt- or NMI-window exit (SDM vol. 3C, 25.7.5).
+    /// `Exit::Init` instead of an entry when another processor sent this
+    /// one INIT (looked at only when NMIs wait: the sender's kick is one,
+    /// see [`HostSignals`]).
     #[inline(always)]
-    fn pick_next_event(&mut self) {
+    fn pick_next_event(&mut self) -> Option<Exit> {
         // The common case costs no VMREAD: nothing waits.
         let nmi_waiting = self
-            .host_nmis
-            .is_some_and(|n| n.load(Ordering::Relaxed) != 0);
+            .signals
+            .is_some_and(|s| s.nmis.load(Ordering::Relaxed) != 0);
         if self.deferred.is_none() && !nmi_waiting {
-            return;
+            return None;
         }
-        self.pick_waiting_event();
+        self.pick_waiting_event()
     }
 
     #[cold]
-    fn pick_waiting_event(&mut self) {
+    fn pick_waiting_event(&mut self) -> Option<Exit> {
+        if self.signals.is_some_and(|s| s.init_posted()) {
+            return Some(Exit::Init);
+        }
         if read(F::VM_ENTRY_INTR_INFO) & u64::from(INTR_INFO_VALID) != 0 {
-            return;
+            return None;
         }
         if let Some(event) = self.deferred {
             if Self::can_take(event) {
                 self.deferred = None;
                 self.write_event(event);
             } else if matches!(event, Event::ExternalInterrupt { .. }) {
-                let controls = read(F::CPU_BASED_VM_EXEC_CONTROL);
-                write(
-                    F::CPU_BASED_VM_EXEC_CONTROL,
-                    controls | u64::from(crate::caps::proc::INTERRUPT_WINDOW_EXITING),
-                );
+                self.ask_for_window(crate::caps::proc::INTERRUPT_WINDOW_EXITING);
             }
-            return;
+            return None;
         }
-        if let Some(n) = self.host_nmis {
-            if n.load(Ordering::Relaxed) != 0
-                && Self::can_take(Event::Nmi)
-                && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_ok()
-            {
+        if let Some(signals) = self.signals {
+            if !Self::can_take(Event::Nmi) {
+                // The guest is in its NMI handler (or under MOV SS): exit
+                // as soon as it can take the next one.
+                self.ask_for_window(crate::caps::proc::NMI_WINDOW_EXITING);
+            } else if signals.take_nmi() {
                 self.write_event(Event::Nmi);
             }
         }
+        None
+    }
+
+    /// Turn on an interrupt- or NMI-window exit (the latter exists only
+    /// with virtual NMIs; without, the NMI waits for the next exit).
+    fn ask_for_window(&mut self, control: u32) {
+        if control == crate::caps::proc::NMI_WINDOW_EXITING
+            && read(F::PIN_BASED_VM_EXEC_CONTROL) & u64::from(crate::caps::pin::VIRTUAL_NMIS) == 0
+        {
+            return;
+        }
+        let controls = read(F::CPU_BASED_VM_EXEC_CONTROL);
+        write(F::CPU_BASED_VM_EXEC_CONTROL, controls | u64::from(control));
     }
 
     /// Exit reason 0: the exception bitmap has only #UD, and NMIs do not
@@ -641,7 +688,19 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 }
             }
             INTR_TYPE_NMI => {
-                self.inject(Event::Nmi);
+                // The exit leaves NMIs blocked until the next IRET, as
+                // delivery through the IDT would (SDM vol. 3C, chapter
+                // "VM Exits", updating non-register state): end that, or
+                // no later NMI could wake this processor in the host.
+                unblock_nmis();
+                match self.signals {
+                    // Counted like the ones the host's handler takes: the
+                    // next entry injects it, or finds the INIT it announced.
+                    Some(signals) => {
+                        signals.nmis.fetch_add(1, Ordering::AcqRel);
+                    }
+                    None => self.inject(Event::Nmi),
+                }
                 None
             }
             _ => {
@@ -852,12 +911,16 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             // Only #UD is intercepted (exception bitmap), to accept AMD's
             // VMMCALL as a VMM call too; it is three bytes long.
             r::EXCEPTION_OR_NMI => return self.on_exception_or_nmi(),
-            r::INTERRUPT_WINDOW => {
+            // The window the entry path asked for is open: close it; the
+            // next entry delivers what waited.
+            r::INTERRUPT_WINDOW | r::NMI_WINDOW => {
+                let control = if self.reason == r::NMI_WINDOW {
+                    crate::caps::proc::NMI_WINDOW_EXITING
+                } else {
+                    crate::caps::proc::INTERRUPT_WINDOW_EXITING
+                };
                 let controls = read(F::CPU_BASED_VM_EXEC_CONTROL);
-                write(
-                    F::CPU_BASED_VM_EXEC_CONTROL,
-                    controls & !u64::from(crate::caps::proc::INTERRUPT_WINDOW_EXITING),
-                );
+                write(F::CPU_BASED_VM_EXEC_CONTROL, controls & !u64::from(control));
                 return None;
             }
             r::VMCALL => Exit::VmmCall,
@@ -1156,7 +1219,9 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
             return Exit::Shutdown;
         }
         loop {
-            self.pick_next_event();
+            if let Some(exit) = self.pick_next_event() {
+                return exit;
+            }
             if let Some((generation, seen)) = &mut self.nested_gen {
                 let now = generation.load(Ordering::Acquire);
                 if now != *seen {

@@ -12,8 +12,7 @@
 //! when an INIT restarts the processor in the middle of it (the operation
 //! interrupted runs again). `ops` is the operations per CPU (default
 //! 60 000); `storm` the INIT-SIPI-SIPI cycles the BSP sends the APs while
-//! they work (default 0: thinvisor does not support restarting a running
-//! processor yet, see `DEFAULT_STORM`).
+//! they work (default 8, see `DEFAULT_STORM`).
 //!
 //! The operations (see [`one_op`]):
 //! - random VMM calls, either instruction, every register random: function
@@ -72,13 +71,13 @@ const MAX_CPUS: usize = 4;
 const DEFAULT_OPS: u64 = 60_000;
 /// The run must have made at least this many operations in all.
 const MIN_TOTAL_OPS: u64 = 100_000;
-/// Default INIT-SIPI-SIPI cycles: none. thinvisor cannot restart a
-/// running processor yet: on SVM the INIT is not intercepted, so the AP
-/// resets and comes back *without* thinvisor (its next VMMCALL raises #UD:
-/// it runs natively); on VT-x under Bochs the INIT exit does not consume
-/// the INIT, which Bochs delivers again after every entry (hundreds of
-/// thousands of INIT exits, the AP never runs again). `storm=N` shows both.
-const DEFAULT_STORM: u64 = 0;
+/// Default INIT-SIPI-SIPI cycles the BSP sends the APs during the run:
+/// each AP must be stopped in the middle of its stream, come back through
+/// the trampoline still under thinvisor (its next VMM call answers) and
+/// go on. thinvisor emulates INIT and SIPI (docs/security.md, "INIT and
+/// SIPI"); a real INIT would reset the AP out of thinvisor on SVM and
+/// never be consumed under Bochs' VT-x.
+const DEFAULT_STORM: u64 = 8;
 /// The APs' trampoline page: SIPI vector 9 (the `passthrough` mode's is
 /// at 0x8000).
 const TRAMPOLINE: u64 = 0x9000;

@@ -1,0 +1,106 @@
+//! What the host tells one vCPU between two of its entries: the NMIs the
+//! host's NMI handler caught on its processor, and an INIT another
+//! processor sent it.
+//!
+//! Both arrive asynchronously, so both are atomics the backend looks at on
+//! its entry path. The NMI count is the one thing it reads on every entry
+//! (one relaxed load); the INIT flag is read only when that count is not
+//! zero, which is why posting an INIT always comes with an NMI (the
+//! sender's kick, see `hypervisor/src/apic.rs`): the common entry pays
+//! nothing for INIT emulation.
+//!
+//! Why INIT is emulated at all (docs/security.md, "INIT and SIPI"): a real
+//! INIT reaching a processor that runs a guest either resets it out of the
+//! hypervisor (SVM without an INIT intercept, and QEMU even with one) or
+//! stays pending and exits again after every entry (Bochs 2.7, both
+//! vendors). thinvisor therefore never lets the guest's INIT IPIs reach
+//! the hardware: it marks the target here and kicks it with an NMI, and
+//! the target stops at its next entry as if the INIT had arrived.
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// One processor's signals, owned by the host (one per processor, for the
+/// whole run) and lent to its vCPU.
+#[derive(Debug, Default)]
+pub struct HostSignals {
+    /// NMIs taken on this processor that the guest has not been given
+    /// yet (the host's NMI handler increments it).
+    pub nmis: AtomicU32,
+    /// Nonzero once another processor (or this one) sent INIT; cleared by
+    /// the host when the processor starts waiting for its SIPI.
+    pub init: AtomicU32,
+}
+
+impl HostSignals {
+    pub const fn new() -> Self {
+        Self {
+            nmis: AtomicU32::new(0),
+            init: AtomicU32::new(0),
+        }
+    }
+
+    /// Mark an INIT for this processor. The caller then makes sure an NMI
+    /// follows (an NMI IPI to another processor, [`Self::kick_self`] for
+    /// its own): the backend looks at the flag only when NMIs wait.
+    pub fn post_init(&self) {
+        self.init.store(1, Ordering::Release);
+    }
+
+    /// The NMI that makes this processor's own next entry look at its
+    /// flags (an INIT it sent itself).
+    pub fn kick_self(&self) {
+        self.nmis.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether an INIT waits: called on the entry path when [`Self::nmis`]
+    /// is not zero.
+    #[inline]
+    pub fn init_posted(&self) -> bool {
+        self.init.load(Ordering::Acquire) != 0
+    }
+
+    /// Take the INIT flag (true if it was set), when the processor starts
+    /// waiting for a SIPI.
+    pub fn take_init(&self) -> bool {
+        self.init.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Forget every NMI that waits: INIT resets the processor, and the
+    /// sender's kick is not the guest's.
+    pub fn drop_nmis(&self) {
+        self.nmis.store(0, Ordering::Release);
+    }
+
+    /// Take one waiting NMI for the guest, if any.
+    #[inline]
+    pub fn take_nmi(&self) -> bool {
+        self.nmis.load(Ordering::Relaxed) != 0
+            && self
+                .nmis
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_seen_once_and_nmis_are_counted() {
+        let s = HostSignals::new();
+        assert!(!s.init_posted());
+        assert!(!s.take_nmi());
+        s.post_init();
+        s.kick_self();
+        assert!(s.init_posted());
+        assert!(s.take_init());
+        assert!(!s.take_init());
+        assert!(s.take_nmi());
+        assert!(!s.take_nmi());
+        s.kick_self();
+        s.kick_self();
+        s.drop_nmis();
+        assert!(!s.take_nmi());
+    }
+}
