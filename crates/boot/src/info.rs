@@ -127,6 +127,8 @@ pub enum BootInfoError {
     BadTotalSize(u32),
     /// A multiboot2 tag is malformed; `offset` is from the start of the info.
     BadTag { offset: u64, ty: u32, size: u32 },
+    /// thinvisor's resume tag is malformed.
+    Resume(crate::resume::ResumeError),
     /// The multiboot2 information does not end with an end tag.
     NoEndTag,
     /// A memory-map entry has an impossible size; `offset` within the map.
@@ -168,6 +170,7 @@ impl fmt::Display for BootInfoError {
                 "malformed boot information tag at offset {offset:#x} (type {ty}, size {size})"
             ),
             BootInfoError::NoEndTag => write!(f, "boot information has no end tag"),
+            BootInfoError::Resume(e) => write!(f, "{e}"),
             BootInfoError::BadMmapEntry { offset, size } => write!(
                 f,
                 "memory map entry at offset {offset:#x} has an impossible size of {size} bytes"
@@ -214,6 +217,8 @@ pub struct BootInfo {
     info_start: u64,
     info_end: u64,
     truncated: bool,
+    rsdp: Option<u64>,
+    resume: Option<crate::resume::ResumeState>,
 }
 
 const EMPTY_REGION: MemRegion = MemRegion {
@@ -249,7 +254,28 @@ impl BootInfo {
             info_start: 0,
             info_end: 0,
             truncated: false,
+            rsdp: None,
+            resume: None,
         }
+    }
+
+    /// The ACPI RSDP's physical address, when the loader gave one (a UEFI
+    /// loader must: the firmware's RSDP is not in the BIOS areas).
+    pub fn rsdp(&self) -> Option<u64> {
+        self.rsdp
+    }
+
+    pub fn set_rsdp(&mut self, pa: u64) {
+        self.rsdp = Some(pa);
+    }
+
+    /// The loader's state to resume as the guest ([`crate::resume`]).
+    pub fn resume(&self) -> Option<&crate::resume::ResumeState> {
+        self.resume.as_ref()
+    }
+
+    pub fn set_resume(&mut self, state: crate::resume::ResumeState) {
+        self.resume = Some(state);
     }
 
     /// The hypervisor's command line.

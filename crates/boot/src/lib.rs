@@ -25,6 +25,7 @@ pub mod multiboot1;
 pub mod multiboot2;
 pub mod phys;
 mod place;
+pub mod resume;
 
 pub use info::{
     BootInfo, BootInfoError, MemKind, MemRegion, Module, CMDLINE_CAP, MAX_MODULES, MAX_REGIONS,

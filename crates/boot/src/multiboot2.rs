@@ -22,6 +22,10 @@ const TAG_CMDLINE: u32 = 1;
 const TAG_MODULE: u32 = 3;
 const TAG_BASIC_MEMINFO: u32 = 4;
 const TAG_MMAP: u32 = 6;
+/// ACPI 1.0 and 2.0+ RSDP copies (multiboot2 specification 3.6.17/18):
+/// how a UEFI loader passes the RSDP, which is not in the BIOS areas.
+const TAG_ACPI_OLD: u32 = 14;
+const TAG_ACPI_NEW: u32 = 15;
 
 /// Bytes of a tag header (type, size).
 const TAG_HEADER_LEN: usize = 8;
@@ -109,6 +113,35 @@ pub unsafe fn parse(info_pa: u64) -> Result<BootInfo, BootInfoError> {
         })?;
     } else {
         return Err(BootInfoError::NoMemoryMap);
+    }
+
+    // Tags the crate does not model: walked raw (sizes validated above).
+    let mut offset = 8usize;
+    while let Some(ty) = bytes
+        .get(offset..offset + 4)
+        .map(|_| read_u32(bytes, offset))
+    {
+        let size = read_u32(bytes, offset + 4) as usize;
+        let payload = bytes
+            .get(offset + TAG_HEADER_LEN..offset + size)
+            .unwrap_or(&[]);
+        match ty {
+            TAG_ACPI_NEW | TAG_ACPI_OLD if !payload.is_empty() => {
+                // The copy inside the information is a valid RSDP itself
+                // (its tables' addresses are the firmware's): prefer 2.0+.
+                if ty == TAG_ACPI_NEW || info.rsdp().is_none() {
+                    info.set_rsdp(info_pa + (offset + TAG_HEADER_LEN) as u64);
+                }
+            }
+            crate::resume::TAG_RESUME => {
+                let state = crate::resume::ResumeState::from_bytes(payload)
+                    .map_err(BootInfoError::Resume)?;
+                info.set_resume(state);
+            }
+            TAG_END => break,
+            _ => {}
+        }
+        offset += (size + 7) & !7;
     }
 
     Ok(info)
