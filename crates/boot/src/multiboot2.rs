@@ -126,12 +126,12 @@ pub unsafe fn parse(info_pa: u64) -> Result<BootInfo, BootInfoError> {
             .get(offset + TAG_HEADER_LEN..offset + size)
             .unwrap_or(&[]);
         match ty {
-            TAG_ACPI_NEW | TAG_ACPI_OLD if !payload.is_empty() => {
-                // The copy inside the information is a valid RSDP itself
-                // (its tables' addresses are the firmware's): prefer 2.0+.
-                if ty == TAG_ACPI_NEW || info.rsdp().is_none() {
-                    info.set_rsdp(info_pa + (offset + TAG_HEADER_LEN) as u64);
-                }
+            // The copy inside the information is a valid RSDP itself (its
+            // tables' addresses are the firmware's): prefer 2.0+.
+            TAG_ACPI_NEW | TAG_ACPI_OLD
+                if !payload.is_empty() && (ty == TAG_ACPI_NEW || info.rsdp().is_none()) =>
+            {
+                info.set_rsdp(info_pa + (offset + TAG_HEADER_LEN) as u64);
             }
             crate::resume::TAG_RESUME => {
                 let state = crate::resume::ResumeState::from_bytes(payload)
