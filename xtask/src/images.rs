@@ -26,6 +26,8 @@ pub struct Images {
     pub guest32: PathBuf,
     /// `thinvisor.iso`: GRUB ISO booting the hypervisor with the checks.
     pub iso: PathBuf,
+    /// `thinvisor.efi`: the UEFI loader with thinvisor built in.
+    pub efi: PathBuf,
 }
 
 impl Images {
@@ -38,6 +40,7 @@ impl Images {
             guest: dir.join("test-guest.elf"),
             guest32: dir.join("test-guest32.elf"),
             iso: dir.join("thinvisor.iso"),
+            efi: dir.join("thinvisor.efi"),
         }
     }
 }
@@ -103,6 +106,7 @@ pub fn build(ctx: &Ctx) -> Result<Images> {
     util::copy(&release.join(GUEST_BIN), &images.guest)?;
     objcopy_elf32(&images.hv, &images.hv32)?;
     objcopy_elf32(&images.guest, &images.guest32)?;
+    build_efi(ctx, &images)?;
     for warning in check_multiboot(&images.hv)? {
         eprintln!("warning: {}: {warning}", ctx.show(&images.hv));
     }
@@ -120,11 +124,43 @@ pub fn build(ctx: &Ctx) -> Result<Images> {
         &images.guest,
         &images.guest32,
         &images.iso,
+        &images.efi,
     ] {
         let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         eprintln!("  {:<20} {:>10} bytes", file_name(path), size);
     }
     Ok(images)
+}
+
+/// Cargo package of the UEFI loader, and its target.
+pub const EFI_PKG: &str = "thinvisor-efi";
+pub const EFI_TARGET: &str = "x86_64-unknown-uefi";
+
+/// `thinvisor.efi`: the UEFI loader (uefi-loader/) with thinvisor's image
+/// built in, without its debug information (the loader copies it into
+/// memory; 0.6 MB instead of 9).
+fn build_efi(ctx: &Ctx, images: &Images) -> Result {
+    let stripped = ctx.work().join("thinvisor-stripped.elf");
+    if let Some(dir) = stripped.parent() {
+        fs::create_dir_all(dir).context(format_args!("creating {}", dir.display()))?;
+    }
+    let _ = fs::remove_file(&stripped);
+    util::run_captured(
+        Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&images.hv)
+            .arg(&stripped),
+    )?;
+    util::run(
+        ctx.cargo()
+            .args(["build", "--release", "--target", EFI_TARGET, "-p", EFI_PKG])
+            .env("THINVISOR_ELF", &stripped),
+    )?;
+    let built = cargo_target_dir(ctx)?
+        .join(EFI_TARGET)
+        .join("release")
+        .join(format!("{EFI_PKG}.efi"));
+    util::copy(&built, &images.efi)
 }
 
 fn file_name(path: &Path) -> String {

@@ -20,6 +20,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "binutils",
     "gcc",
     "libc6-dev",
+    "ovmf",
 ];
 
 /// The bare-metal Rust target of the hypervisor and its test guests.
@@ -44,6 +45,9 @@ const LIBC_A: &[&str] = &[
     "/usr/lib64/libc.a",
     "/usr/lib/libc.a",
 ];
+/// OVMF, the UEFI firmware for QEMU (thinvisor.efi's tests): code and the
+/// variable store's template.
+pub const OVMF_CODE: &[&str] = &["/usr/share/OVMF/OVMF_CODE_4M.fd"];
 /// GRUB's BIOS platform files, needed by grub-mkrescue.
 const GRUB_I386_PC: &[&str] = &["/usr/lib/grub/i386-pc"];
 
@@ -105,6 +109,11 @@ const REQUIREMENTS: &[Requirement] = &[
         what: "mformat",
         need: Need::Tool("mformat"),
         package: "mtools",
+    },
+    Requirement {
+        what: "OVMF (UEFI firmware for QEMU)",
+        need: Need::Path(OVMF_CODE),
+        package: "ovmf",
     },
     Requirement {
         what: "objcopy",
@@ -212,7 +221,8 @@ fn missing_after_install() -> Vec<&'static str> {
 }
 
 fn ensure_rust_target(ctx: &Ctx) -> Result {
-    ensure_target(ctx, TARGET)
+    ensure_target(ctx, TARGET)?;
+    ensure_target(ctx, crate::images::EFI_TARGET)
 }
 
 /// Adds the Rust target `target` with rustup when it is not installed (a
