@@ -10,6 +10,7 @@ use thinvisor_vmm::events::{combine, Combined};
 use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{CpuMode, Event, Exit, Gpr, HostSignals, InitialState, NestedFault, Vcpu};
+use x86_64::registers::control::Cr0;
 
 /// An IRET to the next instruction, on the host's own stack: a VM exit
 /// caused by an NMI leaves NMIs blocked until an IRET (SDM vol. 3A, 6.7.1,
@@ -186,6 +187,8 @@ impl core::fmt::Display for EptViolation {
 const ENTRY_IA32E_MODE_GUEST: u64 = 1 << 9;
 
 const CR0_PE: u64 = 1 << 0;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
@@ -232,6 +235,18 @@ impl CrPolicy {
     /// The real CR4: VMXE stays set while the guest thinks it is clear.
     pub fn real_cr4(&self, wanted: u64) -> u64 {
         (wanted | self.cr4_must1) & self.cr4_may1
+    }
+
+    /// The CR0 the logical processor must hold in root operation (`root`
+    /// being what it holds) for an emulated guest write of `wanted` to
+    /// take effect. VM entries never load CR0.CD and CR0.NW from the
+    /// guest's CR0 field, nor VM exits from the host's (SDM vol. 3C,
+    /// 26.3.2.1 and 27.5.1): guest and host share them, a guest MOV that
+    /// does not exit changes them, and an emulated one must change them
+    /// itself. Bits VMX operation fixes (IA32_VMX_CR0_FIXED0/1) stay.
+    pub fn root_cr0(&self, root: u64, wanted: u64) -> u64 {
+        let shared = (CR0_CD | CR0_NW) & self.cr0_may1 & !self.cr0_must1;
+        (root & !shared) | (wanted & shared)
     }
 
     /// CR0 bits owned by the hypervisor: a guest write that changes one
@@ -766,6 +781,18 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 let old = read(F::GUEST_CR0);
                 write(F::GUEST_CR0, self.cr.real_cr0(value));
                 write(F::CR0_READ_SHADOW, value);
+                // VM entry ignores the CR0 field's CD and NW: set them
+                // here, in root operation (see `CrPolicy::root_cr0`).
+                let root = Cr0::read_raw();
+                let wanted = self.cr.root_cr0(root, value);
+                if wanted != root {
+                    // SAFETY: only CD and NW change, to bits VMX operation
+                    // does not fix (`root_cr0`) and that mov_to_cr checked
+                    // (no NW without CD): what the guest's MOV does when
+                    // it does not exit. They govern caching, not memory
+                    // contents or translation.
+                    unsafe { Cr0::write_raw(wanted) };
+                }
                 let efer = self.guest_efer();
                 let paging_on = value & CR0_PG != 0;
                 if paging_on != (old & CR0_PG != 0) && efer & EFER_LME != 0 {
@@ -1337,5 +1364,45 @@ mod tests {
         assert_eq!(p.cr4_mask(), 0x2000);
         // Bits the processor does not allow stay clear.
         assert_eq!(p.real_cr4(1 << 23), 0x2000);
+    }
+
+    /// Bochs' CR0 fixed values, as in the test above.
+    const BOCHS_CR: CrPolicy = CrPolicy {
+        cr0_must1: 0x8000_0021,
+        cr0_may1: 0xFFFF_FFFF,
+        cr4_must1: 0x2000,
+        cr4_may1: 0x0037_27FF,
+    };
+
+    #[test]
+    fn emulated_cr0_writes_carry_cd_and_nw_to_the_processor() {
+        let p = BOCHS_CR;
+        // The hostile guest on Bochs (whose firmware leaves CD and NW
+        // set): it clears NW and NE in one write, which exits; NE stays
+        // set in the processor, NW must clear there.
+        assert_eq!(p.root_cr0(0xE001_0031, 0xC001_0011), 0xC001_0031);
+        // Setting CD with caches on, and both back.
+        assert_eq!(p.root_cr0(0x8001_0031, 0xC001_0011), 0xC001_0031);
+        assert_eq!(p.root_cr0(0xE001_0031, 0x8001_0011), 0x8001_0031);
+        // Nothing else of the guest's value reaches the processor.
+        assert_eq!(p.root_cr0(0x8001_0031, 0x0000_000E), 0x8001_0031);
+        // A processor that fixed CD or NW in VMX operation keeps them.
+        let fixed = CrPolicy {
+            cr0_must1: 0xC000_0021,
+            cr0_may1: 0xDFFF_FFFF,
+            ..p
+        };
+        assert_eq!(fixed.root_cr0(0xC001_0031, 0xE001_0011), 0xC001_0031);
+        assert_eq!(fixed.root_cr0(0xC001_0031, 0x8001_0011), 0xC001_0031);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn root_cr0_changes_only_cd_and_nw(root: u32, wanted: u64) {
+            let (root, cache) = (u64::from(root) | 0x8000_0021, CR0_CD | CR0_NW);
+            let got = BOCHS_CR.root_cr0(root, wanted);
+            proptest::prop_assert_eq!(got & !cache, root & !cache);
+            proptest::prop_assert_eq!(got & cache, wanted & cache);
+        }
     }
 }

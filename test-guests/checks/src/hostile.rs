@@ -1684,13 +1684,11 @@ fn cr_op(cpu: usize, cx: &Ctx, rng: &mut Rng) {
             } else {
                 cpu::read_cr0()
             };
-            // CR0.ET (bit 4) is fixed to 1. CD and NW are not compared:
-            // on Bochs' VT-x, once thinvisor has emulated CR0 writes (the
-            // ones that flip NE), a later MOV CR0 that only clears NW with
-            // CD set, which does not exit, sometimes reads NW back as set
-            // (about 10 of 600 writes; not understood yet, see the mode's
-            // docs: `only=cr` reproduces it).
-            let mask = if cr4 { u64::MAX } else { !(1 << 4 | 3 << 29) };
+            // CR0.ET (bit 4) is fixed to 1. CD and NW are compared: on
+            // VT-x, VM entry never loads them from the guest's CR0 field
+            // (SDM vol. 3C, 26.3.2.1), so a write thinvisor emulates (one
+            // that flips NE) must set them in the processor itself.
+            let mask = if cr4 { u64::MAX } else { !(1 << 4) };
             expect!(
                 cpu,
                 now & mask == new & mask,
