@@ -69,7 +69,10 @@ fn main() -> Status {
 
 fn run() -> Result<(), String> {
     let config = Config::read()?;
-    println!("thinvisor.efi: starting thinvisor with \"{}\"", config.options);
+    println!(
+        "thinvisor.efi: starting thinvisor with \"{}\"",
+        config.options
+    );
     start_thinvisor(&config.options)?;
     let signature = hypervisor_signature();
     if signature != thinvisor_abi_signature() {
@@ -240,9 +243,8 @@ fn start_thinvisor(options: &str) -> Result<(), String> {
         ..ResumeState::default()
     };
     // SAFETY: the pages allocated above, identity-mapped, ours alone.
-    let buf = unsafe {
-        core::slice::from_raw_parts_mut(info_at as *mut u8, INFO_PAGES * PAGE as usize)
-    };
+    let buf =
+        unsafe { core::slice::from_raw_parts_mut(info_at as *mut u8, INFO_PAGES * PAGE as usize) };
     let mut info = InfoBuilder::new(buf).map_err(|_| "boot information too small")?;
     let too_big = |_| "boot information does not fit".to_string();
     info.cmdline(options).map_err(too_big)?;
@@ -280,12 +282,13 @@ fn start_thinvisor(options: &str) -> Result<(), String> {
 /// for good (the excess of the allocation is given back).
 fn reserve_block() -> Result<u64, String> {
     let n = pages(BLOCK_BYTES + BLOCK_ALIGN);
-    let at = boot::allocate_pages(
-        AllocateType::MaxAddress(BELOW_4G),
-        MemoryType::RESERVED,
-        n,
-    )
-    .map_err(|e| format!("no {} MiB below 4 GiB for thinvisor: {e:?}", BLOCK_BYTES >> 20))?;
+    let at = boot::allocate_pages(AllocateType::MaxAddress(BELOW_4G), MemoryType::RESERVED, n)
+        .map_err(|e| {
+            format!(
+                "no {} MiB below 4 GiB for thinvisor: {e:?}",
+                BLOCK_BYTES >> 20
+            )
+        })?;
     let start = at.as_ptr() as u64;
     let aligned = start.next_multiple_of(BLOCK_ALIGN);
     let end = start + n as u64 * PAGE;
@@ -329,8 +332,8 @@ fn rsdp() -> Option<(u64, &'static [u8])> {
 /// thinvisor may use is its block, named in the resume tag); what the OS
 /// must leave alone is "reserved".
 fn memory_map() -> Result<Vec<Region>, String> {
-    let map = boot::memory_map(MemoryType::LOADER_DATA)
-        .map_err(|e| format!("no memory map: {e:?}"))?;
+    let map =
+        boot::memory_map(MemoryType::LOADER_DATA).map_err(|e| format!("no memory map: {e:?}"))?;
     let mut regions: Vec<Region> = Vec::new();
     for d in map.entries() {
         let ty = match d.ty {
@@ -402,12 +405,7 @@ fn start_next(path: &str, args: &str) -> Result<(), String> {
             .map_err(|e| format!("no loaded-image protocol for {path}: {e:?}"))?;
         // SAFETY: the buffer outlives the child (leaked above); its size
         // in bytes includes the terminating NUL.
-        unsafe {
-            loaded.set_load_options(
-                options.as_ptr().cast(),
-                options.num_bytes() as u32,
-            )
-        };
+        unsafe { loaded.set_load_options(options.as_ptr().cast(), options.num_bytes() as u32) };
     }
     boot::start_image(child).map_err(|e| format!("{path} returned {e:?}"))
 }

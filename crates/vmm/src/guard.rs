@@ -25,6 +25,12 @@
 //!   without the PAT load/save controls shares the processor's PAT with
 //!   thinvisor, so there its writes are checked ([`VMX_GUARDED_MSRS`]).
 //!
+//! - The x2APIC local vector table entries with a delivery mode (CMCI,
+//!   thermal, performance counters, LINT0, LINT1; SDM vol. 3A, 11.5.1)
+//!   may deliver INIT: a real INIT, which would reset the processor out
+//!   of thinvisor on SVM (docs/security.md, "INIT and SIPI"). The xAPIC
+//!   page's equivalents are watched by the hypervisor's APIC emulation.
+//!
 //! Their writes exit; a write that keeps thinvisor's block clear of the
 //! APIC window and of write-combining is done for the guest, any other
 //! raises #GP(0), as a processor refuses a value it does not support.
@@ -37,10 +43,16 @@ use thinvisor_memory::mtrr::{
 /// IA32_APIC_BASE (SDM vol. 4, table 2-2).
 pub const IA32_APIC_BASE: u32 = 0x1B;
 
+/// The x2APIC LVT MSRs whose entries have a delivery mode (SDM vol. 3A,
+/// table 11-6): CMCI, thermal, performance counters, LINT0, LINT1.
+pub const X2APIC_LVT_MSRS: [u32; 5] = [0x82F, 0x833, 0x834, 0x835, 0x836];
+/// An LVT entry's delivery mode INIT (bits 10:8 = 101).
+const LVT_MODE_INIT: u64 = 5;
+
 /// Every MSR whose writes are checked: the APIC base, MTRRdefType, the
-/// fixed-range and the variable-range MTRRs.
-pub const GUARDED_MSRS: [u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS] = {
-    let mut all = [0u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS];
+/// fixed-range and the variable-range MTRRs, the x2APIC LVT entries.
+pub const GUARDED_MSRS: [u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS + 5] = {
+    let mut all = [0u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS + 5];
     all[0] = IA32_APIC_BASE;
     all[1] = IA32_MTRR_DEF_TYPE;
     let mut i = 0;
@@ -52,6 +64,11 @@ pub const GUARDED_MSRS: [u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS] = {
     while n < 2 * MAX_VARIABLE_MTRRS {
         all[13 + n] = IA32_MTRR_PHYSBASE0 + n as u32;
         n += 1;
+    }
+    let mut l = 0;
+    while l < X2APIC_LVT_MSRS.len() {
+        all[13 + 2 * MAX_VARIABLE_MTRRS + l] = X2APIC_LVT_MSRS[l];
+        l += 1;
     }
     all
 };
@@ -69,6 +86,7 @@ pub fn is_guarded(msr: u32) -> bool {
         || msr == IA32_MTRR_DEF_TYPE
         || FIXED_MTRR_MSRS.contains(&msr)
         || (IA32_MTRR_PHYSBASE0..IA32_MTRR_PHYSBASE0 + 2 * MAX_VARIABLE_MTRRS as u32).contains(&msr)
+        || X2APIC_LVT_MSRS.contains(&msr)
 }
 
 /// Why a write is refused.
@@ -80,6 +98,8 @@ pub enum Refusal {
     WriteCombining { at: u64 },
     /// PAT entry 0, thinvisor's mappings' type, would be write-combining.
     PatEntry0WriteCombining,
+    /// An x2APIC LVT entry would deliver INIT.
+    LvtInit { msr: u32 },
 }
 
 impl core::fmt::Display for Refusal {
@@ -94,6 +114,10 @@ impl core::fmt::Display for Refusal {
             Refusal::PatEntry0WriteCombining => {
                 f.write_str("PAT entry 0, which thinvisor's mappings use, would be write-combining")
             }
+            Refusal::LvtInit { msr } => write!(
+                f,
+                "x2APIC LVT entry {msr:#x} would deliver INIT, which would reset the processor"
+            ),
             Refusal::WriteCombining { at } => write!(
                 f,
                 "thinvisor's memory at {at:#x} would become write-combining"
@@ -112,6 +136,13 @@ pub fn check_write(
     rdmsr: &mut dyn FnMut(u32) -> Option<u64>,
     max_phys_addr: u8,
 ) -> Result<(), Refusal> {
+    if X2APIC_LVT_MSRS.contains(&msr) {
+        return if (value >> 8) & 7 == LVT_MODE_INIT {
+            Err(Refusal::LvtInit { msr })
+        } else {
+            Ok(())
+        };
+    }
     let (start, end) = reserved;
     if start >= end {
         return Ok(());
@@ -180,6 +211,27 @@ pub fn check_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x2apic_lvt_init_refused() {
+        let mut none = |_| None;
+        for msr in X2APIC_LVT_MSRS {
+            assert!(is_guarded(msr));
+            assert!(GUARDED_MSRS.contains(&msr));
+            // INIT, masked or not, edge or level: refused.
+            for value in [0x500, 0x1_0500, 0x8500] {
+                assert_eq!(
+                    check_write(msr, value, BLOCK, &mut none, 40),
+                    Err(Refusal::LvtInit { msr })
+                );
+            }
+            // Fixed, NMI, ExtINT, masked: as the guest asks.
+            for value in [0x30, 0x400, 0x700, 0x1_0000] {
+                assert_eq!(check_write(msr, value, BLOCK, &mut none, 40), Ok(()));
+            }
+        }
+        assert!(!is_guarded(0x832), "the timer has no delivery mode");
+    }
 
     /// thinvisor's block in the tests: 4 MiB at 508 MiB.
     const BLOCK: (u64, u64) = (0x1FC0_0000, 0x2000_0000);

@@ -405,13 +405,14 @@ type Check = (&'static str, fn() -> CheckResult);
 
 /// The checks, in report order; the writes last (see
 /// `hidden_writes_dropped`).
-const CHECKS: [Check; 9] = [
+const CHECKS: [Check; 10] = [
     ("mmap_hides_thinvisor", mmap_hides_thinvisor),
     ("log_set_buf_refused", log_set_buf_refused),
     ("hidden_reads_filler", hidden_reads_filler),
     ("apic_base_guarded", crate::guarded::apic_base_guarded),
     ("mtrr_guarded", crate::guarded::mtrr_guarded),
     ("pat_guarded", crate::guarded::pat_guarded),
+    ("lvt_init_dropped", crate::guarded::lvt_init_dropped),
     ("timer_wakes_hlt", timer::timer_wakes_hlt),
     ("aps_start", smp::aps_start),
     ("hidden_writes_dropped", hidden_writes_dropped),
