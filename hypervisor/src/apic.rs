@@ -317,13 +317,31 @@ fn plain_write(gpa: GuestPhysAddr, size: u8, value: u64) -> u64 {
     // decoder splits none across pages).
     unsafe {
         match size {
-            1 => at.write_volatile(value as u8),
-            2 => (at as *mut u16).write_unaligned(value as u16),
-            4 => (at as *mut u32).write_unaligned(value as u32),
-            _ => (at as *mut u64).write_unaligned(value),
+            1 => {
+                let old = at.read_volatile();
+                at.write_volatile(value as u8);
+                old.into()
+            }
+            2 => {
+                let p = at as *mut u16;
+                let old = p.read_unaligned();
+                p.write_unaligned(value as u16);
+                old.into()
+            }
+            4 => {
+                let p = at as *mut u32;
+                let old = p.read_unaligned();
+                p.write_unaligned(value as u32);
+                old.into()
+            }
+            _ => {
+                let p = at as *mut u64;
+                let old = p.read_unaligned();
+                p.write_unaligned(value);
+                old
+            }
         }
     }
-    0
 }
 
 /// A guest write to the x2APIC ICR MSR (reserved bits already refused by

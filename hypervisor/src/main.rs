@@ -16,6 +16,7 @@ mod apic;
 mod chain;
 mod entry;
 mod idt;
+mod ioapic;
 mod iommu;
 mod mem;
 mod msr;

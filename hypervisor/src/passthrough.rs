@@ -373,6 +373,9 @@ impl NestedFaults for PassthroughFaults {
         if fault.write && crate::apic::is_apic_page(fault.gpa) {
             return FaultVerdict::Device(&crate::apic::APIC);
         }
+        if fault.write && crate::ioapic::is_ioapic_page(fault.gpa) {
+            return FaultVerdict::Device(&crate::ioapic::IOAPIC);
+        }
         let mut tables = tables.lock();
         if tables.is_hidden(fault.gpa) {
             return if fault.write {

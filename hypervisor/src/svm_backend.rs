@@ -82,6 +82,7 @@ pub fn run(
     });
     if guest.kind() == GuestKind::Passthrough {
         crate::apic::watch_icr();
+        crate::ioapic::watch();
         crate::smp::start_aps(boot, ap_main);
     }
     virtualize_cpu(shared, &guest.initial, memory, vmm)

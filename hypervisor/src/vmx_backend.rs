@@ -79,6 +79,7 @@ pub fn run(
         // The other processors wait in the host for the INIT and SIPI the
         // guest sends them, as on SVM (apic.rs).
         crate::apic::watch_icr();
+        crate::ioapic::watch();
         crate::smp::start_aps(boot, ap_main);
     }
     virtualize_cpu(shared, &guest.initial, false, memory, vmm)

@@ -41,6 +41,37 @@ pub fn pm1a_control_port(mem: &dyn PhysRead) -> Option<u16> {
     None
 }
 
+/// The I/O APICs' register pages, from the MADT ("APIC", ACPI 6.5, 5.2.12:
+/// entries of type 1, "I/O APIC", address at offset 4), at most
+/// `out.len()`; how many were found. thinvisor watches their writes: a
+/// redirection entry can deliver INIT (docs/security.md).
+pub fn io_apics(mem: &dyn PhysRead, out: &mut [u64]) -> usize {
+    let Some(rsdp) = find_rsdp(mem) else {
+        return 0;
+    };
+    let Some((madt, len)) = find_table(mem, &rsdp, *b"APIC") else {
+        return 0;
+    };
+    let mut n = 0;
+    // The entries follow the 36-byte header, the local APIC address and
+    // the flags.
+    let mut at = 44;
+    while at + 2 <= len && n < out.len() {
+        let mut head = [0u8; 2];
+        if !mem.read(madt + at, &mut head) || head[1] < 2 {
+            break;
+        }
+        if head[0] == 1 && head[1] >= 12 {
+            if let Some(address) = read_u32(mem, madt + at + 4) {
+                out[n] = address.into();
+                n += 1;
+            }
+        }
+        at += u64::from(head[1]);
+    }
+    n
+}
+
 /// The RSDT or XSDT: its address and whether entries are 64-bit.
 struct Rsdp {
     table: u64,
@@ -197,7 +228,13 @@ mod tests {
         let mut fadt_body = vec![0u8; 116 - 36];
         fadt_body[64 - 36..68 - 36].copy_from_slice(&pm1a.to_le_bytes());
         let fadt = table(b"FACP", &fadt_body);
-        let apic = table(b"APIC", &[1, 2, 3, 4]);
+        // MADT: local APIC address, flags, a local APIC (type 0), an I/O
+        // APIC (type 1) at 0xFEC00000, an interrupt override (type 2).
+        let mut madt = vec![0, 0, 0xE0, 0xFE, 1, 0, 0, 0];
+        madt.extend_from_slice(&[0, 8, 0, 0, 1, 0, 0, 0]);
+        madt.extend_from_slice(&[1, 12, 0, 0, 0, 0, 0xC0, 0xFE, 0, 0, 0, 0]);
+        madt.extend_from_slice(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
+        let apic = table(b"APIC", &madt);
         m[0x7000..0x7000 + apic.len()].copy_from_slice(&apic);
         m[0x8000..0x8000 + fadt.len()].copy_from_slice(&fadt);
         let mut entries = Vec::new();
@@ -217,6 +254,15 @@ mod tests {
     fn finds_pm1a_control() {
         assert_eq!(pm1a_control_port(&seabios(0x604)), Some(0x604));
         assert_eq!(pm1a_control_port(&seabios(0)), None);
+    }
+
+    #[test]
+    fn finds_io_apics() {
+        let mut out = [0u64; 4];
+        assert_eq!(io_apics(&seabios(0x604), &mut out), 1);
+        assert_eq!(out[0], 0xFEC0_0000);
+        assert_eq!(io_apics(&seabios(0x604), &mut []), 0);
+        assert_eq!(io_apics(&Mem(vec![0u8; 1 << 20]), &mut out), 0);
     }
 
     #[test]
@@ -241,6 +287,7 @@ mod tests {
                 m.0[0x7000 + at % 0x3000] = v;
             }
             let _ = pm1a_control_port(&m);
+            let _ = io_apics(&m, &mut [0u64; 4]);
         }
     }
 }
