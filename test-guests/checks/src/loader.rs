@@ -33,6 +33,11 @@
 //! Before thinvisor reads the resume tag, it boots as from any multiboot2
 //! loader and stops for want of a guest module; that run shows the
 //! handoff itself worked (its log has the command line and the map).
+//!
+//! `loader nojump` does everything but the jump (the call returns 0 at
+//! once): the checks then run bare, which tests them. Those about the
+//! state, the interrupt and the callee-saved registers must pass; those
+//! that need thinvisor must fail.
 
 use crate::boot::BootInfo;
 use crate::checks::{finish, run_one};
@@ -40,10 +45,11 @@ use crate::cpu;
 use crate::entry;
 use crate::passthrough::{self, ensure, fail, why, CheckResult, MmapEntry, Why};
 use crate::timer::{self, pit_delay_us, Lapic, TIMER_VECTOR};
-use crate::{global, smp};
+use crate::{global, recover, smp};
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::ptr::{addr_of, addr_of_mut};
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use thinvisor_abi as abi;
 use thinvisor_boot::resume::{ResumeState, RESUME_VERSION};
 use thinvisor_handoff::image::Plan;
@@ -80,6 +86,9 @@ const CALLEE_SAVED: [u64; 6] = [
     0x5EED_0BB0_0000_000E,
     0x5EED_0BB0_0000_000F,
 ];
+/// What the loader writes into the block before the call (xor the
+/// address).
+const BLOCK_PATTERN: u64 = 0xB10C_B10C_0000_0000;
 const CALLEE_NAMES: [&str; 6] = ["rbx", "rbp", "r12", "r13", "r14", "r15"];
 
 /// thinvisor's CPUID signature leaf.
@@ -351,7 +360,9 @@ fn snapshot() -> Snapshot {
 // 3.2.1: RBX, RBP, R12-R15 belong to the caller), so only thinvisor's
 // resume stands between the two. Arguments: RDI state, RSI low page,
 // EDX entry, ECX info (as `thinvisor_handoff_enter`), R8 where the six
-// registers go. Seven pushes keep RSP 16-byte aligned at the call.
+// registers go, R9 the function to call (`thinvisor_handoff_enter`, or
+// `tg_loader_nojump` for a run without the jump). Seven pushes keep RSP
+// 16-byte aligned at the call.
 global_asm!(
     ".section .text.tg_loader, \"ax\"",
     ".global tg_loader_call",
@@ -369,7 +380,7 @@ global_asm!(
     "movabs r13, {p3}",
     "movabs r14, {p4}",
     "movabs r15, {p5}",
-    "call {enter}",
+    "call r9",
     "pop r8",
     "mov [r8], rbx",
     "mov [r8 + 8], rbp",
@@ -384,6 +395,11 @@ global_asm!(
     "pop rbp",
     "pop rbx",
     "ret",
+    // `nojump`: the call returns 0 at once, as if thinvisor had resumed.
+    ".global tg_loader_nojump",
+    "tg_loader_nojump:",
+    "xor eax, eax",
+    "ret",
     ".text",
     p0 = const CALLEE_SAVED[0],
     p1 = const CALLEE_SAVED[1],
@@ -391,7 +407,6 @@ global_asm!(
     p3 = const CALLEE_SAVED[3],
     p4 = const CALLEE_SAVED[4],
     p5 = const CALLEE_SAVED[5],
-    enter = sym switch::thinvisor_handoff_enter,
 );
 
 unsafe extern "sysv64" {
@@ -401,7 +416,9 @@ unsafe extern "sysv64" {
         entry: u32,
         info: u32,
         out: *mut [u64; 6],
+        function: unsafe extern "sysv64" fn(*mut ResumeState, u64, u32, u32) -> u64,
     ) -> u64;
+    fn tg_loader_nojump(state: *mut ResumeState, low_page: u64, entry: u32, info: u32) -> u64;
 }
 
 // ------------------------------------------------------------ preparation
@@ -531,6 +548,13 @@ fn prepare(boot: &BootInfo) -> Result<Prepared, Why> {
         unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), pa as *mut u8, bytes.len()) }
     });
 
+    // The block holds a pattern until thinvisor takes it: a page that
+    // still shows it afterwards was neither used nor hidden.
+    for q in (block.0..block.1).step_by(8) {
+        // SAFETY: the block is free RAM (busy list above), identity-mapped.
+        unsafe { (q as *mut u64).write_volatile(BLOCK_PATTERN ^ q) };
+    }
+
     let rsdp = find_rsdp();
     let processors = rsdp.and_then(|(at, _)| madt_processors(at));
     match rsdp {
@@ -619,7 +643,16 @@ pub fn run(boot: &BootInfo) -> ! {
     // identity-mapped, writable, executable (the entry code's 2 MiB pages
     // have no NX), used for nothing else.
     unsafe { switch::prepare(p.low_page) };
-    say!("test-guest: loader: entering thinvisor at {:#x}", p.entry);
+    let nojump = boot
+        .cmdline()
+        .split(" -- ")
+        .next()
+        .is_some_and(|own| own.split_ascii_whitespace().any(|t| t == "nojump"));
+    if nojump {
+        say!("test-guest: loader: nojump: not entering thinvisor, the checks run bare");
+    } else {
+        say!("test-guest: loader: entering thinvisor at {:#x}", p.entry);
+    }
     crate::console::drain();
     // Interrupts on across the call: the PICs are masked and the local
     // APIC timer is off, so nothing arrives, but thinvisor must give
@@ -633,7 +666,14 @@ pub fn run(boot: &BootInfo) -> ! {
     // identity-mapped), `state` points at the resume tag's payload in it,
     // `low_page` is a page of this image; this is the BSP in 64-bit mode
     // at CPL 0, and the only processor running.
-    let returned = unsafe { tg_loader_call(p.state, p.low_page, p.entry, p.info, &mut callee) };
+    let returned = unsafe {
+        let function = if nojump {
+            tg_loader_nojump
+        } else {
+            switch::thinvisor_handoff_enter
+        };
+        tg_loader_call(p.state, p.low_page, p.entry, p.info, &mut callee, function)
+    };
     let after = snapshot();
     // SAFETY: CLI only masks interrupts.
     unsafe { asm!("cli", options(nomem, nostack)) };
@@ -653,11 +693,16 @@ pub fn run(boot: &BootInfo) -> ! {
         Ok(())
     });
     run_one("resume_cpuid_signature", resume_cpuid_signature);
+    let answers = lookup(abi::names::DBGSH).is_ok();
     run_one("resume_lookup_dbgsh", || {
-        let n = passthrough::lookup(abi::names::DBGSH);
-        ensure!(n != 0, "lookup of \"dbgsh\" returned 0");
-        Ok(())
+        lookup(abi::names::DBGSH).map(|_| ())
     });
+    // The checks below make VMM calls that are not recoverable (a #UD
+    // would end the run): they run only when thinvisor answered.
+    let needs_thinvisor = |check: fn() -> CheckResult| -> CheckResult {
+        ensure!(answers, "no VMM call answers (see resume_lookup_dbgsh)");
+        check()
+    };
     run_one("resume_control_registers", || {
         same("cr0", before.cr0, after.cr0)?;
         same("cr3", before.cr3, after.cr3)?;
@@ -702,9 +747,11 @@ pub fn run(boot: &BootInfo) -> ! {
     });
     run_one("resume_interrupt", || resume_interrupt(&p.lapic));
     run_one("resume_block_hidden", || block_hidden(p.block));
-    run_one("resume_block_used", || block_used(p.block));
+    let block = p.block;
+    BLOCK.store(block.0, Relaxed);
+    run_one("resume_block_used", || needs_thinvisor(block_used));
     match p.processors {
-        Some(n) if n > 1 => run_one("resume_aps_start", smp::aps_start),
+        Some(n) if n > 1 => run_one("resume_aps_start", || needs_thinvisor(smp::aps_start)),
         n => say!(
             "test-guest: loader: {} processor(s) in the MADT, no AP to start",
             n.map_or(0, |n| n)
@@ -729,9 +776,7 @@ fn resume_cpuid_signature() -> CheckResult {
     }
     ensure!(
         sig == abi::CPUID_SIGNATURE,
-        "CPUID {:#x} says {:02x?}",
-        CPUID_LEAF,
-        sig
+        "CPUID {CPUID_LEAF:#x} says {sig:02x?} (EBX, ECX, EDX bytes)"
     );
     Ok(())
 }
@@ -768,10 +813,14 @@ fn block_hidden(block: Range) -> CheckResult {
             // SAFETY: below LIMIT, identity-mapped; reading it must be
             // harmless, which is what is checked.
             let v = unsafe { ((page + off) as *const u64).read_volatile() };
+            let at = page + off;
+            ensure!(
+                v != BLOCK_PATTERN ^ at,
+                "{at:#x} still holds the loader's pattern: neither used nor hidden"
+            );
             ensure!(
                 v == 0,
-                "thinvisor's memory shows through: {v:#x} at {:#x}",
-                page + off
+                "thinvisor's memory shows through: {v:#x} at {at:#x}"
             );
         }
     }
@@ -782,9 +831,31 @@ fn block_hidden(block: Range) -> CheckResult {
     Ok(())
 }
 
+/// Function 0 on `name`, with a #UD caught (no VMM there).
+fn lookup(name: &str) -> Result<u64, Why> {
+    let mut buf = [0u8; 64];
+    buf[..name.len()].copy_from_slice(name.as_bytes());
+    let (n, _) = recover::vmm_call4(
+        cpu::uses_vmcall(),
+        abi::FN_LOOKUP,
+        buf.as_ptr() as u64,
+        0,
+        0,
+        recover::UD,
+    )
+    .map_err(|c| why(format_args!("the VMM call raised vector {}", c.vector)))?;
+    ensure!(n != 0, "lookup of \"{name}\" returned 0");
+    Ok(n)
+}
+
+/// The block handed to thinvisor's start (for `block_used`).
+static BLOCK: AtomicU64 = AtomicU64::new(0);
+
 /// `resume_block_used`: thinvisor's log says it reserves memory inside
 /// the block it was given, and nothing else.
-fn block_used(block: Range) -> CheckResult {
+fn block_used() -> CheckResult {
+    let start_given = BLOCK.load(Relaxed);
+    let block = (start_given, start_given + BLOCK_SIZE);
     let (start, end) = passthrough::thinvisor_block()?;
     ensure!(
         block.0 <= start && end <= block.1,
