@@ -988,6 +988,9 @@ const LOADER_BOCHS: Case = Case {
     name: "bochs-skylake-x-resume",
     emulator: SKYLAKE_X,
     exit: None,
+    // GRUB reads thinvisor.elf and the test guest (15 MiB) from the CD
+    // before anything runs: about 40 s to thinvisor's first line.
+    timeout_s: 240,
     ..LOADER_QEMU
 };
 

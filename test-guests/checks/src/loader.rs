@@ -133,12 +133,11 @@ fn phys32(pa: u64) -> u32 {
     unsafe { (pa as *const u32).read_unaligned() }
 }
 
-/// A multiboot v1 module: [start, end) and its string's address.
+/// A multiboot v1 module: [start, end).
 #[derive(Clone, Copy, Default)]
 struct Module {
     start: u64,
     end: u64,
-    string: u64,
 }
 
 /// Multiboot v1 info flags bit 3: `mods_count` (offset 20) and
@@ -171,7 +170,6 @@ fn modules() -> Result<([Module; MAX_MODULES], usize), Why> {
         *m = Module {
             start: u64::from(phys32(at)),
             end: u64::from(phys32(at + 4)),
-            string: u64::from(phys32(at + 8)),
         };
         ensure!(
             m.start < m.end && m.end <= LIMIT,
@@ -495,10 +493,7 @@ fn prepare(boot: &BootInfo) -> Result<Prepared, Why> {
         );
     }
     for (i, m) in mods[..n_mods].iter().enumerate() {
-        keep[3 + i] = (
-            m.start & !(PAGE - 1),
-            (m.end.max(m.string + 256)).next_multiple_of(PAGE),
-        );
+        keep[3 + i] = (m.start & !(PAGE - 1), m.end.next_multiple_of(PAGE));
     }
     // Busy for the block and the scratch copy: the low 1 MiB, all of
     // this image, the modules, the information, thinvisor's image range,
