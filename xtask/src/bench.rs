@@ -71,6 +71,7 @@ fn exits(ctx: &Ctx) -> Result<()> {
     crate::setup::ensure(ctx)?;
     let images = crate::images::build(ctx)?;
     let boot = crate::emu::Boot {
+        kernel: crate::images::Kernel::Thinvisor,
         kernel32: images.hv32.clone(),
         kernel64: images.hv.clone(),
         args: "log=warn".into(),

@@ -10,16 +10,19 @@ use std::time::{Duration, Instant};
 
 use thinvisor_abi::exit_code;
 
-use crate::images::{self, Module};
+use crate::images::{self, Kernel, Module};
 use crate::setup;
 use crate::util::{self, Context, Ctx, Ended, Result};
 
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct Boot {
+    /// Which kernel `kernel32` and `kernel64` are.
+    pub kernel: Kernel,
     /// ELF32 multiboot1 kernel for QEMU `-kernel`.
     pub kernel32: PathBuf,
-    /// ELF64 (or ELF32) multiboot2 kernel for GRUB ISOs.
+    /// ELF64 (or ELF32) kernel for GRUB ISOs (multiboot2 for thinvisor,
+    /// multiboot v1 for the test guest).
     pub kernel64: PathBuf,
     /// The kernel's command line.
     pub args: String,
@@ -391,7 +394,13 @@ fn grub_trouble(serial: &str) -> Option<String> {
 /// (`dir/serial.log`). A second GRUB boot (the machine reset, e.g. after a
 /// triple fault) stops the run.
 pub fn run_bochs(ctx: &Ctx, dir_name: &str, boot: &Boot, opts: &BochsOpts) -> Result<Outcome> {
-    let iso = images::make_case_iso(ctx, dir_name, &boot.kernel64, &boot.args, &boot.modules)?;
+    let iso = images::make_case_iso(
+        ctx,
+        dir_name,
+        (boot.kernel, &boot.kernel64),
+        &boot.args,
+        &boot.modules,
+    )?;
     let dir = iso
         .parent()
         .map(Path::to_path_buf)
@@ -536,6 +545,7 @@ mod tests {
         let src = dir.join("src.bin");
         fs::write(&src, b"x").unwrap();
         let boot = Boot {
+            kernel: Kernel::Thinvisor,
             kernel32: "/k32".into(),
             kernel64: "/k64".into(),
             args: "log=info".into(),

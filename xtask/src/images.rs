@@ -72,7 +72,6 @@ impl Module {
     pub fn file_name(&self) -> Result<&str> {
         let name = self.cmdline.split_whitespace().next().unwrap_or("");
         let ok = !name.is_empty()
-            && name != "thinvisor.elf"
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c));
@@ -81,9 +80,38 @@ impl Module {
         } else {
             Err(format!(
                 "module string `{}` must start with a plain file name \
-                 (letters, digits, - _ . +; not thinvisor.elf)",
+                 (letters, digits, - _ . +)",
                 self.cmdline
             ))
+        }
+    }
+}
+
+/// The kernel a boot loader starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// thinvisor (multiboot2 from GRUB), its guest among the modules.
+    Thinvisor,
+    /// The test guest (multiboot v1 from GRUB too: it has no multiboot2
+    /// header), which starts thinvisor from a module itself (`loader`
+    /// mode).
+    TestGuest,
+}
+
+impl Kernel {
+    /// The kernel's file in a GRUB ISO's `/boot`.
+    pub fn iso_name(self) -> &'static str {
+        match self {
+            Kernel::Thinvisor => "thinvisor.elf",
+            Kernel::TestGuest => "test-guest.elf",
+        }
+    }
+
+    /// GRUB's commands for the kernel and for a module.
+    fn grub_commands(self) -> (&'static str, &'static str) {
+        match self {
+            Kernel::Thinvisor => ("multiboot2", "module2"),
+            Kernel::TestGuest => ("multiboot", "module"),
         }
     }
 }
@@ -281,6 +309,12 @@ fn grub_words(s: &str) -> String {
 /// modules. GRUB's own messages (errors such as a missing multiboot header)
 /// also go to the serial port, so they show in serial logs.
 pub fn grub_cfg(hv_args: &str, modules: &[Module]) -> Result<String> {
+    grub_cfg_for(Kernel::Thinvisor, hv_args, modules)
+}
+
+/// The grub.cfg that boots `kernel` (`/boot/<its ISO name>`) with `args`
+/// and the modules.
+pub fn grub_cfg_for(kernel: Kernel, args: &str, modules: &[Module]) -> Result<String> {
     let mut cfg = String::from(
         "serial --unit=0 --speed=115200\n\
          terminal_output --append serial\n\
@@ -288,13 +322,20 @@ pub fn grub_cfg(hv_args: &str, modules: &[Module]) -> Result<String> {
          set default=0\n\
          menuentry \"thinvisor\" {\n",
     );
-    cfg += &format!("  multiboot2 /boot/thinvisor.elf {}\n", grub_words(hv_args));
+    let (boot, load) = kernel.grub_commands();
+    cfg += &format!(
+        "  {boot} /boot/{} {}\n",
+        kernel.iso_name(),
+        grub_words(args)
+    );
     for module in modules {
-        cfg += &format!(
-            "  module2 /boot/{} {}\n",
-            module.file_name()?,
-            grub_words(&module.cmdline)
-        );
+        let name = module.file_name()?;
+        if name == kernel.iso_name() {
+            return Err(format!(
+                "module `{name}` would replace the kernel's file in the ISO"
+            ));
+        }
+        cfg += &format!("  {load} /boot/{name} {}\n", grub_words(&module.cmdline));
     }
     cfg += "  boot\n}\n";
     Ok(cfg)
@@ -312,6 +353,18 @@ pub fn make_iso(
     make_iso_with_cfg(staging, iso, kernel, modules, &grub_cfg(hv_args, modules)?)
 }
 
+/// [`make_iso`] for either kernel.
+fn make_iso_for(
+    staging: &Path,
+    iso: &Path,
+    (kind, kernel): (Kernel, &Path),
+    args: &str,
+    modules: &[Module],
+) -> Result {
+    let cfg = grub_cfg_for(kind, args, modules)?;
+    make_iso_files(staging, iso, (kind, kernel), modules, &cfg)
+}
+
 /// Makes a GRUB ISO at `iso` with a grub.cfg of the caller's: `kernel` is
 /// `/boot/thinvisor.elf`, each module `/boot/<its file name>`.
 pub fn make_iso_with_cfg(
@@ -321,13 +374,23 @@ pub fn make_iso_with_cfg(
     modules: &[Module],
     cfg: &str,
 ) -> Result {
+    make_iso_files(staging, iso, (Kernel::Thinvisor, kernel), modules, cfg)
+}
+
+fn make_iso_files(
+    staging: &Path,
+    iso: &Path,
+    (kind, kernel): (Kernel, &Path),
+    modules: &[Module],
+    cfg: &str,
+) -> Result {
     if staging.exists() {
         fs::remove_dir_all(staging).context(format_args!("removing {}", staging.display()))?;
     }
     let grub_dir = staging.join("boot/grub");
     fs::create_dir_all(&grub_dir).context(format_args!("creating {}", grub_dir.display()))?;
     fs::write(grub_dir.join("grub.cfg"), cfg).context("writing grub.cfg")?;
-    util::copy(kernel, &staging.join("boot/thinvisor.elf"))?;
+    util::copy(kernel, &staging.join("boot").join(kind.iso_name()))?;
     for module in modules {
         util::copy(
             &module.image,
@@ -348,17 +411,17 @@ pub fn make_iso_with_cfg(
 }
 
 /// Makes the ISO of one test case or run: `target/xtask/<name>/thinvisor.iso`
-/// (the directory is emptied first).
+/// (the directory is emptied first). `kernel` is the file of `kind`.
 pub fn make_case_iso(
     ctx: &Ctx,
     name: &str,
-    kernel: &Path,
-    hv_args: &str,
+    (kind, kernel): (Kernel, &Path),
+    args: &str,
     modules: &[Module],
 ) -> Result<PathBuf> {
     let dir = ctx.fresh_dir(name)?;
     let iso = dir.join("thinvisor.iso");
-    make_iso(&dir.join("iso"), &iso, kernel, hv_args, modules)?;
+    make_iso_for(&dir.join("iso"), &iso, (kind, kernel), args, modules)?;
     Ok(iso)
 }
 
@@ -378,6 +441,17 @@ mod tests {
         assert!(cfg.contains("  multiboot2 /boot/thinvisor.elf log=info 'a;b'\n"));
         assert!(cfg.contains("  module2 /boot/test-guest.elf test-guest.elf checks\n"));
         assert!(cfg.contains("  boot\n}"));
+        assert!(grub_cfg("", &[Module::new("/x/t.elf", "thinvisor.elf")]).is_err());
+        // The test guest boots by multiboot v1 and loads thinvisor itself.
+        let cfg = grub_cfg_for(
+            Kernel::TestGuest,
+            "loader -- log=info",
+            &[Module::new("/x/thinvisor.elf", "thinvisor.elf")],
+        )
+        .unwrap();
+        assert!(cfg.contains("  multiboot /boot/test-guest.elf loader -- log=info\n"));
+        assert!(cfg.contains("  module /boot/thinvisor.elf thinvisor.elf\n"));
+        assert!(!cfg.contains("multiboot2"));
     }
 
     #[test]
@@ -385,7 +459,6 @@ mod tests {
         assert_eq!(Module::new("a", "x.elf y z").file_name(), Ok("x.elf"));
         assert!(Module::new("a", "").file_name().is_err());
         assert!(Module::new("a", "dir/x.elf").file_name().is_err());
-        assert!(Module::new("a", "thinvisor.elf").file_name().is_err());
     }
 
     #[test]

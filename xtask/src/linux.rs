@@ -31,7 +31,7 @@ use crate::cpio::Cpio;
 use crate::debian::{self, Unpacked};
 use crate::disk::{self, DiskInputs};
 use crate::emu::{self, Boot, QemuOpts};
-use crate::images::{self, Module};
+use crate::images::{self, Kernel, Module};
 use crate::setup;
 use crate::util::{self, Context, Ctx, Result};
 
@@ -687,6 +687,7 @@ pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
             )
         };
         let boot = Boot {
+            kernel: Kernel::Thinvisor,
             kernel32: images.hv32.clone(),
             kernel64: images.hv.clone(),
             args: if opts.hv_args.is_empty() {
@@ -931,6 +932,7 @@ mod tests {
             "run cargo xtask linux --build-only"
         );
         let boot = Boot {
+            kernel: Kernel::Thinvisor,
             kernel32: kernel.clone(),
             kernel64: kernel,
             args: KERNEL_ARGS.to_string(),

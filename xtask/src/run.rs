@@ -11,7 +11,7 @@ use std::time::Duration;
 use thinvisor_abi::exit_code;
 
 use crate::emu::{self, BochsOpts, Boot, QemuOpts};
-use crate::images::{self, Images, Module};
+use crate::images::{self, Images, Kernel, Module};
 use crate::linux;
 use crate::setup;
 use crate::util::{self, Context, Ctx, Result};
@@ -160,6 +160,7 @@ fn run_linux(ctx: &Ctx, opts: &Options, images: &Images) -> Result<ExitCode> {
     let assets = linux::build(ctx, false)?;
     let smp = opts.smp();
     let boot = Boot {
+        kernel: Kernel::Thinvisor,
         kernel32: images.hv32.clone(),
         kernel64: images.hv.clone(),
         args: opts.hv_args(),
@@ -423,6 +424,7 @@ fn run_checks(ctx: &Ctx, opts: &Options, images: &Images) -> Result<ExitCode> {
         modules.push(Module::new(path, cmdline));
     }
     let boot = Boot {
+        kernel: Kernel::Thinvisor,
         kernel32: images.hv32.clone(),
         kernel64: images.hv.clone(),
         args: opts.hv_args(),

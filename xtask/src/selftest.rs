@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use thinvisor_abi::exit_code;
 
 use crate::emu::{self, BochsOpts, Boot, QemuOpts};
-use crate::images::Module;
+use crate::images::{Kernel, Module};
 use crate::setup;
 use crate::util::{self, Context, Ctx, Result};
 
@@ -39,6 +39,7 @@ fn build_probe(ctx: &Ctx) -> Result<Boot> {
     let module = dir.join("probe-mod.txt");
     fs::write(&module, "hello\n").context("writing the probe module")?;
     Ok(Boot {
+        kernel: Kernel::Thinvisor,
         kernel32: elf.clone(),
         kernel64: elf,
         args: "log=info probe=1".into(),

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::cases::{self, Case, Disk, Emulator};
 use crate::emu::{self, BochsOpts, Boot, Outcome, QemuOpts};
-use crate::images::{self, Images, Module};
+use crate::images::{self, Images, Kernel, Module};
 use crate::linux::{self, LinuxAssets};
 use crate::setup::{self, TARGET};
 use crate::util::{self, Context, Ctx, Result};
@@ -420,9 +420,14 @@ fn run_case(
         .map(|(image, cmdline)| Ok(Module::new(image.path(ctx, images, linux)?, *cmdline)))
         .collect::<Result<Vec<_>>>()?;
     let disk = case.disk.map(|d| d.path(ctx, linux)).transpose()?;
+    let (kernel32, kernel64) = match case.kernel {
+        Kernel::Thinvisor => (images.hv32.clone(), images.hv.clone()),
+        Kernel::TestGuest => (images.guest32.clone(), images.guest.clone()),
+    };
     let boot = Boot {
-        kernel32: images.hv32.clone(),
-        kernel64: images.hv.clone(),
+        kernel: case.kernel,
+        kernel32,
+        kernel64,
         args: case.hv_args.to_string(),
         modules,
     };

@@ -13,11 +13,14 @@
 //!    entering thinvisor's 32-bit entry the way a multiboot2 loader does;
 //!    the caller's call returns when thinvisor resumes it as its guest.
 //!
-//! Steps 1 and 2 are plain data and tested on the host.
+//! Steps 1 and 2 are plain data and tested on the host, as is [`layout`]:
+//! finding room for thinvisor in a memory map, for a loader that has no
+//! allocator to ask.
 
 #![no_std]
 
 pub mod image;
 pub mod info;
+pub mod layout;
 #[cfg(target_arch = "x86_64")]
 pub mod switch;

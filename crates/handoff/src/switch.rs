@@ -199,7 +199,12 @@ global_asm!(
 );
 
 extern "sysv64" {
-    fn thinvisor_handoff_enter(
+    /// The jump itself, for callers that must see their registers exactly
+    /// as the switch recorded them (the test guest's check of the
+    /// callee-saved registers calls it from assembly, with no Rust frame
+    /// in between that could save and restore them on its own): the same
+    /// contract as [`enter`], after [`prepare`] wrote `low_page`.
+    pub fn thinvisor_handoff_enter(
         state: *mut ResumeState,
         low_page: u64,
         entry: u32,
@@ -207,6 +212,35 @@ extern "sysv64" {
     ) -> u64;
     static thinvisor_handoff_stub32: [u8; 0];
     static thinvisor_handoff_stub32_end: [u8; 0];
+}
+
+/// Write the 32-bit GDT, its GDTR and the 32-bit stub into `low_page`
+/// (what [`enter`] does first).
+///
+/// # Safety
+/// `low_page` is a 4 KiB page below 4 GiB, identity-mapped, writable and
+/// executable, that nothing else uses.
+pub unsafe fn prepare(low_page: u64) {
+    let page = low_page as *mut u8;
+    // SAFETY: the caller gives a page of its own, identity-mapped; the
+    // stub's bounds are two labels of the assembly above, in order, and
+    // it fits after STUB_AT (checked).
+    unsafe {
+        for (i, d) in GDT.iter().enumerate() {
+            (page.add(GDT_AT as usize + 8 * i) as *mut u64).write_unaligned(*d);
+        }
+        let gdtr = page.add(GDTR_AT as usize);
+        (gdtr as *mut u16).write_unaligned((GDT.len() * 8 - 1) as u16);
+        (gdtr.add(2) as *mut u64).write_unaligned(low_page + GDT_AT);
+        let start = core::ptr::addr_of!(thinvisor_handoff_stub32) as *const u8;
+        let end = core::ptr::addr_of!(thinvisor_handoff_stub32_end) as *const u8;
+        let len = end as usize - start as usize;
+        assert!(
+            STUB_AT as usize + len <= 4096,
+            "the 32-bit stub outgrew its page"
+        );
+        core::ptr::copy_nonoverlapping(start, page.add(STUB_AT as usize), len);
+    }
 }
 
 /// Enter thinvisor at `entry` (its 32-bit `_start`) with the multiboot2
@@ -222,20 +256,9 @@ extern "sysv64" {
 /// - the caller runs in 64-bit mode at CPL 0 on the boot processor, with
 ///   nothing that needs interrupts until the call returns.
 pub unsafe fn enter(state: *mut ResumeState, low_page: u64, entry: u32, info: u32) -> u64 {
-    let page = low_page as *mut u8;
-    // SAFETY: the caller gives a page of its own, identity-mapped; the
-    // stub's bounds are two labels of the assembly above, in order.
+    // SAFETY: the caller's promises are `prepare`'s and the jump's.
     unsafe {
-        for (i, d) in GDT.iter().enumerate() {
-            (page.add(GDT_AT as usize + 8 * i) as *mut u64).write_unaligned(*d);
-        }
-        let gdtr = page.add(GDTR_AT as usize);
-        (gdtr as *mut u16).write_unaligned((GDT.len() * 8 - 1) as u16);
-        (gdtr.add(2) as *mut u64).write_unaligned(low_page + GDT_AT);
-        let start = core::ptr::addr_of!(thinvisor_handoff_stub32) as *const u8;
-        let end = core::ptr::addr_of!(thinvisor_handoff_stub32_end) as *const u8;
-        let len = end as usize - start as usize;
-        core::ptr::copy_nonoverlapping(start, page.add(STUB_AT as usize), len);
+        prepare(low_page);
         thinvisor_handoff_enter(state, low_page, entry, info)
     }
 }

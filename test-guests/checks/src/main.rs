@@ -32,6 +32,8 @@ mod hostile;
 #[cfg(target_os = "none")]
 mod interrupts;
 #[cfg(target_os = "none")]
+mod loader;
+#[cfg(target_os = "none")]
 mod logbuf;
 #[cfg(target_os = "none")]
 mod modes;

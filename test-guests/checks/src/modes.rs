@@ -28,10 +28,13 @@ pub enum Mode {
     Hostile,
     /// Device DMA against thinvisor's IOMMU protection (`dma.rs`).
     Dma,
+    /// Booted bare: start thinvisor from the module and go on as its
+    /// guest (`loader.rs`).
+    Loader,
 }
 
 impl Mode {
-    const ALL: [Mode; 10] = [
+    const ALL: [Mode; 11] = [
         Mode::Checks,
         Mode::Npf,
         Mode::Halt,
@@ -42,6 +45,7 @@ impl Mode {
         Mode::DbgshOff,
         Mode::Hostile,
         Mode::Dma,
+        Mode::Loader,
     ];
 
     /// The name used on the command line and in the mode line.
@@ -57,6 +61,7 @@ impl Mode {
             Mode::DbgshOff => "dbgsh-off",
             Mode::Hostile => "hostile",
             Mode::Dma => "dma",
+            Mode::Loader => "loader",
         }
     }
 
@@ -77,6 +82,7 @@ impl Mode {
             Mode::Passthrough => crate::passthrough::run_all(boot),
             Mode::Hostile => crate::hostile::run(boot),
             Mode::Dma => crate::dma::run_all(),
+            Mode::Loader => crate::loader::run(boot),
             Mode::DbgshOff => {
                 checks::run_one("dbgsh_disabled", || checks::dbgsh_disabled(boot));
                 checks::finish()

@@ -320,6 +320,22 @@ fn install_gates() -> DescriptorPtr {
     old
 }
 
+/// For the `loader` mode: the PICs masked and this module's gates added
+/// to the IDT in use, which stays loaded (the IDT the loader hands over
+/// and must find again after thinvisor resumed it), EOIs sent to
+/// `lapic`. Interrupts stay off.
+pub fn install_for_loader(lapic: &Lapic) {
+    EOI_X2APIC.store(u8::from(lapic.x2apic), Relaxed);
+    EOI_ADDR.store(lapic.base + u64::from(REG_EOI), Relaxed);
+    mask_pics();
+    let _old = install_gates();
+}
+
+/// Ticks the timer gate counted (each interrupt on `TIMER_VECTOR`).
+pub fn ticks() -> u64 {
+    TICKS.load(Relaxed)
+}
+
 /// Moves the 8259 PICs to vectors 0x20-0x2F and masks every line (ICW1-4,
 /// then OCW1; 8259A data sheet): only the local APIC timer may interrupt.
 pub fn mask_pics() {
