@@ -14,7 +14,7 @@
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use thinvisor_boot::acpi::pm1a_control_port;
+use thinvisor_boot::acpi::{io_apics, pm1a_control_port};
 use thinvisor_memory_fuzz::boot::Mem;
 
 /// Memory: the first MiB and 64 KiB above it for the tables.
@@ -173,6 +173,13 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let got = pm1a_control_port(&mem);
     assert_ne!(got, Some(0));
     assert_eq!(pm1a_control_port(&mem), got, "a second walk disagrees");
+    // The MADT walk: bounded by its output, repeatable.
+    let mut first = [0u64; 4];
+    let n = io_apics(&mem, &mut first);
+    assert!(n <= first.len());
+    let mut again = [0u64; 4];
+    assert_eq!(io_apics(&mem, &mut again), n, "a second MADT walk disagrees");
+    assert_eq!(first, again);
     let all_inside = [fadt_at, sdt_at, rsdp_at]
         .iter()
         .zip([fadt.len(), sdt.len(), 36])

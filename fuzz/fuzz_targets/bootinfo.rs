@@ -71,8 +71,10 @@ fn mb2(u: &mut Unstructured<'_>) -> Result<()> {
     let mut mb = Mb2::default();
     for _ in 0..u.int_in_range(0u8..=8)? {
         let other: u32 = u.arbitrary()?;
-        let ty = *u.choose(&[1u32, 3, 6, 6, 2, 4, 5, 8, 14, 15, 21, other])?;
-        let len = u.int_in_range(0..=120)?;
+        let resume = thinvisor_boot::resume::TAG_RESUME;
+        let ty = *u.choose(&[1u32, 3, 6, 6, 2, 4, 5, 8, 14, 15, 21, resume, other])?;
+        // thinvisor's resume tag holds 344 bytes: let it be whole at times.
+        let len = u.int_in_range(0..=if ty == resume { 400 } else { 120 })?;
         let mut body = u.bytes(len)?.to_vec();
         if ty == 6 && body.len() >= 8 && u.ratio(3u8, 4u8)? {
             // A memory map with its usual entry size.
