@@ -406,3 +406,60 @@ proptest::proptest! {
         proptest::prop_assert_eq!((s.base, s.limit, s.access), (u64::from(base), limit, access | 1));
     }
 }
+
+proptest::proptest! {
+    /// Any loader registers: a refusal or a state whose every value the
+    /// backends can load (canonical bases, DR7 in 32 bits, RFLAGS bit 1,
+    /// CPL 0), never a panic.
+    #[test]
+    fn hostile_loader_registers(
+        words in proptest::array::uniform16(proptest::num::u64::ANY),
+        selectors in proptest::array::uniform8(proptest::num::u16::ANY),
+        limit in proptest::num::u16::ANY,
+        near_uefi in proptest::bool::ANY,
+    ) {
+        let base = uefi_regs();
+        let regs = if near_uefi {
+            // Mostly the UEFI state, a few fields hostile.
+            LoaderRegs {
+                rflags: words[0] & 0x3F_FFFF,
+                dr7: words[1] & 0x1_FFFF_FFFF,
+                selectors: [selectors[0] & 0x7F, 0x30, 0x30, selectors[3] & 0x7F, 0x30, 0x30, selectors[6] & 0x7F, selectors[7] & 0x7F],
+                msrs: MsrState { pat: words[2], ..base.msrs },
+                ..base
+            }
+        } else {
+            LoaderRegs {
+                rip: words[0],
+                rflags: words[1],
+                cr0: words[2],
+                cr3: words[3],
+                cr4: words[4],
+                efer: words[5],
+                dr7: words[6],
+                gdt: (GDT_BASE, limit),
+                idt: (words[7], limit),
+                selectors,
+                fs_base: words[8],
+                gs_base: words[9],
+                msrs: MsrState {
+                    pat: words[10],
+                    kernel_gs_base: words[11],
+                    star: words[12],
+                    lstar: words[13],
+                    cstar: words[14],
+                    sfmask: words[15],
+                    ..base.msrs
+                },
+            }
+        };
+        if let Ok(s) = resume(&regs) {
+            proptest::prop_assert_eq!(s.dr7 >> 32, 0);
+            proptest::prop_assert_eq!(s.rflags & 2, 2);
+            proptest::prop_assert!(s.segments[Seg::Cs as usize].usable());
+            proptest::prop_assert_eq!(s.segments[Seg::Ss as usize].dpl(), 0);
+            proptest::prop_assert!(s.segments[Seg::Tr as usize].usable());
+            proptest::prop_assert_ne!(s.msrs.pat & 7, 1);
+        }
+    }
+}
