@@ -33,7 +33,8 @@ const MODE_INIT: u64 = 5;
 /// Watch every I/O APIC the MADT lists. Called once before the guest runs.
 pub fn watch() {
     let mut found = [0u64; 4];
-    let n = thinvisor_boot::acpi::io_apics(&mem::DirectMapReader, &mut found);
+    let n =
+        thinvisor_boot::acpi::io_apics_at(&mem::DirectMapReader, crate::acpi_rsdp(), &mut found);
     for (slot, &address) in PAGES.iter().zip(&found[..n]) {
         let page = address & !0xFFF;
         if !mem::is_mapped(page, 4096) {

@@ -24,6 +24,7 @@ mod passthrough;
 mod percpu;
 mod platform;
 mod power;
+mod resume;
 mod serial;
 mod shell;
 mod smp;
@@ -35,6 +36,7 @@ use log::{error, info, warn};
 use thinvisor_abi::exit_code;
 use thinvisor_boot::alloc::FrameAllocator;
 use thinvisor_boot::cmdline::{BootMode, EferMode, Layout};
+use thinvisor_boot::resume::ResumeState;
 use thinvisor_boot::{cmdline, guest, multiboot1, multiboot2};
 use thinvisor_boot::{BootInfo, MemKind, MAX_MODULES};
 use thinvisor_memory::nested::{NestedPageTable, EPT_WRITE_BACK, NPT};
@@ -70,12 +72,44 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     info!("command line: \"{}\"", boot.cmdline());
     log_memory_map(&boot);
 
+    // A loader that runs before thinvisor and continues under it passes
+    // its state in a resume tag: that decides the boot mode.
+    let resume = boot.resume().copied();
+    if let Some(r) = &resume {
+        info!(
+            "boot mode: resume (the loader's resume tag; boot= and layout= do not apply): the loader continues at {:#x} as the guest; thinvisor takes only its block {:#x}..{:#x}",
+            r.rip, r.block_start, r.block_end
+        );
+    }
+    // ACPI before anything is written to memory: the RSDP the loader gave
+    // may be a copy inside the boot information.
+    let rsdp = loader_rsdp(&boot, resume.as_ref());
+    LOADER_RSDP.call_once(|| rsdp);
+    match thinvisor_boot::acpi::pm1a_control_port_at(&mem::DirectMapReader, rsdp) {
+        Some(port) => {
+            log::debug!("ACPI PM1a control register at port {port:#x}: watched for power-off");
+            platform::PM1A_CONTROL.store(port, core::sync::atomic::Ordering::Relaxed);
+        }
+        None => log::debug!("no ACPI PM1a control port found"),
+    }
     // Before relocation: an AMD-Vi device table grows thinvisor's block.
-    let iommu_extra = iommu::discover(options.iommu);
-    let mut frames = frame_allocator(&boot);
-    let reserved = match mem::relocate(&mut frames, available_end(&boot), iommu_extra) {
+    let iommu_extra = iommu::discover(options.iommu, rsdp);
+    let (mut frames, align) = match &resume {
+        Some(r) => (resume_frames(&boot, r), PAGE),
+        None => (frame_allocator(&boot), SIZE_2M),
+    };
+    let reserved = match mem::relocate(&mut frames, available_end(&boot), iommu_extra, align) {
         Ok(r) => r,
-        Err(e) => boot_error!("{e}"),
+        Err(e) => match &resume {
+            Some(r) => boot_error!(
+                "resume: the loader's block {:#x}..{:#x} ({} KiB) is too small: thinvisor needs {} KiB of it below 4 GiB, outside its own image and the boot information ({e})",
+                r.block_start,
+                r.block_end,
+                (r.block_end - r.block_start) >> 10,
+                mem::block_size(iommu_extra) >> 10
+            ),
+            None => boot_error!("{e}"),
+        },
     };
     info!(
         "thinvisor reserves {} KiB at {:#x}..{:#x} (image {} KiB, heap {} KiB); {} MiB free for the guest",
@@ -95,10 +129,11 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     thinvisor_vmm::emulate::prepare();
     let backend = pick_backend();
 
-    let (guest, ram) = match options.boot {
-        BootMode::Linux => passthrough::linux_guest(&boot, reserved),
-        BootMode::Chain => chain::bios_guest(&boot, reserved),
-        BootMode::Module => {
+    let (guest, ram) = match (&resume, options.boot) {
+        (Some(r), _) => resume::guest(&boot, reserved, r),
+        (None, BootMode::Linux) => passthrough::linux_guest(&boot, reserved),
+        (None, BootMode::Chain) => chain::bios_guest(&boot, reserved),
+        (None, BootMode::Module) => {
             let (module, image) = guest_module(&boot, options.guest_module);
             match options.layout {
                 Layout::Isolated => isolated_guest(&mut frames, &options, image, module.string()),
@@ -140,13 +175,6 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
     }
     let mut vmm = Vmm::new(vm);
     platform::plant_canary();
-    match thinvisor_boot::acpi::pm1a_control_port(&mem::DirectMapReader) {
-        Some(port) => {
-            log::debug!("ACPI PM1a control register at port {port:#x}: watched for power-off");
-            platform::PM1A_CONTROL.store(port, core::sync::atomic::Ordering::Relaxed);
-        }
-        None => log::debug!("no ACPI PM1a control port found"),
-    }
     match backend {
         Backend::Svm(features) => svm_backend::run(&features, &guest, ram, &mut vmm, &boot),
         Backend::Vmx(caps) => {
@@ -433,6 +461,57 @@ fn frame_allocator(boot: &BootInfo) -> FrameAllocator {
         boot_error!("the boot loader's memory map lists no available memory");
     }
     FrameAllocator::new(boot.memory_map(), &reserved[..n])
+}
+
+/// The RSDP the loader gave (the multiboot2 ACPI tags, else the resume
+/// state's), when it is a valid one; None: search the BIOS areas.
+fn loader_rsdp(boot: &BootInfo, resume: Option<&ResumeState>) -> Option<u64> {
+    let given = boot
+        .rsdp()
+        .or_else(|| resume.map(|r| r.rsdp).filter(|&pa| pa != 0))?;
+    if thinvisor_boot::acpi::rsdp_is_valid(&mem::DirectMapReader, given) {
+        log::debug!("ACPI: the loader's RSDP at {given:#x}");
+        Some(given)
+    } else {
+        warn!("ACPI: the loader's RSDP at {given:#x} is not valid; searching the BIOS areas");
+        None
+    }
+}
+
+/// The loader's RSDP, once checked at boot.
+static LOADER_RSDP: spin::Once<Option<u64>> = spin::Once::new();
+
+/// The RSDP for an ACPI lookup after the guest was loaded: the loader's
+/// while it is still valid (a copy inside the boot information may have
+/// been overwritten by a guest loader since: then the BIOS areas'), None
+/// to search the BIOS areas.
+pub(crate) fn acpi_rsdp() -> Option<u64> {
+    LOADER_RSDP
+        .get()
+        .copied()
+        .flatten()
+        .filter(|&pa| thinvisor_boot::acpi::rsdp_is_valid(&mem::DirectMapReader, pa))
+}
+
+/// Resume mode: only the block the loader reserved, less thinvisor's
+/// image and the boot information if they lie in it. The loader took the
+/// block from its firmware's memory; everything else is still the
+/// firmware's (or the loader's), and thinvisor takes none of it.
+fn resume_frames(boot: &BootInfo, r: &ResumeState) -> FrameAllocator {
+    let block = [thinvisor_boot::MemRegion {
+        start: r.block_start,
+        len: r.block_end - r.block_start,
+        kind: MemKind::Available,
+    }];
+    let mut reserved = [(0u64, 0u64); 2 + MAX_MODULES];
+    reserved[0] = mem::loaded_range();
+    reserved[1] = boot.info_range();
+    let mut n = 2;
+    for (slot, m) in reserved[2..].iter_mut().zip(boot.modules()) {
+        *slot = (m.start, m.end);
+        n += 1;
+    }
+    FrameAllocator::new(&block, &reserved[..n])
 }
 
 /// The end of the highest memory the firmware calls available: what the

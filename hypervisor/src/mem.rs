@@ -68,6 +68,12 @@ pub fn image_size() -> u64 {
     (end - start).next_multiple_of(PAGE)
 }
 
+/// The end of the direct map: [`BOOT_MAP_SIZE`] until [`relocate`], then
+/// the top of memory it mapped.
+pub fn direct_map_end() -> u64 {
+    DIRECT_MAP_END.load(Relaxed)
+}
+
 /// Whether [pa, pa + len) lies inside the direct map.
 pub fn is_mapped(pa: u64, len: u64) -> bool {
     pa.checked_add(len)
@@ -94,8 +100,16 @@ static HEAP: spin::Mutex<Option<FrameAllocator>> = spin::Mutex::new(None);
 /// The heap's size when it was made.
 static HEAP_TOTAL: AtomicU64 = AtomicU64::new(0);
 
-/// Move thinvisor into a block of `HEAP_SIZE` + its image taken from the
-/// top of memory below 4 GiB: copy the image there, build page tables in
+/// The bytes thinvisor's block takes: the image, [`HEAP_SIZE`] and
+/// `extra`, rounded up to 2 MiB.
+pub fn block_size(extra: u64) -> u64 {
+    (image_size() + HEAP_SIZE + extra).next_multiple_of(SIZE_2M)
+}
+
+/// Move thinvisor into a block of [`block_size`] bytes, aligned to
+/// `align` (2 MiB when thinvisor picks the place; a page in the block a
+/// resuming loader reserved), taken from the top of what `frames` offers
+/// below 4 GiB: copy the image there, build page tables in
 /// the block (the direct map of [0, `top`), 1 GiB pages where the
 /// processor has them, and the image at its linked addresses), switch to
 /// them. Every virtual address stays the same; only the physical pages
@@ -106,11 +120,12 @@ pub fn relocate(
     frames: &mut FrameAllocator,
     top: u64,
     extra: u64,
+    align: u64,
 ) -> Result<Reserved, &'static str> {
     let image = image_size();
-    let size = (image + HEAP_SIZE + extra).next_multiple_of(SIZE_2M);
+    let size = block_size(extra);
     let base = frames
-        .alloc_high(size, SIZE_2M, BOOT_MAP_SIZE)
+        .alloc_high(size, align, BOOT_MAP_SIZE)
         .ok_or("no room below 4 GiB for thinvisor's memory")?;
     let heap_map = [thinvisor_boot::MemRegion {
         start: base + image,

@@ -3,13 +3,17 @@
 //! (writing SLP_EN). thinvisor watches it to report the run's end (its exit
 //! tables) before the machine goes away.
 //!
-//! The RSDP is searched where a BIOS puts it (ACPI 6.5, 5.2.5.1: the first
-//! KiB of the EBDA, then 0xE0000-0xFFFFF on 16-byte boundaries); the RSDT
+//! The RSDP is the one the loader passed (a UEFI loader must: ACPI 6.5,
+//! 5.2.5.2, the firmware gives it in its configuration table, not in the
+//! BIOS areas), or else searched where a BIOS puts it (ACPI 6.5, 5.2.5.1:
+//! the first KiB of the EBDA, then 0xE0000-0xFFFFF on 16-byte
+//! boundaries); the RSDT
 //! (or, from revision 2, the XSDT) lists the tables; the FADT ("FACP")
 //! holds PM1a_CNT_BLK (offset 64) and, from ACPI 2.0, X_PM1a_CNT_BLK
 //! (offset 172, a Generic Address Structure). Every table is
 //! checksum-verified and bounds-checked: firmware tables are input like any
-//! other.
+//! other (addresses in them wrap rather than overflow; the reader refuses
+//! what it cannot reach).
 
 use crate::multiboot1::PhysRead;
 
@@ -17,15 +21,25 @@ use crate::multiboot1::PhysRead;
 const MAX_ENTRIES: usize = 64;
 
 /// The PM1a control register's I/O port, or None when the firmware has no
-/// usable ACPI tables (or puts the register in memory space).
+/// usable ACPI tables (or puts the register in memory space); the RSDP
+/// searched in the BIOS areas.
 pub fn pm1a_control_port(mem: &dyn PhysRead) -> Option<u16> {
-    let rsdp = find_rsdp(mem)?;
+    pm1a_control_port_at(mem, None)
+}
+
+/// [`pm1a_control_port`] from the RSDP at `rsdp` when the loader gave
+/// one (checked like any other), else from the BIOS areas' RSDP.
+pub fn pm1a_control_port_at(mem: &dyn PhysRead, rsdp: Option<u64>) -> Option<u16> {
+    let rsdp = match rsdp {
+        Some(at) => rsdp_at(mem, at)?,
+        None => find_rsdp(mem)?,
+    };
     let fadt = find_table(mem, &rsdp, *b"FACP")?;
     let (addr, len) = fadt;
     // X_PM1a_CNT_BLK: address space 1 = system I/O (ACPI 6.5, table 5.1).
     if len >= 184 {
         let mut gas = [0u8; 12];
-        if mem.read(addr + 172, &mut gas) && gas[0] == 1 {
+        if mem.read(addr.wrapping_add(172), &mut gas) && gas[0] == 1 {
             let port = u64::from_le_bytes(gas[4..12].try_into().ok()?);
             if port != 0 && port <= 0xFFFF {
                 return Some(port as u16);
@@ -33,7 +47,7 @@ pub fn pm1a_control_port(mem: &dyn PhysRead) -> Option<u16> {
         }
     }
     if len >= 68 {
-        let port = read_u32(mem, addr + 64)?;
+        let port = read_u32(mem, addr.wrapping_add(64))?;
         if port != 0 && port <= 0xFFFF {
             return Some(port as u16);
         }
@@ -46,7 +60,16 @@ pub fn pm1a_control_port(mem: &dyn PhysRead) -> Option<u16> {
 /// `out.len()`; how many were found. thinvisor watches their writes: a
 /// redirection entry can deliver INIT (docs/security.md).
 pub fn io_apics(mem: &dyn PhysRead, out: &mut [u64]) -> usize {
-    let Some(rsdp) = find_rsdp(mem) else {
+    io_apics_at(mem, None, out)
+}
+
+/// [`io_apics`] from the RSDP at `rsdp` when the loader gave one.
+pub fn io_apics_at(mem: &dyn PhysRead, rsdp: Option<u64>, out: &mut [u64]) -> usize {
+    let rsdp = match rsdp {
+        Some(at) => rsdp_at(mem, at),
+        None => find_rsdp(mem),
+    };
+    let Some(rsdp) = rsdp else {
         return 0;
     };
     let Some((madt, len)) = find_table(mem, &rsdp, *b"APIC") else {
@@ -58,11 +81,11 @@ pub fn io_apics(mem: &dyn PhysRead, out: &mut [u64]) -> usize {
     let mut at = 44;
     while at + 2 <= len && n < out.len() {
         let mut head = [0u8; 2];
-        if !mem.read(madt + at, &mut head) || head[1] < 2 {
+        if !mem.read(madt.wrapping_add(at), &mut head) || head[1] < 2 {
             break;
         }
         if head[0] == 1 && head[1] >= 12 {
-            if let Some(address) = read_u32(mem, madt + at + 4) {
+            if let Some(address) = read_u32(mem, madt.wrapping_add(at + 4)) {
                 out[n] = address.into();
                 n += 1;
             }
@@ -70,6 +93,31 @@ pub fn io_apics(mem: &dyn PhysRead, out: &mut [u64]) -> usize {
         at += u64::from(head[1]);
     }
     n
+}
+
+/// Whether `at` holds an RSDP whose every byte a reader of it takes is
+/// readable and checksummed (ACPI 6.5, 5.2.5.3): the signature, the ACPI
+/// 1.0 checksum over 20 bytes and, from revision 2, the extended checksum
+/// over its Length (36 bytes, at most a page accepted). The `acpi` crate
+/// reads Length bytes without a bound: an RSDP from the loader is checked
+/// here first.
+pub fn rsdp_is_valid(mem: &dyn PhysRead, at: u64) -> bool {
+    let mut v1 = [0u8; 20];
+    if !mem.read(at, &mut v1) || &v1[..8] != b"RSD PTR " || checksum(&v1) != 0 {
+        return false;
+    }
+    if v1[15] == 0 {
+        return true;
+    }
+    let Some(len) = read_u32(mem, at.wrapping_add(20)) else {
+        return false;
+    };
+    if !(36..=4096).contains(&len) {
+        return false;
+    }
+    let mut all = [0u8; 4096];
+    let bytes = &mut all[..len as usize];
+    mem.read(at, bytes) && checksum(bytes) == 0
 }
 
 /// The RSDT or XSDT: its address and whether entries are 64-bit.
@@ -128,7 +176,7 @@ fn find_table(mem: &dyn PhysRead, rsdp: &Rsdp, signature: [u8; 4]) -> Option<(u6
     let entry_size = if rsdp.wide { 8 } else { 4 };
     let entries = ((len.saturating_sub(36)) / entry_size).min(MAX_ENTRIES as u64);
     for i in 0..entries {
-        let at = rsdp.table + 36 + i * entry_size;
+        let at = rsdp.table.wrapping_add(36 + i * entry_size);
         let table = if rsdp.wide {
             let mut b = [0u8; 8];
             mem.read(at, &mut b).then(|| u64::from_le_bytes(b))?
@@ -147,7 +195,7 @@ fn find_table(mem: &dyn PhysRead, rsdp: &Rsdp, signature: [u8; 4]) -> Option<(u6
 
 /// A table's length from its header, when the whole table checksums to 0.
 fn table_len(mem: &dyn PhysRead, at: u64) -> Option<u64> {
-    let len = u64::from(read_u32(mem, at + 4)?);
+    let len = u64::from(read_u32(mem, at.wrapping_add(4))?);
     if !(36..=64 * 1024).contains(&len) {
         return None;
     }
@@ -157,7 +205,7 @@ fn table_len(mem: &dyn PhysRead, at: u64) -> Option<u64> {
     while done < len {
         let n = (len - done).min(256) as usize;
         let buf = chunk.get_mut(..n)?;
-        if !mem.read(at + done, buf) {
+        if !mem.read(at.wrapping_add(done), buf) {
             return None;
         }
         sum = buf.iter().fold(sum, |s, &b| s.wrapping_add(b));
@@ -195,7 +243,10 @@ mod tests {
             let Ok(start) = usize::try_from(pa) else {
                 return false;
             };
-            match self.0.get(start..start + buf.len()) {
+            match start
+                .checked_add(buf.len())
+                .and_then(|end| self.0.get(start..end))
+            {
                 Some(src) => {
                     buf.copy_from_slice(src);
                     true
@@ -263,6 +314,47 @@ mod tests {
         assert_eq!(out[0], 0xFEC0_0000);
         assert_eq!(io_apics(&seabios(0x604), &mut []), 0);
         assert_eq!(io_apics(&Mem(vec![0u8; 1 << 20]), &mut out), 0);
+        // From the loader's RSDP.
+        let mut m = seabios(0x604);
+        let rsdp: Vec<u8> = m.0[0xF_6A00..0xF_6A14].to_vec();
+        m.0[0xF_6A00..0xF_6A14].fill(0);
+        m.0[0x5_0000..0x5_0014].copy_from_slice(&rsdp);
+        assert_eq!(io_apics(&m, &mut out), 0);
+        assert_eq!(io_apics_at(&m, Some(0x5_0000), &mut out), 1);
+    }
+
+    #[test]
+    fn takes_the_rsdp_the_loader_gives() {
+        // A UEFI machine: the RSDP outside the BIOS areas.
+        let mut m = seabios(0x604);
+        let rsdp: Vec<u8> = m.0[0xF_6A00..0xF_6A14].to_vec();
+        m.0[0xF_6A00..0xF_6A14].fill(0);
+        m.0[0x5_0000..0x5_0014].copy_from_slice(&rsdp);
+        assert_eq!(pm1a_control_port(&m), None);
+        assert_eq!(pm1a_control_port_at(&m, Some(0x5_0000)), Some(0x604));
+        // A wrong address finds nothing, and does not fall back.
+        assert_eq!(pm1a_control_port_at(&m, Some(0x5_0010)), None);
+        assert_eq!(pm1a_control_port_at(&m, Some(u64::MAX - 4)), None);
+        assert_eq!(pm1a_control_port_at(&seabios(0x604), None), Some(0x604));
+        assert!(rsdp_is_valid(&m, 0x5_0000));
+        assert!(!rsdp_is_valid(&m, 0x5_0010));
+    }
+
+    #[test]
+    fn rsdp_lengths_are_bounded() {
+        let mut m = Mem(vec![0u8; 0x2000]);
+        let mut rsdp = [0u8; 36];
+        rsdp[..8].copy_from_slice(b"RSD PTR ");
+        rsdp[15] = 2;
+        for (len, ok) in [(36u32, true), (35, false), (4097, false), (u32::MAX, false)] {
+            rsdp[20..24].copy_from_slice(&len.to_le_bytes());
+            fix_checksum(&mut rsdp[..20], 8);
+            fix_checksum(&mut rsdp, 32);
+            m.0[0x100..0x124].copy_from_slice(&rsdp);
+            assert_eq!(rsdp_is_valid(&m, 0x100), ok, "length {len}");
+        }
+        // Past the end of memory.
+        assert!(!rsdp_is_valid(&m, 0x1FF0));
     }
 
     #[test]

@@ -714,3 +714,117 @@ fn boot_info_by_hand() {
     let dbg = format!("{info:?}");
     assert!(dbg.contains("a b"));
 }
+
+// ---------------------------------------------------------------- resume
+
+/// What thinvisor.efi hands over under OVMF (crates/boot's `resume`).
+fn uefi_resume() -> thinvisor_boot::resume::ResumeState {
+    use thinvisor_boot::resume::{ResumeState, RESUME_VERSION};
+    let mut gprs = [0u64; 16];
+    gprs[4] = 0x7FF8_0F28; // RSP
+    gprs[1] = 0x1234; // RCX
+    ResumeState {
+        version: RESUME_VERSION,
+        size: core::mem::size_of::<ResumeState>() as u32,
+        gprs,
+        rip: 0x7E5A_1234,
+        rflags: 0x246,
+        cr0: 0x8001_0033,
+        cr3: 0x7FC0_1000,
+        cr4: 0x668,
+        efer: 0xD00,
+        gdt_base: 0x7F9D_C000,
+        idt_base: 0x7F1A_0018,
+        gdt_limit: 0x47,
+        idt_limit: 0xFFF,
+        selectors: [0x38, 0x30, 0x30, 0x30, 0x30, 0x30, 0, 0],
+        pat: 0x0007_0406_0007_0406,
+        dr7: 0x400,
+        block_start: 0x7E00_0000,
+        block_end: 0x7E80_0000,
+        rsdp: 0x7FB7_E014,
+        ..ResumeState::default()
+    }
+}
+
+#[test]
+fn mb2_resume_tag_and_acpi_rsdp() {
+    use thinvisor_boot::resume::TAG_RESUME;
+    let state = uefi_resume();
+    let mut rsdp = [0u8; 36];
+    rsdp[..8].copy_from_slice(b"RSD PTR ");
+    rsdp[15] = 2;
+    let words = Mb2::default()
+        .cmdline("log=debug")
+        .mmap(&QEMU_E820)
+        .tag(14, &rsdp[..20]) // ACPI 1.0 RSDP copy
+        .tag(15, &rsdp) // ACPI 2.0+: preferred
+        .tag(TAG_RESUME, &state.to_bytes())
+        .end()
+        .build();
+    let info = mb2_parse(&words).unwrap();
+    assert_eq!(info.resume(), Some(&state));
+    // The RSDP is the copy inside the information: the new tag's payload,
+    // after the header (8), the command line (8 + 10, padded to 24), the
+    // map (16 + 6 * 24) and the old tag (8 + 20, padded to 32).
+    let pa = words.as_ptr() as u64;
+    assert_eq!(info.rsdp(), Some(pa + 8 + 24 + 160 + 32 + 8));
+    assert_eq!(info.memory_map(), qemu_regions().as_slice());
+    // Without the tag: no resume, and no RSDP.
+    let plain = Mb2::default().mmap(&QEMU_E820).end().build();
+    let info = mb2_parse(&plain).unwrap();
+    assert!(info.resume().is_none() && info.rsdp().is_none());
+}
+
+#[test]
+fn mb2_bad_resume_tags_are_boot_errors() {
+    use thinvisor_boot::resume::{ResumeError, ResumeState, TAG_RESUME};
+    let state = uefi_resume();
+    let bytes = state.to_bytes();
+    let parse = |payload: &[u8]| {
+        let words = Mb2::default()
+            .mmap(&QEMU_E820)
+            .tag(TAG_RESUME, payload)
+            .end()
+            .build();
+        mb2_parse(&words).map(|i| i.resume().copied())
+    };
+    assert_eq!(
+        parse(&bytes[..100]),
+        Err(BootInfoError::Resume(ResumeError::TooShort(100)))
+    );
+    let v2 = ResumeState {
+        version: 2,
+        ..state
+    };
+    assert_eq!(
+        parse(&v2.to_bytes()),
+        Err(BootInfoError::Resume(ResumeError::Version(2)))
+    );
+    let real = ResumeState { cr0: 0x11, ..state };
+    assert_eq!(
+        parse(&real.to_bytes()),
+        Err(BootInfoError::Resume(ResumeError::NotLongMode))
+    );
+    let empty = ResumeState {
+        block_end: state.block_start,
+        ..state
+    };
+    assert!(matches!(
+        parse(&empty.to_bytes()),
+        Err(BootInfoError::Resume(ResumeError::BadBlock { .. }))
+    ));
+    // A tag whose size runs past the structure: refused before the payload.
+    let words = Mb2::default()
+        .mmap(&QEMU_E820)
+        .raw_tag(TAG_RESUME, 4096, &bytes)
+        .end()
+        .build();
+    assert!(matches!(
+        mb2_parse(&words),
+        Err(BootInfoError::BadTag { .. })
+    ));
+    assert!(BootInfoError::Resume(ResumeError::NotLongMode)
+        .to_string()
+        .contains("64-bit"));
+}

@@ -16,12 +16,10 @@ use thinvisor_vmm::events::{combine, Combined};
 use thinvisor_vmm::stats::ExitStats;
 use thinvisor_vmm::vmmcall::is_vmm_call_at_rip;
 use thinvisor_vmm::{
-    CpuMode, Event, Exit, Gpr, GuestKind, HostSignals, InitialState, NestedFault, SegmentState,
-    Vcpu,
+    CpuMode, Event, Exit, Gpr, GuestKind, HostSignals, InitialState, NestedFault, Seg,
+    SegmentState, Vcpu,
 };
-use vmcb::{
-    attrib, event_inj, exit_code, ioio_info, misc1, misc2, npf_info, tlb_control, Segment, Vmcb,
-};
+use vmcb::{event_inj, exit_code, ioio_info, misc1, misc2, npf_info, tlb_control, Segment, Vmcb};
 use x86_64::registers::model_specific::Msr;
 
 /// EFER MSR and its SVME bit (APM vol. 2, 3.1.7).
@@ -427,47 +425,67 @@ pub fn exit_name(slot: usize) -> &'static str {
 
 /// The save area of a guest that starts in `initial`: at power-on (the
 /// constructor) or after INIT and SIPI ([`SvmVcpu::reset`]; the values
-/// of Intel SDM vol. 3A, table 9-1, which AMD APM vol. 2, 14.1.3 matches).
-fn load_initial(s: &mut vmcb::StateSaveArea, initial: &InitialState) {
-    s.cs = Segment::from_state(initial.code_segment());
-    let data = Segment::from_state(initial.data_segment());
-    for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
-        *seg = data;
-    }
+/// of Intel SDM vol. 3A, table 9-1, which AMD APM vol. 2, 14.1.3 matches),
+/// or in the 64-bit state a loader left ([`InitialState::resumed`]).
+/// VMRUN loads CS, SS, DS, ES, the descriptor tables, the control
+/// registers, EFER, RFLAGS, RIP, RSP, RAX, DR6/DR7 and CPL; the
+/// world switch's VMLOAD the rest (FS, GS, TR, LDTR with their hidden
+/// parts, KernelGsBase, the SYSCALL and SYSENTER MSRs; APM vol. 2, 15.5.2
+/// and 15.5.1, VMLOAD). The MSRs of [`thinvisor_vmm::MsrState`] are
+/// written only when `msrs` (power-on) or the start sets them: INIT leaves
+/// them as they are.
+fn load_initial(s: &mut vmcb::StateSaveArea, initial: &InitialState, msrs: bool) {
+    let seg = |which| Segment::from_state(initial.segment(which));
+    s.cs = seg(Seg::Cs);
+    s.ss = seg(Seg::Ss);
+    s.ds = seg(Seg::Ds);
+    s.es = seg(Seg::Es);
+    s.fs = seg(Seg::Fs);
+    s.gs = seg(Seg::Gs);
+    s.tr = seg(Seg::Tr);
+    s.ldtr = seg(Seg::Ldtr);
+    let (gdt_base, gdt_limit) = initial.gdt();
     s.gdtr = Segment {
-        base: initial.gdt.0,
-        limit: initial.gdt.1.into(),
+        base: gdt_base,
+        limit: gdt_limit.into(),
         ..Segment::default()
     };
+    let (idt_base, idt_limit) = initial.idt();
     s.idtr = Segment {
-        // The real-mode IVT at 0 (a no-op for protected-mode starts,
-        // which load their own IDT before enabling interrupts).
-        limit: 0x3FF,
+        base: idt_base,
+        limit: idt_limit.into(),
         ..Segment::default()
     };
-    s.ldtr = Segment {
-        attrib: attrib::LDT,
-        ..Segment::default()
-    };
-    s.tr = Segment {
-        attrib: attrib::TSS_BUSY,
-        limit: 0x67,
-        ..Segment::default()
-    };
-    s.cpl = 0;
-    // The guest's EFER must keep SVME (VMRUN consistency check, APM
-    // 15.5.1).
+    // CPL is SS.DPL (APM vol. 2, 15.5.1: VMRUN takes it from the CPL
+    // field, which must agree with the segments).
+    s.cpl = initial.cpl();
     s.cr0 = initial.cr0();
-    s.cr3 = 0;
-    s.cr4 = 0;
-    s.efer = EFER_SVME;
-    s.rflags = InitialState::RFLAGS;
+    s.cr3 = initial.cr3();
+    s.cr4 = initial.cr4();
+    // The guest's EFER must keep SVME (VMRUN consistency check, APM
+    // 15.5.1); the guest never sees it (module `efer`).
+    s.efer = initial.efer() | EFER_SVME;
+    s.rflags = initial.rflags();
     s.rip = initial.rip();
     s.rax = initial.gpr(Gpr::Rax);
     s.rsp = initial.gpr(Gpr::Rsp);
     s.dr6 = 0xFFFF_0FF0;
-    s.dr7 = 0x400;
+    s.dr7 = initial.dr7();
     s.cr2 = 0;
+    if msrs || initial.sets_msrs() {
+        let m = initial.msrs();
+        // G_PAT: the guest's own PAT under nested paging (APM vol. 2,
+        // 15.25.8).
+        s.g_pat = m.pat;
+        s.kernel_gs_base = m.kernel_gs_base;
+        s.star = m.star;
+        s.lstar = m.lstar;
+        s.cstar = m.cstar;
+        s.sfmask = m.sfmask;
+        s.sysenter_cs = m.sysenter_cs;
+        s.sysenter_esp = m.sysenter_esp;
+        s.sysenter_eip = m.sysenter_eip;
+    }
 }
 
 /// The general registers of a guest that starts in `initial` (RAX and RSP
@@ -553,11 +571,9 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         c.ncr3 = ncr3.as_u64();
         c.vmcb_clean = 0;
 
-        load_initial(&mut vmcb_virt.save, initial);
-
-        // Power-on PAT: write-back for index 0, as firmware leaves it
-        // (INIT leaves it alone, so only here).
-        vmcb_virt.save.g_pat = 0x0007_0406_0007_0406;
+        // Power-on MSRs (the PAT write-back for index 0, as firmware
+        // leaves it) unless the start sets its own.
+        load_initial(&mut vmcb_virt.save, initial, true);
         let regs = regs_from(initial);
         Self {
             vmcb: vmcb_virt,
@@ -890,9 +906,9 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     /// 14.1.3): the registers of `initial`, nothing to deliver, no
     /// interrupt shadow, and a fresh TLB (the guest's paging is off now).
     /// MSRs the save area holds (STAR, LSTAR, KernelGSBase, G_PAT, ...)
-    /// keep their values, as INIT leaves them.
+    /// keep their values, as INIT leaves them, unless `initial` sets them.
     fn reset(&mut self, initial: &InitialState) {
-        load_initial(&mut self.vmcb.save, initial);
+        load_initial(&mut self.vmcb.save, initial, false);
         self.regs = regs_from(initial);
         let c = &mut self.vmcb.control;
         c.event_inj = 0;
@@ -1026,5 +1042,113 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                 return self.decode_exit();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::boxed::Box;
+    use thinvisor_vmm::{MsrState, ResumedState};
+
+    fn zeroed_save_area() -> vmcb::StateSaveArea {
+        // SAFETY: the save area is integers only; all zeros is a valid
+        // (if empty) value, as in a fresh VMCB page.
+        unsafe { core::mem::zeroed() }
+    }
+
+    /// The state thinvisor.efi hands over under OVMF: CS 0x38 64-bit
+    /// code, SS and DS 0x30, no TSS, no LDT.
+    fn uefi() -> InitialState {
+        let data = SegmentState {
+            selector: 0x30,
+            base: 0,
+            limit: 0xFFFF_FFFF,
+            access: 0xC093,
+        };
+        let mut segments = [data; 8];
+        segments[Seg::Cs as usize] = SegmentState {
+            selector: 0x38,
+            access: 0xA09B,
+            ..data
+        };
+        segments[Seg::Tr as usize] = SegmentState::no_tss();
+        segments[Seg::Ldtr as usize] = SegmentState::unusable(0, 0);
+        segments[Seg::Gs as usize].base = 0xFFFF_8000_1234_0000;
+        let state = ResumedState {
+            rip: 0x7E5A_1234,
+            rflags: 0x246,
+            cr0: 0x8001_0033,
+            cr3: 0x7FC0_1000,
+            cr4: 0x668,
+            efer: 0xD00,
+            dr7: 0x400,
+            gdt: (0x7F9D_C000, 0x47),
+            idt: (0x7F1A_0018, 0xFFF),
+            segments,
+            msrs: MsrState {
+                pat: 0x0007_0406_0007_0406,
+                kernel_gs_base: 0xFFFF_8000_0000_2000,
+                star: 0x0023_0010_0000_0000,
+                lstar: 0xFFFF_FFFF_8100_0000,
+                cstar: 0xFFFF_FFFF_8100_0100,
+                sfmask: 0x4_7700,
+                sysenter_cs: 0x10,
+                sysenter_esp: 0xFFFF_8000_0000_3000,
+                sysenter_eip: 0xFFFF_FFFF_8100_0200,
+            },
+        };
+        let mut gprs = [0; 16];
+        gprs[Gpr::Rax as usize] = 0xAA;
+        gprs[Gpr::Rsp as usize] = 0x7FF8_0F28;
+        InitialState::resumed(Box::leak(Box::new(state)), gprs)
+    }
+
+    #[test]
+    fn a_resumed_state_fills_the_whole_save_area() {
+        let mut s = zeroed_save_area();
+        load_initial(&mut s, &uefi(), false);
+        assert_eq!(s.efer, 0xD00 | EFER_SVME);
+        assert_eq!((s.cr0, s.cr3, s.cr4), (0x8001_0033, 0x7FC0_1000, 0x668));
+        assert_eq!(
+            (s.rip, s.rsp, s.rax, s.rflags),
+            (0x7E5A_1234, 0x7FF8_0F28, 0xAA, 0x246)
+        );
+        assert_eq!((s.cs.selector, s.cs.attrib), (0x38, 0xA9B));
+        assert!(s.cs.long());
+        assert_eq!((s.ss.selector, s.ss.attrib, s.cpl), (0x30, 0xC93, 0));
+        assert_eq!(s.gs.base, 0xFFFF_8000_1234_0000);
+        assert_eq!((s.tr.attrib, s.tr.limit), (0x8B, 0x67));
+        assert_eq!(s.ldtr.attrib & 0x80, 0);
+        assert_eq!((s.gdtr.base, s.gdtr.limit), (0x7F9D_C000, 0x47));
+        assert_eq!((s.idtr.base, s.idtr.limit), (0x7F1A_0018, 0xFFF));
+        assert_eq!(s.lstar, 0xFFFF_FFFF_8100_0000);
+        assert_eq!(s.kernel_gs_base, 0xFFFF_8000_0000_2000);
+        assert_eq!(
+            (s.star, s.cstar, s.sfmask),
+            (0x0023_0010_0000_0000, 0xFFFF_FFFF_8100_0100, 0x4_7700)
+        );
+        assert_eq!(
+            (s.sysenter_cs, s.sysenter_eip),
+            (0x10, 0xFFFF_FFFF_8100_0200)
+        );
+        assert_eq!(s.g_pat, 0x0007_0406_0007_0406);
+    }
+
+    #[test]
+    fn init_keeps_the_msrs_power_on_sets_them() {
+        let mut s = zeroed_save_area();
+        s.lstar = 0x1234;
+        s.g_pat = 0x0606_0606_0606_0606;
+        load_initial(&mut s, &InitialState::sipi(0x10), false);
+        assert_eq!((s.lstar, s.g_pat), (0x1234, 0x0606_0606_0606_0606));
+        assert_eq!((s.cs.selector, s.cs.base, s.rip), (0x1000, 0x1_0000, 0));
+        assert_eq!((s.efer, s.cr3, s.cpl, s.dr7), (EFER_SVME, 0, 0, 0x400));
+        assert_eq!(s.tr.attrib, 0x8B);
+        load_initial(&mut s, &InitialState::multiboot(0x10_0000, 0, 0), true);
+        assert_eq!((s.lstar, s.g_pat), (0, 0x0007_0406_0007_0406));
+        assert_eq!(s.cs.attrib, 0xC9B);
+        assert_eq!(s.idtr.limit, 0x3FF);
     }
 }

@@ -34,7 +34,7 @@ pub use exit::{
     handle_exit, run_guest, Action, DeviceWrite, FaultVerdict, NestedFaults, Platform, StopReason,
     POWER_PORTS,
 };
-pub use initial::{GuestKind, InitialState, SegmentState, StartMode};
+pub use initial::{GuestKind, InitialState, MsrState, ResumedState, Seg, SegmentState, StartMode};
 pub use signals::HostSignals;
 pub use vcpu::{CpuMode, Event, Exit, Gpr, NestedFault, Vcpu};
 pub use vmmcall::{CallContext, CallOutcome, Registry, VmmCallFn};

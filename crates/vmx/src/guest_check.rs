@@ -16,7 +16,10 @@ pub struct GuestState {
     pub secondary_controls: u64,
     pub cs_ar: u64,
     pub ss_ar: u64,
+    /// DS, ES, FS, GS.
+    pub data_ar: [u64; 4],
     pub tr_ar: u64,
+    pub tr_limit: u64,
     pub ldtr_ar: u64,
     pub activity_state: u64,
     pub interruptibility: u64,
@@ -29,6 +32,7 @@ pub struct GuestState {
 const CR0_PE: u64 = 1 << 0;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
+const CR4_PCIDE: u64 = 1 << 17;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const ENTRY_IA32E: u64 = 1 << 9;
@@ -40,6 +44,7 @@ const AR_S: u64 = 1 << 4;
 const AR_P: u64 = 1 << 7;
 const AR_L: u64 = 1 << 13;
 const AR_DB: u64 = 1 << 14;
+const AR_G: u64 = 1 << 15;
 const AR_UNUSABLE: u64 = 1 << 16;
 
 /// The first rule `s` breaks, as "FIELD: rule", or None when these checks
@@ -67,6 +72,9 @@ pub fn first_violation(s: &GuestState) -> Option<&'static str> {
     if ia32e && (s.cr0 & CR0_PG == 0 || s.cr4 & CR4_PAE == 0) {
         return Some("VM_ENTRY_CONTROLS: IA-32e mode guest without CR0.PG and CR4.PAE");
     }
+    if !ia32e && s.cr4 & CR4_PCIDE != 0 {
+        return Some("GUEST_CR4: PCIDE set outside IA-32e mode");
+    }
     if s.entry_controls & ENTRY_LOAD_EFER != 0 {
         if (s.efer & EFER_LMA != 0) != ia32e {
             return Some("GUEST_IA32_EFER: LMA differs from the IA-32e mode guest control");
@@ -88,6 +96,13 @@ pub fn first_violation(s: &GuestState) -> Option<&'static str> {
             )
         }
     }
+    // Limit and granularity agree: a limit with any of bits 11:0 clear is
+    // byte-granular, one above 0xFFFFF page-granular.
+    if (s.tr_limit & 0xFFF != 0xFFF && s.tr_ar & AR_G != 0)
+        || (s.tr_limit > 0xF_FFFF && s.tr_ar & AR_G == 0)
+    {
+        return Some("GUEST_TR_LIMIT: the limit does not agree with TR's granularity");
+    }
     if s.ldtr_ar & AR_UNUSABLE == 0
         && (s.ldtr_ar & AR_TYPE != 2 || s.ldtr_ar & (AR_S | AR_P) != AR_P)
     {
@@ -106,6 +121,15 @@ pub fn first_violation(s: &GuestState) -> Option<&'static str> {
     }
     if s.ss_ar & AR_UNUSABLE == 0 && !matches!(s.ss_ar & AR_TYPE, 3 | 7) {
         return Some("GUEST_SS_AR_BYTES: a usable SS must be a read/write data segment");
+    }
+    for ar in s.data_ar {
+        if ar & AR_UNUSABLE != 0 {
+            continue;
+        }
+        let ty = ar & AR_TYPE;
+        if ty & 1 == 0 || (ty & 8 != 0 && ty & 2 == 0) || ar & (AR_S | AR_P) != AR_S | AR_P {
+            return Some("GUEST_DS/ES/FS/GS_AR_BYTES: a usable data segment must be present, accessed, and readable if code");
+        }
     }
     // 27.3.1.4 and 27.3.1.5: RFLAGS, activity, interruptibility.
     let rflags_reserved = (1 << 3) | (1 << 5) | (1 << 15) | !0x3F_FFFFu64;
@@ -140,7 +164,9 @@ mod tests {
             secondary_controls: UNRESTRICTED_GUEST,
             cs_ar: 0xC09B,
             ss_ar: 0xC093,
+            data_ar: [0xC093; 4],
             tr_ar: 0x8B,
+            tr_limit: 0x67,
             ldtr_ar: AR_UNUSABLE,
             activity_state: 0,
             interruptibility: 0,
@@ -166,7 +192,11 @@ mod tests {
     #[test]
     fn each_broken_field_is_named() {
         type Breaks = fn(&mut GuestState);
-        let cases: [(&str, Breaks); 13] = [
+        let cases: [(&str, Breaks); 17] = [
+            ("GUEST_CR4", |s| s.cr4 |= CR4_PCIDE),
+            ("GUEST_TR_LIMIT", |s| s.tr_ar |= AR_G),
+            ("GUEST_DS/ES/FS/GS_AR_BYTES", |s| s.data_ar[2] = 0xC092),
+            ("GUEST_DS/ES/FS/GS_AR_BYTES", |s| s.data_ar[3] = 0xC099),
             ("GUEST_CR0", |s| s.cr0 &= !0x20),
             ("GUEST_CR0", |s| s.cr0 = CR0_PG | 0x20),
             ("GUEST_CR4", |s| s.cr4 = 0),

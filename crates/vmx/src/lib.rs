@@ -7,6 +7,7 @@
 pub mod caps;
 pub mod cr_write;
 pub mod guest_check;
+pub mod initial;
 pub mod msr_bitmap;
 pub mod vcpu;
 pub mod vmcs;
@@ -14,7 +15,7 @@ pub mod xcr0;
 
 use caps::{cr_fixed, Controls, EferPath, VmxCapabilities};
 use core::fmt;
-use thinvisor_vmm::{Gpr, GuestKind, InitialState};
+use thinvisor_vmm::{GuestKind, InitialState};
 pub use vcpu::{CrPolicy, EferAreas, GuestEfer, MsrEntry, VmxVcpu};
 use vmcs::{vmclear, vmptrld, vmwrite, vmxon, VmFail, VmcsField as F};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
@@ -186,20 +187,12 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         cr4_must1: s.caps.cr4_fixed0 & s.caps.cr4_fixed1,
         cr4_may1: s.caps.cr4_fixed1,
     };
-    let guest_cr0 = s.initial.cr0();
-    // The guest sees its CR0 as the processor really has it (NE included)
-    // so that ordinary read-modify-write sequences never exit.
-    let cr0_real = policy.real_cr0(guest_cr0);
-    let cr4_real = policy.real_cr4(0);
     // SAFETY: EFER exists on every VMX processor.
     let host_efer = unsafe { Msr::new(IA32_EFER).read() };
     let (host_cr3, _) = Cr3::read_raw();
 
-    let mut entry = c.entry;
+    let entry = c.entry;
     let eptp = s.ept_root | (3 << 3) | 6;
-    let code = s.initial.code_segment();
-    let data = s.initial.data_segment();
-    let (code_ar, data_ar) = (u64::from(code.access), u64::from(data.access));
     let procbased = match s.kind {
         GuestKind::Isolated => c.procbased,
         // The machine's own OS halts until its interrupts wake it, natively;
@@ -226,8 +219,6 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::EPT_POINTER, eptp),
         (F::CR0_GUEST_HOST_MASK, policy.cr0_mask()),
         (F::CR4_GUEST_HOST_MASK, policy.cr4_mask()),
-        (F::CR0_READ_SHADOW, cr0_real),
-        (F::CR4_READ_SHADOW, 0),
         (F::VM_ENTRY_INTR_INFO, 0),
         (F::VMCS_LINK_POINTER, u64::MAX),
         // Host state (SDM vol. 3C, 26.2.2-26.2.4).
@@ -253,66 +244,19 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
             F::HOST_RIP,
             (vcpu::thinvisor_vmx_exit as unsafe extern "sysv64" fn()) as usize as u64,
         ),
-        // Guest state: the initial state (SDM vol. 3C, 26.3.1).
-        (F::GUEST_CR0, cr0_real),
-        (F::GUEST_CR3, 0),
-        (F::GUEST_CR4, cr4_real),
-        (F::GUEST_DR7, 0x400),
-        (F::GUEST_RSP, s.initial.gpr(Gpr::Rsp)),
-        (F::GUEST_RIP, s.initial.rip()),
-        (F::GUEST_RFLAGS, InitialState::RFLAGS),
-        (F::GUEST_CS_SELECTOR, code.selector.into()),
-        (F::GUEST_CS_BASE, code.base),
-        (F::GUEST_CS_LIMIT, code.limit.into()),
-        (F::GUEST_CS_AR_BYTES, code_ar),
-        (F::GUEST_SS_SELECTOR, data.selector.into()),
-        (F::GUEST_SS_BASE, data.base),
-        (F::GUEST_SS_LIMIT, data.limit.into()),
-        (F::GUEST_SS_AR_BYTES, data_ar),
-        (F::GUEST_DS_SELECTOR, data.selector.into()),
-        (F::GUEST_DS_BASE, data.base),
-        (F::GUEST_DS_LIMIT, data.limit.into()),
-        (F::GUEST_DS_AR_BYTES, data_ar),
-        (F::GUEST_ES_SELECTOR, data.selector.into()),
-        (F::GUEST_ES_BASE, data.base),
-        (F::GUEST_ES_LIMIT, data.limit.into()),
-        (F::GUEST_ES_AR_BYTES, data_ar),
-        (F::GUEST_FS_SELECTOR, data.selector.into()),
-        (F::GUEST_FS_BASE, data.base),
-        (F::GUEST_FS_LIMIT, data.limit.into()),
-        (F::GUEST_FS_AR_BYTES, data_ar),
-        (F::GUEST_GS_SELECTOR, data.selector.into()),
-        (F::GUEST_GS_BASE, data.base),
-        (F::GUEST_GS_LIMIT, data.limit.into()),
-        (F::GUEST_GS_AR_BYTES, data_ar),
-        // LDTR unusable (access-rights bit 16); TR a busy 32-bit TSS.
-        (F::GUEST_LDTR_SELECTOR, 0),
-        (F::GUEST_LDTR_BASE, 0),
-        (F::GUEST_LDTR_LIMIT, 0),
-        (F::GUEST_LDTR_AR_BYTES, 1 << 16),
-        (F::GUEST_TR_SELECTOR, 0),
-        (F::GUEST_TR_BASE, 0),
-        (F::GUEST_TR_LIMIT, 0x67),
-        (F::GUEST_TR_AR_BYTES, 0x8B),
-        (F::GUEST_GDTR_BASE, s.initial.gdt.0),
-        (F::GUEST_GDTR_LIMIT, s.initial.gdt.1.into()),
-        (F::GUEST_IDTR_BASE, 0),
-        // The real-mode IVT at 0; protected-mode starts load their own IDT.
-        (F::GUEST_IDTR_LIMIT, 0x3FF),
-        (F::GUEST_INTERRUPTIBILITY_INFO, 0),
-        (F::GUEST_ACTIVITY_STATE, 0),
-        (F::GUEST_PENDING_DBG_EXCEPTIONS, 0),
+        // Guest state beyond initial::guest_fields (below).
         (F::GUEST_IA32_DEBUGCTL, 0),
-        (F::GUEST_SYSENTER_CS, 0),
-        (F::GUEST_SYSENTER_ESP, 0),
-        (F::GUEST_SYSENTER_EIP, 0),
+        (F::GUEST_ACTIVITY_STATE, 0),
     ];
     let vmw = |field: F, value: u64| {
         // SAFETY: the VMCS made current above is this guest's; the values
         // are the host's own state and a guest state confined by EPT.
         unsafe { vmwrite(field, value) }.map_err(|e| VmxError::Instruction("VMWRITE", e))
     };
-    for &(field, value) in writes {
+    // The guest's state (SDM vol. 3C, 26.3.1): the initial state.
+    let guest = initial::guest_fields(s.initial, &policy);
+    let sysenter = initial::sysenter_fields(s.initial);
+    for &(field, value) in writes.iter().chain(&guest).chain(&sysenter) {
         vmw(field, value).map_err(|e| match e {
             VmxError::Instruction(_, f) => VmxError::Instruction(field_name(field), f),
             e => e,
@@ -327,7 +271,7 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
     }
     let efer = match (c.efer, s.efer_areas) {
         (EferPath::VmcsControls, _) => {
-            vmw(F::GUEST_IA32_EFER, 0)?;
+            vmw(F::GUEST_IA32_EFER, s.initial.efer())?;
             vmw(F::HOST_IA32_EFER, host_efer)?;
             vmw(F::VM_EXIT_MSR_STORE_COUNT, 0)?;
             vmw(F::VM_EXIT_MSR_LOAD_COUNT, 0)?;
@@ -338,7 +282,7 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
             areas.guest = MsrEntry {
                 index: IA32_EFER,
                 reserved: 0,
-                value: 0,
+                value: s.initial.efer(),
             };
             areas.host = MsrEntry {
                 index: IA32_EFER,
@@ -360,9 +304,18 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
             return Err(VmxError::Instruction("EFER MSR areas", VmFail::Invalid));
         }
     };
-    // The guest starts outside IA-32e mode.
-    entry &= !caps::entry::IA32E_MODE_GUEST;
-    vmw(F::VM_ENTRY_CONTROLS, entry.into())?;
+    // IA-32e mode exactly when the guest's EFER.LMA says so.
+    let entry = initial::ia32e_entry(entry.into(), s.initial);
+    vmw(F::VM_ENTRY_CONTROLS, entry)?;
+    let pat_in_vmcs = entry & u64::from(caps::entry::LOAD_IA32_PAT) != 0;
+    if pat_in_vmcs {
+        vmw(F::GUEST_IA32_PAT, s.initial.msrs().pat)?;
+    }
+    // SAFETY: a start that sets MSRs carries values ResumedState::new
+    // checked (canonical, no reserved bits, a PAT of defined types and
+    // no write-combining in entry 0); this is the processor that runs
+    // the guest.
+    unsafe { initial::load_shared_msrs(s.initial, pat_in_vmcs) };
     if s.wait_for_sipi {
         // Halted with interrupts off rather than in wait-for-SIPI: in
         // wait-for-SIPI an INIT is blocked and stays pending (SDM vol. 3C,

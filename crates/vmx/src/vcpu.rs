@@ -854,7 +854,14 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             secondary_controls: read(F::SECONDARY_VM_EXEC_CONTROL),
             cs_ar: read(F::GUEST_CS_AR_BYTES),
             ss_ar: read(F::GUEST_SS_AR_BYTES),
+            data_ar: [
+                read(F::GUEST_DS_AR_BYTES),
+                read(F::GUEST_ES_AR_BYTES),
+                read(F::GUEST_FS_AR_BYTES),
+                read(F::GUEST_GS_AR_BYTES),
+            ],
             tr_ar: read(F::GUEST_TR_AR_BYTES),
+            tr_limit: read(F::GUEST_TR_LIMIT),
             ldtr_ar: read(F::GUEST_LDTR_AR_BYTES),
             activity_state: read(F::GUEST_ACTIVITY_STATE),
             interruptibility: read(F::GUEST_INTERRUPTIBILITY_INFO),
@@ -1112,71 +1119,31 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         self.memory
     }
 
+    /// INIT and SIPI (SDM vol. 3A, 9.1.1 and table 9-1), or any other
+    /// start: the guest-state fields of `initial` (crate::initial), its
+    /// EFER and IA-32e mode, nothing to deliver, active. The MSRs INIT
+    /// keeps (SYSENTER, SYSCALL, PAT) change only when `initial` sets
+    /// them.
     fn reset(&mut self, initial: &InitialState) {
-        let code = initial.code_segment();
-        let data = initial.data_segment();
-        let cr0 = initial.cr0();
-        write(F::GUEST_CR0, self.cr.real_cr0(cr0));
-        write(F::CR0_READ_SHADOW, cr0);
-        write(F::GUEST_CR3, 0);
-        write(F::GUEST_CR4, self.cr.real_cr4(0));
-        write(F::CR4_READ_SHADOW, 0);
-        write(F::GUEST_DR7, 0x400);
-        write(F::GUEST_RSP, initial.gpr(Gpr::Rsp));
-        write(F::GUEST_RIP, initial.rip());
-        write(F::GUEST_RFLAGS, InitialState::RFLAGS);
-        write(F::GUEST_CS_SELECTOR, code.selector.into());
-        write(F::GUEST_CS_BASE, code.base);
-        write(F::GUEST_CS_LIMIT, code.limit.into());
-        write(F::GUEST_CS_AR_BYTES, code.access.into());
-        for (sel, base, limit, ar) in [
-            (
-                F::GUEST_SS_SELECTOR,
-                F::GUEST_SS_BASE,
-                F::GUEST_SS_LIMIT,
-                F::GUEST_SS_AR_BYTES,
-            ),
-            (
-                F::GUEST_DS_SELECTOR,
-                F::GUEST_DS_BASE,
-                F::GUEST_DS_LIMIT,
-                F::GUEST_DS_AR_BYTES,
-            ),
-            (
-                F::GUEST_ES_SELECTOR,
-                F::GUEST_ES_BASE,
-                F::GUEST_ES_LIMIT,
-                F::GUEST_ES_AR_BYTES,
-            ),
-            (
-                F::GUEST_FS_SELECTOR,
-                F::GUEST_FS_BASE,
-                F::GUEST_FS_LIMIT,
-                F::GUEST_FS_AR_BYTES,
-            ),
-            (
-                F::GUEST_GS_SELECTOR,
-                F::GUEST_GS_BASE,
-                F::GUEST_GS_LIMIT,
-                F::GUEST_GS_AR_BYTES,
-            ),
-        ] {
-            write(sel, data.selector.into());
-            write(base, data.base);
-            write(limit, data.limit.into());
-            write(ar, data.access.into());
+        for (field, value) in crate::initial::guest_fields(initial, &self.cr) {
+            write(field, value);
         }
-        // After INIT: GDTR and IDTR base 0, limit 0xFFFF (SDM vol. 3A,
-        // table 9-1).
-        write(F::GUEST_GDTR_BASE, 0);
-        write(F::GUEST_GDTR_LIMIT, 0xFFFF);
-        write(F::GUEST_IDTR_BASE, 0);
-        write(F::GUEST_IDTR_LIMIT, 0xFFFF);
-        write(F::GUEST_INTERRUPTIBILITY_INFO, 0);
-        write(F::GUEST_PENDING_DBG_EXCEPTIONS, 0);
-        self.set_guest_efer(0);
-        let entry = read(F::VM_ENTRY_CONTROLS);
-        write(F::VM_ENTRY_CONTROLS, entry & !ENTRY_IA32E_MODE_GUEST);
+        self.set_guest_efer(initial.efer());
+        let entry = crate::initial::ia32e_entry(read(F::VM_ENTRY_CONTROLS), initial);
+        write(F::VM_ENTRY_CONTROLS, entry);
+        if initial.sets_msrs() {
+            for (field, value) in crate::initial::sysenter_fields(initial) {
+                write(field, value);
+            }
+            let pat_in_vmcs = entry & u64::from(crate::caps::entry::LOAD_IA32_PAT) != 0;
+            if pat_in_vmcs {
+                write(F::GUEST_IA32_PAT, initial.msrs().pat);
+            }
+            // SAFETY: a start that sets MSRs carries values
+            // ResumedState::new checked; this vCPU runs on this processor
+            // (its VMCS is current here).
+            unsafe { crate::initial::load_shared_msrs(initial, pat_in_vmcs) };
+        }
         write(F::VM_ENTRY_INTR_INFO, 0);
         self.deferred = None;
         // RSP lives in the VMCS; its slot here is unused.

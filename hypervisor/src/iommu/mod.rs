@@ -187,14 +187,15 @@ fn find<const KIND: u8>(tables: &AcpiTables<DirectMapAcpi>) -> Option<(u64, &'st
 /// Finds the IOMMUs in the ACPI tables and decides; returns the bytes
 /// thinvisor's block needs on top of its heap for the AMD-Vi device
 /// table. With `iommu=required` a machine without a usable IOMMU is a
-/// boot error.
-pub fn discover(mode: IommuMode) -> u64 {
+/// boot error. `rsdp`: the RSDP the loader gave (a UEFI loader's), else
+/// the BIOS areas are searched.
+pub fn discover(mode: IommuMode, rsdp: Option<u64>) -> u64 {
     if mode == IommuMode::Off {
         info!("iommu: off (iommu=off): DMA protection off, the IOMMU is left to the guest");
         PLAN.call_once(|| Plan { mode, found: None });
         return 0;
     }
-    let found = find_units();
+    let found = find_units(rsdp);
     let extra = match &found {
         Ok(Found::AmdVi { ivrs, .. }) => ivrs
             .units()
@@ -250,10 +251,21 @@ impl core::fmt::Display for NotFound {
     }
 }
 
-fn find_units() -> Result<Found, NotFound> {
-    // SAFETY: thinvisor boots from a BIOS loader (multiboot): the BIOS
-    // areas the search reads are identity-mapped memory, read only.
-    let tables = match unsafe { AcpiTables::search_for_rsdp_bios(DirectMapAcpi) } {
+/// The ACPI tables from the loader's RSDP, or the one in the BIOS areas.
+fn acpi_tables(rsdp: Option<u64>) -> acpi::AcpiResult<AcpiTables<DirectMapAcpi>> {
+    match rsdp.and_then(|pa| usize::try_from(pa).ok()) {
+        // SAFETY: the handler maps only what the direct map holds (a zero
+        // page otherwise) and the crate only reads; the crate checks the
+        // RSDP's signature and checksum before it follows it.
+        Some(pa) => unsafe { AcpiTables::from_rsdp(DirectMapAcpi, pa) },
+        // SAFETY: thinvisor boots from a BIOS loader (multiboot): the BIOS
+        // areas the search reads are identity-mapped memory, read only.
+        None => unsafe { AcpiTables::search_for_rsdp_bios(DirectMapAcpi) },
+    }
+}
+
+fn find_units(rsdp: Option<u64>) -> Result<Found, NotFound> {
+    let tables = match acpi_tables(rsdp) {
         Ok(t) => t,
         Err(_) => return Err(NotFound::NoAcpi),
     };
