@@ -11,7 +11,6 @@ use proptest::prelude::*;
 /// How a fake function's BAR slot is built.
 #[derive(Clone, Copy, Debug)]
 enum Slot {
-    None,
     Io(u32),
     Mem32(u32),
     /// Takes two slots.
@@ -44,7 +43,6 @@ impl FakeFn {
         let mut i = 4;
         for s in slots {
             match *s {
-                Slot::None => i += 1,
                 Slot::Io(size) => {
                     f.regs[i] = 1;
                     f.writable[i] = !(size - 1) & !3;
