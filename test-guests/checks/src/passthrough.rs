@@ -405,7 +405,7 @@ type Check = (&'static str, fn() -> CheckResult);
 
 /// The checks, in report order; the writes last (see
 /// `hidden_writes_dropped`).
-const CHECKS: [Check; 9] = [
+const CHECKS: [Check; 10] = [
     ("mmap_hides_thinvisor", mmap_hides_thinvisor),
     ("log_set_buf_refused", log_set_buf_refused),
     ("hidden_reads_filler", hidden_reads_filler),
@@ -414,6 +414,7 @@ const CHECKS: [Check; 9] = [
     ("pat_guarded", crate::guarded::pat_guarded),
     ("timer_wakes_hlt", timer::timer_wakes_hlt),
     ("aps_start", smp::aps_start),
+    ("pci_bar_guarded", crate::pci::pci_bar_guarded),
     ("hidden_writes_dropped", hidden_writes_dropped),
 ];
 
