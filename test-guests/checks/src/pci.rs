@@ -87,11 +87,11 @@ fn dropped_lines() -> Result<usize, Why> {
     Ok(log.windows(KEY.len()).filter(|w| *w == KEY).count())
 }
 
-/// A memory BAR on bus 0 to play with: (bdf, BAR offset, size mask), not
-/// of a host bridge, an IOMMU (class 08/06) or `avoid`.
-fn find_memory_bar(avoid: Option<u32>) -> Option<(u32, u32, u32)> {
+/// A memory BAR of at most 256 MiB on bus 0 to play with: (bdf, BAR
+/// offset, size mask), not of a host bridge or an IOMMU (class 08/06).
+fn find_memory_bar() -> Option<(u32, u32, u32)> {
     for bdf in 0..256u32 {
-        if Some(bdf) == avoid || port_read(bdf, 0) & 0xFFFF == 0xFFFF {
+        if port_read(bdf, 0) & 0xFFFF == 0xFFFF {
             continue;
         }
         let class = port_read(bdf, 8) >> 16;
@@ -110,7 +110,7 @@ fn find_memory_bar(avoid: Option<u32>) -> Option<(u32, u32, u32)> {
             let mask = port_read(bdf, bar) & !0xF;
             port_write(bdf, bar, v);
             port_write(bdf, 4, command);
-            if mask != 0 && mask >= 0xF000_0000 {
+            if mask >= 0xF000_0000 {
                 return Some((bdf, bar, mask));
             }
         }
@@ -202,7 +202,7 @@ fn move_bar(via: Via, bdf: u32, bar: u32, mask: u32) -> CheckResult {
 /// and thinvisor logs the dropped write; moved to a free address and back,
 /// and sized, it works; thinvisor answers afterwards.
 pub fn pci_bar_guarded() -> CheckResult {
-    let Some((bdf, bar, mask)) = find_memory_bar(None) else {
+    let Some((bdf, bar, mask)) = find_memory_bar() else {
         fail!("no PCI function on bus 0 with a 32-bit memory BAR")
     };
     move_bar(Via::Ports, bdf, bar, mask)?;
