@@ -21,6 +21,7 @@ mod iommu;
 mod mem;
 mod msr;
 mod passthrough;
+mod pci;
 mod percpu;
 mod platform;
 mod power;
@@ -149,6 +150,7 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
         GuestLayout::Isolated { .. } => available_end(&boot).max(4 << 30).next_multiple_of(SIZE_2M),
     };
     iommu::protect(dma_top, reserved);
+    pci::init(reserved);
     let vm: &'static Vm = VM.call_once(|| {
         let mut vm = Vm::new(CpuidPolicy::new(host_cpuid), &serial::LOG);
         shell::calibrate_clock();

@@ -336,7 +336,22 @@ pub fn build_tables(
     );
     let root = tables.root();
     TABLES.call_once(|| Mutex::new(tables));
+    crate::pci::watch_ecam();
     root
+}
+
+/// Make `range` read-only to the guest (its writes exit), before the
+/// guest runs.
+pub fn write_protect_range(range: Range<u64>) -> Result<(), &'static str> {
+    let tables = TABLES.get().ok_or("no pass-through tables")?;
+    tables
+        .lock()
+        .write_protect_range(&mut mem::HeapTables, range)
+        .map_err(|e| match e {
+            NptError::Hidden => "it overlaps hidden memory",
+            NptError::OutOfMemory => "out of memory for tables",
+            _ => "it is not page-aligned",
+        })
 }
 
 /// Map the page at `pa` if the guest has not touched it yet, and make it
@@ -375,6 +390,9 @@ impl NestedFaults for PassthroughFaults {
         }
         if fault.write && crate::ioapic::is_ioapic_page(fault.gpa) {
             return FaultVerdict::Device(&crate::ioapic::IOAPIC);
+        }
+        if fault.write && crate::pci::is_ecam(fault.gpa) {
+            return FaultVerdict::Device(&crate::pci::ECAM_WRITES);
         }
         let mut tables = tables.lock();
         if tables.is_hidden(fault.gpa) {

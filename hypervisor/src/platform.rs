@@ -1,5 +1,6 @@
 //! The machine around the guest, as thinvisor's exit handlers see it: the
-//! few I/O ports it intercepts (those that end or reset the run), the exit
+//! few I/O ports it intercepts (those that end or reset the run, and PCI's
+//! CONFIG_DATA, crate::pci), the exit
 //! tables of every processor, and a canary in thinvisor's own memory that
 //! proves at the end of a run that the guest never wrote there.
 
@@ -208,6 +209,9 @@ pub struct Machine;
 
 impl Platform for Machine {
     fn io_write(&self, port: u16, size: u8, value: u32) {
+        if thinvisor_vmm::pci::is_config_data(port) {
+            return crate::pci::config_data_write(port, size, value);
+        }
         if let Some(what) = power_event(port, value) {
             info!("the guest {what} (port {port:#x}, value {value:#x})");
             crate::iommu::final_report();
@@ -261,6 +265,9 @@ impl Platform for Machine {
     }
 
     fn io_read(&self, port: u16, size: u8) -> u32 {
+        if thinvisor_vmm::pci::is_config_data(port) {
+            return crate::pci::config_data_read(port, size);
+        }
         // SAFETY: a port the guest owns, read as the guest asked.
         unsafe {
             match size {
@@ -280,6 +287,10 @@ pub fn io_bitmap(bytes: u64) -> u64 {
     // SAFETY: a fresh heap block of `bytes` bytes used only as this map.
     let bits = unsafe { core::slice::from_raw_parts_mut(mem::phys_to_virt(map), bytes as usize) };
     for port in thinvisor_vmm::POWER_PORTS {
+        thinvisor_vmm::iomap::intercept_port(bits, port);
+    }
+    // PCI CONFIG_DATA: configuration writes are judged (crate::pci).
+    for port in thinvisor_vmm::pci::CONFIG_DATA..=thinvisor_vmm::pci::CONFIG_DATA + 3 {
         thinvisor_vmm::iomap::intercept_port(bits, port);
     }
     let pm1a = PM1A_CONTROL.load(Ordering::Relaxed);

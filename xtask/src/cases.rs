@@ -311,8 +311,13 @@ const PASSTHROUGH_PASSED: &[&str] = &[
     "(delivery mode INIT) dropped",
     "PASS timer_wakes_hlt",
     "PASS aps_start",
+    "PASS pci_bar_guarded",
     "PASS hidden_writes_dropped",
-    "SUMMARY: 10 passed, 0 failed",
+    "SUMMARY: 11 passed, 0 failed",
+    // The BAR moved over thinvisor's block, dropped (the guest checks
+    // the BAR and the log line), and thinvisor's memory untouched.
+    "pci: guest write of ",
+    ": intact",
 ];
 /// What the boot log says on SVM.
 const ON_SVM: &[&str] = &["AMD SVM: revision"];
@@ -495,9 +500,14 @@ pub const CASES: &[Case] = &[
             "PASS dma_finds_edu",
             "PASS dma_to_guest_memory",
             "PASS dma_iommu_registers_hidden",
+            "PASS pci_bar_guarded",
+            "PASS pci_iommu_function_guarded",
             "PASS dma_into_thinvisor_blocked",
             "PASS dma_read_of_thinvisor_blocked",
-            "SUMMARY: 5 passed, 0 failed",
+            "SUMMARY: 7 passed, 0 failed",
+            // q35: ECAM watched; the BAR refused through it too.
+            "read-only to the guest: its configuration writes are judged",
+            "via ECAM dropped",
             "iommu: 2 DMA fault(s) blocked during the run",
             ": intact",
         ],
@@ -522,9 +532,17 @@ pub const CASES: &[Case] = &[
             "PASS dma_finds_edu",
             "PASS dma_to_guest_memory",
             "PASS dma_iommu_registers_hidden",
+            "PASS pci_bar_guarded",
+            "PASS pci_iommu_function_guarded",
             "PASS dma_into_thinvisor_blocked",
             "PASS dma_read_of_thinvisor_blocked",
-            "SUMMARY: 5 passed, 0 failed",
+            "SUMMARY: 7 passed, 0 failed",
+            // q35: ECAM watched; the BAR refused through it too.
+            "read-only to the guest: its configuration writes are judged",
+            "via ECAM dropped",
+            // The IOMMU's own function: its base register rewritten.
+            "to 00:03.0 offset 0x",
+            "the IOMMU's own function",
             "iommu: 2 DMA fault(s) blocked during the run",
             ": intact",
         ],
@@ -1394,7 +1412,8 @@ mod tests {
         for case in cases {
             assert!(case.smp >= 2 && case.hv_args.contains("layout=passthrough"));
             assert_eq!(case.modules, PASSTHROUGH_GUEST);
-            assert!(case.must_contain.contains(&"SUMMARY: 10 passed, 0 failed"));
+            assert!(case.must_contain.contains(&"SUMMARY: 11 passed, 0 failed"));
+            assert!(case.must_contain.contains(&"PASS pci_bar_guarded"));
             assert!(case.must_contain.contains(&"PASS log_set_buf_refused"));
         }
     }

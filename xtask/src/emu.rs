@@ -338,6 +338,7 @@ pub fn bochsrc(opts: &BochsOpts, iso: &str, disk: Option<&str>) -> Result<String
          memory: guest={mem}, host={mem}\n\
          romimage: file={bios}\n\
          vgaromimage: file={vga}\n\
+         pci: enabled=1, chipset=i440fx, slot1=pcivga\n\
          {drives}\
          boot: cdrom\n\
          com1: enabled=1, mode=file, dev=serial.log\n\

@@ -375,21 +375,97 @@ impl PassThroughTables {
                 table = entry & ADDR_MASK;
                 continue;
             }
-            // Split the large leaf into 512 of the next size, same bits.
-            // A 4 KiB leaf has no page-size bit (bit 7 is PAT there, and a
-            // large leaf's PAT bit 12 is part of the address field in a
-            // 4 KiB one: this builder never sets either).
-            let next = self.alloc(alloc)?;
-            let child = entry_size(level - 1);
-            let base = entry & ADDR_MASK & !(entry_size(level) - 1);
-            let flags = entry & !ADDR_MASK & if level == 1 { !HUGE } else { u64::MAX };
-            for (j, e) in alloc.table(HostPhysAddr::new(next)).iter_mut().enumerate() {
-                *e = (base + j as u64 * child) | flags;
-            }
-            alloc.table(HostPhysAddr::new(table))[i] = next | TABLE;
-            table = next;
+            table = self.split(alloc, table, i, level)?;
         }
         Err(NptError::OutOfRange)
+    }
+
+    /// Splits the large leaf at `table[i]` (at `level`, 1 or 2) into a new
+    /// table of 512 leaves of the next size with the same bits, so every
+    /// translation stays as it was; returns the new table. A 4 KiB leaf
+    /// has no page-size bit (bit 7 is PAT there, and a large leaf's PAT
+    /// bit 12 is part of the address field in a 4 KiB one: this builder
+    /// never sets either).
+    fn split(
+        &mut self,
+        alloc: &mut dyn TableAllocator,
+        table: u64,
+        i: usize,
+        level: u32,
+    ) -> Result<u64, NptError> {
+        let entry = alloc.table(HostPhysAddr::new(table))[i];
+        let next = self.alloc(alloc)?;
+        let child = entry_size(level - 1);
+        let base = entry & ADDR_MASK & !(entry_size(level) - 1);
+        let flags = entry & !ADDR_MASK & if level == 1 { !HUGE } else { u64::MAX };
+        for (j, e) in alloc.table(HostPhysAddr::new(next)).iter_mut().enumerate() {
+            *e = (base + j as u64 * child) | flags;
+        }
+        alloc.table(HostPhysAddr::new(table))[i] = next | TABLE;
+        Ok(next)
+    }
+
+    /// Makes `range` (4 KiB aligned) read-only to the guest with the
+    /// fewest changes: an entry wholly inside it, leaf or pointer, loses
+    /// its write permission (both formats AND the permissions of every
+    /// level of the walk: AMD APM vol. 2, 15.25.5; Intel SDM vol. 3C,
+    /// 29.3.2), a large leaf partly inside is split. A 256 MiB ECAM window
+    /// on 2 MiB boundaries costs at most one table per ragged edge. Not
+    /// for ranges that overlap hidden memory (its tables are shared).
+    /// The caller flushes the guests' TLBs if they already run.
+    pub fn write_protect_range(
+        &mut self,
+        alloc: &mut dyn TableAllocator,
+        range: Range<u64>,
+    ) -> Result<(), NptError> {
+        if !range.start.is_multiple_of(PAGE) || !range.end.is_multiple_of(PAGE) {
+            return Err(NptError::Misaligned);
+        }
+        if self
+            .hidden_ranges()
+            .any(|h| h.start < range.end && range.start < h.end)
+        {
+            return Err(NptError::Hidden);
+        }
+        let root = self.root.as_u64();
+        self.protect_in(alloc, root, 3, 0, &range)
+    }
+
+    fn protect_in(
+        &mut self,
+        alloc: &mut dyn TableAllocator,
+        table: u64,
+        level: u32,
+        base: u64,
+        range: &Range<u64>,
+    ) -> Result<(), NptError> {
+        let size = entry_size(level);
+        for i in 0..512usize {
+            let a = base + i as u64 * size;
+            let b = a + size;
+            if b <= range.start || a >= range.end {
+                continue;
+            }
+            let entry = alloc.table(HostPhysAddr::new(table))[i];
+            if entry & PRESENT == 0 {
+                continue;
+            }
+            if range.start <= a && b <= range.end {
+                alloc.table(HostPhysAddr::new(table))[i] = entry & !WRITE;
+                continue;
+            }
+            // Partly inside: never a 4 KiB leaf (the range is aligned).
+            let Some(below) = level.checked_sub(1) else {
+                continue;
+            };
+            let next = if entry & HUGE != 0 {
+                self.split(alloc, table, i, level)?
+            } else {
+                entry & ADDR_MASK
+            };
+            self.protect_in(alloc, next, below, a, range)?;
+        }
+        Ok(())
     }
 
     /// A zeroed table, counted.

@@ -21,6 +21,7 @@ pub mod guest_log;
 pub mod initial;
 pub mod iomap;
 pub mod log_ring;
+pub mod pci;
 pub mod services;
 pub mod signals;
 pub mod stats;

@@ -68,6 +68,24 @@ pub(crate) struct Ecam {
 }
 
 impl Ecam {
+    /// The physical range the window covers: 1 MiB per bus (PCI Express
+    /// Base 4.0, 7.2.2).
+    pub fn range(&self) -> Range<u64> {
+        let len = (u64::from(self.end_bus.saturating_sub(self.start_bus)) + 1) << 20;
+        self.base..self.base.saturating_add(len)
+    }
+
+    /// The function (requester ID) and configuration offset that the
+    /// physical address `pa` in the window names.
+    pub fn locate(&self, pa: u64) -> Option<(u16, u16)> {
+        if !self.range().contains(&pa) {
+            return None;
+        }
+        let rel = pa - self.base;
+        let id = (u16::from(self.start_bus) << 8).wrapping_add((rel >> 12) as u16);
+        Some((id, (rel & 0xFFF) as u16))
+    }
+
     /// The configuration space of requester `id` (bus << 8 | devfn).
     pub fn config(&self, id: u16) -> Option<u64> {
         let bus = (id >> 8) as u8;
@@ -98,6 +116,24 @@ struct Plan {
 }
 
 static PLAN: Once<Plan> = Once::new();
+
+/// Segment 0's ECAM window, from the MCFG (found whatever `iommu=` says:
+/// the PCI configuration guard watches it, hypervisor/src/pci.rs).
+static ECAM: Once<Option<Ecam>> = Once::new();
+
+/// The PCI functions of the IOMMUs thinvisor enabled (AMD-Vi units are
+/// PCI functions; VT-d units are not).
+static FUNCTIONS: Once<([u16; MAX_MMIO], usize)> = Once::new();
+
+/// Segment 0's ECAM window, once [`discover`] ran.
+pub(crate) fn ecam() -> Option<Ecam> {
+    ECAM.get().copied().flatten()
+}
+
+/// The requester IDs of the IOMMUs in use that are PCI functions.
+pub(crate) fn pci_functions() -> &'static [u16] {
+    FUNCTIONS.get().map_or(&[], |(f, n)| &f[..*n])
+}
 
 /// The register windows of the units in use: hidden from the guest.
 static MMIO: Once<([Range<u64>; MAX_MMIO], usize)> = Once::new();
@@ -190,12 +226,19 @@ fn find<const KIND: u8>(tables: &AcpiTables<DirectMapAcpi>) -> Option<(u64, &'st
 /// boot error. `rsdp`: the RSDP the loader gave (a UEFI loader's), else
 /// the BIOS areas are searched.
 pub fn discover(mode: IommuMode, rsdp: Option<u64>) -> u64 {
+    let tables = acpi_tables(rsdp).ok();
+    ECAM.call_once(|| {
+        tables
+            .as_ref()
+            .and_then(find::<MCFG>)
+            .and_then(|(_, t)| Ecam::from_mcfg(t))
+    });
     if mode == IommuMode::Off {
         info!("iommu: off (iommu=off): DMA protection off, the IOMMU is left to the guest");
         PLAN.call_once(|| Plan { mode, found: None });
         return 0;
     }
-    let found = find_units(rsdp);
+    let found = find_units(tables.as_ref());
     let extra = match &found {
         Ok(Found::AmdVi { ivrs, .. }) => ivrs
             .units()
@@ -264,25 +307,24 @@ fn acpi_tables(rsdp: Option<u64>) -> acpi::AcpiResult<AcpiTables<DirectMapAcpi>>
     }
 }
 
-fn find_units(rsdp: Option<u64>) -> Result<Found, NotFound> {
-    let tables = match acpi_tables(rsdp) {
-        Ok(t) => t,
-        Err(_) => return Err(NotFound::NoAcpi),
+fn find_units(tables: Option<&AcpiTables<DirectMapAcpi>>) -> Result<Found, NotFound> {
+    let Some(tables) = tables else {
+        return Err(NotFound::NoAcpi);
     };
-    if let Some((pa, bytes)) = find::<DMAR>(&tables) {
+    if let Some((pa, bytes)) = find::<DMAR>(tables) {
         return match dmar::parse(bytes) {
             Ok(d) if d.units_dropped > 0 => Err(NotFound::TooManyUnits("DMAR")),
             Ok(dmar) => Ok(Found::VtD { dmar, table: pa }),
             Err(e) => Err(NotFound::BadDmar(pa, e)),
         };
     }
-    if let Some((pa, bytes)) = find::<IVRS>(&tables) {
+    if let Some((pa, bytes)) = find::<IVRS>(tables) {
         return match ivrs::parse(bytes) {
             Ok(i) if i.units_dropped > 0 => Err(NotFound::TooManyUnits("IVRS")),
             Ok(ivrs) => Ok(Found::AmdVi {
                 ivrs,
                 table: pa,
-                ecam: find::<MCFG>(&tables).and_then(|(_, t)| Ecam::from_mcfg(t)),
+                ecam: ecam(),
             }),
             Err(e) => Err(NotFound::BadIvrs(pa, e)),
         };
@@ -362,6 +404,15 @@ pub fn protect(top: u64, hidden: mem::Reserved) {
         }
     };
     let first = mmio[0].start;
+    if let Found::AmdVi { ivrs, .. } = found {
+        let mut ids = [0u16; MAX_MMIO];
+        let mut k = 0;
+        for u in ivrs.units().iter().filter(|u| u.segment == 0) {
+            ids[k] = u.device_id;
+            k += 1;
+        }
+        FUNCTIONS.call_once(|| (ids, k));
+    }
     MMIO.call_once(|| (mmio, n));
     ACTIVE.call_once(|| Mutex::new(active));
     POLLING.store(true, Ordering::Release);

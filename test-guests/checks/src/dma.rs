@@ -334,10 +334,15 @@ fn dma_read_of_thinvisor_blocked() -> CheckResult {
 /// One check: its name and body.
 type Check = (&'static str, fn() -> CheckResult);
 
-const CHECKS: [Check; 5] = [
+const CHECKS: [Check; 7] = [
     ("dma_finds_edu", dma_finds_edu),
     ("dma_to_guest_memory", dma_to_guest_memory),
     ("dma_iommu_registers_hidden", dma_iommu_registers_hidden),
+    ("pci_bar_guarded", crate::pci::pci_bar_guarded),
+    (
+        "pci_iommu_function_guarded",
+        crate::pci::pci_iommu_function_guarded,
+    ),
     ("dma_into_thinvisor_blocked", dma_into_thinvisor_blocked),
     (
         "dma_read_of_thinvisor_blocked",

@@ -42,6 +42,8 @@ mod paging;
 #[cfg(target_os = "none")]
 mod passthrough;
 #[cfg(target_os = "none")]
+mod pci;
+#[cfg(target_os = "none")]
 mod recover;
 #[cfg(target_os = "none")]
 mod smp;

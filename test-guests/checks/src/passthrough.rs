@@ -405,7 +405,7 @@ type Check = (&'static str, fn() -> CheckResult);
 
 /// The checks, in report order; the writes last (see
 /// `hidden_writes_dropped`).
-const CHECKS: [Check; 10] = [
+const CHECKS: [Check; 11] = [
     ("mmap_hides_thinvisor", mmap_hides_thinvisor),
     ("log_set_buf_refused", log_set_buf_refused),
     ("hidden_reads_filler", hidden_reads_filler),
@@ -415,6 +415,7 @@ const CHECKS: [Check; 10] = [
     ("lvt_init_dropped", crate::guarded::lvt_init_dropped),
     ("timer_wakes_hlt", timer::timer_wakes_hlt),
     ("aps_start", smp::aps_start),
+    ("pci_bar_guarded", crate::pci::pci_bar_guarded),
     ("hidden_writes_dropped", hidden_writes_dropped),
 ];
 

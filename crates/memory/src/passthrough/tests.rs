@@ -876,3 +876,49 @@ fn write_protect_splits_and_keeps_identity() {
         );
     }
 }
+
+/// A whole ECAM window made read-only: every page inside loses its write
+/// permission (through a pointer or a leaf), every page outside keeps it,
+/// everything stays identity-mapped, and it costs a table or two at the
+/// ragged edges only.
+#[test]
+fn write_protect_range_is_cheap_and_exact() {
+    let hidden = [0x7F00_0000..0x7F40_0000];
+    for (types, huge_1g) in [(Some(seabios()), true), (None, true), (None, false)] {
+        let l = layout(4 * GIB, &hidden, huge_1g);
+        let model = Model::new(&l, types);
+        let (mut f, mut t) = build(&model, &l);
+        let before = t.tables();
+        for range in [0xB000_0000..0xC000_0000u64, 0xE010_0000..0xE030_0000] {
+            t.write_protect_range(&mut f, range.clone()).unwrap();
+            let probes = [
+                range.start - 0x1000,
+                range.start,
+                range.start + 0x1234,
+                (range.start + range.end) / 2,
+                range.end - 8,
+                range.end,
+                range.end + 0x20_0000,
+            ];
+            for gpa in probes {
+                let leaf = walk(&mut f, t.root(), gpa, model.ept()).unwrap();
+                assert_eq!(leaf.hpa(gpa), gpa);
+                let want = if range.contains(&gpa) { RO } else { 0b111 };
+                assert_eq!(leaf.perms & 0b111, want, "{gpa:#x} in {range:x?}");
+            }
+        }
+        assert!(
+            t.tables() - before <= 4,
+            "{} new tables",
+            t.tables() - before
+        );
+        assert_eq!(
+            t.write_protect_range(&mut f, 0x7E00_0000..0x7F00_1000),
+            Err(NptError::Hidden)
+        );
+        assert_eq!(
+            t.write_protect_range(&mut f, 0x1000..0x1800),
+            Err(NptError::Misaligned)
+        );
+    }
+}
