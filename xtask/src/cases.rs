@@ -1005,15 +1005,16 @@ const LINUX_BARE_UEFI: &[&str] = joined!(
 );
 
 /// thinvisor.efi started thinvisor with the case's options (`log=info`),
-/// thinvisor booted, and resumed the loader as its guest: the loader saw
-/// thinvisor's CPUID signature once the call returned.
-/// TODO: thinvisor's own line for the resume, once the `resume` branch
-/// (the hypervisor side) has landed.
+/// thinvisor booted in resume mode inside the loader's block, and resumed
+/// the loader as its guest: the loader saw thinvisor's CPUID signature
+/// once the call returned.
 const THINVISOR_EFI_RESUMED: &[&str] = &[
     "thinvisor.efi: starting thinvisor with \"log=info\"",
     "thinvisor.efi: thinvisor's image at 0x",
     " MiB, reserved)",
     "command line: \"log=info\"",
+    "boot mode: resume (the loader's resume tag",
+    "as the guest; thinvisor takes only its block 0x",
     "thinvisor reserves ",
     "thinvisor.efi: the firmware runs under thinvisor now",
 ];
@@ -1144,9 +1145,9 @@ const LINUX_TROUBLE: &[&str] = &[
 /// case moves to `CASES` once it passes.
 pub const PENDING_CASES: &[Case] = &[
     // UEFI (issue 10): pending until thinvisor resumes the loader that
-    // started it (branch `resume`); without that it stops with "no guest
-    // module" right after its boot log. `cargo xtask test --pending
-    // --filter ovmf`.
+    // started it (branch `resume`; both pass with it merged); without that
+    // it stops with "no guest module" right after its boot log. `cargo
+    // xtask test --pending --filter ovmf`.
     //
     // OVMF's shell runs startup.nsh: `thinvisor.efi log=info`, then
     // Debian's kernel (EFI stub) under thinvisor.
@@ -1553,6 +1554,8 @@ mod tests {
              thinvisor.efi: starting thinvisor with \"log=info\"\r\n\
              thinvisor.efi: thinvisor's image at 0x200000..0x2a9000, its block at 0x1d200000..0x1da00000 (8 MiB, reserved)\r\n\
              thinvisor: [INFO ] command line: \"log=info\"\r\n\
+             thinvisor: [INFO ] boot mode: resume (the loader's resume tag; boot= and layout= do not apply): \
+             the loader continues at 0x1db88f42 as the guest; thinvisor takes only its block 0x1d200000..0x1da00000\r\n\
              thinvisor.efi: the firmware runs under thinvisor now\r\n\
              EFI stub: Loaded initrd from command line option\r\n\
              [    0.000000] efi: EFI v2.70 by EDK II\r\n\
