@@ -18,6 +18,7 @@ use std::time::Duration;
 use thinvisor_abi::exit_code;
 
 use crate::bootsector;
+pub use crate::esp::Esp;
 use crate::images::{Images, Kernel};
 use crate::linux::{self, LinuxAssets};
 use crate::util::{Context, Ctx, Result};
@@ -29,6 +30,12 @@ pub enum Emulator {
     Qemu,
     /// Bochs with this CPU model, booted from a GRUB ISO (multiboot2).
     Bochs { model: &'static str },
+    /// QEMU TCG, `-cpu max` (AMD SVM), with OVMF (UEFI) booting an EFI
+    /// system partition built for the run (`esp.rs`): thinvisor.efi, which
+    /// starts thinvisor and is resumed as its guest, then Debian's Linux
+    /// through its EFI stub (or Linux alone). The case's `hv_args` are
+    /// thinvisor.efi's options; its modules and disk are not used.
+    Ovmf(Esp),
 }
 
 /// A module's file.
@@ -120,6 +127,12 @@ pub enum Check {
     /// The BIOS's boot loader (SYSLINUX) started Linux, which printed the
     /// BIOS's memory map.
     BootedByTheBios,
+    /// The UEFI memory map Linux prints with `efi=debug` (`efi: memNN:
+    /// [TYPE |...] range=[0xS-0xE]`) has thinvisor's block (`thinvisor
+    /// reserves N KiB at 0xA..0xB`) in Reserved ranges only (not
+    /// conventional or boot-services memory, which the OS takes), and no
+    /// usable E820 line overlaps it.
+    EfiMapHidesThinvisor,
 }
 
 impl Check {
@@ -127,6 +140,7 @@ impl Check {
     pub fn problem(self, serial: &str) -> Option<String> {
         match self {
             Check::E820HidesThinvisor => e820_hides_thinvisor(serial),
+            Check::EfiMapHidesThinvisor => efi_map_hides_thinvisor(serial),
             Check::BootedByTheBios => {
                 let missing: Vec<&str> = [
                     "SYSLINUX",
@@ -201,6 +215,82 @@ fn e820_hides_thinvisor(serial: &str) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// The ranges (inclusive ends, as Linux prints them) and kinds of the
+/// E820 lines in `serial`.
+fn e820_lines(serial: &str) -> Vec<(u64, u64, &str)> {
+    serial
+        .lines()
+        .filter_map(|line| {
+            let rest = line.split("BIOS-e820: [mem ").nth(1)?;
+            let (range, kind) = rest.split_once(']')?;
+            let (s, e) = range.split_once('-')?;
+            Some((parse_hex(s)?, parse_hex(e)?, kind.trim()))
+        })
+        .collect()
+}
+
+/// The ranges (inclusive ends) and type names of the UEFI memory map
+/// lines Linux prints with `efi=debug`:
+/// `efi: mem07: [Reserved    |   |  |...|UC] range=[0x...-0x...] (8MB)`.
+fn efi_map_lines(serial: &str) -> Vec<(u64, u64, &str)> {
+    serial
+        .lines()
+        .filter_map(|line| {
+            let rest = line.split("efi: mem").nth(1)?;
+            let (_, rest) = rest.split_once(": [")?;
+            let kind = rest.split('|').next()?.trim();
+            let range = rest.split("range=[").nth(1)?.split(']').next()?;
+            let (s, e) = range.split_once('-')?;
+            Some((parse_hex(s)?, parse_hex(e)?, kind))
+        })
+        .collect()
+}
+
+fn efi_map_hides_thinvisor(serial: &str) -> Option<String> {
+    let Some((start, end)) = reserved_block(serial) else {
+        return Some("no `thinvisor reserves` line in the log".into());
+    };
+    let map = efi_map_lines(serial);
+    if map.is_empty() {
+        return Some("no UEFI memory map in the log (efi=debug)".into());
+    }
+    for &(s, e, kind) in &map {
+        if kind != "Reserved" && s < end && e >= start {
+            return Some(format!(
+                "UEFI map entry {s:#x}-{e:#x} {kind} overlaps thinvisor's {start:#x}..{end:#x}"
+            ));
+        }
+    }
+    // Every byte of the block lies in a Reserved entry (Linux may print
+    // the map more than once; adjacent entries may split the block).
+    let mut reserved: Vec<(u64, u64)> = map
+        .iter()
+        .filter(|(_, _, kind)| *kind == "Reserved")
+        .map(|&(s, e, _)| (s, e.saturating_add(1)))
+        .collect();
+    reserved.sort_unstable();
+    let mut at = start;
+    for (s, e) in reserved {
+        if s <= at && e > at {
+            at = e;
+        }
+    }
+    if at < end {
+        return Some(format!(
+            "no Reserved UEFI map entry covers {at:#x} of thinvisor's {start:#x}..{end:#x}"
+        ));
+    }
+    let e820 = e820_lines(serial);
+    if e820.is_empty() {
+        return Some("no BIOS-e820 lines in the log".into());
+    }
+    e820.iter()
+        .find(|&&(s, e, kind)| kind == "usable" && s < end && e >= start)
+        .map(|(s, e, _)| {
+            format!("E820 entry {s:#x}-{e:#x} usable overlaps thinvisor's {start:#x}..{end:#x}")
+        })
 }
 
 /// Defaults for a QEMU case; Bochs cases override `emulator`.
@@ -900,7 +990,94 @@ pub const CASES: &[Case] = &[
     HOSTILE_RYZEN,
     LOADER_QEMU,
     LOADER_BOCHS,
+    // UEFI (issue 10): thinvisor.efi, then Debian's Linux through its EFI
+    // stub, under thinvisor.
+    // OVMF's shell runs startup.nsh: `thinvisor.efi log=info`, then
+    // Debian's kernel (EFI stub) under thinvisor.
+    Case {
+        name: "ovmf-linux-shell",
+        emulator: Emulator::Ovmf(Esp::Shell),
+        must_contain: LINUX_UNDER_THINVISOR_UEFI,
+        must_not_contain: LINUX_TROUBLE,
+        checks: &[Check::EfiMapHidesThinvisor, Check::E820HidesThinvisor],
+        ..OVMF
+    },
+    // The firmware's boot manager, no shell: \EFI\BOOT\BOOTX64.EFI is
+    // thinvisor.efi, whose thinvisor.cfg starts the kernel (`then`).
+    Case {
+        name: "ovmf-linux-bootmgr",
+        emulator: Emulator::Ovmf(Esp::BootManager),
+        must_contain: joined!(
+            LINUX_UNDER_THINVISOR_UEFI,
+            &[r"thinvisor.efi: starting \vmlinuz initrd=\initrd.img console=ttyS0"]
+        ),
+        must_not_contain: joined!(LINUX_TROUBLE, &["Shell> "]),
+        checks: &[Check::EfiMapHidesThinvisor, Check::E820HidesThinvisor],
+        ..OVMF
+    },
+    // The same OVMF and Linux without thinvisor: the wall time to compare
+    // `ovmf-linux-shell` with (both print "marker line after N s").
+    Case {
+        name: "ovmf-linux-bare",
+        emulator: Emulator::Ovmf(Esp::Bare),
+        must_contain: LINUX_BARE_UEFI,
+        must_not_contain: &["Kernel panic", "thinvisor: [", "thinvisor.efi"],
+        ..OVMF
+    },
 ];
+
+/// Defaults of the UEFI cases: QEMU TCG with OVMF, q35 (SMM on), 2
+/// processors, 512 MiB, Linux with the test initramfs.
+const OVMF: Case = Case {
+    emulator: Emulator::Ovmf(Esp::Shell),
+    machine: "q35",
+    smp: 2,
+    ..QEMU
+};
+
+/// Linux started by its EFI stub (from OVMF's shell or from
+/// thinvisor.efi), which loaded the initramfs named on its command line.
+const LINUX_BY_EFI_STUB: &[&str] = &[
+    "EFI stub: Loaded initrd from command line option",
+    "efi: EFI v2",
+];
+
+/// The bare UEFI run: Linux's init and every guest tool say there is no
+/// thinvisor.
+const LINUX_BARE_UEFI: &[&str] = joined!(
+    LINUX_BY_EFI_STUB,
+    &[
+        linux::MARKER,
+        "thinvisor-init: cpus 2",
+        "probe: no thinvisor",
+        "thinvisor-init: no-vmm dbgsh status 2",
+        "thinvisor-init: no-vmm vmmlog status 2",
+        "thinvisor-init: no-vmm memscan status 2",
+        linux::DONE,
+    ]
+);
+
+/// thinvisor.efi started thinvisor with the case's options (`log=info`),
+/// thinvisor booted in resume mode inside the loader's block, and resumed
+/// the loader as its guest: the loader saw thinvisor's CPUID signature
+/// once the call returned.
+const THINVISOR_EFI_RESUMED: &[&str] = &[
+    "thinvisor.efi: starting thinvisor with \"log=info\"",
+    "thinvisor.efi: thinvisor's image at 0x",
+    " MiB, reserved)",
+    "command line: \"log=info\"",
+    "boot mode: resume (the loader's resume tag",
+    "as the guest; thinvisor takes only its block 0x",
+    "thinvisor reserves ",
+    "thinvisor.efi: the firmware runs under thinvisor now",
+];
+
+/// thinvisor.efi started, the firmware resumed under thinvisor, Linux
+/// started by its EFI stub and ran its init under thinvisor.
+const LINUX_UNDER_THINVISOR_UEFI: &[&str] = joined!(
+    joined!(THINVISOR_EFI_RESUMED, LINUX_BY_EFI_STUB),
+    LINUX_UNDER_THINVISOR
+);
 
 /// The `hostile` mode's module string: seed 1 (see the mode's docs to
 /// reproduce another seed).
@@ -1080,14 +1257,7 @@ const LINUX_TROUBLE: &[&str] = &[
 /// Cases that wait for hypervisor features still being written: run only
 /// with `cargo xtask test --pending` (e.g. `--filter linux --pending`). A
 /// case moves to `CASES` once it passes.
-pub const PENDING_CASES: &[Case] = &[
-    // The test guest's `passthrough` mode on two processors. Pending until
-    // thinvisor runs the APs the guest starts (without that they run
-    // natively and the VMM call raises #UD there: `aps_start` fails) and
-    // drops the guest's writes into its block, skipping the instruction
-    // (without that the first store of `hidden_writes_dropped` stops the
-    // run). `cargo xtask test --pending --filter passthrough-guest`.
-];
+pub const PENDING_CASES: &[Case] = &[];
 
 /// Every case, the pending ones too.
 pub fn all_cases() -> impl Iterator<Item = &'static Case> {
@@ -1098,7 +1268,8 @@ impl Case {
     /// Whether the case boots the Linux assets (built only when a selected
     /// case needs them: the first build downloads ~70 MB).
     pub fn needs_linux(&self) -> bool {
-        self.needs_linux_disk()
+        matches!(self.emulator, Emulator::Ovmf(_))
+            || self.needs_linux_disk()
             || self
                 .modules
                 .iter()
@@ -1120,6 +1291,7 @@ impl Case {
         let default = match self.emulator {
             Emulator::Qemu => 30,
             Emulator::Bochs { .. } => 120,
+            Emulator::Ovmf(_) => 240,
         };
         Duration::from_secs(if self.timeout_s == 0 {
             default
@@ -1383,6 +1555,121 @@ mod tests {
         assert!(Check::E820HidesThinvisor.problem("").is_some());
     }
 
+    /// What Linux prints of the UEFI memory map with `efi=debug`, and of
+    /// E820, under thinvisor.efi (its block at 0x1d200000..0x1da00000).
+    const EFI_MAP_LOG: &str = concat!(
+        "thinvisor: [INFO ] thinvisor reserves 4096 KiB at 0x1d200000..0x1d600000 (image 640 KiB)\r\n",
+        "[    0.000000] BIOS-e820: [mem 0x0000000000900000-0x000000001d1fffff] usable\r\n",
+        "[    0.000000] BIOS-e820: [mem 0x000000001d200000-0x000000001d9fffff] reserved\r\n",
+        "[    0.000000] BIOS-e820: [mem 0x000000001da00000-0x000000001ea89fff] usable\r\n",
+        "[    0.000000] efi: mem09: [Conventional|   |  |  |  |  |  |  |  |  |  |   |WB|WT|WC|UC] range=[0x0000000001500000-0x000000001d1fffff] (459MB)\r\n",
+        "[    0.000000] efi: mem10: [Reserved    |   |  |  |  |  |  |  |  |  |  |   |WB|WT|WC|UC] range=[0x000000001d200000-0x000000001d3fffff] (2MB)\r\n",
+        "[    0.000000] efi: mem11: [Reserved    |   |  |  |  |  |  |  |  |  |  |   |WB|WT|WC|UC] range=[0x000000001d400000-0x000000001d9fffff] (6MB)\r\n",
+        "[    0.000000] efi: mem12: [Boot Data   |   |  |  |  |  |  |  |  |  |  |   |WB|WT|WC|UC] range=[0x000000001da00000-0x000000001ea89fff] (16MB)\r\n",
+    );
+
+    #[test]
+    fn efi_map_check() {
+        let check = Check::EfiMapHidesThinvisor;
+        assert_eq!(check.problem(EFI_MAP_LOG), None);
+        assert_eq!(Check::E820HidesThinvisor.problem(EFI_MAP_LOG), None);
+        // Boot-services memory over the block: the OS takes it after
+        // ExitBootServices.
+        let boot_data = EFI_MAP_LOG.replace(
+            "[Reserved    |   |  |  |  |  |  |  |  |  |  |   |WB|WT|WC|UC] range=[0x000000001d400000",
+            "[Boot Data   |   |  |  |  |  |  |  |  |  |  |   |WB|WT|WC|UC] range=[0x000000001d400000",
+        );
+        let problem = check.problem(&boot_data).unwrap();
+        assert!(problem.contains("Boot Data overlaps"), "{problem}");
+        // A hole in the Reserved ranges.
+        let hole = EFI_MAP_LOG.replace("range=[0x000000001d400000", "range=[0x000000001d500000");
+        let problem = check.problem(&hole).unwrap();
+        assert!(problem.contains("covers 0x1d400000"), "{problem}");
+        // A usable E820 line over it.
+        let usable =
+            EFI_MAP_LOG.replace("0x000000001d1fffff] usable", "0x000000001d200fff] usable");
+        let problem = check.problem(&usable).unwrap();
+        assert!(problem.contains("E820 entry"), "{problem}");
+        // No map (no efi=debug), no block.
+        let no_map: String = EFI_MAP_LOG
+            .lines()
+            .filter(|l| !l.contains("efi: mem"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(check.problem(&no_map).unwrap().contains("efi=debug"));
+        assert!(check.problem("").unwrap().contains("thinvisor reserves"));
+    }
+
+    #[test]
+    fn uefi_cases() {
+        let shell = find("ovmf-linux-shell");
+        let bootmgr = find("ovmf-linux-bootmgr");
+        let bare = find("ovmf-linux-bare");
+        assert_eq!(shell.emulator, Emulator::Ovmf(Esp::Shell));
+        assert_eq!(bootmgr.emulator, Emulator::Ovmf(Esp::BootManager));
+        assert_eq!(bare.emulator, Emulator::Ovmf(Esp::Bare));
+        assert!(!bare.is_pending());
+        for case in [shell, bootmgr, bare] {
+            assert!(
+                case.needs_linux() && !case.needs_linux_disk(),
+                "{}",
+                case.name
+            );
+            assert_eq!((case.smp, case.machine), (2, "q35"), "{}", case.name);
+            assert!(case.modules.is_empty() && case.disk.is_none());
+            assert!(case.must_contain.contains(&linux::DONE));
+        }
+        for case in [shell, bootmgr] {
+            for line in LINUX_UNDER_THINVISOR.iter().chain(THINVISOR_EFI_RESUMED) {
+                assert!(
+                    case.must_contain.contains(line),
+                    "{} lacks {line}",
+                    case.name
+                );
+            }
+            assert!(case.checks.contains(&Check::EfiMapHidesThinvisor));
+            for trouble in LINUX_TROUBLE {
+                assert!(case.must_not_contain.contains(trouble));
+            }
+        }
+        // A log of the shell case: the loader, thinvisor, Linux by its EFI
+        // stub, the memory maps; the same without the loader's resume
+        // line fails.
+        let log = format!(
+            "FS0:\\> thinvisor.efi log=info\r\n\
+             thinvisor.efi: starting thinvisor with \"log=info\"\r\n\
+             thinvisor.efi: thinvisor's image at 0x200000..0x2a9000, its block at 0x1d200000..0x1da00000 (8 MiB, reserved)\r\n\
+             thinvisor: [INFO ] command line: \"log=info\"\r\n\
+             thinvisor: [INFO ] boot mode: resume (the loader's resume tag; boot= and layout= do not apply): \
+             the loader continues at 0x1db88f42 as the guest; thinvisor takes only its block 0x1d200000..0x1da00000\r\n\
+             thinvisor.efi: the firmware runs under thinvisor now\r\n\
+             EFI stub: Loaded initrd from command line option\r\n\
+             [    0.000000] efi: EFI v2.70 by EDK II\r\n\
+             {EFI_MAP_LOG}{LINUX_SERIAL_UNDER_THINVISOR}"
+        )
+        .replace("0x1fa00000..0x1fe00000", "0x1d200000..0x1d600000")
+        .replace(
+            "BIOS-e820: [mem 0x000000001fa00000-0x000000001fdfffff] reserved",
+            "BIOS-e820: [mem 0x000000001d200000-0x000000001d9fffff] reserved",
+        )
+        .replace(
+            "BIOS-e820: [mem 0x0000000000100000-0x000000001f9fffff] usable",
+            "BIOS-e820: [mem 0x0000000000100000-0x00000000008fffff] usable",
+        );
+        assert_eq!(shell.check_serial(&log), Vec::<String>::new());
+        let unresumed = log.replace("thinvisor.efi: the firmware runs under thinvisor now", "");
+        assert!(!shell.check_serial(&unresumed).is_empty());
+        // The boot manager's case also needs the loader's `then`.
+        assert!(!bootmgr.check_serial(&log).is_empty());
+        let then = format!(
+            "{log}thinvisor.efi: starting \\vmlinuz {}\r\n",
+            linux::EFI_KERNEL_ARGS
+        );
+        assert_eq!(bootmgr.check_serial(&then), Vec::<String>::new());
+        // The bare run passes without thinvisor only.
+        assert!(!bare.check_serial(&log).is_empty());
+    }
+
     #[test]
     fn qemu_args_only_on_qemu() {
         for case in CASES.iter().chain(PENDING_CASES) {
@@ -1481,7 +1768,11 @@ mod tests {
             .filter(|c| c.needs_linux())
             .map(|c| c.name)
             .collect();
+        // Nothing waits.
         assert!(pending.is_empty(), "{pending:?}");
+        for name in ["ovmf-linux-shell", "ovmf-linux-bootmgr"] {
+            assert!(find(name).needs_linux() && !find(name).is_pending());
+        }
         for name in ["qemu-linux", "qemu-linux-chain"] {
             let case = find(name);
             assert!(case.needs_linux(), "{}", case.name);
@@ -1506,6 +1797,7 @@ mod tests {
         let chain = find("qemu-linux-chain");
         assert!(chain.needs_linux_disk() && chain.modules.is_empty());
         assert!(CASES.iter().all(|c| !c.is_pending()));
+        assert!(PENDING_CASES.iter().all(|c| c.is_pending()));
         // The probe's line matches thinvisor's escaped signature.
         let probe_line = concat!(r"probe: cpuid-signature thinvisor\x00\x00\x00", "\r\n");
         assert!(direct

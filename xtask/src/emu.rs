@@ -54,6 +54,12 @@ pub struct QemuOpts {
     /// A line to time: the run's `Outcome::line_at` says when it first
     /// appeared in the serial log (e.g. Linux's boot time to its init).
     pub time_line: Option<String>,
+    /// UEFI instead of `-kernel`: OVMF (its code read-only, a fresh copy
+    /// of its variable store per run) boots this directory as a FAT disk
+    /// (QEMU's `fat:rw:DIR`), without a network card (OVMF would spend a
+    /// minute trying PXE). The boot's `kernel32`, `args` and `modules` are
+    /// not used.
+    pub uefi: Option<PathBuf>,
 }
 
 impl Default for QemuOpts {
@@ -67,16 +73,40 @@ impl Default for QemuOpts {
             machine: None,
             drives: Vec::new(),
             time_line: None,
+            uefi: None,
         }
     }
 }
 
 /// The `-drive` value for a raw image, with QEMU's comma escape.
 pub fn raw_drive(path: &Path) -> String {
-    format!(
-        "file={},format=raw,snapshot=on",
-        path.display().to_string().replace(',', ",,")
-    )
+    format!("file={},format=raw,snapshot=on", drive_path(path))
+}
+
+/// A path in a `-drive` value: QEMU's options double a literal comma.
+fn drive_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// The arguments that boot `esp` (a directory, as a FAT disk) with OVMF,
+/// whose variable store is first copied into `dir`.
+fn uefi_args(dir: &Path, esp: &Path) -> Result<Vec<String>> {
+    let (code, vars_template) = setup::ovmf()?;
+    let vars = dir.join("OVMF_VARS_4M.fd");
+    util::copy(&vars_template, &vars)?;
+    Ok(vec![
+        "-drive".into(),
+        format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            drive_path(&code)
+        ),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", drive_path(&vars)),
+        "-drive".into(),
+        format!("file=fat:rw:{},format=raw", drive_path(esp)),
+        "-net".into(),
+        "none".into(),
+    ])
 }
 
 /// Bochs settings.
@@ -245,13 +275,17 @@ pub fn qemu_command(dir: &Path, boot: &Boot, opts: &QemuOpts) -> Result<Command>
     } else {
         cmd.args(["-serial", "file:serial.log"]);
     }
-    cmd.args(["-debugcon", "file:e9.log"])
-        .arg("-kernel")
-        .arg(&boot.kernel32)
-        .arg("-append")
-        .arg(&boot.args);
-    if !boot.modules.is_empty() {
-        cmd.arg("-initrd").arg(stage_modules(dir, &boot.modules)?);
+    cmd.args(["-debugcon", "file:e9.log"]);
+    if let Some(esp) = &opts.uefi {
+        cmd.args(uefi_args(dir, esp)?);
+    } else {
+        cmd.arg("-kernel")
+            .arg(&boot.kernel32)
+            .arg("-append")
+            .arg(&boot.args);
+        if !boot.modules.is_empty() {
+            cmd.arg("-initrd").arg(stage_modules(dir, &boot.modules)?);
+        }
     }
     cmd.args(&opts.extra);
     Ok(cmd)

@@ -50,6 +50,11 @@ macro_rules! kernel_args {
 
 /// The kernel command line (see `kernel_args!`).
 pub const KERNEL_ARGS: &str = kernel_args!();
+/// The kernel command line of the UEFI boots (`esp.rs`): the initramfs
+/// for the EFI stub to load from the kernel's own volume, then the usual
+/// arguments, and `efi=debug`, which makes Linux print the firmware's
+/// memory map (`efi: memNN: [TYPE ...] range=[...]`).
+pub const EFI_KERNEL_ARGS: &str = concat!(r"initrd=\initrd.img ", kernel_args!(), " efi=debug");
 /// The kernel's file name, in `target/linux`, in module strings and on
 /// the disk.
 pub const KERNEL_FILE: &str = "vmlinuz";

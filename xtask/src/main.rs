@@ -8,6 +8,7 @@ mod cpio;
 mod debian;
 mod disk;
 mod emu;
+mod esp;
 mod fuzz;
 mod images;
 mod linux;

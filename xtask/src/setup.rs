@@ -48,6 +48,9 @@ const LIBC_A: &[&str] = &[
 /// OVMF, the UEFI firmware for QEMU (thinvisor.efi's tests): code and the
 /// variable store's template.
 pub const OVMF_CODE: &[&str] = &["/usr/share/OVMF/OVMF_CODE_4M.fd"];
+/// OVMF's empty variable store, copied for every run (the firmware writes
+/// its boot options into it).
+pub const OVMF_VARS: &[&str] = &["/usr/share/OVMF/OVMF_VARS_4M.fd"];
 /// GRUB's BIOS platform files, needed by grub-mkrescue.
 const GRUB_I386_PC: &[&str] = &["/usr/lib/grub/i386-pc"];
 
@@ -166,6 +169,18 @@ pub fn vga_bios() -> Result<PathBuf> {
             VGA_BIOS.join(", ")
         )
     })
+}
+
+/// OVMF's code and the template of its variable store.
+pub fn ovmf() -> Result<(PathBuf, PathBuf)> {
+    match (first_existing(OVMF_CODE), first_existing(OVMF_VARS)) {
+        (Some(code), Some(vars)) => Ok((code, vars)),
+        _ => Err(format!(
+            "OVMF not found ({}, {}); install ovmf",
+            OVMF_CODE.join(", "),
+            OVMF_VARS.join(", ")
+        )),
+    }
 }
 
 /// Checks for every tool and installs what is missing (as root). Quick and

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::cases::{self, Case, Disk, Emulator};
 use crate::emu::{self, BochsOpts, Boot, Outcome, QemuOpts};
+use crate::esp::{self, EspInputs};
 use crate::images::{self, Images, Kernel, Module};
 use crate::linux::{self, LinuxAssets};
 use crate::setup::{self, TARGET};
@@ -433,8 +434,20 @@ fn run_case(
     };
     let mut problems = Vec::new();
     let outcome = match case.emulator {
-        Emulator::Qemu => {
+        Emulator::Qemu | Emulator::Ovmf(_) => {
             let dir = ctx.fresh_dir(case.name)?;
+            let uefi = match case.emulator {
+                Emulator::Ovmf(esp) => {
+                    let linux = linux.ok_or("the Linux assets were not built")?;
+                    let inputs = EspInputs {
+                        efi: images.efi.clone(),
+                        kernel: linux.kernel.clone(),
+                        initrd: linux.initrd.clone(),
+                    };
+                    Some(esp::build(&dir.join("esp"), esp, case.hv_args, &inputs)?)
+                }
+                _ => None,
+            };
             let opts = QemuOpts {
                 mem_mb: case.mem_mb,
                 timeout: case.timeout(),
@@ -459,6 +472,7 @@ fn run_case(
                 // Linux's boot time to its init, for comparison with bare
                 // QEMU (`cargo xtask linux --bare`).
                 time_line: case.needs_linux().then(|| linux::MARKER.to_string()),
+                uefi,
                 ..QemuOpts::default()
             };
             let outcome = emu::run_qemu(&dir, &boot, &opts)?;
