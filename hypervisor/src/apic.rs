@@ -206,8 +206,17 @@ fn wait_until_started(slot: &AtomicU32) -> u8 {
     loop {
         let v = slot.load(Ordering::Acquire);
         if v & RUNNING != 0 {
-            // The wake-up and kick NMIs were thinvisor's, not the guest's,
-            // and INIT drops whatever NMI waited.
+            // The wake-up and kick NMIs are thinvisor's, not the guest's,
+            // and INIT drops whatever NMI waited. One may still be on its
+            // way (the SIPI can come before this processor got here):
+            // let it land in the host first, or the restarted guest would
+            // take it in the middle of its real-mode start-up code.
+            for _ in 0..KICK_WAIT_SPINS {
+                if cpu.signals.kicks_arrived() {
+                    break;
+                }
+                core::hint::spin_loop();
+            }
             cpu.signals.drop_nmis();
             return v as u8;
         }
@@ -216,6 +225,11 @@ fn wait_until_started(slot: &AtomicU32) -> u8 {
         x86_64::instructions::hlt();
     }
 }
+
+/// How long a restarting processor waits for thinvisor's NMIs still on
+/// their way (an IPI lands within microseconds; the bound only matters
+/// when two of them were merged into one).
+const KICK_WAIT_SPINS: u32 = 100_000;
 
 /// INIT to the processor behind `slot`: it stops and waits for a SIPI.
 /// True when it was running (it must be told).
@@ -242,11 +256,23 @@ fn startup(slot: &AtomicU32, vector: u8) -> bool {
 }
 
 /// NMI to processor `apic_id` (SDM vol. 3A, 11.6.1: delivery mode NMI,
-/// physical destination): wakes it from HLT, or makes it exit.
+/// physical destination): wakes it from HLT, or makes it exit. Counted in
+/// its signals first, so that it can tell it from the guest's.
 fn kick(apic_id: u32) {
     const NMI: u32 = 4 << 8;
     const ASSERT: u32 = 1 << 14;
+    if let Some(signals) = signals_of(apic_id) {
+        signals.expect_kick();
+    }
     crate::smp::send_ipi_to(apic_id, ASSERT | NMI);
+}
+
+/// A registered processor's signals.
+fn signals_of(apic_id: u32) -> Option<&'static HostSignals> {
+    let p = SIGNALS.get(apic_id as usize)?.load(Ordering::Acquire);
+    // SAFETY: a registered processor's signals live in its per-CPU area,
+    // which is never freed.
+    unsafe { p.as_ref() }
 }
 
 /// Writes to a watched APIC page.
@@ -422,10 +448,7 @@ fn startup_ipi(icr: &Icr) -> bool {
 /// Tell running processor `id` that INIT came: its signals, then an NMI
 /// that makes it exit (or its own next entry look, when it is the sender).
 fn tell_init(id: u32, me: u32) {
-    let signals = SIGNALS[id as usize].load(Ordering::Acquire);
-    // SAFETY: a registered processor's signals live in its per-CPU area,
-    // which is never freed.
-    let Some(signals) = (unsafe { signals.as_ref() }) else {
+    let Some(signals) = signals_of(id) else {
         return;
     };
     signals.post_init();

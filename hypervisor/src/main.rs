@@ -112,13 +112,29 @@ pub extern "C" fn thinvisor_main(magic: u32, info_pa: u32) -> ! {
             None => boot_error!("{e}"),
         },
     };
+    // Resume mode: the loader reserved its whole block for thinvisor (its
+    // firmware shows it reserved): the guest sees none of it, the part
+    // thinvisor did not need included.
+    let used = reserved;
+    let reserved = match &resume {
+        Some(r) => mem::Reserved {
+            start: r.block_start.min(used.start),
+            end: r.block_end.max(used.end),
+        },
+        None => used,
+    };
     info!(
-        "thinvisor reserves {} KiB at {:#x}..{:#x} (image {} KiB, heap {} KiB); {} MiB free for the guest",
+        "thinvisor reserves {} KiB at {:#x}..{:#x} (image {} KiB, heap {} KiB{}); {} MiB free for the guest",
         (reserved.end - reserved.start) >> 10,
         reserved.start,
         reserved.end,
         mem::image_size() >> 10,
-        (reserved.end - reserved.start - mem::image_size()) >> 10,
+        (used.end - used.start - mem::image_size()) >> 10,
+        if resume.is_some() {
+            ", the rest of the loader's block unused"
+        } else {
+            ""
+        },
         frames.free_bytes() >> 20
     );
 

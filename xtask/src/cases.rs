@@ -1162,7 +1162,13 @@ const LOADER_PASSED: &[&str] = &[
     "PASS resume_block_used",
     "PASS resume_aps_start",
     "SUMMARY: 12 passed, 0 failed",
-    "CPU 1: SIPI ",
+    // thinvisor's own word: it resumed the loader, took its block, held
+    // the AP, which the guest started under it.
+    "boot mode: resume (the loader's resume tag",
+    "resume: the loader continues as the guest at ",
+    "the rest of the loader's block unused",
+    "1 application processor(s) under thinvisor",
+    "test-guest: 1 APs answered",
     "VM exits on CPU 0:",
     "VM exits on CPU 1:",
     "canary in thinvisor's memory at",

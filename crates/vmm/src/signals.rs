@@ -29,6 +29,10 @@ pub struct HostSignals {
     /// Nonzero once another processor (or this one) sent INIT; cleared by
     /// the host when the processor starts waiting for its SIPI.
     pub init: AtomicU32,
+    /// NMIs the host itself sent this processor (INIT kicks, SIPI
+    /// wake-ups), counted before they are sent: a restart waits until as
+    /// many have arrived, so that none reaches the restarted guest.
+    pub kicks: AtomicU32,
 }
 
 impl HostSignals {
@@ -36,6 +40,7 @@ impl HostSignals {
         Self {
             nmis: AtomicU32::new(0),
             init: AtomicU32::new(0),
+            kicks: AtomicU32::new(0),
         }
     }
 
@@ -49,7 +54,19 @@ impl HostSignals {
     /// The NMI that makes this processor's own next entry look at its
     /// flags (an INIT it sent itself).
     pub fn kick_self(&self) {
+        self.kicks.fetch_add(1, Ordering::AcqRel);
         self.nmis.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Count an NMI the host is about to send this processor.
+    pub fn expect_kick(&self) {
+        self.kicks.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether every NMI the host sent has arrived (or more NMIs than
+    /// that: the guest's own can be among them).
+    pub fn kicks_arrived(&self) -> bool {
+        self.nmis.load(Ordering::Acquire) >= self.kicks.load(Ordering::Acquire)
     }
 
     /// Whether an INIT waits: called on the entry path when [`Self::nmis`]
@@ -65,9 +82,11 @@ impl HostSignals {
         self.init.swap(0, Ordering::AcqRel) != 0
     }
 
-    /// Forget every NMI that waits: INIT resets the processor, and the
-    /// sender's kick is not the guest's.
+    /// Forget every NMI that waits and every kick: INIT resets the
+    /// processor, and the host's kicks are not the guest's. Call once
+    /// [`Self::kicks_arrived`] (or after giving up on a lost one).
     pub fn drop_nmis(&self) {
+        self.kicks.store(0, Ordering::Release);
         self.nmis.store(0, Ordering::Release);
     }
 
@@ -102,5 +121,13 @@ mod tests {
         s.kick_self();
         s.drop_nmis();
         assert!(!s.take_nmi());
+        // A kick sent but not arrived yet: not all arrived until its NMI
+        // is counted.
+        s.expect_kick();
+        assert!(!s.kicks_arrived());
+        s.nmis.fetch_add(1, Ordering::AcqRel);
+        assert!(s.kicks_arrived());
+        s.drop_nmis();
+        assert!(s.kicks_arrived() && !s.take_nmi());
     }
 }

@@ -12,7 +12,7 @@
 use crate::caps::entry;
 use crate::vcpu::CrPolicy;
 use crate::vmcs::VmcsField as F;
-use thinvisor_vmm::{Gpr, InitialState, MsrState, Seg};
+use thinvisor_vmm::{Gpr, InitialState, MsrState, Seg, StartMode};
 
 /// How many fields [`guest_fields`] gives.
 pub const GUEST_FIELDS: usize = 47;
@@ -75,7 +75,9 @@ const fn segment_fields(which: Seg) -> [F; 4] {
 /// The guest-state fields for a guest that starts in `initial` (SDM vol.
 /// 3C, 25.4): control registers through `policy` (the real registers
 /// keep the bits VMX fixes; the CR0 read shadow shows the real CR0, NE
-/// included, so that ordinary read-modify-write sequences never exit;
+/// included, so that ordinary read-modify-write sequences never exit —
+/// except for a resumed 64-bit state, which reads back exactly what its
+/// loader had (a guest write that keeps NE as it reads does not exit);
 /// the CR4 shadow the guest's own value, VMXE hidden), DR7, RSP, RIP,
 /// RFLAGS, every segment with its access rights (unusable bit for a
 /// null selector's), GDTR, IDTR, no blocking and no pending debug
@@ -88,7 +90,14 @@ pub fn guest_fields(initial: &InitialState, policy: &CrPolicy) -> [(F, u64); GUE
     let mut out = [(F::GUEST_CR0, 0); GUEST_FIELDS];
     let fixed = [
         (F::GUEST_CR0, cr0_real),
-        (F::CR0_READ_SHADOW, cr0_real),
+        (
+            F::CR0_READ_SHADOW,
+            if matches!(initial.mode, StartMode::Long64(_)) {
+                initial.cr0()
+            } else {
+                cr0_real
+            },
+        ),
         (F::GUEST_CR3, initial.cr3()),
         (F::GUEST_CR4, policy.real_cr4(cr4)),
         (F::CR4_READ_SHADOW, cr4),

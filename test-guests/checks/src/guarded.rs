@@ -202,9 +202,11 @@ pub fn lvt_init_dropped() -> CheckResult {
         say!("NOTE lvt_init_dropped: x2APIC mode; the MSR path is host-tested (guard)");
         return Ok(());
     }
-    let reg = ((base & 0xF_FFFF_F000) + LVT_LINT1) as *mut u32;
-    // SAFETY: the local APIC's LINT1 register, identity-mapped in the test
-    // guest's tables (as every device page below 4 GiB), 32-bit access.
+    let page = base & 0xF_FFFF_F000;
+    crate::passthrough::map_identity_2m(page, true);
+    let reg = (page + LVT_LINT1) as *mut u32;
+    // SAFETY: the local APIC's LINT1 register, identity-mapped uncached
+    // just above, 32-bit access.
     let read = || unsafe { reg.read_volatile() };
     // SAFETY: as above; a masked entry delivers nothing.
     let write = |v: u32| unsafe { reg.write_volatile(v) };
