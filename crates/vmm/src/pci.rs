@@ -164,6 +164,9 @@ pub enum Refusal {
     /// A write that straddles two dwords (not a configuration access the
     /// guard can judge; hardware splits it in ways it cannot know).
     Straddles,
+    /// An MSI message data value with delivery mode INIT: the device would
+    /// send a processor a real INIT (docs/security.md, "INIT and SIPI").
+    MsiInit,
 }
 
 impl fmt::Display for Refusal {
@@ -190,6 +193,7 @@ impl fmt::Display for Refusal {
             Self::IommuFunction => write!(f, "the IOMMU's own function"),
             Self::Decoder(what) => write!(f, "the chipset's {what}"),
             Self::Straddles => write!(f, "the access straddles two dwords"),
+            Self::MsiInit => write!(f, "an MSI message with delivery mode INIT"),
         }
     }
 }
@@ -253,6 +257,9 @@ impl Guard<'_> {
         if f == Bdf(0) && PCIEXBAR.contains(&dw) && is_intel_host_bridge(cfg) {
             return Err(Refusal::Decoder("PCIEXBAR (the ECAM window's base)"));
         }
+        if (0x40..0x100).contains(&dw) {
+            return self.msi(cfg, f, dw, byte, size, value);
+        }
         if !(0x10..0x40).contains(&dw) {
             return Ok(());
         }
@@ -272,6 +279,50 @@ impl Guard<'_> {
             (2, 0x1C..=0x28) => self.cardbus(cfg, f, dw, new),
             _ => Ok(()),
         }
+    }
+
+    /// A write into the capabilities: refused when it would leave the MSI
+    /// capability's message data (PCI 3.0, 6.8.1: at +8, or +0xC with
+    /// 64-bit addresses; bits 10:8 the delivery mode, as the local APIC's
+    /// ICR, SDM vol. 3A, 11.11.2) set to deliver INIT.
+    fn msi<C: ConfigSpace>(
+        &self,
+        cfg: &mut C,
+        f: Bdf,
+        dw: u16,
+        byte: u16,
+        size: u8,
+        value: u32,
+    ) -> Result<(), Refusal> {
+        const STATUS_CAPABILITIES: u32 = 1 << 20;
+        const CAP_MSI: u32 = 0x05;
+        const MSI_64BIT: u32 = 1 << 23;
+        const MODE_INIT: u32 = 5;
+        if cfg.read32(f, COMMAND) & STATUS_CAPABILITIES == 0 {
+            return Ok(());
+        }
+        // The capability list, at most 48 entries (it may loop).
+        let mut at = (cfg.read32(f, ConfigOffset(0x34)) & 0xFC) as u16;
+        for _ in 0..48 {
+            if at < 0x40 {
+                return Ok(());
+            }
+            let head = cfg.read32(f, ConfigOffset(at));
+            if head & 0xFF == CAP_MSI {
+                let data = at + if head & MSI_64BIT != 0 { 0xC } else { 0x8 };
+                if dw != data {
+                    return Ok(());
+                }
+                let new = merge(cfg.read32(f, ConfigOffset(dw)), byte, size, value);
+                return if (new >> 8) & 7 == MODE_INIT {
+                    Err(Refusal::MsiInit)
+                } else {
+                    Ok(())
+                };
+            }
+            at = ((head >> 8) & 0xFC) as u16;
+        }
+        Ok(())
     }
 
     /// The first protected range `window` overlaps.

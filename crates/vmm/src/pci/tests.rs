@@ -370,12 +370,20 @@ fn other_registers_cost_no_reads() {
         fn write(&mut self, _: Bdf, _: ConfigOffset, _: u8, _: u32) {}
     }
     let mut c = Counting(0);
-    for at in [0x04, 0x0C, 0x40, 0x44, 0xFC, 0x104] {
+    for at in [0x04, 0x0C, 0x104] {
         guard()
             .write(&mut c, DEV, ConfigOffset(at), 4, 0x1234)
             .unwrap();
     }
     assert_eq!(c.0, 0);
+    // The capabilities (where MSI lives) cost the status register's read
+    // when the function has no capability list.
+    for at in [0x40, 0x44, 0xFC] {
+        guard()
+            .write(&mut c, DEV, ConfigOffset(at), 4, 0x1234)
+            .unwrap();
+    }
+    assert_eq!(c.0, 3);
 }
 
 /// The window of the memory BAR at `lo` of DEV, from the model's own
@@ -445,4 +453,69 @@ proptest! {
             }
         }
     }
+}
+
+/// A function with an MSI capability (64-bit addresses) at 0x50 behind a
+/// power-management one at 0x40.
+fn with_msi() -> FakeBus {
+    let mut f = FakeFn::new(DEV, 0, 0x0200, &[Slot::Mem32(0x1000)]);
+    f.regs[0x34 / 4] = 0x40;
+    f.regs[0x40 / 4] = 0x0000_5001; // PM, next 0x50
+    f.regs[0x50 / 4] = 0x0080_0005; // MSI, 64-bit, last
+    for i in [0x54 / 4, 0x58 / 4, 0x5C / 4] {
+        f.writable[i] = u32::MAX;
+    }
+    FakeBus {
+        fns: std::vec![f],
+        writes: 0,
+    }
+}
+
+#[test]
+fn msi_init_refused() {
+    let g = guard();
+    let mut bus = with_msi();
+    // Fixed delivery, vector 0x41: written.
+    assert_eq!(
+        g.write(&mut bus, DEV, ConfigOffset(0x5C), 2, 0x0041),
+        Ok(())
+    );
+    assert_eq!(bus.reg(DEV, 0x5C) & 0xFFFF, 0x0041);
+    // INIT, as a word or a dword: dropped, the register unchanged.
+    assert_eq!(
+        g.write(&mut bus, DEV, ConfigOffset(0x5C), 2, 0x0500),
+        Err(Refusal::MsiInit)
+    );
+    assert_eq!(
+        g.write(&mut bus, DEV, ConfigOffset(0x5C), 4, 0x0000_0500),
+        Err(Refusal::MsiInit)
+    );
+    // The byte holding the mode alone.
+    assert_eq!(
+        g.write(&mut bus, DEV, ConfigOffset(0x5D), 1, 0x05),
+        Err(Refusal::MsiInit)
+    );
+    assert_eq!(bus.reg(DEV, 0x5C) & 0xFFFF, 0x0041);
+    // The address registers are not the data: written.
+    assert_eq!(
+        g.write(&mut bus, DEV, ConfigOffset(0x58), 4, 0x0500),
+        Ok(())
+    );
+    // A 32-bit MSI has its data at +8.
+    bus.get(DEV).unwrap().regs[0x50 / 4] = 0x0000_0005;
+    assert_eq!(
+        g.write(&mut bus, DEV, ConfigOffset(0x58), 4, 0x0500),
+        Err(Refusal::MsiInit)
+    );
+}
+
+#[test]
+fn looping_capability_list_ends() {
+    let g = guard();
+    let mut bus = with_msi();
+    bus.get(DEV).unwrap().regs[0x40 / 4] = 0x0000_4001; // PM pointing at itself
+    assert_eq!(
+        g.write(&mut bus, DEV, ConfigOffset(0x5C), 2, 0x0500),
+        Ok(())
+    );
 }
