@@ -186,14 +186,17 @@ fn linux_assets(
 }
 
 /// The crates host tests and host clippy cover: every workspace member but
-/// the bare-metal binaries (the default members, plus guest-tools, which
-/// is no default member because its programs are built for musl).
+/// the bare-metal binaries and the UEFI loader (the default members, plus
+/// guest-tools, which is no default member because its programs are built
+/// for musl).
 const HOST_CRATES: &[&str] = &[
     "--workspace",
     "--exclude",
     images::HV_BIN,
     "--exclude",
     images::GUEST_BIN,
+    "--exclude",
+    images::EFI_PKG,
 ];
 
 /// Formatting, host unit tests, clippy, the fuzz targets' build.
@@ -307,6 +310,26 @@ fn host_checks(ctx: &Ctx, tally: &mut Tally) {
         Err(e) => {
             println!("clippy FAILED: {e}");
             tally.fail(format!("clippy ({TARGET})"));
+        }
+    }
+
+    let efi = images::EFI_TARGET;
+    step(&format!("cargo clippy ({efi})"));
+    match util::run(ctx.cargo().args([
+        "clippy",
+        "--release",
+        "--target",
+        efi,
+        "-p",
+        images::EFI_PKG,
+        "--",
+        "-D",
+        "warnings",
+    ])) {
+        Ok(()) => tally.pass(),
+        Err(e) => {
+            println!("clippy FAILED: {e}");
+            tally.fail(format!("clippy ({efi})"));
         }
     }
 }
