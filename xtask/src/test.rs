@@ -247,28 +247,13 @@ fn host_checks(ctx: &Ctx, tally: &mut Tally) {
         }
     }
 
-    step(&format!(
-        "cargo clippy (guest tools, {})",
-        linux::MUSL_TARGET
-    ));
-    match setup::ensure_target(ctx, linux::MUSL_TARGET).and_then(|()| {
-        util::run(ctx.cargo().args([
-            "clippy",
-            "-p",
-            "guest-tools",
-            "--target",
-            linux::MUSL_TARGET,
-            "--",
-            "-D",
-            "warnings",
-        ]))
-    }) {
-        Ok(()) => tally.pass(),
-        Err(e) => {
-            println!("clippy FAILED: {e}");
-            tally.fail(format!("clippy (guest tools, {})", linux::MUSL_TARGET));
-        }
-    }
+    clippy_for(
+        ctx,
+        tally,
+        linux::MUSL_TARGET,
+        &["guest-tools"],
+        &format!("guest tools, {}", linux::MUSL_TARGET),
+    );
 
     step("guest tools on this host (no thinvisor: status 2, no hang)");
     match linux::build_tools(ctx) {
@@ -292,44 +277,39 @@ fn host_checks(ctx: &Ctx, tally: &mut Tally) {
         }
     }
 
-    step(&format!("cargo clippy ({TARGET})"));
-    match util::run(ctx.cargo().args([
-        "clippy",
-        "--release",
-        "--target",
+    clippy_for(
+        ctx,
+        tally,
         TARGET,
-        "-p",
-        images::HV_BIN,
-        "-p",
-        images::GUEST_BIN,
-        "--",
-        "-D",
-        "warnings",
-    ])) {
-        Ok(()) => tally.pass(),
-        Err(e) => {
-            println!("clippy FAILED: {e}");
-            tally.fail(format!("clippy ({TARGET})"));
-        }
-    }
+        &[images::HV_BIN, images::GUEST_BIN],
+        TARGET,
+    );
+    clippy_for(
+        ctx,
+        tally,
+        images::EFI_TARGET,
+        &[images::EFI_PKG],
+        images::EFI_TARGET,
+    );
+}
 
-    let efi = images::EFI_TARGET;
-    step(&format!("cargo clippy ({efi})"));
-    match util::run(ctx.cargo().args([
-        "clippy",
-        "--release",
-        "--target",
-        efi,
-        "-p",
-        images::EFI_PKG,
-        "--",
-        "-D",
-        "warnings",
-    ])) {
+/// `cargo clippy --release --target TARGET -p ... -- -D warnings`, the
+/// target installed first, as one counted step named `what`.
+fn clippy_for(ctx: &Ctx, tally: &mut Tally, target: &str, packages: &[&str], what: &str) {
+    step(&format!("cargo clippy ({what})"));
+    let run = setup::ensure_target(ctx, target).and_then(|()| {
+        let mut cmd = ctx.cargo();
+        cmd.args(["clippy", "--release", "--target", target]);
+        for p in packages {
+            cmd.args(["-p", p]);
+        }
+        util::run(cmd.args(["--", "-D", "warnings"]))
+    });
+    match run {
         Ok(()) => tally.pass(),
         Err(e) => {
             println!("clippy FAILED: {e}");
-            tally.fail(format!("clippy ({efi})"));
+            tally.fail(format!("clippy ({what})"));
         }
     }
 }
