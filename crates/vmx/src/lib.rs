@@ -253,8 +253,10 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         // are the host's own state and a guest state confined by EPT.
         unsafe { vmwrite(field, value) }.map_err(|e| VmxError::Instruction("VMWRITE", e))
     };
-    // The guest's state (SDM vol. 3C, 26.3.1): the initial state.
+    // The guest's state (SDM vol. 3C, 26.3.1): the initial state, its
+    // CR0.CD and NW in the processor itself (no VM entry loads them).
     let guest = initial::guest_fields(s.initial, &policy);
+    policy.load_cache_bits(s.initial.cr0());
     let sysenter = initial::sysenter_fields(s.initial);
     for &(field, value) in writes.iter().chain(&guest).chain(&sysenter) {
         vmw(field, value).map_err(|e| match e {

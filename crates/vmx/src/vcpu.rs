@@ -237,6 +237,21 @@ impl CrPolicy {
         (wanted | self.cr4_must1) & self.cr4_may1
     }
 
+    /// Give the processor the CR0.CD and CR0.NW of `wanted` (the guest's
+    /// CR0, already checked: no NW without CD), which no VM entry loads
+    /// (see [`CrPolicy::root_cr0`]).
+    pub fn load_cache_bits(&self, wanted: u64) {
+        let root = Cr0::read_raw();
+        let new = self.root_cr0(root, wanted);
+        if new != root {
+            // SAFETY: only CD and NW change, to bits VMX operation does
+            // not fix (`root_cr0`): what the guest's MOV does when it does
+            // not exit. They govern caching, not memory contents or
+            // translation.
+            unsafe { Cr0::write_raw(new) };
+        }
+    }
+
     /// The CR0 the logical processor must hold in root operation (`root`
     /// being what it holds) for an emulated guest write of `wanted` to
     /// take effect. VM entries never load CR0.CD and CR0.NW from the
@@ -799,16 +814,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 write(F::CR0_READ_SHADOW, value);
                 // VM entry ignores the CR0 field's CD and NW: set them
                 // here, in root operation (see `CrPolicy::root_cr0`).
-                let root = Cr0::read_raw();
-                let wanted = self.cr.root_cr0(root, value);
-                if wanted != root {
-                    // SAFETY: only CD and NW change, to bits VMX operation
-                    // does not fix (`root_cr0`) and that mov_to_cr checked
-                    // (no NW without CD): what the guest's MOV does when
-                    // it does not exit. They govern caching, not memory
-                    // contents or translation.
-                    unsafe { Cr0::write_raw(wanted) };
-                }
+                self.cr.load_cache_bits(value);
                 let efer = self.guest_efer();
                 let paging_on = value & CR0_PG != 0;
                 if paging_on != (old & CR0_PG != 0) && efer & EFER_LME != 0 {
@@ -1128,6 +1134,8 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         for (field, value) in crate::initial::guest_fields(initial, &self.cr) {
             write(field, value);
         }
+        // The start's CD and NW, which the entry will not load.
+        self.cr.load_cache_bits(initial.cr0());
         self.set_guest_efer(initial.efer());
         let entry = crate::initial::ia32e_entry(read(F::VM_ENTRY_CONTROLS), initial);
         write(F::VM_ENTRY_CONTROLS, entry);
