@@ -718,9 +718,10 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         write(F::CPU_BASED_VM_EXEC_CONTROL, controls | u64::from(control));
     }
 
-    /// Exit reason 0: the exception bitmap has only #UD, and NMIs do not
-    /// exit, but read what the processor says (SDM vol. 3C, 25.9.2) rather
-    /// than assume it.
+    /// Exit reason 0: #UD (the only exception in the bitmap) or an NMI
+    /// (NMI exiting: the INIT kick, or the guest's own); anything else is
+    /// unexpected, read from what the processor says (SDM vol. 3C, 25.9.2)
+    /// rather than assumed.
     fn on_exception_or_nmi(&mut self) -> Option<Exit> {
         let info = read(F::VM_EXIT_INTR_INFO) as u32;
         let vector = info as u8;
