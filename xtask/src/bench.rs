@@ -16,12 +16,16 @@ use std::process::{Command, ExitCode, Stdio};
 
 use crate::util::{self, Context, Ctx, Result};
 
-const USAGE: &str = "usage: cargo xtask bench [--no-valgrind] [--exits-only | --copy-only]";
+const USAGE: &str =
+    "usage: cargo xtask bench [--quick | --exits-only | --copy-only] [--no-valgrind] \
+[--write-baseline WHY]
+  --quick           only the exit round trips on both vendors (no copy bench), then the
+                    regression gate against bench/baseline.json
+  --write-baseline  write this run's per-exit figures to bench/baseline.json, with WHY
+Writes target/bench/{results.json,report.md,exits.svg}; fails when a per-exit figure
+regresses by more than 10% against bench/baseline.json.";
 
-/// BitVisor's figures on the same emulator (README, Benchmarks): the
-/// anchors the exit-path costs are compared with.
-const BITVISOR_CPUID_EXIT: f64 = 351.0;
-const BITVISOR_LOOKUP: f64 = 23_170.0;
+use crate::report::{self, BITVISOR_CPUID_EXIT, BITVISOR_LOOKUP};
 
 /// One `BENCH name iterations=N ticks=T baseline=B` line of the test
 /// guest's bench mode.
@@ -67,9 +71,7 @@ fn parse_exit_bench(line: &str) -> Option<ExitBench> {
 /// figures. Both emulators advance the guest's TSC by one per executed
 /// instruction here: QEMU under `-icount shift=0`, Bochs with
 /// `clock: sync=none`; the guest's calibration loop checks it.
-fn exits(ctx: &Ctx) -> Result<()> {
-    crate::setup::ensure(ctx)?;
-    let images = crate::images::build(ctx)?;
+fn exits(ctx: &Ctx, images: &crate::images::Images) -> Result<Exits> {
     let boot = crate::emu::Boot {
         kernel: crate::images::Kernel::Thinvisor,
         kernel32: images.hv32.clone(),
@@ -91,6 +93,8 @@ fn exits(ctx: &Ctx) -> Result<()> {
     println!("measuring exit round trips on Intel VT-x (Bochs corei7_skylake_x) ...");
     let bochs = crate::emu::BochsOpts::new("corei7_skylake_x");
     let vmx = crate::emu::run_bochs(ctx, "bench-exits-vmx", &boot, &bochs)?;
+    let bochs_version =
+        report::bochs_version(&fs::read_to_string(vmx.dir.join("bochs.log")).unwrap_or_default());
     let svm = exit_benches(&svm.serial, "QEMU")?;
     let vmx = exit_benches(&vmx.serial, "Bochs")?;
     println!(
@@ -113,7 +117,19 @@ fn exits(ctx: &Ctx) -> Result<()> {
         });
         println!("  {:<24} {:>9.1} {intel:>9}{vs}", b.name, b.per_op());
     }
-    Ok(())
+    let per_op = |list: &[ExitBench]| list.iter().map(|b| (b.name.clone(), b.per_op())).collect();
+    Ok(Exits {
+        svm: per_op(&svm),
+        vmx: per_op(&vmx),
+        bochs: bochs_version,
+    })
+}
+
+/// What [`exits`] measured: instructions per round trip by loop name.
+struct Exits {
+    svm: Vec<(String, f64)>,
+    vmx: Vec<(String, f64)>,
+    bochs: Option<String>,
 }
 
 /// The measurements in a bench run's serial log, after checking that its
@@ -277,27 +293,216 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
-    let mut valgrind = true;
-    let (mut run_exits, mut run_copy) = (true, true);
-    for arg in args {
+/// What to run, from the command line.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Opts {
+    exits: bool,
+    copy: bool,
+    valgrind: bool,
+    quick: bool,
+    write_baseline: Option<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Opts>> {
+    let mut o = Opts {
+        exits: true,
+        copy: true,
+        valgrind: true,
+        ..Opts::default()
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--no-valgrind" => valgrind = false,
-            "--exits-only" => run_copy = false,
-            "--copy-only" => run_exits = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(ExitCode::SUCCESS);
+            "--no-valgrind" => o.valgrind = false,
+            "--exits-only" => o.copy = false,
+            "--copy-only" => o.exits = false,
+            "--quick" => {
+                o.quick = true;
+                o.copy = false;
             }
+            "--write-baseline" => {
+                let why = args
+                    .next()
+                    .filter(|w| !w.trim().is_empty())
+                    .ok_or("--write-baseline needs the reason (WHY)")?;
+                o.write_baseline = Some(why.clone());
+            }
+            "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown option `{other}`\n{USAGE}")),
         }
     }
-    if run_exits {
-        exits(ctx)?;
+    if !o.exits && !o.copy {
+        return Err(format!(
+            "--copy-only with --quick measures nothing\n{USAGE}"
+        ));
     }
-    if !run_copy {
+    if o.write_baseline.is_some() && !o.exits {
+        return Err("--write-baseline needs the exit round trips (not --copy-only)".into());
+    }
+    Ok(Some(o))
+}
+
+/// The command line that reproduces a run of these options.
+fn command_line(o: &Opts) -> String {
+    let mut c = String::from("cargo xtask bench");
+    if o.quick {
+        c += " --quick";
+    } else if !o.copy {
+        c += " --exits-only";
+    } else if !o.exits {
+        c += " --copy-only";
+    }
+    if o.copy && !o.valgrind {
+        c += " --no-valgrind";
+    }
+    c
+}
+
+pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
+    let Some(opts) = parse_args(args)? else {
+        println!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
+    };
+    let images = if opts.exits {
+        crate::setup::ensure(ctx)?;
+        Some(crate::images::build(ctx)?)
+    } else {
+        None
+    };
+    let passed = run(ctx, &opts, images.as_ref())?;
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `cargo xtask bench --quick` on images already built, for `cargo xtask
+/// test`: Ok(false) when the regression gate fails.
+pub fn quick(ctx: &Ctx, images: &crate::images::Images) -> Result<bool> {
+    let opts = parse_args(&["--quick".to_string()])?.ok_or("no options")?;
+    run(ctx, &opts, Some(images))
+}
+
+/// Measures, writes target/bench/*, checks the gate: Ok(false) when a
+/// per-exit figure regressed (or was not measured).
+fn run(ctx: &Ctx, opts: &Opts, images: Option<&crate::images::Images>) -> Result<bool> {
+    let mut measured = report::Measured::default();
+    let mut info = report::RunInfo {
+        command: command_line(opts),
+        commit: commit(ctx),
+        ..report::RunInfo::default()
+    };
+    if let (true, Some(images)) = (opts.exits, images) {
+        let e = exits(ctx, images)?;
+        measured.svm = Some(e.svm);
+        measured.vmx = Some(e.vmx);
+        info.bochs = e.bochs;
+        info.qemu = qemu_version();
     }
+    measured.copy = if opts.copy {
+        copy(ctx, opts.valgrind)?
+    } else {
+        Err(format!(
+            "not measured in this run (`{}`; `cargo xtask bench` measures it)",
+            info.command
+        ))
+    };
+    let figures = report::figures(&measured);
+    let gate = opts.exits.then(|| {
+        let path = ctx.root.join(report::BASELINE);
+        fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", report::BASELINE))
+            .and_then(|text| {
+                report::parse_baseline(&text).map_err(|e| format!("{}: {e}", report::BASELINE))
+            })
+            .map(|b| {
+                let rows = report::gate(&b, &figures);
+                (b, rows)
+            })
+    });
+
+    let dir = ctx.out().join("bench");
+    fs::create_dir_all(&dir).context(format_args!("creating {}", dir.display()))?;
+    let json = dir.join("results.json");
+    fs::write(&json, report::results_json(&info, &figures))
+        .context(format_args!("writing {}", json.display()))?;
+    let md = dir.join("report.md");
+    fs::write(&md, report::report_md(&info, &figures, gate.as_ref()))
+        .context(format_args!("writing {}", md.display()))?;
+    let svg = dir.join("exits.svg");
+    let chart = if opts.exits {
+        report::draw_exits_chart(&svg, &figures)?;
+        format!(", {}", ctx.show(&svg))
+    } else {
+        String::new()
+    };
+    println!("\nwrote {}, {}{chart}", ctx.show(&json), ctx.show(&md));
+
+    if let Some(why) = &opts.write_baseline {
+        let path = ctx.root.join(report::BASELINE);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).context(format_args!("creating {}", parent.display()))?;
+        }
+        fs::write(&path, report::baseline_json(why, &info, &figures))
+            .context(format_args!("writing {}", path.display()))?;
+        println!("wrote {} (commit it, saying why)", report::BASELINE);
+        return Ok(true);
+    }
+    match gate {
+        None => Ok(true),
+        Some(Err(e)) => {
+            println!("regression gate: {e}");
+            Ok(false)
+        }
+        Some(Ok((_, rows))) => {
+            print!("\n{}", report::gate_text(&rows));
+            let passed = report::gate_passed(&rows);
+            println!(
+                "regression gate {}",
+                if passed { "passed" } else { "FAILED" }
+            );
+            Ok(passed)
+        }
+    }
+}
+
+/// The tree's revision, `-dirty` when it has uncommitted changes.
+fn commit(ctx: &Ctx) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(&ctx.root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(rev) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown".into();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(s) if !s.is_empty() => format!("{rev}-dirty"),
+        _ => rev,
+    }
+}
+
+/// The first line of `qemu-system-x86_64 --version`.
+fn qemu_version() -> Option<String> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
+}
+
+/// The copy bench: prints its tables and returns the 64 KiB instruction
+/// ratios (per-byte / page-by-page, page-by-page / memcpy), or why there
+/// are none.
+fn copy(ctx: &Ctx, mut valgrind: bool) -> Result<std::result::Result<(f64, f64), String>> {
     let exe = build(ctx)?;
     println!("timing every method and size (about 10 s) ...");
     let out = util::run_captured(&mut Command::new(&exe))?;
@@ -372,7 +577,17 @@ pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
         }
         println!("{line}");
     }
-    Ok(ExitCode::SUCCESS)
+    if !valgrind {
+        return Ok(Err(
+            "no instruction counts (`--no-valgrind` or no valgrind)".into(),
+        ));
+    }
+    let size = 64 << 10;
+    let ins = |m| count(m, size).map_or(0.0, |n| n as f64);
+    if ins("page") == 0.0 || ins("memcpy") == 0.0 {
+        return Ok(Err("the copy bench measured no 64 KiB copy".into()));
+    }
+    Ok(Ok((ins("byte") / ins("page"), ins("page") / ins("memcpy"))))
 }
 
 #[cfg(test)]
@@ -394,6 +609,38 @@ mod tests {
         );
         assert_eq!(parse_exit_bench("PASS x"), None);
         assert_eq!(parse_exit_bench("BENCH x iterations=zz ticks=1"), None);
+    }
+
+    #[test]
+    fn parses_options() {
+        let parse = |a: &[&str]| {
+            let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            parse_args(&a)
+        };
+        let quick = parse(&["--quick"]).unwrap().unwrap();
+        assert!(quick.quick && quick.exits && !quick.copy);
+        assert_eq!(command_line(&quick), "cargo xtask bench --quick");
+        let all = parse(&[]).unwrap().unwrap();
+        assert!(all.exits && all.copy);
+        assert_eq!(command_line(&all), "cargo xtask bench");
+        let copy = parse(&["--copy-only", "--no-valgrind"]).unwrap().unwrap();
+        assert_eq!(
+            command_line(&copy),
+            "cargo xtask bench --copy-only --no-valgrind"
+        );
+        let exits = parse(&["--exits-only"]).unwrap().unwrap();
+        assert_eq!(command_line(&exits), "cargo xtask bench --exits-only");
+        let write = parse(&["--quick", "--write-baseline", "faster CPUID"]).unwrap();
+        assert_eq!(
+            write.unwrap().write_baseline.as_deref(),
+            Some("faster CPUID")
+        );
+        assert!(parse(&["--write-baseline"]).is_err());
+        assert!(parse(&["--write-baseline", " "]).is_err());
+        assert!(parse(&["--copy-only", "--write-baseline", "x"]).is_err());
+        assert!(parse(&["--copy-only", "--quick"]).is_err());
+        assert!(parse(&["--fast"]).is_err());
+        assert_eq!(parse(&["--help"]).unwrap(), None);
     }
 
     #[test]

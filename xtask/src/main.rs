@@ -12,6 +12,7 @@ mod esp;
 mod fuzz;
 mod images;
 mod linux;
+mod report;
 mod run;
 mod selftest;
 mod setup;
@@ -33,14 +34,18 @@ commands:
   run        build, then boot the demo in QEMU (or Bochs) with its output on the
              terminal; `cargo xtask run --help` for options
   test       everything: fmt, host unit tests, clippy, images, integration cases in
-             QEMU and Bochs; ends with `N passed, M failed`
-             options: --filter SUBSTR (integration cases), --no-host (skip fmt, unit
-             tests, clippy), --list (print the integration cases), --pending (also
-             the cases waiting for unfinished features, e.g. booting Linux)
+             QEMU and Bochs, the bench regression gate; ends with `N passed, M failed`
+             options: --filter SUBSTR (integration cases; no gate), --no-host (skip fmt,
+             unit tests, clippy), --no-bench (skip the gate), --list (print the
+             integration cases), --pending (also the cases waiting for unfinished
+             features, e.g. booting Linux)
   fuzz       run the fuzz targets of thinvisor-memory (fuzz/) for a while:
              cargo xtask fuzz [walker|copy] [--seconds N] (default 60 s each)
-  bench      guest-memory copy benchmark (page by page, per byte, memcpy):
-             wall time and, with valgrind, instruction counts
+  bench      exit round trips in instructions (SVM under QEMU -icount, VT-x under
+             Bochs) and the guest-memory copy benchmark; writes target/bench/
+             {results.json,report.md,exits.svg}; fails when a per-exit figure regresses
+             by more than 10% against bench/baseline.json. --quick: exits only (~10 s);
+             `cargo xtask bench --help` for options
   linux      fetch Debian's kernel and busybox, build the initramfs (and a SYSLINUX boot
              disk), boot them on bare QEMU or under thinvisor and time the boot:
              cargo xtask linux [--bare] [--disk] [--smp N]; `--help` for options

@@ -14,8 +14,9 @@ use crate::setup::{self, TARGET};
 use crate::util::{self, Context, Ctx, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask test [--filter SUBSTR] [--no-host] [--keep-going] [--pending] [--list]\n\
-     --pending also selects the pending cases (cases.rs PENDING_CASES: features not there yet)";
+    "usage: cargo xtask test [--filter SUBSTR] [--no-host] [--no-bench] [--keep-going] [--pending] [--list]\n\
+     --pending also selects the pending cases (cases.rs PENDING_CASES: features not there yet)\n\
+     --no-bench skips the regression gate (`cargo xtask bench --quick`, run unless --filter is given)";
 
 /// How many lines of a failed case's serial log to show.
 const TAIL_LINES: usize = 40;
@@ -27,11 +28,15 @@ struct Options {
     list: bool,
     /// Also the cases of `PENDING_CASES`.
     pending: bool,
+    /// The regression gate (`cargo xtask bench --quick`); off with
+    /// `--filter` or `--no-bench`.
+    bench: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut opts = Options {
         host: true,
+        bench: true,
         ..Options::default()
     };
     let mut args = args.iter();
@@ -43,6 +48,7 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             s if s.starts_with("--filter=") => opts.filter = Some(s["--filter=".len()..].into()),
             "--no-host" => opts.host = false,
+            "--no-bench" => opts.bench = false,
             // Never stopping at the first failure is the only behaviour.
             "--keep-going" => {}
             "--list" => opts.list = true,
@@ -50,6 +56,9 @@ fn parse(args: &[String]) -> Result<Options> {
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown option `{other}`\n{USAGE}")),
         }
+    }
+    if opts.filter.is_some() {
+        opts.bench = false;
     }
     Ok(opts)
 }
@@ -132,6 +141,9 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
                         }
                     }
                 }
+                if opts.bench {
+                    bench_gate(ctx, &images, &mut tally);
+                }
             }
             Err(e) => {
                 println!("build FAILED: {e}");
@@ -159,6 +171,27 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// The regression gate: `cargo xtask bench --quick` on the images just
+/// built, failing when a per-exit instruction count grew by more than 10%
+/// over bench/baseline.json.
+fn bench_gate(ctx: &Ctx, images: &Images, tally: &mut Tally) {
+    step("cargo xtask bench --quick (regression gate against bench/baseline.json)");
+    match crate::bench::quick(ctx, images) {
+        Ok(true) => {
+            println!("bench gate ... ok");
+            tally.pass();
+        }
+        Ok(false) => {
+            println!("bench gate ... FAILED: a per-exit figure regressed (see above)");
+            tally.fail("bench gate");
+        }
+        Err(e) => {
+            println!("bench gate ... FAILED: {e}");
+            tally.fail("bench gate");
+        }
     }
 }
 
