@@ -9,7 +9,6 @@ pub mod efer;
 pub mod msrpm;
 pub mod vmcb;
 
-use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, Ordering};
 use thinvisor_memory::{GuestPhysAddr, GuestPhysMemory, HostPhysAddr, PagingRegs};
 use thinvisor_vmm::events::{combine, Combined};
@@ -168,95 +167,117 @@ pub struct GuestRegs {
     pub r15: u64,
 }
 
-// The world switch. CLGI holds off NMIs and SMIs while host and guest
-// state are half swapped; VMSAVE/VMLOAD move the state VMRUN leaves alone
-// (FS, GS, TR, LDTR hidden parts, KernelGsBase, the SYSCALL and SYSENTER
-// MSRs; APM 15.5.2); the guest's general registers other than RAX/RSP are
-// loaded and stored here.
-//
-// extern "sysv64" fn(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64)
-global_asm!(
-    ".pushsection .text.thinvisor_svm_run, \"ax\"",
-    ".global thinvisor_svm_run",
-    "thinvisor_svm_run:",
-    "push rbx",
-    "push rbp",
-    "push r12",
-    "push r13",
-    "push r14",
-    "push r15",
-    "push rsi",
-    "push rdx",
-    "push rdi",
-    "clgi",
-    "mov rax, rdx",
-    "vmsave rax",
-    "mov rax, rdi",
-    "vmload rax",
-    "mov rbx, [rsi + {g_rbx}]",
-    "mov rcx, [rsi + {g_rcx}]",
-    "mov rdx, [rsi + {g_rdx}]",
-    "mov rdi, [rsi + {g_rdi}]",
-    "mov rbp, [rsi + {g_rbp}]",
-    "mov r8, [rsi + {g_r8}]",
-    "mov r9, [rsi + {g_r9}]",
-    "mov r10, [rsi + {g_r10}]",
-    "mov r11, [rsi + {g_r11}]",
-    "mov r12, [rsi + {g_r12}]",
-    "mov r13, [rsi + {g_r13}]",
-    "mov r14, [rsi + {g_r14}]",
-    "mov r15, [rsi + {g_r15}]",
-    "mov rsi, [rsi + {g_rsi}]",
-    "vmrun rax",
-    // #VMEXIT: RAX and RSP are the host's again, the rest is the guest's.
-    "push rsi",
-    "mov rsi, [rsp + 24]",
-    "mov [rsi + {g_rbx}], rbx",
-    "mov [rsi + {g_rcx}], rcx",
-    "mov [rsi + {g_rdx}], rdx",
-    "mov [rsi + {g_rdi}], rdi",
-    "mov [rsi + {g_rbp}], rbp",
-    "mov [rsi + {g_r8}], r8",
-    "mov [rsi + {g_r9}], r9",
-    "mov [rsi + {g_r10}], r10",
-    "mov [rsi + {g_r11}], r11",
-    "mov [rsi + {g_r12}], r12",
-    "mov [rsi + {g_r13}], r13",
-    "mov [rsi + {g_r14}], r14",
-    "mov [rsi + {g_r15}], r15",
-    "pop qword ptr [rsi + {g_rsi}]",
-    "mov rax, [rsp]",
-    "vmsave rax",
-    "mov rax, [rsp + 8]",
-    "vmload rax",
-    "stgi",
-    "add rsp, 24",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
-    "pop rbp",
-    "pop rbx",
-    "ret",
-    ".popsection",
-    g_rbx = const core::mem::offset_of!(GuestRegs, rbx),
-    g_rcx = const core::mem::offset_of!(GuestRegs, rcx),
-    g_rdx = const core::mem::offset_of!(GuestRegs, rdx),
-    g_rsi = const core::mem::offset_of!(GuestRegs, rsi),
-    g_rdi = const core::mem::offset_of!(GuestRegs, rdi),
-    g_rbp = const core::mem::offset_of!(GuestRegs, rbp),
-    g_r8 = const core::mem::offset_of!(GuestRegs, r8),
-    g_r9 = const core::mem::offset_of!(GuestRegs, r9),
-    g_r10 = const core::mem::offset_of!(GuestRegs, r10),
-    g_r11 = const core::mem::offset_of!(GuestRegs, r11),
-    g_r12 = const core::mem::offset_of!(GuestRegs, r12),
-    g_r13 = const core::mem::offset_of!(GuestRegs, r13),
-    g_r14 = const core::mem::offset_of!(GuestRegs, r14),
-    g_r15 = const core::mem::offset_of!(GuestRegs, r15),
-);
+/// What the world switch works on: the guest's registers that VMRUN
+/// does not keep in the VMCB, and the two pages it loads and saves state
+/// through. One block, so the switch finds everything from one pointer
+/// after #VMEXIT, when every other register is the guest's.
+#[repr(C)]
+struct SwitchArea {
+    regs: GuestRegs,
+    vmcb_pa: u64,
+    host_save_pa: u64,
+}
 
-extern "sysv64" {
-    fn thinvisor_svm_run(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64);
+/// The world switch, inlined into the exit loop so that the compiler
+/// keeps only what it needs across it (no call, and no callee-saved
+/// registers pushed per exit: they are declared clobbered). CLGI holds off
+/// NMIs and SMIs while host and guest state are half swapped; VMSAVE and
+/// VMLOAD move the state VMRUN leaves alone (FS, GS, TR, LDTR hidden
+/// parts, KernelGsBase, the SYSCALL and SYSENTER MSRs; APM vol. 2,
+/// 15.5.2) — the host's GS base and TR are its per-processor data and
+/// interrupt stacks. RBX and RBP cannot be named as operands (LLVM uses
+/// them), so the stub saves them itself.
+///
+/// # Safety
+/// `area`'s VMCB and host save area are this vCPU's own pages, SVM is
+/// enabled on this processor, and the stack has no red zone (the target
+/// has none).
+#[inline(always)]
+unsafe fn world_switch(area: &mut SwitchArea) {
+    // SAFETY: per the function's contract; the asm restores RBX, RBP and
+    // RSP and declares every other register it changes.
+    unsafe {
+        core::arch::asm!(
+            "push rbp",
+            "push rbx",
+            "push rsi",
+            "clgi",
+            "mov rax, [rsi + {host}]",
+            "vmsave rax",
+            "mov rax, [rsi + {vmcb}]",
+            "vmload rax",
+            "mov rbx, [rsi + {g_rbx}]",
+            "mov rcx, [rsi + {g_rcx}]",
+            "mov rdx, [rsi + {g_rdx}]",
+            "mov rdi, [rsi + {g_rdi}]",
+            "mov rbp, [rsi + {g_rbp}]",
+            "mov r8, [rsi + {g_r8}]",
+            "mov r9, [rsi + {g_r9}]",
+            "mov r10, [rsi + {g_r10}]",
+            "mov r11, [rsi + {g_r11}]",
+            "mov r12, [rsi + {g_r12}]",
+            "mov r13, [rsi + {g_r13}]",
+            "mov r14, [rsi + {g_r14}]",
+            "mov r15, [rsi + {g_r15}]",
+            "mov rsi, [rsi + {g_rsi}]",
+            "vmrun rax",
+            // #VMEXIT: RAX and RSP are the host's again, the rest is the
+            // guest's; the area's address is on the stack.
+            "push rsi",
+            "mov rsi, [rsp + 8]",
+            "mov [rsi + {g_rbx}], rbx",
+            "mov [rsi + {g_rcx}], rcx",
+            "mov [rsi + {g_rdx}], rdx",
+            "mov [rsi + {g_rdi}], rdi",
+            "mov [rsi + {g_rbp}], rbp",
+            "mov [rsi + {g_r8}], r8",
+            "mov [rsi + {g_r9}], r9",
+            "mov [rsi + {g_r10}], r10",
+            "mov [rsi + {g_r11}], r11",
+            "mov [rsi + {g_r12}], r12",
+            "mov [rsi + {g_r13}], r13",
+            "mov [rsi + {g_r14}], r14",
+            "mov [rsi + {g_r15}], r15",
+            "pop qword ptr [rsi + {g_rsi}]",
+            "mov rax, [rsi + {vmcb}]",
+            "vmsave rax",
+            "mov rax, [rsi + {host}]",
+            "vmload rax",
+            "stgi",
+            "pop rsi",
+            "pop rbx",
+            "pop rbp",
+            host = const core::mem::offset_of!(SwitchArea, host_save_pa),
+            vmcb = const core::mem::offset_of!(SwitchArea, vmcb_pa),
+            g_rbx = const core::mem::offset_of!(GuestRegs, rbx),
+            g_rcx = const core::mem::offset_of!(GuestRegs, rcx),
+            g_rdx = const core::mem::offset_of!(GuestRegs, rdx),
+            g_rsi = const core::mem::offset_of!(GuestRegs, rsi),
+            g_rdi = const core::mem::offset_of!(GuestRegs, rdi),
+            g_rbp = const core::mem::offset_of!(GuestRegs, rbp),
+            g_r8 = const core::mem::offset_of!(GuestRegs, r8),
+            g_r9 = const core::mem::offset_of!(GuestRegs, r9),
+            g_r10 = const core::mem::offset_of!(GuestRegs, r10),
+            g_r11 = const core::mem::offset_of!(GuestRegs, r11),
+            g_r12 = const core::mem::offset_of!(GuestRegs, r12),
+            g_r13 = const core::mem::offset_of!(GuestRegs, r13),
+            g_r14 = const core::mem::offset_of!(GuestRegs, r14),
+            g_r15 = const core::mem::offset_of!(GuestRegs, r15),
+            inout("rsi") core::ptr::from_mut(area) => _,
+            out("rax") _,
+            out("rcx") _,
+            out("rdx") _,
+            out("rdi") _,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            out("r12") _,
+            out("r13") _,
+            out("r14") _,
+            out("r15") _,
+        );
+    }
 }
 
 impl Segment {
@@ -273,9 +294,8 @@ impl Segment {
 /// One virtual processor on SVM.
 pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     vmcb: &'static mut Vmcb,
-    vmcb_pa: HostPhysAddr,
-    host_save_pa: HostPhysAddr,
-    regs: GuestRegs,
+    /// The guest's other registers and the switch's two pages.
+    switch: SwitchArea,
     /// The VM's memory, shared with its other vCPUs.
     memory: &'static M,
     nrips: bool,
@@ -290,6 +310,8 @@ pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     /// The EFER and RIP from before the last emulated EFER write, until
     /// the next VMRUN accepts the new value ([`efer::refused_by_vmrun`]).
     efer_undo: Option<(u64, u64)>,
+    /// The guest state before the entry that tries an emulated EFER write.
+    before_efer_write: Option<vmcb::StateSaveArea>,
     /// Exits by [`exit_slot`].
     stats: ExitStats,
     /// An event to deliver at the first entry that has no other one.
@@ -577,9 +599,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         let regs = regs_from(initial);
         Self {
             vmcb: vmcb_virt,
-            vmcb_pa: vmcb,
-            host_save_pa: host_save,
-            regs,
+            switch: SwitchArea {
+                regs,
+                vmcb_pa: vmcb.as_u64(),
+                host_save_pa: host_save.as_u64(),
+            },
             memory,
             nrips: features.nrips,
             exit_insn_len: 0,
@@ -589,6 +613,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 efer::writable_bits(ext1.ecx, ext1.edx)
             },
             efer_undo: None,
+            before_efer_write: None,
             stats: ExitStats::default(),
             deferred: None,
             signals: None,
@@ -629,7 +654,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 }
             }
         }
-        if self.vmcb.control.event_inj & event_inj::VALID == 0 {
+        if self.deferred.is_some() && self.vmcb.control.event_inj & event_inj::VALID == 0 {
             if let Some(event) = self.deferred.take() {
                 self.vmcb.control.event_inj = encode_event(event);
             }
@@ -674,9 +699,9 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         if !write {
             let value = efer::guest_view(s.efer);
             s.rax = value & 0xFFFF_FFFF;
-            self.regs.rdx = value >> 32;
+            self.switch.regs.rdx = value >> 32;
         } else {
-            let value = (self.regs.rdx << 32) | (s.rax & 0xFFFF_FFFF);
+            let value = (self.switch.regs.rdx << 32) | (s.rax & 0xFFFF_FFFF);
             let paging = s.cr0 & (1 << 31) != 0;
             match efer::after_write(s.efer, value, self.efer_writable, paging) {
                 Some(new) => {
@@ -690,37 +715,24 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         self.skip_instruction();
     }
 
-    /// Settle the exits that are the backend's own business (EFER
-    /// accesses, SMIs); true when the guest can simply be entered again.
-    fn settled_here(&mut self) -> bool {
+    /// Turn the exit the VMCB describes into a neutral one, or None when
+    /// it is the backend's own business (EFER accesses, NMIs, SMIs) and
+    /// settled: the guest can simply be entered again.
+    #[inline(always)]
+    fn decode_exit(&mut self) -> Option<Exit> {
         let c = &self.vmcb.control;
-        match c.exit_code {
-            // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
-            exit_code::MSR if self.regs.rcx as u32 == efer::MSR_EFER => {
-                self.on_efer(c.exit_info1 & 1 != 0);
-                true
-            }
-            // The NMI stays pending through #VMEXIT (GIF is 0, APM vol. 2,
-            // 15.17); the world switch's STGI has let the host's NMI handler
-            // take it since, which counted it for the guest: the entry path
-            // injects it, or finds the INIT it announced.
-            exit_code::NMI => true,
-            exit_code::SMI => {
-                // STGI in the world switch has let the SMI in by now; the
-                // firmware may have returned with EFER.SVME clear (QEMU's
-                // SMM does), which the next VMRUN needs.
-                ensure_svme();
-                true
-            }
-            _ => false,
+        // The two hot kinds first, with nothing to carry: the exit loop
+        // then goes straight to their handlers.
+        if c.exit_code == exit_code::CPUID {
+            self.exit_insn_len = CPUID_LEN;
+            return Some(Exit::Cpuid);
         }
-    }
-
-    /// Turn the exit the VMCB describes into a neutral one.
-    fn decode_exit(&mut self) -> Exit {
-        let c = &self.vmcb.control;
+        if c.exit_code == exit_code::VMMCALL {
+            self.exit_insn_len = VMMCALL_LEN;
+            return Some(Exit::VmmCall);
+        }
         self.exit_insn_len = 0;
-        match c.exit_code {
+        Some(match c.exit_code {
             exit_code::VMMCALL => {
                 self.exit_insn_len = VMMCALL_LEN;
                 Exit::VmmCall
@@ -757,11 +769,27 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             }
             EXIT_UD => Exit::InvalidOpcode,
             // EXITINFO1 is 0 for RDMSR, 1 for WRMSR; ECX names the MSR (APM 15.11).
+            exit_code::MSR if self.switch.regs.rcx as u32 == efer::MSR_EFER => {
+                self.on_efer(c.exit_info1 & 1 != 0);
+                return None;
+            }
+            // The NMI stays pending through #VMEXIT (GIF is 0, APM vol. 2,
+            // 15.17); the world switch's STGI has let the host's NMI handler
+            // take it since, which counted it for the guest: the entry path
+            // injects it, or finds the INIT it announced.
+            exit_code::NMI => return None,
+            exit_code::SMI => {
+                // STGI in the world switch has let the SMI in by now; the
+                // firmware may have returned with EFER.SVME clear (QEMU's
+                // SMM does), which the next VMRUN needs.
+                ensure_svme();
+                return None;
+            }
             exit_code::MSR => {
                 // Without NRIPS the step over RDMSR/WRMSR is their length.
                 self.exit_insn_len = MSR_INSN_LEN;
                 Exit::Msr {
-                    msr: self.regs.rcx as u32,
+                    msr: self.switch.regs.rcx as u32,
                     write: c.exit_info1 & 1 != 0,
                 }
             }
@@ -785,7 +813,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 Exit::EntryFailed { code }
             }
             code => Exit::Unknown { code },
-        }
+        })
     }
 }
 
@@ -799,7 +827,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn gpr(&self, reg: Gpr) -> u64 {
-        let r = &self.regs;
+        let r = &self.switch.regs;
         match reg {
             Gpr::Rax => self.vmcb.save.rax,
             Gpr::Rsp => self.vmcb.save.rsp,
@@ -821,7 +849,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     }
 
     fn set_gpr(&mut self, reg: Gpr, value: u64) {
-        let r = &mut self.regs;
+        let r = &mut self.switch.regs;
         let slot = match reg {
             Gpr::Rax => &mut self.vmcb.save.rax,
             Gpr::Rsp => &mut self.vmcb.save.rsp,
@@ -859,6 +887,10 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
             cr4: s.cr4,
             efer: s.efer,
         }
+    }
+
+    fn cr4(&self) -> u64 {
+        self.vmcb.save.cr4
     }
 
     fn mode(&self) -> CpuMode {
@@ -909,7 +941,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
     /// keep their values, as INIT leaves them, unless `initial` sets them.
     fn reset(&mut self, initial: &InitialState) {
         load_initial(&mut self.vmcb.save, initial, false);
-        self.regs = regs_from(initial);
+        self.switch.regs = regs_from(initial);
         let c = &mut self.vmcb.control;
         c.event_inj = 0;
         c.interrupt_shadow = 0;
@@ -918,6 +950,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         self.deferred = None;
         self.pending_cr2 = None;
         self.efer_undo = None;
+        self.before_efer_write = None;
         self.shutdown = false;
     }
 
@@ -964,84 +997,116 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         self.vmcb.control.event_inj = encode_event(event);
     }
 
+    /// Inlined into the core's exit loop (crate docs: the exit path).
+    #[inline(always)]
     fn run(&mut self) -> Exit {
-        if self.shutdown {
-            return Exit::Shutdown;
-        }
         loop {
-            if let Some(exit) = self.pick_next_event() {
+            if let Some(exit) = self.before_entry() {
                 return exit;
             }
-            if let Some((generation, seen)) = &mut self.nested_gen {
-                let now = generation.load(Ordering::Acquire);
-                if now != *seen {
-                    *seen = now;
-                    self.vmcb.control.tlb_control = tlb_control::FLUSH_ALL;
-                }
-            }
-            if let Some(cr2) = self.pending_cr2.take() {
-                // SAFETY: CR2 only records page-fault addresses; the
-                // hypervisor takes no page faults before VMRUN.
-                unsafe {
-                    core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
-                };
-            }
-            // After an emulated EFER write the entry may fail: keep the
-            // guest state to go back to (below).
-            let before = self.efer_undo.map(|_| self.vmcb.save);
             // SAFETY: the VMCB and host save area are this vCPU's own pages
-            // (constructor contract), SVM is enabled, and the stub preserves
-            // every callee-saved register of the host.
-            unsafe {
-                thinvisor_svm_run(
-                    self.vmcb_pa.as_u64(),
-                    &mut self.regs,
-                    self.host_save_pa.as_u64(),
-                );
-            }
-            // SMM inside the guest may have returned with the firmware's
-            // EFER, SVME clear (SeaBIOS loads its saved 32-bit context);
-            // the next VMRUN needs it set, and the guest never sees it.
-            self.vmcb.save.efer |= EFER_SVME;
-            if let (Some((old, rip)), Some(before)) = (self.efer_undo.take(), before) {
-                let code = self.vmcb.control.exit_code;
-                if code == exit_code::INVALID || code == u64::from(u32::MAX) {
-                    // The guest's EFER write set a bit CPUID offers but
-                    // this processor refuses (Bochs' ryzen model reports
-                    // TCE yet rejects EFER.TCE): the write raises #GP, as
-                    // on that processor, and the bit stays refused. The
-                    // hostile test guest found that VMRUN failed instead
-                    // and took the whole machine down. (Bochs then leaves
-                    // the host's state in the save area: restore ours.)
-                    self.vmcb.save = before;
-                    let s = &mut self.vmcb.save;
-                    let refused = efer::refused_by_vmrun(old, s.efer);
-                    log::warn!(
-                        "VMRUN refused the guest's EFER {:#x}: bits {refused:#x} raise #GP from now on",
-                        s.efer
-                    );
-                    self.efer_writable &= !refused;
-                    s.efer = old;
-                    s.rip = rip;
-                    self.vmcb.control.event_inj = 0;
-                    self.inject(Event::GP0);
-                    continue;
-                }
-            }
-            let c = &mut self.vmcb.control;
-            self.stats.record(exit_slot(c.exit_code));
-            c.tlb_control = tlb_control::DO_NOTHING;
-            // An event whose delivery the exit interrupted is delivered again
-            // on the next entry (APM 15.7.2); anything injected is consumed.
-            c.event_inj = if c.exit_int_info & event_inj::VALID != 0 {
-                c.exit_int_info
-            } else {
-                0
-            };
-            if !self.settled_here() {
-                return self.decode_exit();
+            // (constructor contract) and SVM is enabled on this processor.
+            unsafe { world_switch(&mut self.switch) };
+            if let Some(exit) = self.after_exit() {
+                return exit;
             }
         }
+    }
+}
+
+impl<M: GuestPhysMemory> SvmVcpu<M> {
+    /// What must happen before VMRUN: the next event, a TLB flush the
+    /// nested tables need, CR2 for an injected #PF. Everything but the
+    /// loads of two counters other processors change is behind one test
+    /// of state only this vCPU sets.
+    #[inline(always)]
+    fn before_entry(&mut self) -> Option<Exit> {
+        if self.shutdown {
+            return Some(Exit::Shutdown);
+        }
+        if let Some(exit) = self.pick_next_event() {
+            return Some(exit);
+        }
+        if let Some((generation, seen)) = &mut self.nested_gen {
+            let now = generation.load(Ordering::Acquire);
+            if now != *seen {
+                *seen = now;
+                self.vmcb.control.tlb_control = tlb_control::FLUSH_ALL;
+            }
+        }
+        if let Some(cr2) = self.pending_cr2.take() {
+            // SAFETY: CR2 only records page-fault addresses; the
+            // hypervisor takes no page faults before VMRUN.
+            unsafe {
+                core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
+            };
+        }
+        if self.efer_undo.is_some() {
+            // After an emulated EFER write the entry may fail: keep the
+            // guest state to go back to (after_exit).
+            self.before_efer_write = Some(self.vmcb.save);
+        }
+        None
+    }
+
+    /// What #VMEXIT leaves to do before the exit is handled; None when the
+    /// backend settled it and the guest can be entered again.
+    #[inline(always)]
+    fn after_exit(&mut self) -> Option<Exit> {
+        // SMM inside the guest may have returned with the firmware's
+        // EFER, SVME clear (SeaBIOS loads its saved 32-bit context);
+        // the next VMRUN needs it set, and the guest never sees it.
+        self.vmcb.save.efer |= EFER_SVME;
+        if self.efer_undo.is_some() {
+            self.undo_refused_efer()?;
+        }
+        let c = &mut self.vmcb.control;
+        self.stats.record(exit_slot(c.exit_code));
+        c.tlb_control = tlb_control::DO_NOTHING;
+        // An event whose delivery the exit interrupted is delivered again
+        // on the next entry (APM 15.7.2); anything injected is consumed.
+        let interrupted = c.exit_int_info;
+        c.event_inj = if interrupted & event_inj::VALID != 0 {
+            interrupted
+        } else {
+            0
+        };
+        self.decode_exit()
+    }
+
+    /// The entry after an emulated EFER write: None when VMRUN refused the
+    /// new EFER and the guest must be entered again (with #GP).
+    #[cold]
+    #[inline(never)]
+    fn undo_refused_efer(&mut self) -> Option<()> {
+        let (Some((old, rip)), Some(before)) =
+            (self.efer_undo.take(), self.before_efer_write.take())
+        else {
+            return Some(());
+        };
+        let code = self.vmcb.control.exit_code;
+        if code != exit_code::INVALID && code != u64::from(u32::MAX) {
+            return Some(());
+        }
+        // The guest's EFER write set a bit CPUID offers but this
+        // processor refuses (Bochs' ryzen model reports TCE yet rejects
+        // EFER.TCE): the write raises #GP, as on that processor, and the
+        // bit stays refused. The hostile test guest found that VMRUN
+        // failed instead and took the whole machine down. (Bochs then
+        // leaves the host's state in the save area: restore ours.)
+        self.vmcb.save = before;
+        let s = &mut self.vmcb.save;
+        let refused = efer::refused_by_vmrun(old, s.efer);
+        log::warn!(
+            "VMRUN refused the guest's EFER {:#x}: bits {refused:#x} raise #GP from now on",
+            s.efer
+        );
+        self.efer_writable &= !refused;
+        s.efer = old;
+        s.rip = rip;
+        self.vmcb.control.event_inj = 0;
+        self.inject(Event::GP0);
+        None
     }
 }
 

@@ -56,23 +56,23 @@ impl CpuidPolicy {
     /// guest's XSETBV): OSXSAVE and OSPKE are taken from `guest_cr4`
     /// instead, as the processor would report them to the guest.
     pub fn query(&self, leaf: u32, subleaf: u32, guest_cr4: u64) -> CpuidResult {
+        with_guest_cr4(
+            leaf,
+            subleaf,
+            self.query_without_cr4(leaf, subleaf),
+            guest_cr4,
+        )
+    }
+
+    /// The answer before the CR4 copies are applied: what
+    /// [`CpuidCache`] keeps.
+    fn query_without_cr4(&self, leaf: u32, subleaf: u32) -> CpuidResult {
         match leaf {
             1 => {
                 let mut r = (self.source)(leaf, subleaf);
                 // Tell the guest it runs on a hypervisor, and hide the
                 // virtualization extension it cannot use (no nesting).
                 r.ecx = (r.ecx | CPUID_HYPERVISOR_BIT) & !LEAF1_ECX_VMX;
-                r.ecx = mirror(
-                    r.ecx,
-                    LEAF1_ECX_XSAVE,
-                    LEAF1_ECX_OSXSAVE,
-                    guest_cr4 & CR4_OSXSAVE,
-                );
-                r
-            }
-            7 if subleaf == 0 => {
-                let mut r = (self.source)(leaf, subleaf);
-                r.ecx = mirror(r.ecx, LEAF7_ECX_PKU, LEAF7_ECX_OSPKE, guest_cr4 & CR4_PKE);
                 r
             }
             0x8000_0001 => {
@@ -99,6 +99,171 @@ impl CpuidPolicy {
             }
             l if l > HYPERVISOR_LEAF && l <= HYPERVISOR_LEAF_END => CpuidResult::default(),
             _ => (self.source)(leaf, subleaf),
+        }
+    }
+}
+
+/// Whether the answer for `leaf` reads CR4 (its OS bits are copies).
+#[inline(always)]
+fn reads_cr4(leaf: u32, subleaf: u32) -> bool {
+    leaf == 1 || (leaf == 7 && subleaf == 0)
+}
+
+/// `r` with the OS bits that copy CR4 bits taken from the guest's CR4.
+#[inline(always)]
+fn with_guest_cr4(leaf: u32, subleaf: u32, mut r: CpuidResult, guest_cr4: u64) -> CpuidResult {
+    if leaf == 1 {
+        r.ecx = mirror(
+            r.ecx,
+            LEAF1_ECX_XSAVE,
+            LEAF1_ECX_OSXSAVE,
+            guest_cr4 & CR4_OSXSAVE,
+        );
+    } else if leaf == 7 && subleaf == 0 {
+        r.ecx = mirror(r.ecx, LEAF7_ECX_PKU, LEAF7_ECX_OSPKE, guest_cr4 & CR4_PKE);
+    }
+    r
+}
+
+/// The leaf whose answers follow XCR0 and IA32_XSS (the XSAVE area's
+/// sizes, Intel SDM vol. 2A, CPUID leaf 0DH): never cached.
+const XSAVE_LEAF: u32 = 0xD;
+
+/// Entries in a [`CpuidCache`] (a power of two).
+const CACHE_ENTRIES: usize = 64;
+
+/// One processor's CPUID answers, so the exit path runs no CPUID (issue
+/// 11: a CPUID costs an exit of its own under a nesting hypervisor, and
+/// tens of cycles on hardware).
+///
+/// Per vCPU, because some answers name the processor (the initial APIC
+/// ID in leaf 1 and the x2APIC ID in leaves 0Bh and 1Fh). What it keeps
+/// must not change while the guest runs: leaf 0Dh, which follows XCR0 and
+/// IA32_XSS, is never kept; the bits that copy CR4 are applied at each
+/// query; and the MSRs that change the answers (IA32_MISC_ENABLE on
+/// Intel, the CPUID feature MSRs on AMD: [`crate::guard::CPUID_MSRS`])
+/// have their writes intercepted, which [`clear`](Self::clear)s the cache.
+///
+/// Direct-mapped on leaf and subleaf, filled on a miss: a guest's garbage
+/// ECX for a leaf without subleaves only costs a miss.
+#[derive(Clone)]
+pub struct CpuidCache {
+    entries: [CachedAnswer; CACHE_ENTRIES],
+}
+
+/// 32 bytes, so an entry's address is a shift away from its slot.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct CachedAnswer {
+    /// `leaf | subleaf << 32`; an empty slot `s` holds [`empty_key`]`(s)`,
+    /// which no query reaching slot `s` can have.
+    key: u64,
+    /// The answer with the OS bits that copy CR4 cleared.
+    answer: CpuidResult,
+    /// Which OS bit of ECX the guest's CR4 may set ([`os_bits`]).
+    os_mask: u32,
+}
+
+/// The key an empty slot holds: leaf `slot ^ 1`, subleaf 0, whose own
+/// slot is `slot ^ 1`, never `slot` (see [`slot_of`]).
+const fn empty_key(slot: usize) -> u64 {
+    (slot ^ 1) as u64
+}
+
+/// Where `leaf`/`subleaf` lives. Basic, hypervisor (4000_0000h) and
+/// extended (8000_0000h) leaves land on different slots: bits 31:26 fold
+/// into bits 5:0; the first subleaves of a leaf land 8 slots apart. A leaf
+/// below 64 with subleaf 0 lands on its own number.
+#[inline(always)]
+fn slot_of(leaf: u32, subleaf: u32) -> usize {
+    (leaf ^ (leaf >> 26) ^ (subleaf << 3)) as usize % CACHE_ENTRIES
+}
+
+/// ECX's OS bits as the guest's CR4 sets them (both leaves' bits at once;
+/// an entry's `os_mask` keeps its own leaf's).
+#[inline(always)]
+fn os_bits(cr4: u64) -> u32 {
+    (((cr4 & CR4_OSXSAVE) << (27 - 18)) | ((cr4 & CR4_PKE) >> (22 - 4))) as u32
+}
+
+impl Default for CpuidCache {
+    fn default() -> Self {
+        let mut cache = Self {
+            entries: [CachedAnswer {
+                key: 0,
+                answer: CpuidResult::default(),
+                os_mask: 0,
+            }; CACHE_ENTRIES],
+        };
+        cache.clear();
+        cache
+    }
+}
+
+impl CpuidCache {
+    /// The guest's answer, as [`CpuidPolicy::query`] gives it; `cr4` is
+    /// called only for the leaves that copy CR4 bits.
+    #[inline(always)]
+    pub fn query(
+        &mut self,
+        policy: &CpuidPolicy,
+        leaf: u32,
+        subleaf: u32,
+        cr4: impl FnOnce() -> u64,
+    ) -> CpuidResult {
+        let key = u64::from(leaf) | u64::from(subleaf) << 32;
+        let entry = &mut self.entries[slot_of(leaf, subleaf)];
+        if entry.key != key {
+            *entry = Self::fill(policy, leaf, subleaf);
+            if leaf == XSAVE_LEAF {
+                // Answered, not kept.
+                let filled = *entry;
+                entry.key = empty_key(slot_of(leaf, subleaf));
+                return Self::finish(&filled, cr4);
+            }
+        }
+        Self::finish(entry, cr4)
+    }
+
+    #[inline(always)]
+    fn finish(entry: &CachedAnswer, cr4: impl FnOnce() -> u64) -> CpuidResult {
+        let mut answer = entry.answer;
+        if entry.os_mask != 0 {
+            answer.ecx |= os_bits(cr4()) & entry.os_mask;
+        }
+        answer
+    }
+
+    /// A miss: ask the policy (and the processor behind it).
+    #[cold]
+    #[inline(never)]
+    fn fill(policy: &CpuidPolicy, leaf: u32, subleaf: u32) -> CachedAnswer {
+        let mut answer = policy.query_without_cr4(leaf, subleaf);
+        let mut os_mask = 0;
+        if reads_cr4(leaf, subleaf) {
+            let (feature, os_bit) = if leaf == 1 {
+                (LEAF1_ECX_XSAVE, LEAF1_ECX_OSXSAVE)
+            } else {
+                (LEAF7_ECX_PKU, LEAF7_ECX_OSPKE)
+            };
+            // The OS bit is the guest's CR4 bit, not the host's; the guest
+            // cannot set the CR4 bit of a feature the processor lacks.
+            answer.ecx &= !os_bit;
+            if answer.ecx & feature != 0 {
+                os_mask = os_bit;
+            }
+        }
+        CachedAnswer {
+            key: u64::from(leaf) | u64::from(subleaf) << 32,
+            answer,
+            os_mask,
+        }
+    }
+
+    /// Forget every answer: an MSR that shapes them was written.
+    pub fn clear(&mut self) {
+        for (slot, e) in self.entries.iter_mut().enumerate() {
+            e.key = empty_key(slot);
         }
     }
 }
@@ -180,5 +345,99 @@ mod tests {
         let p = CpuidPolicy::new(bare);
         assert_eq!(p.query(1, 0, CR4_OSXSAVE).ecx & LEAF1_ECX_OSXSAVE, 0);
         assert_eq!(p.query(7, 0, CR4_PKE).ecx & LEAF7_ECX_OSPKE, 0);
+    }
+
+    use core::sync::atomic::{AtomicU32, Ordering};
+
+    /// Counts the CPUIDs it answers; every answer names its leaf and subleaf.
+    static ASKED: AtomicU32 = AtomicU32::new(0);
+    fn counting(leaf: u32, subleaf: u32) -> CpuidResult {
+        ASKED.fetch_add(1, Ordering::Relaxed);
+        CpuidResult {
+            eax: leaf,
+            ebx: subleaf,
+            ecx: !0,
+            edx: leaf ^ subleaf,
+        }
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_policy_and_asks_the_processor_once() {
+        let p = CpuidPolicy::new(counting);
+        let mut cache = CpuidCache::default();
+        let leaves = [
+            (0, 0),
+            (1, 0),
+            (1, 5),
+            (4, 0),
+            (4, 1),
+            (7, 0),
+            (7, 1),
+            (0xB, 1),
+            (0x4000_0000, 0),
+            (0x4000_0001, 0),
+            (0x8000_0000, 0),
+            (0x8000_0001, 0),
+            (0x8000_000A, 0),
+            (0x8000_0008, 0),
+        ];
+        for cr4 in [0, CR4_OSXSAVE | CR4_PKE, 0] {
+            for &(leaf, subleaf) in &leaves {
+                let want = p.query(leaf, subleaf, cr4);
+                assert_eq!(
+                    cache.query(&p, leaf, subleaf, || cr4),
+                    want,
+                    "{leaf:#x}.{subleaf}"
+                );
+            }
+        }
+        // Each leaf went to the processor once at most (ASKED is shared
+        // with no other test): the first round filled the cache.
+        let first = ASKED.load(Ordering::Relaxed);
+        for &(leaf, subleaf) in &leaves {
+            cache.query(&p, leaf, subleaf, || 0);
+        }
+        assert_eq!(ASKED.load(Ordering::Relaxed), first);
+        // After clear, the processor is asked again.
+        cache.clear();
+        cache.query(&p, 0, 0, || 0);
+        assert_eq!(ASKED.load(Ordering::Relaxed), first + 1);
+    }
+
+    #[test]
+    fn the_xsave_leaf_is_never_kept() {
+        fn xcr0_sized(_: u32, subleaf: u32) -> CpuidResult {
+            static SIZE: AtomicU32 = AtomicU32::new(0x240);
+            CpuidResult {
+                eax: subleaf,
+                ebx: SIZE.fetch_add(0x40, Ordering::Relaxed),
+                ecx: 0,
+                edx: 0,
+            }
+        }
+        let p = CpuidPolicy::new(xcr0_sized);
+        let mut cache = CpuidCache::default();
+        let a = cache.query(&p, XSAVE_LEAF, 0, || 0);
+        let b = cache.query(&p, XSAVE_LEAF, 0, || 0);
+        assert_ne!(
+            a.ebx, b.ebx,
+            "leaf 0Dh follows XCR0 and must be asked each time"
+        );
+    }
+
+    #[test]
+    fn cr4_is_read_only_for_the_leaves_that_copy_it() {
+        let p = CpuidPolicy::new(all_ones);
+        let mut cache = CpuidCache::default();
+        for leaf in [0, 2, 7, 0x8000_0001] {
+            let subleaf = u32::from(leaf == 7);
+            cache.query(&p, leaf, subleaf, || panic!("CR4 read for {leaf:#x}"));
+        }
+        let mut read = false;
+        cache.query(&p, 1, 0, || {
+            read = true;
+            0
+        });
+        assert!(read);
     }
 }

@@ -34,15 +34,15 @@ pub fn run_guest<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> StopReason {
     let mut until_poll = POLL_EVERY;
     loop {
         let exit = vcpu.run();
+        if let Action::Stop(reason) = handle_exit(vmm, vcpu, exit) {
+            return reason;
+        }
         until_poll -= 1;
         if until_poll == 0 {
             until_poll = POLL_EVERY;
             if let Some(p) = vmm.vm.platform {
                 p.poll_devices();
             }
-        }
-        if let Action::Stop(reason) = handle_exit(vmm, vcpu, exit) {
-            return reason;
         }
     }
 }
@@ -97,7 +97,9 @@ fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
 fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let leaf = vcpu.gpr(Gpr::Rax) as u32;
     let subleaf = vcpu.gpr(Gpr::Rcx) as u32;
-    let r = vmm.vm.cpuid.query(leaf, subleaf, vcpu.paging().cr4);
+    let r = vmm
+        .cpuid_cache
+        .query(&vmm.vm.cpuid, leaf, subleaf, || vcpu.cr4());
     // CPUID writes the full 64-bit registers with zero-extended values.
     vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
     vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));
@@ -382,7 +384,7 @@ fn on_x2apic_icr<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V) -> Action {
 /// block's memory type; then #GP(0), as for a value the processor does
 /// not support. Refusals are logged, the first few and then at powers of
 /// two (a guest must not be able to flood the log).
-fn on_guarded_msr_write<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, msr: u32) -> Action {
+fn on_guarded_msr_write<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, msr: u32) -> Action {
     use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
     static REFUSED: AtomicU64 = AtomicU64::new(0);
     let value = (vcpu.gpr(Gpr::Rdx) << 32) | (vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF);
@@ -409,6 +411,8 @@ fn on_guarded_msr_write<V: Vcpu>(vmm: &Vmm<'_>, vcpu: &mut V, msr: u32) -> Actio
         }
     }
     if p.msr_write(msr, value) {
+        // Cheap, and some of these MSRs change CPUID's answers.
+        vmm.cpuid_cache.clear();
         vcpu.skip_instruction();
     } else {
         vcpu.inject(Event::GP0);

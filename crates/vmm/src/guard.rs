@@ -31,6 +31,12 @@
 //!   of thinvisor on SVM (docs/security.md, "INIT and SIPI"). The xAPIC
 //!   page's equivalents are watched by the hypervisor's APIC emulation.
 //!
+//! - IA32_MISC_ENABLE (Intel; its CPUID-limit, XD-disable and MONITOR
+//!   bits, SDM vol. 4, table 2-2) and the CPUID feature MSRs (AMD,
+//!   C001_1004h and C001_1005h) change what CPUID answers. Their writes
+//!   are not refused; they exit so that the processor's cached CPUID
+//!   answers ([`crate::cpuid::CpuidCache`]) are dropped.
+//!
 //! Their writes exit; a write that keeps thinvisor's block clear of the
 //! APIC window and of write-combining is done for the guest, any other
 //! raises #GP(0), as a processor refuses a value it does not support.
@@ -49,10 +55,16 @@ pub const X2APIC_LVT_MSRS: [u32; 5] = [0x82F, 0x833, 0x834, 0x835, 0x836];
 /// An LVT entry's delivery mode INIT (bits 10:8 = 101).
 const LVT_MODE_INIT: u64 = 5;
 
+/// IA32_MISC_ENABLE (SDM vol. 4, table 2-2) and AMD's CPUID feature MSRs
+/// for leaves 1 and 8000_0001h (BKDG/PPR, MSRC001_1004 and
+/// MSRC001_1005): writes change CPUID's answers.
+pub const CPUID_MSRS: [u32; 3] = [0x1A0, 0xC001_1004, 0xC001_1005];
+
 /// Every MSR whose writes are checked: the APIC base, MTRRdefType, the
-/// fixed-range and the variable-range MTRRs, the x2APIC LVT entries.
-pub const GUARDED_MSRS: [u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS + 5] = {
-    let mut all = [0u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS + 5];
+/// fixed-range and the variable-range MTRRs, the x2APIC LVT entries, the
+/// MSRs that shape CPUID.
+pub const GUARDED_MSRS: [u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS + 5 + 3] = {
+    let mut all = [0u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS + 5 + 3];
     all[0] = IA32_APIC_BASE;
     all[1] = IA32_MTRR_DEF_TYPE;
     let mut i = 0;
@@ -69,6 +81,11 @@ pub const GUARDED_MSRS: [u32; 2 + 11 + 2 * MAX_VARIABLE_MTRRS + 5] = {
     while l < X2APIC_LVT_MSRS.len() {
         all[13 + 2 * MAX_VARIABLE_MTRRS + l] = X2APIC_LVT_MSRS[l];
         l += 1;
+    }
+    let mut c = 0;
+    while c < CPUID_MSRS.len() {
+        all[18 + 2 * MAX_VARIABLE_MTRRS + c] = CPUID_MSRS[c];
+        c += 1;
     }
     all
 };
@@ -87,6 +104,7 @@ pub fn is_guarded(msr: u32) -> bool {
         || FIXED_MTRR_MSRS.contains(&msr)
         || (IA32_MTRR_PHYSBASE0..IA32_MTRR_PHYSBASE0 + 2 * MAX_VARIABLE_MTRRS as u32).contains(&msr)
         || X2APIC_LVT_MSRS.contains(&msr)
+        || CPUID_MSRS.contains(&msr)
 }
 
 /// Why a write is refused.
@@ -142,6 +160,10 @@ pub fn check_write(
         } else {
             Ok(())
         };
+    }
+    if CPUID_MSRS.contains(&msr) {
+        // They do not decide how physical memory is reached.
+        return Ok(());
     }
     let (start, end) = reserved;
     if start >= end {
@@ -344,6 +366,16 @@ mod tests {
             check(IA32_PAT, 0x0007_0406_0007_0401),
             Err(Refusal::PatEntry0WriteCombining)
         );
+    }
+
+    #[test]
+    fn cpuid_msrs_are_let_through_whatever_the_value() {
+        for msr in CPUID_MSRS {
+            assert!(is_guarded(msr));
+            for value in [0, !0, 1 << 22, 1 << 34] {
+                assert_eq!(check(msr, value), Ok(()), "{msr:#x}");
+            }
+        }
     }
 
     #[test]

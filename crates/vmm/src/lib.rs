@@ -85,6 +85,8 @@ pub struct Vmm<'vm> {
     pub vm: &'vm Vm,
     /// Bounds the page faults a VMM call may inject.
     pub fault_retry: vmmcall::FaultRetry,
+    /// This processor's CPUID answers (some name the processor).
+    pub cpuid_cache: cpuid::CpuidCache,
 }
 
 impl<'vm> Vmm<'vm> {
@@ -93,6 +95,7 @@ impl<'vm> Vmm<'vm> {
         Self {
             vm,
             fault_retry: vmmcall::FaultRetry::default(),
+            cpuid_cache: cpuid::CpuidCache::default(),
         }
     }
 }

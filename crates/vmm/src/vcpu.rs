@@ -163,6 +163,10 @@ pub trait Vcpu {
     fn cr3(&self) -> u64 {
         self.paging().cr3
     }
+    /// CR4 alone (for CPUID's OS bits), as [`cr3`](Self::cr3).
+    fn cr4(&self) -> u64 {
+        self.paging().cr4
+    }
     /// Privilege and operating mode.
     fn mode(&self) -> CpuMode;
     /// The guest's physical memory: the VM's one memory object, shared

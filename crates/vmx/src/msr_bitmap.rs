@@ -104,10 +104,14 @@ mod tests {
         // The x2APIC ICR: writes only.
         assert!(is_intercepted(&map, 0x830, true));
         assert!(!is_intercepted(&map, 0x830, false));
-        // The guarded MSRs (APIC base, MTRRs): writes only.
+        // The guarded MSRs (APIC base, MTRRs, ...): writes only, where
+        // the bitmap reaches (AMD's CPUID MSRs at C001_1004h lie outside
+        // it: every access to them exits, and raises #GP on Intel).
         for msr in thinvisor_vmm::guard::GUARDED_MSRS {
             assert!(is_intercepted(&map, msr, true), "{msr:#x}");
-            assert!(!is_intercepted(&map, msr, false), "{msr:#x}");
+            if position(msr).is_some() {
+                assert!(!is_intercepted(&map, msr, false), "{msr:#x}");
+            }
         }
     }
 }

@@ -1111,6 +1111,10 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         read(F::GUEST_CR3)
     }
 
+    fn cr4(&self) -> u64 {
+        read(F::GUEST_CR4) & !CR4_VMXE
+    }
+
     fn mode(&self) -> CpuMode {
         // CPL is SS.DPL (SDM vol. 3C, 26.3.1.2); CS.L is bit 13 of its
         // access rights.
