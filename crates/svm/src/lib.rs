@@ -717,20 +717,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
 
     /// Turn the exit the VMCB describes into a neutral one, or None when
     /// it is the backend's own business (EFER accesses, NMIs, SMIs) and
-    /// settled: the guest can simply be entered again.
-    #[inline(always)]
+    /// settled: the guest can simply be entered again. (CPUID and VMMCALL
+    /// take the short way, in `run_then`.)
     fn decode_exit(&mut self) -> Option<Exit> {
         let c = &self.vmcb.control;
-        // The two hot kinds first, with nothing to carry: the exit loop
-        // then goes straight to their handlers.
-        if c.exit_code == exit_code::CPUID {
-            self.exit_insn_len = CPUID_LEN;
-            return Some(Exit::Cpuid);
-        }
-        if c.exit_code == exit_code::VMMCALL {
-            self.exit_insn_len = VMMCALL_LEN;
-            return Some(Exit::VmmCall);
-        }
         self.exit_insn_len = 0;
         Some(match c.exit_code {
             exit_code::VMMCALL => {
@@ -997,18 +987,39 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         self.vmcb.control.event_inj = encode_event(event);
     }
 
-    /// Inlined into the core's exit loop (crate docs: the exit path).
-    #[inline(always)]
     fn run(&mut self) -> Exit {
+        self.run_then(|_, exit| exit)
+    }
+
+    /// The exit path (docs/performance.md): inlined into the core's exit
+    /// loop, with the world switch; CPUID and VMMCALL reach their handlers
+    /// without a neutral exit being assembled.
+    #[inline(always)]
+    fn run_then<R>(&mut self, handle: impl FnOnce(&mut Self, Exit) -> R) -> R {
         loop {
             if let Some(exit) = self.before_entry() {
-                return exit;
+                return handle(self, exit);
             }
             // SAFETY: the VMCB and host save area are this vCPU's own pages
             // (constructor contract) and SVM is enabled on this processor.
             unsafe { world_switch(&mut self.switch) };
-            if let Some(exit) = self.after_exit() {
-                return exit;
+            if !self.after_exit() {
+                continue;
+            }
+            match self.vmcb.control.exit_code {
+                exit_code::CPUID => {
+                    self.exit_insn_len = CPUID_LEN;
+                    return handle(self, Exit::Cpuid);
+                }
+                exit_code::VMMCALL => {
+                    self.exit_insn_len = VMMCALL_LEN;
+                    return handle(self, Exit::VmmCall);
+                }
+                _ => {
+                    if let Some(exit) = self.decode_exit() {
+                        return handle(self, exit);
+                    }
+                }
             }
         }
     }
@@ -1049,16 +1060,17 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         None
     }
 
-    /// What #VMEXIT leaves to do before the exit is handled; None when the
-    /// backend settled it and the guest can be entered again.
+    /// What #VMEXIT leaves to do before the exit is handled; false when
+    /// the entry failed in a way the backend settled (a refused EFER) and
+    /// the guest can be entered again.
     #[inline(always)]
-    fn after_exit(&mut self) -> Option<Exit> {
+    fn after_exit(&mut self) -> bool {
         // SMM inside the guest may have returned with the firmware's
         // EFER, SVME clear (SeaBIOS loads its saved 32-bit context);
         // the next VMRUN needs it set, and the guest never sees it.
         self.vmcb.save.efer |= EFER_SVME;
-        if self.efer_undo.is_some() {
-            self.undo_refused_efer()?;
+        if self.efer_undo.is_some() && self.undo_refused_efer().is_none() {
+            return false;
         }
         let c = &mut self.vmcb.control;
         self.stats.record(exit_slot(c.exit_code));
@@ -1071,7 +1083,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         } else {
             0
         };
-        self.decode_exit()
+        true
     }
 
     /// The entry after an emulated EFER write: None when VMRUN refused the

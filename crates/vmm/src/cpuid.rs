@@ -153,7 +153,7 @@ pub struct CpuidCache {
 
 /// 32 bytes, so an entry's address is a shift away from its slot.
 #[derive(Clone, Copy)]
-#[repr(C, align(32))]
+#[repr(C)]
 struct CachedAnswer {
     /// `leaf | subleaf << 32`; an empty slot `s` holds [`empty_key`]`(s)`,
     /// which no query reaching slot `s` can have.
@@ -162,6 +162,7 @@ struct CachedAnswer {
     answer: CpuidResult,
     /// Which OS bit of ECX the guest's CR4 may set ([`os_bits`]).
     os_mask: u32,
+    _pad: u32,
 }
 
 /// The key an empty slot holds: leaf `slot ^ 1`, subleaf 0, whose own
@@ -193,6 +194,7 @@ impl Default for CpuidCache {
                 key: 0,
                 answer: CpuidResult::default(),
                 os_mask: 0,
+                _pad: 0,
             }; CACHE_ENTRIES],
         };
         cache.clear();
@@ -257,6 +259,7 @@ impl CpuidCache {
             key: u64::from(leaf) | u64::from(subleaf) << 32,
             answer,
             os_mask,
+            _pad: 0,
         }
     }
 
@@ -278,6 +281,8 @@ fn mirror(ecx: u32, feature_bit: u32, os_bit: u32, enabled: u64) -> u32 {
         ecx & !os_bit
     }
 }
+
+const _: () = assert!(core::mem::size_of::<CachedAnswer>() == 32);
 
 #[cfg(test)]
 mod tests {

@@ -33,8 +33,11 @@ pub enum StopReason {
 pub fn run_guest<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> StopReason {
     let mut until_poll = POLL_EVERY;
     loop {
-        let exit = vcpu.run();
-        if let Action::Stop(reason) = handle_exit(vmm, vcpu, exit) {
+        let action = vcpu.run_then(
+            #[inline(always)]
+            |vcpu, exit| handle_exit(vmm, vcpu, exit),
+        );
+        if let Action::Stop(reason) = action {
             return reason;
         }
         until_poll -= 1;
@@ -49,6 +52,9 @@ pub fn run_guest<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> StopReason {
 
 /// The exit dispatch table. Each arm names the one function that handles
 /// that kind of exit; the compiler turns the match into a jump table.
+/// Inlined: where a backend calls it with a constant kind
+/// ([`Vcpu::run_then`]) it folds to that kind's handler.
+#[inline(always)]
 pub fn handle_exit<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V, exit: Exit) -> Action {
     match exit {
         Exit::VmmCall => on_vmm_call(vmm, vcpu),
@@ -94,6 +100,7 @@ fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
 /// CPUID: the real processor's answer, edited by the policy (hypervisor
 /// bit, thinvisor's leaf 0x40000000, no nested virtualization, the
 /// guest's own CR4.OSXSAVE and CR4.PKE).
+#[inline(always)]
 fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let leaf = vcpu.gpr(Gpr::Rax) as u32;
     let subleaf = vcpu.gpr(Gpr::Rcx) as u32;

@@ -190,6 +190,19 @@ pub trait Vcpu {
     fn inject(&mut self, event: Event);
     /// Enter the guest and run it until the next exit.
     fn run(&mut self) -> Exit;
+    /// [`run`](Self::run), then `handle` the exit. Backends override it to
+    /// call `handle` where they recognise each frequent kind of exit, with
+    /// that kind as a constant: the core's dispatch then folds to one
+    /// handler there, and no exit value is assembled on the hot path
+    /// (docs/performance.md, "The exit path").
+    #[inline(always)]
+    fn run_then<R>(&mut self, handle: impl FnOnce(&mut Self, Exit) -> R) -> R
+    where
+        Self: Sized,
+    {
+        let exit = self.run();
+        handle(self, exit)
+    }
     /// Put the processor in `initial`, as a SIPI does after INIT (Intel SDM
     /// vol. 3A, 9.1.1 and 9.4.4.1). Backends that cannot are left as they
     /// are.
