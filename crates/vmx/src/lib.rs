@@ -240,10 +240,7 @@ pub unsafe fn setup_vmcs(s: VmcsSetup<'_>) -> Result<(CrPolicy, GuestEfer), VmxE
         (F::HOST_IA32_SYSENTER_CS, 0),
         (F::HOST_IA32_SYSENTER_ESP, 0),
         (F::HOST_IA32_SYSENTER_EIP, 0),
-        (
-            F::HOST_RIP,
-            (vcpu::thinvisor_vmx_exit as unsafe extern "sysv64" fn()) as usize as u64,
-        ),
+        // HOST_RSP and HOST_RIP: written by the world switch at each entry.
         // Guest state beyond initial::guest_fields (below).
         (F::GUEST_IA32_DEBUGCTL, 0),
         (F::GUEST_ACTIVITY_STATE, 0),

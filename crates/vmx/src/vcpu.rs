@@ -3,7 +3,6 @@
 
 use crate::cr_write::{mov_to_cr, CrLimits, GuestCrs};
 use crate::vmcs::{vmread, vmwrite, VmInstructionError, VmcsField as F};
-use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, Ordering};
 use thinvisor_memory::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PagingRegs};
 use thinvisor_vmm::events::{combine, Combined};
@@ -282,105 +281,120 @@ impl CrPolicy {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GuestRegs(pub [u64; 16]);
 
-// The world switch. VM exits do not save the guest's general registers
-// (SDM vol. 3C, 28.1): the stub does. HOST_RSP is written just before
-// entering, pointing at the saved GuestRegs pointer; HOST_RIP is
-// `thinvisor_vmx_exit`.
-//
-// extern "sysv64" fn(regs: *mut GuestRegs, launched: u64) -> u64
-//   0 = the guest ran and exited, 1 = VMfailInvalid, 2 = VMfailValid
-global_asm!(
-    ".pushsection .text.thinvisor_vmx_run, \"ax\"",
-    ".global thinvisor_vmx_run",
-    ".global thinvisor_vmx_exit",
-    "thinvisor_vmx_run:",
-    "push rbx",
-    "push rbp",
-    "push r12",
-    "push r13",
-    "push r14",
-    "push r15",
-    "push rdi",
-    "mov rax, {host_rsp}",
-    "vmwrite rax, rsp",
-    "cmp rsi, 0",
-    "mov rax, [rdi + {g_rax}]",
-    "mov rcx, [rdi + {g_rcx}]",
-    "mov rdx, [rdi + {g_rdx}]",
-    "mov rbx, [rdi + {g_rbx}]",
-    "mov rbp, [rdi + {g_rbp}]",
-    "mov rsi, [rdi + {g_rsi}]",
-    "mov r8, [rdi + {g_r8}]",
-    "mov r9, [rdi + {g_r9}]",
-    "mov r10, [rdi + {g_r10}]",
-    "mov r11, [rdi + {g_r11}]",
-    "mov r12, [rdi + {g_r12}]",
-    "mov r13, [rdi + {g_r13}]",
-    "mov r14, [rdi + {g_r14}]",
-    "mov r15, [rdi + {g_r15}]",
-    "mov rdi, [rdi + {g_rdi}]",
-    "jne 2f",
-    "vmlaunch",
-    "jmp 3f",
-    "2:",
-    "vmresume",
-    "3:",
-    // Only reached when the entry failed: CF = invalid, ZF = valid.
-    "mov eax, 1",
-    "jc 4f",
-    "mov eax, 2",
-    "4:",
-    "add rsp, 8",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
-    "pop rbp",
-    "pop rbx",
-    "ret",
-    "thinvisor_vmx_exit:",
-    "push rdi",
-    "mov rdi, [rsp + 8]",
-    "mov [rdi + {g_rax}], rax",
-    "mov [rdi + {g_rcx}], rcx",
-    "mov [rdi + {g_rdx}], rdx",
-    "mov [rdi + {g_rbx}], rbx",
-    "mov [rdi + {g_rbp}], rbp",
-    "mov [rdi + {g_rsi}], rsi",
-    "mov [rdi + {g_r8}], r8",
-    "mov [rdi + {g_r9}], r9",
-    "mov [rdi + {g_r10}], r10",
-    "mov [rdi + {g_r11}], r11",
-    "mov [rdi + {g_r12}], r12",
-    "mov [rdi + {g_r13}], r13",
-    "mov [rdi + {g_r14}], r14",
-    "mov [rdi + {g_r15}], r15",
-    "pop qword ptr [rdi + {g_rdi}]",
-    "xor eax, eax",
-    "jmp 4b",
-    ".popsection",
-    g_rax = const 8 * Gpr::Rax as usize,
-    g_rcx = const 8 * Gpr::Rcx as usize,
-    g_rdx = const 8 * Gpr::Rdx as usize,
-    g_rbx = const 8 * Gpr::Rbx as usize,
-    g_rbp = const 8 * Gpr::Rbp as usize,
-    g_rsi = const 8 * Gpr::Rsi as usize,
-    g_rdi = const 8 * Gpr::Rdi as usize,
-    g_r8 = const 8 * Gpr::R8 as usize,
-    g_r9 = const 8 * Gpr::R9 as usize,
-    g_r10 = const 8 * Gpr::R10 as usize,
-    g_r11 = const 8 * Gpr::R11 as usize,
-    g_r12 = const 8 * Gpr::R12 as usize,
-    g_r13 = const 8 * Gpr::R13 as usize,
-    g_r14 = const 8 * Gpr::R14 as usize,
-    g_r15 = const 8 * Gpr::R15 as usize,
-    host_rsp = const F::HOST_RSP.0,
-);
-
-extern "sysv64" {
-    fn thinvisor_vmx_run(regs: *mut GuestRegs, launched: u64) -> u64;
-    /// HOST_RIP: where VM exits land.
-    pub fn thinvisor_vmx_exit();
+/// The world switch, inlined into the exit loop so that the compiler
+/// keeps only what it needs across it (no call, no callee-saved registers
+/// pushed per exit: they are declared clobbered). VM exits do not save
+/// the guest's general registers (SDM vol. 3C, 28.1): the switch does.
+/// HOST_RSP and HOST_RIP are written on each entry: the stack slot that
+/// holds `regs`' address, and the exit label inside this asm (which has
+/// an address of its own wherever the function is inlined). RBX and RBP
+/// cannot be named as operands (LLVM uses them): saved here.
+///
+/// Returns 0 when the guest ran and exited, 1 for VMfailInvalid, 2 for
+/// VMfailValid.
+///
+/// # Safety
+/// This vCPU's VMCS is current with the rest of its host state valid, and
+/// the stack has no red zone (the target has none).
+#[inline(always)]
+unsafe fn world_switch(regs: &mut GuestRegs, launched: bool) -> u32 {
+    let status: u32;
+    // SAFETY: per the function's contract; the asm restores RBX, RBP and
+    // RSP and declares every other register it changes.
+    unsafe {
+        core::arch::asm!(
+            "push rbp",
+            "push rbx",
+            "push rdi",
+            "mov rax, {host_rsp}",
+            "vmwrite rax, rsp",
+            "lea rdx, [rip + 2f]",
+            "mov rax, {host_rip}",
+            "vmwrite rax, rdx",
+            "test esi, esi",
+            "mov rax, [rdi + {g_rax}]",
+            "mov rcx, [rdi + {g_rcx}]",
+            "mov rdx, [rdi + {g_rdx}]",
+            "mov rbx, [rdi + {g_rbx}]",
+            "mov rbp, [rdi + {g_rbp}]",
+            "mov rsi, [rdi + {g_rsi}]",
+            "mov r8, [rdi + {g_r8}]",
+            "mov r9, [rdi + {g_r9}]",
+            "mov r10, [rdi + {g_r10}]",
+            "mov r11, [rdi + {g_r11}]",
+            "mov r12, [rdi + {g_r12}]",
+            "mov r13, [rdi + {g_r13}]",
+            "mov r14, [rdi + {g_r14}]",
+            "mov r15, [rdi + {g_r15}]",
+            "mov rdi, [rdi + {g_rdi}]",
+            "jz 3f",
+            "vmresume",
+            "jmp 4f",
+            "3:",
+            "vmlaunch",
+            "4:",
+            // Only reached when the entry failed: CF = invalid, ZF = valid.
+            "mov eax, 1",
+            "jc 5f",
+            "mov eax, 2",
+            "jmp 5f",
+            // The VM exit: RSP is HOST_RSP, the slot with `regs`' address.
+            "2:",
+            "push rdi",
+            "mov rdi, [rsp + 8]",
+            "mov [rdi + {g_rax}], rax",
+            "mov [rdi + {g_rcx}], rcx",
+            "mov [rdi + {g_rdx}], rdx",
+            "mov [rdi + {g_rbx}], rbx",
+            "mov [rdi + {g_rbp}], rbp",
+            "mov [rdi + {g_rsi}], rsi",
+            "mov [rdi + {g_r8}], r8",
+            "mov [rdi + {g_r9}], r9",
+            "mov [rdi + {g_r10}], r10",
+            "mov [rdi + {g_r11}], r11",
+            "mov [rdi + {g_r12}], r12",
+            "mov [rdi + {g_r13}], r13",
+            "mov [rdi + {g_r14}], r14",
+            "mov [rdi + {g_r15}], r15",
+            "pop qword ptr [rdi + {g_rdi}]",
+            "xor eax, eax",
+            "5:",
+            "pop rdi",
+            "pop rbx",
+            "pop rbp",
+            g_rax = const 8 * Gpr::Rax as usize,
+            g_rcx = const 8 * Gpr::Rcx as usize,
+            g_rdx = const 8 * Gpr::Rdx as usize,
+            g_rbx = const 8 * Gpr::Rbx as usize,
+            g_rbp = const 8 * Gpr::Rbp as usize,
+            g_rsi = const 8 * Gpr::Rsi as usize,
+            g_rdi = const 8 * Gpr::Rdi as usize,
+            g_r8 = const 8 * Gpr::R8 as usize,
+            g_r9 = const 8 * Gpr::R9 as usize,
+            g_r10 = const 8 * Gpr::R10 as usize,
+            g_r11 = const 8 * Gpr::R11 as usize,
+            g_r12 = const 8 * Gpr::R12 as usize,
+            g_r13 = const 8 * Gpr::R13 as usize,
+            g_r14 = const 8 * Gpr::R14 as usize,
+            g_r15 = const 8 * Gpr::R15 as usize,
+            host_rsp = const F::HOST_RSP.0,
+            host_rip = const F::HOST_RIP.0,
+            inout("rdi") core::ptr::from_mut(regs) => _,
+            inout("esi") u32::from(launched) => _,
+            out("eax") status,
+            out("rcx") _,
+            out("rdx") _,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            out("r12") _,
+            out("r13") _,
+            out("r14") _,
+            out("r15") _,
+        );
+    }
+    status
 }
 
 /// Where the guest's EFER lives while it runs.
@@ -1238,83 +1252,142 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     }
 
     fn run(&mut self) -> Exit {
-        if self.shutdown {
-            return Exit::Shutdown;
-        }
+        self.run_then(|_, exit| exit)
+    }
+
+    /// The exit path (docs/performance.md): inlined into the core's exit
+    /// loop, with the world switch; CPUID and VMCALL reach their handlers
+    /// without a neutral exit being assembled.
+    #[inline(always)]
+    fn run_then<R>(&mut self, handle: impl FnOnce(&mut Self, Exit) -> R) -> R {
         loop {
-            if let Some(exit) = self.pick_next_event() {
-                return exit;
+            if let Some(exit) = self.before_entry() {
+                return handle(self, exit);
             }
-            if let Some((generation, seen)) = &mut self.nested_gen {
-                let now = generation.load(Ordering::Acquire);
-                if now != *seen {
-                    *seen = now;
-                    // SAFETY: VMX is on (this vCPU's VMCS is current);
-                    // single-context INVEPT of this guest's own EPT pointer,
-                    // or all contexts, as the processor allows.
-                    unsafe {
-                        let eptp = read(F::EPT_POINTER);
-                        if crate::vmcs::invept(1, eptp).is_err() {
-                            let _ = crate::vmcs::invept(2, 0);
-                        }
+            // SAFETY: the VMCS is current with this vCPU's host state
+            // (type invariant); the switch writes HOST_RSP and HOST_RIP.
+            let status = unsafe { world_switch(&mut self.regs, self.launched) };
+            if status != 0 {
+                return handle(self, self.entry_failed());
+            }
+            self.launched = true;
+            let raw = self.after_exit();
+            match raw {
+                exit_reason::CPUID => {
+                    self.reason = raw;
+                    self.insn_len = None;
+                    self.just_started = false;
+                    return handle(self, Exit::Cpuid);
+                }
+                exit_reason::VMCALL => {
+                    self.reason = raw;
+                    self.insn_len = None;
+                    self.just_started = false;
+                    return handle(self, Exit::VmmCall);
+                }
+                _ => {
+                    if let Some(exit) = self.decode_exit(raw) {
+                        return handle(self, exit);
                     }
                 }
             }
-            if let Some(cr2) = self.pending_cr2.take() {
-                // SAFETY: CR2 only records page-fault addresses; the
-                // hypervisor takes no page faults before the entry.
-                unsafe {
-                    core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
-                };
-            }
-            // SAFETY: the VMCS is current with host state that returns to
-            // `thinvisor_vmx_exit` on this stack (type invariant), and the
-            // stub preserves the host's callee-saved registers.
-            let status = unsafe { thinvisor_vmx_run(&mut self.regs, u64::from(self.launched)) };
-            if status != 0 {
-                // VMLAUNCH/VMRESUME itself failed: the error number says why.
-                let error = read(F::VM_INSTRUCTION_ERROR);
-                log::error!(
-                    "{} failed: VM-instruction error {error}: {}",
-                    if self.launched {
-                        "VMRESUME"
-                    } else {
-                        "VMLAUNCH"
-                    },
-                    VmInstructionError(error as u32).description()
-                );
-                dump_vmcs();
-                return Exit::EntryFailed {
-                    code: (1 << 32) | error,
-                };
-            }
-            self.launched = true;
-            // An event whose delivery the exit interrupted is delivered
-            // again on the next entry (SDM vol. 3C, 28.2.4).
-            let vectoring = read(F::IDT_VECTORING_INFO);
-            if vectoring & u64::from(INTR_INFO_VALID) != 0 {
-                write(F::VM_ENTRY_INTR_INFO, vectoring & !(1 << 12));
-                if vectoring & u64::from(INTR_DELIVER_ERROR_CODE) != 0 {
-                    write(
-                        F::VM_ENTRY_EXCEPTION_ERROR_CODE,
-                        read(F::IDT_VECTORING_ERROR_CODE),
-                    );
-                }
-                write(
-                    F::VM_ENTRY_INSTRUCTION_LEN,
-                    read(F::VM_EXIT_INSTRUCTION_LEN),
-                );
-            }
-            let raw = read(F::VM_EXIT_REASON) as u32;
-            self.stats.record(if raw & ENTRY_FAILURE != 0 {
-                ENTRY_FAILED_SLOT
-            } else {
-                (raw & 0xFFFF) as usize
-            });
-            if let Some(exit) = self.decode_exit(raw) {
-                return exit;
+        }
+    }
+}
+
+impl<M: GuestPhysMemory> VmxVcpu<M> {
+    /// What must happen before the entry: the next event, an EPT flush,
+    /// CR2 for an injected #PF.
+    #[inline(always)]
+    fn before_entry(&mut self) -> Option<Exit> {
+        if self.shutdown {
+            return Some(Exit::Shutdown);
+        }
+        if let Some(exit) = self.pick_next_event() {
+            return Some(exit);
+        }
+        if let Some((generation, seen)) = &mut self.nested_gen {
+            let now = generation.load(Ordering::Acquire);
+            if now != *seen {
+                *seen = now;
+                Self::flush_ept();
             }
         }
+        if let Some(cr2) = self.pending_cr2.take() {
+            // SAFETY: CR2 only records page-fault addresses; the
+            // hypervisor takes no page faults before the entry.
+            unsafe {
+                core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
+            };
+        }
+        None
+    }
+
+    /// The EPT gained a permission: drop this guest's cached translations.
+    #[cold]
+    fn flush_ept() {
+        // SAFETY: VMX is on (this vCPU's VMCS is current); single-context
+        // INVEPT of this guest's own EPT pointer, or all contexts, as the
+        // processor allows.
+        unsafe {
+            let eptp = read(F::EPT_POINTER);
+            if crate::vmcs::invept(1, eptp).is_err() {
+                let _ = crate::vmcs::invept(2, 0);
+            }
+        }
+    }
+
+    /// VMLAUNCH/VMRESUME itself failed: the error number says why.
+    #[cold]
+    fn entry_failed(&self) -> Exit {
+        let error = read(F::VM_INSTRUCTION_ERROR);
+        log::error!(
+            "{} failed: VM-instruction error {error}: {}",
+            if self.launched {
+                "VMRESUME"
+            } else {
+                "VMLAUNCH"
+            },
+            VmInstructionError(error as u32).description()
+        );
+        dump_vmcs();
+        Exit::EntryFailed {
+            code: (1 << 32) | error,
+        }
+    }
+
+    /// What a VM exit leaves to do before it is handled: the event it
+    /// interrupted, the count. Returns the raw exit reason.
+    #[inline(always)]
+    fn after_exit(&mut self) -> u32 {
+        // An event whose delivery the exit interrupted is delivered
+        // again on the next entry (SDM vol. 3C, 28.2.4).
+        let vectoring = read(F::IDT_VECTORING_INFO);
+        if vectoring & u64::from(INTR_INFO_VALID) != 0 {
+            Self::redeliver(vectoring);
+        }
+        let raw = read(F::VM_EXIT_REASON) as u32;
+        self.stats.record(if raw & ENTRY_FAILURE != 0 {
+            ENTRY_FAILED_SLOT
+        } else {
+            (raw & 0xFFFF) as usize
+        });
+        raw
+    }
+
+    #[cold]
+    fn redeliver(vectoring: u64) {
+        write(F::VM_ENTRY_INTR_INFO, vectoring & !(1 << 12));
+        if vectoring & u64::from(INTR_DELIVER_ERROR_CODE) != 0 {
+            write(
+                F::VM_ENTRY_EXCEPTION_ERROR_CODE,
+                read(F::IDT_VECTORING_ERROR_CODE),
+            );
+        }
+        write(
+            F::VM_ENTRY_INSTRUCTION_LEN,
+            read(F::VM_EXIT_INSTRUCTION_LEN),
+        );
     }
 }
 

@@ -231,6 +231,19 @@ fn failure(rflags: u64) -> Result<(), VmFail> {
     }
 }
 
+/// Which failure a VMREAD or VMWRITE had, after the fact: with a current
+/// VMCS (VMfailValid) the error field says why; without one
+/// (VMfailInvalid) reading it fails too.
+#[cold]
+#[inline(never)]
+fn failure_after_setbe() -> VmFail {
+    // SAFETY: VMX operation is on (the failed instruction required it).
+    match unsafe { vmread_raw(VmcsField::VM_INSTRUCTION_ERROR) } {
+        Ok(error) => VmFail::Valid(VmInstructionError(error as u32)),
+        Err(()) => VmFail::Invalid,
+    }
+}
+
 /// VMREAD without decoding the error number (used by [`check`] itself).
 ///
 /// # Safety
@@ -256,12 +269,18 @@ unsafe fn vmread_raw(field: VmcsField) -> Result<u64, ()> {
 #[inline(always)]
 pub unsafe fn vmread(field: VmcsField) -> Result<u64, VmFail> {
     let value: u64;
-    let rflags: u64;
+    let failed: u8;
     // SAFETY: the caller guarantees a current VMCS; VMREAD only reads.
+    // SETBE: CF (VMfailInvalid) or ZF (VMfailValid), without the two
+    // instructions that would copy RFLAGS out (the exit path reads
+    // several fields).
     unsafe {
-        asm!("vmread {v}, {f}", "pushfq", "pop {r}", v = out(reg) value, f = in(reg) u64::from(field.0), r = out(reg) rflags);
+        asm!("vmread {v}, {f}", "setbe {e}", v = out(reg) value, f = in(reg) u64::from(field.0), e = out(reg_byte) failed, options(nostack));
     }
-    check(rflags).map(|()| value)
+    if failed != 0 {
+        return Err(failure_after_setbe());
+    }
+    Ok(value)
 }
 
 /// Write a field of the current VMCS.
@@ -271,12 +290,15 @@ pub unsafe fn vmread(field: VmcsField) -> Result<u64, VmFail> {
 /// the host state point anywhere unsafe.
 #[inline(always)]
 pub unsafe fn vmwrite(field: VmcsField, value: u64) -> Result<(), VmFail> {
-    let rflags: u64;
+    let failed: u8;
     // SAFETY: the caller guarantees a current VMCS and a sound value.
     unsafe {
-        asm!("vmwrite {f}, {v}", "pushfq", "pop {r}", f = in(reg) u64::from(field.0), v = in(reg) value, r = out(reg) rflags);
+        asm!("vmwrite {f}, {v}", "setbe {e}", f = in(reg) u64::from(field.0), v = in(reg) value, e = out(reg_byte) failed, options(nostack));
     }
-    check(rflags)
+    if failed != 0 {
+        return Err(failure_after_setbe());
+    }
+    Ok(())
 }
 
 /// Enter VMX operation with the VMXON region at `pa`.
