@@ -185,7 +185,9 @@ struct SwitchArea {
 /// VMLOAD move the state VMRUN leaves alone (FS, GS, TR, LDTR hidden
 /// parts, KernelGsBase, the SYSCALL and SYSENTER MSRs; APM vol. 2,
 /// 15.5.2) — the host's GS base and TR are its per-processor data and
-/// interrupt stacks. RBX and RBP cannot be named as operands (LLVM uses
+/// interrupt stacks. The host's side of that state never changes after
+/// the vCPU is made, so [`SvmVcpu::new`] saves it once and each exit only
+/// loads it. RBX and RBP cannot be named as operands (LLVM uses
 /// them), so the stub saves them itself.
 ///
 /// # Safety
@@ -202,8 +204,6 @@ unsafe fn world_switch(area: &mut SwitchArea) {
             "push rbx",
             "push rsi",
             "clgi",
-            "mov rax, [rsi + {host}]",
-            "vmsave rax",
             "mov rax, [rsi + {vmcb}]",
             "vmload rax",
             "mov rbx, [rsi + {g_rbx}]",
@@ -321,6 +321,9 @@ pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     signals: Option<&'static HostSignals>,
     /// A fault arose while a double fault was delivered.
     shutdown: bool,
+    /// Set with any of `shutdown`, `deferred`, `pending_cr2`, `efer_undo`:
+    /// the entry path looks at them only then.
+    entry_work: bool,
     /// The nested tables' generation, and the one this vCPU last saw: a
     /// change (a permission the hypervisor gave back) flushes its TLB.
     nested_gen: Option<(&'static AtomicU32, u32)>,
@@ -540,7 +543,9 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
     /// nothing else, `vmcb_virt` maps `vmcb`, `ncr3` is the root of
     /// nested page tables that map only memory the guest may use, and
     /// `msrpm` is an MSR permission map (see [`msrpm`]) that intercepts at
-    /// least [`msrpm::PROTECTED_MSRS`].
+    /// least [`msrpm::PROTECTED_MSRS`]. It is called on the processor that
+    /// will run the vCPU, with SVM enabled ([`enable`]) and the host's GS
+    /// base, TR and the rest of its VMSAVE state as they will stay.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn new(
         features: &SvmFeatures,
@@ -596,6 +601,14 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         // Power-on MSRs (the PAT write-back for index 0, as firmware
         // leaves it) unless the start sets its own.
         load_initial(&mut vmcb_virt.save, initial, true);
+        // The host's VMSAVE state, once (see `world_switch`): this runs on
+        // the processor that will run the guest, with its GS base and TR
+        // in place.
+        // SAFETY: SVM is enabled here (caller), `host_save` is a page of
+        // this vCPU's that nothing else uses; VMSAVE only writes it.
+        unsafe {
+            core::arch::asm!("vmsave rax", in("rax") host_save.as_u64(), options(nostack, preserves_flags));
+        }
         let regs = regs_from(initial);
         Self {
             vmcb: vmcb_virt,
@@ -618,6 +631,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             deferred: None,
             signals: None,
             shutdown: false,
+            entry_work: false,
             nested_gen: None,
         }
     }
@@ -652,11 +666,6 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 {
                     self.vmcb.control.event_inj = encode_event(Event::Nmi);
                 }
-            }
-        }
-        if self.deferred.is_some() && self.vmcb.control.event_inj & event_inj::VALID == 0 {
-            if let Some(event) = self.deferred.take() {
-                self.vmcb.control.event_inj = encode_event(event);
             }
         }
         None
@@ -706,6 +715,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             match efer::after_write(s.efer, value, self.efer_writable, paging) {
                 Some(new) => {
                     self.efer_undo = Some((s.efer, s.rip));
+                    self.entry_work = true;
                     s.efer = new;
                 }
                 None => return self.inject(Event::GP0),
@@ -736,6 +746,8 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
                 // EXITINFO2 is the next RIP for I/O intercepts, with or
                 // without NRIPS (APM vol. 2, 15.10.2).
                 self.exit_insn_len = c.exit_info2.wrapping_sub(self.vmcb.save.rip);
+                self.vmcb.control.nrip = 0;
+                let c = &self.vmcb.control;
                 let info = c.exit_info1;
                 Exit::Io {
                     port: (info >> 16) as u16,
@@ -913,9 +925,8 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
 
     fn skip_instruction(&mut self) {
         let s = &mut self.vmcb.save;
-        s.rip = if self.vmcb.control.exit_code == exit_code::IOIO {
-            s.rip.wrapping_add(self.exit_insn_len)
-        } else if self.nrips && self.vmcb.control.nrip != 0 {
+        // (I/O and #UD exits clear nRIP: their length is known.)
+        s.rip = if self.nrips && self.vmcb.control.nrip != 0 {
             self.vmcb.control.nrip
         } else {
             s.rip.wrapping_add(self.exit_insn_len)
@@ -942,6 +953,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
         self.efer_undo = None;
         self.before_efer_write = None;
         self.shutdown = false;
+        self.entry_work = false;
     }
 
     fn inject(&mut self, event: Event) {
@@ -956,6 +968,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                     Combined::Serial { now, later } => {
                         if later.is_some() {
                             self.deferred = later;
+                            self.entry_work = true;
                         }
                         now
                     }
@@ -967,6 +980,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
                         // What the processor does: the next run reports a
                         // shutdown instead of entering.
                         self.shutdown = true;
+                        self.entry_work = true;
                         event
                     }
                 },
@@ -983,6 +997,7 @@ impl<M: GuestPhysMemory> Vcpu for SvmVcpu<M> {
             // processor's CR2 is set too before that entry.
             self.vmcb.save.cr2 = address;
             self.pending_cr2 = Some(address);
+            self.entry_work = true;
         }
         self.vmcb.control.event_inj = encode_event(event);
     }
@@ -1032,8 +1047,10 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
     /// of state only this vCPU sets.
     #[inline(always)]
     fn before_entry(&mut self) -> Option<Exit> {
-        if self.shutdown {
-            return Some(Exit::Shutdown);
+        if self.entry_work {
+            if let Some(exit) = self.entry_work() {
+                return Some(exit);
+            }
         }
         if let Some(exit) = self.pick_next_event() {
             return Some(exit);
@@ -1043,6 +1060,23 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             if now != *seen {
                 *seen = now;
                 self.vmcb.control.tlb_control = tlb_control::FLUSH_ALL;
+            }
+        }
+        None
+    }
+
+    /// The entry path's rare work ([`SvmVcpu::entry_work`]).
+    #[cold]
+    #[inline(never)]
+    fn entry_work(&mut self) -> Option<Exit> {
+        if self.shutdown {
+            return Some(Exit::Shutdown);
+        }
+        // An NMI the host caught waits behind a deferred event; the one in
+        // EVENTINJ (an interrupted delivery) goes first.
+        if self.deferred.is_some() && self.vmcb.control.event_inj & event_inj::VALID == 0 {
+            if let Some(event) = self.deferred.take() {
+                self.vmcb.control.event_inj = encode_event(event);
             }
         }
         if let Some(cr2) = self.pending_cr2.take() {
@@ -1057,6 +1091,7 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             // guest state to go back to (after_exit).
             self.before_efer_write = Some(self.vmcb.save);
         }
+        self.entry_work = self.deferred.is_some() || self.efer_undo.is_some();
         None
     }
 

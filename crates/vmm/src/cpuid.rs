@@ -11,6 +11,28 @@ pub struct CpuidResult {
     pub edx: u32,
 }
 
+/// A CPUID answer as the guest's registers get it: CPUID writes RAX,
+/// RBX, RCX and RDX with their 32-bit results zero-extended (Intel SDM
+/// vol. 2A, CPUID).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct CpuidRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+}
+
+impl From<CpuidResult> for CpuidRegs {
+    fn from(r: CpuidResult) -> Self {
+        Self {
+            rax: r.eax.into(),
+            rbx: r.ebx.into(),
+            rcx: r.ecx.into(),
+            rdx: r.edx.into(),
+        }
+    }
+}
+
 /// Where the real answers come from: the CPU in the hypervisor, a table in
 /// tests.
 pub type CpuidSource = fn(leaf: u32, subleaf: u32) -> CpuidResult;
@@ -151,18 +173,18 @@ pub struct CpuidCache {
     entries: [CachedAnswer; CACHE_ENTRIES],
 }
 
-/// 32 bytes, so an entry's address is a shift away from its slot.
+/// 64 bytes, so an entry's address is a shift away from its slot.
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct CachedAnswer {
     /// `leaf | subleaf << 32`; an empty slot `s` holds [`empty_key`]`(s)`,
     /// which no query reaching slot `s` can have.
     key: u64,
-    /// The answer with the OS bits that copy CR4 cleared.
-    answer: CpuidResult,
+    /// The answer with the OS bits that copy CR4 cleared, as registers.
+    answer: CpuidRegs,
     /// Which OS bit of ECX the guest's CR4 may set ([`os_bits`]).
-    os_mask: u32,
-    _pad: u32,
+    os_mask: u64,
+    _pad: [u64; 2],
 }
 
 /// The key an empty slot holds: leaf `slot ^ 1`, subleaf 0, whose own
@@ -183,8 +205,8 @@ fn slot_of(leaf: u32, subleaf: u32) -> usize {
 /// ECX's OS bits as the guest's CR4 sets them (both leaves' bits at once;
 /// an entry's `os_mask` keeps its own leaf's).
 #[inline(always)]
-fn os_bits(cr4: u64) -> u32 {
-    (((cr4 & CR4_OSXSAVE) << (27 - 18)) | ((cr4 & CR4_PKE) >> (22 - 4))) as u32
+fn os_bits(cr4: u64) -> u64 {
+    ((cr4 & CR4_OSXSAVE) << (27 - 18)) | ((cr4 & CR4_PKE) >> (22 - 4))
 }
 
 impl Default for CpuidCache {
@@ -192,9 +214,9 @@ impl Default for CpuidCache {
         let mut cache = Self {
             entries: [CachedAnswer {
                 key: 0,
-                answer: CpuidResult::default(),
+                answer: CpuidRegs::default(),
                 os_mask: 0,
-                _pad: 0,
+                _pad: [0; 2],
             }; CACHE_ENTRIES],
         };
         cache.clear();
@@ -212,7 +234,7 @@ impl CpuidCache {
         leaf: u32,
         subleaf: u32,
         cr4: impl FnOnce() -> u64,
-    ) -> CpuidResult {
+    ) -> CpuidRegs {
         let key = u64::from(leaf) | u64::from(subleaf) << 32;
         let entry = &mut self.entries[slot_of(leaf, subleaf)];
         if entry.key != key {
@@ -228,10 +250,10 @@ impl CpuidCache {
     }
 
     #[inline(always)]
-    fn finish(entry: &CachedAnswer, cr4: impl FnOnce() -> u64) -> CpuidResult {
+    fn finish(entry: &CachedAnswer, cr4: impl FnOnce() -> u64) -> CpuidRegs {
         let mut answer = entry.answer;
         if entry.os_mask != 0 {
-            answer.ecx |= os_bits(cr4()) & entry.os_mask;
+            answer.rcx |= os_bits(cr4()) & entry.os_mask;
         }
         answer
     }
@@ -252,14 +274,14 @@ impl CpuidCache {
             // cannot set the CR4 bit of a feature the processor lacks.
             answer.ecx &= !os_bit;
             if answer.ecx & feature != 0 {
-                os_mask = os_bit;
+                os_mask = u64::from(os_bit);
             }
         }
         CachedAnswer {
             key: u64::from(leaf) | u64::from(subleaf) << 32,
-            answer,
+            answer: answer.into(),
             os_mask,
-            _pad: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -282,7 +304,7 @@ fn mirror(ecx: u32, feature_bit: u32, os_bit: u32, enabled: u64) -> u32 {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<CachedAnswer>() == 32);
+const _: () = assert!(core::mem::size_of::<CachedAnswer>() == 64);
 
 #[cfg(test)]
 mod tests {
@@ -391,7 +413,7 @@ mod tests {
                 let want = p.query(leaf, subleaf, cr4);
                 assert_eq!(
                     cache.query(&p, leaf, subleaf, || cr4),
-                    want,
+                    want.into(),
                     "{leaf:#x}.{subleaf}"
                 );
             }
@@ -410,6 +432,20 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_slot_holds_a_key_no_query_reaching_it_has() {
+        for slot in 0..CACHE_ENTRIES {
+            let key = empty_key(slot);
+            let (leaf, subleaf) = (key as u32, (key >> 32) as u32);
+            assert_ne!(slot_of(leaf, subleaf), slot);
+        }
+        // And an empty cache answers as the policy (the key of slot 1 is
+        // leaf 0, subleaf 0, which lives in slot 0).
+        let p = CpuidPolicy::new(all_ones);
+        let mut cache = CpuidCache::default();
+        assert_eq!(cache.query(&p, 0, 0, || 0), p.query(0, 0, 0).into());
+    }
+
+    #[test]
     fn the_xsave_leaf_is_never_kept() {
         fn xcr0_sized(_: u32, subleaf: u32) -> CpuidResult {
             static SIZE: AtomicU32 = AtomicU32::new(0x240);
@@ -425,7 +461,7 @@ mod tests {
         let a = cache.query(&p, XSAVE_LEAF, 0, || 0);
         let b = cache.query(&p, XSAVE_LEAF, 0, || 0);
         assert_ne!(
-            a.ebx, b.ebx,
+            a.rbx, b.rbx,
             "leaf 0Dh follows XCR0 and must be asked each time"
         );
     }

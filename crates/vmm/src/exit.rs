@@ -107,11 +107,10 @@ fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let r = vmm
         .cpuid_cache
         .query(&vmm.vm.cpuid, leaf, subleaf, || vcpu.cr4());
-    // CPUID writes the full 64-bit registers with zero-extended values.
-    vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
-    vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));
-    vcpu.set_gpr(Gpr::Rcx, u64::from(r.ecx));
-    vcpu.set_gpr(Gpr::Rdx, u64::from(r.edx));
+    vcpu.set_gpr(Gpr::Rax, r.rax);
+    vcpu.set_gpr(Gpr::Rbx, r.rbx);
+    vcpu.set_gpr(Gpr::Rcx, r.rcx);
+    vcpu.set_gpr(Gpr::Rdx, r.rdx);
     vcpu.skip_instruction();
     Action::Resume
 }
