@@ -202,11 +202,13 @@ fn slot_of(leaf: u32, subleaf: u32) -> usize {
     (leaf ^ (leaf >> 26) ^ (subleaf << 3)) as usize % CACHE_ENTRIES
 }
 
-/// ECX's OS bits as the guest's CR4 sets them (both leaves' bits at once;
-/// an entry's `os_mask` keeps its own leaf's).
+/// ECX's OS bits as the guest's CR4 sets them, for an entry's `os_mask`
+/// (bit 27 or bit 4, or none) to pick from: CR4.OSXSAVE (bit 18) lands
+/// on bit 27, CR4.PKE (bit 22) on bit 4.
 #[inline(always)]
 fn os_bits(cr4: u64) -> u64 {
-    ((cr4 & CR4_OSXSAVE) << (27 - 18)) | ((cr4 & CR4_PKE) >> (22 - 4))
+    let cr4 = cr4 & (CR4_OSXSAVE | CR4_PKE);
+    (cr4 << (27 - 18)) | (cr4 >> (22 - 4))
 }
 
 impl Default for CpuidCache {
@@ -408,7 +410,7 @@ mod tests {
             (0x8000_000A, 0),
             (0x8000_0008, 0),
         ];
-        for cr4 in [0, CR4_OSXSAVE | CR4_PKE, 0] {
+        for cr4 in [0, CR4_OSXSAVE | CR4_PKE, !CR4_OSXSAVE, !CR4_PKE, !0, 0] {
             for &(leaf, subleaf) in &leaves {
                 let want = p.query(leaf, subleaf, cr4);
                 assert_eq!(

@@ -231,6 +231,58 @@ fn failure(rflags: u64) -> Result<(), VmFail> {
     }
 }
 
+/// VMREAD of a field that must exist, of the VMCS that must be current:
+/// a failure is a broken invariant of the caller, and traps (UD2: the
+/// host's exception handler reports the address, which names the field).
+/// Three instructions where [`vmread`]'s checked form takes five, on an
+/// exit path that reads several fields (docs/performance.md).
+///
+/// # Safety
+/// VMX operation must be on and a VMCS current.
+#[inline(always)]
+pub unsafe fn vmread_or_trap(field: VmcsField) -> u64 {
+    let value: u64;
+    // SAFETY: the caller guarantees a current VMCS; VMREAD only reads.
+    // JBE: CF (VMfailInvalid) or ZF (VMfailValid).
+    unsafe {
+        asm!(
+            "vmread {v}, {f}",
+            "jbe 3f",
+            ".pushsection .text.unlikely.thinvisor_vmx_trap, \"ax\"",
+            "3:",
+            "ud2",
+            ".popsection",
+            v = out(reg) value,
+            f = in(reg) u64::from(field.0),
+            options(nostack, nomem),
+        );
+    }
+    value
+}
+
+/// VMWRITE that traps on failure, as [`vmread_or_trap`].
+///
+/// # Safety
+/// VMX operation must be on and a VMCS current; the value must not make
+/// the host state point anywhere unsafe.
+#[inline(always)]
+pub unsafe fn vmwrite_or_trap(field: VmcsField, value: u64) {
+    // SAFETY: the caller guarantees a current VMCS and a sound value.
+    unsafe {
+        asm!(
+            "vmwrite {f}, {v}",
+            "jbe 3f",
+            ".pushsection .text.unlikely.thinvisor_vmx_trap, \"ax\"",
+            "3:",
+            "ud2",
+            ".popsection",
+            f = in(reg) u64::from(field.0),
+            v = in(reg) value,
+            options(nostack),
+        );
+    }
+}
+
 /// Which failure a VMREAD or VMWRITE had, after the fact: with a current
 /// VMCS (VMfailValid) the error field says why; without one
 /// (VMfailInvalid) reading it fails too.
