@@ -38,6 +38,10 @@ const SVM_FEATURE_NRIPS: u32 = 1 << 3;
 const SVM_FEATURE_VMCB_CLEAN: u32 = 1 << 5;
 const SVM_FEATURE_DECODE_ASSISTS: u32 = 1 << 7;
 
+/// What [`SvmVcpu`]'s counters point at until they are given real ones:
+/// a zero nobody changes.
+static NO_COUNT: AtomicU32 = AtomicU32::new(0);
+
 /// The guest's ASID. 0 belongs to the host; any other tags guest TLB
 /// entries so VMRUN/#VMEXIT need not flush (APM 15.16).
 pub const GUEST_ASID: u32 = 1;
@@ -326,7 +330,10 @@ pub struct SvmVcpu<M: GuestPhysMemory + 'static> {
     entry_work: bool,
     /// The nested tables' generation, and the one this vCPU last saw: a
     /// change (a permission the hypervisor gave back) flushes its TLB.
-    nested_gen: Option<(&'static AtomicU32, u32)>,
+    nested_gen: (&'static AtomicU32, u32),
+    /// The NMI count of `signals`, or [`NO_COUNT`]: the entry path's one
+    /// load (no Option to test first).
+    nmis: &'static AtomicU32,
 }
 
 /// EVENTINJ for `event` (APM vol. 2, 15.20).
@@ -632,7 +639,8 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
             signals: None,
             shutdown: false,
             entry_work: false,
-            nested_gen: None,
+            nested_gen: (&NO_COUNT, 0),
+            nmis: &NO_COUNT,
         }
     }
 
@@ -640,12 +648,13 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
     /// to this guest, and stop it when `signals` says INIT.
     pub fn take_host_signals_from(&mut self, signals: &'static HostSignals) {
         self.signals = Some(signals);
+        self.nmis = &signals.nmis;
     }
 
     /// Flush this guest's TLB before the next entry whenever `generation`
     /// changes (the nested tables gained a permission).
     pub fn watch_nested_generation(&mut self, generation: &'static AtomicU32) {
-        self.nested_gen = Some((generation, generation.load(Ordering::Acquire)));
+        self.nested_gen = (generation, generation.load(Ordering::Acquire));
     }
 
     /// Fill an empty EVENTINJ with a deferred event or an NMI the host
@@ -654,19 +663,25 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
     /// wait: the sender's kick is one, see [`HostSignals`]).
     #[inline(always)]
     fn pick_next_event(&mut self) -> Option<Exit> {
-        if let Some(signals) = self.signals {
-            // A plain load first: the rest only when an NMI waits.
-            if signals.nmis.load(Ordering::Relaxed) != 0 {
-                if signals.init_posted() {
-                    return Some(Exit::Init);
-                }
-                if self.vmcb.control.event_inj & event_inj::VALID == 0
-                    && self.deferred.is_none()
-                    && signals.take_nmi()
-                {
-                    self.vmcb.control.event_inj = encode_event(Event::Nmi);
-                }
-            }
+        // A plain load first: the rest only when an NMI waits.
+        if self.nmis.load(Ordering::Relaxed) != 0 {
+            return self.nmi_waits();
+        }
+        None
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn nmi_waits(&mut self) -> Option<Exit> {
+        let signals = self.signals?;
+        if signals.init_posted() {
+            return Some(Exit::Init);
+        }
+        if self.vmcb.control.event_inj & event_inj::VALID == 0
+            && self.deferred.is_none()
+            && signals.take_nmi()
+        {
+            self.vmcb.control.event_inj = encode_event(Event::Nmi);
         }
         None
     }
@@ -1055,12 +1070,11 @@ impl<M: GuestPhysMemory> SvmVcpu<M> {
         if let Some(exit) = self.pick_next_event() {
             return Some(exit);
         }
-        if let Some((generation, seen)) = &mut self.nested_gen {
-            let now = generation.load(Ordering::Acquire);
-            if now != *seen {
-                *seen = now;
-                self.vmcb.control.tlb_control = tlb_control::FLUSH_ALL;
-            }
+        let (generation, seen) = &mut self.nested_gen;
+        let now = generation.load(Ordering::Acquire);
+        if now != *seen {
+            *seen = now;
+            self.vmcb.control.tlb_control = tlb_control::FLUSH_ALL;
         }
         None
     }

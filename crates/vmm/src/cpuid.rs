@@ -177,9 +177,10 @@ pub struct CpuidCache {
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct CachedAnswer {
-    /// `leaf | subleaf << 32`; an empty slot `s` holds [`empty_key`]`(s)`,
-    /// which no query reaching slot `s` can have.
-    key: u64,
+    /// The leaf and subleaf; an empty slot `s` holds [`empty_key`]`(s)`,
+    /// which no query reaching slot `s` has.
+    leaf: u32,
+    subleaf: u32,
     /// The answer with the OS bits that copy CR4 cleared, as registers.
     answer: CpuidRegs,
     /// Which OS bit of ECX the guest's CR4 may set ([`os_bits`]).
@@ -187,10 +188,10 @@ struct CachedAnswer {
     _pad: [u64; 2],
 }
 
-/// The key an empty slot holds: leaf `slot ^ 1`, subleaf 0, whose own
-/// slot is `slot ^ 1`, never `slot` (see [`slot_of`]).
-const fn empty_key(slot: usize) -> u64 {
-    (slot ^ 1) as u64
+/// The leaf and subleaf an empty slot holds: leaf `slot ^ 1`, subleaf 0,
+/// whose own slot is `slot ^ 1`, never `slot` (see [`slot_of`]).
+const fn empty_key(slot: usize) -> (u32, u32) {
+    ((slot ^ 1) as u32, 0)
 }
 
 /// Where `leaf`/`subleaf` lives. Basic, hypervisor (4000_0000h) and
@@ -215,7 +216,8 @@ impl Default for CpuidCache {
     fn default() -> Self {
         let mut cache = Self {
             entries: [CachedAnswer {
-                key: 0,
+                leaf: 0,
+                subleaf: 0,
                 answer: CpuidRegs::default(),
                 os_mask: 0,
                 _pad: [0; 2],
@@ -227,24 +229,24 @@ impl Default for CpuidCache {
 }
 
 impl CpuidCache {
-    /// The guest's answer, as [`CpuidPolicy::query`] gives it; `cr4` is
-    /// called only for the leaves that copy CR4 bits.
+    /// The guest's answer, as [`CpuidPolicy::query`] gives it; `policy` is
+    /// called only on a miss, `cr4` only for the leaves that copy CR4 bits
+    /// (neither costs the common path a load).
     #[inline(always)]
-    pub fn query(
+    pub fn query<'p>(
         &mut self,
-        policy: &CpuidPolicy,
+        policy: impl FnOnce() -> &'p CpuidPolicy,
         leaf: u32,
         subleaf: u32,
         cr4: impl FnOnce() -> u64,
     ) -> CpuidRegs {
-        let key = u64::from(leaf) | u64::from(subleaf) << 32;
         let entry = &mut self.entries[slot_of(leaf, subleaf)];
-        if entry.key != key {
-            *entry = Self::fill(policy, leaf, subleaf);
+        if entry.leaf != leaf || entry.subleaf != subleaf {
+            *entry = Self::fill(policy(), leaf, subleaf);
             if leaf == XSAVE_LEAF {
                 // Answered, not kept.
                 let filled = *entry;
-                entry.key = empty_key(slot_of(leaf, subleaf));
+                (entry.leaf, entry.subleaf) = empty_key(slot_of(leaf, subleaf));
                 return Self::finish(&filled, cr4);
             }
         }
@@ -280,7 +282,8 @@ impl CpuidCache {
             }
         }
         CachedAnswer {
-            key: u64::from(leaf) | u64::from(subleaf) << 32,
+            leaf,
+            subleaf,
             answer: answer.into(),
             os_mask,
             _pad: [0; 2],
@@ -290,7 +293,7 @@ impl CpuidCache {
     /// Forget every answer: an MSR that shapes them was written.
     pub fn clear(&mut self) {
         for (slot, e) in self.entries.iter_mut().enumerate() {
-            e.key = empty_key(slot);
+            (e.leaf, e.subleaf) = empty_key(slot);
         }
     }
 }
@@ -414,7 +417,7 @@ mod tests {
             for &(leaf, subleaf) in &leaves {
                 let want = p.query(leaf, subleaf, cr4);
                 assert_eq!(
-                    cache.query(&p, leaf, subleaf, || cr4),
+                    cache.query(|| &p, leaf, subleaf, || cr4),
                     want.into(),
                     "{leaf:#x}.{subleaf}"
                 );
@@ -424,27 +427,26 @@ mod tests {
         // with no other test): the first round filled the cache.
         let first = ASKED.load(Ordering::Relaxed);
         for &(leaf, subleaf) in &leaves {
-            cache.query(&p, leaf, subleaf, || 0);
+            cache.query(|| &p, leaf, subleaf, || 0);
         }
         assert_eq!(ASKED.load(Ordering::Relaxed), first);
         // After clear, the processor is asked again.
         cache.clear();
-        cache.query(&p, 0, 0, || 0);
+        cache.query(|| &p, 0, 0, || 0);
         assert_eq!(ASKED.load(Ordering::Relaxed), first + 1);
     }
 
     #[test]
     fn an_empty_slot_holds_a_key_no_query_reaching_it_has() {
         for slot in 0..CACHE_ENTRIES {
-            let key = empty_key(slot);
-            let (leaf, subleaf) = (key as u32, (key >> 32) as u32);
+            let (leaf, subleaf) = empty_key(slot);
             assert_ne!(slot_of(leaf, subleaf), slot);
         }
         // And an empty cache answers as the policy (the key of slot 1 is
         // leaf 0, subleaf 0, which lives in slot 0).
         let p = CpuidPolicy::new(all_ones);
         let mut cache = CpuidCache::default();
-        assert_eq!(cache.query(&p, 0, 0, || 0), p.query(0, 0, 0).into());
+        assert_eq!(cache.query(|| &p, 0, 0, || 0), p.query(0, 0, 0).into());
     }
 
     #[test]
@@ -460,8 +462,8 @@ mod tests {
         }
         let p = CpuidPolicy::new(xcr0_sized);
         let mut cache = CpuidCache::default();
-        let a = cache.query(&p, XSAVE_LEAF, 0, || 0);
-        let b = cache.query(&p, XSAVE_LEAF, 0, || 0);
+        let a = cache.query(|| &p, XSAVE_LEAF, 0, || 0);
+        let b = cache.query(|| &p, XSAVE_LEAF, 0, || 0);
         assert_ne!(
             a.rbx, b.rbx,
             "leaf 0Dh follows XCR0 and must be asked each time"
@@ -474,13 +476,18 @@ mod tests {
         let mut cache = CpuidCache::default();
         for leaf in [0, 2, 7, 0x8000_0001] {
             let subleaf = u32::from(leaf == 7);
-            cache.query(&p, leaf, subleaf, || panic!("CR4 read for {leaf:#x}"));
+            cache.query(|| &p, leaf, subleaf, || panic!("CR4 read for {leaf:#x}"));
         }
         let mut read = false;
-        cache.query(&p, 1, 0, || {
-            read = true;
-            0
-        });
+        cache.query(
+            || &p,
+            1,
+            0,
+            || {
+                read = true;
+                0
+            },
+        );
         assert!(read);
     }
 }

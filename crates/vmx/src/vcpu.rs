@@ -414,8 +414,6 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     memory: &'static M,
     efer: GuestEfer,
     cr: CrPolicy,
-    /// Basic exit reason and qualification of the current exit.
-    reason: u32,
     /// CR2 for an injected page fault, loaded before the next entry.
     pending_cr2: Option<u64>,
     /// Length of the current exit's instruction when the VMCS has none
@@ -431,14 +429,24 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     signals: Option<&'static HostSignals>,
     /// A fault arose while a double fault was delivered.
     shutdown: bool,
+    /// Set with any of `shutdown`, `deferred`, `pending_cr2`: the entry
+    /// path looks at them only then (or when an NMI waits).
+    entry_work: bool,
     /// The last exit was a SIPI and the guest has not run since.
     just_started: bool,
     /// The state the last SIPI (or reset) started the guest in.
     started_at: Option<InitialState>,
     /// The EPT's generation, and the one this vCPU last saw: a change (a
     /// permission the hypervisor gave back) invalidates its EPT TLB.
-    nested_gen: Option<(&'static AtomicU32, u32)>,
+    nested_gen: (&'static AtomicU32, u32),
+    /// The NMI count of `signals`, or [`NO_COUNT`]: the entry path's one
+    /// load (no Option to test first).
+    nmis: &'static AtomicU32,
 }
+
+/// What [`VmxVcpu`]'s counters point at until they are given real ones:
+/// a zero nobody changes.
+static NO_COUNT: AtomicU32 = AtomicU32::new(0);
 
 /// The statistics slot of failed VM entries.
 const ENTRY_FAILED_SLOT: usize = 90;
@@ -634,23 +642,24 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             memory,
             efer,
             cr,
-            reason: 0,
             pending_cr2: None,
             insn_len: None,
             stats: ExitStats::default(),
             deferred: None,
             signals: None,
             shutdown: false,
+            entry_work: false,
             just_started: false,
             started_at: None,
-            nested_gen: None,
+            nested_gen: (&NO_COUNT, 0),
+            nmis: &NO_COUNT,
         }
     }
 
     /// Invalidate this guest's EPT translations before the next entry
     /// whenever `generation` changes (the EPT gained a permission).
     pub fn watch_nested_generation(&mut self, generation: &'static AtomicU32) {
-        self.nested_gen = Some((generation, generation.load(Ordering::Acquire)));
+        self.nested_gen = (generation, generation.load(Ordering::Acquire));
     }
 
     /// Deliver the NMIs the host counts in `signals` (its NMI handler's,
@@ -658,6 +667,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     /// says INIT.
     pub fn take_host_signals_from(&mut self, signals: &'static HostSignals) {
         self.signals = Some(signals);
+        self.nmis = &signals.nmis;
     }
 
     /// Whether the guest can take `event` now: VM entry refuses an external
@@ -683,6 +693,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             // guest's CR2 is the processor's while the hypervisor runs,
             // so it is written just before the entry that injects.
             self.pending_cr2 = Some(address);
+            self.entry_work = true;
         }
         let (info, error_code) = encode_event(event);
         if let Some(code) = error_code {
@@ -697,18 +708,6 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     /// `Exit::Init` instead of an entry when another processor sent this
     /// one INIT (looked at only when NMIs wait: the sender's kick is one,
     /// see [`HostSignals`]).
-    #[inline(always)]
-    fn pick_next_event(&mut self) -> Option<Exit> {
-        // The common case costs no VMREAD: nothing waits.
-        let nmi_waiting = self
-            .signals
-            .is_some_and(|s| s.nmis.load(Ordering::Relaxed) != 0);
-        if self.deferred.is_none() && !nmi_waiting {
-            return None;
-        }
-        self.pick_waiting_event()
-    }
-
     #[cold]
     fn pick_waiting_event(&mut self) -> Option<Exit> {
         if self.signals.is_some_and(|s| s.init_posted()) {
@@ -992,18 +991,18 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 code: u64::from(raw_reason),
             });
         }
-        self.reason = raw_reason & 0xFFFF;
+        let reason = raw_reason & 0xFFFF;
         self.insn_len = None;
         let just_started = core::mem::take(&mut self.just_started);
-        self.just_started = just_started && self.reason == exit_reason::INIT_SIGNAL;
-        Some(match self.reason {
+        self.just_started = just_started && reason == exit_reason::INIT_SIGNAL;
+        Some(match reason {
             // Only #UD is intercepted (exception bitmap), to accept AMD's
             // VMMCALL as a VMM call too; it is three bytes long.
             r::EXCEPTION_OR_NMI => return self.on_exception_or_nmi(),
             // The window the entry path asked for is open: close it; the
             // next entry delivers what waited.
             r::INTERRUPT_WINDOW | r::NMI_WINDOW => {
-                let control = if self.reason == r::NMI_WINDOW {
+                let control = if reason == r::NMI_WINDOW {
                     crate::caps::proc::NMI_WINDOW_EXITING
                 } else {
                     crate::caps::proc::INTERRUPT_WINDOW_EXITING
@@ -1065,7 +1064,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             }
             r::RDMSR | r::WRMSR => Exit::Msr {
                 msr: self.regs.0[Gpr::Rcx as usize] as u32,
-                write: self.reason == r::WRMSR,
+                write: reason == r::WRMSR,
             },
             r::XSETBV => {
                 self.on_xsetbv();
@@ -1252,6 +1251,7 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
                 Some(Combined::Serial { now, later }) => {
                     if later.is_some() {
                         self.deferred = later;
+                        self.entry_work = true;
                     }
                     now
                 }
@@ -1261,6 +1261,7 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
                 },
                 Some(Combined::Shutdown) => {
                     self.shutdown = true;
+                    self.entry_work = true;
                     event
                 }
                 // A software event: the processor re-delivers it by running
@@ -1294,13 +1295,11 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
             let raw = self.after_exit();
             match raw {
                 exit_reason::CPUID => {
-                    self.reason = raw;
                     self.insn_len = None;
                     self.just_started = false;
                     return handle(self, Exit::Cpuid);
                 }
                 exit_reason::VMCALL => {
-                    self.reason = raw;
                     self.insn_len = None;
                     self.just_started = false;
                     return handle(self, Exit::VmmCall);
@@ -1320,18 +1319,28 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     /// CR2 for an injected #PF.
     #[inline(always)]
     fn before_entry(&mut self) -> Option<Exit> {
+        // The common case costs no VMREAD: nothing waits.
+        let nmi_waiting = self.nmis.load(Ordering::Relaxed) != 0;
+        if self.entry_work || nmi_waiting {
+            if let Some(exit) = self.entry_work() {
+                return Some(exit);
+            }
+        }
+        let (generation, seen) = &mut self.nested_gen;
+        let now = generation.load(Ordering::Acquire);
+        if now != *seen {
+            *seen = now;
+            Self::flush_ept();
+        }
+        None
+    }
+
+    /// The entry path's rare work ([`VmxVcpu::entry_work`], a waiting NMI).
+    #[cold]
+    #[inline(never)]
+    fn entry_work(&mut self) -> Option<Exit> {
         if self.shutdown {
             return Some(Exit::Shutdown);
-        }
-        if let Some(exit) = self.pick_next_event() {
-            return Some(exit);
-        }
-        if let Some((generation, seen)) = &mut self.nested_gen {
-            let now = generation.load(Ordering::Acquire);
-            if now != *seen {
-                *seen = now;
-                Self::flush_ept();
-            }
         }
         if let Some(cr2) = self.pending_cr2.take() {
             // SAFETY: CR2 only records page-fault addresses; the
@@ -1340,7 +1349,16 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 core::arch::asm!("mov cr2, {}", in(reg) cr2, options(nostack, preserves_flags))
             };
         }
-        None
+        let nmi_waiting = self
+            .signals
+            .is_some_and(|s| s.nmis.load(Ordering::Relaxed) != 0);
+        let exit = if self.deferred.is_some() || nmi_waiting {
+            self.pick_waiting_event()
+        } else {
+            None
+        };
+        self.entry_work = self.deferred.is_some();
+        exit
     }
 
     /// The EPT gained a permission: drop this guest's cached translations.
