@@ -151,8 +151,9 @@ fn with_guest_cr4(leaf: u32, subleaf: u32, mut r: CpuidResult, guest_cr4: u64) -
 /// sizes, Intel SDM vol. 2A, CPUID leaf 0DH): never cached.
 const XSAVE_LEAF: u32 = 0xD;
 
-/// Entries in a [`CpuidCache`] (a power of two).
-const CACHE_ENTRIES: usize = 64;
+/// Entries in a [`CpuidCache`] (a power of two): 2 KiB per processor,
+/// on its stack.
+const CACHE_ENTRIES: usize = 32;
 
 /// One processor's CPUID answers, so the exit path runs no CPUID (issue
 /// 11: a CPUID costs an exit of its own under a nesting hypervisor, and
@@ -194,13 +195,13 @@ const fn empty_key(slot: usize) -> (u32, u32) {
     ((slot ^ 1) as u32, 0)
 }
 
-/// Where `leaf`/`subleaf` lives. Basic, hypervisor (4000_0000h) and
-/// extended (8000_0000h) leaves land on different slots: bits 31:26 fold
-/// into bits 5:0; the first subleaves of a leaf land 8 slots apart. A leaf
-/// below 64 with subleaf 0 lands on its own number.
+/// Where `leaf`/`subleaf` lives. Bits 31:27 fold into bits 4:0, so the
+/// hypervisor (4000_0000h) and extended (8000_0000h) leaves land 8 and 16
+/// slots away from the basic ones; the first subleaves of a leaf land 8
+/// slots apart. A leaf below 32 with subleaf 0 lands on its own number.
 #[inline(always)]
 fn slot_of(leaf: u32, subleaf: u32) -> usize {
-    (leaf ^ (leaf >> 26) ^ (subleaf << 3)) as usize % CACHE_ENTRIES
+    (leaf ^ (leaf >> 27) ^ (subleaf << 3)) as usize % CACHE_ENTRIES
 }
 
 /// ECX's OS bits as the guest's CR4 sets them, for an entry's `os_mask`
@@ -400,7 +401,7 @@ mod tests {
         let leaves = [
             (0, 0),
             (1, 0),
-            (1, 5),
+            (1, 3),
             (4, 0),
             (4, 1),
             (7, 0),
