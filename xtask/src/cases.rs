@@ -165,7 +165,7 @@ fn parse_hex(s: &str) -> Option<u64> {
 }
 
 /// thinvisor's block from its boot log.
-fn reserved_block(serial: &str) -> Option<(u64, u64)> {
+pub fn reserved_block(serial: &str) -> Option<(u64, u64)> {
     let line = serial.lines().find(|l| l.contains("thinvisor reserves "))?;
     let at = line.split(" at ").nth(1)?;
     let range = at.split_whitespace().next()?;

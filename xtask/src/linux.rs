@@ -77,6 +77,19 @@ pub const LINUX_HV_ARGS: &str = "boot=linux log=info";
 /// thinvisor's command line for the BIOS boot of the first hard disk.
 pub const CHAIN_HV_ARGS: &str = "boot=chain log=info";
 
+/// The kernel parameter that makes `/init` a benchmark boot (see
+/// `INIT_SCRIPT`): `boot` reads the TSC after the marker and powers off,
+/// `loops` also times exits from a user program (`vmmbench loops`). The
+/// kernel takes a dotted name for a module's parameter and ignores it
+/// when no module has it; `/init` finds it in `/proc/cmdline`.
+pub const BENCH_PARAM: &str = "thinvisor.bench";
+
+/// The kernel command line of a benchmark boot in `mode` (`boot` or
+/// `loops`): the usual one, plus [`BENCH_PARAM`].
+pub fn bench_kernel_args(mode: &str) -> String {
+    format!("{KERNEL_ARGS} {BENCH_PARAM}={mode}")
+}
+
 /// The line `/init` prints first; the boot time is measured to it.
 pub const MARKER: &str = "thinvisor-init: marker";
 /// The line `/init` prints last, before powering off.
@@ -90,7 +103,9 @@ const TOOLS_PACKAGE: &str = "guest-tools";
 /// The probe's binary.
 const PROBE_BIN: &str = "thinvisor-probe";
 /// The Rust programs of `guest-tools` that go into the initramfs' `/bin`.
-pub const TOOLS_BINS: &[&str] = &[PROBE_BIN, "dbgsh", "vmmlog", "vmmcall", "memscan"];
+pub const TOOLS_BINS: &[&str] = &[
+    PROBE_BIN, "dbgsh", "vmmlog", "vmmcall", "memscan", "vmmbench",
+];
 /// The cargo profile of guest programs (stripped release, see Cargo.toml).
 const GUEST_PROFILE: &str = "guest";
 /// The package of BitVisor's `call_vmm` C API (a Rust staticlib) and the
@@ -281,13 +296,28 @@ pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# A benchmark boot (cargo xtask bench) has thinvisor.bench=boot|loops on
+# the kernel's command line: the guest's TSC is read right after the marker
+# (instructions since reset under QEMU -icount shift=0).
+bench=$(sed -n 's/.*thinvisor\.bench=\([a-z]*\).*/\1/p' /proc/cmdline)
 echo "thinvisor-init: marker"
+[ -z "$bench" ] || vmmbench tsc
 echo "thinvisor-init: kernel $(uname -r)"
 echo "thinvisor-init: cpus $(nproc)"
 if grep '^flags' /proc/cpuinfo | grep -qw hypervisor; then
     echo "thinvisor-init: hypervisor-flag yes"
 else
     echo "thinvisor-init: hypervisor-flag no"
+fi
+if [ -n "$bench" ]; then
+    # `loops` times exits from this user program (under thinvisor only;
+    # elsewhere vmmbench ends with status 2); both modes then power off.
+    if [ "$bench" = loops ]; then
+        timeout 120 vmmbench loops
+        echo "thinvisor-init: vmmbench loops status $?"
+    fi
+    echo "thinvisor-init: done"
+    poweroff -f
 fi
 /bin/thinvisor-probe > /tmp/probe
 st=$?
@@ -904,6 +934,25 @@ mod tests {
             assert!(INIT_SCRIPT.contains(run), "{run}");
         }
         assert!(INIT_SCRIPT.contains(r#"failed() { echo "thinvisor-init: $1 FAILED ($2)"; }"#));
+    }
+
+    #[test]
+    fn bench_boots_read_the_tsc_at_the_marker() {
+        // The TSC right after the marker, in both bench modes; the loops
+        // only in `loops`; a bench boot ends before the tool tests.
+        let marker = INIT_SCRIPT.find(MARKER).unwrap();
+        let tsc = INIT_SCRIPT
+            .find(r#"[ -z "$bench" ] || vmmbench tsc"#)
+            .unwrap();
+        assert!(tsc > marker && !INIT_SCRIPT[marker..tsc].contains("\n\n"));
+        assert!(INIT_SCRIPT.contains(&format!("{}=", BENCH_PARAM.replace('.', "\\."))));
+        let loops = INIT_SCRIPT.find("timeout 120 vmmbench loops").unwrap();
+        let probe = INIT_SCRIPT.find("/bin/thinvisor-probe").unwrap();
+        assert!(loops < probe);
+        assert_eq!(
+            bench_kernel_args("loops"),
+            format!("{KERNEL_ARGS} thinvisor.bench=loops")
+        );
     }
 
     #[test]

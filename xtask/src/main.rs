@@ -2,6 +2,7 @@
 //! thinvisor. See `cargo xtask help`.
 
 mod bench;
+mod bench_linux;
 mod bootsector;
 mod cases;
 mod cpio;
