@@ -412,7 +412,11 @@ pub fn figures(m: &Measured) -> Vec<Figure> {
                     Some((_, v)) => (Some(*v), String::new()),
                     None => (None, "the bench guest printed no such loop".into()),
                 },
-                None => (None, "not measured in this run (--copy-only)".into()),
+                None => (
+                    None,
+                    "not measured in this run (`cargo xtask bench` and `--quick` measure it)"
+                        .into(),
+                ),
             }
         } else if s.name == COPY_BYTE_OVER_PAGE || s.name == COPY_PAGE_OVER_MEMCPY {
             match &m.copy {
@@ -781,21 +785,10 @@ pub fn report_md(
         let _ = writeln!(s, "{}", target_row(f));
     }
 
-    let _ = writeln!(s, "\n## Every exit round trip (instructions)\n");
-    let _ = writeln!(s, "| exit | SVM | VT-x | BitVisor (SVM) |");
-    let _ = writeln!(s, "|---|---|---|---|");
-    for (name, svm, vmx, bitvisor) in exit_rows(figures) {
-        let show = |v: Option<f64>| v.map_or("–".into(), show_number);
-        let _ = writeln!(
-            s,
-            "| {} (`{name}`) | {} | {} | {} |",
-            exit_label(&name),
-            show(svm),
-            show(vmx),
-            bitvisor.map_or(String::new(), |b| format!("~{}", show_number(b)))
-        );
+    let rows = exit_rows(figures);
+    if !rows.is_empty() {
+        exits_md(&mut s, rows);
     }
-    let _ = writeln!(s, "\n![instructions per exit round trip](exits.svg)\n");
     if let Some(l) = linux {
         linux_md(&mut s, l);
     }
@@ -844,6 +837,30 @@ pub fn report_md(
     s
 }
 
+/// report.md's table of every exit round trip.
+fn exits_md(s: &mut String, rows: Vec<ExitRow>) {
+    let _ = writeln!(s, "\n## Every exit round trip (instructions)\n");
+    let _ = writeln!(s, "| exit | SVM | VT-x | BitVisor (SVM) |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (name, svm, vmx, bitvisor) in rows {
+        let show = |v: Option<f64>| v.map_or("–".into(), show_number);
+        let _ = writeln!(
+            s,
+            "| {} (`{name}`) | {} | {} | {} |",
+            exit_label(&name),
+            show(svm),
+            show(vmx),
+            bitvisor.map_or(String::new(), |b| format!("~{}", show_number(b)))
+        );
+    }
+    let _ = writeln!(s, "\n![instructions per exit round trip](exits.svg)\n");
+}
+
+/// A boot ratio to four decimals (a 1% target needs more than two).
+fn show_ratio(r: f64) -> String {
+    format!("{r:.4}×")
+}
+
 /// report.md's section on the Linux boots.
 fn linux_md(s: &mut String, l: &LinuxMeasured) {
     let _ = writeln!(s, "## Linux under thinvisor\n");
@@ -871,7 +888,7 @@ fn linux_md(s: &mut String, l: &LinuxMeasured) {
             i + 1,
             show_number(*b as f64),
             show_number(*t as f64),
-            show_value(*t as f64 / *b as f64, "x")
+            show_ratio(*t as f64 / *b as f64)
         );
     }
     if let (Some(b), Some(t), Some(r)) = (
@@ -882,9 +899,9 @@ fn linux_md(s: &mut String, l: &LinuxMeasured) {
         let _ = writeln!(
             s,
             "| mean | {} | {} | **{}** |",
-            show_number(b),
-            show_number(t),
-            show_value(r, "x")
+            show_number(b.round()),
+            show_number(t.round()),
+            show_ratio(r)
         );
     }
     if let Some(spread) = l.boot_spread() {
@@ -1166,7 +1183,7 @@ pub fn draw_linux_exits_chart(path: &Path, tables: &[CpuExits]) -> Result {
             ("sans-serif", 22),
         )
         .margin(16)
-        .x_label_area_size(90)
+        .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(
             (0u32..n * slots).into_segmented(),
@@ -1185,11 +1202,6 @@ pub fn draw_linux_exits_chart(path: &Path, tables: &[CpuExits]) -> Result {
             }
             _ => String::new(),
         })
-        .x_label_style(
-            ("sans-serif", 12)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
         .y_desc("exits (log scale)")
         .y_label_formatter(&|v| show_number(v.round()))
         .draw()
@@ -1572,8 +1584,8 @@ mod tests {
         for line in [
             "| Linux boot to the init marker under thinvisor vs bare | – | 1.02× | ≤ 1.03× | **yes** | ~1.1× |",
             "| memory thinvisor reserves, 2 CPUs | – | 4 MiB | ≤ 16 MiB | **yes** | ~128 MiB |",
-            "| 1 | 1,000,000,000 | 1,020,000,000 | 1.02× |",
-            "| mean | 1,000,500,000 | 1,020,250,000 | **1.02×** |",
+            "| 1 | 1,000,000,000 | 1,020,000,000 | 1.0200× |",
+            "| mean | 1,000,500,000 | 1,020,250,000 | **1.0197×** |",
             "Runs of the same boot differ by at most 0.100% (within 1%).",
             "| function-0 lookup of `dbgsh` | 1,085 | 5 | 1,080 |",
             "| reason | CPU 0 | CPU 1 | all |",
