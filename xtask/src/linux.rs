@@ -442,6 +442,18 @@ if grep -q '^probe: lookup' /tmp/probe; then
         failed vmmcall "status $st"
     fi
 
+    # vmmbench: the exit loops cargo xtask bench times (here the TSC need
+    # not count instructions; the loops must run and print their lines).
+    timeout 60 vmmbench loops > /tmp/vmmbench 2>&1
+    st=$?
+    show vmmbench /tmp/vmmbench
+    if [ $st = 0 ] && grep -q '^vmmbench: loop lookup_dbgsh iterations=' /tmp/vmmbench \
+        && grep -q '^vmmbench: loop cpuid iterations=' /tmp/vmmbench; then
+        ok vmmbench
+    else
+        failed vmmbench "status $st"
+    fi
+
     # dbgsh from the second processor.
     echo "thinvisor-init: taskset -c 1 runs on CPU $(taskset -c 1 awk '{ print $39 }' /proc/self/stat)"
     printf 'help\nexit\n' | timeout 60 taskset -c 1 dbgsh > /tmp/dbgsh1 2>&1
@@ -514,7 +526,7 @@ if grep -q '^probe: lookup' /tmp/probe; then
     fi
 else
     # No thinvisor: every tool says so at once, with status 2.
-    for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan; do
+    for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan "vmmbench loops"; do
         timeout 10 $tool < /dev/null > /dev/null 2>&1
         echo "thinvisor-init: no-vmm ${tool%% *} status $?"
     done
@@ -927,7 +939,8 @@ mod tests {
             "timeout 10 vmmcall no_such_function",
             "timeout 10 vmmcall log_read 0 0 0",
             "| timeout 60 taskset -c 1 dbgsh",
-            r#"for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan; do"#,
+            r#"for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan "vmmbench loops"; do"#,
+            "timeout 60 vmmbench loops > /tmp/vmmbench",
             "timeout 600 memscan \"$canary\" > /tmp/memscan",
             "timeout 10 $tool < /dev/null",
         ] {
@@ -1004,7 +1017,9 @@ mod tests {
         assert!(outcome.stopped.is_none(), "{:?}", outcome.stopped);
         assert!(outcome.serial.contains("thinvisor-init: cpus 2"));
         assert!(outcome.serial.contains("probe: no thinvisor"));
-        for tool in ["dbgsh", "vmmlog", "vmmcall", C_EXAMPLE, "memscan"] {
+        for tool in [
+            "dbgsh", "vmmlog", "vmmcall", C_EXAMPLE, "memscan", "vmmbench",
+        ] {
             let line = format!("thinvisor-init: no-vmm {tool} status 2");
             assert!(outcome.serial.contains(&line), "{line}");
         }
