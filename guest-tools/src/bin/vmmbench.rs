@@ -70,7 +70,7 @@ enum Body {
 fn run_loop(body: Body, iterations: u64, nop: bool) -> u64 {
     let n = iterations.max(1);
     let start = rdtsc();
-    // SAFETY (all arms): each loop changes only the registers it declares;
+    // SAFETY: (all arms) each loop changes only the registers it declares;
     // RBX (reserved by LLVM) is saved in a scratch register and restored.
     // No stack use. The VMM calls run only after `Vmm::get` found thinvisor
     // answering this very instruction, and function 0 only reads the name
