@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: the guest-memory copy benchmark of issue 4, bulk
+//! `cargo xtask bench`: the exit round trips (below, `exits`), the Linux
+//! figures (bench_linux.rs), and the guest-memory copy benchmark of issue 4, bulk
 //! copies of 4 KiB, 64 KiB and 1 MiB out of guest-linear memory (4-level
 //! paging, scattered 4 KiB pages) by three methods: page by page
 //! (`read_linear`), per byte (a walk per byte, BitVisor's method) and

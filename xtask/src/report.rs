@@ -1,7 +1,8 @@
 //! What `cargo xtask bench` makes of its measurements: the figures of
 //! issue 11's table against their targets, written as
-//! `target/bench/results.json`, `target/bench/report.md` and
-//! `target/bench/exits.svg`, and the regression gate that compares the
+//! `target/bench/results.json`, `target/bench/report.md`,
+//! `target/bench/exits.svg` and `target/bench/linux-exits.svg`, and the
+//! regression gate that compares the
 //! per-exit instruction counts with the baseline committed in
 //! `bench/baseline.json`.
 
@@ -876,8 +877,9 @@ fn linux_md(s: &mut String, l: &LinuxMeasured) {
         s,
         "### Boot to the init marker\n\nThe TSC since reset when `/init` has printed its marker \
          (BIOS, loader and, under thinvisor, thinvisor's own start included), the same kernel, \
-         initramfs and kernel command line, bare and under thinvisor (`boot=linux`), the runs \
-         alternated:\n"
+         initramfs and kernel command line, bare and under thinvisor (`{}`), the runs \
+         alternated:\n",
+        crate::linux::LINUX_HV_ARGS
     );
     let _ = writeln!(s, "| run | bare | under thinvisor | ratio |");
     let _ = writeln!(s, "|---|---|---|---|");
