@@ -15,7 +15,9 @@
 //!   at the power-off) from a boot with 2 processors.
 //!
 //! QEMU 7.2's icount mode does not get Linux's second processor going
-//! (the boot stops at `x86: Booting SMP configuration:`, bare or not), so
+//! (the boot stops at `x86: Booting SMP configuration:`, bare or not, with
+//! the second processor spinning in `cpu_init`, waiting for the boot
+//! processor's go-ahead; `tsc=reliable` and `sleep=on` change nothing), so
 //! the boots that count instructions run one processor and the 2-CPU boot
 //! runs without icount; its figures are counts, not times.
 
