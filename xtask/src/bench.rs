@@ -470,10 +470,14 @@ fn run(ctx: &Ctx, opts: &Opts, images: Option<&crate::images::Images>) -> Result
     } else {
         String::new()
     };
+    let linux_svg = dir.join("linux-exits.svg");
     if let Some(l) = linux {
-        let svg = dir.join("linux-exits.svg");
-        report::draw_linux_exits_chart(&svg, &l.exits)?;
-        chart += &format!(", {}", ctx.show(&svg));
+        report::draw_linux_exits_chart(&linux_svg, &l.exits)?;
+        chart += &format!(", {}", ctx.show(&linux_svg));
+    } else {
+        // An earlier run's chart would sit beside a report without its
+        // figures.
+        let _ = fs::remove_file(&linux_svg);
     }
     println!("\nwrote {}, {}{chart}", ctx.show(&json), ctx.show(&md));
 
