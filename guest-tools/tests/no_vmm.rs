@@ -53,6 +53,7 @@ fn every_program_says_no_thinvisor() {
             &["log_read", "0", "0", "0"][..],
         ),
         (env!("CARGO_BIN_EXE_vmmcall"), &["no_such_function"][..]),
+        (env!("CARGO_BIN_EXE_vmmbench"), &["loops"][..]),
     ] {
         let (code, err) = run(bin, args);
         assert_eq!(code, Some(status::NO_VMM), "{bin} {args:?}: {err}");
@@ -71,6 +72,8 @@ fn usage_errors() {
             &["f", "1", "2", "3", "4", "5", "6"][..],
         ),
         (env!("CARGO_BIN_EXE_vmmcall"), &["f", "0x"][..]),
+        (env!("CARGO_BIN_EXE_vmmbench"), &[][..]),
+        (env!("CARGO_BIN_EXE_vmmbench"), &["loops", "x"][..]),
     ] {
         let (code, err) = run(bin, args);
         assert_eq!(code, Some(status::USAGE), "{bin} {args:?}: {err}");
@@ -80,7 +83,25 @@ fn usage_errors() {
         env!("CARGO_BIN_EXE_dbgsh"),
         env!("CARGO_BIN_EXE_vmmlog"),
         env!("CARGO_BIN_EXE_vmmcall"),
+        env!("CARGO_BIN_EXE_vmmbench"),
     ] {
         assert_eq!(run(bin, &["--help"]).0, Some(status::OK), "{bin}");
     }
+}
+
+/// The TSC needs no thinvisor: the boot benchmark reads it with and
+/// without one.
+#[test]
+fn vmmbench_reads_the_tsc_anywhere() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmmbench"))
+        .arg("tsc")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tsc = text
+        .trim()
+        .strip_prefix("vmmbench: tsc ")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(tsc.parse::<u64>().unwrap() > 0, "{text}");
 }

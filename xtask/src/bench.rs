@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: the guest-memory copy benchmark of issue 4, bulk
+//! `cargo xtask bench`: the exit round trips (below, `exits`), the Linux
+//! figures (bench_linux.rs), and the guest-memory copy benchmark of issue 4, bulk
 //! copies of 4 KiB, 64 KiB and 1 MiB out of guest-linear memory (4-level
 //! paging, scattered 4 KiB pages) by three methods: page by page
 //! (`read_linear`), per byte (a walk per byte, BitVisor's method) and
@@ -17,13 +18,14 @@ use std::process::{Command, ExitCode, Stdio};
 use crate::util::{self, Context, Ctx, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--quick | --exits-only | --copy-only] [--no-valgrind] \
-[--write-baseline WHY]
-  --quick           only the exit round trips on both vendors (no copy bench), then the
-                    regression gate against bench/baseline.json
+    "usage: cargo xtask bench [--quick | --exits-only | --copy-only | --linux-only] \
+[--no-valgrind] [--write-baseline WHY]
+  --quick           only the exit round trips on both vendors (no copy bench, no Linux),
+                    then the regression gate against bench/baseline.json
+  --linux-only      only the Linux figures (boots of Debian's kernel on QEMU, about 2 min)
   --write-baseline  write this run's per-exit figures to bench/baseline.json, with WHY
-Writes target/bench/{results.json,report.md,exits.svg}; fails when a per-exit figure
-regresses by more than 10% against bench/baseline.json.";
+Writes target/bench/{results.json,report.md,exits.svg,linux-exits.svg}; fails when a
+per-exit figure regresses by more than 10% against bench/baseline.json.";
 
 use crate::report::{self, BITVISOR_CPUID_EXIT, BITVISOR_LOOKUP};
 
@@ -298,6 +300,8 @@ fn ratio(a: f64, b: f64) -> String {
 struct Opts {
     exits: bool,
     copy: bool,
+    /// The Linux boots (bench_linux.rs).
+    linux: bool,
     valgrind: bool,
     quick: bool,
     write_baseline: Option<String>,
@@ -307,6 +311,7 @@ fn parse_args(args: &[String]) -> Result<Option<Opts>> {
     let mut o = Opts {
         exits: true,
         copy: true,
+        linux: true,
         valgrind: true,
         ..Opts::default()
     };
@@ -314,11 +319,22 @@ fn parse_args(args: &[String]) -> Result<Option<Opts>> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--no-valgrind" => o.valgrind = false,
-            "--exits-only" => o.copy = false,
-            "--copy-only" => o.exits = false,
+            "--exits-only" => {
+                o.copy = false;
+                o.linux = false;
+            }
+            "--copy-only" => {
+                o.exits = false;
+                o.linux = false;
+            }
+            "--linux-only" => {
+                o.exits = false;
+                o.copy = false;
+            }
             "--quick" => {
                 o.quick = true;
                 o.copy = false;
+                o.linux = false;
             }
             "--write-baseline" => {
                 let why = args
@@ -331,9 +347,9 @@ fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             other => return Err(format!("unknown option `{other}`\n{USAGE}")),
         }
     }
-    if !o.exits && !o.copy {
+    if !o.exits && !o.copy && !o.linux || o.quick && !o.exits {
         return Err(format!(
-            "--copy-only with --quick measures nothing\n{USAGE}"
+            "--quick, --exits-only, --copy-only and --linux-only exclude each other\n{USAGE}"
         ));
     }
     if o.write_baseline.is_some() && !o.exits {
@@ -347,10 +363,13 @@ fn command_line(o: &Opts) -> String {
     let mut c = String::from("cargo xtask bench");
     if o.quick {
         c += " --quick";
-    } else if !o.copy {
-        c += " --exits-only";
-    } else if !o.exits {
-        c += " --copy-only";
+    } else {
+        match (o.exits, o.copy, o.linux) {
+            (true, false, false) => c += " --exits-only",
+            (false, true, false) => c += " --copy-only",
+            (false, false, true) => c += " --linux-only",
+            _ => {}
+        }
     }
     if o.copy && !o.valgrind {
         c += " --no-valgrind";
@@ -363,7 +382,7 @@ pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
         println!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
     };
-    let images = if opts.exits {
+    let images = if opts.exits || opts.linux {
         crate::setup::ensure(ctx)?;
         Some(crate::images::build(ctx)?)
     } else {
@@ -400,6 +419,16 @@ fn run(ctx: &Ctx, opts: &Opts, images: Option<&crate::images::Images>) -> Result
         info.bochs = e.bochs;
         info.qemu = qemu_version();
     }
+    measured.linux = match (opts.linux, images) {
+        (true, Some(images)) => Ok(crate::bench_linux::measure(ctx, images)?),
+        _ => Err(format!(
+            "not measured in this run (`{}`; `cargo xtask bench` measures it)",
+            info.command
+        )),
+    };
+    if opts.linux && info.qemu.is_none() {
+        info.qemu = qemu_version();
+    }
     measured.copy = if opts.copy {
         copy(ctx, opts.valgrind)?
     } else {
@@ -425,18 +454,31 @@ fn run(ctx: &Ctx, opts: &Opts, images: Option<&crate::images::Images>) -> Result
     let dir = ctx.out().join("bench");
     fs::create_dir_all(&dir).context(format_args!("creating {}", dir.display()))?;
     let json = dir.join("results.json");
-    fs::write(&json, report::results_json(&info, &figures))
+    let linux = measured.linux.as_ref().ok();
+    fs::write(&json, report::results_json(&info, &figures, linux))
         .context(format_args!("writing {}", json.display()))?;
     let md = dir.join("report.md");
-    fs::write(&md, report::report_md(&info, &figures, gate.as_ref()))
-        .context(format_args!("writing {}", md.display()))?;
+    fs::write(
+        &md,
+        report::report_md(&info, &figures, linux, gate.as_ref()),
+    )
+    .context(format_args!("writing {}", md.display()))?;
     let svg = dir.join("exits.svg");
-    let chart = if opts.exits {
+    let mut chart = if opts.exits {
         report::draw_exits_chart(&svg, &figures)?;
         format!(", {}", ctx.show(&svg))
     } else {
         String::new()
     };
+    let linux_svg = dir.join("linux-exits.svg");
+    if let Some(l) = linux {
+        report::draw_linux_exits_chart(&linux_svg, &l.exits)?;
+        chart += &format!(", {}", ctx.show(&linux_svg));
+    } else {
+        // An earlier run's chart would sit beside a report without its
+        // figures.
+        let _ = fs::remove_file(&linux_svg);
+    }
     println!("\nwrote {}, {}{chart}", ctx.show(&json), ctx.show(&md));
 
     if let Some(why) = &opts.write_baseline {
@@ -639,6 +681,12 @@ mod tests {
         assert!(parse(&["--write-baseline", " "]).is_err());
         assert!(parse(&["--copy-only", "--write-baseline", "x"]).is_err());
         assert!(parse(&["--copy-only", "--quick"]).is_err());
+        assert!(parse(&["--linux-only", "--quick"]).is_err());
+        assert!(parse(&["--linux-only", "--copy-only"]).is_err());
+        assert!(!quick.linux && !exits.linux && !copy.linux && all.linux);
+        let linux = parse(&["--linux-only"]).unwrap().unwrap();
+        assert!(linux.linux && !linux.exits && !linux.copy);
+        assert_eq!(command_line(&linux), "cargo xtask bench --linux-only");
         assert!(parse(&["--fast"]).is_err());
         assert_eq!(parse(&["--help"]).unwrap(), None);
     }

@@ -165,7 +165,7 @@ fn parse_hex(s: &str) -> Option<u64> {
 }
 
 /// thinvisor's block from its boot log.
-fn reserved_block(serial: &str) -> Option<(u64, u64)> {
+pub fn reserved_block(serial: &str) -> Option<(u64, u64)> {
     let line = serial.lines().find(|l| l.contains("thinvisor reserves "))?;
     let at = line.split(" at ").nth(1)?;
     let range = at.split_whitespace().next()?;
@@ -1053,6 +1053,7 @@ const LINUX_BARE_UEFI: &[&str] = joined!(
         "thinvisor-init: no-vmm dbgsh status 2",
         "thinvisor-init: no-vmm vmmlog status 2",
         "thinvisor-init: no-vmm memscan status 2",
+        "thinvisor-init: no-vmm vmmbench status 2",
         linux::DONE,
     ]
 );
@@ -1229,6 +1230,7 @@ const LINUX_UNDER_THINVISOR: &[&str] = &[
     "thinvisor-init: c-example ok",
     "thinvisor-init: vmmcall no_such_function status 3",
     "thinvisor-init: vmmcall ok",
+    "thinvisor-init: vmmbench ok",
     "thinvisor-init: taskset -c 1 runs on CPU 1",
     "thinvisor-init: dbgsh-cpu1 ok",
     "thinvisor-init: dbgsh-busy ok",
@@ -1519,6 +1521,8 @@ mod tests {
         "thinvisor-init: vmmcall no_such_function status 3\r\n",
         "vmmcall| rax=0x0000000000000000 rbx=0x0000000000000000 rcx=0x0000000000000000 rdx=0x0000000000000000 rsi=0x0000000000000000 rdi=0x0000000000000000\r\n",
         "thinvisor-init: vmmcall ok\r\n",
+        "vmmbench| vmmbench: loop lookup_dbgsh iterations=1000 ticks=7351220 nop_ticks=40123 batches=16\r\n",
+        "thinvisor-init: vmmbench ok\r\n",
         "thinvisor-init: taskset -c 1 runs on CPU 1\r\n",
         "thinvisor-init: dbgsh-cpu1 ok\r\n",
         "thinvisor-init: dbgsh-busy ok (the second client waited)\r\n",

@@ -77,6 +77,19 @@ pub const LINUX_HV_ARGS: &str = "boot=linux log=info";
 /// thinvisor's command line for the BIOS boot of the first hard disk.
 pub const CHAIN_HV_ARGS: &str = "boot=chain log=info";
 
+/// The kernel parameter that makes `/init` a benchmark boot (see
+/// `INIT_SCRIPT`): `boot` reads the TSC after the marker and powers off,
+/// `loops` also times exits from a user program (`vmmbench loops`). The
+/// kernel takes a dotted name for a module's parameter and ignores it
+/// when no module has it; `/init` finds it in `/proc/cmdline`.
+pub const BENCH_PARAM: &str = "thinvisor.bench";
+
+/// The kernel command line of a benchmark boot in `mode` (`boot` or
+/// `loops`): the usual one, plus [`BENCH_PARAM`].
+pub fn bench_kernel_args(mode: &str) -> String {
+    format!("{KERNEL_ARGS} {BENCH_PARAM}={mode}")
+}
+
 /// The line `/init` prints first; the boot time is measured to it.
 pub const MARKER: &str = "thinvisor-init: marker";
 /// The line `/init` prints last, before powering off.
@@ -90,7 +103,9 @@ const TOOLS_PACKAGE: &str = "guest-tools";
 /// The probe's binary.
 const PROBE_BIN: &str = "thinvisor-probe";
 /// The Rust programs of `guest-tools` that go into the initramfs' `/bin`.
-pub const TOOLS_BINS: &[&str] = &[PROBE_BIN, "dbgsh", "vmmlog", "vmmcall", "memscan"];
+pub const TOOLS_BINS: &[&str] = &[
+    PROBE_BIN, "dbgsh", "vmmlog", "vmmcall", "memscan", "vmmbench",
+];
 /// The cargo profile of guest programs (stripped release, see Cargo.toml).
 const GUEST_PROFILE: &str = "guest";
 /// The package of BitVisor's `call_vmm` C API (a Rust staticlib) and the
@@ -281,13 +296,28 @@ pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# A benchmark boot (cargo xtask bench) has thinvisor.bench=boot|loops on
+# the kernel's command line: the guest's TSC is read right after the marker
+# (instructions since reset under QEMU -icount shift=0).
+bench=$(sed -n 's/.*thinvisor\.bench=\([a-z]*\).*/\1/p' /proc/cmdline)
 echo "thinvisor-init: marker"
+[ -z "$bench" ] || vmmbench tsc
 echo "thinvisor-init: kernel $(uname -r)"
 echo "thinvisor-init: cpus $(nproc)"
 if grep '^flags' /proc/cpuinfo | grep -qw hypervisor; then
     echo "thinvisor-init: hypervisor-flag yes"
 else
     echo "thinvisor-init: hypervisor-flag no"
+fi
+if [ -n "$bench" ]; then
+    # `loops` times exits from this user program (under thinvisor only;
+    # elsewhere vmmbench ends with status 2); both modes then power off.
+    if [ "$bench" = loops ]; then
+        timeout 120 vmmbench loops
+        echo "thinvisor-init: vmmbench loops status $?"
+    fi
+    echo "thinvisor-init: done"
+    poweroff -f
 fi
 /bin/thinvisor-probe > /tmp/probe
 st=$?
@@ -412,6 +442,18 @@ if grep -q '^probe: lookup' /tmp/probe; then
         failed vmmcall "status $st"
     fi
 
+    # vmmbench: the exit loops cargo xtask bench times (here the TSC need
+    # not count instructions; the loops must run and print their lines).
+    timeout 60 vmmbench loops > /tmp/vmmbench 2>&1
+    st=$?
+    show vmmbench /tmp/vmmbench
+    if [ $st = 0 ] && grep -q '^vmmbench: loop lookup_dbgsh iterations=' /tmp/vmmbench \
+        && grep -q '^vmmbench: loop cpuid iterations=' /tmp/vmmbench; then
+        ok vmmbench
+    else
+        failed vmmbench "status $st"
+    fi
+
     # dbgsh from the second processor.
     echo "thinvisor-init: taskset -c 1 runs on CPU $(taskset -c 1 awk '{ print $39 }' /proc/self/stat)"
     printf 'help\nexit\n' | timeout 60 taskset -c 1 dbgsh > /tmp/dbgsh1 2>&1
@@ -484,7 +526,7 @@ if grep -q '^probe: lookup' /tmp/probe; then
     fi
 else
     # No thinvisor: every tool says so at once, with status 2.
-    for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan; do
+    for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan "vmmbench loops"; do
         timeout 10 $tool < /dev/null > /dev/null 2>&1
         echo "thinvisor-init: no-vmm ${tool%% *} status $?"
     done
@@ -897,13 +939,33 @@ mod tests {
             "timeout 10 vmmcall no_such_function",
             "timeout 10 vmmcall log_read 0 0 0",
             "| timeout 60 taskset -c 1 dbgsh",
-            r#"for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan; do"#,
+            r#"for tool in dbgsh vmmlog "vmmcall log_read" call-vmm-example memscan "vmmbench loops"; do"#,
+            "timeout 60 vmmbench loops > /tmp/vmmbench",
             "timeout 600 memscan \"$canary\" > /tmp/memscan",
             "timeout 10 $tool < /dev/null",
         ] {
             assert!(INIT_SCRIPT.contains(run), "{run}");
         }
         assert!(INIT_SCRIPT.contains(r#"failed() { echo "thinvisor-init: $1 FAILED ($2)"; }"#));
+    }
+
+    #[test]
+    fn bench_boots_read_the_tsc_at_the_marker() {
+        // The TSC right after the marker, in both bench modes; the loops
+        // only in `loops`; a bench boot ends before the tool tests.
+        let marker = INIT_SCRIPT.find(MARKER).unwrap();
+        let tsc = INIT_SCRIPT
+            .find(r#"[ -z "$bench" ] || vmmbench tsc"#)
+            .unwrap();
+        assert!(tsc > marker && !INIT_SCRIPT[marker..tsc].contains("\n\n"));
+        assert!(INIT_SCRIPT.contains(&format!("{}=", BENCH_PARAM.replace('.', "\\."))));
+        let loops = INIT_SCRIPT.find("timeout 120 vmmbench loops").unwrap();
+        let probe = INIT_SCRIPT.find("/bin/thinvisor-probe").unwrap();
+        assert!(loops < probe);
+        assert_eq!(
+            bench_kernel_args("loops"),
+            format!("{KERNEL_ARGS} thinvisor.bench=loops")
+        );
     }
 
     #[test]
@@ -955,7 +1017,9 @@ mod tests {
         assert!(outcome.stopped.is_none(), "{:?}", outcome.stopped);
         assert!(outcome.serial.contains("thinvisor-init: cpus 2"));
         assert!(outcome.serial.contains("probe: no thinvisor"));
-        for tool in ["dbgsh", "vmmlog", "vmmcall", C_EXAMPLE, "memscan"] {
+        for tool in [
+            "dbgsh", "vmmlog", "vmmcall", C_EXAMPLE, "memscan", "vmmbench",
+        ] {
             let line = format!("thinvisor-init: no-vmm {tool} status 2");
             assert!(outcome.serial.contains(&line), "{line}");
         }

@@ -2,6 +2,7 @@
 //! thinvisor. See `cargo xtask help`.
 
 mod bench;
+mod bench_linux;
 mod bootsector;
 mod cases;
 mod cpio;
@@ -42,9 +43,11 @@ commands:
   fuzz       run the fuzz targets of thinvisor-memory (fuzz/) for a while:
              cargo xtask fuzz [walker|copy] [--seconds N] (default 60 s each)
   bench      exit round trips in instructions (SVM under QEMU -icount, VT-x under
-             Bochs) and the guest-memory copy benchmark; writes target/bench/
-             {results.json,report.md,exits.svg}; fails when a per-exit figure regresses
-             by more than 10% against bench/baseline.json. --quick: exits only (~10 s);
+             Bochs), the guest-memory copy benchmark and the Linux figures (boot ratio
+             and user-program exit loops in instructions, exit table, memory reserved);
+             writes target/bench/{results.json,report.md,exits.svg,linux-exits.svg};
+             fails when a per-exit figure regresses by more than 10% against
+             bench/baseline.json. --quick: exits only (~10 s);
              `cargo xtask bench --help` for options
   linux      fetch Debian's kernel and busybox, build the initramfs (and a SYSLINUX boot
              disk), boot them on bare QEMU or under thinvisor and time the boot:

@@ -357,6 +357,7 @@ fn no_vmm_here(name: &str, path: &std::path::Path) -> Result<i32> {
     let (args, status): (&[&str], i32) = match name {
         "thinvisor-probe" => (&[], 0),
         "vmmcall" => (&["log_read", "0", "0", "0"], 2),
+        "vmmbench" => (&["loops"], 2),
         _ => (&[], 2),
     };
     let mut child = std::process::Command::new(path)
