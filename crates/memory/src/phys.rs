@@ -46,6 +46,18 @@ pub trait GuestPhysMemory: Sync {
     /// succeeds.
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError>;
 
+    /// The layout as plain data, when guest-physical `x` is host
+    /// `base + x` wherever it is reachable: the page walk and the linear
+    /// copies then check each entry or page inline, with no call through a
+    /// `dyn GuestPhysMemory` per entry. `None` (the default) makes them go
+    /// through [`map`](Self::map) and the other methods. An implementor
+    /// returning `Some` must answer every access through it exactly as
+    /// through its own methods.
+    #[inline]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        None
+    }
+
     /// Fills `buf` from guest-physical memory starting at `gpa`.
     #[inline]
     fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PhysAccessError> {
@@ -224,15 +236,97 @@ fn first_outside(gpa: u64, len: usize, ram: &[Range<u64>]) -> Option<u64> {
     }
 }
 
-/// The window for `gpa..gpa+len` at host `base + gpa`, after the shared
-/// range check: the mapping both layouts use.
+/// The longest range of guest-physical addresses inside one range of
+/// `ram` and outside every range of `hidden` (empty when there is none):
+/// the range [`DirectMap`] checks an access against with two compares.
+///
+/// Work is `ram.len() * hidden.len()^2` at most, once per layout object.
+pub(crate) fn clear_span(ram: &[Range<u64>], hidden: &[Range<u64>]) -> Range<u64> {
+    let hidden_nonempty = || hidden.iter().filter(|h| h.start < h.end);
+    let mut best = 0..0;
+    for r in ram.iter().filter(|r| r.start < r.end) {
+        // A longest clear piece starts at the range's start or at the end
+        // of a hidden range.
+        let starts = core::iter::once(r.start).chain(hidden_nonempty().map(|h| h.end));
+        for s in starts {
+            if s < r.start || s >= r.end || hidden_nonempty().any(|h| h.start <= s && s < h.end) {
+                continue;
+            }
+            // Up to the next hidden range starting after `s` (none starts
+            // at or before `s` and ends after it: checked above).
+            let end = hidden_nonempty()
+                .filter(|h| h.start > s)
+                .map(|h| h.start)
+                .fold(r.end, u64::min);
+            if end - s > best.end - best.start {
+                best = s..end;
+            }
+        }
+    }
+    best
+}
+
+/// The window for `gpa..gpa+len` at host `base + gpa`: the mapping both
+/// layouts use. `clear` ([`clear_span`] of the lists) decides the usual
+/// access with two compares; anything else goes through the check of
+/// every range.
 ///
 /// # Safety
 /// `base + pa` must be valid for atomic access, for the window's lifetime,
 /// for every `pa` inside `ram` and outside `hidden` (the contract of both
-/// layouts' constructors).
+/// layouts' constructors), and `clear` must be `clear_span(ram, hidden)`.
 #[inline(always)]
 unsafe fn window<'m>(
+    base: *mut u8,
+    ram: &[Range<u64>],
+    hidden: &[Range<u64>],
+    clear: &Range<u64>,
+    gpa: GuestPhysAddr,
+    len: usize,
+) -> Result<PhysWindow<'m>, PhysAccessError> {
+    let off = gpa.0.wrapping_sub(clear.start);
+    let clear_len = clear.end.wrapping_sub(clear.start);
+    if clear.start <= clear.end && fits(off, len, clear_len) {
+        // SAFETY: the range lies inside `clear`, so inside `ram` and
+        // outside `hidden`: the caller's contract.
+        return Ok(unsafe { at(base, gpa, len) });
+    }
+    // SAFETY: the caller's contract.
+    unsafe { window_checked(base, ram, hidden, gpa, len) }
+}
+
+/// Whether `len` bytes at offset `off` lie in `0..span`: `off <= span`
+/// (an address before the range's start wraps to a huge offset) and no
+/// run past its end.
+#[inline(always)]
+fn fits(off: u64, len: usize, span: u64) -> bool {
+    off <= span && (len as u64) <= span - off
+}
+
+// Guest-physical addresses become host offsets with `as usize` below:
+// lossless on the 64-bit hosts this crate is for.
+const _: () = assert!(usize::BITS == 64);
+
+/// The window at `base + gpa`.
+///
+/// # Safety
+/// Every byte of `gpa..gpa+len` is valid for atomic access at
+/// `base + pa`, for the window's lifetime.
+#[inline(always)]
+unsafe fn at<'m>(base: *mut u8, gpa: GuestPhysAddr, len: usize) -> PhysWindow<'m> {
+    // wrapping_add: the block need not be one Rust allocation (the direct
+    // map is not), and nothing is dereferenced here.
+    // SAFETY: the caller's guarantee.
+    unsafe { PhysWindow::new(base.wrapping_add(gpa.0 as usize), len) }
+}
+
+/// [`window`] outside the clear range: check every range.
+///
+/// # Safety
+/// As for [`window`].
+#[cold]
+#[inline(never)]
+unsafe fn window_checked<'m>(
     base: *mut u8,
     ram: &[Range<u64>],
     hidden: &[Range<u64>],
@@ -244,12 +338,124 @@ unsafe fn window<'m>(
             gpa: GuestPhysAddr(bad),
         });
     }
-    let offset = usize::try_from(gpa.0).map_err(|_| PhysAccessError { gpa })?;
+    usize::try_from(gpa.0).map_err(|_| PhysAccessError { gpa })?;
     // SAFETY: every byte of the range is inside `ram` and outside
     // `hidden` (checked above), which the caller guarantees is valid at
-    // base + pa. wrapping_add: the block need not be one Rust allocation
-    // (the direct map is not), and nothing is dereferenced here.
-    Ok(unsafe { PhysWindow::new(base.wrapping_add(offset), len) })
+    // base + pa.
+    Ok(unsafe { at(base, gpa, len) })
+}
+
+/// A layout as plain data, for the page walk and the linear copies (see
+/// [`GuestPhysMemory::direct_map`]): guest-physical `x` is host `base + x`
+/// throughout a clear range (RAM, nothing hidden), so the usual access is
+/// one subtraction and two compares, inline; any other goes to the layout
+/// it came from. It copies like that layout (atomically, through
+/// [`PhysWindow`]).
+#[derive(Clone, Copy)]
+pub struct DirectMap<'a> {
+    base: *mut u8,
+    /// The clear range: `clear_start..clear_start + clear_len`.
+    clear_start: u64,
+    clear_len: u64,
+    /// The aligned words inside the clear range, for entry reads:
+    /// `words` 8-byte words from `word_start` (8-byte aligned), none when
+    /// the host block is not 8-byte aligned.
+    word_start: u64,
+    words: u64,
+    /// The layout, for every access outside the clear range.
+    layout: &'a dyn GuestPhysMemory,
+}
+
+impl fmt::Debug for DirectMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectMap")
+            .field("base", &self.base)
+            .field("clear_start", &self.clear_start)
+            .field("clear_len", &self.clear_len)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: as for the layouts it comes from: every access is atomic and
+// goes through `PhysWindow`; the layout is `Sync` (a supertrait).
+unsafe impl Sync for DirectMap<'_> {}
+// SAFETY: see above; a shared reference to a `Sync` layout may move.
+unsafe impl Send for DirectMap<'_> {}
+
+impl<'a> DirectMap<'a> {
+    /// # Safety
+    /// For `'a`, `base + pa` must be valid for atomic access for every `pa`
+    /// in `clear`, which `layout` must map the same way (its
+    /// [`map`](GuestPhysMemory::map) would hand out `base + pa` for them).
+    unsafe fn new(base: *mut u8, clear: &Range<u64>, layout: &'a dyn GuestPhysMemory) -> Self {
+        let clear_len = clear.end.saturating_sub(clear.start);
+        let word_start = clear.start.checked_next_multiple_of(8).unwrap_or(u64::MAX);
+        let word_end = clear.end & !7;
+        let words = if base.addr().is_multiple_of(8) {
+            word_end.saturating_sub(word_start) / 8
+        } else {
+            0
+        };
+        Self {
+            base,
+            clear_start: clear.start,
+            clear_len,
+            word_start,
+            words,
+            layout,
+        }
+    }
+
+    /// [`GuestPhysMemory::map`], for as long as the layout lives.
+    #[inline(always)]
+    pub fn window(
+        &self,
+        gpa: GuestPhysAddr,
+        len: usize,
+    ) -> Result<PhysWindow<'a>, PhysAccessError> {
+        if fits(gpa.0.wrapping_sub(self.clear_start), len, self.clear_len) {
+            // SAFETY: inside the clear range (`new`'s contract).
+            return Ok(unsafe { at(self.base, gpa, len) });
+        }
+        self.layout.map(gpa, len)
+    }
+}
+
+impl<'a> DirectMap<'a> {
+    /// The layout this map came from.
+    #[inline(always)]
+    pub(crate) fn layout(&self) -> &'a dyn GuestPhysMemory {
+        self.layout
+    }
+
+    /// The aligned 8-byte word at `gpa` when it lies in the clear range
+    /// (a paging-structure entry, the page walk's one read per level);
+    /// `None` otherwise, even when the layout could read it. One compare
+    /// checks both the range and the alignment: the offset rotated right
+    /// by 3 is below `words` only when its low 3 bits are clear and the
+    /// word lies in the range.
+    #[inline(always)]
+    pub(crate) fn clear_word(&self, gpa: u64) -> Option<u64> {
+        if gpa.wrapping_sub(self.word_start).rotate_right(3) < self.words {
+            // SAFETY: an aligned word inside the clear range (`new`'s
+            // contract), at an aligned host address (base is aligned, or
+            // `words` is 0).
+            return Some(unsafe { crate::window::load_word(self.base.wrapping_add(gpa as usize)) });
+        }
+        None
+    }
+}
+
+impl GuestPhysMemory for DirectMap<'_> {
+    #[inline(always)]
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        self.window(gpa, len)
+    }
+
+    #[inline(always)]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        Some(*self)
+    }
 }
 
 /// The isolated layout: guest RAM is one block of host memory mapped at
@@ -260,6 +466,8 @@ pub struct IsolatedMemory<'a> {
     /// `0..len`.
     ram: Range<u64>,
     holes: &'a [Range<u64>],
+    /// [`clear_span`] of the two.
+    clear: Range<u64>,
     _block: PhantomData<&'a mut [u8]>,
 }
 
@@ -283,11 +491,12 @@ impl<'a> IsolatedMemory<'a> {
     /// only through this object (and the guest and its devices): no Rust
     /// reference to any of it, and no non-atomic access by other code.
     pub unsafe fn from_raw(base: *mut u8, len: usize, holes: &'a [Range<u64>]) -> Self {
+        // usize is at most 64 bits on every target this crate supports.
+        let ram = 0..u64::try_from(len).unwrap_or(u64::MAX);
         Self {
             base,
-            // usize is at most 64 bits on every target this crate
-            // supports.
-            ram: 0..u64::try_from(len).unwrap_or(u64::MAX),
+            clear: clear_span(core::slice::from_ref(&ram), holes),
+            ram,
             holes,
             _block: PhantomData,
         }
@@ -328,16 +537,25 @@ impl<'a> IsolatedMemory<'a> {
 impl GuestPhysMemory for IsolatedMemory<'_> {
     #[inline]
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
-        // SAFETY: `from_raw`'s contract: base + x is valid for x in 0..len.
+        // SAFETY: `from_raw`'s contract: base + x is valid for x in 0..len
+        // outside the holes; `clear` is `clear_span` of the same lists.
         unsafe {
             window(
                 self.base,
                 core::slice::from_ref(&self.ram),
                 self.holes,
+                &self.clear,
                 gpa,
                 len,
             )
         }
+    }
+
+    #[inline]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        // SAFETY: `clear` is inside RAM and outside the holes, valid at
+        // base + x (`from_raw`'s contract), and `map` hands out base + x.
+        Some(unsafe { DirectMap::new(self.base, &self.clear, self) })
     }
 }
 
@@ -350,6 +568,8 @@ pub struct PassthroughMemory<'a> {
     base: *mut u8,
     ram: &'a [Range<u64>],
     hidden: &'a [Range<u64>],
+    /// [`clear_span`] of the two.
+    clear: Range<u64>,
 }
 
 // SAFETY: as for IsolatedMemory: atomic accesses only, shared lists.
@@ -376,6 +596,7 @@ impl<'a> PassthroughMemory<'a> {
     ) -> Self {
         Self {
             base: direct_map,
+            clear: clear_span(ram, hidden),
             ram,
             hidden,
         }
@@ -396,8 +617,17 @@ impl GuestPhysMemory for PassthroughMemory<'_> {
     #[inline]
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
         // SAFETY: `new`'s contract: base + pa is valid for every pa inside
-        // `ram` and outside `hidden`.
-        unsafe { window(self.base, self.ram, self.hidden, gpa, len) }
+        // `ram` and outside `hidden`; `clear` is `clear_span` of the same
+        // lists.
+        unsafe { window(self.base, self.ram, self.hidden, &self.clear, gpa, len) }
+    }
+
+    #[inline]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        // SAFETY: `clear` is inside RAM and outside the hidden ranges,
+        // valid at base + pa (`new`'s contract), and `map` hands out
+        // base + pa.
+        Some(unsafe { DirectMap::new(self.base, &self.clear, self) })
     }
 }
 

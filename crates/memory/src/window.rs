@@ -4,7 +4,7 @@
 //! See [`PhysWindow`] for why atomics.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 // Guest memory is little-endian; so is every host this crate targets
 // (x86-64). Word copies move bytes in host order, which is only the
@@ -147,41 +147,55 @@ impl PhysWindow<'_> {
     /// be overwritten too (the rest of the word holding it); `None` when
     /// the window or `dst` ends first (then the shorter of the two is
     /// copied).
+    ///
+    /// Reads aligned pieces only, each one atomic load: one byte, two
+    /// bytes and four bytes as needed up to the first 8-byte boundary
+    /// (three loads, not up to seven), then words, then the last bytes. A
+    /// short name ends in the first piece or two, so little is copied past
+    /// the NUL.
     #[inline]
     pub fn read_until_nul(&self, dst: &mut [u8]) -> Option<usize> {
         let n = dst.len().min(self.len);
         let dst = dst.get_mut(..n)?;
         // Conservative for the test hook: the scan may stop earlier.
         record(self.addr(0), n);
-        // Split like `copy_out`: bytes up to the first 8-byte boundary,
-        // aligned words, the last bytes. A short name ends in the first
-        // word or two, so little is copied past the NUL.
-        let head = head_len(self.ptr, n);
-        let (first, rest) = dst.split_at_mut(head);
-        for (i, b) in first.iter_mut().enumerate() {
-            // SAFETY: i < head <= n <= self.len: inside the window.
-            *b = unsafe { load8(self.ptr.wrapping_add(i)) };
-            if *b == 0 {
-                return Some(i);
+        let mut done = 0usize;
+        // Head: a 1-, a 2- and a 4-byte piece, each taken when the address
+        // has that bit set and the piece fits. Afterwards the address is
+        // 8-byte aligned, or fewer than 8 bytes are left (a piece did not
+        // fit), which the tail takes.
+        for size in [1usize, 2, 4] {
+            if self.addr(done) & size != 0 && n - done >= size {
+                let Some(d) = dst.get_mut(done..done + size) else {
+                    break;
+                };
+                // SAFETY: done + size <= n <= self.len: inside the window;
+                // the address is size-aligned (its lower bits are clear:
+                // the smaller pieces cleared them).
+                let v = unsafe { load_piece(self.ptr.wrapping_add(done), size) };
+                d.copy_from_slice(&v.to_le_bytes()[..size]);
+                if let Some(i) = zero_byte(v, size) {
+                    return Some(done + i);
+                }
+                done += size;
             }
         }
-        let mut done = head;
+        let (_, rest) = dst.split_at_mut(done);
         let mut words = rest.chunks_exact_mut(8);
-        for d in &mut words {
-            // SAFETY: done + 8 <= n: inside the window; aligned, as
-            // `head` bytes took p to an 8-byte boundary.
-            let w = unsafe { load64(self.ptr.wrapping_add(done)) };
-            d.copy_from_slice(&w.to_ne_bytes());
-            // A zero byte in the word (the classic bit trick: only a zero
-            // byte borrows into its own top bit first).
-            let zero = w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080;
-            if zero != 0 {
-                // Little-endian: the lowest flagged byte comes first.
-                return Some(done + (zero.trailing_zeros() / 8) as usize);
+        if self.addr(done).is_multiple_of(8) {
+            for d in &mut words {
+                // SAFETY: done + 8 <= n: inside the window; aligned
+                // (checked above, and each round adds 8).
+                let w = unsafe { load64(self.ptr.wrapping_add(done)) };
+                d.copy_from_slice(&w.to_ne_bytes());
+                if let Some(i) = zero_byte(w, 8) {
+                    return Some(done + i);
+                }
+                done += 8;
             }
-            done += 8;
         }
-        for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        let tail = dst.get_mut(done..)?;
+        for (i, b) in tail.iter_mut().enumerate() {
             // SAFETY: done + i < n: the last bytes of the window.
             *b = unsafe { load8(self.ptr.wrapping_add(done + i)) };
             if *b == 0 {
@@ -303,6 +317,19 @@ impl PhysWindow<'_> {
     }
 }
 
+/// One relaxed atomic load of the 8-byte little-endian word at `p` (for
+/// [`DirectMap`](crate::DirectMap)'s entry reads, which checked the range
+/// and the alignment already).
+///
+/// # Safety
+/// `p` is 8-byte aligned and valid for atomic reads of 8 bytes.
+#[inline(always)]
+pub(crate) unsafe fn load_word(p: *mut u8) -> u64 {
+    record(p.addr(), 8);
+    // SAFETY: the caller's guarantee.
+    u64::from_le(unsafe { load64(p) })
+}
+
 /// One relaxed atomic byte load.
 ///
 /// # Safety
@@ -321,6 +348,35 @@ unsafe fn load8(p: *mut u8) -> u8 {
 unsafe fn load64(p: *mut u8) -> u64 {
     // SAFETY: the caller's guarantee.
     unsafe { AtomicU64::from_ptr(p.cast()) }.load(RELAXED)
+}
+
+/// One relaxed atomic load of a `size`-byte piece (1, 2, 4 or 8),
+/// zero-extended, in little-endian order.
+///
+/// # Safety
+/// `p` is `size`-aligned and valid for atomic reads of `size` bytes.
+#[inline(always)]
+unsafe fn load_piece(p: *mut u8, size: usize) -> u64 {
+    // SAFETY: the caller's guarantee, for the size taken.
+    unsafe {
+        match size {
+            1 => u64::from(load8(p)),
+            2 => u64::from(AtomicU16::from_ptr(p.cast()).load(RELAXED)),
+            4 => u64::from(AtomicU32::from_ptr(p.cast()).load(RELAXED)),
+            _ => load64(p),
+        }
+    }
+}
+
+/// Index of the first zero byte among the low `size` bytes of `v` (in
+/// memory order, little-endian), if any: the classic bit trick, in which
+/// only a zero byte borrows into its own top bit first; bytes above
+/// `size` are zero and must not count.
+#[inline(always)]
+fn zero_byte(v: u64, size: usize) -> Option<usize> {
+    let low = u64::MAX >> (64 - 8 * size as u32);
+    let found = v.wrapping_sub(0x0101_0101_0101_0101) & !v & 0x8080_8080_8080_8080 & low;
+    (found != 0).then(|| (found.trailing_zeros() / 8) as usize)
 }
 
 /// Bytes per round of the copy loops: eight words, so the loop's own

@@ -69,10 +69,66 @@ struct Entry {
     function: VmmCallFn,
 }
 
+/// Buckets of the name index: twice the functions, so at least half are
+/// empty and every probe ends after a few steps.
+const BUCKETS: usize = 2 * MAX_FUNCTIONS;
+
+// Numbers are kept in the index as bytes.
+const _: () = assert!(MAX_FUNCTIONS < 256 && BUCKETS.is_power_of_two());
+
+/// The index bucket a name starts probing at: a multiplicative hash of
+/// its length and first and last bytes (a handful of instructions, and
+/// the standard names all differ in them).
+#[inline]
+fn bucket(name: &[u8]) -> usize {
+    let first = name.first().copied().unwrap_or(0);
+    let last = name.last().copied().unwrap_or(0);
+    let key = (name.len() as u32) << 16 | u32::from(first) << 8 | u32::from(last);
+    // Fibonacci hashing: the top bits of the product.
+    (key.wrapping_mul(0x9E37_79B1) >> (32 - BUCKETS.trailing_zeros())) as usize
+}
+
+/// `a == b` for names, without a call to `memcmp`: names are short, so
+/// two overlapping loads of 2, 4 or 8 bytes cover most of them.
+#[inline]
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    fn piece<const K: usize>(s: &[u8], at: usize) -> Option<[u8; K]> {
+        s.get(at..at.checked_add(K)?)?.try_into().ok()
+    }
+    fn pieces<const K: usize>(a: &[u8], b: &[u8], n: usize) -> bool {
+        // The first K bytes and the last K bytes: together all n (K <= n <=
+        // 2K), overlapping in the middle.
+        piece::<K>(a, 0) == piece::<K>(b, 0) && piece::<K>(a, n - K) == piece::<K>(b, n - K)
+    }
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1 => a.first() == b.first(),
+        2..=3 => pieces::<2>(a, b, n),
+        4..=7 => pieces::<4>(a, b, n),
+        8..=16 => pieces::<8>(a, b, n),
+        _ => same_long_name(a, b),
+    }
+}
+
+/// `a == b` for names over 16 bytes, out of line: its call to `memcmp`
+/// would make every lookup save registers.
+#[inline(never)]
+fn same_long_name(a: &[u8], b: &[u8]) -> bool {
+    a == b
+}
+
 /// Registered functions; number n is slot n - 1.
 pub struct Registry {
     entries: [Option<Entry>; MAX_FUNCTIONS],
     len: usize,
+    /// A hash index of the names, so a lookup compares one name, not
+    /// every one: [`bucket`] then linear probing; each bucket holds a
+    /// number (slot + 1) or 0 when empty.
+    index: [u8; BUCKETS],
 }
 
 impl Default for Registry {
@@ -86,6 +142,7 @@ impl Registry {
         Self {
             entries: [None; MAX_FUNCTIONS],
             len: 0,
+            index: [0; BUCKETS],
         }
     }
 
@@ -101,18 +158,39 @@ impl Registry {
         if self.lookup(name.as_bytes()) != NO_FUNCTION {
             return Err(RegisterError::Duplicate);
         }
+        let number = self.len + 1;
         let slot = self.entries.get_mut(self.len).ok_or(RegisterError::Full)?;
+        // At most MAX_FUNCTIONS of the 2 * MAX_FUNCTIONS buckets are used,
+        // so the probe finds an empty one.
+        let start = bucket(name.as_bytes());
+        let free = (0..BUCKETS)
+            .map(|i| (start + i) % BUCKETS)
+            .find(|&b| self.index[b] == 0)
+            .ok_or(RegisterError::Full)?;
         *slot = Some(Entry { name, function });
-        self.len += 1;
-        Ok(self.len as u64)
+        self.index[free] = number as u8;
+        self.len = number;
+        Ok(number as u64)
     }
 
-    /// The number registered for `name` (exact, case-sensitive), or 0.
+    /// The number registered for `name` (exact, case-sensitive), or 0:
+    /// the names in its probe sequence are compared, usually one.
     pub fn lookup(&self, name: &[u8]) -> u64 {
-        self.entries[..self.len]
-            .iter()
-            .position(|e| e.is_some_and(|e| e.name.as_bytes() == name))
-            .map_or(NO_FUNCTION, |i| i as u64 + 1)
+        let mut b = bucket(name);
+        // Bounded even if the index were full.
+        for _ in 0..BUCKETS {
+            let number = self.index[b % BUCKETS];
+            if number == 0 {
+                break;
+            }
+            if let Some(Some(e)) = self.entries.get(usize::from(number) - 1) {
+                if same_name(e.name.as_bytes(), name) {
+                    return u64::from(number);
+                }
+            }
+            b += 1;
+        }
+        NO_FUNCTION
     }
 
     /// The function with number `number`, if one is registered.
