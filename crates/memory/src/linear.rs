@@ -3,8 +3,8 @@
 use core::fmt;
 
 use crate::{
-    translate, Access, GuestLinearAddr, GuestPhysMemory, PagingMode, PagingRegs, TranslateError,
-    Translation,
+    translate, Access, DirectMap, GuestLinearAddr, GuestPhysMemory, PagingMode, PagingRegs,
+    TranslateError, Translation,
 };
 
 /// Calls `$f` with the memory object the copy should use: `$mem`'s
@@ -250,9 +250,33 @@ pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, CStrError> {
     match mem.direct_map() {
-        Some(direct) => with_cstr_in::<N, _, _>(&direct, regs, la, access, f),
+        Some(direct) => with_cstr_direct::<N, _>(&direct, regs, la, access, f),
         None => with_cstr_in::<N, _, _>(mem, regs, la, access, f),
     }
+}
+
+/// [`with_cstr`] through a [`DirectMap`]: a short name in the clear range
+/// is scanned by whole aligned words straight into a small buffer
+/// ([`DirectMap::clear_cstr`]); anything else goes on like
+/// [`with_cstr_in`] from the translation made.
+#[inline(always)]
+fn with_cstr_direct<const N: usize, R>(
+    direct: &DirectMap<'_>,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, CStrError> {
+    let la = GuestLinearAddr(la.0 & linear_mask(regs.mode()));
+    let t = translate(direct, regs, la, access).map_err(CStrError::Unreadable)?;
+    // The name's bytes in this page, at most N.
+    let n = chunk_len(la.0, &t, N);
+    // Room for the words around SHORT_NAME bytes at any alignment.
+    let mut buf = [0u8; SHORT_NAME + 8];
+    if let Some((start, len)) = direct.clear_cstr(t.gpa.0, n.min(SHORT_NAME), &mut buf) {
+        return Ok(f(buf.get(start..start + len).unwrap_or(&[])));
+    }
+    cstr_rest_of_page::<N, _, _>(direct, regs, la, access, t.gpa, n, f)
 }
 
 fn with_cstr_in<const N: usize, M: GuestPhysMemory + ?Sized, R>(

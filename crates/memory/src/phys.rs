@@ -4,6 +4,7 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::ops::Range;
 
+use crate::window::load_word;
 use crate::{GuestPhysAddr, PhysWindow};
 
 /// A guest-physical access touched a byte that is not backed by guest RAM
@@ -266,41 +267,88 @@ pub(crate) fn clear_span(ram: &[Range<u64>], hidden: &[Range<u64>]) -> Range<u64
     best
 }
 
+/// The clear range of a layout ([`clear_span`] of its lists), where
+/// guest-physical `x` is host `base + x` with nothing to check but the
+/// range itself, in the forms the inline checks use. Computed once, when
+/// the layout is made.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clear {
+    base: *mut u8,
+    /// `start..start + len`.
+    start: u64,
+    len: u64,
+    /// The aligned 8-byte words inside it: `words` of them from
+    /// `word_start` (8-byte aligned); none when the host block is not
+    /// 8-byte aligned, so that every word read is one aligned load.
+    word_start: u64,
+    words: u64,
+}
+
+impl Clear {
+    /// The clear range of `ram` minus `hidden` at host `base`.
+    fn new(base: *mut u8, ram: &[Range<u64>], hidden: &[Range<u64>]) -> Self {
+        let clear = clear_span(ram, hidden);
+        let word_start = clear.start.checked_next_multiple_of(8).unwrap_or(u64::MAX);
+        let word_end = clear.end & !7;
+        Self {
+            base,
+            start: clear.start,
+            len: clear.end - clear.start,
+            word_start,
+            words: if base.addr().is_multiple_of(8) {
+                word_end.saturating_sub(word_start) / 8
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The window over `gpa..gpa+len` when it lies in the clear range.
+    #[inline(always)]
+    fn window<'m>(&self, gpa: GuestPhysAddr, len: usize) -> Option<PhysWindow<'m>> {
+        let off = gpa.0.wrapping_sub(self.start);
+        // `off <= len` (an address before the start wraps to a huge
+        // offset) and no run past the end.
+        if off <= self.len && (len as u64) <= self.len - off {
+            // SAFETY: inside the clear range, valid at base + x (the
+            // contract of the layout that made it).
+            return Some(unsafe { at(self.base, gpa, len) });
+        }
+        None
+    }
+
+    /// Whether the aligned word at `gpa` lies in the clear range: one
+    /// compare checks both the range and the alignment (the offset rotated
+    /// right by 3 is below `words` only when its low 3 bits are clear).
+    #[inline(always)]
+    fn has_word(&self, gpa: u64) -> bool {
+        gpa.wrapping_sub(self.word_start).rotate_right(3) < self.words
+    }
+}
+
 /// The window for `gpa..gpa+len` at host `base + gpa`: the mapping both
-/// layouts use. `clear` ([`clear_span`] of the lists) decides the usual
-/// access with two compares; anything else goes through the check of
-/// every range.
+/// layouts use. `clear` decides the usual access with two compares;
+/// anything else goes through the check of every range.
 ///
 /// # Safety
 /// `base + pa` must be valid for atomic access, for the window's lifetime,
 /// for every `pa` inside `ram` and outside `hidden` (the contract of both
-/// layouts' constructors), and `clear` must be `clear_span(ram, hidden)`.
+/// layouts' constructors), and `clear` must be `Clear::new(base, ram,
+/// hidden)`.
 #[inline(always)]
 unsafe fn window<'m>(
     base: *mut u8,
     ram: &[Range<u64>],
     hidden: &[Range<u64>],
-    clear: &Range<u64>,
+    clear: &Clear,
     gpa: GuestPhysAddr,
     len: usize,
 ) -> Result<PhysWindow<'m>, PhysAccessError> {
-    let off = gpa.0.wrapping_sub(clear.start);
-    let clear_len = clear.end.wrapping_sub(clear.start);
-    if clear.start <= clear.end && fits(off, len, clear_len) {
-        // SAFETY: the range lies inside `clear`, so inside `ram` and
-        // outside `hidden`: the caller's contract.
-        return Ok(unsafe { at(base, gpa, len) });
+    if let Some(w) = clear.window(gpa, len) {
+        return Ok(w);
     }
     // SAFETY: the caller's contract.
     unsafe { window_checked(base, ram, hidden, gpa, len) }
-}
-
-/// Whether `len` bytes at offset `off` lie in `0..span`: `off <= span`
-/// (an address before the range's start wraps to a huge offset) and no
-/// run past its end.
-#[inline(always)]
-fn fits(off: u64, len: usize, span: u64) -> bool {
-    off <= span && (len as u64) <= span - off
 }
 
 // Guest-physical addresses become host offsets with `as usize` below:
@@ -350,18 +398,10 @@ unsafe fn window_checked<'m>(
 /// throughout a clear range (RAM, nothing hidden), so the usual access is
 /// one subtraction and two compares, inline; any other goes to the layout
 /// it came from. It copies like that layout (atomically, through
-/// [`PhysWindow`]).
+/// [`PhysWindow`]). Two references: cheap to make and to pass.
 #[derive(Clone, Copy)]
 pub struct DirectMap<'a> {
-    base: *mut u8,
-    /// The clear range: `clear_start..clear_start + clear_len`.
-    clear_start: u64,
-    clear_len: u64,
-    /// The aligned words inside the clear range, for entry reads:
-    /// `words` 8-byte words from `word_start` (8-byte aligned), none when
-    /// the host block is not 8-byte aligned.
-    word_start: u64,
-    words: u64,
+    clear: &'a Clear,
     /// The layout, for every access outside the clear range.
     layout: &'a dyn GuestPhysMemory,
 }
@@ -369,9 +409,7 @@ pub struct DirectMap<'a> {
 impl fmt::Debug for DirectMap<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DirectMap")
-            .field("base", &self.base)
-            .field("clear_start", &self.clear_start)
-            .field("clear_len", &self.clear_len)
+            .field("clear", self.clear)
             .finish_non_exhaustive()
     }
 }
@@ -379,31 +417,16 @@ impl fmt::Debug for DirectMap<'_> {
 // SAFETY: as for the layouts it comes from: every access is atomic and
 // goes through `PhysWindow`; the layout is `Sync` (a supertrait).
 unsafe impl Sync for DirectMap<'_> {}
-// SAFETY: see above; a shared reference to a `Sync` layout may move.
+// SAFETY: see above; shared references to `Sync` data may move.
 unsafe impl Send for DirectMap<'_> {}
 
 impl<'a> DirectMap<'a> {
     /// # Safety
-    /// For `'a`, `base + pa` must be valid for atomic access for every `pa`
-    /// in `clear`, which `layout` must map the same way (its
-    /// [`map`](GuestPhysMemory::map) would hand out `base + pa` for them).
-    unsafe fn new(base: *mut u8, clear: &Range<u64>, layout: &'a dyn GuestPhysMemory) -> Self {
-        let clear_len = clear.end.saturating_sub(clear.start);
-        let word_start = clear.start.checked_next_multiple_of(8).unwrap_or(u64::MAX);
-        let word_end = clear.end & !7;
-        let words = if base.addr().is_multiple_of(8) {
-            word_end.saturating_sub(word_start) / 8
-        } else {
-            0
-        };
-        Self {
-            base,
-            clear_start: clear.start,
-            clear_len,
-            word_start,
-            words,
-            layout,
-        }
+    /// For `'a`, `clear.base + x` must be valid for atomic access for every
+    /// `x` in the clear range, which `layout` must map the same way (its
+    /// [`map`](GuestPhysMemory::map) would hand out `base + x` for them).
+    unsafe fn new(clear: &'a Clear, layout: &'a dyn GuestPhysMemory) -> Self {
+        Self { clear, layout }
     }
 
     /// [`GuestPhysMemory::map`], for as long as the layout lives.
@@ -413,15 +436,12 @@ impl<'a> DirectMap<'a> {
         gpa: GuestPhysAddr,
         len: usize,
     ) -> Result<PhysWindow<'a>, PhysAccessError> {
-        if fits(gpa.0.wrapping_sub(self.clear_start), len, self.clear_len) {
-            // SAFETY: inside the clear range (`new`'s contract).
-            return Ok(unsafe { at(self.base, gpa, len) });
+        match self.clear.window(gpa, len) {
+            Some(w) => Ok(w),
+            None => self.layout.map(gpa, len),
         }
-        self.layout.map(gpa, len)
     }
-}
 
-impl<'a> DirectMap<'a> {
     /// The layout this map came from.
     #[inline(always)]
     pub(crate) fn layout(&self) -> &'a dyn GuestPhysMemory {
@@ -430,17 +450,56 @@ impl<'a> DirectMap<'a> {
 
     /// The aligned 8-byte word at `gpa` when it lies in the clear range
     /// (a paging-structure entry, the page walk's one read per level);
-    /// `None` otherwise, even when the layout could read it. One compare
-    /// checks both the range and the alignment: the offset rotated right
-    /// by 3 is below `words` only when its low 3 bits are clear and the
-    /// word lies in the range.
+    /// `None` otherwise, even when the layout could read it.
     #[inline(always)]
     pub(crate) fn clear_word(&self, gpa: u64) -> Option<u64> {
-        if gpa.wrapping_sub(self.word_start).rotate_right(3) < self.words {
+        if self.clear.has_word(gpa) {
             // SAFETY: an aligned word inside the clear range (`new`'s
             // contract), at an aligned host address (base is aligned, or
-            // `words` is 0).
-            return Some(unsafe { crate::window::load_word(self.base.wrapping_add(gpa as usize)) });
+            // there are no words).
+            return Some(unsafe { load_word(self.clear.base.wrapping_add(gpa as usize)) });
+        }
+        None
+    }
+
+    /// The NUL-terminated string at `gpa`, at most `n` bytes with the NUL
+    /// (the words covering them must fit `buf`), copied to `buf` by whole
+    /// aligned words:
+    /// `Some((start, len))` when the string is `buf[start..start + len]`
+    /// and its NUL follows. `None` when the words covering `gpa..gpa+n`
+    /// are not all in the clear range or no NUL comes within `n` bytes.
+    ///
+    /// Reading whole words reads up to 7 bytes before `gpa` and after the
+    /// range: guest RAM in the clear range, which the VMM may read (never
+    /// its own memory), and which do not count (the bytes before are
+    /// forced non-zero, the bytes after come after the limit).
+    #[inline(always)]
+    pub(crate) fn clear_cstr(&self, gpa: u64, n: usize, buf: &mut [u8]) -> Option<(usize, usize)> {
+        let skip = (gpa & 7) as usize;
+        let first = gpa & !7;
+        // Words covering gpa..gpa+n: the last one starts at or before
+        // gpa + n - 1.
+        let words = (skip + n).div_ceil(8);
+        let last = first.checked_add(8 * (words as u64).checked_sub(1)?)?;
+        if !self.clear.has_word(first) || !self.clear.has_word(last) || words * 8 > buf.len() {
+            return None;
+        }
+        // All words from `first` to `last` are in the clear range (it is
+        // one range). The bytes before gpa must not look like a NUL.
+        let mut mask = (1u64 << (8 * skip)) - 1;
+        for (k, d) in buf.chunks_exact_mut(8).take(words).enumerate() {
+            // SAFETY: an aligned word between `first` and `last`, in the
+            // clear range.
+            let w = unsafe { load_word(self.clear.base.wrapping_add((first as usize) + 8 * k)) };
+            d.copy_from_slice(&w.to_le_bytes());
+            let v = w | mask;
+            mask = 0;
+            let zero = v.wrapping_sub(0x0101_0101_0101_0101) & !v & 0x8080_8080_8080_8080;
+            if zero != 0 {
+                let at = 8 * k + (zero.trailing_zeros() / 8) as usize;
+                // The NUL must come within n bytes of gpa.
+                return (at < skip + n).then(|| (skip, at - skip));
+            }
         }
         None
     }
@@ -466,8 +525,8 @@ pub struct IsolatedMemory<'a> {
     /// `0..len`.
     ram: Range<u64>,
     holes: &'a [Range<u64>],
-    /// [`clear_span`] of the two.
-    clear: Range<u64>,
+    /// Its clear range.
+    clear: Clear,
     _block: PhantomData<&'a mut [u8]>,
 }
 
@@ -495,7 +554,7 @@ impl<'a> IsolatedMemory<'a> {
         let ram = 0..u64::try_from(len).unwrap_or(u64::MAX);
         Self {
             base,
-            clear: clear_span(core::slice::from_ref(&ram), holes),
+            clear: Clear::new(base, core::slice::from_ref(&ram), holes),
             ram,
             holes,
             _block: PhantomData,
@@ -555,7 +614,7 @@ impl GuestPhysMemory for IsolatedMemory<'_> {
     fn direct_map(&self) -> Option<DirectMap<'_>> {
         // SAFETY: `clear` is inside RAM and outside the holes, valid at
         // base + x (`from_raw`'s contract), and `map` hands out base + x.
-        Some(unsafe { DirectMap::new(self.base, &self.clear, self) })
+        Some(unsafe { DirectMap::new(&self.clear, self) })
     }
 }
 
@@ -568,8 +627,8 @@ pub struct PassthroughMemory<'a> {
     base: *mut u8,
     ram: &'a [Range<u64>],
     hidden: &'a [Range<u64>],
-    /// [`clear_span`] of the two.
-    clear: Range<u64>,
+    /// Its clear range.
+    clear: Clear,
 }
 
 // SAFETY: as for IsolatedMemory: atomic accesses only, shared lists.
@@ -596,7 +655,7 @@ impl<'a> PassthroughMemory<'a> {
     ) -> Self {
         Self {
             base: direct_map,
-            clear: clear_span(ram, hidden),
+            clear: Clear::new(direct_map, ram, hidden),
             ram,
             hidden,
         }
@@ -627,7 +686,7 @@ impl GuestPhysMemory for PassthroughMemory<'_> {
         // SAFETY: `clear` is inside RAM and outside the hidden ranges,
         // valid at base + pa (`new`'s contract), and `map` hands out
         // base + pa.
-        Some(unsafe { DirectMap::new(self.base, &self.clear, self) })
+        Some(unsafe { DirectMap::new(&self.clear, self) })
     }
 }
 
