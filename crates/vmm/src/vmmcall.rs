@@ -88,17 +88,22 @@ fn bucket(name: &[u8]) -> usize {
     (key.wrapping_mul(0x9E37_79B1) >> (32 - BUCKETS.trailing_zeros())) as usize
 }
 
-/// `a == b` for names, without a call to `memcmp`: names are short, so
-/// two overlapping loads of 2, 4 or 8 bytes cover most of them.
+/// `a == b` for names, without a call to `memcmp` (which would make every
+/// lookup save and restore registers): names are short, so two
+/// overlapping loads of 2, 4 or 8 bytes cover most of them, and longer
+/// ones are compared 8 bytes at a time.
 #[inline]
 fn same_name(a: &[u8], b: &[u8]) -> bool {
     fn piece<const K: usize>(s: &[u8], at: usize) -> Option<[u8; K]> {
         s.get(at..at.checked_add(K)?)?.try_into().ok()
     }
-    fn pieces<const K: usize>(a: &[u8], b: &[u8], n: usize) -> bool {
-        // The first K bytes and the last K bytes: together all n (K <= n <=
-        // 2K), overlapping in the middle.
-        piece::<K>(a, 0) == piece::<K>(b, 0) && piece::<K>(a, n - K) == piece::<K>(b, n - K)
+    fn same<const K: usize>(a: &[u8], b: &[u8], at: usize) -> bool {
+        piece::<K>(a, at) == piece::<K>(b, at)
+    }
+    // The first K bytes and the last K bytes: together all n (K <= n <=
+    // 2K), overlapping in the middle.
+    fn ends<const K: usize>(a: &[u8], b: &[u8], n: usize) -> bool {
+        same::<K>(a, b, 0) && same::<K>(a, b, n - K)
     }
     let n = a.len();
     if n != b.len() {
@@ -107,18 +112,20 @@ fn same_name(a: &[u8], b: &[u8]) -> bool {
     match n {
         0 => true,
         1 => a.first() == b.first(),
-        2..=3 => pieces::<2>(a, b, n),
-        4..=7 => pieces::<4>(a, b, n),
-        8..=16 => pieces::<8>(a, b, n),
-        _ => same_long_name(a, b),
+        2..=3 => ends::<2>(a, b, n),
+        4..=7 => ends::<4>(a, b, n),
+        _ => {
+            // Words from the start, then the last 8 bytes (overlapping).
+            let mut at = 0;
+            while at + 8 < n {
+                if !same::<8>(a, b, at) {
+                    return false;
+                }
+                at += 8;
+            }
+            same::<8>(a, b, n - 8)
+        }
     }
-}
-
-/// `a == b` for names over 16 bytes, out of line: its call to `memcmp`
-/// would make every lookup save registers.
-#[inline(never)]
-fn same_long_name(a: &[u8], b: &[u8]) -> bool {
-    a == b
 }
 
 /// Registered functions; number n is slot n - 1.
