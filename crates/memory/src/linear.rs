@@ -242,6 +242,7 @@ pub fn read_cstr<M: GuestPhysMemory + ?Sized>(
 /// into a small buffer (no `N`-byte buffer to clear), a longer one goes on
 /// into an `N`-byte buffer; one that crosses pages is gathered by
 /// [`read_cstr_with_access`].
+#[inline]
 pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     mem: &M,
     regs: &PagingRegs,

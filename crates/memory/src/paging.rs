@@ -284,6 +284,10 @@ pub fn translate<M: GuestPhysMemory + ?Sized>(
     la: GuestLinearAddr,
     access: Access,
 ) -> Result<Translation, TranslateError> {
+    if regs.cr0 & PagingRegs::CR0_PG == 0 {
+        // Paging off: no walk, no call (as `translate_in` answers).
+        return Ok(unpaged(la));
+    }
     match mem.direct_map() {
         Some(direct) => translate_direct(&direct, regs, la, access),
         None => translate_at(mem, regs, la, access),
@@ -389,17 +393,24 @@ fn translate_in<M: GuestPhysMemory + ?Sized>(
         maxphy: maxphyaddr.clamp(32, 52),
     };
     match mode {
-        PagingMode::Disabled => Ok(Translation {
-            gpa: GuestPhysAddr(la.0),
-            page_size: PAGE_4K,
-            writable: true,
-            user: true,
-            executable: true,
-        }),
+        PagingMode::Disabled => Ok(unpaged(la)),
         PagingMode::Bits32 => walk.bits32(),
         PagingMode::Pae => walk.pae(),
         PagingMode::Level4 => walk.long(4),
         PagingMode::Level5 => walk.long(5),
+    }
+}
+
+/// The translation with paging off: linear = physical, truncated to 32
+/// bits (`la` already is), every right.
+#[inline(always)]
+fn unpaged(la: GuestLinearAddr) -> Translation {
+    Translation {
+        gpa: GuestPhysAddr(la.0 & LOW_32),
+        page_size: PAGE_4K,
+        writable: true,
+        user: true,
+        executable: true,
     }
 }
 
