@@ -240,21 +240,16 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) {
     if let Some(stats) = vcpu.exit_stats() {
         stats.record_call(number);
     }
-    let outcome = if number == FN_LOOKUP {
-        let result = lookup_by_name(&vmm.vm.registry, vcpu);
-        vcpu.set_gpr(Gpr::Rax, result);
-        CallOutcome::Return
-    } else {
-        match vmm.vm.registry.function(number) {
-            Some(function) => function(&mut CallContext {
-                vcpu,
-                services: &vmm.vm.services,
-                registry: &vmm.vm.registry,
-            }),
-            None => {
-                vcpu.set_gpr(Gpr::Rax, NO_FUNCTION);
-                CallOutcome::Return
-            }
+    // The table index; function 0 and unknown numbers leave the hot path.
+    let outcome = match vmm.vm.registry.function(number) {
+        Some(function) => function(&mut CallContext {
+            vcpu,
+            services: &vmm.vm.services,
+            registry: &vmm.vm.registry,
+        }),
+        None => {
+            lookup_or_refuse(&vmm.vm.registry, vcpu, number);
+            CallOutcome::Return
         }
     };
     match outcome {
@@ -263,27 +258,54 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) {
             vcpu.skip_instruction();
         }
         CallOutcome::PageFault { la, error_code } => {
-            let key = Some((vcpu.rip(), vcpu.paging().cr3, la.as_u64()));
-            let retry = &mut vmm.fault_retry;
-            if retry.key == key {
-                retry.count += 1;
-            } else {
-                *retry = FaultRetry { key, count: 1 };
-            }
-            if retry.count > MAX_FAULTS_PER_PAGE {
-                log::debug!(
-                    "VMM call {number}: page {la} still not present after {MAX_FAULTS_PER_PAGE} faults"
-                );
-                *retry = FaultRetry::default();
-                vcpu.set_gpr(Gpr::Rax, FAULTS_UNRESOLVED);
-                vcpu.skip_instruction();
-            } else {
-                vcpu.inject(Event::PageFault {
-                    error_code,
-                    address: la.as_u64(),
-                });
-            }
+            page_fault(vmm, vcpu, number, la, error_code);
         }
+    }
+}
+
+/// Function 0 (a lookup), or a number nothing is registered under (RAX =
+/// [`NO_FUNCTION`]).
+#[inline(never)]
+fn lookup_or_refuse<V: Vcpu>(registry: &Registry, vcpu: &mut V, number: u64) {
+    let result = if number == FN_LOOKUP {
+        lookup_by_name(registry, vcpu)
+    } else {
+        NO_FUNCTION
+    };
+    vcpu.set_gpr(Gpr::Rax, result);
+}
+
+/// A call needs a guest page that is not present: inject the #PF and let
+/// the call instruction run again, at most [`MAX_FAULTS_PER_PAGE`] times
+/// for the same instruction and page.
+#[cold]
+#[inline(never)]
+fn page_fault<V: Vcpu>(
+    vmm: &mut Vmm<'_>,
+    vcpu: &mut V,
+    number: u64,
+    la: GuestLinearAddr,
+    error_code: u32,
+) {
+    let key = Some((vcpu.rip(), vcpu.paging().cr3, la.as_u64()));
+    let retry = &mut vmm.fault_retry;
+    if retry.key == key {
+        retry.count += 1;
+    } else {
+        *retry = FaultRetry { key, count: 1 };
+    }
+    if retry.count > MAX_FAULTS_PER_PAGE {
+        log::debug!(
+            "VMM call {number}: page {la} still not present after {MAX_FAULTS_PER_PAGE} faults"
+        );
+        *retry = FaultRetry::default();
+        vcpu.set_gpr(Gpr::Rax, FAULTS_UNRESOLVED);
+        vcpu.skip_instruction();
+    } else {
+        vcpu.inject(Event::PageFault {
+            error_code,
+            address: la.as_u64(),
+        });
     }
 }
 
