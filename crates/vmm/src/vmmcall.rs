@@ -183,9 +183,9 @@ impl Registry {
     /// The number registered for `name` (exact, case-sensitive), or 0:
     /// the names in its probe sequence are compared, usually one.
     pub fn lookup(&self, name: &[u8]) -> u64 {
-        let mut b = bucket(name);
+        let start = bucket(name);
         // Bounded even if the index were full.
-        for _ in 0..BUCKETS {
+        for b in start..start + BUCKETS {
             let number = self.index[b % BUCKETS];
             if number == 0 {
                 break;
@@ -195,7 +195,6 @@ impl Registry {
                     return u64::from(number);
                 }
             }
-            b += 1;
         }
         NO_FUNCTION
     }

@@ -199,6 +199,7 @@ fn every_offset_and_length() {
     for hole in [false, true] {
         let mut ram = guest_ram();
         let base = ram.as_ptr() as usize;
+        #[allow(clippy::single_range_in_vec_init)] // a list of one range
         let holes = [PAGE + 0x1000..PAGE + 0x2000];
         let mem = if hole {
             IsolatedMemory::with_holes(&mut ram, &holes)

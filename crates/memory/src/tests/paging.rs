@@ -778,6 +778,7 @@ fn tables_outside_the_clear_range() {
     let mut holed = guest_ram();
     // The hole leaves 0..3 MiB (the tables) and 3 MiB + 4 KiB..8 MiB (the
     // longer piece: the clear range).
+    #[allow(clippy::single_range_in_vec_init)] // a list of one range
     let holes = [0x30_0000..0x30_1000];
     let mut regs = PagingRegs::default();
     for ram in [&mut plain, &mut holed] {
