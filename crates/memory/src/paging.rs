@@ -445,6 +445,52 @@ impl Rights {
     }
 }
 
+/// The #PF hardware would raise for `access` at `la` (see `Walk::fault`).
+#[cold]
+#[inline(never)]
+fn page_fault(
+    regs: &PagingRegs,
+    mode: PagingMode,
+    la: GuestLinearAddr,
+    access: Access,
+    kind: Fault,
+) -> TranslateError {
+    let mut code = 0;
+    if kind != Fault::NotPresent {
+        code |= pf_error::PRESENT;
+    }
+    if kind == Fault::Reserved {
+        code |= pf_error::RESERVED;
+    }
+    if access.write {
+        code |= pf_error::WRITE;
+    }
+    if access.user {
+        code |= pf_error::USER;
+    }
+    // SDM 4.7: I/D is reported only with SMEP, or NXE under PAE-style
+    // paging.
+    let nx_paging = regs.nx_enabled() && mode != PagingMode::Bits32;
+    let smep = regs.cr4 & PagingRegs::CR4_SMEP != 0;
+    if access.fetch && (nx_paging || smep) {
+        code |= pf_error::FETCH;
+    }
+    TranslateError::PageFault {
+        la,
+        error_code: code,
+    }
+}
+
+/// A paging-structure entry at `gpa` outside guest RAM.
+#[cold]
+#[inline(never)]
+fn table_unreadable(la: GuestLinearAddr, gpa: u64) -> TranslateError {
+    TranslateError::TableUnreadable {
+        la,
+        table_gpa: GuestPhysAddr(gpa),
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fault {
     NotPresent,
@@ -462,56 +508,29 @@ struct Walk<'a, M: ?Sized> {
 }
 
 impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
-    /// The #PF hardware would raise for this access.
-    #[cold]
-    #[inline(never)]
+    /// The #PF hardware would raise for this access. The work is out of
+    /// line and takes plain values, so the walk keeps no copy of itself in
+    /// memory for it.
+    #[inline(always)]
     fn fault(&self, kind: Fault) -> TranslateError {
-        let a = self.access;
-        let mut code = 0;
-        if kind != Fault::NotPresent {
-            code |= pf_error::PRESENT;
-        }
-        if kind == Fault::Reserved {
-            code |= pf_error::RESERVED;
-        }
-        if a.write {
-            code |= pf_error::WRITE;
-        }
-        if a.user {
-            code |= pf_error::USER;
-        }
-        // SDM 4.7: I/D is reported only with SMEP, or NXE under PAE-style
-        // paging.
-        let nx_paging = self.regs.nx_enabled() && self.mode != PagingMode::Bits32;
-        let smep = self.regs.cr4 & PagingRegs::CR4_SMEP != 0;
-        if a.fetch && (nx_paging || smep) {
-            code |= pf_error::FETCH;
-        }
-        TranslateError::PageFault {
-            la: self.la,
-            error_code: code,
-        }
+        page_fault(self.regs, self.mode, self.la, self.access, kind)
     }
 
-    /// The error of an entry that is not present or has `reserved` bits.
-    #[cold]
-    #[inline(never)]
+    /// The error of an entry that is not present or has reserved bits.
+    #[inline(always)]
     fn entry_fault(&self, e: u64) -> TranslateError {
-        self.fault(if e & E_P == 0 {
+        let kind = if e & E_P == 0 {
             Fault::NotPresent
         } else {
             Fault::Reserved
-        })
+        };
+        self.fault(kind)
     }
 
     /// The error of an entry that is not in guest RAM.
-    #[cold]
-    #[inline(never)]
+    #[inline(always)]
     fn unreadable(&self, gpa: u64) -> TranslateError {
-        TranslateError::TableUnreadable {
-            la: self.la,
-            table_gpa: GuestPhysAddr(gpa),
-        }
+        table_unreadable(self.la, gpa)
     }
 
     /// Reads the entry at `gpa`, requires it present and free of the
