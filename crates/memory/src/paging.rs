@@ -278,7 +278,7 @@ impl core::error::Error for TranslateError {}
 ///
 /// A memory object with a [`DirectMap`](crate::DirectMap) is walked
 /// through it: each entry is a range check and a load, inline.
-#[inline]
+#[inline(always)]
 pub fn translate<M: GuestPhysMemory + ?Sized>(
     mem: &M,
     regs: &PagingRegs,
