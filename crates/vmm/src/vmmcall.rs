@@ -67,6 +67,9 @@ pub enum RegisterError {
 struct Entry {
     name: &'static str,
     function: VmmCallFn,
+    /// [`head`] of the name: with its length, the whole of a name of up
+    /// to 8 bytes (every standard name but `log_set_buf`).
+    head: u64,
 }
 
 /// Buckets of the name index: twice the functions, so at least half are
@@ -76,56 +79,36 @@ const BUCKETS: usize = 2 * MAX_FUNCTIONS;
 // Numbers are kept in the index as bytes.
 const _: () = assert!(MAX_FUNCTIONS < 256 && BUCKETS.is_power_of_two());
 
-/// The index bucket a name starts probing at: a multiplicative hash of
-/// its length and first and last bytes (a handful of instructions, and
-/// the standard names all differ in them).
-#[inline]
-fn bucket(name: &[u8]) -> usize {
-    let first = name.first().copied().unwrap_or(0);
-    let last = name.last().copied().unwrap_or(0);
-    let key = (name.len() as u32) << 16 | u32::from(first) << 8 | u32::from(last);
-    // Fibonacci hashing: the top bits of the product.
-    (key.wrapping_mul(0x9E37_79B1) >> (32 - BUCKETS.trailing_zeros())) as usize
+/// The first 8 bytes of `name`, little-endian, zero-padded: at most two
+/// overlapping loads (of 8, 4, 2 or 1 bytes), no loop.
+#[inline(always)]
+fn head(name: &[u8]) -> u64 {
+    fn piece<const K: usize>(s: &[u8], at: usize) -> u64 {
+        let mut b = [0u8; 8];
+        if let Some(p) = s.get(at..at + K) {
+            b[..K].copy_from_slice(p);
+        }
+        u64::from_le_bytes(b)
+    }
+    let n = name.len();
+    match n {
+        0 => 0,
+        1 => piece::<1>(name, 0),
+        // The first K bytes and the last K bytes, overlapping in the
+        // middle where the two agree.
+        2..=3 => piece::<2>(name, 0) | piece::<2>(name, n - 2) << (8 * (n - 2)),
+        4..=7 => piece::<4>(name, 0) | piece::<4>(name, n - 4) << (8 * (n - 4)),
+        _ => piece::<8>(name, 0),
+    }
 }
 
-/// `a == b` for names, without a call to `memcmp` (which would make every
-/// lookup save and restore registers): names are short, so two
-/// overlapping loads of 2, 4 or 8 bytes cover most of them, and longer
-/// ones are compared 8 bytes at a time.
-#[inline]
-fn same_name(a: &[u8], b: &[u8]) -> bool {
-    fn piece<const K: usize>(s: &[u8], at: usize) -> Option<[u8; K]> {
-        s.get(at..at.checked_add(K)?)?.try_into().ok()
-    }
-    fn same<const K: usize>(a: &[u8], b: &[u8], at: usize) -> bool {
-        piece::<K>(a, at) == piece::<K>(b, at)
-    }
-    // The first K bytes and the last K bytes: together all n (K <= n <=
-    // 2K), overlapping in the middle.
-    fn ends<const K: usize>(a: &[u8], b: &[u8], n: usize) -> bool {
-        same::<K>(a, b, 0) && same::<K>(a, b, n - K)
-    }
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    match n {
-        0 => true,
-        1 => a.first() == b.first(),
-        2..=3 => ends::<2>(a, b, n),
-        4..=7 => ends::<4>(a, b, n),
-        _ => {
-            // Words from the start, then the last 8 bytes (overlapping).
-            let mut at = 0;
-            while at + 8 < n {
-                if !same::<8>(a, b, at) {
-                    return false;
-                }
-                at += 8;
-            }
-            same::<8>(a, b, n - 8)
-        }
-    }
+/// The index bucket a name starts probing at: a multiplicative hash of
+/// its first 8 bytes and its length.
+#[inline(always)]
+fn bucket(head: u64, len: usize) -> usize {
+    // Fibonacci hashing: the top bits of the product.
+    ((head ^ len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BUCKETS.trailing_zeros()))
+        as usize
 }
 
 /// Registered functions; number n is slot n - 1.
@@ -169,21 +152,28 @@ impl Registry {
         let slot = self.entries.get_mut(self.len).ok_or(RegisterError::Full)?;
         // At most MAX_FUNCTIONS of the 2 * MAX_FUNCTIONS buckets are used,
         // so the probe finds an empty one.
-        let start = bucket(name.as_bytes());
+        let head = head(name.as_bytes());
+        let start = bucket(head, name.len());
         let free = (0..BUCKETS)
             .map(|i| (start + i) % BUCKETS)
             .find(|&b| self.index[b] == 0)
             .ok_or(RegisterError::Full)?;
-        *slot = Some(Entry { name, function });
+        *slot = Some(Entry {
+            name,
+            function,
+            head,
+        });
         self.index[free] = number as u8;
         self.len = number;
         Ok(number as u64)
     }
 
     /// The number registered for `name` (exact, case-sensitive), or 0:
-    /// the names in its probe sequence are compared, usually one.
+    /// the names in its probe sequence are compared, usually one, by
+    /// length and first 8 bytes (all of a name of up to 8 bytes).
     pub fn lookup(&self, name: &[u8]) -> u64 {
-        let start = bucket(name);
+        let head = head(name);
+        let start = bucket(head, name.len());
         // Bounded even if the index were full.
         for b in start..start + BUCKETS {
             let number = self.index[b % BUCKETS];
@@ -191,7 +181,30 @@ impl Registry {
                 break;
             }
             if let Some(Some(e)) = self.entries.get(usize::from(number) - 1) {
-                if same_name(e.name.as_bytes(), name) {
+                if e.head == head && e.name.len() == name.len() {
+                    if name.len() <= 8 {
+                        return u64::from(number);
+                    }
+                    // A longer name: the rest of the probe out of line,
+                    // so this loop stays a leaf.
+                    return self.lookup_long(name, head, b, start + BUCKETS);
+                }
+            }
+        }
+        NO_FUNCTION
+    }
+
+    /// [`lookup`](Self::lookup) of a name over 8 bytes from bucket `from`
+    /// (whose entry has the name's length and first 8 bytes) to `end`.
+    #[inline(never)]
+    fn lookup_long(&self, name: &[u8], head: u64, from: usize, end: usize) -> u64 {
+        for b in from..end {
+            let number = self.index[b % BUCKETS];
+            if number == 0 {
+                break;
+            }
+            if let Some(Some(e)) = self.entries.get(usize::from(number) - 1) {
+                if e.head == head && e.name.as_bytes() == name {
                     return u64::from(number);
                 }
             }
