@@ -307,6 +307,16 @@ impl GuestPhysMemory for GuestMemory {
             Self::Passthrough(m) => m.map(gpa, len),
         }
     }
+
+    // The page walk and the linear copies take this once per call and
+    // then check every entry and page inline.
+    #[inline(always)]
+    fn direct_map(&self) -> Option<thinvisor_memory::DirectMap<'_>> {
+        match self {
+            Self::Isolated(m) => m.direct_map(),
+            Self::Passthrough(m) => m.direct_map(),
+        }
+    }
 }
 
 /// The guest's memory: one VM, so one object for the whole run.

@@ -13,6 +13,7 @@ mod esp;
 mod fuzz;
 mod images;
 mod linux;
+mod profile;
 mod report;
 mod run;
 mod selftest;
@@ -49,6 +50,9 @@ commands:
              fails when a per-exit figure regresses by more than 10% against
              bench/baseline.json. --quick: exits only (~10 s);
              `cargo xtask bench --help` for options
+  profile    one exit round trip of a bench loop, instruction by instruction, on SVM
+             (QEMU -singlestep -d exec over thinvisor's code): cargo xtask profile
+             [LOOP] [--listing]; default loop lookup_dbgsh
   linux      fetch Debian's kernel and busybox, build the initramfs (and a SYSLINUX boot
              disk), boot them on bare QEMU or under thinvisor and time the boot:
              cargo xtask linux [--bare] [--disk] [--smp N]; `--help` for options
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         "linux" => linux::main(&ctx, rest),
         "fuzz" => fuzz::main(&ctx, rest),
         "bench" => bench::main(&ctx, rest),
+        "profile" => profile::main(&ctx, rest),
         "setup" => setup::ensure(&ctx).map(|()| ExitCode::SUCCESS),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");

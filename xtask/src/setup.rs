@@ -21,6 +21,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "ovmf",
+    "valgrind",
 ];
 
 /// The bare-metal Rust target of the hypervisor and its test guests.
@@ -77,6 +78,11 @@ const REQUIREMENTS: &[Requirement] = &[
         what: "bochs",
         need: Need::Tool("bochs"),
         package: "bochs",
+    },
+    Requirement {
+        what: "valgrind (the copy bench's instruction counts)",
+        need: Need::Tool("valgrind"),
+        package: "valgrind",
     },
     Requirement {
         what: "Bochs SDL2 display plugin",

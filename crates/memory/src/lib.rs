@@ -54,5 +54,5 @@ pub use linear::{
 pub use paging::{
     pf_error, translate, Access, PagingMode, PagingRegs, TranslateError, Translation, MAXPHYADDR,
 };
-pub use phys::{GuestPhysMemory, IsolatedMemory, PassthroughMemory, PhysAccessError};
+pub use phys::{DirectMap, GuestPhysMemory, IsolatedMemory, PassthroughMemory, PhysAccessError};
 pub use window::PhysWindow;

@@ -3,9 +3,22 @@
 use core::fmt;
 
 use crate::{
-    translate, Access, GuestLinearAddr, GuestPhysMemory, PagingMode, PagingRegs, TranslateError,
-    Translation,
+    translate, Access, DirectMap, GuestLinearAddr, GuestPhysMemory, PagingMode, PagingRegs,
+    TranslateError, Translation,
 };
+
+/// Calls `$f` with the memory object the copy should use: `$mem`'s
+/// [`DirectMap`](crate::DirectMap) when it has one (every entry and page
+/// then checked and read inline), `$mem` itself otherwise. One virtual
+/// call per copy, not one per entry, when `$mem` is a `dyn`.
+macro_rules! with_direct {
+    ($mem:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $mem.direct_map() {
+            Some(direct) => $f(&direct, $($arg),*),
+            None => $f($mem, $($arg),*),
+        }
+    };
+}
 
 /// How the linear address space of `mode` wraps: 32 bits outside long
 /// mode (a range crossing 0xFFFF_FFFF continues at 0), 64 bits in long mode
@@ -45,6 +58,16 @@ pub fn read_linear<M: GuestPhysMemory + ?Sized>(
     buf: &mut [u8],
     access: Access,
 ) -> Result<(), TranslateError> {
+    with_direct!(mem, read_linear_in(regs, la, buf, access))
+}
+
+fn read_linear_in<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    buf: &mut [u8],
+    access: Access,
+) -> Result<(), TranslateError> {
     let mask = linear_mask(regs.mode());
     let mut cur = la.0 & mask;
     let mut rest = buf;
@@ -68,6 +91,16 @@ pub fn read_linear<M: GuestPhysMemory + ?Sized>(
 /// guest can page the range in and retry). Only a
 /// [`TranslateError::PhysUnreadable`] can leave a prefix written.
 pub fn write_linear<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    data: &[u8],
+    access: Access,
+) -> Result<(), TranslateError> {
+    with_direct!(mem, write_linear_in(regs, la, data, access))
+}
+
+fn write_linear_in<M: GuestPhysMemory + ?Sized>(
     mem: &M,
     regs: &PagingRegs,
     la: GuestLinearAddr,
@@ -209,6 +242,7 @@ pub fn read_cstr<M: GuestPhysMemory + ?Sized>(
 /// into a small buffer (no `N`-byte buffer to clear), a longer one goes on
 /// into an `N`-byte buffer; one that crosses pages is gathered by
 /// [`read_cstr_with_access`].
+#[inline]
 pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     mem: &M,
     regs: &PagingRegs,
@@ -216,43 +250,99 @@ pub fn with_cstr<const N: usize, M: GuestPhysMemory + ?Sized, R>(
     access: Access,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, CStrError> {
-    /// Names shorter than this take the shortest path (the standard names
-    /// are at most 11 bytes).
-    const SHORT: usize = 32;
+    match mem.direct_map() {
+        Some(direct) => with_cstr_direct::<N, _>(&direct, regs, la, access, f),
+        None => with_cstr_in::<N, _, _>(mem, regs, la, access, f),
+    }
+}
+
+/// [`with_cstr`] through a [`DirectMap`]: a short name in the clear range
+/// is scanned by whole aligned words straight into a small buffer
+/// ([`DirectMap::clear_cstr`]); anything else goes on like
+/// [`with_cstr_in`] from the translation made.
+#[inline(always)]
+fn with_cstr_direct<const N: usize, R>(
+    direct: &DirectMap<'_>,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, CStrError> {
+    let la = GuestLinearAddr(la.0 & linear_mask(regs.mode()));
+    let t = translate(direct, regs, la, access).map_err(CStrError::Unreadable)?;
+    // The name's bytes in this page, at most N.
+    let n = chunk_len(la.0, &t, N);
+    // Room for the words around SHORT_NAME bytes at any alignment.
+    let mut buf = [0u8; SHORT_NAME + 8];
+    if let Some((start, len)) = direct.clear_cstr(t.gpa.0, n.min(SHORT_NAME), &mut buf) {
+        return Ok(f(buf.get(start..start + len).unwrap_or(&[])));
+    }
+    cstr_rest_of_page::<N, _, _>(direct, regs, la, access, t.gpa, n, f)
+}
+
+fn with_cstr_in<const N: usize, M: GuestPhysMemory + ?Sized, R>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, CStrError> {
     let la = GuestLinearAddr(la.0 & linear_mask(regs.mode()));
     let t = translate(mem, regs, la, access).map_err(CStrError::Unreadable)?;
     // The name's bytes in this page, at most N.
     let n = chunk_len(la.0, &t, N);
-    let first = n.min(SHORT);
-    let mut short = [0u8; SHORT];
-    if let Some(head) = short.get_mut(..first) {
-        match mem.read_until_nul_phys(t.gpa, head) {
-            Ok(Some(pos)) => return Ok(f(head.get(..pos).unwrap_or(&[]))),
-            // No NUL yet and more of the page to scan: go on from there.
-            Ok(None) if first < n => {
-                let mut buf = [0u8; N];
-                let rest_gpa = t.gpa.checked_add(first as u64);
-                if let (Some(page), Some(at)) = (buf.get_mut(..n), rest_gpa) {
-                    let (done, rest) = page.split_at_mut(first);
-                    done.copy_from_slice(head);
-                    if let Ok(Some(pos)) = mem.read_until_nul_phys(at, rest) {
-                        return Ok(f(buf.get(..first + pos).unwrap_or(&[])));
-                    }
-                }
-            }
-            _ => {}
+    let first = n.min(SHORT_NAME);
+    let mut short = [0u8; SHORT_NAME];
+    if let (Ok(w), Some(head)) = (mem.map(t.gpa, first), short.get_mut(..first)) {
+        if let Some(pos) = w.read_until_nul(head) {
+            return Ok(f(head.get(..pos).unwrap_or(&[])));
         }
     }
-    // Crosses a page, too long, or unreadable: the general path, which
-    // also finds the right error.
+    cstr_rest_of_page::<N, _, _>(mem, regs, la, access, t.gpa, n, f)
+}
+
+/// Names shorter than this take [`with_cstr`]'s shortest path (the
+/// standard names are at most 11 bytes).
+const SHORT_NAME: usize = 32;
+
+/// [`with_cstr`] for a name not ended in its first [`SHORT_NAME`] bytes:
+/// the rest of the page (`n` bytes at `gpa` in all, translated already),
+/// then the general path for one that crosses pages, is too long, or
+/// unreadable (which also finds the right error).
+#[cold]
+#[inline(never)]
+fn cstr_rest_of_page<const N: usize, M: GuestPhysMemory + ?Sized, R>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+    gpa: crate::GuestPhysAddr,
+    n: usize,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, CStrError> {
     let mut buf = [0u8; N];
-    let len = read_cstr_with_access(mem, regs, la, &mut buf, access)?;
+    if let Some(page) = buf.get_mut(..n) {
+        if let Ok(Some(pos)) = mem.read_until_nul_phys(gpa, page) {
+            return Ok(f(buf.get(..pos).unwrap_or(&[])));
+        }
+    }
+    let len = read_cstr_with_access_in(mem, regs, la, &mut buf, access)?;
     Ok(f(buf.get(..len).unwrap_or(&[])))
 }
 
 /// [`read_cstr`] with an explicit access (e.g. [`Access::USER_READ`] when
 /// the caller runs at CPL 3, so it cannot name kernel memory).
 pub fn read_cstr_with_access<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    buf: &mut [u8],
+    access: Access,
+) -> Result<usize, CStrError> {
+    with_direct!(mem, read_cstr_with_access_in(regs, la, buf, access))
+}
+
+fn read_cstr_with_access_in<M: GuestPhysMemory + ?Sized>(
     mem: &M,
     regs: &PagingRegs,
     la: GuestLinearAddr,

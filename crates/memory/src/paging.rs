@@ -14,7 +14,9 @@
 
 use core::fmt;
 
-use crate::{GuestLinearAddr, GuestPhysAddr, GuestPhysMemory};
+use crate::{
+    DirectMap, GuestLinearAddr, GuestPhysAddr, GuestPhysMemory, PhysAccessError, PhysWindow,
+};
 
 /// Physical-address width assumed for reserved-bit checks. 52 is the
 /// architectural maximum, so no real address bit is ever called reserved.
@@ -39,6 +41,7 @@ pub mod pf_error {
 const PAGE_4K: u64 = 1 << 12;
 const PAGE_2M: u64 = 1 << 21;
 const PAGE_4M: u64 = 1 << 22;
+const PAGE_1G: u64 = 1 << 30;
 const LOW_32: u64 = 0xFFFF_FFFF;
 
 const E_P: u64 = 1 << 0;
@@ -272,18 +275,194 @@ impl core::error::Error for TranslateError {}
 ///
 /// Outside long mode only the low 32 bits of `la` are used. The resulting
 /// `gpa` is not checked against guest RAM (it may be MMIO).
+///
+/// A memory object with a [`DirectMap`](crate::DirectMap) is walked
+/// through it: each entry is a range check and a load, inline.
+#[inline(always)]
 pub fn translate<M: GuestPhysMemory + ?Sized>(
     mem: &M,
     regs: &PagingRegs,
     la: GuestLinearAddr,
     access: Access,
 ) -> Result<Translation, TranslateError> {
-    translate_with_maxphyaddr(mem, regs, la, access, MAXPHYADDR)
+    if regs.cr0 & PagingRegs::CR0_PG == 0 {
+        // Paging off: no walk, no call (as `translate_in` answers).
+        return Ok(unpaged(la));
+    }
+    match mem.direct_map() {
+        Some(direct) => translate_direct(&direct, regs, la, access),
+        None => translate_at(mem, regs, la, access),
+    }
+}
+
+/// The walk through a [`DirectMap`]: entries in its clear range are read
+/// inline ([`ClearEntries`]); a walk that meets an entry outside it is
+/// made again through the layout, which reads any RAM (or finds the
+/// entry unreadable). Both walks read guest memory the guest may change
+/// in between; the result is that of the second, a walk like any other.
+#[inline(always)]
+fn translate_direct(
+    direct: &DirectMap<'_>,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+) -> Result<Translation, TranslateError> {
+    match level4_clear(direct, regs, la.0, access) {
+        Some(t) => Ok(t),
+        None => translate_direct_walk(direct, regs, la, access),
+    }
+}
+
+/// The usual translation of a 64-bit guest, inline: 4-level paging, every
+/// entry in the clear range, present, free of reserved bits, and the
+/// rights the access needs granted. `None` for anything else (another
+/// mode, a non-canonical address, a fault, an entry elsewhere): the full
+/// walk then decides, reading the entries again. When this answers, the
+/// full walk would answer the same (the rules are those of `Walk::long`
+/// with MAXPHYADDR 52: nothing but XD without EFER.NXE is reserved in
+/// bits 63:12 of the frame-holding entries, SDM vol. 3A, 4.5).
+///
+/// Per level: an index, one compare and one load ([`DirectMap::clear_word`]),
+/// one compare for present and reserved, an XOR and an AND for the rights.
+#[inline(always)]
+fn level4_clear(
+    direct: &DirectMap<'_>,
+    regs: &PagingRegs,
+    la: u64,
+    access: Access,
+) -> Option<Translation> {
+    const FRAME: u64 = 0x000F_FFFF_FFFF_F000;
+    const PAE_LA57: u64 = PagingRegs::CR4_PAE | PagingRegs::CR4_LA57;
+    let level4 = regs.cr0 & PagingRegs::CR0_PG != 0
+        && regs.cr4 & PAE_LA57 == PagingRegs::CR4_PAE
+        && regs.efer & PagingRegs::EFER_LMA != 0;
+    // Canonical: bits 63:47 all equal.
+    let high = la >> 47;
+    if !level4 || (high != 0 && high != 0x1_FFFF) {
+        return None;
+    }
+    // Reserved in every entry: XD without EFER.NXE; PS too in the PML4E.
+    let rsvd = if regs.nx_enabled() { 0 } else { E_XD } | E_P;
+    let entry = |table: u64, shift: u32, reserved: u64| -> Option<u64> {
+        let e = direct.clear_word((table & FRAME) | ((la >> shift) & 0xFF8))?;
+        (e & reserved == E_P).then_some(e)
+    };
+    let mut rights = Rights::ALL;
+    let pml4e = entry(regs.cr3, 39 - 3, rsvd | E_PS)?;
+    rights.add(pml4e);
+    let pdpte = entry(pml4e, 30 - 3, rsvd)?;
+    rights.add(pdpte);
+    let (frame, size) = if pdpte & E_PS != 0 {
+        // 1 GiB page: bits 29:13 reserved.
+        let gate = reserved_gate(pdpte, bits(29, 13))?;
+        (pdpte & FRAME & !(PAGE_1G - 1) | gate, PAGE_1G)
+    } else {
+        let pde = entry(pdpte, 21 - 3, rsvd)?;
+        rights.add(pde);
+        if pde & E_PS != 0 {
+            // 2 MiB page: bits 20:13 reserved.
+            let gate = reserved_gate(pde, bits(20, 13))?;
+            (pde & FRAME & !(PAGE_2M - 1) | gate, PAGE_2M)
+        } else {
+            let pte = entry(pde, 12 - 3, rsvd)?;
+            rights.add(pte);
+            (pte & FRAME, PAGE_4K)
+        }
+    };
+    let need = (u64::from(access.user) * E_US)
+        | (u64::from(access.write && (access.user || regs.write_protect())) * E_RW)
+        | (u64::from(access.fetch) * E_XD);
+    if rights.0 & need != need {
+        return None;
+    }
+    Some(Translation {
+        gpa: GuestPhysAddr(frame | (la & (size - 1))),
+        page_size: size,
+        writable: rights.writable(),
+        user: rights.user(),
+        executable: rights.executable(),
+    })
+}
+
+/// `Some(0)` when none of `reserved` is set in `e`: a term to OR into a
+/// frame, so a large page with reserved bits leaves the inline walk.
+#[inline(always)]
+fn reserved_gate(e: u64, reserved: u64) -> Option<u64> {
+    (e & reserved == 0).then_some(0)
+}
+
+/// The full walk through a [`DirectMap`] (see [`translate_direct`]).
+#[inline(never)]
+fn translate_direct_walk(
+    direct: &DirectMap<'_>,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+) -> Result<Translation, TranslateError> {
+    match translate_at(&ClearEntries(*direct), regs, la, access) {
+        Err(TranslateError::TableUnreadable { .. }) => {
+            translate_at(direct.layout(), regs, la, access)
+        }
+        result => result,
+    }
+}
+
+/// A [`DirectMap`] whose 8-byte reads (the walk's entry reads) succeed
+/// only inside its clear range: one compare and one load per level, and
+/// a failure that leaves the walk at once (see [`translate_direct`]).
+/// Every other access is the map's own.
+struct ClearEntries<'a>(DirectMap<'a>);
+
+impl GuestPhysMemory for ClearEntries<'_> {
+    #[inline(always)]
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        self.0.window(gpa, len)
+    }
+
+    #[inline(always)]
+    fn read_u64_phys(&self, gpa: GuestPhysAddr) -> Result<u64, PhysAccessError> {
+        self.0.clear_word(gpa.0).ok_or(PhysAccessError { gpa })
+    }
+}
+
+/// The walk with the architectural MAXPHYADDR, through `mem`'s own
+/// methods (the linear copies call it with the
+/// [`DirectMap`](crate::DirectMap) they already hold). One out-of-line
+/// copy per memory type, with the masks folded to constants.
+#[inline(never)]
+pub(crate) fn translate_at<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+) -> Result<Translation, TranslateError> {
+    translate_in(mem, regs, la, access, MAXPHYADDR)
 }
 
 /// [`translate`] with an explicit MAXPHYADDR (clamped to 32..=52), so the
 /// reserved-bit rules for narrower machines can be tested.
+#[cfg(test)]
 pub(crate) fn translate_with_maxphyaddr<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    la: GuestLinearAddr,
+    access: Access,
+    maxphyaddr: u32,
+) -> Result<Translation, TranslateError> {
+    match mem.direct_map() {
+        Some(direct) => match translate_in(&ClearEntries(direct), regs, la, access, maxphyaddr) {
+            Err(TranslateError::TableUnreadable { .. }) => {
+                translate_in(direct.layout(), regs, la, access, maxphyaddr)
+            }
+            result => result,
+        },
+        None => translate_in(mem, regs, la, access, maxphyaddr),
+    }
+}
+
+/// The walk itself, through `mem`'s own methods.
+#[inline(always)]
+fn translate_in<M: GuestPhysMemory + ?Sized>(
     mem: &M,
     regs: &PagingRegs,
     la: GuestLinearAddr,
@@ -307,13 +486,7 @@ pub(crate) fn translate_with_maxphyaddr<M: GuestPhysMemory + ?Sized>(
         maxphy: maxphyaddr.clamp(32, 52),
     };
     match mode {
-        PagingMode::Disabled => Ok(Translation {
-            gpa: GuestPhysAddr(la.0),
-            page_size: PAGE_4K,
-            writable: true,
-            user: true,
-            executable: true,
-        }),
+        PagingMode::Disabled => Ok(unpaged(la)),
         PagingMode::Bits32 => walk.bits32(),
         PagingMode::Pae => walk.pae(),
         PagingMode::Level4 => walk.long(4),
@@ -321,28 +494,93 @@ pub(crate) fn translate_with_maxphyaddr<M: GuestPhysMemory + ?Sized>(
     }
 }
 
-/// The rights accumulated over the levels walked so far.
-#[derive(Clone, Copy)]
-struct Rights {
-    writable: bool,
-    user: bool,
-    executable: bool,
-}
-
-impl Rights {
-    const ALL: Self = Self {
+/// The translation with paging off: linear = physical, truncated to 32
+/// bits (`la` already is), every right.
+#[inline(always)]
+fn unpaged(la: GuestLinearAddr) -> Translation {
+    Translation {
+        gpa: GuestPhysAddr(la.0 & LOW_32),
+        page_size: PAGE_4K,
         writable: true,
         user: true,
         executable: true,
-    };
+    }
+}
 
-    /// Folds in one entry; `xd` says whether bit 63 means execute-disable.
-    fn add(&mut self, entry: u64, xd: bool) {
-        self.writable &= entry & E_RW != 0;
-        self.user &= entry & E_US != 0;
-        if xd && entry & E_XD != 0 {
-            self.executable = false;
-        }
+/// The rights accumulated over the levels walked so far, as entry bits:
+/// R/W and U/S must be granted at every level (SDM vol. 3A, 4.6.1; AMD
+/// APM vol. 2, 5.6), and so must "not execute-disabled": each entry is
+/// folded in as `entry ^ XD` with one AND, so bit 63 stays set while no
+/// level had XD. Where bit 63 is not XD it is reserved (checked before
+/// folding) or absent (32-bit entries), so it reads as "executable".
+#[derive(Clone, Copy)]
+struct Rights(u64);
+
+impl Rights {
+    const ALL: Self = Self(u64::MAX);
+
+    /// Folds in one entry that passed its reserved-bit check.
+    #[inline(always)]
+    fn add(&mut self, entry: u64) {
+        self.0 &= entry ^ E_XD;
+    }
+
+    fn writable(self) -> bool {
+        self.0 & E_RW != 0
+    }
+
+    fn user(self) -> bool {
+        self.0 & E_US != 0
+    }
+
+    fn executable(self) -> bool {
+        self.0 & E_XD != 0
+    }
+}
+
+/// The #PF hardware would raise for `access` at `la` (see `Walk::fault`).
+#[cold]
+#[inline(never)]
+fn page_fault(
+    regs: &PagingRegs,
+    mode: PagingMode,
+    la: GuestLinearAddr,
+    access: Access,
+    kind: Fault,
+) -> TranslateError {
+    let mut code = 0;
+    if kind != Fault::NotPresent {
+        code |= pf_error::PRESENT;
+    }
+    if kind == Fault::Reserved {
+        code |= pf_error::RESERVED;
+    }
+    if access.write {
+        code |= pf_error::WRITE;
+    }
+    if access.user {
+        code |= pf_error::USER;
+    }
+    // SDM 4.7: I/D is reported only with SMEP, or NXE under PAE-style
+    // paging.
+    let nx_paging = regs.nx_enabled() && mode != PagingMode::Bits32;
+    let smep = regs.cr4 & PagingRegs::CR4_SMEP != 0;
+    if access.fetch && (nx_paging || smep) {
+        code |= pf_error::FETCH;
+    }
+    TranslateError::PageFault {
+        la,
+        error_code: code,
+    }
+}
+
+/// A paging-structure entry at `gpa` outside guest RAM.
+#[cold]
+#[inline(never)]
+fn table_unreadable(la: GuestLinearAddr, gpa: u64) -> TranslateError {
+    TranslateError::TableUnreadable {
+        la,
+        table_gpa: GuestPhysAddr(gpa),
     }
 }
 
@@ -363,37 +601,34 @@ struct Walk<'a, M: ?Sized> {
 }
 
 impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
-    /// The #PF hardware would raise for this access.
+    /// The #PF hardware would raise for this access. The work is out of
+    /// line and takes plain values, so the walk keeps no copy of itself in
+    /// memory for it.
+    #[inline(always)]
     fn fault(&self, kind: Fault) -> TranslateError {
-        let a = self.access;
-        let mut code = 0;
-        if kind != Fault::NotPresent {
-            code |= pf_error::PRESENT;
-        }
-        if kind == Fault::Reserved {
-            code |= pf_error::RESERVED;
-        }
-        if a.write {
-            code |= pf_error::WRITE;
-        }
-        if a.user {
-            code |= pf_error::USER;
-        }
-        // SDM 4.7: I/D is reported only with SMEP, or NXE under PAE-style
-        // paging.
-        let nx_paging = self.regs.nx_enabled() && self.mode != PagingMode::Bits32;
-        let smep = self.regs.cr4 & PagingRegs::CR4_SMEP != 0;
-        if a.fetch && (nx_paging || smep) {
-            code |= pf_error::FETCH;
-        }
-        TranslateError::PageFault {
-            la: self.la,
-            error_code: code,
-        }
+        page_fault(self.regs, self.mode, self.la, self.access, kind)
+    }
+
+    /// The error of an entry that is not present or has reserved bits.
+    #[inline(always)]
+    fn entry_fault(&self, e: u64) -> TranslateError {
+        let kind = if e & E_P == 0 {
+            Fault::NotPresent
+        } else {
+            Fault::Reserved
+        };
+        self.fault(kind)
+    }
+
+    /// The error of an entry that is not in guest RAM.
+    #[inline(always)]
+    fn unreadable(&self, gpa: u64) -> TranslateError {
+        table_unreadable(self.la, gpa)
     }
 
     /// Reads the entry at `gpa`, requires it present and free of the
-    /// `reserved` bits.
+    /// `reserved` bits: one load and one compare on the way through.
+    #[inline(always)]
     fn entry(&self, gpa: u64, wide: bool, reserved: u64) -> Result<u64, TranslateError> {
         let at = GuestPhysAddr(gpa);
         let read = if wide {
@@ -401,39 +636,41 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
         } else {
             self.mem.read_u32_phys(at).map(u64::from)
         };
-        let e = read.map_err(|_| TranslateError::TableUnreadable {
-            la: self.la,
-            table_gpa: at,
-        })?;
-        if e & E_P == 0 {
-            return Err(self.fault(Fault::NotPresent));
-        }
-        if e & reserved != 0 {
-            return Err(self.fault(Fault::Reserved));
+        let Ok(e) = read else {
+            return Err(self.unreadable(gpa));
+        };
+        // Present, and none of the reserved bits.
+        if e & (reserved | E_P) != E_P {
+            return Err(self.entry_fault(e));
         }
         Ok(e)
     }
 
     /// Applies the permission rules to the combined rights of a finished
     /// walk.
+    #[inline(always)]
     fn finish(&self, gpa: u64, page_size: u64, r: Rights) -> Result<Translation, TranslateError> {
         let a = self.access;
-        let denied = (a.user && !r.user)
-            || (a.write && !r.writable && (a.user || self.regs.write_protect()))
-            || (a.fetch && !r.executable);
-        if denied {
+        // The rights this access needs, as entry bits (see `Rights`): U/S
+        // for a user access, R/W for a user write or a supervisor write
+        // with CR0.WP, "no XD" for a fetch.
+        let need = (u64::from(a.user) * E_US)
+            | (u64::from(a.write && (a.user || self.regs.write_protect())) * E_RW)
+            | (u64::from(a.fetch) * E_XD);
+        if r.0 & need != need {
             return Err(self.fault(Fault::Protection));
         }
         Ok(Translation {
             gpa: GuestPhysAddr(gpa),
             page_size,
-            writable: r.writable,
-            user: r.user,
-            executable: r.executable,
+            writable: r.writable(),
+            user: r.user(),
+            executable: r.executable(),
         })
     }
 
     /// 32-bit paging: 10+10+12 bits, 4-byte entries, optional 4 MiB pages.
+    #[inline(always)]
     fn bits32(&self) -> Result<Translation, TranslateError> {
         let la = self.la.0;
         let mut rights = Rights::ALL;
@@ -447,21 +684,22 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
             if pde & (1 << 21) != 0 || frame & !bits(phys_bits - 1, 0) != 0 {
                 return Err(self.fault(Fault::Reserved));
             }
-            rights.add(pde, false);
+            rights.add(pde);
             return self.finish(frame | (la & (PAGE_4M - 1)), PAGE_4M, rights);
         }
-        rights.add(pde, false);
+        rights.add(pde);
         let pt = pde & 0xFFFF_F000;
         let pte = self.entry(pt | (((la >> 12) & 0x3FF) << 2), false, 0)?;
-        rights.add(pte, false);
+        rights.add(pte);
         self.finish((pte & 0xFFFF_F000) | (la & (PAGE_4K - 1)), PAGE_4K, rights)
     }
 
     /// PAE paging: 2+9+9+12 bits, 8-byte entries, 4 PDPTEs at CR3[31:5].
+    #[inline(always)]
     fn pae(&self) -> Result<Translation, TranslateError> {
         let la = self.la.0;
         let m = self.maxphy;
-        let nxe = self.regs.nx_enabled();
+        let xd_reserved = if self.regs.nx_enabled() { 0 } else { E_XD };
         let frame_mask = bits(m - 1, 12);
         let mut rights = Rights::ALL;
 
@@ -473,7 +711,7 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
         let pdpte_rsvd = bits(2, 1) | bits(63, m);
         let pdpte = self.entry(pdpt | ((la >> 30) << 3), true, pdpte_rsvd)?;
 
-        let rsvd = bits(62, m) | if nxe { 0 } else { E_XD };
+        let rsvd = bits(62, m) | xd_reserved;
         let pd = pdpte & frame_mask;
         // Bits 20:13 are reserved only in a 2 MiB PDE; read the entry
         // first, then check them.
@@ -482,19 +720,56 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
             if pde & bits(20, 13) != 0 {
                 return Err(self.fault(Fault::Reserved));
             }
-            rights.add(pde, nxe);
+            rights.add(pde);
             let frame = pde & frame_mask & !(PAGE_2M - 1);
             return self.finish(frame | (la & (PAGE_2M - 1)), PAGE_2M, rights);
         }
-        rights.add(pde, nxe);
+        rights.add(pde);
         let pt = pde & frame_mask;
         let pte = self.entry(pt | (((la >> 12) & 0x1FF) << 3), true, rsvd)?;
-        rights.add(pte, nxe);
+        rights.add(pte);
         self.finish((pte & frame_mask) | (la & (PAGE_4K - 1)), PAGE_4K, rights)
     }
 
+    /// One level of a 4- or 5-level walk: the entry for `la`'s index at
+    /// `shift` in `table`, present, without `reserved` bits, folded into
+    /// `rights`. An index, one load with its range check, one compare, an
+    /// XOR and an AND.
+    #[inline(always)]
+    fn step(
+        &self,
+        table: u64,
+        shift: u32,
+        reserved: u64,
+        rights: &mut Rights,
+    ) -> Result<u64, TranslateError> {
+        let index = (self.la.0 >> shift) & 0x1FF;
+        let e = self.entry(table | (index << 3), true, reserved)?;
+        rights.add(e);
+        Ok(e)
+    }
+
+    /// A 1 GiB (`shift` 30) or 2 MiB (`shift` 21) page: bits
+    /// (shift-1):13 of its entry are reserved, bit 12 is PAT.
+    #[inline(never)]
+    fn large_page(
+        &self,
+        e: u64,
+        shift: u32,
+        frame_mask: u64,
+        rights: Rights,
+    ) -> Result<Translation, TranslateError> {
+        if e & bits(shift - 1, 13) != 0 {
+            return Err(self.fault(Fault::Reserved));
+        }
+        let size = 1u64 << shift;
+        let frame = e & frame_mask & !(size - 1);
+        self.finish(frame | (self.la.0 & (size - 1)), size, rights)
+    }
+
     /// 4- or 5-level paging: 9 bits per level, 1 GiB pages at the PDPTE,
-    /// 2 MiB pages at the PDE.
+    /// 2 MiB pages at the PDE; at most 5 reads whatever the entries say.
+    #[inline(always)]
     fn long(&self, levels: u32) -> Result<Translation, TranslateError> {
         let la = self.la.0;
         // Canonical: bits 63 down to the top implemented bit all equal.
@@ -503,36 +778,28 @@ impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
         if high != 0 && high != u64::MAX >> top_bit {
             return Err(TranslateError::NonCanonical { la: self.la });
         }
-        let m = self.maxphy;
-        let nxe = self.regs.nx_enabled();
-        let frame_mask = bits(m - 1, 12);
-        let rsvd = bits(51, m) | if nxe { 0 } else { E_XD };
+        // maxphy is 32..=52: bits maxphy-1..12 are the frame, 51..maxphy
+        // reserved, and 63 (XD) reserved unless EFER.NXE.
+        let below_maxphy = (1u64 << self.maxphy) - 1;
+        let frame_mask = below_maxphy & !(PAGE_4K - 1);
+        let xd_reserved = if self.regs.nx_enabled() { 0 } else { E_XD };
+        let rsvd = (((1u64 << 52) - 1) & !below_maxphy) | xd_reserved;
         let mut rights = Rights::ALL;
         let mut table = self.regs.cr3 & frame_mask;
-        // Levels `levels`..=2; level 1 (the PTE) follows the loop. The walk
-        // is at most 5 reads whatever the entries say.
-        for level in (2..=levels).rev() {
-            let shift = 12 + 9 * (level - 1);
-            let index = (la >> shift) & 0x1FF;
-            // PS is reserved in PML5Es and PML4Es.
-            let level_rsvd = if level >= 4 { rsvd | E_PS } else { rsvd };
-            let e = self.entry(table | (index << 3), true, level_rsvd)?;
-            if e & E_PS != 0 {
-                // 1 GiB (level 3) or 2 MiB (level 2) page: bits
-                // (shift-1):13 are reserved, bit 12 is PAT.
-                if e & bits(shift - 1, 13) != 0 {
-                    return Err(self.fault(Fault::Reserved));
-                }
-                rights.add(e, nxe);
-                let size = 1u64 << shift;
-                let frame = e & frame_mask & !(size - 1);
-                return self.finish(frame | (la & (size - 1)), size, rights);
-            }
-            rights.add(e, nxe);
-            table = e & frame_mask;
+        // PS is reserved in PML5Es and PML4Es.
+        if levels == 5 {
+            table = self.step(table, 48, rsvd | E_PS, &mut rights)? & frame_mask;
         }
-        let pte = self.entry(table | (((la >> 12) & 0x1FF) << 3), true, rsvd)?;
-        rights.add(pte, nxe);
+        table = self.step(table, 39, rsvd | E_PS, &mut rights)? & frame_mask;
+        let pdpte = self.step(table, 30, rsvd, &mut rights)?;
+        if pdpte & E_PS != 0 {
+            return self.large_page(pdpte, 30, frame_mask, rights);
+        }
+        let pde = self.step(pdpte & frame_mask, 21, rsvd, &mut rights)?;
+        if pde & E_PS != 0 {
+            return self.large_page(pde, 21, frame_mask, rights);
+        }
+        let pte = self.step(pde & frame_mask, 12, rsvd, &mut rights)?;
         self.finish((pte & frame_mask) | (la & (PAGE_4K - 1)), PAGE_4K, rights)
     }
 }

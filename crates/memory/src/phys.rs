@@ -4,6 +4,7 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::ops::Range;
 
+use crate::window::load_word;
 use crate::{GuestPhysAddr, PhysWindow};
 
 /// A guest-physical access touched a byte that is not backed by guest RAM
@@ -45,6 +46,18 @@ pub trait GuestPhysMemory: Sync {
     /// RAM the VMM may reach. `len == 0` touches nothing and always
     /// succeeds.
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError>;
+
+    /// The layout as plain data, when guest-physical `x` is host
+    /// `base + x` wherever it is reachable: the page walk and the linear
+    /// copies then check each entry or page inline, with no call through a
+    /// `dyn GuestPhysMemory` per entry. `None` (the default) makes them go
+    /// through [`map`](Self::map) and the other methods. An implementor
+    /// returning `Some` must answer every access through it exactly as
+    /// through its own methods.
+    #[inline]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        None
+    }
 
     /// Fills `buf` from guest-physical memory starting at `gpa`.
     #[inline]
@@ -224,15 +237,144 @@ fn first_outside(gpa: u64, len: usize, ram: &[Range<u64>]) -> Option<u64> {
     }
 }
 
-/// The window for `gpa..gpa+len` at host `base + gpa`, after the shared
-/// range check: the mapping both layouts use.
+/// The longest range of guest-physical addresses inside one range of
+/// `ram` and outside every range of `hidden` (empty when there is none):
+/// the range [`DirectMap`] checks an access against with two compares.
+///
+/// Work is `ram.len() * hidden.len()^2` at most, once per layout object.
+pub(crate) fn clear_span(ram: &[Range<u64>], hidden: &[Range<u64>]) -> Range<u64> {
+    let hidden_nonempty = || hidden.iter().filter(|h| h.start < h.end);
+    let mut best = 0..0;
+    for r in ram.iter().filter(|r| r.start < r.end) {
+        // A longest clear piece starts at the range's start or at the end
+        // of a hidden range.
+        let starts = core::iter::once(r.start).chain(hidden_nonempty().map(|h| h.end));
+        for s in starts {
+            if s < r.start || s >= r.end || hidden_nonempty().any(|h| h.start <= s && s < h.end) {
+                continue;
+            }
+            // Up to the next hidden range starting after `s` (none starts
+            // at or before `s` and ends after it: checked above).
+            let end = hidden_nonempty()
+                .filter(|h| h.start > s)
+                .map(|h| h.start)
+                .fold(r.end, u64::min);
+            if end - s > best.end - best.start {
+                best = s..end;
+            }
+        }
+    }
+    best
+}
+
+/// The clear range of a layout ([`clear_span`] of its lists), where
+/// guest-physical `x` is host `base + x` with nothing to check but the
+/// range itself, in the forms the inline checks use. Computed once, when
+/// the layout is made.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clear {
+    base: *mut u8,
+    /// `start..start + len`.
+    start: u64,
+    len: u64,
+    /// The aligned 8-byte words inside it: `words` of them from
+    /// `word_start` (8-byte aligned); none when the host block is not
+    /// 8-byte aligned, so that every word read is one aligned load.
+    word_start: u64,
+    words: u64,
+}
+
+impl Clear {
+    /// The clear range of `ram` minus `hidden` at host `base`.
+    fn new(base: *mut u8, ram: &[Range<u64>], hidden: &[Range<u64>]) -> Self {
+        let clear = clear_span(ram, hidden);
+        let word_start = clear.start.checked_next_multiple_of(8).unwrap_or(u64::MAX);
+        let word_end = clear.end & !7;
+        Self {
+            base,
+            start: clear.start,
+            len: clear.end - clear.start,
+            word_start,
+            words: if base.addr().is_multiple_of(8) {
+                word_end.saturating_sub(word_start) / 8
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The window over `gpa..gpa+len` when it lies in the clear range.
+    #[inline(always)]
+    fn window<'m>(&self, gpa: GuestPhysAddr, len: usize) -> Option<PhysWindow<'m>> {
+        let off = gpa.0.wrapping_sub(self.start);
+        // `off <= len` (an address before the start wraps to a huge
+        // offset) and no run past the end.
+        if off <= self.len && (len as u64) <= self.len - off {
+            // SAFETY: inside the clear range, valid at base + x (the
+            // contract of the layout that made it).
+            return Some(unsafe { at(self.base, gpa, len) });
+        }
+        None
+    }
+
+    /// Whether the aligned word at `gpa` lies in the clear range: one
+    /// compare checks both the range and the alignment (the offset rotated
+    /// right by 3 is below `words` only when its low 3 bits are clear).
+    #[inline(always)]
+    fn has_word(&self, gpa: u64) -> bool {
+        gpa.wrapping_sub(self.word_start).rotate_right(3) < self.words
+    }
+}
+
+/// The window for `gpa..gpa+len` at host `base + gpa`: the mapping both
+/// layouts use. `clear` decides the usual access with two compares;
+/// anything else goes through the check of every range.
 ///
 /// # Safety
 /// `base + pa` must be valid for atomic access, for the window's lifetime,
 /// for every `pa` inside `ram` and outside `hidden` (the contract of both
-/// layouts' constructors).
+/// layouts' constructors), and `clear` must be `Clear::new(base, ram,
+/// hidden)`.
 #[inline(always)]
 unsafe fn window<'m>(
+    base: *mut u8,
+    ram: &[Range<u64>],
+    hidden: &[Range<u64>],
+    clear: &Clear,
+    gpa: GuestPhysAddr,
+    len: usize,
+) -> Result<PhysWindow<'m>, PhysAccessError> {
+    if let Some(w) = clear.window(gpa, len) {
+        return Ok(w);
+    }
+    // SAFETY: the caller's contract.
+    unsafe { window_checked(base, ram, hidden, gpa, len) }
+}
+
+// Guest-physical addresses become host offsets with `as usize` below:
+// lossless on the 64-bit hosts this crate is for.
+const _: () = assert!(usize::BITS == 64);
+
+/// The window at `base + gpa`.
+///
+/// # Safety
+/// Every byte of `gpa..gpa+len` is valid for atomic access at
+/// `base + pa`, for the window's lifetime.
+#[inline(always)]
+unsafe fn at<'m>(base: *mut u8, gpa: GuestPhysAddr, len: usize) -> PhysWindow<'m> {
+    // wrapping_add: the block need not be one Rust allocation (the direct
+    // map is not), and nothing is dereferenced here.
+    // SAFETY: the caller's guarantee.
+    unsafe { PhysWindow::new(base.wrapping_add(gpa.0 as usize), len) }
+}
+
+/// [`window`] outside the clear range: check every range.
+///
+/// # Safety
+/// As for [`window`].
+#[cold]
+#[inline(never)]
+unsafe fn window_checked<'m>(
     base: *mut u8,
     ram: &[Range<u64>],
     hidden: &[Range<u64>],
@@ -244,12 +386,135 @@ unsafe fn window<'m>(
             gpa: GuestPhysAddr(bad),
         });
     }
-    let offset = usize::try_from(gpa.0).map_err(|_| PhysAccessError { gpa })?;
+    usize::try_from(gpa.0).map_err(|_| PhysAccessError { gpa })?;
     // SAFETY: every byte of the range is inside `ram` and outside
     // `hidden` (checked above), which the caller guarantees is valid at
-    // base + pa. wrapping_add: the block need not be one Rust allocation
-    // (the direct map is not), and nothing is dereferenced here.
-    Ok(unsafe { PhysWindow::new(base.wrapping_add(offset), len) })
+    // base + pa.
+    Ok(unsafe { at(base, gpa, len) })
+}
+
+/// A layout as plain data, for the page walk and the linear copies (see
+/// [`GuestPhysMemory::direct_map`]): guest-physical `x` is host `base + x`
+/// throughout a clear range (RAM, nothing hidden), so the usual access is
+/// one subtraction and two compares, inline; any other goes to the layout
+/// it came from. It copies like that layout (atomically, through
+/// [`PhysWindow`]). Two references: cheap to make and to pass.
+#[derive(Clone, Copy)]
+pub struct DirectMap<'a> {
+    clear: &'a Clear,
+    /// The layout, for every access outside the clear range.
+    layout: &'a dyn GuestPhysMemory,
+}
+
+impl fmt::Debug for DirectMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectMap")
+            .field("clear", self.clear)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: as for the layouts it comes from: every access is atomic and
+// goes through `PhysWindow`; the layout is `Sync` (a supertrait).
+unsafe impl Sync for DirectMap<'_> {}
+// SAFETY: see above; shared references to `Sync` data may move.
+unsafe impl Send for DirectMap<'_> {}
+
+impl<'a> DirectMap<'a> {
+    /// # Safety
+    /// For `'a`, `clear.base + x` must be valid for atomic access for every
+    /// `x` in the clear range, which `layout` must map the same way (its
+    /// [`map`](GuestPhysMemory::map) would hand out `base + x` for them).
+    unsafe fn new(clear: &'a Clear, layout: &'a dyn GuestPhysMemory) -> Self {
+        Self { clear, layout }
+    }
+
+    /// [`GuestPhysMemory::map`], for as long as the layout lives.
+    #[inline(always)]
+    pub fn window(
+        &self,
+        gpa: GuestPhysAddr,
+        len: usize,
+    ) -> Result<PhysWindow<'a>, PhysAccessError> {
+        match self.clear.window(gpa, len) {
+            Some(w) => Ok(w),
+            None => self.layout.map(gpa, len),
+        }
+    }
+
+    /// The layout this map came from.
+    #[inline(always)]
+    pub(crate) fn layout(&self) -> &'a dyn GuestPhysMemory {
+        self.layout
+    }
+
+    /// The aligned 8-byte word at `gpa` when it lies in the clear range
+    /// (a paging-structure entry, the page walk's one read per level);
+    /// `None` otherwise, even when the layout could read it.
+    #[inline(always)]
+    pub(crate) fn clear_word(&self, gpa: u64) -> Option<u64> {
+        if self.clear.has_word(gpa) {
+            // SAFETY: an aligned word inside the clear range (`new`'s
+            // contract), at an aligned host address (base is aligned, or
+            // there are no words).
+            return Some(unsafe { load_word(self.clear.base.wrapping_add(gpa as usize)) });
+        }
+        None
+    }
+
+    /// The NUL-terminated string at `gpa`, at most `n` bytes with the NUL
+    /// (the words covering them must fit `buf`), copied to `buf` by whole
+    /// aligned words:
+    /// `Some((start, len))` when the string is `buf[start..start + len]`
+    /// and its NUL follows. `None` when the words covering `gpa..gpa+n`
+    /// are not all in the clear range or no NUL comes within `n` bytes.
+    ///
+    /// Reading whole words reads up to 7 bytes before `gpa` and after the
+    /// range: guest RAM in the clear range, which the VMM may read (never
+    /// its own memory), and which do not count (the bytes before are
+    /// forced non-zero, the bytes after come after the limit).
+    #[inline(always)]
+    pub(crate) fn clear_cstr(&self, gpa: u64, n: usize, buf: &mut [u8]) -> Option<(usize, usize)> {
+        let skip = (gpa & 7) as usize;
+        let first = gpa & !7;
+        // Words covering gpa..gpa+n: the last one starts at or before
+        // gpa + n - 1.
+        let words = (skip + n).div_ceil(8);
+        let last = first.checked_add(8 * (words as u64).checked_sub(1)?)?;
+        if !self.clear.has_word(first) || !self.clear.has_word(last) || words * 8 > buf.len() {
+            return None;
+        }
+        // All words from `first` to `last` are in the clear range (it is
+        // one range). The bytes before gpa must not look like a NUL.
+        let mut mask = (1u64 << (8 * skip)) - 1;
+        for (k, d) in buf.chunks_exact_mut(8).take(words).enumerate() {
+            // SAFETY: an aligned word between `first` and `last`, in the
+            // clear range.
+            let w = unsafe { load_word(self.clear.base.wrapping_add((first as usize) + 8 * k)) };
+            d.copy_from_slice(&w.to_le_bytes());
+            let v = w | mask;
+            mask = 0;
+            let zero = v.wrapping_sub(0x0101_0101_0101_0101) & !v & 0x8080_8080_8080_8080;
+            if zero != 0 {
+                let at = 8 * k + (zero.trailing_zeros() / 8) as usize;
+                // The NUL must come within n bytes of gpa.
+                return (at < skip + n).then(|| (skip, at - skip));
+            }
+        }
+        None
+    }
+}
+
+impl GuestPhysMemory for DirectMap<'_> {
+    #[inline(always)]
+    fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
+        self.window(gpa, len)
+    }
+
+    #[inline(always)]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        Some(*self)
+    }
 }
 
 /// The isolated layout: guest RAM is one block of host memory mapped at
@@ -260,6 +525,8 @@ pub struct IsolatedMemory<'a> {
     /// `0..len`.
     ram: Range<u64>,
     holes: &'a [Range<u64>],
+    /// Its clear range.
+    clear: Clear,
     _block: PhantomData<&'a mut [u8]>,
 }
 
@@ -283,11 +550,12 @@ impl<'a> IsolatedMemory<'a> {
     /// only through this object (and the guest and its devices): no Rust
     /// reference to any of it, and no non-atomic access by other code.
     pub unsafe fn from_raw(base: *mut u8, len: usize, holes: &'a [Range<u64>]) -> Self {
+        // usize is at most 64 bits on every target this crate supports.
+        let ram = 0..u64::try_from(len).unwrap_or(u64::MAX);
         Self {
             base,
-            // usize is at most 64 bits on every target this crate
-            // supports.
-            ram: 0..u64::try_from(len).unwrap_or(u64::MAX),
+            clear: Clear::new(base, core::slice::from_ref(&ram), holes),
+            ram,
             holes,
             _block: PhantomData,
         }
@@ -328,16 +596,25 @@ impl<'a> IsolatedMemory<'a> {
 impl GuestPhysMemory for IsolatedMemory<'_> {
     #[inline]
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
-        // SAFETY: `from_raw`'s contract: base + x is valid for x in 0..len.
+        // SAFETY: `from_raw`'s contract: base + x is valid for x in 0..len
+        // outside the holes; `clear` is `clear_span` of the same lists.
         unsafe {
             window(
                 self.base,
                 core::slice::from_ref(&self.ram),
                 self.holes,
+                &self.clear,
                 gpa,
                 len,
             )
         }
+    }
+
+    #[inline]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        // SAFETY: `clear` is inside RAM and outside the holes, valid at
+        // base + x (`from_raw`'s contract), and `map` hands out base + x.
+        Some(unsafe { DirectMap::new(&self.clear, self) })
     }
 }
 
@@ -350,6 +627,8 @@ pub struct PassthroughMemory<'a> {
     base: *mut u8,
     ram: &'a [Range<u64>],
     hidden: &'a [Range<u64>],
+    /// Its clear range.
+    clear: Clear,
 }
 
 // SAFETY: as for IsolatedMemory: atomic accesses only, shared lists.
@@ -376,6 +655,7 @@ impl<'a> PassthroughMemory<'a> {
     ) -> Self {
         Self {
             base: direct_map,
+            clear: Clear::new(direct_map, ram, hidden),
             ram,
             hidden,
         }
@@ -396,8 +676,17 @@ impl GuestPhysMemory for PassthroughMemory<'_> {
     #[inline]
     fn map(&self, gpa: GuestPhysAddr, len: usize) -> Result<PhysWindow<'_>, PhysAccessError> {
         // SAFETY: `new`'s contract: base + pa is valid for every pa inside
-        // `ram` and outside `hidden`.
-        unsafe { window(self.base, self.ram, self.hidden, gpa, len) }
+        // `ram` and outside `hidden`; `clear` is `clear_span` of the same
+        // lists.
+        unsafe { window(self.base, self.ram, self.hidden, &self.clear, gpa, len) }
+    }
+
+    #[inline]
+    fn direct_map(&self) -> Option<DirectMap<'_>> {
+        // SAFETY: `clear` is inside RAM and outside the hidden ranges,
+        // valid at base + pa (`new`'s contract), and `map` hands out
+        // base + pa.
+        Some(unsafe { DirectMap::new(&self.clear, self) })
     }
 }
 

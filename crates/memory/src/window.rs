@@ -4,7 +4,7 @@
 //! See [`PhysWindow`] for why atomics.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 // Guest memory is little-endian; so is every host this crate targets
 // (x86-64). Word copies move bytes in host order, which is only the
@@ -45,12 +45,13 @@ const _: () = assert!(cfg!(target_endian = "little"));
 ///   `MOV`, with no fence and no lock prefix: the same instructions a
 ///   volatile copy would produce.
 ///
-/// Bulk copies move 8-byte words with relaxed `AtomicU64` accesses over the
-/// naturally aligned middle of the range and single bytes (`AtomicU8`) at
-/// the unaligned edges, unrolled eight words at a time. The compiler may
-/// not merge atomic accesses into vector moves, so a copy costs about two
-/// instructions per 8 bytes; the bare-metal target has no SIMD registers
-/// anyway, so that is also what its own `memcpy` does.
+/// Copies shorter than 64 bytes move 8-byte words with relaxed `AtomicU64`
+/// accesses over the naturally aligned middle of the range and single
+/// bytes (`AtomicU8`) at the unaligned edges, unrolled eight words at a
+/// time. Longer ones (a page of a bulk copy) use the processor's string
+/// moves (`REP MOVSQ`) inside an `asm!` block (see `string_copy`): as
+/// opaque to the compiler as an atomic access, and the fastest copy on the
+/// bare-metal target, which has no SIMD registers.
 ///
 /// What Rust's memory model does not cover: when another agent accesses
 /// the same bytes concurrently with a *different* size (the guest always,
@@ -147,41 +148,55 @@ impl PhysWindow<'_> {
     /// be overwritten too (the rest of the word holding it); `None` when
     /// the window or `dst` ends first (then the shorter of the two is
     /// copied).
+    ///
+    /// Reads aligned pieces only, each one atomic load: one byte, two
+    /// bytes and four bytes as needed up to the first 8-byte boundary
+    /// (three loads, not up to seven), then words, then the last bytes. A
+    /// short name ends in the first piece or two, so little is copied past
+    /// the NUL.
     #[inline]
     pub fn read_until_nul(&self, dst: &mut [u8]) -> Option<usize> {
         let n = dst.len().min(self.len);
         let dst = dst.get_mut(..n)?;
         // Conservative for the test hook: the scan may stop earlier.
         record(self.addr(0), n);
-        // Split like `copy_out`: bytes up to the first 8-byte boundary,
-        // aligned words, the last bytes. A short name ends in the first
-        // word or two, so little is copied past the NUL.
-        let head = head_len(self.ptr, n);
-        let (first, rest) = dst.split_at_mut(head);
-        for (i, b) in first.iter_mut().enumerate() {
-            // SAFETY: i < head <= n <= self.len: inside the window.
-            *b = unsafe { load8(self.ptr.wrapping_add(i)) };
-            if *b == 0 {
-                return Some(i);
+        let mut done = 0usize;
+        // Head: a 1-, a 2- and a 4-byte piece, each taken when the address
+        // has that bit set and the piece fits. Afterwards the address is
+        // 8-byte aligned, or fewer than 8 bytes are left (a piece did not
+        // fit), which the tail takes.
+        for size in [1usize, 2, 4] {
+            if self.addr(done) & size != 0 && n - done >= size {
+                let Some(d) = dst.get_mut(done..done + size) else {
+                    break;
+                };
+                // SAFETY: done + size <= n <= self.len: inside the window;
+                // the address is size-aligned (its lower bits are clear:
+                // the smaller pieces cleared them).
+                let v = unsafe { load_piece(self.ptr.wrapping_add(done), size) };
+                d.copy_from_slice(&v.to_le_bytes()[..size]);
+                if let Some(i) = zero_byte(v, size) {
+                    return Some(done + i);
+                }
+                done += size;
             }
         }
-        let mut done = head;
+        let (_, rest) = dst.split_at_mut(done);
         let mut words = rest.chunks_exact_mut(8);
-        for d in &mut words {
-            // SAFETY: done + 8 <= n: inside the window; aligned, as
-            // `head` bytes took p to an 8-byte boundary.
-            let w = unsafe { load64(self.ptr.wrapping_add(done)) };
-            d.copy_from_slice(&w.to_ne_bytes());
-            // A zero byte in the word (the classic bit trick: only a zero
-            // byte borrows into its own top bit first).
-            let zero = w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080;
-            if zero != 0 {
-                // Little-endian: the lowest flagged byte comes first.
-                return Some(done + (zero.trailing_zeros() / 8) as usize);
+        if self.addr(done).is_multiple_of(8) {
+            for d in &mut words {
+                // SAFETY: done + 8 <= n: inside the window; aligned
+                // (checked above, and each round adds 8).
+                let w = unsafe { load64(self.ptr.wrapping_add(done)) };
+                d.copy_from_slice(&w.to_ne_bytes());
+                if let Some(i) = zero_byte(w, 8) {
+                    return Some(done + i);
+                }
+                done += 8;
             }
-            done += 8;
         }
-        for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        let tail = dst.get_mut(done..)?;
+        for (i, b) in tail.iter_mut().enumerate() {
             // SAFETY: done + i < n: the last bytes of the window.
             *b = unsafe { load8(self.ptr.wrapping_add(done + i)) };
             if *b == 0 {
@@ -303,6 +318,19 @@ impl PhysWindow<'_> {
     }
 }
 
+/// One relaxed atomic load of the 8-byte little-endian word at `p` (for
+/// [`DirectMap`](crate::DirectMap)'s entry reads, which checked the range
+/// and the alignment already).
+///
+/// # Safety
+/// `p` is 8-byte aligned and valid for atomic reads of 8 bytes.
+#[inline(always)]
+pub(crate) unsafe fn load_word(p: *mut u8) -> u64 {
+    record(p.addr(), 8);
+    // SAFETY: the caller's guarantee.
+    u64::from_le(unsafe { load64(p) })
+}
+
 /// One relaxed atomic byte load.
 ///
 /// # Safety
@@ -323,6 +351,35 @@ unsafe fn load64(p: *mut u8) -> u64 {
     unsafe { AtomicU64::from_ptr(p.cast()) }.load(RELAXED)
 }
 
+/// One relaxed atomic load of a `size`-byte piece (1, 2, 4 or 8),
+/// zero-extended, in little-endian order.
+///
+/// # Safety
+/// `p` is `size`-aligned and valid for atomic reads of `size` bytes.
+#[inline(always)]
+unsafe fn load_piece(p: *mut u8, size: usize) -> u64 {
+    // SAFETY: the caller's guarantee, for the size taken.
+    unsafe {
+        match size {
+            1 => u64::from(load8(p)),
+            2 => u64::from(AtomicU16::from_ptr(p.cast()).load(RELAXED)),
+            4 => u64::from(AtomicU32::from_ptr(p.cast()).load(RELAXED)),
+            _ => load64(p),
+        }
+    }
+}
+
+/// Index of the first zero byte among the low `size` bytes of `v` (in
+/// memory order, little-endian), if any: the classic bit trick, in which
+/// only a zero byte borrows into its own top bit first; bytes above
+/// `size` are zero and must not count.
+#[inline(always)]
+fn zero_byte(v: u64, size: usize) -> Option<usize> {
+    let low = u64::MAX >> (64 - 8 * size as u32);
+    let found = v.wrapping_sub(0x0101_0101_0101_0101) & !v & 0x8080_8080_8080_8080 & low;
+    (found != 0).then(|| (found.trailing_zeros() / 8) as usize)
+}
+
 /// Bytes per round of the copy loops: eight words, so the loop's own
 /// instructions are a small part of each round.
 const BLOCK: usize = 64;
@@ -341,6 +398,12 @@ fn head_len(p: *mut u8, n: usize) -> usize {
 /// `src..src+dst.len()` is valid for atomic reads.
 #[inline]
 unsafe fn copy_out(src: *mut u8, dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() >= STRING_COPY_MIN {
+        // SAFETY: the caller's guarantee; `dst` is the host's own buffer.
+        unsafe { string_copy(src, dst.as_mut_ptr(), dst.len()) };
+        return;
+    }
     if dst.len() < 8 {
         // Short copies (an instruction's bytes, a field): bytes only,
         // none of the word machinery.
@@ -381,6 +444,63 @@ unsafe fn copy_out(src: *mut u8, dst: &mut [u8]) {
     }
 }
 
+/// Copies of at least this many bytes (a page's worth in bulk copies) go
+/// through [`string_copy`]; shorter ones (fields, instructions, names) use
+/// the word loops, which have no start-up cost.
+#[cfg(target_arch = "x86_64")]
+const STRING_COPY_MIN: usize = 64;
+
+/// Copies `len` bytes from `src` to `dst` with the processor's string
+/// moves: `REP MOVSB` up to the 8-byte boundary of `src`, `REP MOVSQ` for
+/// the aligned words, `REP MOVSB` for the rest (Intel SDM vol. 2B, MOVS
+/// and REP; vol. 1, 7.3.9.3 on fast-string operation, which makes them
+/// the fastest bulk copy on processors without usable vector registers,
+/// as in the hypervisor). One side is guest memory.
+///
+/// Why this is sound where a plain `copy_nonoverlapping` of guest memory
+/// would not be: the moves happen inside an `asm!` block, which the
+/// compiler treats as an opaque operation on the memory behind the
+/// pointers it is given. Nothing in the Rust program accesses the guest
+/// side non-atomically, no reference to it exists, and the compiler can
+/// neither tear, repeat nor elide the copy; concurrent writers (the
+/// guest, devices, other vCPUs' atomic copies) see ordinary x86 memory
+/// accesses, which the architecture defines (SDM vol. 3A, "Guaranteed
+/// Atomic Operations" and "Fast-String Operation and Out-of-Order
+/// Stores": the stores of a fast-string operation may be seen out of
+/// order, which a byte copy never relies on). The host side is the
+/// caller's own buffer. DF is clear on entry to any `asm!` block (the
+/// Rust inline assembly rules), so the moves go forward.
+///
+/// # Safety
+/// `src..src+len` is valid for reads and `dst..dst+len` for writes, and
+/// the two do not overlap; the side that is Rust memory is not borrowed
+/// elsewhere.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn string_copy(src: *mut u8, dst: *mut u8, len: usize) {
+    let head = head_len(src, len);
+    let words = (len - head) / 8;
+    let tail = len - head - 8 * words;
+    // SAFETY: the moves stay inside src..src+len and dst..dst+len (head +
+    // 8 * words + tail = len); they do not overlap (the caller); RSI, RDI
+    // and RCX are declared clobbered; no stack use.
+    unsafe {
+        core::arch::asm!(
+            "rep movsb",
+            "mov rcx, {words}",
+            "rep movsq",
+            "mov rcx, {tail}",
+            "rep movsb",
+            words = in(reg) words,
+            tail = in(reg) tail,
+            inout("rcx") head => _,
+            inout("rsi") src => _,
+            inout("rdi") dst => _,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
 /// [`copy_out`] for the unaligned typed loads, kept out of line so the
 /// aligned path (every page-table entry) stays a few instructions.
 ///
@@ -410,6 +530,12 @@ unsafe fn copy_in_cold(dst: *mut u8, src: &[u8]) {
 /// `dst..dst+src.len()` is valid for atomic writes.
 #[inline]
 unsafe fn copy_in(dst: *mut u8, src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if src.len() >= STRING_COPY_MIN {
+        // SAFETY: the caller's guarantee; `src` is the host's own buffer.
+        unsafe { string_copy(src.as_ptr().cast_mut(), dst, src.len()) };
+        return;
+    }
     let store8 = |p: *mut u8, v: u8| {
         // SAFETY: every caller below passes a byte of the range.
         unsafe { AtomicU8::from_ptr(p) }.store(v, RELAXED)

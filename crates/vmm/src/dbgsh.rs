@@ -298,6 +298,25 @@ impl Dbgsh {
         self.poll(env)
     }
 
+    /// [`call`](Self::call) when it needs no environment: the shell is
+    /// enabled, the caller owns the session, answers nothing and a value
+    /// is pending (a client's polling loop waiting for it to be read).
+    /// Does what `call` would (the owner's clock is updated) and returns
+    /// the pending value; `None` when the full call is needed.
+    #[inline]
+    pub fn call_quick(&mut self, answer: u64, caller: Caller) -> Option<u64> {
+        if !self.enabled || answer != NOTHING || self.pending == NOTHING {
+            return None;
+        }
+        match &mut self.owner {
+            Some(owner) if owner.client == caller.client => {
+                owner.last = caller.now;
+                Some(self.pending)
+            }
+            _ => None,
+        }
+    }
+
     /// The caller owns the session from now on.
     fn claim(&mut self, caller: Caller) {
         self.sessions += 1;
@@ -809,6 +828,46 @@ mod tests {
                 extra_stat: None,
             }
         }
+    }
+
+    /// `call_quick` answers exactly when the full call would only return
+    /// the pending value, and answers the same; otherwise it leaves the
+    /// shell alone.
+    #[test]
+    fn quick_call_is_the_full_call_when_it_answers() {
+        let env = Env::new();
+        let sh_env = env.shell();
+        let mut quick = Dbgsh::new(true, 100);
+        let mut full = Dbgsh::new(true, 100);
+        // No session yet: the full call is needed (it claims the shell).
+        assert_eq!(quick.call_quick(NOTHING, ME), None);
+        let first = quick.call(NOTHING, ME, &sh_env);
+        assert_eq!(full.call(NOTHING, ME, &sh_env), first);
+        // Polling without answering: the pending value, as the full call
+        // gives it, and the owner's clock moves in both.
+        for now in 1..5 {
+            let me = Caller { now, ..ME };
+            assert_eq!(quick.call_quick(NOTHING, me), Some(first));
+            assert_eq!(full.call(NOTHING, me, &sh_env), first);
+        }
+        // Another client, an answer, or a disabled shell: the full call.
+        let other = Caller {
+            client: OTHER,
+            now: 5,
+        };
+        assert_eq!(quick.call_quick(NOTHING, other), None);
+        assert_eq!(quick.call_quick(ACK, ME), None);
+        assert_eq!(Dbgsh::new(false, NEVER).call_quick(NOTHING, ME), None);
+        // The other client waits in both: the owner's clock was updated.
+        assert_eq!(
+            quick.call(NOTHING, other, &sh_env),
+            full.call(NOTHING, other, &sh_env)
+        );
+        // The same session continues alike.
+        assert_eq!(
+            client(&mut quick, &sh_env, &[]),
+            client(&mut full, &sh_env, &[])
+        );
     }
 
     /// BitVisor's client: one call of -1, then the loop; `keys` are typed

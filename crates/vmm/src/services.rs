@@ -99,6 +99,13 @@ fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
         client: ctx.vcpu.cr3() & !0xFFF,
         now: (ctx.services.clock)(),
     };
+    let mut shell = ctx.services.dbgsh.lock();
+    // A polling client with a value still pending: no environment to make.
+    if let Some(rax) = shell.call_quick(answer, caller) {
+        drop(shell);
+        ctx.vcpu.set_gpr(Gpr::Rax, rax);
+        return CallOutcome::Return;
+    }
     let guest_log = &ctx.services.guest_log;
     let log_buffer_line = |out: &mut crate::dbgsh::Line| guest_log.lock().stat_line(out);
     let env = ShellEnv {
@@ -108,7 +115,8 @@ fn dbgsh_call(ctx: &mut CallContext<'_>) -> CallOutcome {
         registry: ctx.registry,
         extra_stat: Some(&log_buffer_line),
     };
-    let rax = ctx.services.dbgsh.lock().call(answer, caller, &env);
+    let rax = shell.call(answer, caller, &env);
+    drop(shell);
     ctx.vcpu.set_gpr(Gpr::Rax, rax);
     CallOutcome::Return
 }

@@ -367,6 +367,82 @@ fn registry_refuses_bad_registrations() {
 }
 
 #[test]
+fn registry_lookup_finds_exactly_the_registered_names() {
+    use crate::vmmcall::{Registry, MAX_FUNCTIONS};
+    fn nop(_: &mut crate::CallContext<'_>) -> crate::CallOutcome {
+        crate::CallOutcome::Return
+    }
+    // Names sharing lengths, first and last bytes, prefixes; 1 to 255
+    // bytes (every comparison size).
+    let long = |n: usize, c: u8| -> &'static str {
+        std::boxed::Box::leak(
+            std::string::String::from_utf8(std::vec![c; n])
+                .unwrap()
+                .into_boxed_str(),
+        )
+    };
+    let mut names: std::vec::Vec<&'static str> = std::vec![
+        "dbgsh",
+        "log_set_buf",
+        "log_read",
+        "d",
+        "ab",
+        "abc",
+        "abcd",
+        "abcdefg",
+        "abcdefgh",
+        "abcdefghi",
+        "abcdefghijklmnop",
+        "abcdefghijklmnopq",
+        "dbgsi",
+        "ebgsh",
+    ];
+    names.push(long(255, b'x'));
+    names.push(long(17, b'y'));
+    let mut r = Registry::new();
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(r.register(name, nop), Ok(i as u64 + 1), "{name}");
+    }
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(r.lookup(name.as_bytes()), i as u64 + 1, "{name}");
+    }
+    // Near misses: one byte changed anywhere, one byte more or less.
+    for name in &names {
+        let b = name.as_bytes();
+        for at in 0..b.len() {
+            let mut other = b.to_vec();
+            other[at] ^= 0x20;
+            let want = names
+                .iter()
+                .position(|n| n.as_bytes() == other)
+                .map_or(0, |i| i as u64 + 1);
+            assert_eq!(r.lookup(&other), want, "{name} changed at {at}");
+        }
+        let shorter = &b[..b.len() - 1];
+        let want = names
+            .iter()
+            .position(|n| n.as_bytes() == shorter)
+            .map_or(0, |i| i as u64 + 1);
+        assert_eq!(r.lookup(shorter), want);
+        let mut longer = b.to_vec();
+        longer.push(b'z');
+        assert_eq!(r.lookup(&longer), 0);
+    }
+    assert_eq!(r.lookup(b""), 0);
+    assert_eq!(r.lookup(&[0u8; 300]), 0);
+    // A full registry still answers, found or not.
+    let mut i = 0;
+    while r.iter().count() < MAX_FUNCTIONS {
+        let _ = r.register(long(3 + i, b'a' + (i % 26) as u8), nop);
+        i += 1;
+    }
+    for (number, name) in r.iter() {
+        assert_eq!(r.lookup(name.as_bytes()), number);
+    }
+    assert_eq!(r.lookup(b"missing"), 0);
+}
+
+#[test]
 fn cpuid_exit_writes_zero_extended_results() {
     let mut vmm = vmm();
     let mut vcpu = FakeVcpu::new();

@@ -67,12 +67,58 @@ pub enum RegisterError {
 struct Entry {
     name: &'static str,
     function: VmmCallFn,
+    /// [`head`] of the name: with its length, the whole of a name of up
+    /// to 8 bytes (every standard name but `log_set_buf`).
+    head: u64,
+}
+
+/// Buckets of the name index: twice the functions, so at least half are
+/// empty and every probe ends after a few steps.
+const BUCKETS: usize = 2 * MAX_FUNCTIONS;
+
+// Numbers are kept in the index as bytes.
+const _: () = assert!(MAX_FUNCTIONS < 256 && BUCKETS.is_power_of_two());
+
+/// The first 8 bytes of `name`, little-endian, zero-padded: at most two
+/// overlapping loads (of 8, 4, 2 or 1 bytes), no loop.
+#[inline(always)]
+fn head(name: &[u8]) -> u64 {
+    fn piece<const K: usize>(s: &[u8], at: usize) -> u64 {
+        let mut b = [0u8; 8];
+        if let Some(p) = s.get(at..at + K) {
+            b[..K].copy_from_slice(p);
+        }
+        u64::from_le_bytes(b)
+    }
+    let n = name.len();
+    match n {
+        0 => 0,
+        1 => piece::<1>(name, 0),
+        // The first K bytes and the last K bytes, overlapping in the
+        // middle where the two agree.
+        2..=3 => piece::<2>(name, 0) | piece::<2>(name, n - 2) << (8 * (n - 2)),
+        4..=7 => piece::<4>(name, 0) | piece::<4>(name, n - 4) << (8 * (n - 4)),
+        _ => piece::<8>(name, 0),
+    }
+}
+
+/// The index bucket a name starts probing at: a multiplicative hash of
+/// its first 8 bytes and its length.
+#[inline(always)]
+fn bucket(head: u64, len: usize) -> usize {
+    // Fibonacci hashing: the top bits of the product.
+    ((head ^ len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BUCKETS.trailing_zeros()))
+        as usize
 }
 
 /// Registered functions; number n is slot n - 1.
 pub struct Registry {
     entries: [Option<Entry>; MAX_FUNCTIONS],
     len: usize,
+    /// A hash index of the names, so a lookup compares one name, not
+    /// every one: [`bucket`] then linear probing; each bucket holds a
+    /// number (slot + 1) or 0 when empty.
+    index: [u8; BUCKETS],
 }
 
 impl Default for Registry {
@@ -86,6 +132,7 @@ impl Registry {
         Self {
             entries: [None; MAX_FUNCTIONS],
             len: 0,
+            index: [0; BUCKETS],
         }
     }
 
@@ -101,18 +148,68 @@ impl Registry {
         if self.lookup(name.as_bytes()) != NO_FUNCTION {
             return Err(RegisterError::Duplicate);
         }
+        let number = self.len + 1;
         let slot = self.entries.get_mut(self.len).ok_or(RegisterError::Full)?;
-        *slot = Some(Entry { name, function });
-        self.len += 1;
-        Ok(self.len as u64)
+        // At most MAX_FUNCTIONS of the 2 * MAX_FUNCTIONS buckets are used,
+        // so the probe finds an empty one.
+        let head = head(name.as_bytes());
+        let start = bucket(head, name.len());
+        let free = (0..BUCKETS)
+            .map(|i| (start + i) % BUCKETS)
+            .find(|&b| self.index[b] == 0)
+            .ok_or(RegisterError::Full)?;
+        *slot = Some(Entry {
+            name,
+            function,
+            head,
+        });
+        self.index[free] = number as u8;
+        self.len = number;
+        Ok(number as u64)
     }
 
-    /// The number registered for `name` (exact, case-sensitive), or 0.
+    /// The number registered for `name` (exact, case-sensitive), or 0:
+    /// the names in its probe sequence are compared, usually one, by
+    /// length and first 8 bytes (all of a name of up to 8 bytes).
     pub fn lookup(&self, name: &[u8]) -> u64 {
-        self.entries[..self.len]
-            .iter()
-            .position(|e| e.is_some_and(|e| e.name.as_bytes() == name))
-            .map_or(NO_FUNCTION, |i| i as u64 + 1)
+        let head = head(name);
+        let start = bucket(head, name.len());
+        // Bounded even if the index were full.
+        for b in start..start + BUCKETS {
+            let number = self.index[b % BUCKETS];
+            if number == 0 {
+                break;
+            }
+            if let Some(Some(e)) = self.entries.get(usize::from(number) - 1) {
+                if e.head == head && e.name.len() == name.len() {
+                    if name.len() <= 8 {
+                        return u64::from(number);
+                    }
+                    // A longer name: the rest of the probe out of line,
+                    // so this loop stays a leaf.
+                    return self.lookup_long(name, head, b, start + BUCKETS);
+                }
+            }
+        }
+        NO_FUNCTION
+    }
+
+    /// [`lookup`](Self::lookup) of a name over 8 bytes from bucket `from`
+    /// (whose entry has the name's length and first 8 bytes) to `end`.
+    #[inline(never)]
+    fn lookup_long(&self, name: &[u8], head: u64, from: usize, end: usize) -> u64 {
+        for b in from..end {
+            let number = self.index[b % BUCKETS];
+            if number == 0 {
+                break;
+            }
+            if let Some(Some(e)) = self.entries.get(usize::from(number) - 1) {
+                if e.head == head && e.name.as_bytes() == name {
+                    return u64::from(number);
+                }
+            }
+        }
+        NO_FUNCTION
     }
 
     /// The function with number `number`, if one is registered.
@@ -155,21 +252,16 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) {
     if let Some(stats) = vcpu.exit_stats() {
         stats.record_call(number);
     }
-    let outcome = if number == FN_LOOKUP {
-        let result = lookup_by_name(&vmm.vm.registry, vcpu);
-        vcpu.set_gpr(Gpr::Rax, result);
-        CallOutcome::Return
-    } else {
-        match vmm.vm.registry.function(number) {
-            Some(function) => function(&mut CallContext {
-                vcpu,
-                services: &vmm.vm.services,
-                registry: &vmm.vm.registry,
-            }),
-            None => {
-                vcpu.set_gpr(Gpr::Rax, NO_FUNCTION);
-                CallOutcome::Return
-            }
+    // The table index; function 0 and unknown numbers leave the hot path.
+    let outcome = match vmm.vm.registry.function(number) {
+        Some(function) => function(&mut CallContext {
+            vcpu,
+            services: &vmm.vm.services,
+            registry: &vmm.vm.registry,
+        }),
+        None => {
+            lookup_or_refuse(&vmm.vm.registry, vcpu, number);
+            CallOutcome::Return
         }
     };
     match outcome {
@@ -178,27 +270,54 @@ pub fn dispatch<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) {
             vcpu.skip_instruction();
         }
         CallOutcome::PageFault { la, error_code } => {
-            let key = Some((vcpu.rip(), vcpu.paging().cr3, la.as_u64()));
-            let retry = &mut vmm.fault_retry;
-            if retry.key == key {
-                retry.count += 1;
-            } else {
-                *retry = FaultRetry { key, count: 1 };
-            }
-            if retry.count > MAX_FAULTS_PER_PAGE {
-                log::debug!(
-                    "VMM call {number}: page {la} still not present after {MAX_FAULTS_PER_PAGE} faults"
-                );
-                *retry = FaultRetry::default();
-                vcpu.set_gpr(Gpr::Rax, FAULTS_UNRESOLVED);
-                vcpu.skip_instruction();
-            } else {
-                vcpu.inject(Event::PageFault {
-                    error_code,
-                    address: la.as_u64(),
-                });
-            }
+            page_fault(vmm, vcpu, number, la, error_code);
         }
+    }
+}
+
+/// Function 0 (a lookup), or a number nothing is registered under (RAX =
+/// [`NO_FUNCTION`]).
+#[inline(never)]
+fn lookup_or_refuse<V: Vcpu>(registry: &Registry, vcpu: &mut V, number: u64) {
+    let result = if number == FN_LOOKUP {
+        lookup_by_name(registry, vcpu)
+    } else {
+        NO_FUNCTION
+    };
+    vcpu.set_gpr(Gpr::Rax, result);
+}
+
+/// A call needs a guest page that is not present: inject the #PF and let
+/// the call instruction run again, at most [`MAX_FAULTS_PER_PAGE`] times
+/// for the same instruction and page.
+#[cold]
+#[inline(never)]
+fn page_fault<V: Vcpu>(
+    vmm: &mut Vmm<'_>,
+    vcpu: &mut V,
+    number: u64,
+    la: GuestLinearAddr,
+    error_code: u32,
+) {
+    let key = Some((vcpu.rip(), vcpu.paging().cr3, la.as_u64()));
+    let retry = &mut vmm.fault_retry;
+    if retry.key == key {
+        retry.count += 1;
+    } else {
+        *retry = FaultRetry { key, count: 1 };
+    }
+    if retry.count > MAX_FAULTS_PER_PAGE {
+        log::debug!(
+            "VMM call {number}: page {la} still not present after {MAX_FAULTS_PER_PAGE} faults"
+        );
+        *retry = FaultRetry::default();
+        vcpu.set_gpr(Gpr::Rax, FAULTS_UNRESOLVED);
+        vcpu.skip_instruction();
+    } else {
+        vcpu.inject(Event::PageFault {
+            error_code,
+            address: la.as_u64(),
+        });
     }
 }
 

@@ -98,6 +98,17 @@ pub fn run() {
     let ticks = rdtsc().wrapping_sub(start);
     say!("BENCH calibration iterations=100000 ticks={ticks} instructions=200000");
     report("cpuid_exit", Body::Cpuid, 10_000);
+    // Function 0 with the guest's paging off: measured by the 32-bit entry
+    // code before long mode (crate::entry, `TG_BENCH32`), printed here.
+    let off = crate::entry::bench32();
+    if off.iterations > 0 {
+        say!(
+            "BENCH lookup_dbgsh_paging_off iterations={} ticks={} baseline={}",
+            off.iterations,
+            off.ticks,
+            off.baseline
+        );
+    }
     let name = b"dbgsh\0";
     report(
         "lookup_dbgsh",

@@ -7,7 +7,10 @@
 //!     could lie anywhere, even where `.bss` is about to be zeroed),
 //!  2. zeroes `.bss`, takes its own stack, GDT and a 32-bit IDT,
 //!  3. runs the paging-off lookup check (`lookup_paging_off`); an exception
-//!     there is recorded, not fatal, so a bare run still reaches the report,
+//!     there is recorded, not fatal, so a bare run still reaches the report;
+//!     in `bench` mode (a command-line token `bench`) it then times
+//!     lookups of "dbgsh" with paging off, for `bench.rs` to print
+//!     (`TG_BENCH32`),
 //!  4. runs `log_read_32bit` and `log_read_pae` (recorded the same way in
 //!     `TG_LOG32`): each builds small page tables (32-bit paging with 4 MiB
 //!     identity pages, or PAE with 2 MiB ones, for 0 .. 8 MiB, and 4 KiB
@@ -71,6 +74,22 @@ pub struct PagingOffResult {
     pub nosuch: u32,
 }
 
+/// The paging-off lookup bench (`TG_BENCH32` in asm), measured like
+/// `bench.rs` measures in 64-bit mode: TSC ticks of `iterations` lookups
+/// of "dbgsh" by function 0 (EBX = its physical address) and of the same
+/// loop with a NOP in place of the call. Low 32 bits of the TSC: a run is
+/// far below 2^32 instructions. All zero outside bench mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Bench32 {
+    pub iterations: u32,
+    pub ticks: u32,
+    pub baseline: u32,
+}
+
+/// Lookups the paging-off bench times.
+pub const BENCH32_ITERATIONS: u32 = 2_000;
+
 /// Results of `log_read_32bit` and `log_read_pae` (`TG_LOG32` in asm: two
 /// records, 32-bit paging first). Written by the trampoline with paging on,
 /// read by the 64-bit checks.
@@ -133,6 +152,8 @@ unsafe extern "C" {
     static TG_PAGING_OFF: PagingOffResult;
     /// The 32-bit and PAE log_read checks' results.
     static TG_LOG32: [Log32Result; 2];
+    /// The paging-off lookup bench.
+    static TG_BENCH32: Bench32;
     /// Frames of those checks: 0 and 1 are the present buffer pages of the
     /// 32-bit and the PAE run, 2 and 3 the pools their #PF handler maps.
     pub static TG_LOG32_FRAMES: [Page; 4];
@@ -173,6 +194,12 @@ pub fn boot_copy() -> BootCopy {
     unsafe { addr_of!(TG_BOOT).read_volatile() }
 }
 
+/// The paging-off lookup bench's figures (all zero unless in bench mode).
+pub fn bench32() -> Bench32 {
+    // SAFETY: written only by the trampoline before Rust runs.
+    unsafe { addr_of!(TG_BENCH32).read_volatile() }
+}
+
 /// The paging-off check's results.
 pub fn paging_off_result() -> PagingOffResult {
     // SAFETY: written only by the trampoline before Rust runs.
@@ -199,6 +226,10 @@ TG_BOOT:
 .global TG_PAGING_OFF
 TG_PAGING_OFF:
     .fill {po_size}, 1, 0
+.balign 16
+.global TG_BENCH32
+TG_BENCH32:
+    .long 0, 0, 0               /* iterations ticks baseline */
 .balign 16
 .global TG_LOG32
 TG_LOG32:                       /* 32-bit paging, then PAE */
@@ -249,6 +280,7 @@ tg_idt32_ptr:
 tg_name_dbgsh:      .asciz "dbgsh"
 tg_name_nosuch:     .asciz "nosuch"
 tg_name_log_read:   .asciz "log_read"
+tg_word_bench:      .asciz "bench"
 tg_msg_fatal32:     .asciz "FAIL exception: vector "
 tg_msg_fatal32_end: .asciz " (during 32-bit entry)\nSUMMARY: 0 passed, 1 failed\n"
 tg_msg_shutdown:    .asciz "Shutdown"
@@ -395,6 +427,28 @@ _start:
     mov dword ptr [TG_PAGING_OFF + {r_status}], 1
 .Lcheck32_done:
     mov dword ptr [tg_in_check32], 0
+
+    /* lookup_dbgsh_paging_off (bench mode only): warm up, then time the
+       lookups and the same loop with a NOP */
+    call tg_cmdline_bench
+    test eax, eax
+    jz .Lbench32_done
+    mov ecx, 10
+    xor edx, edx
+    call tg_bench32_loop
+    mov ecx, 10
+    mov edx, 1
+    call tg_bench32_loop
+    mov ecx, {bench32_n}
+    xor edx, edx
+    call tg_bench32_loop
+    mov dword ptr [TG_BENCH32 + 4], eax
+    mov ecx, {bench32_n}
+    mov edx, 1
+    call tg_bench32_loop
+    mov dword ptr [TG_BENCH32 + 8], eax
+    mov dword ptr [TG_BENCH32], {bench32_n}
+.Lbench32_done:
 
     /* log_read_32bit: 32-bit paging, 4 MiB identity pages for 0 .. 8 MiB,
        LOG32_VA in 4 KiB pages (the first present, the second not) */
@@ -578,6 +632,88 @@ tg_log32_calls:
 .Llog32_calls_done:
     mov dword ptr [esi + {r_status}], 1
     pop ebp
+    ret
+
+/* EAX = 1 when the command line has the token "bench", else 0. */
+tg_cmdline_bench:
+    push esi
+    push edi
+    mov esi, offset TG_BOOT + 24
+.Lcmdb_token:
+    mov al, byte ptr [esi]
+    test al, al
+    jz .Lcmdb_no
+    cmp al, 0x20
+    ja .Lcmdb_word
+    inc esi                     /* space or control character */
+    jmp .Lcmdb_token
+.Lcmdb_word:
+    mov edi, offset tg_word_bench
+    xor ecx, ecx
+.Lcmdb_cmp:
+    mov al, byte ptr [edi + ecx]
+    test al, al
+    jz .Lcmdb_word_end
+    cmp al, byte ptr [esi + ecx]
+    jne .Lcmdb_skip
+    inc ecx
+    jmp .Lcmdb_cmp
+.Lcmdb_word_end:
+    cmp byte ptr [esi + ecx], 0x20  /* the token ends here: NUL or space */
+    jbe .Lcmdb_yes
+.Lcmdb_skip:
+    mov al, byte ptr [esi]
+    cmp al, 0x20
+    jbe .Lcmdb_token
+    inc esi
+    jmp .Lcmdb_skip
+.Lcmdb_yes:
+    mov eax, 1
+    jmp .Lcmdb_ret
+.Lcmdb_no:
+    xor eax, eax
+.Lcmdb_ret:
+    pop edi
+    pop esi
+    ret
+
+/* The paging-off bench loop: ECX iterations of function 0 with "dbgsh",
+   or of the same loop with a NOP in place of the call when EDX != 0
+   (the shape of bench.rs's 64-bit loop). EAX = TSC ticks (low 32 bits). */
+tg_bench32_loop:
+    push ebx
+    push esi
+    push edi
+    push ebp
+    mov esi, ecx
+    mov ebp, edx
+    mov edi, dword ptr [tg_use_vmcall32]
+    rdtsc
+    push eax
+2:
+    xor eax, eax
+    mov ebx, offset tg_name_dbgsh
+    test ebp, ebp
+    jnz 4f
+    test edi, edi
+    jnz 3f
+    vmmcall
+    jmp 5f
+3:
+    vmcall
+    jmp 5f
+4:
+    nop
+5:
+    dec esi
+    jnz 2b
+    rdtsc
+    pop ecx
+    sub eax, ecx
+    pop ebp
+    pop edi
+    pop esi
+    pop ebx
     ret
 
 /* The VMM call in 32-bit mode: EAX, EBX in; EAX out. */
@@ -858,6 +994,7 @@ tg_exc64_common:
 "#,
     main = sym crate::guest_main,
     exception = sym crate::interrupts::exception_entry,
+    bench32_n = const BENCH32_ITERATIONS,
     po_size = const size_of::<PagingOffResult>(),
     po_dbgsh = const offset_of!(PagingOffResult, dbgsh),
     po_nosuch = const offset_of!(PagingOffResult, nosuch),

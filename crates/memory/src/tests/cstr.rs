@@ -187,3 +187,82 @@ fn name_wrapping_at_4_gib() {
         .unwrap();
     assert_eq!(cstr(&mem, &pt.regs(), 0xFFFF_FFFE), Ok("log_read".into()));
 }
+
+/// Names at every alignment near the start and the end of a page, of every
+/// length up to past the short buffer, with and without a NUL, in RAM
+/// whose clear range ends right after the page (a hole follows) or not:
+/// the word scan of the inline path must agree with a byte-by-byte model
+/// and never touch the hole.
+#[test]
+fn every_offset_and_length() {
+    const PAGE: u64 = 0x40_0000;
+    for hole in [false, true] {
+        let mut ram = guest_ram();
+        let base = ram.as_ptr() as usize;
+        #[allow(clippy::single_range_in_vec_init)] // a list of one range
+        let holes = [PAGE + 0x1000..PAGE + 0x2000];
+        let mem = if hole {
+            IsolatedMemory::with_holes(&mut ram, &holes)
+        } else {
+            IsolatedMemory::new(&mut ram)
+        };
+        let mut pt = tables(&mem, PagingMode::Level4);
+        pt.map(&mem, 0x1000, PAGE, SIZE_4K, 0).unwrap();
+        // The next linear page maps the hole (or plain RAM).
+        pt.map(&mem, 0x2000, PAGE + 0x1000, SIZE_4K, 0).unwrap();
+        let regs = pt.regs();
+        let offsets = (0..24).chain(0x1000 - 48..0x1000);
+        for off in offsets {
+            for len in [0usize, 1, 2, 3, 5, 7, 8, 9, 15, 16, 23, 31, 32, 33, 40, 47] {
+                // Bytes 0x80.. (bit 7 set: a borrow trick must not misread
+                // them) and a NUL after `len` of them, unless the page ends
+                // first.
+                let fill: std::vec::Vec<u8> = (0..0x1000 - off)
+                    .map(|i| 0x80 | (i as u8 % 0x7F + 1))
+                    .collect();
+                mem.write_phys(GuestPhysAddr(PAGE + off), &fill).unwrap();
+                let nul_in_page = off + len as u64 <= 0xFFF;
+                if nul_in_page {
+                    mem.write_phys(GuestPhysAddr(PAGE + off + len as u64), &[0])
+                        .unwrap();
+                }
+                if !hole {
+                    // The name may go on into the next page: end it there.
+                    mem.write_phys(GuestPhysAddr(PAGE + 0x1000), &[0]).unwrap();
+                }
+                let (got, touched) = crate::window::touched::during(|| {
+                    with_cstr::<NAME_MAX, _, _>(
+                        &mem,
+                        &regs,
+                        GuestLinearAddr(0x1000 + off),
+                        Access::READ,
+                        |n| n.to_vec(),
+                    )
+                });
+                if hole {
+                    let hole_host = base + (PAGE as usize + 0x1000);
+                    for (at, n) in touched {
+                        assert!(
+                            at + n <= hole_host || at >= hole_host + 0x1000,
+                            "offset {off:#x} length {len} touched the hole"
+                        );
+                    }
+                }
+                let want = if nul_in_page {
+                    Ok(fill[..len].to_vec())
+                } else if hole {
+                    Err(CStrError::Unreadable(TranslateError::PhysUnreadable {
+                        gpa: GuestPhysAddr(PAGE + 0x1000),
+                    }))
+                } else {
+                    Ok(fill.clone())
+                };
+                assert_eq!(got, want, "hole {hole} offset {off:#x} length {len}");
+                // The copying reader agrees.
+                let mut buf = [0xFFu8; NAME_MAX];
+                let copied = read_cstr(&mem, &regs, GuestLinearAddr(0x1000 + off), &mut buf);
+                assert_eq!(copied.map(|n| buf[..n].to_vec()), want);
+            }
+        }
+    }
+}
