@@ -8,7 +8,7 @@
 //! loops before the chosen one, `log exec,nochain` through the QEMU
 //! monitor starts a trace of every hypervisor instruction executed, and the
 //! chosen loop's own line stops it (`log none`). The trace is cut into
-//! round trips at the instruction after VMRUN in `thinvisor_svm_run`; the
+//! round trips at the instruction after VMRUN in the exit loop; the
 //! most common sequence among the last round trips (the chosen loop has at
 //! least 1000 of them in a row, against the few of the next loop caught
 //! before the trace stopped) is printed function by function with its
@@ -78,16 +78,8 @@ pub fn main(ctx: &Ctx, args: &[String]) -> Result<ExitCode> {
     let elf = images.hv.as_path();
     let text = text_range(&run_tool("readelf", &["-lW"], elf)?)
         .ok_or("no executable segment in thinvisor.elf")?;
-    let after_vmrun = after_vmrun(&run_tool(
-        "objdump",
-        &[
-            "-d",
-            "--no-show-raw-insn",
-            "--disassemble=thinvisor_svm_run",
-        ],
-        elf,
-    )?)
-    .ok_or("no VMRUN in thinvisor_svm_run")?;
+    let after_vmrun = after_vmrun(&run_tool("objdump", &["-d", "--no-show-raw-insn"], elf)?)
+        .ok_or("no VMRUN in the exit loop (a function named *run_guest*)")?;
     let dir = ctx.fresh_dir("profile")?;
     trace(&dir, &images, text, start, stop)?;
     let trace_text = fs::read_to_string(dir.join("trace.log")).context("reading trace.log")?;
@@ -234,11 +226,26 @@ fn text_range(readelf: &str) -> Option<(u64, u64)> {
     })
 }
 
-/// The address of the instruction after VMRUN in `objdump -d` output.
+/// The address of the instruction after VMRUN in `objdump -d` output, in
+/// the exit loop: the world switch is inlined into the core's `run_guest`
+/// (docs/performance.md), and into `run` for callers that want one exit.
 fn after_vmrun(objdump: &str) -> Option<u64> {
-    let mut lines = objdump.lines().filter_map(instruction);
-    lines.find(|(_, insn)| insn.trim() == "vmrun")?;
-    lines.next().map(|(pc, _)| pc)
+    let mut in_loop = false;
+    let mut after = false;
+    for line in objdump.lines() {
+        if line.ends_with(">:") {
+            in_loop = line.contains("run_guest");
+            continue;
+        }
+        let Some((pc, insn)) = instruction(line) else {
+            continue;
+        };
+        if after {
+            return Some(pc);
+        }
+        after = in_loop && insn.trim() == "vmrun";
+    }
+    None
 }
 
 /// `(address, instruction)` of an objdump instruction line.
@@ -350,12 +357,15 @@ mod tests {
             text_range(readelf),
             Some((0xffff_ffff_8020_9000, 0xffff_ffff_8026_ac8e))
         );
-        let objdump = "ffffffff80236510 <thinvisor_svm_run>:
+        let objdump = "ffffffff80236400 <other>:
+ffffffff80236400:\tvmrun
+ffffffff80236403:\tret
+ffffffff80236510 <thinvisor_vmm::exit::run_guest>:
 ffffffff80236510:\tmov    %rdi,%rax
 ffffffff80236514:\tvmrun
 ffffffff80236517:\tpush   %rsi";
         assert_eq!(after_vmrun(objdump), Some(0xffff_ffff_8023_6517));
-        assert_eq!(disassembly(objdump).len(), 3);
+        assert_eq!(disassembly(objdump).len(), 5);
         let trace =
             "Trace 0: 0x7f [00000000/ffffffff80236517/0000c0b0/ff000000] thinvisor_svm_run\n\
                      noise\n\

@@ -1531,7 +1531,7 @@ mod tests {
         let md = report_md(&info, &f, None, Some(&Ok((baseline, rows))));
         assert!(md.contains("| CPUID exit | SVM | 223 instructions | ≤ 100 instructions | no | ~351 instructions |"), "{md}");
         assert!(
-            md.contains("| function-0 lookup, guest with paging off | – | not measured yet |"),
+            md.contains("| function-0 lookup of `dbgsh`, guest with paging off | SVM | the bench guest printed no such loop | ≤ 200 instructions | – |"),
             "{md}"
         );
         assert!(md.contains("| Linux boot to the init marker under thinvisor vs bare | – | not measured in this run (--quick) | ≤ 1.03× | – | ~1.1× |"), "{md}");
