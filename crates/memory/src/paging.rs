@@ -307,38 +307,40 @@ fn translate_direct(
     la: GuestLinearAddr,
     access: Access,
 ) -> Result<Translation, TranslateError> {
-    match level4_clear(direct, regs, la.0, access) {
+    match long_clear(direct, regs, la.0, access) {
         Some(t) => Ok(t),
         None => translate_direct_walk(direct, regs, la, access),
     }
 }
 
-/// The usual translation of a 64-bit guest, inline: 4-level paging, every
-/// entry in the clear range, present, free of reserved bits, and the
-/// rights the access needs granted. `None` for anything else (another
-/// mode, a non-canonical address, a fault, an entry elsewhere): the full
-/// walk then decides, reading the entries again. When this answers, the
-/// full walk would answer the same (the rules are those of `Walk::long`
-/// with MAXPHYADDR 52: nothing but XD without EFER.NXE is reserved in
-/// bits 63:12 of the frame-holding entries, SDM vol. 3A, 4.5).
+/// The usual translation of a 64-bit guest, inline: 4-level or 5-level
+/// paging (Linux uses 5 levels wherever the processor has LA57, QEMU's
+/// `-cpu max` included), every entry in the clear range, present, free of
+/// reserved bits, and the rights the access needs granted. `None` for
+/// anything else (another mode, a non-canonical address, a fault, an
+/// entry elsewhere): the full walk then decides, reading the entries
+/// again. When this answers, the full walk would answer the same (the
+/// rules are those of `Walk::long` with MAXPHYADDR 52: nothing but XD
+/// without EFER.NXE is reserved in bits 63:12 of the frame-holding
+/// entries, and PS is reserved in PML5Es and PML4Es, SDM vol. 3A, 4.5).
 ///
 /// Per level: an index, one compare and one load ([`DirectMap::clear_word`]),
 /// one compare for present and reserved, an XOR and an AND for the rights.
 #[inline(always)]
-fn level4_clear(
+fn long_clear(
     direct: &DirectMap<'_>,
     regs: &PagingRegs,
     la: u64,
     access: Access,
 ) -> Option<Translation> {
     const FRAME: u64 = 0x000F_FFFF_FFFF_F000;
-    const PAE_LA57: u64 = PagingRegs::CR4_PAE | PagingRegs::CR4_LA57;
-    let level4 = regs.cr0 & PagingRegs::CR0_PG != 0
-        && regs.cr4 & PAE_LA57 == PagingRegs::CR4_PAE
+    let long = regs.cr0 & PagingRegs::CR0_PG != 0
+        && regs.cr4 & PagingRegs::CR4_PAE != 0
         && regs.efer & PagingRegs::EFER_LMA != 0;
-    // Canonical: bits 63:47 all equal.
-    let high = la >> 47;
-    if !level4 || (high != 0 && high != 0x1_FFFF) {
+    let la57 = regs.cr4 & PagingRegs::CR4_LA57 != 0;
+    // Canonical: bits 63:47 (63:56 with LA57) all equal.
+    let high = la >> if la57 { 56 } else { 47 };
+    if !long || (high != 0 && high != u64::MAX >> if la57 { 56 } else { 47 }) {
         return None;
     }
     // Reserved in every entry: XD without EFER.NXE; PS too in the PML4E.
@@ -348,7 +350,13 @@ fn level4_clear(
         (e & reserved == E_P).then_some(e)
     };
     let mut rights = Rights::ALL;
-    let pml4e = entry(regs.cr3, 39 - 3, rsvd | E_PS)?;
+    let mut top = regs.cr3;
+    if la57 {
+        let pml5e = entry(top, 48 - 3, rsvd | E_PS)?;
+        rights.add(pml5e);
+        top = pml5e;
+    }
+    let pml4e = entry(top, 39 - 3, rsvd | E_PS)?;
     rights.add(pml4e);
     let pdpte = entry(pml4e, 30 - 3, rsvd)?;
     rights.add(pdpte);
