@@ -272,10 +272,11 @@ fn with_cstr_direct<const N: usize, R>(
     let t = translate(direct, regs, la, access).map_err(CStrError::Unreadable)?;
     // The name's bytes in this page, at most N.
     let n = chunk_len(la.0, &t, N);
-    // Room for the words around SHORT_NAME bytes at any alignment.
-    let mut buf = [0u8; SHORT_NAME + 8];
-    if let Some((start, len)) = direct.clear_cstr(t.gpa.0, n.min(SHORT_NAME), &mut buf) {
-        return Ok(f(buf.get(start..start + len).unwrap_or(&[])));
+    // Room for the words around SHORT_NAME bytes at any alignment; only
+    // the words read are written (no zeroing on the exit path).
+    let mut buf = [core::mem::MaybeUninit::<u64>::uninit(); SHORT_NAME / 8 + 1];
+    if let Some(name) = direct.clear_cstr(t.gpa.0, n.min(SHORT_NAME), &mut buf) {
+        return Ok(f(name));
     }
     cstr_rest_of_page::<N, _, _>(direct, regs, la, access, t.gpa, n, f)
 }

@@ -339,8 +339,12 @@ fn long_clear(
         && regs.efer & PagingRegs::EFER_LMA != 0;
     let la57 = regs.cr4 & PagingRegs::CR4_LA57 != 0;
     // Canonical: bits 63:47 (63:56 with LA57) all equal.
-    let high = la >> if la57 { 56 } else { 47 };
-    if !long || (high != 0 && high != u64::MAX >> if la57 { 56 } else { 47 }) {
+    let canonical = if la57 {
+        (la >> 56).wrapping_add(1) & 0xFF <= 1
+    } else {
+        (la >> 47).wrapping_add(1) & 0x1_FFFF <= 1
+    };
+    if !long || !canonical {
         return None;
     }
     // Reserved in every entry: XD without EFER.NXE; PS too in the PML4E.

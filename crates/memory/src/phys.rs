@@ -2,6 +2,7 @@
 
 use core::fmt;
 use core::marker::PhantomData;
+use core::mem::MaybeUninit;
 use core::ops::Range;
 
 use crate::window::load_word;
@@ -464,41 +465,57 @@ impl<'a> DirectMap<'a> {
 
     /// The NUL-terminated string at `gpa`, at most `n` bytes with the NUL
     /// (the words covering them must fit `buf`), copied to `buf` by whole
-    /// aligned words:
-    /// `Some((start, len))` when the string is `buf[start..start + len]`
-    /// and its NUL follows. `None` when the words covering `gpa..gpa+n`
-    /// are not all in the clear range or no NUL comes within `n` bytes.
+    /// aligned words: `Some(string)` (in `buf`, without its NUL) when its
+    /// NUL comes within `n` bytes; `None` when the words covering
+    /// `gpa..gpa+n` are not all in the clear range or no NUL comes within
+    /// `n` bytes. `buf` need not be initialised: only the words read are
+    /// written, and only bytes of those are returned.
     ///
     /// Reading whole words reads up to 7 bytes before `gpa` and after the
     /// range: guest RAM in the clear range, which the VMM may read (never
     /// its own memory), and which do not count (the bytes before are
     /// forced non-zero, the bytes after come after the limit).
     #[inline(always)]
-    pub(crate) fn clear_cstr(&self, gpa: u64, n: usize, buf: &mut [u8]) -> Option<(usize, usize)> {
+    pub(crate) fn clear_cstr<'b>(
+        &self,
+        gpa: u64,
+        n: usize,
+        buf: &'b mut [MaybeUninit<u64>],
+    ) -> Option<&'b [u8]> {
         let skip = (gpa & 7) as usize;
         let first = gpa & !7;
         // Words covering gpa..gpa+n: the last one starts at or before
         // gpa + n - 1.
         let words = (skip + n).div_ceil(8);
         let last = first.checked_add(8 * (words as u64).checked_sub(1)?)?;
-        if !self.clear.has_word(first) || !self.clear.has_word(last) || words * 8 > buf.len() {
+        if !self.clear.has_word(first) || !self.clear.has_word(last) || words > buf.len() {
             return None;
         }
         // All words from `first` to `last` are in the clear range (it is
         // one range). The bytes before gpa must not look like a NUL.
         let mut mask = (1u64 << (8 * skip)) - 1;
-        for (k, d) in buf.chunks_exact_mut(8).take(words).enumerate() {
+        for (k, d) in buf.iter_mut().take(words).enumerate() {
             // SAFETY: an aligned word between `first` and `last`, in the
             // clear range.
             let w = unsafe { load_word(self.clear.base.wrapping_add((first as usize) + 8 * k)) };
-            d.copy_from_slice(&w.to_le_bytes());
+            // Stored as loaded: the bytes keep guest memory's order.
+            d.write(w);
             let v = w | mask;
             mask = 0;
             let zero = v.wrapping_sub(0x0101_0101_0101_0101) & !v & 0x8080_8080_8080_8080;
             if zero != 0 {
                 let at = 8 * k + (zero.trailing_zeros() / 8) as usize;
                 // The NUL must come within n bytes of gpa.
-                return (at < skip + n).then(|| (skip, at - skip));
+                if at >= skip + n {
+                    return None;
+                }
+                // SAFETY: words 0..=k of `buf` are written (above), and
+                // skip <= at < 8 * (k + 1): the bytes skip..at lie in them
+                // (in guest memory's byte order). The buffer stays borrowed
+                // as long as the slice.
+                return Some(unsafe {
+                    core::slice::from_raw_parts(buf.as_ptr().cast::<u8>().add(skip), at - skip)
+                });
             }
         }
         None
