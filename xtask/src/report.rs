@@ -1064,219 +1064,206 @@ pub fn exit_rows(figures: &[Figure]) -> Vec<ExitRow> {
     rows
 }
 
+/// One series of a [`GroupedBars`] chart: a bar in every group that has
+/// a value.
+struct BarSeries {
+    label: String,
+    color: plotters::style::RGBColor,
+    values: Vec<Option<f64>>,
+}
+
+/// A log-scale bar chart with one group of bars per name and a bar per
+/// series in each group, each bar labelled with its value: both charts of
+/// the report.
+struct GroupedBars<'a> {
+    caption: &'a str,
+    y_desc: &'a str,
+    /// The bottom of the log scale (bars start there).
+    floor: f64,
+    groups: Vec<String>,
+    series: Vec<BarSeries>,
+    /// Font size of the value labels.
+    label_size: u32,
+    /// Margin on each side of a bar, in pixels.
+    bar_margin: u32,
+}
+
+impl GroupedBars<'_> {
+    fn draw(&self, path: &Path) -> Result {
+        use plotters::prelude::*;
+        use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+        let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+        // Slots per group: one per series, a gap; names under the middle.
+        let slots = self.series.len() as u32 + 1;
+        let middle = (slots - 1) / 2;
+        let n = self.groups.len() as u32;
+        let top = self
+            .series
+            .iter()
+            .flat_map(|s| s.values.iter().flatten())
+            .fold(self.floor * 20.0, |a, &b| a.max(b))
+            * 3.0;
+        let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(self.caption, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                (0u32..n * slots).into_segmented(),
+                (self.floor..top).log_scale(),
+            )
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels((n * slots) as usize + 1)
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(slot) if slot % slots == middle => {
+                    self.groups[(slot / slots) as usize].clone()
+                }
+                _ => String::new(),
+            })
+            .y_desc(self.y_desc)
+            .y_label_formatter(&|v| show_number(v.round()))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, series) in self.series.iter().enumerate() {
+            let color = series.color;
+            let bars: Vec<(u32, f64)> = series
+                .values
+                .iter()
+                .enumerate()
+                .filter_map(|(g, v)| Some((g as u32 * slots + i as u32, (*v)?)))
+                .collect();
+            chart
+                .draw_series(bars.iter().map(|&(slot, v)| {
+                    let mut bar = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(slot), self.floor),
+                            (SegmentValue::Exact(slot + 1), v),
+                        ],
+                        color.filled(),
+                    );
+                    bar.set_margin(0, 0, self.bar_margin, self.bar_margin);
+                    bar
+                }))
+                .map_err(|e| err(&e))?
+                .label(series.label.as_str())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+            chart
+                .draw_series(bars.iter().map(|&(slot, v)| {
+                    Text::new(
+                        show_number(v.round()),
+                        (SegmentValue::CenterOf(slot), v * 1.15),
+                        ("sans-serif", self.label_size)
+                            .into_font()
+                            .color(&BLACK)
+                            .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                    )
+                }))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
+
 /// `target/bench/exits.svg`: instructions per exit kind, thinvisor on SVM
 /// and VT-x beside BitVisor's figures (log scale: BitVisor's lookup is
 /// over 20 times thinvisor's).
 pub fn draw_exits_chart(path: &Path, figures: &[Figure]) -> Result {
-    use plotters::prelude::*;
+    use plotters::style::RGBColor;
 
     let rows = exit_rows(figures);
     if rows.is_empty() {
         return Err("no exit figures to draw".into());
     }
-    let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
-    // Slots per exit kind: SVM, VT-x, BitVisor, a gap.
-    const SLOTS: u32 = 4;
-    let n = rows.len() as u32;
-    let top = rows
-        .iter()
-        .flat_map(|r| [r.1, r.2, r.3])
-        .flatten()
-        .fold(10.0f64, f64::max)
-        * 3.0;
-    let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "instructions per exit round trip (lower is better)",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d((0u32..n * SLOTS).into_segmented(), (10f64..top).log_scale())
-        .map_err(|e| err(&e))?;
-    let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels((n * SLOTS) as usize + 1)
-        .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(slot) if slot % SLOTS == 1 => {
-                names[(slot / SLOTS) as usize].clone()
-            }
-            _ => String::new(),
-        })
-        .y_desc("instructions (log scale)")
-        .y_label_formatter(&|v| show_number(v.round()))
-        .draw()
-        .map_err(|e| err(&e))?;
-    let series: [(&str, RGBColor, usize); 3] = [
-        (
-            "thinvisor, AMD SVM (QEMU -icount)",
-            RGBColor(31, 119, 180),
-            1,
-        ),
-        ("thinvisor, Intel VT-x (Bochs)", RGBColor(44, 160, 44), 2),
-        ("BitVisor, AMD SVM (same QEMU)", RGBColor(214, 39, 40), 3),
-    ];
-    for (label, color, column) in series {
-        let bars: Vec<(u32, f64)> = rows
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                let v = match column {
-                    1 => r.1,
-                    2 => r.2,
-                    _ => r.3,
-                }?;
-                Some((i as u32 * SLOTS + column as u32 - 1, v))
-            })
-            .collect();
-        chart
-            .draw_series(bars.iter().map(|&(slot, v)| {
-                let mut bar = Rectangle::new(
-                    [
-                        (SegmentValue::Exact(slot), 10.0),
-                        (SegmentValue::Exact(slot + 1), v),
-                    ],
-                    color.filled(),
-                );
-                bar.set_margin(0, 0, 2, 2);
-                bar
-            }))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-        chart
-            .draw_series(bars.iter().map(|&(slot, v)| {
-                Text::new(
-                    show_number(v.round()),
-                    (SegmentValue::CenterOf(slot), v * 1.15),
-                    ("sans-serif", 12).into_font().color(&BLACK).pos(
-                        plotters::style::text_anchor::Pos::new(
-                            plotters::style::text_anchor::HPos::Center,
-                            plotters::style::text_anchor::VPos::Bottom,
-                        ),
-                    ),
-                )
-            }))
-            .map_err(|e| err(&e))?;
+    let column = |label: &str, color, pick: fn(&ExitRow) -> Option<f64>| BarSeries {
+        label: label.into(),
+        color,
+        values: rows.iter().map(pick).collect(),
+    };
+    GroupedBars {
+        caption: "instructions per exit round trip (lower is better)",
+        y_desc: "instructions (log scale)",
+        floor: 10.0,
+        groups: rows.iter().map(|r| r.0.clone()).collect(),
+        series: vec![
+            column(
+                "thinvisor, AMD SVM (QEMU -icount)",
+                RGBColor(31, 119, 180),
+                |r| r.1,
+            ),
+            column(
+                "thinvisor, Intel VT-x (Bochs)",
+                RGBColor(44, 160, 44),
+                |r| r.2,
+            ),
+            column(
+                "BitVisor, AMD SVM (same QEMU)",
+                RGBColor(214, 39, 40),
+                |r| r.3,
+            ),
+        ],
+        label_size: 12,
+        bar_margin: 2,
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    .draw(path)
 }
 
 /// `target/bench/linux-exits.svg`: a Linux boot's exits per reason, a bar
 /// per processor (log scale: the reasons range from a handful to
 /// thousands).
 pub fn draw_linux_exits_chart(path: &Path, tables: &[CpuExits]) -> Result {
-    use plotters::prelude::*;
+    use plotters::style::RGBColor;
 
     let rows = exit_reason_rows(tables);
     if rows.is_empty() {
         return Err("no exit table to draw".into());
     }
-    let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
-    // Slots per reason: one per processor, a gap.
-    let slots = tables.len() as u32 + 1;
-    let n = rows.len() as u32;
-    let top = rows.iter().map(|r| r.2).max().unwrap_or(1).max(10) as f64 * 3.0;
-    let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "VM exits per reason, Linux boot to its init under thinvisor (AMD SVM, QEMU)",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (0u32..n * slots).into_segmented(),
-            (0.5f64..top).log_scale(),
-        )
-        .map_err(|e| err(&e))?;
-    let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    let middle = (slots - 1) / 2;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels((n * slots) as usize + 1)
-        .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(slot) if slot % slots == middle => {
-                names[(slot / slots) as usize].clone()
-            }
-            _ => String::new(),
-        })
-        .y_desc("exits (log scale)")
-        .y_label_formatter(&|v| show_number(v.round()))
-        .draw()
-        .map_err(|e| err(&e))?;
     const COLORS: [RGBColor; 4] = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
         RGBColor(214, 39, 40),
     ];
-    for (i, table) in tables.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let bars: Vec<(u32, u64)> = rows
+    GroupedBars {
+        caption: "VM exits per reason, Linux boot to its init under thinvisor (AMD SVM, QEMU)",
+        y_desc: "exits (log scale)",
+        floor: 0.5,
+        groups: rows.iter().map(|r| r.0.clone()).collect(),
+        series: tables
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.1[i] > 0)
-            .map(|(k, r)| (k as u32 * slots + i as u32, r.1[i]))
-            .collect();
-        chart
-            .draw_series(bars.iter().map(|&(slot, v)| {
-                let mut bar = Rectangle::new(
-                    [
-                        (SegmentValue::Exact(slot), 0.5),
-                        (SegmentValue::Exact(slot + 1), v as f64),
-                    ],
-                    color.filled(),
-                );
-                bar.set_margin(0, 0, 1, 1);
-                bar
-            }))
-            .map_err(|e| err(&e))?
-            .label(format!(
-                "CPU {} ({} exits)",
-                table.cpu,
-                show_number(table.total as f64)
-            ))
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-        chart
-            .draw_series(bars.iter().map(|&(slot, v)| {
-                Text::new(
-                    show_number(v as f64),
-                    (SegmentValue::CenterOf(slot), v as f64 * 1.15),
-                    ("sans-serif", 10).into_font().color(&BLACK).pos(
-                        plotters::style::text_anchor::Pos::new(
-                            plotters::style::text_anchor::HPos::Center,
-                            plotters::style::text_anchor::VPos::Bottom,
-                        ),
-                    ),
-                )
-            }))
-            .map_err(|e| err(&e))?;
+            .map(|(i, table)| BarSeries {
+                label: format!(
+                    "CPU {} ({} exits)",
+                    table.cpu,
+                    show_number(table.total as f64)
+                ),
+                color: COLORS[i % COLORS.len()],
+                values: rows
+                    .iter()
+                    .map(|r| (r.1[i] > 0).then_some(r.1[i] as f64))
+                    .collect(),
+            })
+            .collect(),
+        label_size: 10,
+        bar_margin: 1,
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    .draw(path)
 }
 
 #[cfg(test)]
