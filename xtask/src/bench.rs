@@ -68,13 +68,10 @@ fn parse_exit_bench(line: &str) -> Option<ExitBench> {
     })
 }
 
-/// Boots thinvisor with the test guest in bench mode on both vendors and
-/// prints the instructions per exit round trip, against BitVisor's
-/// figures. Both emulators advance the guest's TSC by one per executed
-/// instruction here: QEMU under `-icount shift=0`, Bochs with
-/// `clock: sync=none`; the guest's calibration loop checks it.
-fn exits(ctx: &Ctx, images: &crate::images::Images) -> Result<Exits> {
-    let boot = crate::emu::Boot {
+/// thinvisor with the test guest in bench mode (also what `cargo xtask
+/// profile` traces).
+pub fn bench_boot(images: &crate::images::Images) -> crate::emu::Boot {
+    crate::emu::Boot {
         kernel: crate::images::Kernel::Thinvisor,
         kernel32: images.hv32.clone(),
         kernel64: images.hv.clone(),
@@ -83,7 +80,16 @@ fn exits(ctx: &Ctx, images: &crate::images::Images) -> Result<Exits> {
             images.guest.clone(),
             "test-guest.elf bench",
         )],
-    };
+    }
+}
+
+/// Boots thinvisor with the test guest in bench mode on both vendors and
+/// prints the instructions per exit round trip, against BitVisor's
+/// figures. Both emulators advance the guest's TSC by one per executed
+/// instruction here: QEMU under `-icount shift=0`, Bochs with
+/// `clock: sync=none`; the guest's calibration loop checks it.
+fn exits(ctx: &Ctx, images: &crate::images::Images) -> Result<Exits> {
+    let boot = bench_boot(images);
     println!("measuring exit round trips on AMD SVM (QEMU -icount shift=0) ...");
     let dir = ctx.fresh_dir("bench-exits-svm")?;
     let opts = crate::emu::QemuOpts {

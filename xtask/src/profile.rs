@@ -142,16 +142,7 @@ fn trace(
     start: Option<&str>,
     stop: &str,
 ) -> Result {
-    let boot = crate::emu::Boot {
-        kernel: crate::images::Kernel::Thinvisor,
-        kernel32: images.hv32.clone(),
-        kernel64: images.hv.clone(),
-        args: "log=warn".into(),
-        modules: vec![crate::images::Module::new(
-            images.guest.clone(),
-            "test-guest.elf bench",
-        )],
-    };
+    let boot = crate::bench::bench_boot(images);
     let opts = crate::emu::QemuOpts {
         extra: [
             "-icount",
