@@ -184,9 +184,11 @@ struct CachedAnswer {
     subleaf: u32,
     /// The answer with the OS bits that copy CR4 cleared, as registers.
     answer: CpuidRegs,
-    /// Which OS bit of ECX the guest's CR4 may set ([`os_bits`]).
+    /// Which OS bit of ECX the guest's CR4 may set, and the rotation that
+    /// brings the CR4 bit it copies there.
     os_mask: u64,
-    _pad: [u64; 2],
+    os_rotate: u32,
+    _pad: [u32; 3],
 }
 
 /// The leaf and subleaf an empty slot holds: leaf `slot ^ 1`, subleaf 0,
@@ -204,14 +206,11 @@ fn slot_of(leaf: u32, subleaf: u32) -> usize {
     (leaf ^ (leaf >> 27) ^ (subleaf << 3)) as usize % CACHE_ENTRIES
 }
 
-/// ECX's OS bits as the guest's CR4 sets them, for an entry's `os_mask`
-/// (bit 27 or bit 4, or none) to pick from: CR4.OSXSAVE (bit 18) lands
-/// on bit 27, CR4.PKE (bit 22) on bit 4.
-#[inline(always)]
-fn os_bits(cr4: u64) -> u64 {
-    let cr4 = cr4 & (CR4_OSXSAVE | CR4_PKE);
-    (cr4 << (27 - 18)) | (cr4 >> (22 - 4))
-}
+/// The rotations (left) that bring CR4.OSXSAVE (bit 18) to ECX bit 27
+/// (leaf 1) and CR4.PKE (bit 22) to ECX bit 4 (leaf 7): a rotation and
+/// the entry's one-bit `os_mask` pick the copy out of the whole CR4.
+const OSXSAVE_ROTATE: u32 = 27 - 18;
+const OSPKE_ROTATE: u32 = 64 - (22 - 4);
 
 impl Default for CpuidCache {
     fn default() -> Self {
@@ -221,7 +220,8 @@ impl Default for CpuidCache {
                 subleaf: 0,
                 answer: CpuidRegs::default(),
                 os_mask: 0,
-                _pad: [0; 2],
+                os_rotate: 0,
+                _pad: [0; 3],
             }; CACHE_ENTRIES],
         };
         cache.clear();
@@ -243,7 +243,7 @@ impl CpuidCache {
     ) -> CpuidRegs {
         let entry = &mut self.entries[slot_of(leaf, subleaf)];
         if entry.leaf != leaf || entry.subleaf != subleaf {
-            *entry = Self::fill(policy(), leaf, subleaf);
+            *entry = Self::fill(policy, leaf, subleaf);
             if leaf == XSAVE_LEAF {
                 // Answered, not kept.
                 let filled = *entry;
@@ -258,7 +258,7 @@ impl CpuidCache {
     fn finish(entry: &CachedAnswer, cr4: impl FnOnce() -> u64) -> CpuidRegs {
         let mut answer = entry.answer;
         if entry.os_mask != 0 {
-            answer.rcx |= os_bits(cr4()) & entry.os_mask;
+            answer.rcx |= cr4().rotate_left(entry.os_rotate) & entry.os_mask;
         }
         answer
     }
@@ -266,15 +266,19 @@ impl CpuidCache {
     /// A miss: ask the policy (and the processor behind it).
     #[cold]
     #[inline(never)]
-    fn fill(policy: &CpuidPolicy, leaf: u32, subleaf: u32) -> CachedAnswer {
-        let mut answer = policy.query_without_cr4(leaf, subleaf);
+    fn fill<'p>(policy: impl FnOnce() -> &'p CpuidPolicy, leaf: u32, subleaf: u32) -> CachedAnswer {
+        // The policy is found here, out of line: the common path loads
+        // nothing for it.
+        let mut answer = policy().query_without_cr4(leaf, subleaf);
         let mut os_mask = 0;
+        let mut os_rotate = 0;
         if reads_cr4(leaf, subleaf) {
-            let (feature, os_bit) = if leaf == 1 {
-                (LEAF1_ECX_XSAVE, LEAF1_ECX_OSXSAVE)
+            let (feature, os_bit, rotate) = if leaf == 1 {
+                (LEAF1_ECX_XSAVE, LEAF1_ECX_OSXSAVE, OSXSAVE_ROTATE)
             } else {
-                (LEAF7_ECX_PKU, LEAF7_ECX_OSPKE)
+                (LEAF7_ECX_PKU, LEAF7_ECX_OSPKE, OSPKE_ROTATE)
             };
+            os_rotate = rotate;
             // The OS bit is the guest's CR4 bit, not the host's; the guest
             // cannot set the CR4 bit of a feature the processor lacks.
             answer.ecx &= !os_bit;
@@ -287,7 +291,8 @@ impl CpuidCache {
             subleaf,
             answer: answer.into(),
             os_mask,
-            _pad: [0; 2],
+            os_rotate,
+            _pad: [0; 3],
         }
     }
 

@@ -47,6 +47,17 @@ impl ExitStats {
         }
     }
 
+    /// Count one exit whose raw reason is its own slot when it is below
+    /// [`EXIT_SLOTS`] (one compare on the exit path), and `fold(reason)`'s
+    /// slot otherwise.
+    #[inline(always)]
+    pub fn record_reason(&self, reason: u32, fold: impl FnOnce(u32) -> usize) {
+        match self.counts.get(reason as usize) {
+            Some(c) => c.store(c.load(Relaxed).wrapping_add(1), Relaxed),
+            None => self.record(fold(reason)),
+        }
+    }
+
     /// Count one VMM call of function `number` (as the dispatcher read it
     /// from RAX); numbers past the registry's range count as unknown.
     #[inline(always)]

@@ -416,9 +416,8 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     cr: CrPolicy,
     /// CR2 for an injected page fault, loaded before the next entry.
     pending_cr2: Option<u64>,
-    /// Length of the current exit's instruction when the VMCS has none
-    /// (exception exits, SDM vol. 3C, 28.2.5).
-    insn_len: Option<u64>,
+    /// What the current exit knows beyond the VMCS.
+    this_exit: ExitNotes,
     /// Exits by basic exit reason; failed entries in [`ENTRY_FAILED_SLOT`].
     stats: ExitStats,
     /// An event to deliver at the first entry that has no other one and
@@ -432,8 +431,6 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     /// Set with any of `shutdown`, `deferred`, `pending_cr2`: the entry
     /// path looks at them only then (or when an NMI waits).
     entry_work: bool,
-    /// The last exit was a SIPI and the guest has not run since.
-    just_started: bool,
     /// The state the last SIPI (or reset) started the guest in.
     started_at: Option<InitialState>,
     /// The EPT's generation, and the one this vCPU last saw: a change (a
@@ -442,6 +439,18 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     /// The NMI count of `signals`, or [`NO_COUNT`]: the entry path's one
     /// load (no Option to test first).
     nmis: &'static AtomicU32,
+}
+
+/// What an exit knows that its VMCS fields do not say; cleared (one store)
+/// at every exit.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct ExitNotes {
+    /// Length of the exit's instruction when the VMCS has none (exception
+    /// exits, SDM vol. 3C, 28.2.5); 0: read VM_EXIT_INSTRUCTION_LEN.
+    insn_len: u8,
+    /// The last exit was a SIPI and the guest has not run since.
+    just_started: bool,
 }
 
 /// What [`VmxVcpu`]'s counters point at until they are given real ones:
@@ -643,13 +652,12 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             efer,
             cr,
             pending_cr2: None,
-            insn_len: None,
+            this_exit: ExitNotes::default(),
             stats: ExitStats::default(),
             deferred: None,
             signals: None,
             shutdown: false,
             entry_work: false,
-            just_started: false,
             started_at: None,
             nested_gen: (&NO_COUNT, 0),
             nmis: &NO_COUNT,
@@ -759,7 +767,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         match info & INTR_TYPE_MASK {
             INTR_TYPE_HW_EXCEPTION if vector == 6 => {
                 if is_vmm_call_at_rip(self) {
-                    self.insn_len = Some(3);
+                    self.this_exit.insn_len = 3;
                     Some(Exit::VmmCall)
                 } else {
                     Some(Exit::InvalidOpcode)
@@ -992,9 +1000,11 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             });
         }
         let reason = raw_reason & 0xFFFF;
-        self.insn_len = None;
-        let just_started = core::mem::take(&mut self.just_started);
-        self.just_started = just_started && reason == exit_reason::INIT_SIGNAL;
+        let just_started = self.this_exit.just_started;
+        self.this_exit = ExitNotes {
+            just_started: just_started && reason == exit_reason::INIT_SIGNAL,
+            ..ExitNotes::default()
+        };
         Some(match reason {
             // Only #UD is intercepted (exception bitmap), to accept AMD's
             // VMMCALL as a VMM call too; it is three bytes long.
@@ -1028,7 +1038,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             // processors) is delivered right after the SIPI that follows
             // it, before the processor runs an instruction. It belongs to
             // the start-up sequence the SIPI completed: ignore it.
-            r::INIT_SIGNAL if self.just_started => {
+            r::INIT_SIGNAL if self.this_exit.just_started => {
                 log::debug!(
                     "INIT held back by wait-for-SIPI: part of the start-up sequence, ignored"
                 );
@@ -1194,7 +1204,7 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         // RSP lives in the VMCS; its slot here is unused.
         self.regs = GuestRegs(initial.gprs);
         write(F::GUEST_ACTIVITY_STATE, ACTIVITY_ACTIVE);
-        self.just_started = true;
+        self.this_exit.just_started = true;
         self.started_at = Some(*initial);
     }
 
@@ -1225,9 +1235,9 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
 
     #[inline(always)]
     fn skip_instruction(&mut self) {
-        let len = match self.insn_len.take() {
-            Some(len) => len,
-            None => read_hot(F::VM_EXIT_INSTRUCTION_LEN),
+        let len = match core::mem::take(&mut self.this_exit.insn_len) {
+            0 => read_hot(F::VM_EXIT_INSTRUCTION_LEN),
+            len => u64::from(len),
         };
         let rip = read_hot(F::GUEST_RIP).wrapping_add(len);
         write_hot(F::GUEST_RIP, rip);
@@ -1295,13 +1305,11 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
             let raw = self.after_exit();
             match raw {
                 exit_reason::CPUID => {
-                    self.insn_len = None;
-                    self.just_started = false;
+                    self.this_exit = ExitNotes::default();
                     return handle(self, Exit::Cpuid);
                 }
                 exit_reason::VMCALL => {
-                    self.insn_len = None;
-                    self.just_started = false;
+                    self.this_exit = ExitNotes::default();
                     return handle(self, Exit::VmmCall);
                 }
                 _ => {
@@ -1405,10 +1413,12 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
             Self::redeliver(vectoring);
         }
         let raw = read_hot(F::VM_EXIT_REASON) as u32;
-        self.stats.record(if raw & ENTRY_FAILURE != 0 {
-            ENTRY_FAILED_SLOT
-        } else {
-            (raw & 0xFFFF) as usize
+        self.stats.record_reason(raw, |raw| {
+            if raw & ENTRY_FAILURE != 0 {
+                ENTRY_FAILED_SLOT
+            } else {
+                (raw & 0xFFFF) as usize
+            }
         });
         raw
     }
