@@ -104,11 +104,7 @@ fn on_vmm_call<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
 fn on_cpuid<V: Vcpu>(vmm: &mut Vmm<'_>, vcpu: &mut V) -> Action {
     let leaf = vcpu.gpr(Gpr::Rax) as u32;
     let subleaf = vcpu.gpr(Gpr::Rcx) as u32;
-    let Vmm {
-        vm, cpuid_cache, ..
-    } = vmm;
-    // The policy (and the load of `vm`) only on a miss.
-    let r = cpuid_cache.query(|| &vm.cpuid, leaf, subleaf, || vcpu.cr4());
+    let r = vmm.cpuid_cache.query(leaf, subleaf, || vcpu.cr4());
     vcpu.set_gpr(Gpr::Rax, r.rax);
     vcpu.set_gpr(Gpr::Rbx, r.rbx);
     vcpu.set_gpr(Gpr::Rcx, r.rcx);

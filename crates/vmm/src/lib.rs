@@ -86,7 +86,7 @@ pub struct Vmm<'vm> {
     /// Bounds the page faults a VMM call may inject.
     pub fault_retry: vmmcall::FaultRetry,
     /// This processor's CPUID answers (some name the processor).
-    pub cpuid_cache: cpuid::CpuidCache,
+    pub cpuid_cache: cpuid::CpuidCache<'vm>,
 }
 
 impl<'vm> Vmm<'vm> {
@@ -95,7 +95,7 @@ impl<'vm> Vmm<'vm> {
         Self {
             vm,
             fault_retry: vmmcall::FaultRetry::default(),
-            cpuid_cache: cpuid::CpuidCache::default(),
+            cpuid_cache: cpuid::CpuidCache::new(&vm.cpuid),
         }
     }
 }

@@ -297,7 +297,7 @@ pub struct GuestRegs(pub [u64; 16]);
 /// This vCPU's VMCS is current with the rest of its host state valid, and
 /// the stack has no red zone (the target has none).
 #[inline(always)]
-unsafe fn world_switch(regs: &mut GuestRegs, launched: bool) -> u32 {
+unsafe fn world_switch(area: &mut SwitchArea) -> u32 {
     let status: u32;
     // SAFETY: per the function's contract; the asm restores RBX, RBP and
     // RSP and declares every other register it changes.
@@ -311,7 +311,7 @@ unsafe fn world_switch(regs: &mut GuestRegs, launched: bool) -> u32 {
             "lea rdx, [rip + 2f]",
             "mov rax, {host_rip}",
             "vmwrite rax, rdx",
-            "test esi, esi",
+            "cmp qword ptr [rdi + {launched}], 0",
             "mov rax, [rdi + {g_rax}]",
             "mov rcx, [rdi + {g_rcx}]",
             "mov rdx, [rdi + {g_rdx}]",
@@ -379,8 +379,9 @@ unsafe fn world_switch(regs: &mut GuestRegs, launched: bool) -> u32 {
             g_r15 = const 8 * Gpr::R15 as usize,
             host_rsp = const F::HOST_RSP.0,
             host_rip = const F::HOST_RIP.0,
-            inout("rdi") core::ptr::from_mut(regs) => _,
-            inout("esi") u32::from(launched) => _,
+            launched = const core::mem::offset_of!(SwitchArea, launched),
+            inout("rdi") core::ptr::from_mut(area) => _,
+            out("rsi") _,
             out("eax") status,
             out("rcx") _,
             out("rdx") _,
@@ -408,8 +409,8 @@ pub enum GuestEfer {
 /// One virtual processor on VT-x. Its VMCS must be current on this CPU
 /// whenever a method is called.
 pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
-    regs: GuestRegs,
-    launched: bool,
+    /// The guest's general registers and whether VMLAUNCH has run.
+    switch: SwitchArea,
     /// The VM's memory, shared with its other vCPUs.
     memory: &'static M,
     efer: GuestEfer,
@@ -439,6 +440,15 @@ pub struct VmxVcpu<M: GuestPhysMemory + 'static> {
     /// The NMI count of `signals`, or [`NO_COUNT`]: the entry path's one
     /// load (no Option to test first).
     nmis: &'static AtomicU32,
+}
+
+/// What the world switch works on, from one pointer: the guest's general
+/// registers and whether this VMCS has been launched (VMLAUNCH the first
+/// time, VMRESUME after, SDM vol. 3C, 25.1.3).
+#[repr(C)]
+struct SwitchArea {
+    regs: GuestRegs,
+    launched: u64,
 }
 
 /// What an exit knows that its VMCS fields do not say; cleared (one store)
@@ -646,8 +656,8 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         // RSP lives in the VMCS; its slot here is unused.
         let regs = GuestRegs(initial.gprs);
         Self {
-            regs,
-            launched: false,
+            switch: SwitchArea { regs, launched: 0 },
+
             memory,
             efer,
             cr,
@@ -923,9 +933,9 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
     /// CR4.OSXSAVE = 0 fault before the exit, SDM vol. 2D, XSETBV).
     #[cold]
     fn on_xsetbv(&mut self) {
-        let index = self.regs.0[Gpr::Rcx as usize] as u32;
-        let value =
-            (self.regs.0[Gpr::Rdx as usize] << 32) | (self.regs.0[Gpr::Rax as usize] & 0xFFFF_FFFF);
+        let index = self.switch.regs.0[Gpr::Rcx as usize] as u32;
+        let value = (self.switch.regs.0[Gpr::Rdx as usize] << 32)
+            | (self.switch.regs.0[Gpr::Rax as usize] & 0xFFFF_FFFF);
         let supported = {
             let leaf = core::arch::x86_64::__cpuid_count(0xD, 0);
             (u64::from(leaf.edx) << 32) | u64::from(leaf.eax)
@@ -1073,7 +1083,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
                 })
             }
             r::RDMSR | r::WRMSR => Exit::Msr {
-                msr: self.regs.0[Gpr::Rcx as usize] as u32,
+                msr: self.switch.regs.0[Gpr::Rcx as usize] as u32,
                 write: reason == r::WRMSR,
             },
             r::XSETBV => {
@@ -1119,14 +1129,14 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
     fn gpr(&self, reg: Gpr) -> u64 {
         match reg {
             Gpr::Rsp => read_hot(F::GUEST_RSP),
-            _ => self.regs.0[reg as usize],
+            _ => self.switch.regs.0[reg as usize],
         }
     }
 
     fn set_gpr(&mut self, reg: Gpr, value: u64) {
         match reg {
             Gpr::Rsp => write(F::GUEST_RSP, value),
-            _ => self.regs.0[reg as usize] = value,
+            _ => self.switch.regs.0[reg as usize] = value,
         }
     }
 
@@ -1202,7 +1212,7 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
         write(F::VM_ENTRY_INTR_INFO, 0);
         self.deferred = None;
         // RSP lives in the VMCS; its slot here is unused.
-        self.regs = GuestRegs(initial.gprs);
+        self.switch.regs = GuestRegs(initial.gprs);
         write(F::GUEST_ACTIVITY_STATE, ACTIVITY_ACTIVE);
         self.this_exit.just_started = true;
         self.started_at = Some(*initial);
@@ -1297,11 +1307,11 @@ impl<M: GuestPhysMemory> Vcpu for VmxVcpu<M> {
             }
             // SAFETY: the VMCS is current with this vCPU's host state
             // (type invariant); the switch writes HOST_RSP and HOST_RIP.
-            let status = unsafe { world_switch(&mut self.regs, self.launched) };
+            let status = unsafe { world_switch(&mut self.switch) };
             if status != 0 {
                 return handle(self, self.entry_failed());
             }
-            self.launched = true;
+            self.switch.launched = 1;
             let raw = self.after_exit();
             match raw {
                 exit_reason::CPUID => {
@@ -1389,7 +1399,7 @@ impl<M: GuestPhysMemory> VmxVcpu<M> {
         let error = read(F::VM_INSTRUCTION_ERROR);
         log::error!(
             "{} failed: VM-instruction error {error}: {}",
-            if self.launched {
+            if self.switch.launched != 0 {
                 "VMRESUME"
             } else {
                 "VMLAUNCH"
